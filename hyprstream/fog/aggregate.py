@@ -1,0 +1,97 @@
+"""Layer-wise aggregation math: pure functions over arrays, no I/O.
+
+Client deltas for one parameter are written row by row into a preallocated ``(K, n)`` matrix as the
+replies arrive (:class:`UpdateMatrix`); the weighted mean is then a single matrix-vector product
+over that matrix, which streams each delta from memory exactly once. No per-client Python loop does
+arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from hyprstream.errors import ValidationError
+
+
+def weighted_mean(matrix: np.ndarray, weights: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Weighted mean of the rows of ``matrix`` (shape ``(K, n)``) with non-negative ``weights`` (K,).
+
+    Computed as one BLAS ``gemv``: ``(w / sum(w)) @ matrix``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if matrix.ndim != 2 or w.shape != (matrix.shape[0],):
+        raise ValidationError(f"weights of shape {w.shape} do not match a matrix of shape {matrix.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValidationError("weights must be finite and non-negative")
+    total = w.sum()
+    if total <= 0:
+        raise ValidationError("weights sum to zero: nothing to aggregate")
+    coef = (w / total).astype(matrix.dtype, copy=False)
+    return np.matmul(coef, matrix, out=out)
+
+
+class UpdateMatrix:
+    """Preallocated rows for up to ``capacity`` client deltas of a set of parameters.
+
+    ``add`` validates one client's delta (names, shapes, finiteness) and copies it into the next row;
+    ``mean`` returns the weighted mean per parameter. A refused delta leaves the matrix unchanged.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], capacity: int, dtype: np.dtype = np.float32) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.dtype = np.dtype(dtype)
+        self.capacity = capacity
+        self._sizes = {k: int(np.prod(s, dtype=np.int64)) for k, s in self.shapes.items()}
+        self._rows = {k: np.empty((capacity, n), dtype=self.dtype) for k, n in self._sizes.items()}
+        self._weights = np.zeros(capacity, dtype=np.float64)
+        self.count = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float, *, max_norm: float | None = None) -> float:
+        """Copy one client's delta into the next row; returns its L2 norm. Raises ValidationError."""
+        if self.count >= self.capacity:
+            raise ValidationError(f"more than {self.capacity} updates for this round")
+        if set(delta) != set(self.shapes):
+            missing = sorted(set(self.shapes) - set(delta))
+            extra = sorted(set(delta) - set(self.shapes))
+            raise ValidationError(f"update parameters differ from the request: missing {missing}, unexpected {extra}")
+        if not np.isfinite(weight) or weight < 0:
+            raise ValidationError(f"update weight must be finite and >= 0, got {weight}")
+        sq = 0.0
+        for name, shape in self.shapes.items():
+            arr = np.asarray(delta[name])
+            if arr.shape != shape:
+                raise ValidationError(f"{name}: shape {arr.shape} differs from the model's {shape}")
+            flat = arr.reshape(-1)
+            part = float(np.dot(flat, flat))
+            if not np.isfinite(part):
+                if not np.isfinite(flat).all():
+                    raise ValidationError(f"{name}: update contains NaN or Inf")
+                part = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+            sq += part
+        norm = float(np.sqrt(sq))
+        if max_norm is not None and norm > max_norm:
+            raise ValidationError(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+        i = self.count
+        for name, n in self._sizes.items():
+            np.copyto(self._rows[name][i], np.asarray(delta[name]).reshape(n), casting="same_kind")
+        self._weights[i] = weight
+        self.count += 1
+        return norm
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """Weighted mean per parameter over the rows added so far."""
+        if self.count == 0:
+            raise ValidationError("no updates to aggregate")
+        k = self.count
+        return {
+            name: weighted_mean(rows[:k], self._weights[:k]).reshape(self.shapes[name])
+            for name, rows in self._rows.items()
+        }
+
+    @property
+    def total_weight(self) -> float:
+        return float(self._weights[: self.count].sum())

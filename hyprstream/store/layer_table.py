@@ -1,0 +1,139 @@
+"""Model weights as Arrow layer tables: one row per parameter tensor.
+
+Schema: ``layer`` (the layer group a tensor belongs to, e.g. ``fc1``), ``name`` (the parameter's
+state-dict key, e.g. ``fc1.weight``), ``dtype`` (numpy dtype string), ``shape`` (list of int64) and
+``data`` (the tensor's raw little-endian bytes, C order). Keys never depend on wrappers: a parameter
+is named as in the bare model's ``state_dict``.
+
+Reading a table back gives numpy views onto the Arrow buffers when the bytes are suitably aligned
+(Arrow allocates 64-byte aligned buffers, so same-dtype tables are zero-copy), and copies otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hyprstream.errors import ValidationError
+
+LAYER_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("shape", pa.list_(pa.int64()), nullable=False),
+        pa.field("data", pa.large_binary(), nullable=False),
+    ]
+)
+
+SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "uint8", "int32", "int64"})
+
+
+def layer_of(name: str) -> str:
+    """Default layer group of a parameter: its module path (``fc1.weight`` -> ``fc1``)."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def to_table(
+    arrays: Mapping[str, np.ndarray],
+    *,
+    layer: Callable[[str], str] = layer_of,
+    metadata: Mapping[str, str] | None = None,
+) -> pa.Table:
+    """Build a layer table from ``{parameter name: array}`` (keeps the mapping's order)."""
+    layers, names, dtypes, shapes, blobs = [], [], [], [], []
+    for name, arr in arrays.items():
+        a = np.asarray(arr)
+        if a.dtype.name not in SUPPORTED_DTYPES:
+            raise ValidationError(f"parameter {name!r}: unsupported dtype {a.dtype.name}")
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        layers.append(layer(name))
+        names.append(name)
+        dtypes.append(a.dtype.name)
+        shapes.append(list(a.shape))
+        blobs.append(a.reshape(-1).view(np.uint8))
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([b.size for b in blobs], out=offsets[1:])
+    values = np.concatenate(blobs) if blobs else np.empty(0, np.uint8)
+    data = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(blobs), [None, pa.py_buffer(offsets), pa.py_buffer(values)]
+    )
+    table = pa.Table.from_arrays(
+        [pa.array(layers, pa.string()), pa.array(names, pa.string()),
+         pa.array(dtypes, pa.string()), pa.array(shapes, pa.list_(pa.int64())), data],
+        schema=LAYER_SCHEMA,
+    )
+    if metadata:
+        table = table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
+    return table
+
+
+def check_schema(table: pa.Table) -> None:
+    """Raise ValidationError unless ``table`` has the layer-table columns and types."""
+    for field in LAYER_SCHEMA:
+        if field.name not in table.column_names:
+            raise ValidationError(f"layer table lacks column {field.name!r}")
+        got = table.schema.field(field.name).type
+        if not got.equals(field.type) and not (field.name == "data" and pa.types.is_binary(got)):
+            raise ValidationError(f"layer table column {field.name!r} has type {got}, expected {field.type}")
+
+
+def to_arrays(table: pa.Table, *, copy: bool = False) -> dict[str, np.ndarray]:
+    """``{parameter name: array}`` from a layer table; views onto Arrow memory unless ``copy``.
+
+    Views are read-only. Raises ValidationError when a row's byte length disagrees with its
+    dtype and shape, or a dtype is not supported.
+    """
+    check_schema(table)
+    table = table.combine_chunks()
+    out: dict[str, np.ndarray] = {}
+    if table.num_rows == 0:
+        return out
+    names = table.column("name").to_pylist()
+    dtypes = table.column("dtype").to_pylist()
+    shapes = table.column("shape").to_pylist()
+    data = table.column("data").chunk(0)
+    offsets = np.frombuffer(data.buffers()[1], dtype=np.int64 if pa.types.is_large_binary(data.type) else np.int32)
+    offsets = offsets[data.offset : data.offset + len(data) + 1]
+    values = data.buffers()[2]
+    raw = np.frombuffer(values, dtype=np.uint8) if values is not None else np.empty(0, np.uint8)
+    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes, strict=True)):
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValidationError(f"parameter {name!r}: unsupported dtype {dtype!r}")
+        if name in out:
+            raise ValidationError(f"parameter {name!r} appears twice")
+        dt = np.dtype(dtype).newbyteorder("<")
+        if any(d < 0 for d in shape):
+            raise ValidationError(f"parameter {name!r}: negative dimension in shape {shape}")
+        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        start, stop = int(offsets[i]), int(offsets[i + 1])
+        if stop - start != expected:
+            raise ValidationError(
+                f"parameter {name!r}: {stop - start} bytes do not match dtype {dtype} and shape {shape}"
+            )
+        chunk = raw[start:stop]
+        if copy or chunk.ctypes.data % dt.alignment:
+            arr = chunk.copy().view(dt)
+        else:
+            arr = chunk.view(dt)
+        out[name] = arr.reshape(shape)
+    return out
+
+
+def layers_in(table: pa.Table) -> list[str]:
+    """Layer groups present in ``table``, in first-seen order."""
+    return list(dict.fromkeys(table.column("layer").to_pylist()))
+
+
+def select_layers(table: pa.Table, layers: Iterable[str]) -> pa.Table:
+    """The rows of ``table`` that belong to ``layers``."""
+    wanted = pa.array(sorted(set(layers)), pa.string())
+    return table.filter(pc.is_in(table.column("layer"), value_set=wanted))
+
+
+def nbytes(table: pa.Table) -> int:
+    """Payload bytes of the tensors in a layer table."""
+    return int(pc.sum(pc.binary_length(table.column("data"))).as_py() or 0)
