@@ -1,0 +1,160 @@
+"""Core's Flight commands: typed records and their one wire form (UTF-8 JSON).
+
+Every command is a JSON object with ``"schema": "hyprstream.core/1"`` and ``"command"``. They travel
+as a Flight ticket (``do_get``), a descriptor command (``do_put``) or an action body (``do_action``);
+``docs/api.md`` shows each with a plain ``pyarrow.flight`` client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
+from hyprstream.errors import ValidationError
+
+SCHEMA = "hyprstream.core/1"
+MAX_COMMAND_BYTES = 1 << 20
+
+# Keys in the Arrow schema metadata of a weights stream.
+META_MODEL = "hyprstream.model"
+META_VERSION = "hyprstream.version"
+META_CLOCKS = "hyprstream.clocks"
+
+
+@dataclass(frozen=True)
+class GetWeights:
+    """do_get: a model version (latest when ``version`` is None), all layers or ``layers``."""
+
+    model: str
+    version: int | None = None
+    layers: tuple[str, ...] | None = None
+    command: str = field(default="get_weights", init=False)
+
+
+@dataclass(frozen=True)
+class RegisterModel:
+    """do_put: create a model at version 0 from the layer table that follows."""
+
+    model: str
+    consistency: Mapping[str, Any] = field(default_factory=dict)
+    max_update_norm: float | None = None
+    command: str = field(default="register_model", init=False)
+
+
+@dataclass(frozen=True)
+class PushDelta:
+    """do_put: merge the layer-wise delta that follows, computed from ``base_clocks``."""
+
+    model: str
+    fog: str
+    seq: int
+    base_clocks: Mapping[str, VectorClock]
+    participants: int
+    command: str = field(default="push_delta", init=False)
+
+
+@dataclass(frozen=True)
+class Head:
+    """do_action ``head``: current version of a model, its layers and clocks."""
+
+    model: str
+    command: str = field(default="head", init=False)
+
+
+@dataclass(frozen=True)
+class ListVersions:
+    """do_action ``list_versions``: lineage of a model."""
+
+    model: str
+    command: str = field(default="list_versions", init=False)
+
+
+@dataclass(frozen=True)
+class ListModels:
+    """do_action ``list_models``."""
+
+    command: str = field(default="list_models", init=False)
+
+
+Command = GetWeights | RegisterModel | PushDelta | Head | ListVersions | ListModels
+_BY_NAME: dict[str, type] = {c.__dataclass_fields__["command"].default: c
+                             for c in (GetWeights, RegisterModel, PushDelta, Head, ListVersions, ListModels)}
+
+
+def encode(cmd: Command) -> bytes:
+    body = asdict(cmd)
+    if isinstance(cmd, PushDelta):
+        body["base_clocks"] = clocks_to_json(cmd.base_clocks)
+    if isinstance(cmd, GetWeights) and cmd.layers is not None:
+        body["layers"] = list(cmd.layers)
+    return json.dumps({"schema": SCHEMA, **body}, separators=(",", ":")).encode()
+
+
+def decode(raw: bytes, *, expect: tuple[type, ...] | None = None) -> Command:
+    """Parse and validate a command; raises ValidationError with the reason."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise ValidationError(f"command larger than {MAX_COMMAND_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"command is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValidationError("command must be a JSON object")
+    if body.pop("schema", None) != SCHEMA:
+        raise ValidationError(f"command must carry \"schema\": \"{SCHEMA}\"")
+    name = body.pop("command", None)
+    cls = _BY_NAME.get(name)
+    if cls is None:
+        raise ValidationError(f"unknown command {name!r} (known: {', '.join(sorted(_BY_NAME))})")
+    if expect is not None and cls not in expect:
+        raise ValidationError(f"command {name!r} is not valid here")
+    allowed = {k for k, f in cls.__dataclass_fields__.items() if f.init}
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise ValidationError(f"{name}: unknown field(s) {extra}")
+    try:
+        return _build(cls, body)
+    except TypeError as exc:
+        raise ValidationError(f"{name}: {exc}") from None
+
+
+def _require(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if key not in body or body[key] is None:
+        if optional:
+            return None
+        raise ValidationError(f"missing field {key!r}")
+    value = body[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ValidationError(f"field {key!r} has the wrong type")
+    if not isinstance(value, types):
+        raise ValidationError(f"field {key!r} has the wrong type")
+    return value
+
+
+def _build(cls: type, body: Mapping[str, Any]) -> Command:
+    if cls is GetWeights:
+        version = _require(body, "version", int, optional=True)
+        if version is not None and version < 0:
+            raise ValidationError("field 'version' must be >= 0")
+        layers = _require(body, "layers", list, optional=True)
+        if layers is not None and not all(isinstance(x, str) for x in layers):
+            raise ValidationError("field 'layers' must be a list of strings")
+        return GetWeights(_require(body, "model", str), version, tuple(layers) if layers is not None else None)
+    if cls is RegisterModel:
+        norm = _require(body, "max_update_norm", (int, float), optional=True)
+        if norm is not None and not norm > 0:
+            raise ValidationError("field 'max_update_norm' must be > 0")
+        return RegisterModel(_require(body, "model", str), _require(body, "consistency", dict, optional=True) or {},
+                             None if norm is None else float(norm))
+    if cls is PushDelta:
+        seq, participants = _require(body, "seq", int), _require(body, "participants", int)
+        if seq < 1 or participants < 0:
+            raise ValidationError("fields 'seq' >= 1 and 'participants' >= 0 are required")
+        return PushDelta(_require(body, "model", str), _require(body, "fog", str), seq,
+                         clocks_from_json(_require(body, "base_clocks", dict)), participants)
+    if cls in (Head, ListVersions):
+        return cls(_require(body, "model", str))
+    return cls()
