@@ -1,0 +1,139 @@
+"""The ``hyprstream`` command line. Errors are one clear line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hyprstream import __version__
+from hyprstream.errors import ConfigError, HyprstreamError
+
+DEFAULT_EXPERIMENT = "quickstart"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"hyprstream: config error: {exc}", file=sys.stderr)
+        return 2
+    except HyprstreamError as exc:
+        print(f"hyprstream: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hyprstream: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyprstream",
+        description="Federated edge/fog learning: device agents, fog aggregators, a versioned core.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print the version", description="Print Hyprstream's version.")
+    p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("config", help="work with configuration files",
+                       description="Validate Hyprstream TOML files (device profiles, experiments).")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    v = csub.add_parser("validate", help="validate TOML files",
+                        description="Parse and validate each file by its top-level 'kind' "
+                                    "(device, experiment). Prints one line per file; exits 2 if any is invalid.")
+    v.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    v.set_defaults(func=_cmd_config_validate)
+
+    p = sub.add_parser("simulate", help="run a simulated fleet experiment",
+                       description="Run an experiment on Flower's simulation engine with a real core Flight "
+                                   "server and fog loops in this process. Writes metrics.parquet, report.md "
+                                   "and plots into --out.")
+    p.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT,
+                   help="experiment TOML file, or the name of one in simulations/ (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<timestamp>)")
+    p.add_argument("--global-steps", type=int, default=None, help="override training.global_steps")
+    p.add_argument("--quiet", action="store_true", help="no progress display or per-step table")
+    p.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower's logger has its own handler and propagates to root: keep one copy, at our level.
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(max(level, logging.WARNING))
+    flwr.propagate = False
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"hyprstream {__version__}")
+    return 0
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from hyprstream.config import read_toml
+
+    loaders = _config_loaders()
+    bad = 0
+    for path in args.files:
+        try:
+            kind = read_toml(path).get("kind")
+            if kind not in loaders:
+                raise ConfigError(f"must be one of {', '.join(map(repr, loaders))}, got {kind!r}",
+                                  source=str(path), key="kind")
+            loaders[kind](path)
+            print(f"ok      {path} ({kind})")
+        except ConfigError as exc:
+            bad += 1
+            print(f"invalid {exc}", file=sys.stderr)
+    return 2 if bad else 0
+
+
+def _config_loaders():
+    from hyprstream.agent.profile import load_profile
+    from hyprstream.sim.experiment import load_experiment
+
+    return {"device": load_profile, "experiment": load_experiment}
+
+
+def resolve_experiment(name: str) -> Path:
+    """A path as given, else ``simulations/<name>.toml`` under the working directory or the source tree."""
+    candidates = [Path(name)]
+    if not name.endswith(".toml"):
+        candidates += [Path("simulations") / f"{name}.toml",
+                       Path(__file__).resolve().parents[1] / "simulations" / f"{name}.toml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"experiment {name!r} not found (looked for {', '.join(map(str, candidates))})")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from hyprstream.sim.experiment import load_experiment
+
+    path = resolve_experiment(args.experiment)
+    exp = load_experiment(path)
+    if args.global_steps is not None:
+        if args.global_steps < 1:
+            raise ConfigError("must be >= 1", source="--global-steps")
+        exp = dataclasses.replace(exp, training=dataclasses.replace(exp.training, global_steps=args.global_steps))
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    from hyprstream.sim.console import run_with_console
+
+    run_with_console(exp, out, source=path, quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The fog's round logic over a Flower Grid: pull layers from core, train on agents, aggregate, push.
+
+One class serves the simulator (an in-memory grid) and a deployed SuperLink alike: it is handed a
+Flower ``Grid``, the node IDs of its agents and a core client. A round is split into ``start_round``
+(send the train requests) and ``finish_round`` (collect, check, aggregate, push) so that several fogs
+sharing one grid can have their rounds in flight at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from hyprstream.core.client import CoreClient, Weights
+from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.aggregate import UpdateMatrix
+from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
+from hyprstream.store import layer_table as lt
+
+log = logging.getLogger("hyprstream.fog")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round asks of the agents."""
+
+    task: str
+    layers: tuple[str, ...]  # empty: every layer group of the model
+    local_steps: int
+    batch_size: int
+    lr: float
+    min_replies: int = 1
+    timeout_s: float = 120.0
+    max_update_norm: float | None = None
+
+
+@dataclass
+class PendingRound:
+    round: int
+    base: Weights
+    layers: tuple[str, ...]
+    message_ids: set[str]
+    bytes_down: int
+    started: float
+
+
+@dataclass(frozen=True)
+class FogRound:
+    """Outcome of one fog round."""
+
+    fog: str
+    round: int
+    base_version: int
+    version: int | None  # the version core committed, None when nothing was pushed
+    layers: tuple[str, ...]
+    participants: int
+    declined: int
+    refused: int
+    failed: int
+    bytes_up: int
+    bytes_down: int
+    train_loss: float
+    seconds: float
+    delta: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    reasons: tuple[str, ...] = ()
+
+
+class FogAggregator:
+    def __init__(self, name: str, grid: Grid, node_ids: Sequence[int], core: CoreClient, model: str,
+                 plan: RoundPlan, *, seed: int = 0) -> None:
+        if not node_ids:
+            raise ValidationError(f"fog {name!r} has no agents")
+        self.name = name
+        self.grid = grid
+        self.node_ids = list(node_ids)
+        self.core = core
+        self.model = model
+        self.plan = plan
+        self.seed = seed
+        self._seq = 0
+
+    def pull(self) -> Weights:
+        return self.core.get_weights(self.model)
+
+    def start_round(self, round_no: int, base: Weights | None = None) -> PendingRound:
+        base = base if base is not None else self.pull()
+        weights = lt.to_arrays(base.table)
+        layers = self.plan.layers or tuple(lt.layers_in(base.table))
+        messages = []
+        bytes_down = 0
+        for i, node in enumerate(self.node_ids):
+            request = TrainRequest(
+                model=self.model, model_version=base.version, task=self.plan.task, layers=layers,
+                local_steps=self.plan.local_steps, batch_size=self.plan.batch_size, lr=self.plan.lr,
+                seed=self.seed * 1_000_003 + round_no * 1009 + i, weights=weights,
+            )
+            bytes_down += request.payload_bytes()
+            messages.append(self.grid.create_message(request.to_content(), TRAIN_MESSAGE_TYPE, node,
+                                                     group_id=f"{self.name}/round-{round_no}"))
+        ids = set(self.grid.push_messages(messages))
+        log.info("fog %s round %d: sent layers %s of version %d to %d agents",
+                 self.name, round_no, list(layers), base.version, len(ids))
+        return PendingRound(round_no, base, layers, ids, bytes_down, time.monotonic())
+
+    def collect(self, pending: PendingRound, poll_s: float = 0.05) -> list[Message]:
+        """Replies for ``pending`` until all have arrived or the round's timeout passes."""
+        waiting = set(pending.message_ids)
+        replies: list[Message] = []
+        deadline = pending.started + self.plan.timeout_s
+        while waiting and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(poll_s)
+        if waiting:
+            log.warning("fog %s round %d: %d agent(s) did not answer within %.0f s",
+                        self.name, pending.round, len(waiting), self.plan.timeout_s)
+        return replies
+
+    def finish_round(self, pending: PendingRound) -> FogRound:
+        replies = self.collect(pending)
+        base = pending.base
+        trained = lt.select_layers(base.table, pending.layers)
+        shapes = dict(zip(trained.column("name").to_pylist(),
+                          (tuple(s) for s in trained.column("shape").to_pylist()), strict=True))
+        matrix = UpdateMatrix(shapes, capacity=len(self.node_ids))
+        declined = refused = 0
+        failed = len(pending.message_ids) - len(replies)
+        bytes_up = 0
+        losses: list[tuple[float, int]] = []
+        reasons: list[str] = []
+        for msg in replies:
+            if msg.has_error():
+                failed += 1
+                reasons.append(f"error: {msg.error.reason}")
+                continue
+            try:
+                reply = TrainReply.from_content(msg.content)
+                bytes_up += reply.payload_bytes()
+                if reply.status is ReplyStatus.DECLINED:
+                    declined += 1
+                    reasons.append(f"declined: {reply.reason}")
+                    continue
+                if reply.model_version != base.version:
+                    raise ValidationError(f"reply for version {reply.model_version}, expected {base.version}")
+                matrix.add(reply.delta, weight=reply.num_examples, max_norm=self.plan.max_update_norm)
+                losses.append((reply.train_loss, reply.num_examples))
+            except ValidationError as exc:
+                refused += 1
+                reasons.append(f"refused: {exc}")
+                log.warning("fog %s round %d: refused an update: %s", self.name, pending.round, exc)
+        version = None
+        delta: dict[str, np.ndarray] = {}
+        if matrix.count >= max(1, self.plan.min_replies):
+            delta = matrix.mean()
+            self._seq += 1
+            try:
+                receipt = self.core.push_delta(
+                    self.model, lt.to_table(delta, layer=_layer_lookup(trained)), fog=self.name, seq=self._seq,
+                    base_clocks={layer: base.clocks[layer] for layer in pending.layers},
+                    participants=matrix.count,
+                )
+                version = receipt.version
+            except HyprstreamError as exc:
+                reasons.append(f"core refused the push: {exc}")
+                log.warning("fog %s round %d: core refused the push: %s", self.name, pending.round, exc)
+        else:
+            log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",
+                        self.name, pending.round, matrix.count, self.plan.min_replies)
+        loss = (sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))) if losses else float("nan")
+        return FogRound(
+            fog=self.name, round=pending.round, base_version=base.version, version=version,
+            layers=pending.layers, participants=matrix.count, declined=declined, refused=refused,
+            failed=failed, bytes_up=bytes_up, bytes_down=pending.bytes_down, train_loss=loss,
+            seconds=time.monotonic() - pending.started, delta=delta, reasons=tuple(reasons),
+        )
+
+    def run_round(self, round_no: int, base: Weights | None = None) -> FogRound:
+        return self.finish_round(self.start_round(round_no, base))
+
+
+def _layer_lookup(table):
+    mapping = dict(zip(table.column("name").to_pylist(), table.column("layer").to_pylist(), strict=True))
+    return mapping.__getitem__
+
+
+__all__ = ["FogAggregator", "FogRound", "PendingRound", "RoundPlan"]

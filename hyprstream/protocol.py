@@ -1,0 +1,161 @@
+"""Messages between fog and agents: typed records and their one conversion to Flower records.
+
+A fog sends ``train.layerwise`` messages; the content is a Flower ``RecordDict``:
+
+=================  ============  ===================================================================
+key                record        contents
+=================  ============  ===================================================================
+``weights``        ArrayRecord   the global model at ``model_version`` (every parameter, by name)
+``config``         ConfigRecord  ``schema``, ``model``, ``model_version``, ``task``, ``layers``,
+                                 ``local_steps``, ``batch_size``, ``lr``, ``seed``
+=================  ============  ===================================================================
+
+The agent answers with:
+
+=================  ============  ===================================================================
+``delta``          ArrayRecord   new minus old value of each parameter in the trained layers
+``metrics``        MetricRecord  ``num_examples``, ``train_loss``, ``steps``
+``config``         ConfigRecord  ``schema``, ``status`` (``ok``/``declined``), ``reason``,
+                                 ``model_version``, ``layers``
+=================  ============  ===================================================================
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from hyprstream.errors import ValidationError
+
+TRAIN_MESSAGE_TYPE = "train.layerwise"
+TRAIN_REQUEST_SCHEMA = "hyprstream.train/1"
+TRAIN_REPLY_SCHEMA = "hyprstream.train-reply/1"
+
+
+class ReplyStatus(enum.Enum):
+    OK = "ok"
+    DECLINED = "declined"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    model: str
+    model_version: int
+    task: str
+    layers: tuple[str, ...]
+    local_steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    weights: Mapping[str, np.ndarray] = field(repr=False)
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({
+            "weights": arrays_to_record(self.weights),
+            "config": ConfigRecord({
+                "schema": TRAIN_REQUEST_SCHEMA, "model": self.model, "model_version": self.model_version,
+                "task": self.task, "layers": list(self.layers), "local_steps": self.local_steps,
+                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
+            }),
+        })
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainRequest:
+        cfg = _config(content, TRAIN_REQUEST_SCHEMA)
+        req = cls(
+            model=_get(cfg, "model", str), model_version=_get(cfg, "model_version", int),
+            task=_get(cfg, "task", str), layers=tuple(_get(cfg, "layers", list)),
+            local_steps=_get(cfg, "local_steps", int), batch_size=_get(cfg, "batch_size", int),
+            lr=float(_get(cfg, "lr", float)), seed=_get(cfg, "seed", int),
+            weights=record_to_arrays(_record(content, "weights", ArrayRecord)),
+        )
+        if not req.layers or not all(isinstance(x, str) for x in req.layers):
+            raise ValidationError("train request: 'layers' must be a non-empty list of layer names")
+        if req.local_steps < 1 or req.batch_size < 1 or not (0 < req.lr < 10 and math.isfinite(req.lr)):
+            raise ValidationError("train request: local_steps and batch_size must be >= 1 and 0 < lr < 10")
+        return req
+
+    def payload_bytes(self) -> int:
+        return sum(int(np.asarray(a).nbytes) for a in self.weights.values())
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    status: ReplyStatus
+    model_version: int
+    layers: tuple[str, ...]
+    delta: Mapping[str, np.ndarray] = field(repr=False, default_factory=dict)
+    num_examples: int = 0
+    train_loss: float = 0.0
+    steps: int = 0
+    reason: str = ""
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({
+            "delta": arrays_to_record(self.delta),
+            "metrics": MetricRecord({"num_examples": self.num_examples, "train_loss": self.train_loss,
+                                     "steps": self.steps}),
+            "config": ConfigRecord({"schema": TRAIN_REPLY_SCHEMA, "status": self.status.value,
+                                    "reason": self.reason, "model_version": self.model_version,
+                                    "layers": list(self.layers)}),
+        })
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainReply:
+        cfg = _config(content, TRAIN_REPLY_SCHEMA)
+        metrics = _record(content, "metrics", MetricRecord)
+        status = _get(cfg, "status", str)
+        if status not in {s.value for s in ReplyStatus}:
+            raise ValidationError(f"train reply: unknown status {status!r}")
+        num_examples = metrics.get("num_examples", 0)
+        if not isinstance(num_examples, int) or num_examples < 0:
+            raise ValidationError("train reply: num_examples must be an integer >= 0")
+        loss = float(metrics.get("train_loss", 0.0))
+        return cls(
+            status=ReplyStatus(status), model_version=_get(cfg, "model_version", int),
+            layers=tuple(_get(cfg, "layers", list)), delta=record_to_arrays(_record(content, "delta", ArrayRecord)),
+            num_examples=num_examples, train_loss=loss, steps=int(metrics.get("steps", 0)),
+            reason=str(cfg.get("reason", "")),
+        )
+
+    def payload_bytes(self) -> int:
+        return sum(int(np.asarray(a).nbytes) for a in self.delta.values())
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _config(content: RecordDict, schema: str) -> ConfigRecord:
+    cfg = _record(content, "config", ConfigRecord)
+    if cfg.get("schema") != schema:
+        raise ValidationError(f"expected message schema {schema!r}, got {cfg.get('schema')!r}")
+    return cfg
+
+
+def _record(content: RecordDict, key: str, kind: type):
+    if key not in content:
+        raise ValidationError(f"message lacks the {key!r} record")
+    rec = content[key]
+    if not isinstance(rec, kind):
+        raise ValidationError(f"message record {key!r} is a {type(rec).__name__}, expected {kind.__name__}")
+    return rec
+
+
+def _get(cfg: ConfigRecord, key: str, kind: type):
+    if key not in cfg:
+        raise ValidationError(f"message config lacks {key!r}")
+    value = cfg[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind)
+    if not ok or (kind is int and isinstance(value, bool)):
+        raise ValidationError(f"message config {key!r} must be {kind.__name__}")
+    return value

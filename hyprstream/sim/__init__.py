@@ -1,0 +1,1 @@
+"""The simulation harness behind ``hyprstream simulate``: whole fleets on one machine."""

@@ -1,0 +1,89 @@
+"""Experiment definitions (TOML files with ``kind = "experiment"``), parsed once into frozen objects."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hyprstream.config import Checked, load, read_toml, setting
+from hyprstream.core.consistency import ConsistencyPolicy
+from hyprstream.errors import ConfigError
+
+
+class PartitionScheme(enum.Enum):
+    IID = "iid"
+    DIRICHLET = "dirichlet"  # label skew: each class split across devices by Dirichlet(alpha)
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    name: str = setting("digits", doc="task plugin name (hyprstream.agent.task.get_task)")
+
+
+@dataclass(frozen=True)
+class PartitionSection(Checked):
+    scheme: PartitionScheme = setting(PartitionScheme.DIRICHLET)
+    alpha: float = setting(0.5, gt=0.0, le=1000.0, doc="Dirichlet concentration: smaller is more skewed")
+    min_samples: int = setting(10, ge=1, doc="every device gets at least this many samples")
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    fogs: int = setting(2, ge=1, le=1000)
+    agents_per_fog: int = setting(5, ge=1, le=10000)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    global_steps: int = setting(5, ge=1, le=100000)
+    layers: tuple[str, ...] = setting((), doc="layer groups trained each step; empty: all")
+    local_steps: int = setting(40, ge=1, le=100000)
+    batch_size: int = setting(32, ge=1, le=65536)
+    lr: float = setting(0.005, gt=0.0, lt=10.0)
+    min_replies: int = setting(1, ge=1, doc="a fog pushes only with at least this many usable updates")
+
+
+@dataclass(frozen=True)
+class CoreSection:
+    consistency: ConsistencyPolicy = setting(ConsistencyPolicy())
+    max_update_norm: float | None = setting(None, gt=0.0)
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    client_cpus: float = setting(1.0, gt=0.0, le=64.0, doc="Ray CPUs per simulated agent")
+    torch_threads: int = setting(1, ge=1, le=64)
+    round_timeout_s: float = setting(300.0, gt=0.0)
+
+
+@dataclass(frozen=True)
+class Experiment(Checked):
+    name: str
+    description: str = ""
+    seed: int = setting(0, ge=0)
+    task: TaskSection = field(default_factory=TaskSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    core: CoreSection = field(default_factory=CoreSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+    @property
+    def num_agents(self) -> int:
+        return self.fleet.fogs * self.fleet.agents_per_fog
+
+    def check(self):
+        from hyprstream.agent.task import task_names
+
+        if self.task.name not in task_names():
+            yield "task.name", f"unknown task {self.task.name!r} (known: {', '.join(task_names())})"
+        if self.training.min_replies > self.fleet.agents_per_fog:
+            yield "training.min_replies", "is larger than fleet.agents_per_fog"
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    data = read_toml(path)
+    if data.get("kind") != "experiment":
+        raise ConfigError(f"expected kind = \"experiment\", got {data.get('kind')!r}", source=str(path), key="kind")
+    return load(Experiment, path, ignore=("kind",))

@@ -1,0 +1,164 @@
+"""Runs an experiment: device stores, a real core Flight server, fog loops and Flower's simulation engine.
+
+Core and the fogs run in this process (the fogs inside the Flower ServerApp, all sharing its grid);
+agents are the real ClientApp running in Flower's Ray-backed simulation engine, each reading its own
+device store. Everything between tiers goes through the real interfaces: Flight to core, Flower
+messages to agents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_name
+from hyprstream.agent.task import Dataset, Task, get_task
+from hyprstream.agent.trainer import evaluate, load_weights, model_weights
+from hyprstream.core.auth import Principal, Role, TokenRegistry, new_token
+from hyprstream.core.client import CoreClient
+from hyprstream.core.repository import ModelRepository, ModelSettings
+from hyprstream.core.server import CoreFlightServer
+from hyprstream.errors import HyprstreamError
+from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
+from hyprstream.sim import partition
+from hyprstream.sim.experiment import Experiment, PartitionScheme
+from hyprstream.sim.metrics import MetricsLog
+from hyprstream.store import Store
+from hyprstream.store import layer_table as lt
+
+log = logging.getLogger("hyprstream.sim")
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    out: Path
+    metrics: MetricsLog
+    final_version: int
+    final_accuracy: float
+    final_weights: dict[str, np.ndarray]
+
+
+def prepare_devices(exp: Experiment, task: Task, train: Dataset, root: Path) -> list[int]:
+    """Partition ``train`` and write each device's share into its own store; returns the sizes."""
+    rng = np.random.default_rng(exp.seed)
+    if exp.partition.scheme is PartitionScheme.IID:
+        parts = partition.iid(len(train), exp.num_agents, rng)
+    else:
+        parts = partition.dirichlet(train.y, exp.num_agents, exp.partition.alpha, rng,
+                                    min_samples=exp.partition.min_samples)
+    for i, idx in enumerate(parts):
+        with Store.open(root / device_name(i), create=True) as store:
+            store.create_table(task.table, task.schema)
+            store.append(task.table, task.to_table(Dataset(train.x[idx], train.y[idx])))
+    return [len(p) for p in parts]
+
+
+def run(exp: Experiment, out: Path, *, on_step: Callable[[int, list[FogRound], dict], None] | None = None,
+        ) -> SimulationResult:
+    """Run ``exp`` and write its artefacts into ``out``."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from hyprstream.agent.client_app import app as client_app
+
+    os.environ.update(FLOWER_ENV)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    task = get_task(exp.task.name)
+    train, test = task.load_reference_data(exp.seed)
+    sizes = prepare_devices(exp, task, train, out / "devices")
+    log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
+
+    tokens = TokenRegistry()
+    admin_token = new_token()
+    tokens.add(admin_token, Principal("simulator", Role.ADMIN))
+    fog_names = [f"fog-{j}" for j in range(exp.fleet.fogs)]
+    fog_tokens = {name: new_token() for name in fog_names}
+    for name, token in fog_tokens.items():
+        tokens.add(token, Principal(name, Role.FOG))
+    server = CoreFlightServer(ModelRepository(out / "core"), tokens)
+    location = server.start_background()
+    admin = CoreClient(location, admin_token)
+    model_name = f"{exp.task.name}-model"
+    model = task.build_model(seed=exp.seed)
+    admin.register_model(model_name, lt.to_table(model_weights(model), layer=task.layer_of),
+                         ModelSettings(exp.core.consistency, exp.core.max_update_norm))
+
+    metrics = MetricsLog()
+    plan = RoundPlan(task=exp.task.name, layers=exp.training.layers, local_steps=exp.training.local_steps,
+                     batch_size=exp.training.batch_size, lr=exp.training.lr,
+                     min_replies=exp.training.min_replies, timeout_s=exp.runtime.round_timeout_s)
+    failure: list[BaseException] = []
+
+    def score(weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        load_weights(model, weights)
+        return evaluate(task, model, test)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        try:
+            node_ids = sorted(grid.get_node_ids())
+            per_fog = exp.fleet.agents_per_fog
+            fogs = [FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
+                                  CoreClient(location, fog_tokens[name]), model_name, plan, seed=exp.seed + j)
+                    for j, name in enumerate(fog_names)]
+            for step in range(1, exp.training.global_steps + 1):
+                # Every fog starts from the version current at the start of the step (they run concurrently).
+                pending = [fog.start_round(step, fog.pull()) for fog in fogs]
+                rounds = [fog.finish_round(p) for fog, p in zip(fogs, pending, strict=True)]
+                for r, p in zip(rounds, pending, strict=True):
+                    base = lt.to_arrays(p.base.table, copy=True)
+                    for name, d in r.delta.items():
+                        base[name] = base[name] + d
+                    loss, acc = score(base)
+                    metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started)
+                current = admin.get_weights(model_name)
+                loss, acc = score(lt.to_arrays(current.table))
+                row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
+                                         wall_s=time.monotonic() - started)
+                if on_step is not None:
+                    on_step(step, rounds, row)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            failure.append(exc)
+            raise
+
+    backend_config = {
+        "client_resources": {"num_cpus": exp.runtime.client_cpus, "num_gpus": 0.0},
+        "init_args": {
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "runtime_env": {"env_vars": {
+                SIM_DEVICES_ENV: str((out / "devices").resolve()),
+                THREADS_ENV: str(exp.runtime.torch_threads),
+                "OMP_NUM_THREADS": str(exp.runtime.torch_threads),
+                **FLOWER_ENV,
+            }},
+        },
+    }
+    try:
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,
+                           backend_config=backend_config)
+        except SystemExit as exc:  # Flower exits the process on some errors; keep control here
+            if not failure:
+                raise HyprstreamError(f"Flower's simulation engine stopped (exit code {exc.code})") from None
+        if failure:
+            raise failure[0]
+        final = admin.get_weights(model_name)
+        final_weights = lt.to_arrays(final.table, copy=True)
+        _, accuracy = score(final_weights)
+    finally:
+        admin.close()
+        server.stop()
+    metrics.write(out / "metrics.parquet")
+    return SimulationResult(out, metrics, final.version, accuracy, final_weights)
