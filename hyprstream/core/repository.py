@@ -152,7 +152,7 @@ class ModelRepository:
     def register(self, model: str, table: pa.Table, settings: ModelSettings, *, actor: str) -> int:
         """Create ``model`` at version 0 from a layer table. Refuses an existing name."""
         check_name("model", model)
-        lt.check_schema(table)
+        table = lt.normalize(table)
         arrays = lt.to_arrays(table)  # validates byte lengths, dtypes, duplicates
         for name, arr in arrays.items():
             if not np.issubdtype(arr.dtype, np.floating):
@@ -187,7 +187,7 @@ class ModelRepository:
         """Validate and merge a layer-wise delta; commit a new version. Raises UpdateRejected."""
         check_name("fog", fog)
         try:
-            lt.check_schema(delta)
+            delta = lt.normalize(delta)
             arrays = lt.to_arrays(delta)
         except ValidationError as exc:
             raise UpdateRejected(str(exc)) from None

@@ -131,7 +131,7 @@ def _call(fn, *args, **kwargs):
     """Run a repository call, turning Hyprstream errors into Flight errors with the same message."""
     try:
         return fn(*args, **kwargs)
-    except ValidationError as exc:
+    except (ValidationError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         log.warning("refused %s: %s", fn.__name__, exc)
         raise flight.FlightServerError(f"invalid argument: {exc}") from None
     except HyprstreamError as exc:

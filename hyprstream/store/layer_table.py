@@ -33,8 +33,8 @@ SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "uint8", 
 
 
 def layer_of(name: str) -> str:
-    """Default layer group of a parameter: its module path (``fc1.weight`` -> ``fc1``)."""
-    return name.rsplit(".", 1)[0] if "." in name else name
+    """Default layer group of a parameter: its top-level module (``fc1.weight`` -> ``fc1``)."""
+    return name.split(".", 1)[0]
 
 
 def to_table(
@@ -79,6 +79,15 @@ def check_schema(table: pa.Table) -> None:
         got = table.schema.field(field.name).type
         if not got.equals(field.type) and not (field.name == "data" and pa.types.is_binary(got)):
             raise ValidationError(f"layer table column {field.name!r} has type {got}, expected {field.type}")
+
+
+def normalize(table: pa.Table) -> pa.Table:
+    """``table`` checked and cast to exactly :data:`LAYER_SCHEMA` (column order, types, nullability)."""
+    check_schema(table)
+    for field in LAYER_SCHEMA:
+        if table.column(field.name).null_count:
+            raise ValidationError(f"layer table column {field.name!r} contains nulls")
+    return table.select(LAYER_SCHEMA.names).cast(LAYER_SCHEMA)
 
 
 def to_arrays(table: pa.Table, *, copy: bool = False) -> dict[str, np.ndarray]:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up a local environment (.venv) and run Hyprstream's main job or its tests.
+#   scripts/dev.sh simulate [ARGS...]   set up, then `hyprstream simulate ARGS` (default experiment: quickstart)
+#   scripts/dev.sh test [PYTEST ARGS]   set up, then run the test suite
+#   scripts/dev.sh setup                set up only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${HYPRSTREAM_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+setup() {
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        echo "Hyprstream needs Python >= 3.11 (found $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2
+        exit 1
+    fi
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    local stamp="$VENV/.hyprstream-setup"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        # The CPU build of torch 2.13.0 first, so that nothing pulls a multi-GB CUDA build.
+        "$VENV/bin/python" -m pip install -q torch==2.13.0
+        "$VENV/bin/python" -m pip install -q -e ".[dev,onnx,dp,mqtt]"
+        touch "$stamp"
+    fi
+}
+
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    simulate) setup; exec "$VENV/bin/hyprstream" simulate "$@" ;;
+    test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+    *) echo "usage: scripts/dev.sh {simulate|test|setup} [ARGS...]" >&2; exit 2 ;;
+esac
