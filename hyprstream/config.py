@@ -63,6 +63,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("is a directory, expected a TOML file", source=str(p)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", source=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(p)) from None
 
 
 def load(cls: type[T], path: str | Path, *, ignore: tuple[str, ...] = ()) -> T:
@@ -141,7 +145,7 @@ def _convert(tp: Any, value: Any, *, source: str | None, key: str) -> Any:
         return parse(tp, value, source=source, key=key)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [m.value for m in tp]
-        if value not in allowed:
+        if not any(type(value) is type(v) and value == v for v in allowed):
             raise fail(f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         return tp(value)
     if tp is bool:
@@ -155,9 +159,13 @@ def _convert(tp: Any, value: Any, *, source: str | None, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"expected a number, got {_type_name(value)}")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise fail(f"number out of range, got {value}") from None
+        if not math.isfinite(number):
             raise fail(f"must be a finite number, got {value!r}")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise fail(f"expected a string, got {_type_name(value)}")
