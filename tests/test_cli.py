@@ -1,0 +1,55 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hyprstream.cli import build_parser, main
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = [["version"], ["config"], ["config", "validate"], ["simulate"]]
+    for argv in [[], *commands]:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([*argv, "--help"])
+        assert info.value.code == 0
+        assert "usage: hyprstream" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.startswith("hyprstream 0.")
+
+
+def test_config_validate_accepts_shipped_files(capsys):
+    files = sorted((ROOT / "firmware-configs").glob("*.toml")) + sorted((ROOT / "simulations").glob("*.toml"))
+    assert len(files) >= 4
+    assert main(["config", "validate", *map(str, files)]) == 0
+    assert capsys.readouterr().out.count("ok ") == len(files)
+
+
+def test_config_validate_names_file_key_and_reason(tmp_path, capsys):
+    bad = tmp_path / "exp.toml"
+    bad.write_text((ROOT / "simulations" / "quickstart.toml").read_text().replace("local_steps = 40", "local_steps = 0"))
+    assert main(["config", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: training.local_steps: must be >= 1, got 0" in err
+
+
+def test_config_validate_unknown_kind(tmp_path, capsys):
+    f = tmp_path / "x.toml"
+    f.write_text('kind = "toaster"\n')
+    assert main(["config", "validate", str(f)]) == 2
+    assert f"{f}: kind: must be one of" in capsys.readouterr().err
+
+
+def test_simulate_missing_experiment_is_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hyprstream.cli", "simulate", str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "not found" in proc.stderr
