@@ -11,13 +11,18 @@ Reading a table back gives numpy views onto the Arrow buffers when the bytes are
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from hyprstream.errors import ValidationError
+
+if TYPE_CHECKING:
+    import torch
 
 LAYER_SCHEMA = pa.schema(
     [
@@ -146,3 +151,47 @@ def select_layers(table: pa.Table, layers: Iterable[str]) -> pa.Table:
 def nbytes(table: pa.Table) -> int:
     """Payload bytes of the tensors in a layer table."""
     return int(pc.sum(pc.binary_length(table.column("data"))).as_py() or 0)
+
+
+def to_tensors(table: pa.Table, *, copy: bool = False) -> dict[str, torch.Tensor]:
+    """``{parameter name: torch tensor}`` from a layer table, sharing Arrow memory unless ``copy``.
+
+    Shared tensors come from :func:`torch.from_numpy` on the views of :func:`to_arrays`; they alias
+    read-only Arrow buffers, so they must not be modified in place (pass ``copy=True`` for tensors to
+    train). Rows whose bytes are not aligned for their dtype are copied (see :func:`to_arrays`).
+    """
+    import torch
+
+    arrays = to_arrays(table, copy=copy)
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        # torch warns that the arrays are not writable: sharing read-only memory is the point here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, arr in arrays.items():
+            out[name] = torch.from_numpy(arr)
+    return out
+
+
+def from_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    layer: Callable[[str], str] = layer_of,
+    metadata: Mapping[str, str] | None = None,
+) -> pa.Table:
+    """A layer table from ``{parameter name: tensor}`` (e.g. a ``state_dict``); inverse of :func:`to_tensors`.
+
+    CPU tensors are read without an intermediate copy; others are moved to the CPU first. Dtypes
+    without a numpy equivalent (bfloat16, ...) raise ValidationError.
+    """
+    import torch
+
+    arrays: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValidationError(f"parameter {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        t = tensor.detach().cpu()
+        try:
+            arrays[name] = t.resolve_conj().resolve_neg().numpy()
+        except TypeError as exc:
+            raise ValidationError(f"parameter {name!r}: unsupported dtype {t.dtype}") from exc
+    return to_table(arrays, layer=layer, metadata=metadata)

@@ -1,0 +1,661 @@
+"""The local store: named Arrow tables with durable appends, bounded by retention.
+
+On disk a store is a directory::
+
+    STORE            marker: format, whether encrypted, a key check
+    LOCK             held (flock) by the one writer process; holds its PID
+    manifest.json    committed state: tables, schemas, retention, segments (see manifest.py)
+    segments/*.arrow immutable Arrow IPC files (see segments.py)
+    wal/*.wal        the current write-ahead log (see wal.py)
+
+An append is acknowledged once it is durable: either its record is fsynced in the write-ahead log
+(small appends, buffered in memory until a table has a segment's worth), or it went straight into a
+new segment committed by the manifest (large appends). Opening the store as the writer recovers:
+it drops uncommitted files, truncates a torn log tail (with a warning) and replays the log. Readers
+(``readonly=True``, any number of processes) see the committed segments plus the log records newer
+than them, so every acknowledged row.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hyprstream.errors import StoreError, ValidationError
+from hyprstream.store import manifest as manifests
+from hyprstream.store import segments, sql, vector, wal
+from hyprstream.store.config import StoreConfig
+from hyprstream.store.crypto import Cipher
+from hyprstream.store.files import fsync_dir, remove_temporaries, write_atomic
+from hyprstream.store.manifest import Manifest, SegmentMeta, TableMeta
+from hyprstream.store.retention import Retention, segments_to_drop
+from hyprstream.store.schema import check_schema, check_table_name, conform
+
+_log = logging.getLogger("hyprstream.store")
+
+MARKER_FILE = "STORE"
+MARKER_FORMAT = "hyprstream.store/1"
+LOCK_FILE = "LOCK"
+WAL_DIR = "wal"
+_READER_ATTEMPTS = 100
+
+
+def _wal_name(generation: int) -> str:
+    return f"{generation:012d}.wal"
+
+
+@dataclass
+class _Buffered:
+    """Rows of one table that are in the write-ahead log but not yet in a segment."""
+
+    parts: list[tuple[int, pa.Table]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(t.num_rows for _, t in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for _, t in self.parts)
+
+    @property
+    def last_seq(self) -> int:
+        return self.parts[-1][0]
+
+    def tables(self) -> list[pa.Table]:
+        return [t for _, t in self.parts]
+
+    def drop_through(self, seq: int) -> None:
+        self.parts = [(s, t) for s, t in self.parts if s > seq]
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What :meth:`Store.info` reports about a table."""
+
+    name: str
+    schema: pa.Schema
+    retention: Retention
+    rows: int
+    bytes: int
+    segments: int
+    buffered_rows: int
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """Outcome of :meth:`Store.compact`."""
+
+    segments_before: int
+    segments_after: int
+
+
+class Store:
+    """A directory of named Arrow tables. Open with :meth:`Store.open`; close or use as a context manager."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        readonly: bool,
+        config: StoreConfig,
+        cipher: Cipher | None,
+        lock_fd: int | None,
+    ) -> None:
+        self.root = root
+        self.readonly = readonly
+        self.config = config
+        self._cipher = cipher
+        self._lock_fd = lock_fd
+        self._lock = threading.RLock()
+        self._closed = False
+        self._segdir = root / segments.SEGMENT_DIR
+        self._waldir = root / WAL_DIR
+        self._manifest = manifests.load(root)
+        self._buffered: dict[str, _Buffered] = {}
+        self._cache: dict[int, pa.Table] = {}
+        self._vectors: dict[tuple[int, str], vector.Part] = {}
+        self._last_seq = self._manifest.last_seq
+        self._wal: wal.WalWriter | None = None
+        self._wal_seen = ("", 0)  # readers: (WAL file, offset up to which records were read)
+
+    # ------------------------------------------------------------------ opening and closing
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        key: bytes | None = None,
+        config: StoreConfig | None = None,
+    ) -> Store:
+        """Open the store at directory ``path``.
+
+        ``create`` makes a new store when there is none. ``readonly`` opens as a reader: no lock is
+        taken and mutations raise StoreError. ``key`` (32 bytes, see :func:`~hyprstream.store.crypto.load_key`)
+        is needed for an encrypted store; creating a store with a key makes it encrypted.
+        Raises StoreError when the directory holds no store, another process is writing it, or the
+        key is missing or wrong.
+        """
+        root = Path(path)
+        config = config or StoreConfig()
+        cipher = Cipher(key) if key is not None else None
+        if readonly and create:
+            raise StoreError(f"{root}: cannot create a store read-only")
+        if not root.is_dir():
+            if not create:
+                raise StoreError(f"{root}: no store here (directory does not exist)")
+            root.mkdir(parents=True, exist_ok=True)
+        lock_fd = None if readonly else _acquire_lock(root)
+        try:
+            marker = root / MARKER_FILE
+            if not marker.exists():
+                if not create:
+                    raise StoreError(f"{root}: not a hyprstream store (no {MARKER_FILE} file)")
+                _initialise(root, cipher, config)
+            _check_marker(root, cipher)
+            store = cls(root, readonly=readonly, config=config, cipher=cipher, lock_fd=lock_fd)
+            if not readonly:
+                store._recover()
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return store
+
+    def close(self) -> None:
+        """Checkpoint buffered rows into segments (writer), release the lock. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._wal is not None:
+                    self._checkpoint()
+                    self._wal.close()
+                    self._wal = None
+            finally:
+                self._closed = True
+                self._cache.clear()
+                self._vectors.clear()
+                self._buffered.clear()
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "closed" if self._closed else ("read-only" if self.readonly else "writer")
+        return f"Store({str(self.root)!r}, {mode})"
+
+    # ------------------------------------------------------------------ tables
+
+    def create_table(self, name: str, schema: pa.Schema, retention: Retention | None = None) -> None:
+        """Create table ``name``; idempotent for the same schema (retention is then updated).
+
+        StoreError if the table exists with a different schema; ValidationError for a bad name,
+        schema or retention time column.
+        """
+        check_table_name(name)
+        check_schema(schema, table=name)
+        retention = retention or Retention()
+        if retention.time_column is not None:
+            idx = schema.get_field_index(retention.time_column)
+            if idx < 0:
+                raise ValidationError(f"table {name!r}: retention time column {retention.time_column!r} is not in the schema")
+            segments.check_time_type(retention.time_column, schema.field(idx).type)
+        with self._lock:
+            self._check_writable()
+            old = self._manifest.tables.get(name)
+            if old is not None:
+                if not old.schema.equals(schema, check_metadata=False):
+                    raise StoreError(
+                        f"table {name!r} exists with a different schema:\n{old.schema}\nnot\n{schema}"
+                    )
+                if old.retention != retention:
+                    self._commit(self._manifest.with_table(replace(old, retention=retention)))
+                    _log.info("table %s: retention set to %s", name, retention)
+                    self._enforce_retention(name)
+                return
+            self._last_seq += 1
+            meta = TableMeta(name=name, schema=schema, retention=retention, flushed_seq=self._last_seq)
+            self._commit(self._manifest.with_table(meta))
+            _log.info("table %s created", name)
+
+    def drop_table(self, name: str) -> None:
+        """Remove table ``name`` and its data."""
+        with self._lock:
+            self._check_writable()
+            meta = self._meta(name)
+            tables = {k: v for k, v in self._manifest.tables.items() if k != name}
+            self._commit(replace(self._manifest, tables=tables))
+            self._buffered.pop(name, None)
+            self._remove_segment_files(meta.segments)
+            _log.info("table %s dropped", name)
+
+    def tables(self) -> list[str]:
+        """Names of the tables, in creation order."""
+        with self._lock:
+            self._refresh(())
+            return list(self._manifest.tables)
+
+    def schema(self, name: str) -> pa.Schema:
+        """The schema of table ``name``."""
+        with self._lock:
+            self._refresh(())
+            return self._meta(name).schema
+
+    def retention(self, name: str) -> Retention:
+        """The retention limits of table ``name``."""
+        with self._lock:
+            self._refresh(())
+            return self._meta(name).retention
+
+    def info(self, name: str) -> TableInfo:
+        """Sizes and settings of table ``name``."""
+        with self._lock:
+            self._refresh((name,))
+            meta = self._meta(name)
+            buf = self._buffered.get(name, _Buffered())
+            return TableInfo(name=name, schema=meta.schema, retention=meta.retention,
+                             rows=meta.rows + buf.rows, bytes=meta.bytes + buf.nbytes,
+                             segments=len(meta.segments), buffered_rows=buf.rows)
+
+    def num_rows(self, name: str) -> int:
+        """Rows table ``name`` holds now."""
+        return self.info(name).rows
+
+    def nbytes(self, name: str) -> int:
+        """Bytes table ``name`` takes: its segment files plus the Arrow size of its buffered rows."""
+        return self.info(name).bytes
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, name: str, data: pa.Table | pa.RecordBatch) -> int:
+        """Append rows to table ``name``; they are durable when this returns. Returns the row count.
+
+        ValidationError (naming the column) when ``data`` does not match the table's schema.
+        """
+        with self._lock:
+            self._check_writable()
+            meta = self._meta(name)
+            rows = conform(data, meta.schema, table=name)
+            if rows.num_rows == 0:
+                return 0
+            assert self._wal is not None
+            seq = self._last_seq + 1
+            buf = self._buffered.setdefault(name, _Buffered())
+            if buf.nbytes + rows.nbytes >= self.config.segment_bytes:
+                self._last_seq = seq
+                self._write_segments({name: ([*buf.tables(), rows], seq)})
+            else:
+                payload = wal.ipc_payload(rows)
+                self._wal.append(wal.encode_record(seq, name, payload, self._cipher))
+                self._last_seq = seq
+                buf.parts.append((seq, wal.decode_payload(payload)))
+                if self._wal.size >= self.config.wal_max_bytes:
+                    self._checkpoint()
+            self._enforce_retention(name)
+            return rows.num_rows
+
+    def flush(self) -> None:
+        """Write every buffered row into segments and start a fresh write-ahead log."""
+        with self._lock:
+            self._check_writable()
+            self._checkpoint()
+
+    def compact(self, name: str) -> Compaction:
+        """Merge runs of small consecutive segments of ``name`` into segments of about ``segment_bytes``.
+
+        Buffered rows are written out first, so afterwards the table is in as few segments as the
+        segment size allows. Row order is kept.
+        """
+        with self._lock:
+            self._check_writable()
+            buf = self._buffered.get(name)
+            if buf is not None and buf.parts:
+                self._write_segments({name: (buf.tables(), buf.last_seq)})
+            meta = self._meta(name)
+            groups = _merge_groups(meta.segments, self.config.segment_bytes)
+            new: list[SegmentMeta] = []
+            old: list[SegmentMeta] = []
+            next_id = self._manifest.next_segment_id
+            for group in groups:
+                if len(group) == 1:
+                    new.append(group[0])
+                    continue
+                merged = pa.concat_tables([self._segment(s) for s in group])
+                new.append(self._write_segment_file(next_id, merged, meta))
+                next_id += 1
+                old.extend(group)
+            if old:
+                m = replace(self._manifest, next_segment_id=next_id).with_table(replace(meta, segments=tuple(new)))
+                self._commit(m)
+                self._remove_segment_files(old)
+                _log.info("table %s compacted: %d -> %d segments", name, len(meta.segments), len(new))
+            return Compaction(segments_before=len(meta.segments), segments_after=len(new))
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """Every acknowledged row of ``name`` still retained, in append order (zero-copy where possible)."""
+        parts = self._parts(name)
+        meta_schema = self.schema(name)
+        table = pa.concat_tables(parts) if parts else meta_schema.empty_table()
+        if columns is not None:
+            missing = [c for c in columns if c not in table.column_names]
+            if missing:
+                raise ValidationError(f"table {name!r} has no column {missing[0]!r}")
+            table = table.select(list(columns))
+        return table
+
+    def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
+        """Run a DuckDB SQL query in which every table of the store is visible by its name."""
+        names = self.tables()
+        return sql.run({n: self.read(n) for n in names}, query, params)
+
+    def search(
+        self,
+        name: str,
+        column: str,
+        queries: np.ndarray,
+        *,
+        k: int = 10,
+        metric: vector.Metric | str = vector.Metric.COSINE,
+        filter: Any = None,
+        columns: Sequence[str] = (),
+    ) -> pa.Table:
+        """Exact top-``k`` rows of ``name`` by similarity of ``column`` to each query vector.
+
+        ``queries`` is one vector ``(d,)`` or a batch ``(b, d)``; ``metric`` is cosine or inner
+        product; ``filter`` is an optional ``pyarrow.compute`` expression the rows must satisfy.
+        Returns a table with ``query``, ``rank``, ``row`` (position in :meth:`read` order),
+        ``score`` and the requested ``columns``, best first per query.
+        """
+        metric = vector.Metric(metric)
+        with self._lock:
+            self._refresh((name,))
+            meta = self._meta(name)
+            field_ = meta.schema.field(column) if meta.schema.get_field_index(column) >= 0 else None
+            if field_ is None:
+                raise ValidationError(f"table {name!r} has no column {column!r}")
+            vector.check_embedding_type(column, field_.type)
+            seg_parts = [(s, self._segment(s)) for s in meta.segments]
+            buf_tables = self._buffered.get(name, _Buffered()).tables()
+            parts = [self._vector_part(s.id, column, t) for s, t in seg_parts]
+            parts += [vector.Part.build(t.column(column)) for t in buf_tables]
+            tables = [t for _, t in seg_parts] + buf_tables
+        table = pa.concat_tables(tables) if tables else meta.schema.empty_table()
+        mask = vector.filter_mask(table, filter) if filter is not None else None
+        found = vector.top_k(parts, vector.as_queries(queries, field_.type.list_size), k, metric, mask=mask)
+        return vector.result_table(found, table, columns)
+
+    # ------------------------------------------------------------------ internals: state
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise StoreError(f"{self.root}: store is open read-only")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.root}: store is closed")
+
+    def _meta(self, name: str) -> TableMeta:
+        meta = self._manifest.tables.get(name)
+        if meta is None:
+            raise StoreError(f"{self.root}: no table {name!r}")
+        return meta
+
+    def _parts(self, name: str) -> list[pa.Table]:
+        with self._lock:
+            self._refresh((name,))
+            meta = self._meta(name)
+            parts = [self._segment(s) for s in meta.segments]
+            parts += self._buffered.get(name, _Buffered()).tables()
+            return parts
+
+    def _segment(self, meta: SegmentMeta) -> pa.Table:
+        table = self._cache.get(meta.id)
+        if table is None:
+            try:
+                table = segments.read_segment(self._segdir, meta, cipher=self._cipher,
+                                              verify=self.config.verify_segments)
+            except FileNotFoundError:
+                if self.readonly:
+                    raise
+                raise StoreError(f"{self._segdir / meta.file}: committed segment is missing") from None
+            self._cache[meta.id] = table
+        return table
+
+    def _vector_part(self, seg_id: int, column: str, table: pa.Table) -> vector.Part:
+        key = (seg_id, column)
+        part = self._vectors.get(key)
+        if part is None:
+            part = self._vectors[key] = vector.Part.build(table.column(column))
+        return part
+
+    def _commit(self, manifest: Manifest) -> None:
+        manifest = replace(manifest, last_seq=self._last_seq)
+        manifests.save(self.root, manifest, sync=self.config.sync)
+        self._manifest = manifest
+
+    def _write_segment_file(self, seg_id: int, table: pa.Table, meta: TableMeta) -> SegmentMeta:
+        return segments.write_segment(self._segdir, seg_id, table, cipher=self._cipher,
+                                      time_column=meta.retention.time_column, sync=self.config.sync)
+
+    def _write_segments(self, parts: Mapping[str, tuple[list[pa.Table], int]], *, wal_generation: int | None = None) -> None:
+        """Write ``{table: (rows, highest seq they include)}`` as new segments and commit them."""
+        m = self._manifest
+        next_id = m.next_segment_id
+        for name, (tables, seq) in parts.items():
+            meta = m.tables[name]
+            new = []
+            for piece in segments.split_rows(pa.concat_tables(tables), self.config.segment_bytes):
+                new.append(self._write_segment_file(next_id, piece, meta))
+                next_id += 1
+            m = m.with_table(replace(meta, segments=meta.segments + tuple(new), flushed_seq=seq))
+        m = replace(m, next_segment_id=next_id)
+        if wal_generation is not None:
+            m = replace(m, wal=_wal_name(wal_generation), wal_generation=wal_generation)
+        self._commit(m)
+        for name, (_, seq) in parts.items():
+            if name in self._buffered:
+                self._buffered[name].drop_through(seq)
+
+    def _checkpoint(self) -> None:
+        """Write all buffered rows to segments and switch to a new, empty write-ahead log."""
+        assert self._wal is not None
+        pending = {n: (b.tables(), b.last_seq) for n, b in self._buffered.items() if b.parts}
+        if not pending and self._wal.size == 0:
+            return
+        gen = self._manifest.wal_generation + 1
+        new_wal = wal.WalWriter(self._waldir / _wal_name(gen), sync=self.config.sync)
+        if self.config.sync:
+            fsync_dir(self._waldir)
+        self._write_segments(pending, wal_generation=gen)
+        old = self._wal
+        self._wal = new_wal
+        old.close()
+        old.path.unlink(missing_ok=True)
+        if self.config.sync:
+            fsync_dir(self._waldir)
+
+    def _enforce_retention(self, name: str) -> None:
+        meta = self._manifest.tables[name]
+        drop = set(segments_to_drop(meta.segments, meta.retention, self.config.clock()))
+        if not drop:
+            return
+        gone = [s for s in meta.segments if s.id in drop]
+        kept = tuple(s for s in meta.segments if s.id not in drop)
+        self._commit(self._manifest.with_table(replace(meta, segments=kept)))
+        self._remove_segment_files(gone)
+        _log.info("table %s: retention removed %d segments (%d rows, %d bytes)", name, len(gone),
+                  sum(s.rows for s in gone), sum(s.bytes for s in gone))
+
+    def _remove_segment_files(self, metas: Iterable[SegmentMeta]) -> None:
+        for s in metas:
+            self._cache.pop(s.id, None)
+            for key in [k for k in self._vectors if k[0] == s.id]:
+                del self._vectors[key]
+            (self._segdir / s.file).unlink(missing_ok=True)
+        if self.config.sync:
+            fsync_dir(self._segdir)
+
+    # ------------------------------------------------------------------ internals: recovery, readers
+
+    def _recover(self) -> None:
+        """Writer start-up: drop uncommitted files, repair a torn log tail, replay the log."""
+        m = self._manifest
+        for directory in (self.root, self._segdir, self._waldir):
+            remove_temporaries(directory)
+        committed = {s.file for t in m.tables.values() for s in t.segments}
+        for p in self._segdir.iterdir():
+            if p.name not in committed:
+                _log.info("removing uncommitted segment %s", p)
+                p.unlink()
+        for p in self._waldir.iterdir():
+            if p.name != m.wal:
+                _log.info("removing superseded write-ahead log %s", p)
+                p.unlink()
+        path = self._waldir / m.wal
+        data = path.read_bytes() if path.exists() else b""
+        scan = wal.scan(data, cipher=self._cipher, source=str(path))
+        self._wal = wal.WalWriter(path, sync=self.config.sync)
+        if scan.torn_bytes:
+            _log.warning("%s: discarding a torn tail of %d bytes after %d intact records (an interrupted, "
+                         "unacknowledged append)", path, scan.torn_bytes, len(scan.entries))
+            self._wal.truncate(scan.end)
+        self._replay(scan.entries)
+        if self.config.sync:
+            fsync_dir(self._waldir)
+            fsync_dir(self._segdir)
+        for name in m.tables:
+            self._enforce_retention(name)
+
+    def _replay(self, entries: Iterable[wal.WalEntry]) -> None:
+        for e in entries:
+            self._last_seq = max(self._last_seq, e.seq)
+            meta = self._manifest.tables.get(e.table)
+            if meta is not None and e.seq > meta.flushed_seq:
+                self._buffered.setdefault(e.table, _Buffered()).parts.append((e.seq, e.rows))
+
+    def _refresh(self, names: Iterable[str]) -> None:
+        """Readers: pick up the latest manifest, the segments of ``names`` and new log records."""
+        self._check_open()
+        if not self.readonly:
+            return
+        names = tuple(names)
+        last_error: FileNotFoundError | None = None
+        for _ in range(_READER_ATTEMPTS):
+            m = manifests.load(self.root)
+            try:
+                for n in names:
+                    if n in m.tables:
+                        for s in m.tables[n].segments:
+                            self._segment(s)
+                wal_file, offset = self._wal_seen
+                if wal_file != m.wal:
+                    wal_file, offset = m.wal, 0
+                    self._buffered.clear()
+                data = wal.read_from(self._waldir / wal_file, offset)
+            except FileNotFoundError as exc:  # the writer moved on meanwhile: look again
+                last_error = exc
+                continue
+            scan = wal.scan(data, offset=offset, cipher=self._cipher, source=str(self._waldir / wal_file))
+            self._manifest = m
+            self._wal_seen = (wal_file, scan.end)
+            self._replay(scan.entries)
+            for name in list(self._buffered):
+                meta = m.tables.get(name)
+                if meta is None:
+                    del self._buffered[name]
+                else:
+                    self._buffered[name].drop_through(meta.flushed_seq)
+            live = {s.id for t in m.tables.values() for s in t.segments}
+            for seg_id in [i for i in self._cache if i not in live]:
+                del self._cache[seg_id]
+            for key in [k for k in self._vectors if k[0] not in live]:
+                del self._vectors[key]
+            return
+        raise StoreError(f"{self.root}: the store changed too fast to read a consistent state ({last_error})")
+
+
+def _merge_groups(segs: Sequence[SegmentMeta], target: int) -> list[list[SegmentMeta]]:
+    """Consecutive segments grouped greedily so that each group's bytes stay within ``target``."""
+    groups: list[list[SegmentMeta]] = []
+    size = 0
+    for s in segs:
+        if groups and size + s.bytes <= target:
+            groups[-1].append(s)
+            size += s.bytes
+        else:
+            groups.append([s])
+            size = s.bytes
+    return groups
+
+
+def _acquire_lock(root: Path) -> int:
+    """Take the writer lock of ``root`` (flock on LOCK) and record our PID in it."""
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StoreError(f"{root}: store is open for writing by another process (pid {holder}); "
+                             "open it with readonly=True to read") from None
+        raise StoreError(f"{root}: cannot lock the store: {exc.strerror}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _initialise(root: Path, cipher: Cipher | None, config: StoreConfig) -> None:
+    """Lay out a new store in ``root`` (the writer lock is held); the marker is written last."""
+    (root / segments.SEGMENT_DIR).mkdir(exist_ok=True)
+    (root / WAL_DIR).mkdir(exist_ok=True)
+    manifests.save(root, Manifest(wal=_wal_name(1)), sync=config.sync)
+    marker = {
+        "format": MARKER_FORMAT,
+        "encrypted": cipher is not None,
+        "key_check": base64.b64encode(cipher.key_check()).decode() if cipher is not None else None,
+    }
+    write_atomic(root / MARKER_FILE, json.dumps(marker).encode(), sync=config.sync)
+    _log.info("created store %s%s", root, " (encrypted)" if cipher is not None else "")
+
+
+def _check_marker(root: Path, cipher: Cipher | None) -> None:
+    """StoreError unless ``root`` is a store of a known format and ``cipher`` fits its encryption."""
+    try:
+        marker = json.loads((root / MARKER_FILE).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{root}: unreadable {MARKER_FILE} file ({exc})") from exc
+    if marker.get("format") != MARKER_FORMAT:
+        raise StoreError(f"{root}: unknown store format {marker.get('format')!r}")
+    if marker.get("encrypted"):
+        if cipher is None:
+            raise StoreError(f"{root}: store is encrypted; open it with its key")
+        cipher.verify_key_check(base64.b64decode(marker["key_check"]), store=str(root))
+    elif cipher is not None:
+        raise StoreError(f"{root}: store is not encrypted, but a key was given")
