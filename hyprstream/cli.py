@@ -70,7 +70,7 @@ def _configure_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Flower's logger has its own handler and propagates to root: keep one copy, at our level.
     flwr = logging.getLogger("flwr")
-    flwr.setLevel(max(level, logging.WARNING))
+    flwr.setLevel(logging.ERROR if verbose == 0 else level)
     flwr.propagate = False
 
 

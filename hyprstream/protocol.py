@@ -33,6 +33,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hyprstream.errors import ValidationError
 
 TRAIN_MESSAGE_TYPE = "train.layerwise"
+DEVICE_QUERY_TYPE = "query.device"
+DEVICE_INFO_SCHEMA = "hyprstream.device-info/1"
 TRAIN_REQUEST_SCHEMA = "hyprstream.train/1"
 TRAIN_REPLY_SCHEMA = "hyprstream.train-reply/1"
 
@@ -125,6 +127,26 @@ class TrainReply:
 
     def payload_bytes(self) -> int:
         return sum(int(np.asarray(a).nbytes) for a in self.delta.values())
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """An agent's answer to ``query.device``: who it is and how much local data it holds."""
+
+    device_id: str
+    num_examples: int
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({"config": ConfigRecord({"schema": DEVICE_INFO_SCHEMA, "device_id": self.device_id,
+                                                   "num_examples": self.num_examples})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> DeviceInfo:
+        cfg = _config(content, DEVICE_INFO_SCHEMA)
+        info = cls(_get(cfg, "device_id", str), _get(cfg, "num_examples", int))
+        if not info.device_id or info.num_examples < 0:
+            raise ValidationError("device info: empty device_id or negative num_examples")
+        return info
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

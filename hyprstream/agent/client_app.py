@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from hyprstream.errors import HyprstreamError
-from hyprstream.protocol import ReplyStatus, TrainReply, TrainRequest
+from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest
 
 log = logging.getLogger("hyprstream.agent")
 
@@ -50,6 +50,17 @@ def train(msg: Message, context: Context) -> Message:
         version = int(msg.content["config"].get("model_version", -1)) if "config" in msg.content else -1
         reply = TrainReply(ReplyStatus.DECLINED, version, (), reason=str(exc))
     return Message(reply.to_content(), reply_to=msg)
+
+
+@app.query("device")
+def query_device(msg: Message, context: Context) -> Message:
+    """Identify this device to its fog (the fog maps Flower node IDs to devices with it)."""
+    from hyprstream.store import Store
+
+    path = store_dir(context)
+    with Store.open(path, readonly=True) as store:
+        rows = sum(store.num_rows(t) for t in store.tables())
+    return Message(DeviceInfo(path.name, rows).to_content(), reply_to=msg)
 
 
 def handle_train(request: TrainRequest, store_path: Path) -> TrainReply:

@@ -28,7 +28,10 @@ def weighted_mean(matrix: np.ndarray, weights: np.ndarray, out: np.ndarray | Non
     total = w.sum()
     if total <= 0:
         raise ValidationError("weights sum to zero: nothing to aggregate")
-    coef = (w / total).astype(matrix.dtype, copy=False)
+    # Coefficients in the matrix's own float dtype (float32 stays a single sgemv); a matrix of
+    # integers is averaged in float64, not with coefficients truncated to 0.
+    dtype = matrix.dtype if np.issubdtype(matrix.dtype, np.floating) else np.dtype(np.float64)
+    coef = (w / total).astype(dtype, copy=False)
     return np.matmul(coef, matrix, out=out)
 
 
@@ -61,23 +64,36 @@ class UpdateMatrix:
         if not np.isfinite(weight) or weight < 0:
             raise ValidationError(f"update weight must be finite and >= 0, got {weight}")
         sq = 0.0
+        flats: dict[str, np.ndarray] = {}
         for name, shape in self.shapes.items():
             arr = np.asarray(delta[name])
             if arr.shape != shape:
                 raise ValidationError(f"{name}: shape {arr.shape} differs from the model's {shape}")
+            if not np.can_cast(arr.dtype, self.dtype, casting="same_kind"):
+                raise ValidationError(f"{name}: dtype {arr.dtype} cannot be stored as {self.dtype}")
             flat = arr.reshape(-1)
-            part = float(np.dot(flat, flat))
+            if flat.dtype != self.dtype:
+                # Check the values as they will be stored: finite float64 can overflow float32.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    flat = flat.astype(self.dtype)
+            with np.errstate(over="ignore"):  # an overflowing sum of squares is handled below
+                part = float(np.dot(flat, flat))
             if not np.isfinite(part):
                 if not np.isfinite(flat).all():
-                    raise ValidationError(f"{name}: update contains NaN or Inf")
-                part = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+                    cast = "" if arr.dtype == self.dtype else f" once stored as {self.dtype}"
+                    raise ValidationError(f"{name}: update contains NaN or Inf{cast}")
+                # Finite values whose squares overflow the storage dtype: sum them in float64.
+                wide = flat.astype(np.float64)
+                with np.errstate(over="ignore"):  # inf beyond float64: refused by any max_norm
+                    part = float(np.dot(wide, wide))
             sq += part
+            flats[name] = flat
         norm = float(np.sqrt(sq))
-        if max_norm is not None and norm > max_norm:
+        if max_norm is not None and not norm <= max_norm:
             raise ValidationError(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
         i = self.count
-        for name, n in self._sizes.items():
-            np.copyto(self._rows[name][i], np.asarray(delta[name]).reshape(n), casting="same_kind")
+        for name, flat in flats.items():
+            np.copyto(self._rows[name][i], flat)
         self._weights[i] = weight
         self.count += 1
         return norm

@@ -101,8 +101,8 @@ class FogAggregator:
                 seed=self.seed * 1_000_003 + round_no * 1009 + i, weights=weights,
             )
             bytes_down += request.payload_bytes()
-            messages.append(self.grid.create_message(request.to_content(), TRAIN_MESSAGE_TYPE, node,
-                                                     group_id=f"{self.name}/round-{round_no}"))
+            messages.append(Message(request.to_content(), dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE,
+                                    group_id=f"{self.name}/round-{round_no}"))
         ids = set(self.grid.push_messages(messages))
         log.info("fog %s round %d: sent layers %s of version %d to %d agents",
                  self.name, round_no, list(layers), base.version, len(ids))
@@ -125,7 +125,9 @@ class FogAggregator:
         return replies
 
     def finish_round(self, pending: PendingRound) -> FogRound:
-        replies = self.collect(pending)
+        order = {node: i for i, node in enumerate(self.node_ids)}
+        # Aggregate in a fixed order (not arrival order) so that float sums are reproducible.
+        replies = sorted(self.collect(pending), key=lambda m: order.get(m.metadata.src_node_id, len(order)))
         base = pending.base
         trained = lt.select_layers(base.table, pending.layers)
         shapes = dict(zip(trained.column("name").to_pylist(),

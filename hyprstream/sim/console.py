@@ -25,7 +25,7 @@ def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = 
         bar = progress.add_task("global steps", total=exp.training.global_steps)
         progress.console.print(header)
 
-        def on_step(step, rounds, row) -> None:
+        def on_step(step, rounds, row, core) -> None:
             progress.console.print(
                 f"{step:>4} {row.version:>7} {row.accuracy:>8.4f} {row.loss:>7.4f} {row.participants:>6} "
                 f"{row.bytes_up / 1024:>9.1f} {row.bytes_down / 1024:>9.1f} {row.wall_s:>7.1f}")

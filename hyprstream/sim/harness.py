@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flwr.app import Message, RecordDict
+
 from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_name
 from hyprstream.agent.task import Dataset, Task, get_task
 from hyprstream.agent.trainer import evaluate, load_weights, model_weights
@@ -26,15 +28,25 @@ from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
+from hyprstream.protocol import DEVICE_QUERY_TYPE, DeviceInfo
 from hyprstream.sim import partition
 from hyprstream.sim.experiment import Experiment, PartitionScheme
-from hyprstream.sim.metrics import MetricsLog
+from hyprstream.sim.metrics import MetricsLog, Row
 from hyprstream.store import Store
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.sim")
 
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+@dataclass(frozen=True)
+class CoreEndpoint:
+    """Where the run's core listens, with a read-only token (for observers such as dashboards)."""
+
+    location: str
+    reader_token: str
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,35 @@ def prepare_devices(exp: Experiment, task: Task, train: Dataset, root: Path) -> 
     return [len(p) for p in parts]
 
 
-def run(exp: Experiment, out: Path, *, on_step: Callable[[int, list[FogRound], dict], None] | None = None,
-        ) -> SimulationResult:
+def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -> list[int]:
+    """Node IDs of the grid once ``count`` nodes have connected (they join asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= count:
+            return ids
+        if time.monotonic() > deadline:
+            raise HyprstreamError(f"only {len(ids)} of {count} simulated agents connected in {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint], None]
+
+
+def discover(grid, node_ids: list[int], *, timeout_s: float) -> dict[int, DeviceInfo]:
+    """Ask every node which device it is (``query.device``); returns the answers by node ID."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY_TYPE) for n in node_ids]
+    found: dict[int, DeviceInfo] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            raise HyprstreamError(f"node {reply.metadata.src_node_id} failed the device query: {reply.error.reason}")
+        found[reply.metadata.src_node_id] = DeviceInfo.from_content(reply.content)
+    if len(found) != len(node_ids):
+        raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query")
+    return found
+
+
+def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> SimulationResult:
     """Run ``exp`` and write its artefacts into ``out``."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -80,12 +119,15 @@ def run(exp: Experiment, out: Path, *, on_step: Callable[[int, list[FogRound], d
     tokens = TokenRegistry()
     admin_token = new_token()
     tokens.add(admin_token, Principal("simulator", Role.ADMIN))
+    reader_token = new_token()
+    tokens.add(reader_token, Principal("observer", Role.READER))
     fog_names = [f"fog-{j}" for j in range(exp.fleet.fogs)]
     fog_tokens = {name: new_token() for name in fog_names}
     for name, token in fog_tokens.items():
         tokens.add(token, Principal(name, Role.FOG))
     server = CoreFlightServer(ModelRepository(out / "core"), tokens)
     location = server.start_background()
+    endpoint = CoreEndpoint(location, reader_token)
     admin = CoreClient(location, admin_token)
     model_name = f"{exp.task.name}-model"
     model = task.build_model(seed=exp.seed)
@@ -107,7 +149,10 @@ def run(exp: Experiment, out: Path, *, on_step: Callable[[int, list[FogRound], d
     @server_app.main()
     def main(grid, context) -> None:
         try:
-            node_ids = sorted(grid.get_node_ids())
+            node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
+            # Flower's node IDs are random: order agents by device so that runs are reproducible.
+            devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
+            node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
             per_fog = exp.fleet.agents_per_fog
             fogs = [FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
                                   CoreClient(location, fog_tokens[name]), model_name, plan, seed=exp.seed + j)
@@ -127,7 +172,7 @@ def run(exp: Experiment, out: Path, *, on_step: Callable[[int, list[FogRound], d
                 row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
                                          wall_s=time.monotonic() - started)
                 if on_step is not None:
-                    on_step(step, rounds, row)
+                    on_step(step, rounds, row, endpoint)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             failure.append(exc)
             raise
@@ -137,14 +182,12 @@ def run(exp: Experiment, out: Path, *, on_step: Callable[[int, list[FogRound], d
         "init_args": {
             "logging_level": logging.ERROR,
             "log_to_driver": False,
-            "runtime_env": {"env_vars": {
-                SIM_DEVICES_ENV: str((out / "devices").resolve()),
-                THREADS_ENV: str(exp.runtime.torch_threads),
-                "OMP_NUM_THREADS": str(exp.runtime.torch_threads),
-                **FLOWER_ENV,
-            }},
         },
     }
+    # Ray's workers inherit the environment of the process that starts Ray (Flower sets runtime_env
+    # itself, so it cannot carry these).
+    os.environ.update({SIM_DEVICES_ENV: str((out / "devices").resolve()),
+                       THREADS_ENV: str(exp.runtime.torch_threads)})
     try:
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,

@@ -1,0 +1,85 @@
+"""The default experiment end to end: Flower's simulation engine, a real core Flight server, real stores."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import pytest
+
+from hyprstream.cli import resolve_experiment
+from hyprstream.sim import harness
+from hyprstream.sim.experiment import load_experiment
+from hyprstream.store import to_arrays
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    exp = load_experiment(resolve_experiment("quickstart"))
+    out = tmp_path_factory.mktemp("quickstart")
+    fetched = {}
+
+    def on_step(step, rounds, row, core):
+        # A plain pyarrow.flight client, while the run is live, with the observer's read-only token.
+        client = flight.FlightClient(core.location)
+        options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {core.reader_token}".encode())])
+        ticket = flight.Ticket(json.dumps({"schema": "hyprstream.core/1", "command": "get_weights",
+                                           "model": "digits-model"}).encode())
+        table = client.do_get(ticket, options).read_all()
+        fetched[step] = (int(table.schema.metadata[b"hyprstream.version"]), to_arrays(table, copy=True), row)
+        client.close()
+
+    result = harness.run(exp, out, on_step=on_step)
+    return exp, out, result, fetched
+
+
+def test_accuracy_and_versions(quickstart):
+    exp, out, result, fetched = quickstart
+    assert result.final_accuracy >= 0.85
+    # every fog pushes once per global step
+    assert result.final_version == exp.training.global_steps * exp.fleet.fogs
+
+
+def test_flight_weights_match_what_the_simulation_reports(quickstart):
+    exp, out, result, fetched = quickstart
+    assert sorted(fetched) == list(range(1, exp.training.global_steps + 1))
+    for step, (version, weights, row) in fetched.items():
+        assert version == row.version
+    version, weights, _ = fetched[exp.training.global_steps]
+    assert version == result.final_version
+    assert weights.keys() == result.final_weights.keys()
+    for name in weights:
+        np.testing.assert_array_equal(weights[name], result.final_weights[name])
+
+
+def test_metrics_file(quickstart):
+    exp, out, result, fetched = quickstart
+    table = pq.read_table(out / "metrics.parquet")
+    assert {"fog", "round", "version", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s"} <= set(table.column_names)
+    rows = table.to_pylist()
+    fog_rows = [r for r in rows if r["kind"] == "fog_round"]
+    global_rows = [r for r in rows if r["kind"] == "global"]
+    assert len(fog_rows) == exp.training.global_steps * exp.fleet.fogs
+    assert len(global_rows) == exp.training.global_steps
+    assert all(r["participants"] == exp.fleet.agents_per_fog for r in fog_rows)
+    n_params = sum(a.size for a in result.final_weights.values())
+    # every agent receives the whole float32 model and returns a delta of every (trained) parameter
+    assert all(r["bytes_down"] == exp.fleet.agents_per_fog * n_params * 4 for r in fog_rows)
+    assert all(r["bytes_up"] == exp.fleet.agents_per_fog * n_params * 4 for r in fog_rows)
+    assert global_rows[-1]["accuracy"] == pytest.approx(result.final_accuracy)
+    assert global_rows[-1]["accuracy"] > global_rows[0]["accuracy"] - 0.05
+
+
+def test_lineage_in_core_directory(quickstart):
+    exp, out, result, fetched = quickstart
+    manifest = json.loads((out / "core" / "digits-model" / "manifest.json").read_text())
+    versions = manifest["versions"]
+    assert [v["version"] for v in versions] == list(range(result.final_version + 1))
+    actors = [v["actor"] for v in versions[1:]]
+    assert sorted(set(actors)) == ["fog-0", "fog-1"]
+    # both fogs start a step from the same version: the second push of a step is one update stale
+    assert [v["staleness"]["fc1"] for v in versions[1:]] == [0, 1] * exp.training.global_steps
+    assert Path(out / "devices").is_dir() and len(list((out / "devices").iterdir())) == exp.num_agents

@@ -1,0 +1,289 @@
+"""hyprstream.fog.aggregate: weighted_mean and UpdateMatrix (pure math, no I/O)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from hyprstream.errors import ValidationError
+from hyprstream.fog.aggregate import UpdateMatrix, weighted_mean
+
+pytestmark = pytest.mark.unit
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def reference_mean(rows: list[list[float]], weights: list[float]) -> list[float]:
+    """Plain Python, float64: sum_k w_k x_k / sum_k w_k, column by column."""
+    total = math.fsum(weights)
+    return [math.fsum(w * row[j] for w, row in zip(weights, rows, strict=True)) / total for j in range(len(rows[0]))]
+
+
+# --------------------------------------------------------------------------------------------
+# weighted_mean
+
+
+def test_weighted_mean_hand_computed() -> None:
+    matrix = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    # (3 * [1, 2, 3] + 1 * [4, 5, 6] + 0 * [7, 8, 9]) / 4
+    expected = np.array([1.75, 2.75, 3.75])
+    np.testing.assert_array_equal(weighted_mean(matrix, np.array([3.0, 1.0, 0.0])), expected)
+    got32 = weighted_mean(matrix.astype(np.float32), [3, 1, 0])
+    assert got32.dtype == np.float32  # stays one float32 gemv
+    np.testing.assert_array_equal(got32, expected.astype(np.float32))  # exact in binary
+
+
+def test_weighted_mean_of_integers_is_not_truncated() -> None:
+    got = weighted_mean(np.array([[1, 2], [3, 4]]), [1, 1])
+    np.testing.assert_array_equal(got, [2.0, 3.0])
+
+
+def test_weighted_mean_writes_into_out() -> None:
+    out = np.empty(2, dtype=np.float32)
+    res = weighted_mean(np.array([[0.0, 2.0], [4.0, 6.0]], dtype=np.float32), [1.0, 1.0], out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, [2.0, 4.0])
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ([1.0], "do not match"),
+        ([1.0, 2.0, 3.0], "do not match"),
+        ([1.0, -0.5], "non-negative"),
+        ([1.0, float("nan")], "finite"),
+        ([1.0, float("inf")], "finite"),
+        ([0.0, 0.0], "sum to zero"),
+    ],
+)
+def test_weighted_mean_refuses_bad_weights(weights: list[float], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        weighted_mean(np.ones((2, 3)), np.array(weights))
+
+
+def test_weighted_mean_refuses_a_non_matrix() -> None:
+    with pytest.raises(ValidationError):
+        weighted_mean(np.ones(3), np.ones(3))
+
+
+@st.composite
+def weighted_rows(draw: st.DrawFn) -> tuple[list[list[float]], list[float]]:
+    k = draw(st.integers(1, 8))
+    n = draw(st.integers(1, 16))
+    value = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+    rows = draw(st.lists(st.lists(value, min_size=n, max_size=n), min_size=k, max_size=k))
+    weights = draw(st.lists(st.floats(0.0, 1e4, allow_nan=False, allow_infinity=False), min_size=k, max_size=k))
+    assume(math.fsum(weights) > 1e-6)
+    return rows, weights
+
+
+@settings(max_examples=150, deadline=None)
+@given(weighted_rows())
+def test_weighted_mean_matches_a_float64_reference(case: tuple[list[list[float]], list[float]]) -> None:
+    rows, weights = case
+    expected = np.array(reference_mean(rows, weights))
+    scale = max(abs(v) for row in rows for v in row) + 1e-300
+    k = len(rows)
+
+    got64 = weighted_mean(np.array(rows, dtype=np.float64), np.array(weights))
+    assert got64.dtype == np.float64
+    np.testing.assert_allclose(got64, expected, rtol=0, atol=4 * k * np.finfo(np.float64).eps * scale)
+
+    # float32 storage: compare with the exact mean of the float32 values, within K float32 roundings.
+    rows32 = np.array(rows, dtype=np.float32)
+    expected32 = np.array(reference_mean(rows32.astype(np.float64).tolist(), weights))
+    got32 = weighted_mean(rows32, np.array(weights))
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, expected32, rtol=0, atol=4 * (k + 1) * EPS32 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# UpdateMatrix
+
+SHAPES = {"conv.weight": (2, 3), "fc.bias": (4,)}
+
+
+def delta(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: (scale * rng.standard_normal(shape)).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+def l2(d: dict[str, np.ndarray]) -> float:
+    return math.sqrt(math.fsum(float(v) ** 2 for a in d.values() for v in a.astype(np.float64).ravel()))
+
+
+def test_update_matrix_mean_norm_and_weights() -> None:
+    um = UpdateMatrix(SHAPES, capacity=3)
+    deltas = [delta(1), delta(2), delta(3)]
+    weights = [10.0, 30.0, 0.0]  # a zero weight is allowed: the delta counts, with no influence
+    for d, w in zip(deltas, weights, strict=True):
+        norm = um.add(d, w)
+        assert norm == pytest.approx(l2(d), rel=1e-6)
+    assert um.count == 3
+    assert um.total_weight == 40.0
+    mean = um.mean()
+    assert set(mean) == set(SHAPES)
+    for name, shape in SHAPES.items():
+        assert mean[name].shape == shape and mean[name].dtype == np.float32
+        rows = [d[name].astype(np.float64).ravel().tolist() for d in deltas]
+        expected = np.array(reference_mean(rows, weights)).reshape(shape)
+        np.testing.assert_allclose(mean[name], expected, rtol=0, atol=1e-6)
+
+
+def test_update_matrix_keeps_its_own_copy() -> None:
+    um = UpdateMatrix({"w": (3,)}, capacity=1)
+    d = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    um.add({"w": d}, 1.0)
+    d[:] = 99.0  # the client's buffer is reused for the next message
+    np.testing.assert_array_equal(um.mean()["w"], [1.0, 2.0, 3.0])
+
+
+def test_update_matrix_accepts_other_float_dtypes_and_stores_its_own() -> None:
+    um = UpdateMatrix({"w": (2,)}, capacity=2)
+    um.add({"w": np.array([1.0, 2.0], dtype=np.float64)}, 1.0)
+    um.add({"w": np.array([3, 4], dtype=np.int64)}, 1.0)
+    mean = um.mean()["w"]
+    assert mean.dtype == np.float32
+    np.testing.assert_array_equal(mean, [2.0, 3.0])
+
+
+def nan_at(d: dict[str, np.ndarray], value: float) -> dict[str, np.ndarray]:
+    bad = {k: v.copy() for k, v in d.items()}
+    bad["fc.bias"][2] = value
+    return bad
+
+
+BAD_UPDATES = {
+    "nan": (lambda: nan_at(delta(9), float("nan")), 1.0, None, "NaN or Inf"),
+    "+inf": (lambda: nan_at(delta(9), float("inf")), 1.0, None, "NaN or Inf"),
+    "-inf": (lambda: nan_at(delta(9), float("-inf")), 1.0, None, "NaN or Inf"),
+    "wrong shape": (lambda: {**delta(9), "fc.bias": np.zeros(5, np.float32)}, 1.0, None, "shape"),
+    "transposed": (lambda: {**delta(9), "conv.weight": np.zeros((3, 2), np.float32)}, 1.0, None, "shape"),
+    "missing name": (lambda: {"conv.weight": delta(9)["conv.weight"]}, 1.0, None, r"missing \['fc.bias'\]"),
+    "extra name": (lambda: {**delta(9), "head.weight": np.zeros(2, np.float32)}, 1.0, None, r"unexpected \['head.weight'\]"),
+    "negative weight": (lambda: delta(9), -1.0, None, "weight"),
+    "nan weight": (lambda: delta(9), float("nan"), None, "weight"),
+    "inf weight": (lambda: delta(9), float("inf"), None, "weight"),
+    "norm above bound": (lambda: delta(9, scale=10.0), 1.0, 1.0, "exceeds the bound"),
+    "float64 beyond float32": (lambda: {**delta(9), "fc.bias": np.array([1e39, 0, 0, 0])}, 1.0, None, "NaN or Inf once stored"),
+    "complex": (lambda: {**delta(9), "fc.bias": np.array([1, 2, 3, 4j])}, 1.0, None, "dtype"),
+    "object": (lambda: {**delta(9), "fc.bias": np.array([1.0, None, 2.0, 3.0], dtype=object)}, 1.0, None, "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPDATES), ids=list(BAD_UPDATES))
+def test_a_refused_update_changes_nothing(case: str) -> None:
+    make, weight, max_norm, match = BAD_UPDATES[case]
+    um = UpdateMatrix(SHAPES, capacity=3)
+    good = [delta(1), delta(2)]
+    for d in good:
+        um.add(d, 2.0, max_norm=100.0)
+    before = {k: v.copy() for k, v in um.mean().items()}
+
+    with pytest.raises(ValidationError, match=match):
+        um.add(make(), weight, max_norm=max_norm)
+
+    assert um.count == 2
+    assert um.total_weight == 4.0
+    for name, value in um.mean().items():
+        np.testing.assert_array_equal(value, before[name])
+    # The next accepted update lands in the row the refused one would have taken, and the mean
+    # is that of the accepted updates only.
+    um.add(delta(3), 4.0, max_norm=100.0)
+    accepted, weights = [*good, delta(3)], [2.0, 2.0, 4.0]
+    for name, value in um.mean().items():
+        rows = [d[name].astype(np.float64).ravel().tolist() for d in accepted]
+        np.testing.assert_allclose(value.ravel(), reference_mean(rows, weights), rtol=0, atol=1e-6)
+
+
+def test_capacity_overflow_is_refused_and_changes_nothing() -> None:
+    um = UpdateMatrix(SHAPES, capacity=2)
+    um.add(delta(1), 1.0)
+    um.add(delta(2), 3.0)
+    before = um.mean()
+    with pytest.raises(ValidationError, match="more than 2 updates"):
+        um.add(delta(3), 1.0)
+    assert um.count == 2 and um.total_weight == 4.0
+    for name, value in um.mean().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_huge_finite_values_are_refused_by_the_norm_bound_not_as_nan() -> None:
+    huge = {"conv.weight": np.full((2, 3), 1e30, np.float32), "fc.bias": np.full(4, -1e30, np.float32)}
+    flat = huge["conv.weight"].ravel()
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.dot(flat, flat))  # the float32 sum of squares overflows
+    um = UpdateMatrix(SHAPES, capacity=2)
+    um.add(delta(1), 1.0)
+    with pytest.raises(ValidationError, match="exceeds the bound") as err:
+        um.add(huge, 1.0, max_norm=1e3)
+    assert "NaN" not in str(err.value) and "nan" not in str(err.value)
+    assert um.count == 1
+    # Without a bound the delta is finite, so it is accepted, and its norm is reported exactly.
+    norm = um.add(huge, 1.0)
+    assert norm == pytest.approx(1e30 * math.sqrt(10), rel=1e-6)
+    assert all(np.isfinite(v).all() for v in um.mean().values())
+
+
+def test_float64_storage_with_overflowing_squares_is_refused_by_the_bound() -> None:
+    um = UpdateMatrix({"w": (3,)}, capacity=1, dtype=np.float64)
+    with pytest.raises(ValidationError, match="exceeds the bound"):
+        um.add({"w": np.array([1e200, 1e200, 0.0])}, 1.0, max_norm=1e6)
+    assert um.count == 0
+
+
+def test_empty_and_all_zero_weight_matrices_have_no_mean() -> None:
+    um = UpdateMatrix(SHAPES, capacity=2)
+    with pytest.raises(ValidationError, match="no updates"):
+        um.mean()
+    um.add(delta(1), 0.0)
+    with pytest.raises(ValidationError, match="sum to zero"):
+        um.mean()
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        UpdateMatrix(SHAPES, capacity=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**32 - 1),  # seed of the delta
+            st.floats(0.0, 1e3, allow_nan=False),  # weight
+            st.sampled_from(["ok", "ok", "nan", "shape", "norm"]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_update_matrix_mean_is_that_of_the_accepted_updates(updates: list[tuple[int, float, str]]) -> None:
+    um = UpdateMatrix(SHAPES, capacity=len(updates))
+    accepted: list[tuple[dict[str, np.ndarray], float]] = []
+    for seed, weight, kind in updates:
+        d = delta(seed)
+        if kind == "nan":
+            d = nan_at(d, float("nan"))
+        elif kind == "shape":
+            d["fc.bias"] = np.zeros(3, np.float32)
+        elif kind == "norm":
+            d = delta(seed, scale=1e3)
+        try:
+            um.add(d, weight, max_norm=50.0)
+        except ValidationError:
+            assert kind != "ok"
+            continue
+        assert kind == "ok"
+        accepted.append((d, weight))
+    assert um.count == len(accepted)
+    if not accepted or math.fsum(w for _, w in accepted) == 0:
+        return
+    for name, value in um.mean().items():
+        rows = [d[name].astype(np.float64).ravel().tolist() for d, _ in accepted]
+        expected = reference_mean(rows, [w for _, w in accepted])
+        np.testing.assert_allclose(value.ravel(), expected, rtol=0, atol=1e-5)
