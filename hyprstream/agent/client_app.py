@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from hyprstream.errors import HyprstreamError
@@ -41,15 +41,18 @@ def device_name(index: int) -> str:
 
 @app.train("layerwise")
 def train(msg: Message, context: Context) -> Message:
+    return Message(answer_train(msg.content, context).to_content(), reply_to=msg)
+
+
+def answer_train(content: RecordDict, context: Context) -> TrainReply:
+    """The reply to a train request: the delta, or ``declined`` with the reason (never a crash)."""
     try:
-        request = TrainRequest.from_content(msg.content)
-        reply = handle_train(request, store_dir(context))
+        return handle_train(TrainRequest.from_content(content), store_dir(context))
     except HyprstreamError as exc:
-        # A request this agent cannot serve gets a declined reply with the reason, never a crash.
         log.warning("declined train request: %s", exc)
-        version = int(msg.content["config"].get("model_version", -1)) if "config" in msg.content else -1
-        reply = TrainReply(ReplyStatus.DECLINED, version, (), reason=str(exc))
-    return Message(reply.to_content(), reply_to=msg)
+        config = content.get("config")
+        version = config.get("model_version", -1) if isinstance(config, ConfigRecord) else -1
+        return TrainReply(ReplyStatus.DECLINED, version if isinstance(version, int) else -1, (), reason=str(exc))
 
 
 @app.query("device")
