@@ -86,10 +86,12 @@ class CoreClient:
         descriptor = flight.FlightDescriptor.for_command(cmd.encode(request))
         with _translated(update=isinstance(request, cmd.PushDelta)):
             writer, reader = self._client.do_put(descriptor, table.schema, self._options)
-            with writer:
+            try:
                 writer.write_table(table)
                 writer.done_writing()
                 buf = reader.read()
+            finally:
+                writer.close()  # raises the server's error when it refused the call
         if buf is None:
             raise TransportError("core sent no result for the put")
         return json.loads(buf.to_pybytes())

@@ -58,9 +58,9 @@ def plain_push(location, token, delta, **body):
     writer, reader = client.do_put(desc, table.schema, opts(token))
     writer.write_table(table)
     writer.done_writing()
-    result = json.loads(reader.read().to_pybytes())
-    writer.close()
-    return result
+    buf = reader.read()
+    writer.close()  # raises the server's error, if it refused the call
+    return json.loads(buf.to_pybytes())
 
 
 def test_plain_client_reads_and_pushes(core):
