@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from hyprstream.core import commands as cmd
-from hyprstream.core.repository import ModelSettings
+from hyprstream.core.repository import ModelSettings, PushResult, Snapshot
 from hyprstream.config import to_dict
 from hyprstream.core.vector_clock import VectorClock, clocks_from_json
 from hyprstream.errors import AuthError, HyprstreamError, TransportError, UpdateRejected, ValidationError
-
-
-@dataclass(frozen=True)
-class Weights:
-    model: str
-    version: int
-    table: pa.Table
-    clocks: dict[str, VectorClock]
-
-
-@dataclass(frozen=True)
-class PushReceipt:
-    version: int
-    staleness: dict[str, int]
-    weight: float
-    update_norm: float
 
 
 class CoreClient:
@@ -56,7 +39,7 @@ class CoreClient:
         request = cmd.RegisterModel(model, c["consistency"], c["max_update_norm"])
         return int(self._put(request, table)["version"])
 
-    def get_weights(self, model: str, version: int | None = None, layers: Iterable[str] | None = None) -> Weights:
+    def get_weights(self, model: str, version: int | None = None, layers: Iterable[str] | None = None) -> Snapshot:
         ticket = flight.Ticket(cmd.encode(cmd.GetWeights(model, version, tuple(layers) if layers else None)))
         with _translated():
             table = self._client.do_get(ticket, self._options).read_all()
@@ -66,12 +49,12 @@ class CoreClient:
             clocks = clocks_from_json(json.loads(meta[cmd.META_CLOCKS.encode()]))
         except (KeyError, ValueError) as exc:
             raise TransportError(f"core answered without version metadata: {exc}") from None
-        return Weights(model, version_out, table.replace_schema_metadata(None), clocks)
+        return Snapshot(model, version_out, table.replace_schema_metadata(None), clocks)
 
     def push_delta(self, model: str, delta: pa.Table, *, fog: str, seq: int,
-                   base_clocks: Mapping[str, VectorClock], participants: int) -> PushReceipt:
+                   base_clocks: Mapping[str, VectorClock], participants: int) -> PushResult:
         r = self._put(cmd.PushDelta(model, fog, seq, dict(base_clocks), participants), delta)
-        return PushReceipt(int(r["version"]), dict(r["staleness"]), float(r["weight"]), float(r["update_norm"]))
+        return PushResult(int(r["version"]), dict(r["staleness"]), float(r["weight"]), float(r["update_norm"]))
 
     def head(self, model: str) -> dict[str, Any]:
         return self._action("head", {"model": model})

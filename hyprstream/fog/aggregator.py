@@ -17,7 +17,8 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from hyprstream.core.client import CoreClient, Weights
+from hyprstream.core.client import CoreClient
+from hyprstream.core.repository import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.fog.aggregate import UpdateMatrix
 from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
@@ -43,7 +44,7 @@ class RoundPlan:
 @dataclass
 class PendingRound:
     round: int
-    base: Weights
+    base: Snapshot
     layers: tuple[str, ...]
     message_ids: set[str]
     bytes_down: int
@@ -85,10 +86,10 @@ class FogAggregator:
         self.seed = seed
         self._seq = 0
 
-    def pull(self) -> Weights:
+    def pull(self) -> Snapshot:
         return self.core.get_weights(self.model)
 
-    def start_round(self, round_no: int, base: Weights | None = None) -> PendingRound:
+    def start_round(self, round_no: int, base: Snapshot | None = None) -> PendingRound:
         base = base if base is not None else self.pull()
         weights = lt.to_arrays(base.table)
         layers = self.plan.layers or tuple(lt.layers_in(base.table))
@@ -184,7 +185,7 @@ class FogAggregator:
             seconds=time.monotonic() - pending.started, delta=delta, reasons=tuple(reasons),
         )
 
-    def run_round(self, round_no: int, base: Weights | None = None) -> FogRound:
+    def run_round(self, round_no: int, base: Snapshot | None = None) -> FogRound:
         return self.finish_round(self.start_round(round_no, base))
 
 
