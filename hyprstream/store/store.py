@@ -57,29 +57,32 @@ def _wal_name(generation: int) -> str:
     return f"{generation:012d}.wal"
 
 
-@dataclass
 class _Buffered:
-    """Rows of one table that are in the write-ahead log but not yet in a segment."""
+    """Rows of one table that are in the write-ahead log but not yet in a segment, with running totals."""
 
-    parts: list[tuple[int, pa.Table]] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return sum(t.num_rows for _, t in self.parts)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for _, t in self.parts)
+    def __init__(self) -> None:
+        self.parts: list[tuple[int, pa.Table]] = []
+        self.rows = 0
+        self.nbytes = 0
 
     @property
     def last_seq(self) -> int:
         return self.parts[-1][0]
 
+    def add(self, seq: int, table: pa.Table) -> None:
+        self.parts.append((seq, table))
+        self.rows += table.num_rows
+        self.nbytes += table.nbytes
+
     def tables(self) -> list[pa.Table]:
         return [t for _, t in self.parts]
 
     def drop_through(self, seq: int) -> None:
-        self.parts = [(s, t) for s, t in self.parts if s > seq]
+        """Forget the rows of sequence numbers up to ``seq`` (now in segments)."""
+        if self.parts and self.parts[0][0] <= seq:
+            self.parts = [(s, t) for s, t in self.parts if s > seq]
+            self.rows = sum(t.num_rows for _, t in self.parts)
+            self.nbytes = sum(t.nbytes for _, t in self.parts)
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ class Store:
         self._vectors: dict[tuple[int, str], vector.Part] = {}
         self._last_seq = self._manifest.last_seq
         self._wal: wal.WalWriter | None = None
-        self._wal_seen = ("", 0)  # readers: (WAL file, offset up to which records were read)
+        # readers: (WAL file, offset up to which its records were read, highest sequence number read)
+        self._wal_seen: tuple[str, int, int] = ("", 0, 0)
 
     # ------------------------------------------------------------------ opening and closing
 
@@ -238,7 +242,11 @@ class Store:
                 return
             self._last_seq += 1
             meta = TableMeta(name=name, schema=schema, retention=retention, flushed_seq=self._last_seq)
-            self._commit(self._manifest.with_table(meta))
+            try:
+                self._commit(self._manifest.with_table(meta))
+            except BaseException:
+                self._last_seq -= 1
+                raise
             _log.info("table %s created", name)
 
     def drop_table(self, name: str) -> None:
@@ -273,7 +281,7 @@ class Store:
     def info(self, name: str) -> TableInfo:
         """Sizes and settings of table ``name``."""
         with self._lock:
-            self._refresh((name,))
+            self._refresh(())
             meta = self._meta(name)
             buf = self._buffered.get(name, _Buffered())
             return TableInfo(name=name, schema=meta.schema, retention=meta.retention,
@@ -306,12 +314,16 @@ class Store:
             buf = self._buffered.setdefault(name, _Buffered())
             if buf.nbytes + rows.nbytes >= self.config.segment_bytes:
                 self._last_seq = seq
-                self._write_segments({name: ([*buf.tables(), rows], seq)})
+                try:
+                    self._write_segments({name: ([*buf.tables(), rows], seq)})
+                except BaseException:
+                    self._last_seq = seq - 1
+                    raise
             else:
                 payload = wal.ipc_payload(rows)
                 self._wal.append(wal.encode_record(seq, name, payload, self._cipher))
                 self._last_seq = seq
-                buf.parts.append((seq, wal.decode_payload(payload)))
+                buf.add(seq, wal.decode_payload(payload))
                 if self._wal.size >= self.config.wal_max_bytes:
                     self._checkpoint()
             self._enforce_retention(name)
@@ -358,9 +370,7 @@ class Store:
 
     def read(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
         """Every acknowledged row of ``name`` still retained, in append order (zero-copy where possible)."""
-        parts = self._parts(name)
-        meta_schema = self.schema(name)
-        table = pa.concat_tables(parts) if parts else meta_schema.empty_table()
+        table = self._snapshot((name,))[name]
         if columns is not None:
             missing = [c for c in columns if c not in table.column_names]
             if missing:
@@ -369,9 +379,14 @@ class Store:
         return table
 
     def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
-        """Run a DuckDB SQL query in which every table of the store is visible by its name."""
-        names = self.tables()
-        return sql.run({n: self.read(n) for n in names}, query, params)
+        """Run a DuckDB SQL query in which every table of the store is visible by its name.
+
+        The tables are one consistent snapshot, scanned in place (no copy into DuckDB).
+        """
+        with self._lock:
+            self._refresh(())
+            names = list(self._manifest.tables)
+        return sql.run(self._snapshot(names), query, params)
 
     def search(
         self,
@@ -426,13 +441,17 @@ class Store:
             raise StoreError(f"{self.root}: no table {name!r}")
         return meta
 
-    def _parts(self, name: str) -> list[pa.Table]:
+    def _snapshot(self, names: Sequence[str]) -> dict[str, pa.Table]:
+        """The current rows of tables ``names``, from one consistent state of the store."""
         with self._lock:
-            self._refresh((name,))
-            meta = self._meta(name)
-            parts = [self._segment(s) for s in meta.segments]
-            parts += self._buffered.get(name, _Buffered()).tables()
-            return parts
+            self._refresh(names)
+            out = {}
+            for name in names:
+                meta = self._meta(name)
+                parts = [self._segment(s) for s in meta.segments]
+                parts += self._buffered[name].tables() if name in self._buffered else []
+                out[name] = pa.concat_tables(parts) if parts else meta.schema.empty_table()
+            return out
 
     def _segment(self, meta: SegmentMeta) -> pa.Table:
         table = self._cache.get(meta.id)
@@ -557,7 +576,7 @@ class Store:
             self._last_seq = max(self._last_seq, e.seq)
             meta = self._manifest.tables.get(e.table)
             if meta is not None and e.seq > meta.flushed_seq:
-                self._buffered.setdefault(e.table, _Buffered()).parts.append((e.seq, e.rows))
+                self._buffered.setdefault(e.table, _Buffered()).add(e.seq, e.rows)
 
     def _refresh(self, names: Iterable[str]) -> None:
         """Readers: pick up the latest manifest, the segments of ``names`` and new log records."""
@@ -565,25 +584,30 @@ class Store:
         if not self.readonly:
             return
         names = tuple(names)
-        last_error: FileNotFoundError | None = None
+        last_error = ""
         for _ in range(_READER_ATTEMPTS):
             m = manifests.load(self.root)
+            wal_file, offset, seen = self._wal_seen
+            fresh = wal_file != m.wal
+            if fresh:
+                wal_file, offset, seen = m.wal, 0, 0
             try:
                 for n in names:
                     if n in m.tables:
                         for s in m.tables[n].segments:
                             self._segment(s)
-                wal_file, offset = self._wal_seen
-                if wal_file != m.wal:
-                    wal_file, offset = m.wal, 0
-                    self._buffered.clear()
                 data = wal.read_from(self._waldir / wal_file, offset)
             except FileNotFoundError as exc:  # the writer moved on meanwhile: look again
-                last_error = exc
+                last_error = str(exc)
                 continue
             scan = wal.scan(data, offset=offset, cipher=self._cipher, source=str(self._waldir / wal_file))
+            if not _follows(scan.entries, max(m.last_seq, seen)):
+                last_error = "the log holds appends newer than the manifest read"
+                continue
+            if fresh:
+                self._buffered.clear()
             self._manifest = m
-            self._wal_seen = (wal_file, scan.end)
+            self._wal_seen = (wal_file, scan.end, max([seen, *(e.seq for e in scan.entries)]))
             self._replay(scan.entries)
             for name in list(self._buffered):
                 meta = m.tables.get(name)
@@ -598,6 +622,24 @@ class Store:
                 del self._vectors[key]
             return
         raise StoreError(f"{self.root}: the store changed too fast to read a consistent state ({last_error})")
+
+
+def _follows(entries: Sequence[wal.WalEntry], known: int) -> bool:
+    """Whether log ``entries`` leave no sequence number after ``known`` unaccounted for.
+
+    Every sequence number is used by one log record or by a manifest commit (a large append
+    written straight to a segment, a table creation). A reader that combines a manifest with the
+    log must therefore see the records after the manifest's ``last_seq`` without gaps; a gap means
+    a newer manifest was committed meanwhile, and the reader must read that one.
+    """
+    expected = known + 1
+    for e in entries:
+        if e.seq <= known:
+            continue
+        if e.seq != expected:
+            return False
+        expected += 1
+    return True
 
 
 def _merge_groups(segs: Sequence[SegmentMeta], target: int) -> list[list[SegmentMeta]]:

@@ -1,8 +1,9 @@
 """Exact nearest-neighbour search over an embedding column (``fixed_size_list<float32>``).
 
 The math is plain linear algebra on arrays: scores of a block of queries against a part's matrix
-are one BLAS matrix product, the best ``k`` per query one vectorised top-k, and the per-part winners
-are merged the same way. No Python loop runs per row or per query (only per block of queries).
+are one BLAS matrix product, the best ``k`` per query a vectorised two-pass selection
+(:func:`largest_k`), and the per-part winners are merged the same way. No Python loop runs per row
+or per query (only per part and block of queries).
 
 A :class:`Part` views an embedding column as an ``(n, d)`` float32 matrix without copying (one
 Arrow chunk) and keeps the inverse row norms for cosine scores, so that it can be cached per
@@ -23,6 +24,8 @@ import pyarrow.compute as pc
 from hyprstream.errors import ValidationError
 
 QUERY_BLOCK = 256
+CHUNK = 64
+MAX_SCORES = 1 << 24
 _ROW = "__hyprstream_row__"
 
 
@@ -80,14 +83,15 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np
     any_null = False
     for chunk in chunks:
         values = chunk.values.slice(chunk.offset * d, len(chunk) * d)
+        rows_valid = chunk.is_valid().to_numpy(zero_copy_only=False)
         if values.null_count:
-            raise ValidationError("an embedding vector holds a null component")
+            component_valid = values.is_valid().to_numpy(zero_copy_only=False).reshape(len(chunk), d)
+            if not component_valid[rows_valid].all():
+                raise ValidationError("an embedding vector holds a null component")
+            values = values.fill_null(0.0)
         mats.append(values.to_numpy(zero_copy_only=True).reshape(len(chunk), d))
-        if chunk.null_count:
-            any_null = True
-            valids.append(chunk.is_valid().to_numpy(zero_copy_only=False))
-        else:
-            valids.append(np.ones(len(chunk), dtype=bool))
+        any_null = any_null or bool(chunk.null_count)
+        valids.append(rows_valid)
     if not mats:
         return np.empty((0, d), np.float32), None
     matrix = mats[0] if len(mats) == 1 else np.concatenate(mats)
@@ -122,12 +126,34 @@ class TopK:
     scores: np.ndarray
 
 
-def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Largest ``k`` of each row of ``scores``, sorted descending: ``(values, column indices)``."""
-    import torch
+def largest_k(scores: np.ndarray, k: int, *, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest values of each row of ``scores`` (b, n), best first: ``(values, column indices)``.
 
-    values, idx = torch.topk(torch.from_numpy(scores), k, dim=1, largest=True, sorted=True)
-    return values.numpy(), idx.numpy()
+    Exact, in two vectorised passes. The first ``w * chunk`` columns (``w = n // chunk``) are split
+    into ``w`` groups, group ``j`` holding columns ``j, j + w, j + 2w, ...``, and each group's maximum
+    is taken (an element-wise maximum of ``chunk`` contiguous slices). The ``k`` largest values lie
+    in the ``k`` groups with the largest maxima (a group outside them is beaten by ``k`` group
+    maxima, so its values are beaten by ``k`` values), so only those groups' ``k * chunk`` columns,
+    plus the ``n - w * chunk`` left over, are partitioned.
+    """
+    b, n = scores.shape
+    k = min(k, n)
+    width = n // chunk
+    if k * chunk * 4 >= n:
+        idx = np.argpartition(scores, n - k, axis=1)[:, n - k :] if k < n else np.broadcast_to(np.arange(n), (b, n))
+    else:
+        maxima = scores[:, : width * chunk].reshape(b, chunk, width).max(axis=1)
+        best = np.argpartition(maxima, width - k, axis=1)[:, width - k :]
+        cand = (best[:, :, None] + np.arange(chunk) * width).reshape(b, k * chunk)
+        if width * chunk < n:
+            rest = np.broadcast_to(np.arange(width * chunk, n), (b, n - width * chunk))
+            cand = np.concatenate([cand, rest], axis=1)
+        values = np.take_along_axis(scores, cand, axis=1)
+        pick = np.argpartition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k :]
+        idx = np.take_along_axis(cand, pick, axis=1)
+    values = np.take_along_axis(scores, idx, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(values, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def top_k(
@@ -138,10 +164,13 @@ def top_k(
     *,
     mask: np.ndarray | None = None,
     block: int = QUERY_BLOCK,
+    max_scores: int = MAX_SCORES,
 ) -> TopK:
     """Exact top-``k`` rows over the concatenation of ``parts`` for each row of ``queries`` (b, d).
 
-    ``mask`` (bool over all rows) restricts the candidates.
+    ``mask`` (bool over all rows) restricts the candidates. For a block of queries, the scores
+    against every candidate row go into one reused ``(block, candidates)`` buffer (at most
+    ``max_scores`` floats), one matrix product per part, and one :func:`largest_k` picks the winners.
     """
     if k <= 0:
         raise ValidationError(f"k must be positive, got {k}")
@@ -149,40 +178,46 @@ def top_k(
     if metric is Metric.COSINE:
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms > 0, norms, 1.0).astype(np.float32)
-    best_scores: list[np.ndarray] = []
-    best_rows: list[np.ndarray] = []
-    offset = 0
+    pieces: list[tuple[np.ndarray, np.ndarray, int]] = []  # (matrix, inverse norms, first column)
+    row_of_column: list[np.ndarray] = []
+    offset = columns = 0
     for part in parts:
         n = part.rows
         keep = part.valid
         if mask is not None:
             sel = mask[offset : offset + n]
             keep = sel if keep is None else keep & sel
-        matrix, inv, rows = part.matrix, part.inv_norm, None
         if keep is not None and not keep.all():
             rows = np.flatnonzero(keep)
-            matrix, inv = matrix[rows], inv[rows]
-        m = matrix.shape[0]
-        if m:
-            kk = min(k, m)
-            scores = np.empty((b, kk), np.float32)
-            found = np.empty((b, kk), np.int64)
-            for start in range(0, b, block):
-                s = queries[start : start + block] @ matrix.T
-                if metric is Metric.COSINE:
-                    s *= inv
-                scores[start : start + block], found[start : start + block] = _topk(s, kk)
-            best_scores.append(scores)
-            best_rows.append((rows[found] if rows is not None else found) + offset)
+            matrix, inv = part.matrix[rows], part.inv_norm[rows]
+        else:
+            rows = np.arange(n)
+            matrix, inv = part.matrix, part.inv_norm
+        if len(rows):
+            pieces.append((matrix, inv, columns))
+            row_of_column.append(rows + offset)
+            columns += len(rows)
         offset += n
-    if not best_scores:
+    if columns == 0:
         return TopK(indices=np.empty((b, 0), np.int64), scores=np.empty((b, 0), np.float32))
-    if len(best_scores) == 1:
-        return TopK(indices=best_rows[0], scores=best_scores[0])
-    scores = np.concatenate(best_scores, axis=1)
-    rows = np.concatenate(best_rows, axis=1)
-    values, idx = _topk(scores, min(k, scores.shape[1]))
-    return TopK(indices=np.take_along_axis(rows, idx, axis=1), scores=values)
+    rows_of = np.concatenate(row_of_column)
+    k = min(k, columns)
+    step = max(1, min(block, max_scores // columns))
+    buffer = np.empty((min(b, step), columns), np.float32)
+    indices = np.empty((b, k), np.int64)
+    scores = np.empty((b, k), np.float32)
+    for start in range(0, b, step):
+        q = queries[start : start + step]
+        s = buffer[: len(q)]
+        for matrix, inv, first in pieces:
+            out = s[:, first : first + len(matrix)]
+            np.matmul(q, matrix.T, out=out)
+            if metric is Metric.COSINE:
+                out *= inv
+        values, idx = largest_k(s, k)
+        scores[start : start + step] = values
+        indices[start : start + step] = rows_of[idx]
+    return TopK(indices=indices, scores=scores)
 
 
 def filter_mask(table: pa.Table, expression: Any) -> np.ndarray:

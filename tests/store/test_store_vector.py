@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from hyprstream.errors import ValidationError
-from hyprstream.store import Metric, Store, StoreConfig
+from hyprstream.store import Metric, Store
 from hyprstream.store import vector
 
 DIM = 16
@@ -83,12 +83,14 @@ def store_with_vectors(tmp_path: Path):
     rng = np.random.default_rng(3)
     matrix = rng.standard_normal((600, DIM)).astype(np.float32)
     kinds = np.array(["even", "odd"])[np.arange(600) % 2]
-    with Store.open(tmp_path / "s", create=True, config=StoreConfig(segment_bytes=20_000)) as s:
+    with Store.open(tmp_path / "s", create=True) as s:
         s.create_table("docs", SCHEMA)
         for lo in range(0, 600, 50):
             s.append("docs", pa.table({"id": np.arange(lo, lo + 50), "kind": kinds[lo:lo + 50],
                                        "emb": embeddings(matrix[lo:lo + 50])}, schema=SCHEMA))
-        assert s.info("docs").segments > 1 and s.info("docs").buffered_rows > 0
+            if lo in (200, 400):
+                s.flush()
+        assert s.info("docs").segments == 2 and s.info("docs").buffered_rows == 150
         yield s, matrix
 
 
@@ -131,3 +133,18 @@ def test_store_search_skips_null_embeddings_and_checks_column(tmp_path: Path) ->
             s.search("docs", "kind", np.ones(DIM))
         with pytest.raises(ValidationError, match="filter"):
             s.search("docs", "emb", np.ones(DIM), filter="kind = 'a'")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("n", "k", "chunk"), [(1, 1, 64), (5, 10, 64), (100, 3, 4), (1000, 10, 64), (1037, 7, 16),
+                                               (5000, 1, 64), (4096, 16, 64)])
+def test_largest_k_equals_a_full_sort(n: int, k: int, chunk: int) -> None:
+    rng = np.random.default_rng(n + k)
+    scores = rng.standard_normal((9, n)).astype(np.float32)
+    scores[0] = np.round(scores[0])  # many ties
+    values, idx = vector.largest_k(scores, k, chunk=chunk)
+    kk = min(k, n)
+    assert values.shape == idx.shape == (9, kk)
+    assert np.array_equal(values, -np.sort(-scores, axis=1)[:, :kk])
+    assert np.array_equal(np.take_along_axis(scores, idx, axis=1), values)
+    assert all(len(set(row)) == kk for row in idx.tolist())
