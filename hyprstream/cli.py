@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.set_defaults(func=_cmd_config_validate)
 
+    from hyprstream.store.cli import add_parser as add_store_parser
+
+    add_store_parser(sub)
+
     p = sub.add_parser("simulate", help="run a simulated fleet experiment",
                        description="Run an experiment on Flower's simulation engine with a real core Flight "
                                    "server and fog loops in this process. Writes metrics.parquet, report.md "

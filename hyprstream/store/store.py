@@ -25,8 +25,9 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -165,12 +166,12 @@ class Store:
             if not create:
                 raise StoreError(f"{root}: no store here (directory does not exist)")
             root.mkdir(parents=True, exist_ok=True)
+        marker = root / MARKER_FILE
+        if not marker.exists() and not create:
+            raise StoreError(f"{root}: not a hyprstream store (no {MARKER_FILE} file)")
         lock_fd = None if readonly else _acquire_lock(root)
         try:
-            marker = root / MARKER_FILE
             if not marker.exists():
-                if not create:
-                    raise StoreError(f"{root}: not a hyprstream store (no {MARKER_FILE} file)")
                 _initialise(root, cipher, config)
             _check_marker(root, cipher)
             store = cls(root, readonly=readonly, config=config, cipher=cipher, lock_fd=lock_fd)
@@ -383,10 +384,7 @@ class Store:
 
         The tables are one consistent snapshot, scanned in place (no copy into DuckDB).
         """
-        with self._lock:
-            self._refresh(())
-            names = list(self._manifest.tables)
-        return sql.run(self._snapshot(names), query, params)
+        return sql.run(self._snapshot(None), query, params)
 
     def search(
         self,
@@ -396,17 +394,21 @@ class Store:
         *,
         k: int = 10,
         metric: vector.Metric | str = vector.Metric.COSINE,
-        filter: Any = None,
+        where: Any = None,
         columns: Sequence[str] = (),
     ) -> pa.Table:
         """Exact top-``k`` rows of ``name`` by similarity of ``column`` to each query vector.
 
         ``queries`` is one vector ``(d,)`` or a batch ``(b, d)``; ``metric`` is cosine or inner
-        product; ``filter`` is an optional ``pyarrow.compute`` expression the rows must satisfy.
+        product; ``where`` is an optional ``pyarrow.compute`` expression the rows must satisfy.
         Returns a table with ``query``, ``rank``, ``row`` (position in :meth:`read` order),
-        ``score`` and the requested ``columns``, best first per query.
+        ``score`` and the requested ``columns``, best first per query. Cosine search keeps a
+        row-normalised copy of the column in memory (per segment, dropped with the segment).
         """
-        metric = vector.Metric(metric)
+        try:
+            metric = vector.Metric(metric)
+        except ValueError:
+            raise ValidationError(f"unknown metric {metric!r}; use one of {[m.value for m in vector.Metric]}") from None
         with self._lock:
             self._refresh((name,))
             meta = self._meta(name)
@@ -420,7 +422,7 @@ class Store:
             parts += [vector.Part.build(t.column(column)) for t in buf_tables]
             tables = [t for _, t in seg_parts] + buf_tables
         table = pa.concat_tables(tables) if tables else meta.schema.empty_table()
-        mask = vector.filter_mask(table, filter) if filter is not None else None
+        mask = vector.filter_mask(table, where) if where is not None else None
         found = vector.top_k(parts, vector.as_queries(queries, field_.type.list_size), k, metric, mask=mask)
         return vector.result_table(found, table, columns)
 
@@ -441,12 +443,12 @@ class Store:
             raise StoreError(f"{self.root}: no table {name!r}")
         return meta
 
-    def _snapshot(self, names: Sequence[str]) -> dict[str, pa.Table]:
-        """The current rows of tables ``names``, from one consistent state of the store."""
+    def _snapshot(self, names: Sequence[str] | None) -> dict[str, pa.Table]:
+        """The current rows of tables ``names`` (None: all), from one consistent state of the store."""
         with self._lock:
             self._refresh(names)
             out = {}
-            for name in names:
+            for name in names if names is not None else list(self._manifest.tables):
                 meta = self._meta(name)
                 parts = [self._segment(s) for s in meta.segments]
                 parts += self._buffered[name].tables() if name in self._buffered else []
@@ -578,31 +580,33 @@ class Store:
             if meta is not None and e.seq > meta.flushed_seq:
                 self._buffered.setdefault(e.table, _Buffered()).add(e.seq, e.rows)
 
-    def _refresh(self, names: Iterable[str]) -> None:
-        """Readers: pick up the latest manifest, the segments of ``names`` and new log records."""
+    def _refresh(self, names: Iterable[str] | None) -> None:
+        """Readers: pick up the latest manifest, the segments of ``names`` (None: all) and new log records."""
         self._check_open()
         if not self.readonly:
             return
-        names = tuple(names)
+        wanted = tuple(names) if names is not None else None
         last_error = ""
-        for _ in range(_READER_ATTEMPTS):
+        for attempt in range(_READER_ATTEMPTS):
             m = manifests.load(self.root)
             wal_file, offset, seen = self._wal_seen
             fresh = wal_file != m.wal
             if fresh:
                 wal_file, offset, seen = m.wal, 0, 0
             try:
-                for n in names:
+                for n in wanted if wanted is not None else m.tables:
                     if n in m.tables:
                         for s in m.tables[n].segments:
                             self._segment(s)
                 data = wal.read_from(self._waldir / wal_file, offset)
             except FileNotFoundError as exc:  # the writer moved on meanwhile: look again
                 last_error = str(exc)
+                time.sleep(min(0.05, 1e-4 * 2**attempt))
                 continue
             scan = wal.scan(data, offset=offset, cipher=self._cipher, source=str(self._waldir / wal_file))
             if not _follows(scan.entries, max(m.last_seq, seen)):
                 last_error = "the log holds appends newer than the manifest read"
+                time.sleep(min(0.05, 1e-4 * 2**attempt))
                 continue
             if fresh:
                 self._buffered.clear()
@@ -674,7 +678,18 @@ def _acquire_lock(root: Path) -> int:
 
 
 def _initialise(root: Path, cipher: Cipher | None, config: StoreConfig) -> None:
-    """Lay out a new store in ``root`` (the writer lock is held); the marker is written last."""
+    """Lay out a new store in ``root`` (the writer lock is held); the marker is written last.
+
+    A manifest without a marker is the trace of an interrupted creation, redone here, unless it
+    lists tables: then the marker was removed from a store in use, and nothing is overwritten.
+    """
+    if (root / manifests.MANIFEST_FILE).exists():
+        try:
+            tables = manifests.load(root).tables
+        except StoreError:
+            tables = {}
+        if tables:
+            raise StoreError(f"{root}: holds a manifest with tables but no {MARKER_FILE} file; not overwriting it")
     (root / segments.SEGMENT_DIR).mkdir(exist_ok=True)
     (root / WAL_DIR).mkdir(exist_ok=True)
     manifests.save(root, Manifest(wal=_wal_name(1)), sync=config.sync)

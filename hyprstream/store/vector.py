@@ -1,18 +1,19 @@
 """Exact nearest-neighbour search over an embedding column (``fixed_size_list<float32>``).
 
-The math is plain linear algebra on arrays: scores of a block of queries against a part's matrix
-are one BLAS matrix product, the best ``k`` per query a vectorised two-pass selection
-(:func:`largest_k`), and the per-part winners are merged the same way. No Python loop runs per row
-or per query (only per part and block of queries).
+The math is plain linear algebra on arrays: the scores of a block of queries against each part's
+matrix are one BLAS matrix product each, written side by side into one buffer, and the best ``k``
+per query come from one vectorised two-pass selection over it (:func:`largest_k`). No Python loop
+runs per row or per query (only per part and block of queries).
 
 A :class:`Part` views an embedding column as an ``(n, d)`` float32 matrix without copying (one
-Arrow chunk) and keeps the inverse row norms for cosine scores, so that it can be cached per
+Arrow chunk) and, once a cosine search asks for it, keeps a row-normalised copy; it is cached per
 immutable segment.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ MAX_SCORES = 1 << 24
 _ROW = "__hyprstream_row__"
 
 
-class Metric(str, enum.Enum):
+class Metric(enum.StrEnum):
     """Similarity of two vectors; larger is closer."""
 
     COSINE = "cosine"
@@ -44,29 +45,32 @@ def check_embedding_type(name: str, type_: pa.DataType) -> None:
 
 @dataclass(frozen=True)
 class Part:
-    """Embeddings of consecutive rows: ``matrix`` (n, d), ``inv_norm`` (n,), ``valid`` rows (or None: all)."""
+    """Embeddings of consecutive rows: ``matrix`` (n, d) and the ``valid`` rows (None: all).
+
+    ``unit`` (built on first use, then kept) is the matrix with every row scaled to length 1 (zero
+    rows stay zero): cosine scores are its inner products with unit queries, so a cosine search
+    costs what an inner-product search does, for one float32 copy of the embeddings.
+    """
 
     matrix: np.ndarray
-    inv_norm: np.ndarray
     valid: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
         return self.matrix.shape[0]
 
-    @classmethod
-    def from_matrix(cls, matrix: np.ndarray, valid: np.ndarray | None = None) -> Part:
-        """A part over ``matrix`` (not copied); zero rows get inverse norm 0."""
-        norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float32))
+    @functools.cached_property
+    def unit(self) -> np.ndarray:
+        norms = np.sqrt(np.einsum("ij,ij->i", self.matrix, self.matrix, dtype=np.float32))
         with np.errstate(divide="ignore"):
             inv = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
-        return cls(matrix=matrix, inv_norm=inv, valid=valid)
+        return self.matrix * inv[:, None]
 
     @classmethod
     def build(cls, column: pa.ChunkedArray | pa.Array) -> Part:
         """A part over an embedding column; zero-copy when the column is one chunk."""
         matrix, valid = embedding_matrix(column)
-        return cls.from_matrix(matrix, valid)
+        return cls(matrix=matrix, valid=valid)
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
@@ -178,8 +182,8 @@ def top_k(
     if metric is Metric.COSINE:
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms > 0, norms, 1.0).astype(np.float32)
-    pieces: list[tuple[np.ndarray, np.ndarray, int]] = []  # (matrix, inverse norms, first column)
-    row_of_column: list[np.ndarray] = []
+    pieces: list[tuple[np.ndarray, int]] = []  # (matrix, first column)
+    spans: list[tuple[np.ndarray | None, int, int]] = []  # (rows kept or None: all, offset, part rows)
     offset = columns = 0
     for part in parts:
         n = part.rows
@@ -187,20 +191,22 @@ def top_k(
         if mask is not None:
             sel = mask[offset : offset + n]
             keep = sel if keep is None else keep & sel
+        matrix = part.unit if metric is Metric.COSINE else part.matrix
+        rows = None
         if keep is not None and not keep.all():
             rows = np.flatnonzero(keep)
-            matrix, inv = part.matrix[rows], part.inv_norm[rows]
-        else:
-            rows = np.arange(n)
-            matrix, inv = part.matrix, part.inv_norm
-        if len(rows):
-            pieces.append((matrix, inv, columns))
-            row_of_column.append(rows + offset)
-            columns += len(rows)
+            matrix = matrix[rows]
+        if len(matrix):
+            pieces.append((matrix, columns))
+            spans.append((rows, offset, n))
+            columns += len(matrix)
         offset += n
     if columns == 0:
         return TopK(indices=np.empty((b, 0), np.int64), scores=np.empty((b, 0), np.float32))
-    rows_of = np.concatenate(row_of_column)
+    # with every row a candidate, score column i is row i: no mapping needed
+    rows_of = None
+    if columns < offset:
+        rows_of = np.concatenate([r + o if r is not None else np.arange(o, o + n) for r, o, n in spans])
     k = min(k, columns)
     step = max(1, min(block, max_scores // columns))
     buffer = np.empty((min(b, step), columns), np.float32)
@@ -209,14 +215,11 @@ def top_k(
     for start in range(0, b, step):
         q = queries[start : start + step]
         s = buffer[: len(q)]
-        for matrix, inv, first in pieces:
-            out = s[:, first : first + len(matrix)]
-            np.matmul(q, matrix.T, out=out)
-            if metric is Metric.COSINE:
-                out *= inv
+        for matrix, first in pieces:
+            np.matmul(q, matrix.T, out=s[:, first : first + len(matrix)])
         values, idx = largest_k(s, k)
         scores[start : start + step] = values
-        indices[start : start + step] = rows_of[idx]
+        indices[start : start + step] = rows_of[idx] if rows_of is not None else idx
     return TopK(indices=indices, scores=scores)
 
 

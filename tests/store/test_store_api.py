@@ -41,9 +41,18 @@ def test_open_missing_directory_raises(tmp_path: Path) -> None:
         Store.open(tmp_path / "nope")
 
 
-def test_open_directory_that_is_not_a_store_raises(tmp_path: Path) -> None:
+def test_open_directory_that_is_not_a_store_raises_and_leaves_it_alone(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not a hyprstream store"):
         Store.open(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_create_does_not_overwrite_a_store_whose_marker_was_removed(store: Store) -> None:
+    store.append("samples", rows(0, 3))
+    store.close()
+    (store.root / "STORE").unlink()
+    with pytest.raises(StoreError, match="manifest with tables but no STORE file"):
+        Store.open(store.root, create=True)
 
 
 def test_create_makes_missing_parents(tmp_path: Path) -> None:

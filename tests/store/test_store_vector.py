@@ -38,7 +38,7 @@ def test_top_k_matches_brute_force_across_parts(metric: Metric) -> None:
     rng = np.random.default_rng(1)
     matrix = rng.standard_normal((1000, DIM)).astype(np.float32)
     queries = rng.standard_normal((37, DIM)).astype(np.float32)
-    parts = [vector.Part.from_matrix(matrix[a:b]) for a, b in ((0, 300), (300, 301), (301, 1000))]
+    parts = [vector.Part(matrix[a:b]) for a, b in ((0, 300), (300, 301), (301, 1000))]
     found = vector.top_k(parts, queries, 10, metric, block=8)
     want_idx, want_scores = brute(matrix, queries, 10, metric)
     assert np.array_equal(found.indices, want_idx)
@@ -49,11 +49,11 @@ def test_top_k_matches_brute_force_across_parts(metric: Metric) -> None:
 def test_top_k_with_mask_and_fewer_candidates_than_k() -> None:
     matrix = np.eye(4, DIM, dtype=np.float32) * np.array([[1], [2], [3], [4]], dtype=np.float32)
     q = np.ones((1, DIM), np.float32)
-    found = vector.top_k([vector.Part.from_matrix(matrix)], q, 10, Metric.INNER_PRODUCT,
+    found = vector.top_k([vector.Part(matrix)], q, 10, Metric.INNER_PRODUCT,
                          mask=np.array([True, False, True, False]))
     assert found.indices.tolist() == [[2, 0]]
     assert found.scores.tolist() == [[3.0, 1.0]]
-    assert vector.top_k([vector.Part.from_matrix(matrix)], q, 3, Metric.COSINE,
+    assert vector.top_k([vector.Part(matrix)], q, 3, Metric.COSINE,
                         mask=np.zeros(4, bool)).indices.shape == (1, 0)
 
 
@@ -112,7 +112,7 @@ def test_store_search_matches_brute_force(store_with_vectors, metric: str) -> No
 def test_store_search_single_query_with_filter(store_with_vectors) -> None:
     s, matrix = store_with_vectors
     q = matrix[11] + 0.01
-    got = s.search("docs", "emb", q, k=5, filter=pc.field("kind") == "odd", columns=["id", "kind"])
+    got = s.search("docs", "emb", q, k=5, where=pc.field("kind") == "odd", columns=["id", "kind"])
     odd = np.flatnonzero(np.arange(600) % 2 == 1)
     want_idx, _ = brute(matrix[odd], q[None, :], 5, Metric.COSINE)
     assert got.column("id").to_pylist() == odd[want_idx[0]].tolist()
@@ -131,8 +131,10 @@ def test_store_search_skips_null_embeddings_and_checks_column(tmp_path: Path) ->
         assert got.column("score").to_pylist() == [16.0, 8.0]
         with pytest.raises(ValidationError, match="fixed_size_list<float32>"):
             s.search("docs", "kind", np.ones(DIM))
+        with pytest.raises(ValidationError, match="unknown metric 'l2'"):
+            s.search("docs", "emb", np.ones(DIM), metric="l2")
         with pytest.raises(ValidationError, match="filter"):
-            s.search("docs", "emb", np.ones(DIM), filter="kind = 'a'")
+            s.search("docs", "emb", np.ones(DIM), where="kind = 'a'")
 
 
 @pytest.mark.unit
@@ -148,3 +150,10 @@ def test_largest_k_equals_a_full_sort(n: int, k: int, chunk: int) -> None:
     assert np.array_equal(values, -np.sort(-scores, axis=1)[:, :kk])
     assert np.array_equal(np.take_along_axis(scores, idx, axis=1), values)
     assert all(len(set(row)) == kk for row in idx.tolist())
+
+
+@pytest.mark.unit
+def test_unit_rows_have_length_one_and_zero_rows_stay_zero() -> None:
+    part = vector.Part(np.array([[3.0, 4.0], [0.0, 0.0]], np.float32))
+    assert np.allclose(part.unit, [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
+    assert part.unit is part.unit  # built once
