@@ -139,5 +139,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    """``hyprstream-agent ARGS`` is ``hyprstream agent ARGS``."""
+    return main(["agent", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -16,12 +16,21 @@ setup() {
     fi
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     local stamp="$VENV/.hyprstream-setup"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "scripts/dev.sh" -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
         # The CPU build of torch 2.13.0 first, so that nothing pulls a multi-GB CUDA build.
         "$VENV/bin/python" -m pip install -q torch==2.13.0
-        "$VENV/bin/python" -m pip install -q -e ".[dev,onnx,dp,mqtt]"
+        "$VENV/bin/python" -m pip install -q -e ".[dev,onnx,dp,mqtt,text]"
         touch "$stamp"
+    fi
+    # The MQTT tests start their own mosquitto broker on loopback.
+    if ! command -v mosquitto >/dev/null 2>&1 && [ -e /usr/sbin/mosquitto ]; then export PATH="$PATH:/usr/sbin"; fi
+    if ! command -v mosquitto >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients
+        else
+            echo "mosquitto is not installed (apt-get install mosquitto mosquitto-clients): MQTT tests will fail" >&2
+        fi
     fi
 }
 
