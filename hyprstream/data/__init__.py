@@ -1,0 +1,1 @@
+"""Reference data sets that ship with Hyprstream (small, offline)."""
