@@ -54,7 +54,8 @@ def to_table(
         a = np.asarray(arr)
         if a.dtype.name not in SUPPORTED_DTYPES:
             raise ValidationError(f"parameter {name!r}: unsupported dtype {a.dtype.name}")
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+        a = np.require(a, dtype=a.dtype.newbyteorder("<"), requirements="C")
         layers.append(layer(name))
         names.append(name)
         dtypes.append(a.dtype.name)

@@ -66,3 +66,17 @@ def test_unsupported_dtype_is_refused() -> None:
 def test_empty_table_gives_no_tensors() -> None:
     assert to_tensors(to_table({})) == {}
     assert isinstance(from_tensors({}), pa.Table)
+
+
+def test_scalar_and_big_endian_arrays_round_trip() -> None:
+    from hyprstream.store import to_arrays
+
+    arrays = {"bn.num_batches_tracked": np.array(7, dtype=np.int64), "bn.scale": np.array(0.5, np.float32),
+              "fc.weight": np.arange(6, dtype=">f4").reshape(2, 3)}
+    back = to_arrays(to_table(arrays))
+    assert back["bn.num_batches_tracked"].shape == () and int(back["bn.num_batches_tracked"]) == 7
+    assert back["bn.scale"].shape == () and float(back["bn.scale"]) == 0.5
+    np.testing.assert_array_equal(back["fc.weight"], arrays["fc.weight"])
+    assert back["fc.weight"].dtype == np.dtype("<f4")
+    tensors = to_tensors(to_table({"s": np.array(2.0, np.float32)}))
+    assert tensors["s"].shape == torch.Size([]) and float(tensors["s"]) == 2.0

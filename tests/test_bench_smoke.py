@@ -1,0 +1,23 @@
+"""Every benchmark still runs (small sizes): its figures and correctness checks, not its speed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick_run(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+                          timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, "a benchmark ends with one 'RESULT {json}' line"
+    assert isinstance(json.loads(result[-1].removeprefix("RESULT ")), dict)
