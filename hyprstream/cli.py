@@ -56,12 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_parser(sub)
 
-    p = sub.add_parser("simulate", help="run a simulated fleet experiment",
+    p = sub.add_parser("simulate", help="run a simulated fleet experiment, or compare two runs",
                        description="Run an experiment on Flower's simulation engine with a real core Flight "
                                    "server and fog loops in this process. Writes metrics.parquet, report.md "
-                                   "and plots into --out.")
+                                   "and plots into --out. 'hyprstream simulate compare RUN_A RUN_B' puts two "
+                                   "finished runs side by side.",
+                       usage="hyprstream simulate [EXPERIMENT] [options]\n"
+                             "       hyprstream simulate compare RUN_A RUN_B [--out DIR]")
     p.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT,
                    help="experiment TOML file, or the name of one in simulations/ (default: %(default)s)")
+    p.add_argument("runs", nargs="*", metavar="RUN", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true",
+                   help="reduced size for smoke runs: at most 2 global steps, 3 agents per fog, 10 local steps")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<timestamp>)")
     p.add_argument("--global-steps", type=int, default=None, help="override training.global_steps")
     p.add_argument("--quiet", action="store_true", help="no progress display or per-step table")
@@ -124,10 +130,21 @@ def resolve_experiment(name: str) -> Path:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from hyprstream.sim.experiment import load_experiment
+    from hyprstream.sim.experiment import load_experiment, reduced
 
+    if args.experiment == "compare":
+        from hyprstream.sim.compare import compare_runs
+
+        if len(args.runs) != 2:
+            raise ConfigError("usage: hyprstream simulate compare RUN_A RUN_B", source="simulate compare")
+        print(compare_runs(Path(args.runs[0]), Path(args.runs[1]), out=args.out))
+        return 0
+    if args.runs:
+        raise ConfigError(f"unexpected arguments {args.runs}", source="simulate")
     path = resolve_experiment(args.experiment)
     exp = load_experiment(path)
+    if args.quick:
+        exp = reduced(exp)
     if args.global_steps is not None:
         if args.global_steps < 1:
             raise ConfigError("must be >= 1", source="--global-steps")

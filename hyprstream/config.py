@@ -39,7 +39,8 @@ def setting(
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
     if isinstance(default, (dict, list)):
         raise TypeError("mutable defaults: use a tuple or a default_factory dataclass")
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) or getattr(type(default), "__hash__", None) is None:
+        # read-only but unhashable defaults (nested configs, MappingProxyType) are shared, not copied
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 

@@ -47,6 +47,7 @@ class PendingRound:
     base: Snapshot
     layers: tuple[str, ...]
     message_ids: set[str]
+    nodes: tuple[int, ...]
     bytes_down: int
     started: float
 
@@ -70,6 +71,9 @@ class FogRound:
     seconds: float
     delta: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     reasons: tuple[str, ...] = ()
+    nodes: tuple[int, ...] = ()  # agents asked to train
+    contributors: tuple[int, ...] = ()  # agents whose updates were aggregated
+    uplink: dict[int, int] = field(default_factory=dict)  # payload bytes received, per agent
 
 
 class FogAggregator:
@@ -89,13 +93,21 @@ class FogAggregator:
     def pull(self) -> Snapshot:
         return self.core.get_weights(self.model)
 
-    def start_round(self, round_no: int, base: Snapshot | None = None) -> PendingRound:
+    def start_round(self, round_no: int, base: Snapshot | None = None,
+                    nodes: Sequence[int] | None = None) -> PendingRound:
+        """Send train requests to ``nodes`` (default: all of this fog's agents)."""
         base = base if base is not None else self.pull()
+        nodes = tuple(self.node_ids if nodes is None else nodes)
+        unknown = set(nodes) - set(self.node_ids)
+        if unknown:
+            raise ValidationError(f"fog {self.name!r} has no agents {sorted(unknown)}")
         weights = lt.to_arrays(base.table)
         layers = self.plan.layers or tuple(lt.layers_in(base.table))
         messages = []
         bytes_down = 0
-        for i, node in enumerate(self.node_ids):
+        index = {node: i for i, node in enumerate(self.node_ids)}
+        for node in nodes:
+            i = index[node]
             request = TrainRequest(
                 model=self.model, model_version=base.version, task=self.plan.task, layers=layers,
                 local_steps=self.plan.local_steps, batch_size=self.plan.batch_size, lr=self.plan.lr,
@@ -104,10 +116,10 @@ class FogAggregator:
             bytes_down += request.payload_bytes()
             messages.append(Message(request.to_content(), dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE,
                                     group_id=f"{self.name}/round-{round_no}"))
-        ids = set(self.grid.push_messages(messages))
+        ids = set(self.grid.push_messages(messages)) if messages else set()
         log.info("fog %s round %d: sent layers %s of version %d to %d agents",
                  self.name, round_no, list(layers), base.version, len(ids))
-        return PendingRound(round_no, base, layers, ids, bytes_down, time.monotonic())
+        return PendingRound(round_no, base, layers, ids, nodes, bytes_down, time.monotonic())
 
     def collect(self, pending: PendingRound, poll_s: float = 0.05) -> list[Message]:
         """Replies for ``pending`` until all have arrived or the round's timeout passes."""
@@ -133,12 +145,14 @@ class FogAggregator:
         trained = lt.select_layers(base.table, pending.layers)
         shapes = dict(zip(trained.column("name").to_pylist(),
                           (tuple(s) for s in trained.column("shape").to_pylist()), strict=True))
-        matrix = UpdateMatrix(shapes, capacity=len(self.node_ids))
+        matrix = UpdateMatrix(shapes, capacity=max(1, len(pending.nodes)))
         declined = refused = 0
         failed = len(pending.message_ids) - len(replies)
         bytes_up = 0
         losses: list[tuple[float, int]] = []
         reasons: list[str] = []
+        contributors: list[int] = []
+        uplink: dict[int, int] = {}
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -147,6 +161,7 @@ class FogAggregator:
             try:
                 reply = TrainReply.from_content(msg.content)
                 bytes_up += reply.payload_bytes()
+                uplink[msg.metadata.src_node_id] = reply.payload_bytes()
                 if reply.status is ReplyStatus.DECLINED:
                     declined += 1
                     reasons.append(f"declined: {reply.reason}")
@@ -155,6 +170,7 @@ class FogAggregator:
                     raise ValidationError(f"reply for version {reply.model_version}, expected {base.version}")
                 matrix.add(reply.delta, weight=reply.num_examples, max_norm=self.plan.max_update_norm)
                 losses.append((reply.train_loss, reply.num_examples))
+                contributors.append(msg.metadata.src_node_id)
             except ValidationError as exc:
                 refused += 1
                 reasons.append(f"refused: {exc}")
@@ -183,10 +199,12 @@ class FogAggregator:
             layers=pending.layers, participants=matrix.count, declined=declined, refused=refused,
             failed=failed, bytes_up=bytes_up, bytes_down=pending.bytes_down, train_loss=loss,
             seconds=time.monotonic() - pending.started, delta=delta, reasons=tuple(reasons),
+            nodes=pending.nodes, contributors=tuple(contributors), uplink=uplink,
         )
 
-    def run_round(self, round_no: int, base: Snapshot | None = None) -> FogRound:
-        return self.finish_round(self.start_round(round_no, base))
+    def run_round(self, round_no: int, base: Snapshot | None = None,
+                  nodes: Sequence[int] | None = None) -> FogRound:
+        return self.finish_round(self.start_round(round_no, base, nodes))
 
 
 def _layer_lookup(table):

@@ -18,7 +18,7 @@ def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = 
     console = Console(stderr=False, quiet=quiet)
     console.print(f"[bold]hyprstream simulate[/] {exp.name} ({source}): {exp.fleet.fogs} fogs x "
                   f"{exp.fleet.agents_per_fog} agents, {exp.training.global_steps} global steps -> {out}")
-    header = f"{'step':>4} {'version':>7} {'accuracy':>8} {'loss':>7} {'agents':>6} {'up KB':>9} {'down KB':>9} {'wall s':>7}"
+    header = f"{'step':>4} {'version':>7} {'accuracy':>8} {'loss':>7} {'agents':>6} {'up KB':>9} {'down KB':>9} {'sim s':>8} {'wall s':>7}"
     started = time.monotonic()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as progress:
@@ -28,7 +28,7 @@ def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = 
         def on_step(step, rounds, row, core) -> None:
             progress.console.print(
                 f"{step:>4} {row.version:>7} {row.accuracy:>8.4f} {row.loss:>7.4f} {row.participants:>6} "
-                f"{row.bytes_up / 1024:>9.1f} {row.bytes_down / 1024:>9.1f} {row.wall_s:>7.1f}")
+                f"{row.bytes_up / 1024:>9.1f} {row.bytes_down / 1024:>9.1f} {row.sim_s:>8.1f} {row.wall_s:>7.1f}")
             for r in rounds:
                 if r.reasons:
                     progress.console.print(f"     {r.fog}: {len(r.reasons)} problem(s), first: {r.reasons[0]}")

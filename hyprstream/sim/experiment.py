@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from hyprstream.config import Checked, load, read_toml, setting
 from hyprstream.core.consistency import ConsistencyPolicy
@@ -29,9 +31,28 @@ class PartitionSection(Checked):
 
 
 @dataclass(frozen=True)
-class FleetSection:
+class FleetSection(Checked):
     fogs: int = setting(2, ge=1, le=1000)
     agents_per_fog: int = setting(5, ge=1, le=10000)
+    # device profiles (firmware-configs/<name>.toml) and the share of agents that has each
+    profiles: Mapping[str, float] = setting(MappingProxyType({"x86-gateway": 1.0}))
+
+    def check(self):
+        if not self.profiles:
+            yield "profiles", "name at least one device profile"
+        for name, share in self.profiles.items():
+            if not share >= 0:
+                yield f"profiles.{name}", f"share must be >= 0, got {share}"
+        if sum(self.profiles.values()) <= 0:
+            yield "profiles", "shares must sum to more than 0"
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    """The fog-to-core link (agent-to-fog links come from each device profile)."""
+
+    fog_core_mbps: float = setting(1000.0, gt=0.0)
+    fog_core_latency_ms: float = setting(10.0, ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class Experiment(Checked):
     task: TaskSection = field(default_factory=TaskSection)
     partition: PartitionSection = field(default_factory=PartitionSection)
     fleet: FleetSection = field(default_factory=FleetSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     core: CoreSection = field(default_factory=CoreSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
@@ -80,6 +102,27 @@ class Experiment(Checked):
             yield "task.name", f"unknown task {self.task.name!r} (known: {', '.join(task_names())})"
         if self.training.min_replies > self.fleet.agents_per_fog:
             yield "training.min_replies", "is larger than fleet.agents_per_fog"
+        from hyprstream.sim.fleet import resolve_profile
+
+        for name in self.fleet.profiles:
+            try:
+                resolve_profile(name)
+            except ConfigError as exc:
+                yield f"fleet.profiles.{name}", exc.reason
+
+
+def reduced(exp: Experiment) -> Experiment:
+    """The same experiment at smoke-test size (CI): few steps, few agents, short local training."""
+    from dataclasses import replace
+
+    agents = min(exp.fleet.agents_per_fog, 3)
+    return replace(
+        exp,
+        fleet=replace(exp.fleet, agents_per_fog=agents),
+        training=replace(exp.training, global_steps=min(exp.training.global_steps, 2),
+                         local_steps=min(exp.training.local_steps, 10),
+                         min_replies=min(exp.training.min_replies, agents)),
+    )
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -31,6 +31,7 @@ from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.protocol import DEVICE_QUERY_TYPE, DeviceInfo
 from hyprstream.sim import partition
 from hyprstream.sim.experiment import Experiment, PartitionScheme
+from hyprstream.sim.fleet import VirtualFleet
 from hyprstream.sim.metrics import MetricsLog, Row
 from hyprstream.store import Store
 from hyprstream.store import layer_table as lt
@@ -115,6 +116,7 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     train, test = task.load_reference_data(exp.seed)
     sizes = prepare_devices(exp, task, train, out / "devices")
     log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
+    fleet = VirtualFleet.build(exp)
 
     tokens = TokenRegistry()
     admin_token = new_token()
@@ -153,24 +155,33 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
             # Flower's node IDs are random: order agents by device so that runs are reproducible.
             devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
             node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
+            device_of = {node: i for i, node in enumerate(node_ids)}
             per_fog = exp.fleet.agents_per_fog
             fogs = [FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
                                   CoreClient(location, fog_tokens[name]), model_name, plan, seed=exp.seed + j)
                     for j, name in enumerate(fog_names)]
+            sim_s = 0.0
             for step in range(1, exp.training.global_steps + 1):
+                up = fleet.online(step)
                 # Every fog starts from the version current at the start of the step (they run concurrently).
-                pending = [fog.start_round(step, fog.pull()) for fog in fogs]
+                pending = [fog.start_round(step, fog.pull(), [n for n in fog.node_ids if up[device_of[n]]])
+                           for fog in fogs]
                 rounds = [fog.finish_round(p) for fog, p in zip(fogs, pending, strict=True)]
+                durations = []
                 for r, p in zip(rounds, pending, strict=True):
                     base = lt.to_arrays(p.base.table, copy=True)
                     for name, d in r.delta.items():
                         base[name] = base[name] + d
                     loss, acc = score(base)
-                    metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started)
+                    seconds = fleet.round_seconds(r, device_of, base_params=sum(a.size for a in base.values()))
+                    durations.append(seconds)
+                    metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
+                                          sim_s=sim_s + seconds)
+                sim_s += max(durations, default=0.0)
                 current = admin.get_weights(model_name)
                 loss, acc = score(lt.to_arrays(current.table))
                 row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
-                                         wall_s=time.monotonic() - started)
+                                         wall_s=time.monotonic() - started, sim_s=sim_s)
                 if on_step is not None:
                     on_step(step, rounds, row, endpoint)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below

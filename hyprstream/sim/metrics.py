@@ -26,6 +26,7 @@ SCHEMA = pa.schema([
     pa.field("bytes_up", pa.int64()),  # agent -> fog payload bytes
     pa.field("bytes_down", pa.int64()),  # fog -> agent payload bytes
     pa.field("wall_s", pa.float64()),  # seconds since the run started
+    pa.field("sim_s", pa.float64()),  # virtual seconds on the simulated fleet (see hyprstream.sim.clock)
 ])
 
 
@@ -45,27 +46,28 @@ class Row:
     bytes_up: int
     bytes_down: int
     wall_s: float
+    sim_s: float
 
 
 class MetricsLog:
     def __init__(self) -> None:
         self.rows: list[Row] = []
 
-    def add_fog_round(self, r: FogRound, *, accuracy: float, loss: float, wall_s: float) -> Row:
+    def add_fog_round(self, r: FogRound, *, accuracy: float, loss: float, wall_s: float, sim_s: float) -> Row:
         row = Row("fog_round", r.fog, r.round, r.version, accuracy, loss, r.train_loss, r.participants,
-                  r.declined, r.refused, r.failed, r.bytes_up, r.bytes_down, wall_s)
+                  r.declined, r.refused, r.failed, r.bytes_up, r.bytes_down, wall_s, sim_s)
         self.rows.append(row)
         return row
 
     def add_global(self, step: int, version: int, *, accuracy: float, loss: float, rounds: list[FogRound],
-                   wall_s: float) -> Row:
+                   wall_s: float, sim_s: float) -> Row:
         losses = [(r.train_loss, r.participants) for r in rounds if r.participants and math.isfinite(r.train_loss)]
         n = sum(p for _, p in losses)
         row = Row("global", "core", step, version, accuracy, loss,
                   sum(v * p for v, p in losses) / n if n else float("nan"),
                   sum(r.participants for r in rounds), sum(r.declined for r in rounds),
                   sum(r.refused for r in rounds), sum(r.failed for r in rounds),
-                  sum(r.bytes_up for r in rounds), sum(r.bytes_down for r in rounds), wall_s)
+                  sum(r.bytes_up for r in rounds), sum(r.bytes_down for r in rounds), wall_s, sim_s)
         self.rows.append(row)
         return row
 

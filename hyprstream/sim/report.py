@@ -26,8 +26,8 @@ def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    ax2.plot([r.wall_s for r in g], [r.accuracy for r in g], "o-")
-    ax2.set_xlabel("wall-clock seconds")
+    ax2.plot([r.sim_s for r in g], [r.accuracy for r in g], "o-")
+    ax2.set_xlabel("simulated seconds on the fleet")
     ax2.set_ylabel("held-out accuracy")
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
@@ -51,14 +51,17 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
         f"- Global steps: {exp.training.global_steps}; local steps {exp.training.local_steps}, batch "
         f"{exp.training.batch_size}, lr {exp.training.lr}; layers: {', '.join(exp.training.layers) or 'all'}",
         f"- Consistency: {exp.core.consistency.mode.value}; seed {exp.seed}",
+        "- Fleet mix: " + ", ".join(f"{name} {share:g}" for name, share in sorted(exp.fleet.profiles.items())),
+        "- Simulated time (`sim s`): virtual seconds from each device profile's link and compute speed "
+        "(`hyprstream.sim.clock`); `wall s`: real seconds of this run.",
         f"- **Final held-out accuracy: {final_accuracy:.4f}** (master version {final_version})",
         "",
-        "| step | version | accuracy | loss | train loss | participants | bytes up | bytes down | wall s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step | version | accuracy | loss | train loss | participants | bytes up | bytes down | sim s | wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in g:
         lines.append(f"| {r.round} | {r.version} | {r.accuracy:.4f} | {r.loss:.4f} | {r.train_loss:.4f} | "
-                     f"{r.participants} | {r.bytes_up:,} | {r.bytes_down:,} | {r.wall_s:.1f} |")
+                     f"{r.participants} | {r.bytes_up:,} | {r.bytes_down:,} | {r.sim_s:.1f} | {r.wall_s:.1f} |")
     lines += ["", "![accuracy](accuracy.png)", "", "## Experiment", "", "```toml",
               *_toml_lines(to_dict(exp)), "```", ""]
     path = out / "report.md"

@@ -64,11 +64,17 @@ def test_metrics_file(quickstart):
     global_rows = [r for r in rows if r["kind"] == "global"]
     assert len(fog_rows) == exp.training.global_steps * exp.fleet.fogs
     assert len(global_rows) == exp.training.global_steps
-    assert all(r["participants"] == exp.fleet.agents_per_fog for r in fog_rows)
+    assert all(1 <= r["participants"] <= exp.fleet.agents_per_fog for r in fog_rows)
+    assert all(r["declined"] == r["refused"] == r["failed"] == 0 for r in fog_rows)
     n_params = sum(a.size for a in result.final_weights.values())
-    # every agent receives the whole float32 model and returns a delta of every (trained) parameter
-    assert all(r["bytes_down"] == exp.fleet.agents_per_fog * n_params * 4 for r in fog_rows)
-    assert all(r["bytes_up"] == exp.fleet.agents_per_fog * n_params * 4 for r in fog_rows)
+    # every online agent receives the whole float32 model and returns a delta of every (trained) parameter
+    assert all(r["bytes_down"] == r["participants"] * n_params * 4 for r in fog_rows)
+    assert all(r["bytes_up"] == r["participants"] * n_params * 4 for r in fog_rows)
+    # virtual time only moves forward, and a step lasts as long as its slowest fog
+    sims = [r["sim_s"] for r in global_rows]
+    assert all(b > a for a, b in zip(sims, sims[1:]))
+    for step, g in enumerate(global_rows, start=1):
+        assert g["sim_s"] == pytest.approx(max(r["sim_s"] for r in fog_rows if r["round"] == step))
     assert global_rows[-1]["accuracy"] == pytest.approx(result.final_accuracy)
     assert global_rows[-1]["accuracy"] > global_rows[0]["accuracy"] - 0.05
 
@@ -83,3 +89,26 @@ def test_lineage_in_core_directory(quickstart):
     # both fogs start a step from the same version: the second push of a step is one update stale
     assert [v["staleness"]["fc1"] for v in versions[1:]] == [0, 1] * exp.training.global_steps
     assert Path(out / "devices").is_dir() and len(list((out / "devices").iterdir())) == exp.num_agents
+
+
+def test_cli_quick_run_report_and_compare(quickstart, tmp_path):
+    import subprocess
+    import sys
+
+    exp, out, result, fetched = quickstart
+    quick = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "hyprstream.cli", "simulate", "--quick", "--out", str(quick)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final accuracy" in proc.stdout
+    rows = pq.read_table(quick / "metrics.parquet").to_pylist()
+    assert [r["round"] for r in rows if r["kind"] == "global"] == [1, 2]
+    assert max(r["participants"] for r in rows if r["kind"] == "fog_round") <= 3
+    assert (quick / "report.md").read_text().startswith("# Simulation report: quickstart")
+    assert (quick / "accuracy.png").stat().st_size > 1000
+    proc = subprocess.run([sys.executable, "-m", "hyprstream.cli", "simulate", "compare", str(out), str(quick),
+                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    quick_final = [r for r in rows if r["kind"] == "global"][-1]["accuracy"]
+    assert f"final accuracy: A {result.final_accuracy:.4f}, B {quick_final:.4f}" in proc.stdout
+    assert "total uplink bytes" in proc.stdout and (tmp_path / "cmp" / "compare.png").exists()
