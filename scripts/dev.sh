@@ -23,13 +23,18 @@ setup() {
         "$VENV/bin/python" -m pip install -q -e ".[dev,onnx,dp,mqtt,text]"
         touch "$stamp"
     fi
-    # The MQTT tests start their own mosquitto broker on loopback.
-    if ! command -v mosquitto >/dev/null 2>&1 && [ -e /usr/sbin/mosquitto ]; then export PATH="$PATH:/usr/sbin"; fi
-    if ! command -v mosquitto >/dev/null 2>&1; then
+    # System packages: mosquitto (the MQTT tests start their own broker on loopback) and the
+    # Fashion-MNIST files (Debian's dataset-fashion-mnist).
+    if [ -e /usr/sbin/mosquitto ]; then export PATH="$PATH:/usr/sbin"; fi
+    local missing=()
+    command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
+    [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+    if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+            if [ -e /usr/sbin/mosquitto ]; then export PATH="$PATH:/usr/sbin"; fi
         else
-            echo "mosquitto is not installed (apt-get install mosquitto mosquitto-clients): MQTT tests will fail" >&2
+            echo "missing system packages (apt-get install ${missing[*]}): some tests will fail" >&2
         fi
     fi
 }
