@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.set_defaults(func=_cmd_config_validate)
 
+    from hyprstream.fog.cli import add_parser as add_fog_parser
     from hyprstream.store.cli import add_parser as add_store_parser
 
+    add_fog_parser(sub)
     add_store_parser(sub)
 
     p = sub.add_parser("simulate", help="run a simulated fleet experiment, or compare two runs",
@@ -110,9 +112,10 @@ def _cmd_config_validate(args: argparse.Namespace) -> int:
 
 def _config_loaders():
     from hyprstream.agent.profile import load_profile
+    from hyprstream.fog.config import load_fog_config
     from hyprstream.sim.experiment import load_experiment
 
-    return {"device": load_profile, "experiment": load_experiment}
+    return {"device": load_profile, "experiment": load_experiment, "fog": load_fog_config}
 
 
 def resolve_experiment(name: str) -> Path:

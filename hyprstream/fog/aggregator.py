@@ -179,7 +179,8 @@ class FogAggregator:
         delta: dict[str, np.ndarray] = {}
         if matrix.count >= max(1, self.plan.min_replies):
             delta = matrix.mean()
-            self._seq += 1
+            # Strictly increasing per fog, across restarts too (core refuses a seq it has seen: replay).
+            self._seq = max(self._seq + 1, time.time_ns() // 1000)
             try:
                 receipt = self.core.push_delta(
                     self.model, lt.to_table(delta, layer=_layer_lookup(trained)), fog=self.name, seq=self._seq,

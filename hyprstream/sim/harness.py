@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr.app import Message, RecordDict
-
 from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_name
 from hyprstream.agent.task import Dataset, Task, get_task
 from hyprstream.agent.trainer import evaluate, load_weights, model_weights
@@ -28,7 +26,7 @@ from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
-from hyprstream.protocol import DEVICE_QUERY_TYPE, DeviceInfo
+from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.sim import partition
 from hyprstream.sim.experiment import Experiment, PartitionScheme
 from hyprstream.sim.fleet import VirtualFleet
@@ -74,32 +72,7 @@ def prepare_devices(exp: Experiment, task: Task, train: Dataset, root: Path) -> 
     return [len(p) for p in parts]
 
 
-def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -> list[int]:
-    """Node IDs of the grid once ``count`` nodes have connected (they join asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ids = sorted(grid.get_node_ids())
-        if len(ids) >= count:
-            return ids
-        if time.monotonic() > deadline:
-            raise HyprstreamError(f"only {len(ids)} of {count} simulated agents connected in {timeout_s:.0f} s")
-        time.sleep(poll_s)
-
-
 StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint], None]
-
-
-def discover(grid, node_ids: list[int], *, timeout_s: float) -> dict[int, DeviceInfo]:
-    """Ask every node which device it is (``query.device``); returns the answers by node ID."""
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY_TYPE) for n in node_ids]
-    found: dict[int, DeviceInfo] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        if reply.has_error():
-            raise HyprstreamError(f"node {reply.metadata.src_node_id} failed the device query: {reply.error.reason}")
-        found[reply.metadata.src_node_id] = DeviceInfo.from_content(reply.content)
-    if len(found) != len(node_ids):
-        raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query")
-    return found
 
 
 def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> SimulationResult:
@@ -114,6 +87,7 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     started = time.monotonic()
     task = get_task(exp.task.name)
     train, test = task.load_reference_data(exp.seed)
+    test = task.from_table(task.to_table(test))  # evaluate on exactly what a device would decode
     sizes = prepare_devices(exp, task, train, out / "devices")
     log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
     fleet = VirtualFleet.build(exp)

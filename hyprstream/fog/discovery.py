@@ -1,0 +1,35 @@
+"""Finding a fog's agents on its Flower grid: wait until enough are connected, ask each who it is."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Message, RecordDict
+
+from hyprstream.errors import HyprstreamError
+from hyprstream.protocol import DEVICE_QUERY_TYPE, DeviceInfo
+
+
+def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -> list[int]:
+    """Node IDs of the grid once ``count`` nodes have connected (they join asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= count:
+            return ids
+        if time.monotonic() > deadline:
+            raise HyprstreamError(f"only {len(ids)} of {count} agents connected in {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def discover(grid, node_ids: list[int], *, timeout_s: float) -> dict[int, DeviceInfo]:
+    """Ask every node which device it is (``query.device``); returns the answers by node ID."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY_TYPE) for n in node_ids]
+    found: dict[int, DeviceInfo] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            raise HyprstreamError(f"node {reply.metadata.src_node_id} failed the device query: {reply.error.reason}")
+        found[reply.metadata.src_node_id] = DeviceInfo.from_content(reply.content)
+    if len(found) != len(node_ids):
+        raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query")
+    return found
