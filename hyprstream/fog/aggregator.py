@@ -19,8 +19,9 @@ from flwr.serverapp import Grid
 
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import Snapshot
-from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.errors import TransportError, ValidationError
 from hyprstream.fog.aggregate import UpdateMatrix
+from hyprstream.fog.outbox import Delivery, Outbox, Outcome, Push
 from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
 from hyprstream.store import layer_table as lt
 
@@ -78,7 +79,7 @@ class FogRound:
 
 class FogAggregator:
     def __init__(self, name: str, grid: Grid, node_ids: Sequence[int], core: CoreClient, model: str,
-                 plan: RoundPlan, *, seed: int = 0) -> None:
+                 plan: RoundPlan, *, seed: int = 0, outbox: Outbox | None = None) -> None:
         if not node_ids:
             raise ValidationError(f"fog {name!r} has no agents")
         self.name = name
@@ -88,10 +89,26 @@ class FogAggregator:
         self.model = model
         self.plan = plan
         self.seed = seed
-        self._seq = 0
+        self.outbox = outbox if outbox is not None else Outbox()
+        self._seq = max((p.seq for p in self.outbox.pending()), default=0)
+        self._local: Snapshot | None = None  # last pulled version plus this fog's undelivered deltas
 
     def pull(self) -> Snapshot:
-        return self.core.get_weights(self.model)
+        """The current master layers; while core is unreachable, the last ones pulled with this fog's
+        own undelivered updates applied, so that its agents keep training (partition tolerance)."""
+        try:
+            self.deliver()
+            self._local = self.core.get_weights(self.model)
+        except TransportError:
+            if self._local is None:
+                raise
+            log.warning("fog %s: core unreachable, training on version %d plus %d local update(s)",
+                        self.name, self._local.version, len(self.outbox))
+        return self._local
+
+    def deliver(self) -> list[Delivery]:
+        """Send buffered pushes to core, in order, as far as it can be reached."""
+        return self.outbox.flush(self.core)
 
     def start_round(self, round_no: int, base: Snapshot | None = None,
                     nodes: Sequence[int] | None = None) -> PendingRound:
@@ -181,16 +198,17 @@ class FogAggregator:
             delta = matrix.mean()
             # Strictly increasing per fog, across restarts too (core refuses a seq it has seen: replay).
             self._seq = max(self._seq + 1, time.time_ns() // 1000)
-            try:
-                receipt = self.core.push_delta(
-                    self.model, lt.to_table(delta, layer=_layer_lookup(trained)), fog=self.name, seq=self._seq,
-                    base_clocks={layer: base.clocks[layer] for layer in pending.layers},
-                    participants=matrix.count,
-                )
-                version = receipt.version
-            except HyprstreamError as exc:
-                reasons.append(f"core refused the push: {exc}")
-                log.warning("fog %s round %d: core refused the push: %s", self.name, pending.round, exc)
+            push = Push(self._seq, self.model, self.name, lt.to_table(delta, layer=_layer_lookup(trained)),
+                        {layer: base.clocks[layer] for layer in pending.layers}, matrix.count)
+            self.outbox.put(push)  # durable before it is sent
+            for delivery in self.outbox.flush(self.core):
+                if delivery.push.seq == push.seq and delivery.result is not None:
+                    version = delivery.result.version
+                elif delivery.outcome is Outcome.REFUSED:
+                    reasons.append(f"core refused push {delivery.push.seq}: {delivery.reason}")
+            if version is None and len(self.outbox):
+                reasons.append(f"core unreachable: {len(self.outbox)} push(es) buffered")
+                self._local = _project(base, push)
         else:
             log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",
                         self.name, pending.round, matrix.count, self.plan.min_replies)
@@ -206,6 +224,18 @@ class FogAggregator:
     def run_round(self, round_no: int, base: Snapshot | None = None,
                   nodes: Sequence[int] | None = None) -> FogRound:
         return self.finish_round(self.start_round(round_no, base, nodes))
+
+
+def _project(snapshot: Snapshot, push: Push) -> Snapshot:
+    """``snapshot`` with ``push`` applied as core would apply a current push (weight 1)."""
+    weights = lt.to_arrays(snapshot.table, copy=True)
+    for name, d in lt.to_arrays(push.delta).items():
+        weights[name] = (weights[name] + d).astype(weights[name].dtype, copy=False)
+    layer = _layer_lookup(snapshot.table)
+    clocks = dict(snapshot.clocks)
+    for name in push.base_clocks:
+        clocks[name] = clocks[name].increment(push.fog)
+    return Snapshot(snapshot.model, snapshot.version, lt.to_table(weights, layer=layer), clocks)
 
 
 def _layer_lookup(table):

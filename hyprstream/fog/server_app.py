@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -18,10 +19,12 @@ from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.config import FogConfig, LayerSchedule, load_fog_config, read_token
 from hyprstream.fog.discovery import discover, wait_for_nodes
+from hyprstream.fog.outbox import Outbox
 
 log = logging.getLogger("hyprstream.fog")
 
 FOG_CONFIG_KEY = "fog-config"
+STATE_DIR_KEY = "state-dir"
 
 app = ServerApp()
 
@@ -32,7 +35,8 @@ def main(grid: Grid, context: Context) -> None:
     if not path:
         raise HyprstreamError(f"run config lacks {FOG_CONFIG_KEY!r} (the fog's TOML file)")
     logging.getLogger("hyprstream").setLevel(logging.INFO)
-    run_fog(grid, load_fog_config(str(path)))
+    state = context.run_config.get(STATE_DIR_KEY)
+    run_fog(grid, load_fog_config(str(path)), state_dir=Path(str(state)) if state else None)
 
 
 def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
@@ -42,9 +46,10 @@ def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
     return r.layers
 
 
-def run_fog(grid: Grid, cfg: FogConfig, *, stop: threading.Event | None = None,
+def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: threading.Event | None = None,
             on_round: Callable[[FogRound], None] | None = None) -> list[FogRound]:
-    """Run rounds until ``max_rounds`` (or ``stop``); returns their outcomes."""
+    """Run rounds until ``max_rounds`` (or ``stop``); returns their outcomes. Pushes that core has not
+    acknowledged wait in ``state_dir/outbox`` (kept across restarts)."""
     stop = stop or threading.Event()
     r = cfg.rounds
     kwargs = {"tls_root_certs": open(cfg.core.tls_root_cert, "rb").read()} if cfg.core.tls_root_cert else {}
@@ -61,7 +66,8 @@ def run_fog(grid: Grid, cfg: FogConfig, *, stop: threading.Event | None = None,
                          batch_size=r.batch_size, lr=r.lr, min_replies=r.min_replies, timeout_s=r.timeout_s,
                          max_update_norm=r.max_update_norm)
         if fog is None:
-            fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan)
+            outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
+            fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox)
         else:  # the fleet changes between rounds: keep the fog (and its push sequence), update the rest
             fog.node_ids, fog.plan = ordered, plan
         result = fog.run_round(round_no)
@@ -76,4 +82,4 @@ def run_fog(grid: Grid, cfg: FogConfig, *, stop: threading.Event | None = None,
     return done
 
 
-__all__ = ["FOG_CONFIG_KEY", "app", "layers_for", "run_fog"]
+__all__ = ["FOG_CONFIG_KEY", "STATE_DIR_KEY", "app", "layers_for", "run_fog"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from hyprstream import __version__
 from hyprstream.errors import HyprstreamError, TransportError
 from hyprstream.fog.config import FogConfig
-from hyprstream.fog.server_app import FOG_CONFIG_KEY
+from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -50,6 +50,7 @@ clientapp = "hyprstream.agent.client_app:app"
 
 [tool.flwr.app.config]
 {key} = ""
+{state_key} = ""
 """
 
 
@@ -106,7 +107,8 @@ class FogService:
         app = self.state / "app"
         home.mkdir(parents=True, exist_ok=True)
         app.mkdir(parents=True, exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__, key=FOG_CONFIG_KEY))
+        (app / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__, key=FOG_CONFIG_KEY,
+                                                                    state_key=STATE_DIR_KEY))
         connection = [f'[superlink]\ndefault = "fog"\n\n[superlink.fog]\naddress = "{self.address}"']
         connection.append(f'root-certificates = "{Path(sl.ssl_ca_certfile).resolve()}"' if sl.tls else "insecure = true")
         (home / "config.toml").write_text("\n".join(connection) + "\n")
@@ -126,7 +128,7 @@ class FogService:
                                           stderr=subprocess.STDOUT, start_new_session=True)
         log.info("fog %s: SuperLink (pid %d) on %s", self.cfg.name, self.superlink.pid, self.address)
         wait_for_port(sl.host, sl.port, ready_timeout_s, self.superlink)
-        run_config = f'{FOG_CONFIG_KEY}="{self.config_path}"'
+        run_config = f'{FOG_CONFIG_KEY}="{self.config_path}" {STATE_DIR_KEY}="{self.state.resolve()}"'
         self.run = subprocess.Popen([_executable("flwr"), "run", str(app), "fog", "--run-config", run_config,
                                      "--stream"], env=self._env(), stdout=open(self.state / "run.log", "ab"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
