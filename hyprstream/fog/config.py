@@ -66,11 +66,22 @@ class RoundSettings(Checked):
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus ``/metrics`` and ``/healthz``; off when ``port`` is 0."""
+
+    host: str = setting("127.0.0.1")
+    port: int = setting(0, ge=0, le=65535)
+    token_file: str = setting("", doc="bearer token scrapers must send (recommended off loopback)")
+    stale_after_s: float = setting(600.0, gt=0.0, doc="/healthz fails when no round finished for this long")
+
+
+@dataclass(frozen=True)
 class FogConfig:
     name: str = setting(doc="the fog's identity at core (its token's subject)")
     core: CoreLink = setting()
     superlink: SuperLinkSettings = field(default_factory=SuperLinkSettings)
     rounds: RoundSettings = field(default_factory=RoundSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     state_dir: str = setting("", doc="where the fog keeps its Flower home and logs (default: a temp dir)")
 
 

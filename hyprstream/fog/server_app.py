@@ -19,6 +19,7 @@ from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.config import FogConfig, LayerSchedule, load_fog_config, read_token
 from hyprstream.fog.discovery import discover, wait_for_nodes
+from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
 
 log = logging.getLogger("hyprstream.fog")
@@ -50,10 +51,24 @@ def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: 
             on_round: Callable[[FogRound], None] | None = None) -> list[FogRound]:
     """Run rounds until ``max_rounds`` (or ``stop``); returns their outcomes. Pushes that core has not
     acknowledged wait in ``state_dir/outbox`` (kept across restarts)."""
-    stop = stop or threading.Event()
-    r = cfg.rounds
-    kwargs = {"tls_root_certs": open(cfg.core.tls_root_cert, "rb").read()} if cfg.core.tls_root_cert else {}
+    kwargs = {"tls_root_certs": Path(cfg.core.tls_root_cert).read_bytes()} if cfg.core.tls_root_cert else {}
     core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **kwargs)
+    metrics = FogMetrics(cfg.name)
+    server = None
+    if cfg.metrics.port:
+        token = read_token(cfg.metrics.token_file) if cfg.metrics.token_file else None
+        server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port, token=token,
+                               stale_after_s=cfg.metrics.stale_after_s).start()
+    try:
+        return _rounds(grid, cfg, core, metrics, state_dir, stop or threading.Event(), on_round)
+    finally:
+        if server is not None:
+            server.stop()
+        core.close()
+
+
+def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRound]:
+    r = cfg.rounds
     fog: FogAggregator | None = None
     done: list[FogRound] = []
     round_no = 0
@@ -74,11 +89,11 @@ def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: 
         log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, round_no, result.participants,
                  len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "")
         done.append(result)
+        metrics.record(result, len(fog.outbox))
         if on_round is not None:
             on_round(result)
         if r.pause_s:
             stop.wait(r.pause_s)
-    core.close()
     return done
 
 

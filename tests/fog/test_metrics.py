@@ -1,0 +1,52 @@
+import urllib.error
+import urllib.request
+
+import pytest
+
+from hyprstream.fog.aggregator import FogRound
+from hyprstream.fog.metrics import FogMetrics, MetricsServer
+
+pytestmark = pytest.mark.integration
+
+
+def fog_round(version, participants, refused=0):
+    return FogRound(fog="fog-a", round=1, base_version=4, version=version, layers=("fc",), participants=participants,
+                    declined=1, refused=refused, failed=0, bytes_up=1000, bytes_down=3000, train_loss=0.5,
+                    seconds=2.5)
+
+
+def get(url, token=None):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, resp.read().decode()
+
+
+def test_metrics_and_health_over_http():
+    metrics = FogMetrics('fog-"a"')
+    metrics.record(fog_round(5, 3), outbox=0)
+    metrics.record(fog_round(None, 2, refused=1), outbox=1)
+    server = MetricsServer(metrics, "127.0.0.1", 0, token="scrape-secret").start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            get(f"{base}/metrics")
+        assert info.value.code == 401
+        with pytest.raises(urllib.error.HTTPError):
+            get(f"{base}/metrics", token="wrong")
+        status, text = get(f"{base}/metrics", token="scrape-secret")
+        assert status == 200
+        assert 'hyprstream_fog_rounds_total{fog="fog-\\"a\\""} 2' in text
+        assert 'hyprstream_fog_pushes_total{fog="fog-\\"a\\""} 1' in text
+        assert 'hyprstream_fog_participants_total{fog="fog-\\"a\\""} 5' in text
+        assert 'hyprstream_fog_refused_total{fog="fog-\\"a\\""} 1' in text
+        assert 'hyprstream_fog_bytes_down_total{fog="fog-\\"a\\""} 6000' in text
+        assert 'hyprstream_fog_outbox_pushes{fog="fog-\\"a\\""} 1' in text
+        assert 'hyprstream_fog_master_version{fog="fog-\\"a\\""} 4' in text  # nothing pushed: the base
+        assert "# TYPE hyprstream_fog_rounds_total counter" in text
+        assert get(f"{base}/healthz", token="scrape-secret") == (200, "ok\n")
+        server.stale_after_s = 1e-9
+        with pytest.raises(urllib.error.HTTPError) as info:
+            get(f"{base}/healthz", token="scrape-secret")
+        assert info.value.code == 503
+    finally:
+        server.stop()
