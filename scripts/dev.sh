@@ -40,6 +40,7 @@ setup() {
 }
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1
+export PATH="$PWD/$VENV/bin:$PATH"
 
 cmd="${1:-}"
 shift || true

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,8 +55,10 @@ clientapp = "hyprstream.agent.client_app:app"
 """
 
 
-def _executable(name: str) -> str:
-    path = shutil.which(name)
+def executable(name: str) -> str:
+    """A Flower command: beside this Python (its virtual environment) first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.is_file() else shutil.which(name)
     if path is None:
         raise HyprstreamError(f"{name!r} not found on PATH (it comes with flwr, a dependency of hyprstream)")
     return path
@@ -113,7 +116,7 @@ class FogService:
         connection.append(f'root-certificates = "{Path(sl.ssl_ca_certfile).resolve()}"' if sl.tls else "insecure = true")
         (home / "config.toml").write_text("\n".join(connection) + "\n")
 
-        cmd = [_executable("flower-superlink"), "--disable-runtime-dependency-installation",
+        cmd = [executable("flower-superlink"), "--disable-runtime-dependency-installation",
                "--host", sl.host, "--port", str(sl.port)]
         if sl.tls:
             cmd += ["--ssl-certfile", sl.ssl_certfile, "--ssl-keyfile", sl.ssl_keyfile,
@@ -129,7 +132,7 @@ class FogService:
         log.info("fog %s: SuperLink (pid %d) on %s", self.cfg.name, self.superlink.pid, self.address)
         wait_for_port(sl.host, sl.port, ready_timeout_s, self.superlink)
         run_config = f'{FOG_CONFIG_KEY}="{self.config_path}" {STATE_DIR_KEY}="{self.state.resolve()}"'
-        self.run = subprocess.Popen([_executable("flwr"), "run", str(app), "fog", "--run-config", run_config,
+        self.run = subprocess.Popen([executable("flwr"), "run", str(app), "fog", "--run-config", run_config,
                                      "--stream"], env=self._env(), stdout=open(self.state / "run.log", "ab"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
         log.info("fog %s: ServerApp submitted (flwr run pid %d); logs in %s", self.cfg.name, self.run.pid, self.state)

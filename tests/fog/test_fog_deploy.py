@@ -2,7 +2,6 @@
 a real core Flight server, all on loopback."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
-from hyprstream.fog.service import stop_process
+from hyprstream.fog.service import executable, stop_process
 from hyprstream.store import Store, to_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,7 +87,7 @@ max_rounds = 2
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.2)
-        supernode = shutil.which("flower-supernode")
+        supernode = executable("flower-supernode")
         for i, path in enumerate(stores):
             nodes.append(subprocess.Popen(
                 [supernode, "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
