@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.set_defaults(func=_cmd_config_validate)
 
+    from hyprstream.core.cli import add_parser as add_core_parser
     from hyprstream.fog.cli import add_parser as add_fog_parser
     from hyprstream.store.cli import add_parser as add_store_parser
 
+    add_core_parser(sub)
     add_fog_parser(sub)
     add_store_parser(sub)
 
@@ -112,10 +114,12 @@ def _cmd_config_validate(args: argparse.Namespace) -> int:
 
 def _config_loaders():
     from hyprstream.agent.profile import load_profile
+    from hyprstream.core.config import load_core_config
     from hyprstream.fog.config import load_fog_config
     from hyprstream.sim.experiment import load_experiment
 
-    return {"device": load_profile, "experiment": load_experiment, "fog": load_fog_config}
+    return {"device": load_profile, "experiment": load_experiment, "fog": load_fog_config,
+            "core": load_core_config}
 
 
 def resolve_experiment(name: str) -> Path:

@@ -1,7 +1,19 @@
-"""Bearer-token authentication and role-based authorization for core's Flight API.
+"""Authentication and role-based authorization for core's Flight API.
 
-Tokens are random secrets; core keeps only their SHA-256 digests and compares in constant time.
-Every call must present ``authorization: Bearer <token>``; the token's role decides what it may do.
+Every call carries ``authorization: Bearer <token>``. Two kinds of token are accepted:
+
+* **signed tokens** (:mod:`hyprstream.core.tokens`): Ed25519-signed, expiring claims
+  ``{sub, role, iat, exp, jti}``, made by ``hyprstream token create`` or the ``issue_token`` action;
+  core needs only the public key to check them. This is what deployments use.
+* **static tokens** (:class:`TokenRegistry`): random secrets of which core keeps only SHA-256 digests,
+  compared in constant time. For embedding core in one process (the simulator, tests).
+
+With mutual TLS on (``tls.client_ca``), a caller must also present a client certificate signed by the
+deployment's CA; the identity and role still come from the token (``pyarrow.flight`` does not expose
+the peer certificate to Python handlers).
+
+The token's role decides what a call may do (:data:`GRANTS`); a :class:`RateLimiter` bounds each
+identity's request rate. Every refusal is audited when core has an audit log.
 """
 
 from __future__ import annotations
@@ -9,11 +21,23 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
 import secrets
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow.flight as flight
+
+from hyprstream.errors import AuthError
+
+if TYPE_CHECKING:
+    from hyprstream.core.audit import AuditLog
+    from hyprstream.core.ratelimit import RateLimiter
+    from hyprstream.core.signing import Ed25519PublicKey
+
+log = logging.getLogger("hyprstream.core")
 
 
 class Role(enum.Enum):
@@ -27,12 +51,14 @@ class Permission(enum.Enum):
     READ = "read"
     PUSH = "push"
     REGISTER = "register"
+    AUDIT_READ = "audit_read"
+    ISSUE_TOKEN = "issue_token"
 
 
 GRANTS: Mapping[Role, frozenset[Permission]] = {
     Role.FOG: frozenset({Permission.READ, Permission.PUSH}),
     Role.READER: frozenset({Permission.READ}),
-    Role.AUDITOR: frozenset(),
+    Role.AUDITOR: frozenset({Permission.AUDIT_READ}),
     Role.ADMIN: frozenset(Permission),
 }
 
@@ -55,7 +81,7 @@ def digest(token: str) -> str:
 
 
 class TokenRegistry:
-    """Known token digests and the principal each one authenticates."""
+    """Known static-token digests and the principal each one authenticates."""
 
     def __init__(self, entries: Iterable[tuple[str, Principal]] = ()) -> None:
         self._by_digest: dict[str, Principal] = {}
@@ -67,10 +93,41 @@ class TokenRegistry:
 
     def authenticate(self, token: str) -> Principal | None:
         d = digest(token)
+        found = None
         for known, principal in self._by_digest.items():
             if hmac.compare_digest(known, d):
-                return principal
-        return None
+                found = principal
+        return found
+
+
+class Authenticator:
+    """Turns a bearer token into a :class:`Principal`, or raises AuthError saying why not."""
+
+    def __init__(self, registry: TokenRegistry | None = None, token_keys: Iterable[Ed25519PublicKey] = (), *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry or TokenRegistry()
+        self.token_keys = list(token_keys)
+        self._clock = clock
+
+    def with_token_key(self, key: Ed25519PublicKey) -> Authenticator:
+        """A copy that also accepts tokens signed by ``key``."""
+        from hyprstream.core.signing import fingerprint
+
+        known = {fingerprint(k) for k in self.token_keys}
+        keys = self.token_keys if fingerprint(key) in known else [*self.token_keys, key]
+        return Authenticator(self.registry, keys, clock=self._clock)
+
+    def authenticate(self, token: str) -> Principal:
+        from hyprstream.core import tokens
+
+        if tokens.looks_signed(token):
+            if not self.token_keys:
+                raise AuthError("signed tokens are not enabled on this core")
+            return tokens.verify(token, self.token_keys, now=self._clock()).principal
+        principal = self.registry.authenticate(token)
+        if principal is None:
+            raise AuthError("invalid token")
+        return principal
 
 
 class _AuthMiddleware(flight.ServerMiddleware):
@@ -78,22 +135,59 @@ class _AuthMiddleware(flight.ServerMiddleware):
         self.principal = principal
 
 
-class BearerAuthFactory(flight.ServerMiddlewareFactory):
-    """Refuses every call without a valid bearer token; exposes the principal to handlers."""
+def claimed_identity(token: str) -> str:
+    """Who a refused caller claimed to be, for the audit log (never trusted)."""
+    from hyprstream.core import tokens
 
-    def __init__(self, registry: TokenRegistry) -> None:
-        self.registry = registry
+    sub = tokens.unverified_subject(token) if tokens.looks_signed(token) else None
+    return f"unverified:{sub}" if sub else "anonymous"
+
+
+class BearerAuthFactory(flight.ServerMiddlewareFactory):
+    """Refuses every call without a valid bearer token or over its rate; exposes the principal to handlers."""
+
+    def __init__(self, authenticator: Authenticator | TokenRegistry, *, limiter: RateLimiter | None = None,
+                 audit: AuditLog | None = None) -> None:
+        self.authenticator = (authenticator if isinstance(authenticator, Authenticator)
+                              else Authenticator(authenticator))
+        self.limiter = limiter
+        self.audit = audit
+
+    def _refuse(self, actor: str, action: str, method: str, reason: str) -> None:
+        log.warning("refused %s call from %s: %s", method, actor, reason)
+        if self.audit is not None:
+            from hyprstream.core.audit import AuditError, Outcome
+
+            try:
+                self.audit.append(actor, action, "core", outcome=Outcome.REFUSED,
+                                  details={"method": method, "reason": reason})
+            except AuditError as exc:  # the call is refused either way
+                log.error("audit log unavailable: %s", exc)
 
     def start_call(self, info, headers):
+        method = str(info.method).rsplit(".", 1)[-1].lower()
         values = headers.get("authorization") or headers.get("Authorization") or []
         if not values:
-            raise flight.FlightUnauthenticatedError("missing credentials: send 'authorization: Bearer <token>'")
+            reason = "missing credentials: send 'authorization: Bearer <token>'"
+            self._refuse("anonymous", "auth.refused", method, reason)
+            raise flight.FlightUnauthenticatedError(reason)
         scheme, _, token = values[0].partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise flight.FlightUnauthenticatedError("malformed authorization header: expected 'Bearer <token>'")
-        principal = self.registry.authenticate(token.strip())
-        if principal is None:
-            raise flight.FlightUnauthenticatedError("invalid token")
+            reason = "malformed authorization header: expected 'Bearer <token>'"
+            self._refuse("anonymous", "auth.refused", method, reason)
+            raise flight.FlightUnauthenticatedError(reason)
+        try:
+            principal = self.authenticator.authenticate(token)
+        except AuthError as exc:
+            self._refuse(claimed_identity(token), "auth.refused", method, str(exc))
+            raise flight.FlightUnauthenticatedError(str(exc)) from None
+        if self.limiter is not None:
+            retry = self.limiter.check(principal.identity)
+            if retry is not None:
+                reason = f"rate limit exceeded for {principal.identity!r}: retry in {retry:.2f} s"
+                self._refuse(principal.identity, "rate.limited", method, reason)
+                raise flight.FlightUnavailableError(reason)
         return _AuthMiddleware(principal)
 
 

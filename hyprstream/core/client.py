@@ -52,8 +52,11 @@ class CoreClient:
         return Snapshot(model, version_out, table.replace_schema_metadata(None), clocks)
 
     def push_delta(self, model: str, delta: pa.Table, *, fog: str, seq: int,
-                   base_clocks: Mapping[str, VectorClock], participants: int) -> PushResult:
-        r = self._put(cmd.PushDelta(model, fog, seq, dict(base_clocks), participants), delta)
+                   base_clocks: Mapping[str, VectorClock], participants: int,
+                   privacy: Mapping[str, float] | None = None, transcript_sha256: str | None = None) -> PushResult:
+        request = cmd.PushDelta(model, fog, seq, dict(base_clocks), participants,
+                                None if privacy is None else dict(privacy), transcript_sha256)
+        r = self._put(request, delta)
         return PushResult(int(r["version"]), dict(r["staleness"]), float(r["weight"]), float(r["update_norm"]))
 
     def head(self, model: str) -> dict[str, Any]:
@@ -64,6 +67,21 @@ class CoreClient:
 
     def list_models(self) -> list[str]:
         return self._action("list_models", {})
+
+    def audit_head(self) -> dict[str, Any]:
+        """The signed head checkpoint of core's audit log (roles auditor, admin)."""
+        return self._action("audit_head", {})
+
+    def read_audit(self, since_seq: int = 1, limit: int | None = None) -> list[bytes]:
+        """Raw audit log lines from ``since_seq`` on (roles auditor, admin), for offline verification."""
+        ticket = flight.Ticket(cmd.encode(cmd.ReadAudit(since_seq, limit)))
+        with _translated():
+            table = self._client.do_get(ticket, self._options).read_all()
+        return [line.encode() for line in table.column("line").to_pylist()]
+
+    def issue_token(self, sub: str, role: str, ttl_s: int) -> dict[str, Any]:
+        """A signed token for ``sub`` (role admin); the answer has ``token`` and its claims."""
+        return self._action("issue_token", {"sub": sub, "role": role, "ttl_s": int(ttl_s)})
 
     def _put(self, request: cmd.Command, table: pa.Table) -> dict[str, Any]:
         descriptor = flight.FlightDescriptor.for_command(cmd.encode(request))
@@ -101,6 +119,8 @@ class _translated:
         if isinstance(exc, (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError)):
             raise AuthError(message) from None
         if isinstance(exc, flight.FlightUnavailableError):
+            if message.startswith("rate limit exceeded"):
+                raise TransportError(f"core refused the call: {message}") from None
             raise TransportError(f"core unreachable: {message}") from None
         if isinstance(exc, (flight.FlightError, pa.ArrowException)):
             if message.startswith("invalid argument: "):
@@ -115,7 +135,8 @@ def _server_message(exc: BaseException) -> str:
     text = str(exc)
     for prefix in ("Flight error: ", "Flight returned internal error, with message: ",
                    "Flight returned unauthenticated error, with message: ",
-                   "Flight returned unauthorized error, with message: "):
+                   "Flight returned unauthorized error, with message: ",
+                   "Flight returned unavailable error, with message: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
     return text.split(". Detail:")[0].split("\ngRPC client debug context")[0].strip()

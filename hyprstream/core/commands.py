@@ -8,12 +8,15 @@ as a Flight ticket (``do_get``), a descriptor command (``do_put``) or an action 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import ValidationError
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 SCHEMA = "hyprstream.core/1"
 MAX_COMMAND_BYTES = 1 << 20
@@ -53,6 +56,8 @@ class PushDelta:
     seq: int
     base_clocks: Mapping[str, VectorClock]
     participants: int
+    privacy: Mapping[str, float] | None = None  # privacy spent by the round, e.g. {"epsilon": .., "delta": ..}
+    transcript_sha256: str | None = None  # hash of the secure-aggregation transcript, hex
     command: str = field(default="push_delta", init=False)
 
 
@@ -79,9 +84,38 @@ class ListModels:
     command: str = field(default="list_models", init=False)
 
 
-Command = GetWeights | RegisterModel | PushDelta | Head | ListVersions | ListModels
+@dataclass(frozen=True)
+class ReadAudit:
+    """do_get: audit log lines from ``since_seq`` on (at most ``limit``), one row per entry."""
+
+    since_seq: int = 1
+    limit: int | None = None
+    command: str = field(default="read_audit", init=False)
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """do_action ``audit_head``: the signed head checkpoint of the audit log."""
+
+    command: str = field(default="audit_head", init=False)
+
+
+@dataclass(frozen=True)
+class IssueToken:
+    """do_action ``issue_token``: a signed token for ``sub`` with ``role``, valid ``ttl_s`` seconds."""
+
+    sub: str
+    role: str
+    ttl_s: int
+    command: str = field(default="issue_token", init=False)
+
+
+Command = (GetWeights | RegisterModel | PushDelta | Head | ListVersions | ListModels | ReadAudit | AuditHead
+           | IssueToken)
 _BY_NAME: dict[str, type] = {c.__dataclass_fields__["command"].default: c
-                             for c in (GetWeights, RegisterModel, PushDelta, Head, ListVersions, ListModels)}
+                             for c in (GetWeights, RegisterModel, PushDelta, Head, ListVersions, ListModels,
+                                       ReadAudit, AuditHead, IssueToken)}
+MAX_TOKEN_TTL_S = 366 * 24 * 3600
 
 
 def encode(cmd: Command) -> bytes:
@@ -153,8 +187,28 @@ def _build(cls: type, body: Mapping[str, Any]) -> Command:
         seq, participants = _require(body, "seq", int), _require(body, "participants", int)
         if seq < 1 or participants < 0:
             raise ValidationError("fields 'seq' >= 1 and 'participants' >= 0 are required")
+        privacy = _require(body, "privacy", dict, optional=True)
+        if privacy is not None:
+            for k, v in privacy.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                    raise ValidationError(f"field 'privacy' must map names to finite numbers >= 0 ({k!r})")
+            privacy = {str(k): float(v) for k, v in privacy.items()}
+        transcript = _require(body, "transcript_sha256", str, optional=True)
+        if transcript is not None and not _HEX64.match(transcript):
+            raise ValidationError("field 'transcript_sha256' must be 64 lowercase hex digits")
         return PushDelta(_require(body, "model", str), _require(body, "fog", str), seq,
-                         clocks_from_json(_require(body, "base_clocks", dict)), participants)
+                         clocks_from_json(_require(body, "base_clocks", dict)), participants, privacy, transcript)
     if cls in (Head, ListVersions):
         return cls(_require(body, "model", str))
+    if cls is ReadAudit:
+        since = _require(body, "since_seq", int, optional=True)
+        limit = _require(body, "limit", int, optional=True)
+        if (since is not None and since < 1) or (limit is not None and limit < 1):
+            raise ValidationError("fields 'since_seq' and 'limit' must be >= 1")
+        return ReadAudit(1 if since is None else since, limit)
+    if cls is IssueToken:
+        ttl = _require(body, "ttl_s", int)
+        if not 0 < ttl <= MAX_TOKEN_TTL_S:
+            raise ValidationError(f"field 'ttl_s' must be in 1..{MAX_TOKEN_TTL_S}")
+        return IssueToken(_require(body, "sub", str), _require(body, "role", str), ttl)
     return cls()

@@ -8,6 +8,7 @@ layer has its own clock.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hyprstream.config import Checked, setting
@@ -60,3 +61,40 @@ def decide(policy: ConsistencyPolicy, base: VectorClock, current: VectorClock) -
             f"bounded consistency: staleness {staleness} exceeds max_staleness {policy.max_staleness}",
         )
     return Decision(True, staleness, staleness_weight(staleness, policy.staleness_exponent))
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What committing one push does to the clocks: accepted or not, and the clocks after it."""
+
+    accept: bool
+    reason: str
+    staleness: dict[str, int]
+    weight: float  # the smallest weight over the touched layers (one weight per push)
+    new_clocks: dict[str, VectorClock]  # for the touched layers only
+
+
+def plan_merge(policy: ConsistencyPolicy, current: Mapping[str, VectorClock], base: Mapping[str, VectorClock],
+               touched: Iterable[str], fog: str) -> MergePlan:
+    """Decide a push from ``fog`` that changes ``touched`` layers, computed from ``base`` clocks.
+
+    Each touched layer is decided on its own clock (layers the push does not touch are never
+    consulted, so pushes to disjoint layers never conflict). Accepted, every touched layer's clock
+    becomes its current clock with ``fog``'s counter incremented by one.
+    """
+    staleness: dict[str, int] = {}
+    weight = 1.0
+    layers = list(dict.fromkeys(touched))
+    if not layers:
+        return MergePlan(False, "the push touches no layer", {}, 0.0, {})
+    for layer in layers:
+        if layer not in current:
+            return MergePlan(False, f"unknown layer {layer!r}", {}, 0.0, {})
+        if layer not in base:
+            return MergePlan(False, f"push lacks the base clock of layer {layer!r}", {}, 0.0, {})
+        decision = decide(policy, base[layer], current[layer])
+        if not decision.accept:
+            return MergePlan(False, f"layer {layer!r}: {decision.reason}", {}, 0.0, {})
+        staleness[layer] = decision.staleness
+        weight = min(weight, decision.weight)
+    return MergePlan(True, "", staleness, weight, {layer: current[layer].increment(fog) for layer in layers})

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+TMP_MARKER = ".tmp-"
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -16,19 +18,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, sync: bool = True) -> None:
     """Write ``path`` so that a crash leaves either the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda fh: fh.write(data))
+def write_many_atomic(paths: dict[Path, Callable[[BinaryIO], None]], *, sync: bool = True) -> None:
+    """:func:`write_atomic` for several files: each is fsynced and renamed, then each directory once."""
+    done: list[Path] = []
+    try:
+        for path, write in paths.items():
+            tmp = path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+            done.append(tmp)
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                if sync:
+                    os.fsync(fh.fileno())
+        for tmp, path in zip(done, paths, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in done:
+            tmp.unlink(missing_ok=True)
+    if sync:
+        for directory in dict.fromkeys(p.parent for p in paths):
+            fsync_dir(directory)
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    write_atomic(path, lambda fh: fh.write(data), sync=sync)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a leftover of an interrupted :func:`write_atomic`."""
+    return name.startswith(".") and TMP_MARKER in name

@@ -1,17 +1,28 @@
-"""Versioned master weights on disk, one model per directory.
+"""Versioned master weights, one model per directory of a :class:`~hyprstream.core.storage.Storage`.
 
-Layout under ``root/<model>/``::
+Layout under ``<root>/<model>/``::
 
     layers/<layer>@<version>.arrow   the value of one layer group as committed by <version> (Arrow IPC)
-    manifest.json                    current version, per-version lineage, per-layer clocks, fog sequence numbers
+    manifest.json                    lineage, per-version layer files and per-layer clocks, fog sequence numbers
 
 A version is copy-on-write per layer: it names, for every layer group, the file holding that layer's
-value. Committing writes the new layer files durably first and then replaces the manifest atomically,
-so a crash leaves the previous version current and never a half-written one.
+value. A commit is, in order:
+
+1. the changed layers are written durably to new files (temp file, fsync, atomic rename): invisible,
+   since no manifest names them yet;
+2. the manifest naming them replaces the old one atomically (the new version is current);
+3. the commit's audit entry is appended and fsynced (when the repository has an audit log);
+4. only then is the push acknowledged.
+
+After a crash at any point, opening the repository reconciles the manifests with the audit log: a
+version whose audit entry is missing was never acknowledged and is rolled back (and the rollback is
+audited); layer files no manifest names, and temporaries, are deleted. Without an audit log the
+manifest replacement (2) is the commit point.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -25,16 +36,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hyprstream.core.consistency import ConsistencyPolicy, decide
-from hyprstream.core.durable import write_atomic, write_bytes_atomic
-from hyprstream.core.vector_clock import VectorClock, clocks_from_json
 from hyprstream.config import parse, to_dict
+from hyprstream.core.audit import AuditError, AuditLog, canonical, iter_entries
+from hyprstream.core.consistency import ConsistencyPolicy, plan_merge
+from hyprstream.core.storage import LocalStorage, Storage, is_temporary
+from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import UpdateRejected, ValidationError
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.core")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MANIFEST_SCHEMA = "hyprstream.core.manifest/1"
+COMMIT_ACTIONS = ("model.register", "model.push")
+_NORM_CHUNK = 1 << 16  # elements per float64 block of the norm pass (512 KiB: stays in cache)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,10 @@ class VersionInfo:
     staleness: Mapping[str, int] = field(default_factory=dict)
     weight: float = 1.0
     update_norm: float = 0.0
+    fog: str | None = None  # the fog whose push made this version (None for version 0)
+    seq: int | None = None
+    clocks: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # every layer's clock at this version
+    update_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,34 +93,79 @@ class PushResult:
     update_norm: float
 
 
+@dataclass(frozen=True)
+class PushRecord:
+    """What a push claims beyond its delta: recorded in the lineage and the audit entry."""
+
+    privacy: Mapping[str, float] | None = None  # e.g. {"epsilon": 0.5, "delta": 1e-6}
+    transcript_sha256: str | None = None  # hash of the secure-aggregation transcript
+
+
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValidationError(f"invalid {kind} name {value!r}: use 1-128 letters, digits, '_', '.', '-'")
     return value
 
 
+def update_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of a set of tensors, independent of row order and chunking.
+
+    For each parameter in name order: the canonical JSON ``{"dtype":..,"name":..,"shape":[..]}``, a
+    newline, then the tensor's raw little-endian C-order bytes (see ``docs/api.md``).
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        a = a if a.dtype.byteorder in ("<", "|", "=") else a.astype(a.dtype.newbyteorder("<"))
+        h.update(canonical({"dtype": a.dtype.name, "name": name, "shape": list(a.shape)}) + b"\n")
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def sum_of_squares(a: np.ndarray) -> float:
+    """Sum of squares in float64, one cache-sized block at a time; NaN or Inf when the input has them."""
+    flat = a.reshape(-1)
+    if flat.dtype == np.float64:
+        return float(np.dot(flat, flat))
+    total = 0.0
+    for i in range(0, flat.size, _NORM_CHUNK):
+        block = flat[i:i + _NORM_CHUNK].astype(np.float64)
+        total += float(np.dot(block, block))
+    return total
+
+
+def _replay_key(fog: str, base_clocks: Mapping[str, Any], digest: str | None) -> tuple[str, bytes, str] | None:
+    return None if digest is None else (fog, canonical(base_clocks), digest)
+
+
 class ModelRepository:
     """Thread-safe store of versioned models. Every public method either commits fully or changes nothing."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path | Storage, *, audit: AuditLog | None = None,
+                 actor: str = "core") -> None:
+        self.storage: Storage = LocalStorage(root) if isinstance(root, (str, Path)) else root
+        self.root = getattr(self.storage, "root", None)
+        self.audit = audit
+        self.actor = actor
         self._lock = threading.RLock()
         self._manifests: dict[str, dict[str, Any]] = {}
+        self._applied: dict[str, set[tuple[str, bytes, str]]] = {}
+        self.recovered: list[str] = []  # what opening repaired, one line each
+        self._recover()
 
     # --- reading ---------------------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").exists())
+        return [name for name in self.storage.list("") if _NAME.match(name)
+                and self.storage.exists(f"{name}/manifest.json")]
 
     def _manifest(self, model: str) -> dict[str, Any]:
         check_name("model", model)
         with self._lock:
             if model not in self._manifests:
-                path = self.root / model / "manifest.json"
-                if not path.exists():
+                if not self.storage.exists(f"{model}/manifest.json"):
                     raise ValidationError(f"unknown model {model!r}")
-                self._manifests[model] = json.loads(path.read_text())
+                self._manifests[model] = json.loads(self.storage.read_bytes(f"{model}/manifest.json"))
             return self._manifests[model]
 
     def settings(self, model: str) -> ModelSettings:
@@ -109,21 +173,26 @@ class ModelRepository:
 
     def head(self, model: str) -> dict[str, Any]:
         """Current version, its layers and their clocks."""
-        m = self._manifest(model)
-        v = m["versions"][-1]
-        return {"model": model, "version": v["version"], "layers": sorted(m["layer_files"][str(v["version"])]),
-                "clocks": m["clocks"][str(v["version"])]}
+        with self._lock:
+            m = self._manifest(model)
+            v = m["versions"][-1]
+            return {"model": model, "version": v["version"],
+                    "layers": sorted(m["layer_files"][str(v["version"])]),
+                    "clocks": m["clocks"][str(v["version"])]}
 
     def versions(self, model: str) -> list[VersionInfo]:
-        return [
-            VersionInfo(
-                version=v["version"], parent=v["parent"], created=v["created"], actor=v["actor"],
-                layers=tuple(v["layers"]), participants=v.get("participants", 0),
-                staleness=v.get("staleness", {}), weight=v.get("weight", 1.0),
-                update_norm=v.get("update_norm", 0.0),
-            )
-            for v in self._manifest(model)["versions"]
-        ]
+        with self._lock:
+            m = self._manifest(model)
+            return [
+                VersionInfo(
+                    version=v["version"], parent=v["parent"], created=v["created"], actor=v["actor"],
+                    layers=tuple(v["layers"]), participants=v.get("participants", 0),
+                    staleness=v.get("staleness", {}), weight=v.get("weight", 1.0),
+                    update_norm=v.get("update_norm", 0.0), fog=v.get("fog"), seq=v.get("seq"),
+                    clocks=m["clocks"][str(v["version"])], update_sha256=v.get("update_sha256"),
+                )
+                for v in m["versions"]
+            ]
 
     def get(self, model: str, version: int | None = None, layers: Iterable[str] | None = None) -> Snapshot:
         with self._lock:
@@ -139,13 +208,9 @@ class ModelRepository:
         unknown = [name for name in wanted if name not in files]
         if unknown:
             raise ValidationError(f"model {model!r} has no layer(s) {unknown}")
-        parts = [self._read_layer(model, files[name]) for name in wanted]
+        parts = [self.storage.read_table(f"{model}/layers/{files[name]}") for name in wanted]
         table = pa.concat_tables(parts) if parts else lt.to_table({})
         return Snapshot(model, version, table, {name: clocks.get(name, VectorClock()) for name in wanted})
-
-    def _read_layer(self, model: str, filename: str) -> pa.Table:
-        with pa.memory_map(str(self.root / model / "layers" / filename)) as src:
-            return pa.ipc.open_file(src).read_all()
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -154,22 +219,23 @@ class ModelRepository:
         check_name("model", model)
         table = lt.normalize(table)
         arrays = lt.to_arrays(table)  # validates byte lengths, dtypes, duplicates
+        if not arrays:
+            raise ValidationError("a model needs at least one parameter")
         for name, arr in arrays.items():
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ValidationError(f"parameter {name!r}: master weights must be floating point")
             if not np.isfinite(arr).all():
                 raise ValidationError(f"parameter {name!r}: initial weights contain NaN or Inf")
+        for layer in lt.layers_in(table):
+            check_name("layer", layer)
         with self._lock:
-            mdir = self.root / model
-            if (mdir / "manifest.json").exists():
+            if self.storage.exists(f"{model}/manifest.json"):
                 raise ValidationError(f"model {model!r} already exists")
-            (mdir / "layers").mkdir(parents=True, exist_ok=True)
-            files = {}
-            for layer in lt.layers_in(table):
-                check_name("layer", layer)
-                files[layer] = self._write_layer(model, layer, 0, lt.select_layers(table, [layer]))
+            self.storage.makedirs(f"{model}/layers")
+            files = self._write_layers(model, 0, {layer: lt.select_layers(table, [layer])
+                                                  for layer in lt.layers_in(table)})
             manifest = {
-                "schema": "hyprstream.core.manifest/1",
+                "schema": MANIFEST_SCHEMA,
                 "model": model,
                 "settings": to_dict(settings),
                 "versions": [{"version": 0, "parent": None, "created": time.time(), "actor": actor,
@@ -179,11 +245,16 @@ class ModelRepository:
                 "fog_seq": {},
             }
             self._write_manifest(model, manifest)
+            details = {"version": 0, "layers": sorted(files), "parameters": len(arrays),
+                       "elements": int(sum(a.size for a in arrays.values())),
+                       "weights_sha256": update_digest(arrays), "settings": to_dict(settings)}
+            self._commit_audit(model, None, actor, "model.register", details)
             log.info("registered model %s with %d layer groups", model, len(files))
             return 0
 
     def push_delta(self, model: str, delta: pa.Table, *, fog: str, seq: int,
-                   base_clocks: Mapping[str, VectorClock], participants: int) -> PushResult:
+                   base_clocks: Mapping[str, VectorClock], participants: int, actor: str | None = None,
+                   record: PushRecord = PushRecord()) -> PushResult:
         """Validate and merge a layer-wise delta; commit a new version. Raises UpdateRejected."""
         check_name("fog", fog)
         try:
@@ -196,13 +267,17 @@ class ModelRepository:
         with self._lock:
             m = self._manifest(model)
             settings = self.settings(model)
-            if seq <= m["fog_seq"].get(fog, 0):
-                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed seq {m['fog_seq'][fog]}, got {seq}")
+            last_seq = m["fog_seq"].get(fog, 0)
+            if seq <= last_seq:
+                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed seq {last_seq}, got {seq}")
             head = m["versions"][-1]["version"]
-            current = self.get(model, head)
-            master = lt.to_arrays(current.table)
-            layer_of = dict(zip(current.table.column("name").to_pylist(),
-                                current.table.column("layer").to_pylist(), strict=True))
+            current_clocks = clocks_from_json(m["clocks"][str(head)])
+            master: dict[str, np.ndarray] = {}
+            layer_of: dict[str, str] = {}
+            for layer, filename in m["layer_files"][str(head)].items():
+                part = self.storage.read_table(f"{model}/layers/{filename}")  # memory-mapped: views, no copy
+                master.update(lt.to_arrays(part))
+                layer_of.update(dict.fromkeys(part.column("name").to_pylist(), layer))
             delta_layers = dict(zip(delta.column("name").to_pylist(), delta.column("layer").to_pylist(), strict=True))
             touched: list[str] = []
             sq = 0.0
@@ -215,55 +290,204 @@ class ModelRepository:
                     raise UpdateRejected(f"{name}: shape {list(d.shape)} differs from the model's {list(master[name].shape)}")
                 if d.dtype != master[name].dtype:
                     raise UpdateRejected(f"{name}: dtype {d.dtype} differs from the model's {master[name].dtype}")
-                if not np.isfinite(d).all():
-                    raise UpdateRejected(f"{name}: delta contains NaN or Inf")
-                sq += float(np.square(d, dtype=np.float64).sum())
+                s = sum_of_squares(d)
+                if not np.isfinite(s):
+                    if not np.isfinite(d).all():
+                        raise UpdateRejected(f"{name}: delta contains NaN or Inf")
+                    raise UpdateRejected(f"{name}: delta norm overflows")
+                sq += s
                 if layer_of[name] not in touched:
                     touched.append(layer_of[name])
             norm = float(np.sqrt(sq))
             if settings.max_update_norm is not None and norm > settings.max_update_norm:
                 raise UpdateRejected(f"update norm {norm:.6g} exceeds the model's bound {settings.max_update_norm:.6g}")
-            staleness, weight = {}, 1.0
-            for layer in touched:
-                if layer not in base_clocks:
-                    raise UpdateRejected(f"push lacks the base clock of layer {layer!r}")
-                decision = decide(settings.consistency, base_clocks[layer], current.clocks[layer])
-                if not decision.accept:
-                    raise UpdateRejected(f"layer {layer!r}: {decision.reason}")
-                staleness[layer] = decision.staleness
-                weight = min(weight, decision.weight)
+            plan = plan_merge(settings.consistency, current_clocks, base_clocks, touched, fog)
+            if not plan.accept:
+                raise UpdateRejected(plan.reason)
+            base_json = clocks_to_json({layer: base_clocks[layer] for layer in touched})
+            digest = update_digest(arrays)
+            key = _replay_key(fog, base_json, digest)
+            if key in self._applied_keys(model):
+                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed this delta from the same base clocks")
             new_version = head + 1
             files = dict(m["layer_files"][str(head)])
             clocks = dict(m["clocks"][str(head)])
+            tables = {layer: _updated_layer(layer, [n for n, lay in layer_of.items() if lay == layer], master,
+                                            arrays, plan.weight) for layer in touched}
+            files.update(self._write_layers(model, new_version, tables))
             for layer in touched:
-                names = [n for n, lay in layer_of.items() if lay == layer]
-                updated = {n: (master[n] + weight * arrays[n]).astype(master[n].dtype, copy=False)
-                           if n in arrays else master[n] for n in names}
-                files[layer] = self._write_layer(model, layer, new_version, lt.to_table(updated, layer=lambda _: layer))
-                clocks[layer] = current.clocks[layer].increment(fog).as_dict()
+                clocks[layer] = plan.new_clocks[layer].as_dict()
             manifest = json.loads(json.dumps(m))
+            privacy = None if record.privacy is None else {k: float(v) for k, v in record.privacy.items()}
             manifest["versions"].append({
-                "version": new_version, "parent": head, "created": time.time(), "actor": fog,
-                "layers": touched, "participants": participants, "staleness": staleness,
-                "weight": weight, "update_norm": norm, "seq": seq,
+                "version": new_version, "parent": head, "created": time.time(), "actor": actor or fog,
+                "fog": fog, "layers": touched, "participants": participants, "staleness": plan.staleness,
+                "weight": plan.weight, "update_norm": norm, "seq": seq, "base_clocks": base_json,
+                "update_sha256": digest, "privacy": privacy, "transcript_sha256": record.transcript_sha256,
             })
             manifest["layer_files"][str(new_version)] = files
             manifest["clocks"][str(new_version)] = clocks
             manifest["fog_seq"][fog] = seq
             self._write_manifest(model, manifest)
-            log.info("model %s: version %d from %s (layers %s, staleness %s)", model, new_version, fog, touched, staleness)
-            return PushResult(new_version, staleness, weight, norm)
+            details = {
+                "version": new_version, "parent": head, "fog": fog, "seq": seq, "layers": touched,
+                "participants": participants, "base_clocks": base_json,
+                "new_clocks": {layer: clocks[layer] for layer in touched}, "staleness": plan.staleness,
+                "weight": plan.weight, "update_norm": norm, "update_sha256": digest, "privacy": privacy,
+                "transcript_sha256": record.transcript_sha256, "consistency": settings.consistency.mode.value,
+            }
+            self._commit_audit(model, m, actor or fog, "model.push", details)
+            self._applied_keys(model).add(key)
+            log.info("model %s: version %d from %s (layers %s, staleness %s)", model, new_version, fog, touched,
+                     plan.staleness)
+            return PushResult(new_version, plan.staleness, plan.weight, norm)
 
-    def _write_layer(self, model: str, layer: str, version: int, table: pa.Table) -> str:
-        filename = f"{layer}@{version}.arrow"
+    def _applied_keys(self, model: str) -> set[tuple[str, bytes, str]]:
+        if model not in self._applied:
+            keys = (_replay_key(v.get("fog", v["actor"]), v.get("base_clocks", {}), v.get("update_sha256"))
+                    for v in self._manifest(model)["versions"][1:])
+            self._applied[model] = {k for k in keys if k is not None}
+        return self._applied[model]
 
-        def write(fh) -> None:
-            with pa.ipc.new_file(fh, table.schema) as writer:
-                writer.write_table(table)
+    def _commit_audit(self, model: str, previous: dict[str, Any] | None, actor: str, action: str,
+                      details: dict[str, Any]) -> None:
+        """Step 3 of a commit; when the audit log cannot take the entry, step 2 is undone."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(actor, action, f"model/{model}", details=details)
+        except AuditError:
+            log.error("model %s: audit entry failed, undoing version %s", model, details["version"])
+            try:
+                if previous is None:
+                    self.storage.delete(f"{model}/manifest.json")
+                    self._manifests.pop(model, None)
+                else:
+                    self._write_manifest(model, previous)
+            except OSError:
+                self._manifests.pop(model, None)  # a restart's recovery rolls it back
+            self._applied.pop(model, None)
+            raise
 
-        write_atomic(self.root / model / "layers" / filename, write)
-        return filename
+    def _write_layers(self, model: str, version: int, tables: Mapping[str, pa.Table]) -> dict[str, str]:
+        """Step 1 of a commit: ``{layer: file name}`` of the new layer files, all durable on return."""
+
+        def writer(table: pa.Table):
+            def write(fh) -> None:
+                with pa.ipc.new_file(fh, table.schema) as w:
+                    w.write_table(table)
+            return write
+
+        files = {layer: f"{layer}@{version}.arrow" for layer in tables}
+        self.storage.write_many_atomic({f"{model}/layers/{files[layer]}": writer(t) for layer, t in tables.items()})
+        return files
 
     def _write_manifest(self, model: str, manifest: dict[str, Any]) -> None:
-        write_bytes_atomic(self.root / model / "manifest.json", json.dumps(manifest, indent=1).encode())
+        data = json.dumps(manifest, indent=1).encode()
+        self.storage.write_atomic(f"{model}/manifest.json", lambda fh: fh.write(data))
         self._manifests[model] = manifest
+
+    # --- recovery --------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        committed = self._committed_versions() if self.audit is not None else None
+        names = [n for n in self.storage.list("") if _NAME.match(n)]
+        for model in names:
+            for sub in ("", "layers"):
+                for name in self.storage.list(f"{model}/{sub}".rstrip("/")):
+                    if is_temporary(name):
+                        self.storage.delete(f"{model}/{sub}/{name}".replace("//", "/"))
+            if not self.storage.exists(f"{model}/manifest.json"):
+                if committed is not None and model in committed:
+                    raise AuditError(f"model {model!r}: the audit log records version {committed[model]} "
+                                     f"but its manifest is missing from {self.storage.description}")
+                self.storage.delete_dir(model)
+                self._note(model, None, "removed a model directory without a manifest (interrupted register)")
+                continue
+            m = self._manifest(model)
+            head = m["versions"][-1]["version"]
+            if committed is not None:
+                audited = committed.get(model)
+                if audited is None and head == 0:
+                    self.storage.delete_dir(model)
+                    self._manifests.pop(model, None)
+                    self._note(model, 0, "rolled back an unacknowledged register (no audit entry)")
+                    continue
+                if audited is not None and head == audited + 1:
+                    self._write_manifest(model, _without_last_version(m))
+                    self._note(model, head, "rolled back an unacknowledged version (no audit entry)")
+                elif audited != head:
+                    raise AuditError(f"model {model!r}: manifest is at version {head} but the audit log records "
+                                     f"{audited}: refusing to start")
+            self._remove_orphans(model)
+        if committed is not None:
+            lost = sorted(set(committed) - set(self.models()))
+            if lost:
+                raise AuditError(f"model(s) {lost} are in the audit log but not in {self.storage.description}")
+
+    def _committed_versions(self) -> dict[str, int]:
+        """The last version of each model that the audit log records as committed."""
+        out: dict[str, int] = {}
+        for e in iter_entries(self.audit.path):
+            if e.outcome == "ok" and e.action in COMMIT_ACTIONS and e.subject.startswith("model/"):
+                out[e.subject.removeprefix("model/")] = int(e.details["version"])
+        return out
+
+    def _remove_orphans(self, model: str) -> None:
+        m = self._manifest(model)
+        referenced = {f for files in m["layer_files"].values() for f in files.values()}
+        for name in self.storage.list(f"{model}/layers"):
+            if name not in referenced:
+                self.storage.delete(f"{model}/layers/{name}")
+                log.info("model %s: removed unreferenced layer file %s", model, name)
+
+    def _note(self, model: str, version: int | None, what: str) -> None:
+        self.recovered.append(f"model {model}: {what}" + (f" (version {version})" if version is not None else ""))
+        log.warning("recovery: model %s: %s", model, what)
+        if self.audit is not None and version is not None:
+            self.audit.append(self.actor, "recovery.rollback", f"model/{model}",
+                              details={"version": version, "reason": what})
+
+
+def _updated_layer(layer: str, names: list[str], master: Mapping[str, np.ndarray],
+                   delta: Mapping[str, np.ndarray], weight: float) -> pa.Table:
+    """The layer table of ``master + weight * delta`` for ``names``, computed straight into one buffer.
+
+    Same arithmetic as ``master + weight * delta`` in the master's dtype (the weight is rounded to that
+    dtype first, as numpy does for a Python float), without a temporary per tensor or a concatenation.
+    """
+    sizes = [master[n].nbytes for n in names]
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    values = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for i, n in enumerate(names):
+        m = master[n]
+        out = values[offsets[i]:offsets[i + 1]].view(m.dtype).reshape(m.shape)
+        d = delta.get(n)
+        if d is None:
+            np.copyto(out, m)
+        elif weight == 1.0:
+            np.add(m, d, out=out)
+        else:
+            np.multiply(d, m.dtype.type(weight), out=out)
+            np.add(m, out, out=out)
+    data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(names),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+    return pa.Table.from_arrays(
+        [pa.array([layer] * len(names), pa.string()), pa.array(names, pa.string()),
+         pa.array([master[n].dtype.name for n in names], pa.string()),
+         pa.array([list(master[n].shape) for n in names], pa.list_(pa.int64())), data],
+        schema=lt.LAYER_SCHEMA)
+
+
+def _without_last_version(m: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(m))
+    last = out["versions"].pop()
+    out["layer_files"].pop(str(last["version"]), None)
+    out["clocks"].pop(str(last["version"]), None)
+    seqs: dict[str, int] = {}
+    for v in out["versions"][1:]:
+        fog = v.get("fog", v["actor"])
+        seqs[fog] = max(seqs.get(fog, 0), int(v.get("seq", 0)))
+    out["fog_seq"] = seqs
+    return out

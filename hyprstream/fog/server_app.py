@@ -6,6 +6,7 @@ agents connected to this fog's SuperLink until ``rounds.max_rounds`` is reached 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from hyprstream.core.client import CoreClient
+from hyprstream.core.durable import write_bytes_atomic
 from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.config import FogConfig, LayerSchedule, load_fog_config, read_token
@@ -26,6 +28,7 @@ log = logging.getLogger("hyprstream.fog")
 
 FOG_CONFIG_KEY = "fog-config"
 STATE_DIR_KEY = "state-dir"
+STATUS_FILE = "status.json"  # the outcome of the last run of the ServerApp, in the state directory
 
 app = ServerApp()
 
@@ -36,8 +39,15 @@ def main(grid: Grid, context: Context) -> None:
     if not path:
         raise HyprstreamError(f"run config lacks {FOG_CONFIG_KEY!r} (the fog's TOML file)")
     logging.getLogger("hyprstream").setLevel(logging.INFO)
-    state = context.run_config.get(STATE_DIR_KEY)
-    run_fog(grid, load_fog_config(str(path)), state_dir=Path(str(state)) if state else None)
+    state = Path(str(context.run_config[STATE_DIR_KEY])) if context.run_config.get(STATE_DIR_KEY) else None
+    try:
+        rounds = run_fog(grid, load_fog_config(str(path)), state_dir=state)
+    except BaseException as exc:
+        if state is not None:  # flwr run exits 0 whatever the ServerApp did: leave the outcome to read
+            write_bytes_atomic(state / STATUS_FILE, json.dumps({"status": "failed", "error": str(exc)}).encode())
+        raise
+    if state is not None:
+        write_bytes_atomic(state / STATUS_FILE, json.dumps({"status": "finished", "rounds": len(rounds)}).encode())
 
 
 def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
@@ -97,4 +107,4 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRoun
     return done
 
 
-__all__ = ["FOG_CONFIG_KEY", "STATE_DIR_KEY", "app", "layers_for", "run_fog"]
+__all__ = ["FOG_CONFIG_KEY", "STATE_DIR_KEY", "STATUS_FILE", "app", "layers_for", "run_fog"]

@@ -7,6 +7,7 @@ serves the fog's SuperNodes; ``flwr run`` submits a Flower App whose ServerApp i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from hyprstream import __version__
 from hyprstream.errors import HyprstreamError, TransportError
 from hyprstream.fog.config import FogConfig
-from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY
+from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY, STATUS_FILE
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -102,7 +103,9 @@ class FogService:
         return f"{self.cfg.superlink.host}:{self.cfg.superlink.port}"
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.state / "flwr-home")}
+        # The SuperLink starts flwr-serverapp from PATH: make it this environment's.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.state / "flwr-home"), "PATH": path}
 
     def start(self, *, ready_timeout_s: float = 60.0) -> None:
         sl = self.cfg.superlink
@@ -132,15 +135,26 @@ class FogService:
         log.info("fog %s: SuperLink (pid %d) on %s", self.cfg.name, self.superlink.pid, self.address)
         wait_for_port(sl.host, sl.port, ready_timeout_s, self.superlink)
         run_config = f'{FOG_CONFIG_KEY}="{self.config_path}" {STATE_DIR_KEY}="{self.state.resolve()}"'
+        (self.state / STATUS_FILE).unlink(missing_ok=True)
         self.run = subprocess.Popen([executable("flwr"), "run", str(app), "fog", "--run-config", run_config,
                                      "--stream"], env=self._env(), stdout=open(self.state / "run.log", "ab"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
         log.info("fog %s: ServerApp submitted (flwr run pid %d); logs in %s", self.cfg.name, self.run.pid, self.state)
 
     def wait(self) -> int:
+        """Wait for the ServerApp's run to end; raises HyprstreamError when it failed."""
         if self.run is None:
             raise HyprstreamError("the fog is not running")
-        return self.run.wait()
+        code = self.run.wait()
+        status_file = self.state / STATUS_FILE
+        if status_file.exists():
+            status = json.loads(status_file.read_text())
+            if status.get("status") != "finished":
+                raise HyprstreamError(f"the fog's round loop failed: {status.get('error')} "
+                                      f"(logs: {self.state / 'run.log'})")
+        elif code == 0:
+            raise HyprstreamError(f"the fog's ServerApp did not run (logs: {self.state / 'run.log'})")
+        return code
 
     def stop(self) -> None:
         stop_process(self.run)

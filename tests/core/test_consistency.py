@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy, decide, staleness_weight
+from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy, decide, plan_merge, staleness_weight
 from hyprstream.core.vector_clock import VectorClock
 
 pytestmark = pytest.mark.unit
@@ -46,3 +46,46 @@ def test_weight_in_unit_interval_and_monotone(s, a):
     w = staleness_weight(s, a)
     assert 0 < w <= 1
     assert staleness_weight(s + 1, a) <= w
+
+
+layer_names = st.sampled_from(["l1", "l2", "l3", "l4"])
+fog_clocks = st.dictionaries(st.sampled_from(["fog-a", "fog-b", "fog-c"]), st.integers(0, 5)).map(VectorClock.of)
+policies = st.builds(ConsistencyPolicy, st.sampled_from([ConsistencyMode.BOUNDED, ConsistencyMode.EVENTUAL]),
+                     st.integers(0, 6), st.floats(0, 2))
+
+
+@given(policies, st.dictionaries(layer_names, fog_clocks, min_size=4), st.dictionaries(layer_names, fog_clocks),
+       st.sets(layer_names, min_size=1), st.sampled_from(["fog-a", "fog-b", "fog-z"]))
+def test_merge_plan_properties(policy, current, base, touched, fog):
+    plan = plan_merge(policy, current, base, touched, fog)
+    if not plan.accept:
+        assert plan.new_clocks == {} and plan.reason
+        return
+    assert set(plan.new_clocks) == touched  # untouched layers keep their clocks
+    for layer in touched:
+        assert current[layer] < plan.new_clocks[layer]
+        assert plan.new_clocks[layer].missing_from(current[layer]) == 1  # exactly this one update is added
+        assert plan.new_clocks[layer][fog] == current[layer][fog] + 1
+        assert plan.staleness[layer] == current[layer].missing_from(base[layer])
+    assert plan.weight == min(staleness_weight(s, policy.staleness_exponent) for s in plan.staleness.values())
+
+
+@given(policies, st.dictionaries(layer_names, fog_clocks, min_size=4), fog_clocks, fog_clocks)
+def test_pushes_to_disjoint_layers_never_conflict(policy, current, fresh_a, fresh_b):
+    """Whatever one fog committed on l1/l2, a push on l3/l4 from current bases is decided as before."""
+    strong = ConsistencyPolicy(ConsistencyMode.STRONG, max_staleness=0)
+    for p in (policy, strong):
+        second = {"l3": current["l3"], "l4": current["l4"]}
+        alone = plan_merge(p, current, second, ["l3", "l4"], "fog-b")
+        first = plan_merge(p, current, {"l1": current["l1"], "l2": current["l2"]}, ["l1", "l2"], "fog-a")
+        assert first.accept and alone.accept
+        after = {**current, **first.new_clocks}
+        assert plan_merge(p, after, second, ["l3", "l4"], "fog-b") == alone
+
+
+def test_merge_plan_refusals_name_the_layer():
+    p = ConsistencyPolicy(ConsistencyMode.BOUNDED, max_staleness=1)
+    cur = {"l1": two_behind}
+    assert "lacks the base clock of layer 'l1'" in plan_merge(p, cur, {}, ["l1"], "fog-a").reason
+    assert "unknown layer 'l9'" in plan_merge(p, cur, {"l9": base}, ["l9"], "fog-a").reason
+    assert "layer 'l1': bounded consistency: staleness 2" in plan_merge(p, cur, {"l1": base}, ["l1"], "fog-a").reason

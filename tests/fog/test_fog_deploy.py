@@ -21,7 +21,9 @@ from hyprstream.store import Store, to_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# SuperNodes start flwr-clientapp from PATH: this environment's
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+       "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
 
 def free_port() -> int:

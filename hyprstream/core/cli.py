@@ -1,0 +1,206 @@
+"""Command line of core: ``core run``, ``audit verify|report``, ``certs init``, ``token create``.
+
+:func:`add_parser` registers them on the ``hyprstream`` parser. Handlers take the parsed
+``argparse.Namespace`` and return an exit code; errors are raised as HyprstreamError subclasses
+(the main CLI prints them as one line). ``python -m hyprstream.core.cli ...`` runs the same commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hyprstream.errors import ConfigError, HyprstreamError
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 3600, 90m, 24h or 30d, got {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _when(text: str) -> dt.datetime:
+    from hyprstream.core.audit import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 date or date-time, got {text!r}") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``core``, ``audit``, ``certs`` and ``token`` on the ``hyprstream`` parser."""
+    p = subparsers.add_parser("core", help="run the core service",
+                              description="Core: versioned master weights over Arrow Flight, with vector clocks, "
+                                          "consistency modes, a signed audit log and role-based access.")
+    sub = p.add_subparsers(dest="core_command", required=True, metavar="SUBCOMMAND")
+    r = sub.add_parser("run", help="serve core's Flight API",
+                       description="Start core from a core.toml (kind = \"core\"): open the audit log, recover "
+                                   "the repository, serve until SIGTERM/SIGINT. Prints 'hyprstream core: "
+                                   "serving on <location>' when ready.")
+    r.add_argument("--config", required=True, type=Path, metavar="CORE_TOML", help="the core.toml to run")
+    r.set_defaults(func=cmd_core_run)
+
+    p = subparsers.add_parser("audit", help="check and summarise core's audit log",
+                              description="Work with core's audit log (JSON Lines, hash-chained, Ed25519-signed).")
+    sub = p.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    v = sub.add_parser("verify", help="check that an audit log is intact",
+                       description="Check every entry (canonical form, seq order, hash chain, signature) and the "
+                                   "signed head checkpoint. Exits 0 when intact, 1 naming the first bad seq "
+                                   "otherwise, 2 on a usage or key error.")
+    v.add_argument("path", type=Path, metavar="PATH", help="the audit log (audit.jsonl)")
+    v.add_argument("--key", type=Path, default=None,
+                   help="core's audit public key (PEM); default: the key recorded by entry 1")
+    v.add_argument("--head", type=Path, default=None, help="the head checkpoint (default: PATH.head)")
+    v.set_defaults(func=cmd_audit_verify)
+    rep = sub.add_parser("report", help="summarise operations per actor and action",
+                         description="Verify the log, then count operations per actor and action (ok / refused / "
+                                     "failed) in [--since, --until). Exits 1 if the log is not intact (the report "
+                                     "then covers only its intact prefix).")
+    rep.add_argument("path", type=Path, metavar="PATH", help="the audit log (audit.jsonl)")
+    rep.add_argument("--since", type=_when, default=None, help="ISO date or date-time (inclusive, UTC if naive)")
+    rep.add_argument("--until", type=_when, default=None, help="ISO date or date-time (exclusive, UTC if naive)")
+    rep.add_argument("--format", choices=("markdown", "json"), default="markdown", help="default: %(default)s")
+    rep.add_argument("--key", type=Path, default=None, help="core's audit public key (PEM)")
+    rep.set_defaults(func=cmd_audit_report)
+
+    p = subparsers.add_parser("certs", help="create keys and certificates for a deployment",
+                              description="Create a deployment's TLS material and signing keys.")
+    sub = p.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
+    i = sub.add_parser("init", help="create a CA, server and client certificates, audit and token keys",
+                       description="Create, in --out: ca.pem/ca.key, server.pem/server.key, client-<name>.pem/.key "
+                                   "per --client, audit-signing.key/.pub and token-signing.key/.pub. Private keys "
+                                   "are mode 0600; existing files are never overwritten.")
+    i.add_argument("--out", required=True, type=Path, help="directory to create the files in")
+    i.add_argument("--server-name", action="append", default=None, metavar="NAME",
+                   help="DNS name or IP address of core (repeatable; default: localhost and 127.0.0.1)")
+    i.add_argument("--client", action="append", default=[], metavar="NAME",
+                   help="make a TLS client certificate for NAME (repeatable)")
+    i.add_argument("--days", type=int, default=365, help="certificate lifetime in days (default: %(default)s)")
+    i.set_defaults(func=cmd_certs_init)
+
+    p = subparsers.add_parser("token", help="create signed bearer tokens",
+                              description="Signed, expiring bearer tokens for core (Ed25519 over {sub, role, iat, "
+                                          "exp, jti}).")
+    sub = p.add_subparsers(dest="token_command", required=True, metavar="SUBCOMMAND")
+    t = sub.add_parser("create", help="create a token",
+                       description="Print a token for --sub with --role, signed with --key (core's token key). "
+                                   "With --audit-log and --audit-key (core stopped) the issue is recorded in the "
+                                   "audit log; while core runs, use its issue_token action instead.")
+    t.add_argument("--key", required=True, type=Path, help="token signing key (token-signing.key)")
+    t.add_argument("--sub", required=True, help="identity (a fog's name for role fog)")
+    t.add_argument("--role", required=True, choices=("fog", "reader", "auditor", "admin"))
+    t.add_argument("--ttl", type=_duration, default=_duration("24h"),
+                   help="lifetime: 3600, 90m, 24h, 30d (default 24h)")
+    t.add_argument("--audit-log", type=Path, default=None, help="record the issue in this audit log")
+    t.add_argument("--audit-key", type=Path, default=None, help="the audit log's signing key")
+    t.set_defaults(func=cmd_token_create)
+
+
+# --- handlers --------------------------------------------------------------------------------------
+
+def cmd_core_run(args: argparse.Namespace) -> int:
+    from hyprstream.core.config import load_core_config
+    from hyprstream.core.service import run
+
+    config = load_core_config(args.config)
+    logging.getLogger("hyprstream").setLevel(config.log_level.upper())
+    return run(config, config_path=str(args.config))
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from hyprstream.core import signing
+    from hyprstream.core.audit import verify_file
+
+    key = signing.load_public_key(args.key) if args.key else None
+    result = verify_file(args.path, key, head=args.head)
+    if result.ok:
+        print(f"{args.path}: {result.message()}")
+        if key is None:
+            print("note: signatures were checked against the key the log itself names; pass --key "
+                  "audit-signing.pub to check who wrote it", file=sys.stderr)
+        return 0
+    print(f"{args.path}: NOT INTACT: {result.message()}")
+    return 1
+
+
+def cmd_audit_report(args: argparse.Namespace) -> int:
+    from hyprstream.core import signing
+    from hyprstream.core.audit import iter_entries, summarize, verify_file
+
+    key = signing.load_public_key(args.key) if args.key else None
+    result = verify_file(args.path, key)
+    entries = (e for e in iter_entries(args.path) if e.seq <= result.last_seq)
+    report = summarize(entries, since=args.since, until=args.until)
+    if args.format == "json":
+        print(json.dumps({**report.to_json(), "intact": result.ok, "verification": result.message()}, indent=1))
+    else:
+        print(report.to_markdown())
+        print(f"Verification: {result.message()}")
+    return 0 if result.ok else 1
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from hyprstream.core.certs import init_deployment
+
+    created = init_deployment(args.out, server_names=args.server_name or ("localhost", "127.0.0.1"),
+                              clients=args.client, days=args.days)
+    for c in created:
+        print(f"{'private' if c.private else 'public '}  {c.path}  {c.what}")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from hyprstream.core import signing, tokens
+    from hyprstream.core.audit import AuditLog, format_time
+    from hyprstream.core.auth import Role
+
+    if (args.audit_log is None) != (args.audit_key is None):
+        raise ConfigError("--audit-log and --audit-key go together", source="token create")
+    key = signing.load_private_key(args.key)
+    token, claims = tokens.issue(key, args.sub, Role(args.role), ttl_s=args.ttl, now=time.time())
+    if args.audit_log is not None:
+        with AuditLog(args.audit_log, signing.load_private_key(args.audit_key), actor="cli") as alog:
+            alog.append("cli", "token.issue", f"identity/{claims.sub}",
+                        details={"role": claims.role.value, "exp": claims.exp, "jti": claims.jti,
+                                 "key": signing.fingerprint(key), "via": "hyprstream token create"})
+    else:
+        print("note: this issue is not recorded in core's audit log (pass --audit-log/--audit-key, or use the "
+              "issue_token action while core runs)", file=sys.stderr)
+    print(f"token for {claims.sub!r} (role {claims.role.value}), expires {format_time(claims.exp)}, "
+          f"jti {claims.jti}", file=sys.stderr)
+    print(token)
+    return 0
+
+
+# --- standalone entry point ------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hyprstream.core.cli COMMAND ...``: the same commands outside the main CLI."""
+    parser = argparse.ArgumentParser(prog="python -m hyprstream.core.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"hyprstream: config error: {exc}", file=sys.stderr)
+        return 2
+    except HyprstreamError as exc:
+        print(f"hyprstream: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""core.toml, `core run`, `audit verify|report`, `certs init`, `token create`."""
+
+import argparse
+import json
+import stat
+
+import numpy as np
+import pytest
+from coreproc import CoreProcess, make_deployment
+from cryptography import x509
+
+from hyprstream.core import audit, signing, tokens
+from hyprstream.core.audit import AuditLog, iter_entries
+from hyprstream.core.auth import Role
+from hyprstream.core.cli import add_parser, main
+from hyprstream.core.client import CoreClient
+from hyprstream.core.config import load_core_config
+from hyprstream.errors import ConfigError
+from hyprstream.store.layer_table import to_table
+
+KEY = signing.generate_key()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [["core", "run"], ["audit", "verify"], ["audit", "report"], ["certs", "init"],
+                                  ["token", "create"], ["core"], ["audit"]])
+def test_every_command_has_help(argv, capsys):
+    parser = argparse.ArgumentParser(prog="hyprstream")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*argv, "--help"])
+    assert exc.value.code == 0
+    assert "usage: hyprstream" in capsys.readouterr().out
+
+
+def make_log(path, n=5):
+    with AuditLog(path, KEY, sync=False, clock=iter(1_800_000_000.0 + 60 * i for i in range(100)).__next__) as log:
+        for i in range(n):
+            log.append(f"fog-{i % 2}", "model.push", "model/m", details={"version": i + 1})
+    pub = path.parent / "audit.pub"
+    signing.write_public_key(pub, KEY.public_key())
+    return pub
+
+
+@pytest.mark.unit
+def test_audit_verify_exit_codes_name_the_first_bad_seq(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    pub = make_log(path)
+    assert main(["audit", "verify", str(path), "--key", str(pub)]) == 0
+    assert "ok: 6 entries" in capsys.readouterr().out
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b'"fog-0"', b'"fog-9"')
+    path.write_bytes(b"".join(lines))
+    assert main(["audit", "verify", str(path)]) == 1
+    assert "NOT INTACT: seq 4: " in capsys.readouterr().out
+    path.write_bytes(b"".join(make_log_lines(tmp_path)[:-2]))
+    assert main(["audit", "verify", str(path), "--head", str(tmp_path / "b" / "audit.jsonl.head")]) == 1
+    assert "seq 5: missing: the signed head checkpoint records seq 6" in capsys.readouterr().out
+    assert main(["audit", "verify", str(path), "--key", str(tmp_path / "nope.pub")]) == 2
+    assert "key file not found" in capsys.readouterr().err
+
+
+def make_log_lines(tmp_path):
+    (tmp_path / "b").mkdir()
+    make_log(tmp_path / "b" / "audit.jsonl")
+    return (tmp_path / "b" / "audit.jsonl").read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.unit
+def test_audit_report_markdown_and_json(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    make_log(path)  # seq 1 at T, seq k at T + 60 (k - 1) s; T = 2027-01-15T08:00:00Z
+    assert main(["audit", "report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fog-0 | model.push | 3 | 0 | 0 |" in out and "| fog-1 | model.push | 2 | 0 | 0 |" in out
+    assert main(["audit", "report", str(path), "--since", "2027-01-15T08:01:00", "--until",
+                 "2027-01-15T08:03:00Z", "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["total"], rep["first_seq"], rep["last_seq"], rep["intact"]) == (2, 2, 3, True)
+    assert rep["operations"] == [{"actor": "fog-0", "action": "model.push", "ok": 1, "refused": 0, "failed": 0},
+                                 {"actor": "fog-1", "action": "model.push", "ok": 1, "refused": 0, "failed": 0}]
+    with pytest.raises(SystemExit):
+        main(["audit", "report", str(path), "--since", "yesterday"])
+
+
+@pytest.mark.unit
+def test_certs_init_and_token_create(tmp_path, capsys):
+    out = tmp_path / "pki"
+    assert main(["certs", "init", "--out", str(out), "--client", "fog-a", "--server-name", "core.example",
+                 "--server-name", "10.0.0.5"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["audit-signing.key", "audit-signing.pub", "ca.key", "ca.pem", "client-fog-a.key",
+                     "client-fog-a.pem", "server.key", "server.pem", "token-signing.key", "token-signing.pub"]
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == (0o600 if p.suffix == ".key" else 0o644), p
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(v) for v in sans.get_values_for_type(x509.DNSName)] == ["core.example"]
+    assert [str(v) for v in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    capsys.readouterr()
+    assert main(["certs", "init", "--out", str(out)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+    assert main(["token", "create", "--key", str(out / "token-signing.key"), "--sub", "fog-a", "--role", "fog",
+                 "--ttl", "2h"]) == 0
+    cap = capsys.readouterr()
+    claims = tokens.verify(cap.out.strip(), signing.load_public_key(out / "token-signing.pub"), now=0)
+    assert (claims.sub, claims.role, claims.exp - claims.iat) == ("fog-a", Role.FOG, 7200)
+    assert "not recorded in core's audit log" in cap.err
+    log_path = tmp_path / "audit" / "audit.jsonl"
+    assert main(["token", "create", "--key", str(out / "token-signing.key"), "--sub", "dash", "--role", "reader",
+                 "--audit-log", str(log_path), "--audit-key", str(out / "audit-signing.key")]) == 0
+    issued = list(iter_entries(log_path))[-1]
+    assert (issued.actor, issued.action, issued.subject, issued.details["role"]) == (
+        "cli", "token.issue", "identity/dash", "reader")
+    with AuditLog(log_path, signing.load_private_key(out / "audit-signing.key"), sync=False):
+        assert main(["token", "create", "--key", str(out / "token-signing.key"), "--sub", "x", "--role", "fog",
+                     "--audit-log", str(log_path), "--audit-key", str(out / "audit-signing.key")]) == 1
+    assert "in use by another process" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_core_toml_validation_names_file_key_and_reason(tmp_path):
+    cfg = tmp_path / "core.toml"
+    cfg.write_text('kind = "core"\n[audit]\nsigning_key = "k/audit.key"\n[auth]\ntoken_key = "k/token.key"\n')
+    with pytest.raises(ConfigError, match=r"core.toml: tls.cert: required while tls.enabled is true"):
+        load_core_config(cfg)
+    cfg.write_text('kind = "core"\n[audit]\nsigning_key = "k/audit.key"\n[auth]\ntoken_key = "k/token.key"\n'
+                   '[tls]\ncert = "s.pem"\nkey = "/etc/s.key"\n[storage]\nuri = "s3://bucket/core"\n')
+    c = load_core_config(cfg)
+    assert c.tls.enabled and c.tls.cert == str(tmp_path / "s.pem") and c.tls.key == "/etc/s.key"
+    assert c.audit.path == str(tmp_path / "audit" / "audit.jsonl") and c.storage.uri == "s3://bucket/core"
+    assert (c.rate_limit.requests_per_s, c.rate_limit.burst, c.server.listen) == (50.0, 100, "127.0.0.1:8815")
+    for text, message in [
+        ('kind = "device"\n', "kind: must be \"core\""),
+        ('kind = "core"\n', "audit: required key is missing"),
+        ('kind = "core"\n[audit]\nsigning_key = "a"\n[tls]\nenabled = false\n', "auth.token_key: set auth.token_key"),
+        ('kind = "core"\n[audit]\nsigning_key = "a"\n[auth]\ntoken_key = "t"\n[tls]\nenabled = false\n'
+         '[server]\nlisten = "nohost"\n', "server.listen: expected host:port"),
+        ('kind = "core"\n[audit]\nsigning_key = "a"\n[auth]\ntoken_key = "t"\n[tls]\nenabled = false\n'
+         '[rate_limit]\nburst = 0\n', "rate_limit.burst: must be >= 1"),
+        ('kind = "core"\n[audit]\nsigning_key = "a"\nsigning_kee = "b"\n', "audit.signing_kee: unknown key"),
+    ]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_core_config(cfg)
+
+
+@pytest.mark.integration
+def test_core_run_with_tls_serves_and_stops_cleanly_on_sigterm(tmp_path):
+    from hyprstream.core.certs import init_deployment
+
+    init_deployment(tmp_path / "pki")
+    dep = make_deployment(tmp_path, tls={"cert": "pki/server.pem", "key": "pki/server.key"})
+    core = CoreProcess(dep.config)
+    try:
+        assert core.location.startswith("grpc+tls://127.0.0.1:")
+        ca = (tmp_path / "pki" / "ca.pem").read_bytes()
+        with CoreClient(core.location, dep.token("admin", Role.ADMIN), tls_root_certs=ca) as admin:
+            admin.register_model("m", to_table({"fc1.weight": np.zeros(3, np.float32)}))
+            assert admin.get_weights("m").version == 0
+    finally:
+        assert core.terminate() == 0, "".join(core.stderr)
+    actions = [e.action for e in iter_entries(dep.audit_log)]
+    assert actions[:5] == ["audit.create", "key.load", "key.load", "key.load", "core.start"]
+    assert actions[-3:] == ["model.register", "weights.read", "core.stop"]
+    assert audit.verify_file(dep.audit_log, dep.audit_key.public_key()).ok
+    # a config error stops `core run` with exit code 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('kind = "core"\n')
+    assert main(["core", "run", "--config", str(bad)]) == 2
+
+
+@pytest.mark.unit
+def test_the_example_deployment_config_is_valid():
+    from pathlib import Path
+
+    c = load_core_config(Path(__file__).resolve().parents[2] / "deploy" / "core.example.toml")
+    assert c.tls.enabled and c.tls.client_ca == "/etc/hyprstream/pki/ca.pem" and c.server.listen == "0.0.0.0:8815"
+
+
+@pytest.mark.integration
+def test_core_run_errors_are_one_line(tmp_path, capsys):
+    import socket
+
+    dep = make_deployment(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        dep.config.write_text(dep.config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+        assert main(["core", "run", "--config", str(dep.config)]) == 1
+    assert f"cannot serve on grpc://127.0.0.1:{port}" in capsys.readouterr().err
+    AuditLog(dep.audit_log, dep.audit_key, sync=False).close()  # the failed start released the audit log
+    (tmp_path / "keys" / "audit.key").chmod(0o644)
+    assert main(["core", "run", "--config", str(dep.config)]) == 2
+    assert "chmod 600" in capsys.readouterr().err
