@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from hyprstream.errors import StoreError, ValidationError
 from hyprstream.store import manifest as manifests
-from hyprstream.store import segments, sql, vector, wal
+from hyprstream.store import segments, vector, wal
 from hyprstream.store.config import StoreConfig
 from hyprstream.store.crypto import Cipher
 from hyprstream.store.files import fsync_dir, remove_temporaries, write_atomic
@@ -384,6 +384,8 @@ class Store:
 
         The tables are one consistent snapshot, scanned in place (no copy into DuckDB).
         """
+        from hyprstream.store import sql  # DuckDB loads on first use: agents and core start faster
+
         return sql.run(self._snapshot(None), query, params)
 
     def search(
