@@ -10,13 +10,26 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _commands(parser, prefix=()):
+    """Every command path of the parser, found by walking its subparsers."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
 def test_every_command_has_help(capsys):
     parser = build_parser()
-    commands = [["version"], ["config"], ["config", "validate"], ["simulate"]]
-    for argv in [[], *commands]:
+    commands = list(_commands(parser))
+    assert {("simulate",), ("config", "validate"), ("store", "query"), ("fog", "run"), ("core", "run"),
+            ("audit", "verify"), ("certs", "init"), ("token", "create")} <= set(commands)
+    for argv in commands:
         with pytest.raises(SystemExit) as info:
-            parser.parse_args([*argv, "--help"])
-        assert info.value.code == 0
+            build_parser().parse_args([*argv, "--help"])
+        assert info.value.code == 0, argv
         assert "usage: hyprstream" in capsys.readouterr().out
 
 
