@@ -52,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.set_defaults(func=_cmd_config_validate)
 
+    from hyprstream.agent.cli import add_parser as add_agent_parser
     from hyprstream.core.cli import add_parser as add_core_parser
     from hyprstream.fog.cli import add_parser as add_fog_parser
     from hyprstream.store.cli import add_parser as add_store_parser
 
+    add_agent_parser(sub)
     add_core_parser(sub)
     add_fog_parser(sub)
     add_store_parser(sub)

@@ -2,19 +2,31 @@
 
 A task is found by name (:func:`get_task`); the fog names it in every train request and the agent and
 the simulator build the same model from it, so master-weight keys are the bare model's state-dict keys.
+
+Besides training (:meth:`Task.from_table`), a task tells the agent how to take in data as it arrives
+(:meth:`Task.records_to_table`: JSON-like records from files, the local HTTP endpoint or MQTT into
+rows of its store table), which inputs the model sees for any rows (:meth:`Task.features`, labelled
+or not; rows without a label carry :data:`UNLABELLED`) and how to read the model's outputs
+(:meth:`Task.interpret`). A task whose features depend on a key's earlier rows (a sensor's previous
+reading) says so with ``context_key`` and ``context_rows``; the agent then passes those rows first.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from hyprstream.errors import ValidationError
 from hyprstream.store.layer_table import layer_of
+
+
+UNLABELLED = -1
+"""The label of a stored row whose true label is unknown (ingested for inference only)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,9 @@ class Task(abc.ABC):
     name: str
     schema: pa.Schema  # schema of the store table "samples" that holds the task's local data
     table: str = "samples"
+    time_column: str | None = None  # a timestamp column of ``schema`` (age retention), if any
+    context_key: str | None = None  # features of a row depend on the previous rows of this key ...
+    context_rows: int = 0  # ... this many of them
 
     @abc.abstractmethod
     def build_model(self, seed: int):
@@ -49,7 +64,10 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def load_reference_data(self, seed: int) -> tuple[Dataset, Dataset]:
-        """(train, test) from the task's packaged reference data set (used by the simulator)."""
+        """(train, test) from the task's reference data set, as stored (``to_table`` input).
+
+        Model input is what ``from_table`` returns; the simulator evaluates on
+        ``from_table(to_table(test))`` so that it sees exactly what a device would."""
 
     @abc.abstractmethod
     def to_table(self, data: Dataset) -> pa.Table:
@@ -57,7 +75,38 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def from_table(self, table: pa.Table) -> Dataset:
-        """Features and labels from store rows; raises ValidationError on a bad schema."""
+        """Features and labels of the labelled store rows; raises ValidationError on a bad schema."""
+
+    def features(self, table: pa.Table) -> np.ndarray:
+        """Model inputs for every row of ``table`` (labelled or not), in row order.
+
+        The default is :meth:`from_table`'s features, right for tasks that store labelled rows only;
+        a task that also stores :data:`UNLABELLED` rows (ingested for inference) overrides it.
+        """
+        return self.from_table(table).x
+
+    def records_to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Store rows for ingested records (a missing ``label`` is :data:`UNLABELLED`).
+
+        Raises ValidationError naming the record and field that does not fit. The default refuses
+        every record: a task that the agent should feed from its ingestion sources overrides it.
+        """
+        raise ValidationError(f"task {self.name!r} takes no ingested records")
+
+    def example_input(self, batch: int, seed: int = 0) -> np.ndarray:
+        """A batch of valid model inputs (ONNX export, calibration, benchmarks); the default takes
+        rows of the reference test set."""
+        _, test = self.load_reference_data(seed)
+        return np.ascontiguousarray(np.resize(test.x, (batch, *test.x.shape[1:])))
+
+    def interpret(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(prediction, score)`` per row from the model's outputs (default: class logits ->
+        argmax and its softmax probability)."""
+        z = outputs - outputs.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        pred = p.argmax(axis=1)
+        return pred.astype(np.int32), p[np.arange(len(p)), pred].astype(np.float32)
 
     def loss(self):
         import torch

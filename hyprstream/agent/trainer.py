@@ -45,8 +45,14 @@ def params_of(task: Task, model, layers: Sequence[str]) -> dict[str, object]:
 
 
 def train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int,
-                 lr: float, seed: int, device: str = "cpu") -> TrainResult:
-    """Train only ``layers`` of ``model`` for ``steps`` minibatch steps; returns the delta of those layers."""
+                 lr: float, seed: int, device: str = "cpu", max_seconds: float | None = None) -> TrainResult:
+    """Train only ``layers`` of ``model`` for ``steps`` minibatch steps; returns the delta of those layers.
+
+    With ``max_seconds``, training stops early (after at least one step) once that much time has
+    passed; ``TrainResult.steps`` says how many steps ran.
+    """
+    import time
+
     import torch
 
     if len(data) == 0:
@@ -61,14 +67,17 @@ def train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, ste
         p.requires_grad_(name in trainable)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     opt = torch.optim.Adam(list(trainable.values()), lr=lr)
-    loss_fn = task.loss()
+    loss_fn = task.loss().to(device)  # a loss with class weights holds a tensor
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
     gen = torch.Generator().manual_seed(seed)
     n = len(data)
     model.train()
     losses = []
+    started = time.monotonic()
     for _ in range(steps):
+        if losses and max_seconds is not None and time.monotonic() - started >= max_seconds:
+            break
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[idx]), y[idx])
@@ -76,7 +85,7 @@ def train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, ste
         opt.step()
         losses.append(loss.detach())
     delta = {n: (p.detach() - before[n]).cpu().numpy() for n, p in trainable.items()}
-    return TrainResult(delta, float(torch.stack(losses).mean().cpu()), steps, n)
+    return TrainResult(delta, float(torch.stack(losses).mean().cpu()), len(losses), n)
 
 
 def evaluate(task: Task, model, data: Dataset, *, device: str = "cpu", batch_size: int = 1024) -> tuple[float, float]:
@@ -84,7 +93,7 @@ def evaluate(task: Task, model, data: Dataset, *, device: str = "cpu", batch_siz
     import torch
 
     model.to(device).eval()
-    loss_fn = task.loss()
+    loss_fn = task.loss().to(device)
     total_loss, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):

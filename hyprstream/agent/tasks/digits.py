@@ -1,15 +1,34 @@
-"""Handwritten digits (scikit-learn's bundled 8x8 images, 10 classes) with a small MLP."""
+"""Handwritten digits (scikit-learn's bundled 8x8 images, 10 classes): an MLP (``digits``) and a
+small CNN (``digits-cnn``) on the same data and store table.
+
+Ingested records: ``{"features": [64 numbers in 0..1, row by row], "label": 0..9 (optional)}``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from hyprstream.agent.task import Dataset, Task, register
+from hyprstream.agent.task import UNLABELLED, Dataset, Task, register
+from hyprstream.agent.tasks._records import label_column, number_list
 from hyprstream.errors import ValidationError
 
 N_FEATURES = 64
 N_CLASSES = 10
+
+
+def _seeded(seed: int, make):
+    import torch
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return make()
+    finally:
+        torch.random.set_rng_state(gen_state)
 
 
 @register("digits")
@@ -35,12 +54,7 @@ class DigitsTask(Task):
                 x = torch.relu(self.fc2(x))
                 return self.head(x)
 
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            return DigitsMLP()
-        finally:
-            torch.random.set_rng_state(gen_state)
+        return _seeded(seed, DigitsMLP)
 
     def load_reference_data(self, seed: int) -> tuple[Dataset, Dataset]:
         from sklearn.datasets import load_digits
@@ -57,15 +71,58 @@ class DigitsTask(Task):
         features = pa.FixedSizeListArray.from_arrays(flat, N_FEATURES)
         return pa.Table.from_arrays([features, pa.array(data.y.astype(np.int32))], schema=self.schema)
 
-    def from_table(self, table: pa.Table) -> Dataset:
+    def _check(self, table: pa.Table) -> pa.Table:
         if not table.schema.equals(self.schema, check_metadata=False):
-            raise ValidationError(f"digits data must have schema {self.schema}, got {table.schema}")
-        table = table.combine_chunks()
-        feats = table.column("features").chunk(0) if table.num_rows else None
-        if feats is None:
-            return Dataset(np.empty((0, N_FEATURES), np.float32), np.empty(0, np.int64))
-        x = feats.flatten().to_numpy(zero_copy_only=False).reshape(-1, N_FEATURES)
+            raise ValidationError(f"{self.name} data must have schema {self.schema}, got {table.schema}")
+        return table.combine_chunks()
+
+    def features(self, table: pa.Table) -> np.ndarray:
+        table = self._check(table)
+        if table.num_rows == 0:
+            return np.empty((0, N_FEATURES), np.float32)
+        feats = table.column("features").chunk(0)
+        return feats.flatten().to_numpy(zero_copy_only=False).reshape(-1, N_FEATURES)
+
+    def from_table(self, table: pa.Table) -> Dataset:
+        x = self.features(table)
         y = table.column("label").to_numpy().astype(np.int64)
-        if y.min() < 0 or y.max() >= N_CLASSES:
-            raise ValidationError(f"digits labels must lie in [0, {N_CLASSES})")
+        keep = y != UNLABELLED
+        x, y = x[keep], y[keep]
+        if len(y) and (y.min() < 0 or y.max() >= N_CLASSES):
+            raise ValidationError(f"{self.name} labels must lie in [0, {N_CLASSES})")
         return Dataset(x, y)
+
+    def records_to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
+        x = np.stack([number_list(r, i, "features", N_FEATURES, lo=0.0, hi=1.0) for i, r in enumerate(records)]) \
+            if records else np.empty((0, N_FEATURES), np.float32)
+        return self.to_table(Dataset(x, label_column(records, N_CLASSES)))
+
+    def example_input(self, batch: int, seed: int = 0) -> np.ndarray:
+        return np.random.default_rng(seed).random((batch, N_FEATURES), dtype=np.float32)
+
+
+@register("digits-cnn")
+class DigitsCnnTask(DigitsTask):
+    """The digits data as 1x8x8 images through two convolutions (the int8 path quantizes these
+    statically, with calibration data)."""
+
+    def build_model(self, seed: int):
+        import torch
+        from torch import nn
+
+        class DigitsCNN(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+                self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+                self.fc = nn.Linear(32 * 4 * 4, 64)
+                self.head = nn.Linear(64, N_CLASSES)
+
+            def forward(self, x):
+                x = x.reshape(-1, 1, 8, 8)
+                x = torch.relu(self.conv1(x))
+                x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+                x = torch.relu(self.fc(x.flatten(1)))
+                return self.head(x)
+
+        return _seeded(seed, DigitsCNN)

@@ -1,0 +1,236 @@
+"""Export of a global model version to ONNX (fp32) and its int8 variant, for ONNX Runtime.
+
+* fp32: ``torch.onnx.export`` (TorchScript exporter, opset 17), one input ``input`` and one output
+  ``output``, both with a dynamic batch dimension.
+* int8: with ``onnxruntime.quantization``. A graph with convolutions is quantized statically in QDQ
+  format (per-channel weights, activations calibrated with MinMax on real inputs: rows from the
+  device's store, else the task's example inputs); a graph of linear layers only (MLPs,
+  transformers) is quantized dynamically (int8 weights, activations quantized at run time).
+
+The agent daemon never imports torch itself: it runs the export in a child process
+(:func:`export_in_subprocess`, ``python -m hyprstream.agent.export``), at a lower CPU priority and
+with a thread limit, so a model update never takes the device's cores from its own job and the
+daemon's memory stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hyprstream._extras import require
+from hyprstream.errors import HyprstreamError, ValidationError
+
+__all__ = ["ModelFiles", "export_in_subprocess", "export_onnx", "export_version", "quantize_int8"]
+
+log = logging.getLogger("hyprstream.agent.inference")
+
+MANIFEST = "manifest.json"
+OPSET = 17
+INPUT, OUTPUT = "input", "output"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The ONNX files of one model version."""
+
+    task: str
+    version: int
+    fp32: Path
+    int8: Path | None
+    quantization: str  # "static-qdq", "dynamic" or "none"
+    weights: Path | None = None  # the layer-table file exported from (torch fallback)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "version": self.version, "fp32": str(self.fp32),
+                "int8": str(self.int8) if self.int8 else None, "quantization": self.quantization,
+                "weights": str(self.weights) if self.weights else None}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ModelFiles:
+        try:
+            return cls(str(data["task"]), int(data["version"]), Path(data["fp32"]),
+                       Path(data["int8"]) if data.get("int8") else None, str(data["quantization"]),
+                       Path(data["weights"]) if data.get("weights") else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(f"bad model manifest: {exc}") from None
+
+
+def export_onnx(task, model, path: Path) -> Path:
+    """Write ``model`` (a torch module of ``task``) as ONNX with a dynamic batch dimension."""
+    import warnings
+
+    import torch
+
+    model = model.eval().cpu()
+    example = torch.as_tensor(task.example_input(2))
+    # the TorchScript exporter on purpose: the torch.export one needs onnxscript, which is not a
+    # dependency; its deprecation and tracer warnings say nothing about this export
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    return path
+
+
+def _has_convolutions(path: Path) -> bool:
+    onnx = require("onnx", extra="onnx", feature="int8 model export")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type in {"Conv", "ConvTranspose"} for node in graph.node)
+
+
+def quantize_int8(fp32: Path, int8: Path, *, calibration: np.ndarray | None) -> str:
+    """Write the int8 variant of ``fp32``; returns the method (``static-qdq`` or ``dynamic``)."""
+    q = require("onnxruntime.quantization", extra="onnx", feature="int8 quantization")
+    source = int8.with_name(int8.stem + ".prep.onnx")
+    try:  # shape inference and graph optimisation first, as onnxruntime recommends
+        q.quant_pre_process(str(fp32), str(source))
+    except Exception as exc:  # optional step; its failures are onnx/onnxruntime errors of many kinds
+        log.debug("quantization pre-processing skipped: %s", exc)
+        source = fp32
+    try:
+        return _quantize(q, source, int8, calibration)
+    finally:
+        if source != fp32:
+            source.unlink(missing_ok=True)
+
+
+def _quantize(q, fp32: Path, int8: Path, calibration: np.ndarray | None) -> str:
+    if _has_convolutions(fp32):
+        if calibration is None or len(calibration) == 0:
+            raise ValidationError("static quantization needs calibration inputs")
+
+        class Reader(q.CalibrationDataReader):
+            def __init__(self, data: np.ndarray, batch: int = 32) -> None:
+                self._batches = iter([{INPUT: data[i:i + batch]} for i in range(0, len(data), batch)])
+
+            def get_next(self):
+                return next(self._batches, None)
+
+        q.quantize_static(str(fp32), str(int8), Reader(calibration), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+        return "static-qdq"
+    q.quantize_dynamic(str(fp32), str(int8), weight_type=q.QuantType.QInt8)
+    return "dynamic"
+
+
+def export_version(task_name: str, version: int, weights: Mapping[str, np.ndarray], out_dir: Path, *,
+                   calibration: np.ndarray | None = None, int8: bool = True,
+                   weights_file: Path | None = None) -> ModelFiles:
+    """Export ``weights`` of ``task_name`` at ``version`` into ``out_dir`` (fp32 and, if asked, int8)."""
+    from hyprstream.agent.task import get_task
+    from hyprstream.agent.trainer import load_weights
+
+    task = get_task(task_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = task.build_model(seed=0)
+    load_weights(model, weights)
+    fp32 = export_onnx(task, model, out_dir / "model.fp32.onnx")
+    int8_path, method = None, "none"
+    if int8:
+        if calibration is None or len(calibration) < 8:
+            calibration = task.example_input(128, seed=version)
+        int8_path = out_dir / "model.int8.onnx"
+        method = quantize_int8(fp32, int8_path, calibration=calibration)
+    files = ModelFiles(task.name, version, fp32, int8_path, method, weights_file)
+    (out_dir / MANIFEST).write_text(json.dumps(files.to_json()))
+    return files
+
+
+def read_manifest(out_dir: Path) -> ModelFiles:
+    try:
+        return ModelFiles.from_json(json.loads((out_dir / MANIFEST).read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"{out_dir}: no readable model manifest: {exc}") from None
+
+
+def export_in_subprocess(task_name: str, version: int, weights_file: Path, out_dir: Path, *,
+                         calibration_file: Path | None = None, int8: bool = True, threads: int = 1,
+                         nice: int = 10, timeout_s: float = 900.0,
+                         cancel: threading.Event | None = None) -> ModelFiles:
+    """Run :func:`export_version` in a child Python process (see the module docstring).
+
+    The child is killed when ``cancel`` is set or after ``timeout_s``; either raises HyprstreamError.
+    """
+    cmd = [sys.executable, "-m", "hyprstream.agent.export", "--task", task_name, "--version", str(version),
+           "--weights", str(weights_file), "--out", str(out_dir), "--threads", str(threads), "--nice", str(nice)]
+    if calibration_file is not None:
+        cmd += ["--calibration", str(calibration_file)]
+    if not int8:
+        cmd.append("--no-int8")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        raise HyprstreamError(f"exporting {task_name} v{version} was cancelled") from None
+                    if time.monotonic() - started > timeout_s:
+                        raise HyprstreamError(f"exporting {task_name} v{version} took over {timeout_s:.0f} s") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            raise HyprstreamError(f"exporting {task_name} v{version} failed: {lines[-1] if lines else proc.returncode}")
+    files = read_manifest(out_dir)
+    log.info("exported %s v%d to ONNX (int8: %s) in %.1f s", task_name, version, files.quantization,
+             time.monotonic() - started)
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyprstream.agent.export",
+                                     description="Export a saved global model version to ONNX (fp32 and int8).")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--version", type=int, required=True)
+    parser.add_argument("--weights", type=Path, required=True, help="layer-table file (Arrow IPC)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--calibration", type=Path, help="model inputs (.npy) for static quantization")
+    parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nice", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
+    import warnings
+
+    import torch
+
+    from hyprstream.agent.handoff import load_model
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        calibration = np.load(args.calibration) if args.calibration else None
+        export_version(args.task, args.version, load_model(args.weights), args.out, calibration=calibration,
+                       int8=not args.no_int8, weights_file=args.weights)
+    except HyprstreamError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The agent's Flower SuperNode against a real SuperLink on loopback: it registers, and it never
+outlives the agent (SIGTERM: stopped cleanly; SIGKILL: the kernel's parent-death signal)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port
+from test_daemon import agent_cli, fast_profile, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture()
+def superlink(tmp_path):
+    beside = Path(sys.executable).with_name("flower-superlink")
+    exe = str(beside) if beside.exists() else shutil.which("flower-superlink")
+    port = free_port()
+    log = tmp_path / "superlink.log"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_HOME": str(tmp_path / "flwr-link")}
+    proc = subprocess.Popen([exe, "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            cwd=tmp_path)
+    try:
+        assert wait_until(lambda: "Uvicorn running" in log.read_text(errors="replace"), 60), log.read_text()
+        yield port, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def supernodes(pid: int) -> list[psutil.Process]:
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for k in kids:
+        try:
+            if k.status() != psutil.STATUS_ZOMBIE and any("flower-supernode" in part for part in k.cmdline()):
+                found.append(k)
+        except psutil.Error:  # exited (or a zombie) meanwhile
+            pass
+    return found
+
+
+def start(tmp_path: Path, port: int, name: str) -> subprocess.Popen:
+    key = tmp_path / "store.key"
+    key.write_bytes(os.urandom(32))
+    cmd = [*agent_cli(), "run", "--config", str(fast_profile(tmp_path)), "--fog", f"127.0.0.1:{port}",
+           "--fog-insecure", "--device-id", name, "--store", str(tmp_path / name / "store"), "--store-key", str(key)]
+    return subprocess.Popen(cmd, stdout=(tmp_path / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_supernode_registers_and_dies_with_the_agent(tmp_path, superlink, how):
+    port, link_log = superlink
+    agent = start(tmp_path, port, f"node-{how}")
+    try:
+        assert wait_until(lambda: "Activated node_id" in link_log.read_text(errors="replace"), 90), \
+            (tmp_path / f"node-{how}.log").read_text()
+        (node,) = supernodes(agent.pid)
+        cmd = node.cmdline()
+        assert cmd[cmd.index("--superlink") + 1] == f"127.0.0.1:{port}" and "--insecure" in cmd
+        config = cmd[cmd.index("--node-config") + 1]
+        assert f'store-dir="{(tmp_path / f"node-{how}" / "store").resolve()}"' in config and "state-dir=" in config
+        if how == "sigterm":
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(60) == 0
+        else:
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(10)
+        gone, alive = psutil.wait_procs([node], timeout=30)
+        assert not alive
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    if how == "sigterm":
+        log = (tmp_path / f"node-{how}.log").read_text()
+        assert "SuperNode started" in log and "agent stopped" in log
+
+
+def test_supernode_restarts_when_it_dies(tmp_path, superlink):
+    port, link_log = superlink
+    agent = start(tmp_path, port, "node-restart")
+    try:
+        assert wait_until(lambda: len(supernodes(agent.pid)) == 1, 60)
+        first = supernodes(agent.pid)[0]
+        first.kill()
+        assert wait_until(lambda: [p.pid for p in supernodes(agent.pid)] not in ([], [first.pid]), 60)
+        log = tmp_path / "node-restart.log"
+        assert wait_until(lambda: "SuperNode exited" in log.read_text(), 10)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
