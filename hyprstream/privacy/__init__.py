@@ -1,0 +1,61 @@
+"""Privacy mechanisms as pure, testable pieces, and the thin wrappers that wire them in.
+
+What users import (see docs/privacy.md for the guarantees, assumptions and threat model):
+
+* configuration: :class:`PrivacyConfig` (the ``[privacy]`` sections) and :func:`parse_privacy`;
+* fog: :class:`SecureFogAggregator` (secure aggregation and client-level DP around a ``FogAggregator``);
+* agent: :data:`secagg_mod` / :func:`make_secagg_mod` (client middleware for ``train.secagg``),
+  :class:`DpSgdTrainer` (Opacus DP-SGD of the trained layers, charged to the device's ledger);
+* accounting: :class:`RdpAccountant`, :class:`GaussianEvent`, :class:`PrivacyLedger`, :class:`Budget`;
+* errors: :class:`PrivacyViolation`, :class:`BudgetExceeded`, :class:`RangeOverflow`, :class:`SecAggAborted`.
+
+Heavy parts load lazily: Opacus only when DP-SGD trains, Flower's records only with the secure-aggregation
+wire format.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hyprstream.privacy.accountant import GaussianEvent, RdpAccountant
+from hyprstream.privacy.config import PrivacyConfig, parse_privacy
+from hyprstream.privacy.errors import BudgetExceeded, PrivacyViolation, RangeOverflow, SecAggAborted
+from hyprstream.privacy.ledger import Budget, PrivacyLedger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hyprstream.privacy.dpsgd import DpSgdTrainer
+    from hyprstream.privacy.secagg_mod import make_secagg_mod, secagg_mod
+    from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+
+_LAZY = {
+    "SecureFogAggregator": "hyprstream.privacy.secagg_workflow",
+    "secagg_mod": "hyprstream.privacy.secagg_mod",
+    "make_secagg_mod": "hyprstream.privacy.secagg_mod",
+    "DpSgdTrainer": "hyprstream.privacy.dpsgd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hyprstream.privacy' has no attribute {name!r}")
+
+
+__all__ = [
+    "Budget",
+    "BudgetExceeded",
+    "DpSgdTrainer",
+    "GaussianEvent",
+    "PrivacyConfig",
+    "PrivacyLedger",
+    "PrivacyViolation",
+    "RangeOverflow",
+    "RdpAccountant",
+    "SecAggAborted",
+    "SecureFogAggregator",
+    "make_secagg_mod",
+    "parse_privacy",
+    "secagg_mod",
+]

@@ -1,0 +1,220 @@
+"""Sample-level DP-SGD on the device with Opacus, for exactly the layers a round trains.
+
+:func:`dp_train_layers` is :func:`hyprstream.agent.trainer.train_layers` made private:
+
+* only the requested layers have ``requires_grad``; Opacus' ``GradSampleModule`` then hooks only the
+  modules that own trainable parameters, so frozen layers cost no per-sample gradients (and no
+  backward pass below the lowest trained layer);
+* each step draws a Poisson sample of the local data (rate q = batch_size / n, the rate the
+  accountant amplifies by), clips every example's gradient to ``max_grad_norm`` and adds Gaussian
+  noise of std ``noise_multiplier * max_grad_norm`` (Opacus ``DPOptimizer``; an empty sample still
+  takes a noise-only step, as the analysis assumes);
+* the wrapper is removed afterwards and the delta is read from the bare model: parameter names are
+  the model's own, never Opacus' ``_module.`` ones.
+
+:class:`DpSgdTrainer` binds it to the device's :class:`~hyprstream.privacy.ledger.PrivacyLedger`: before a round
+trains, the round's mechanism event (``GaussianEvent(z, q, steps)``) is checked against the device's
+budget and charged durably; a round that would exceed the budget raises
+:class:`~hyprstream.privacy.errors.BudgetExceeded` (the agent declines with that reason) and trains
+nothing. The spend is charged *before* training: a crash mid-round over-counts, never under-counts.
+
+Randomness: the sampler and Opacus' noise use a ``torch.Generator`` passed in. Deployed devices seed
+it from ``os.urandom`` each round and run Opacus in ``secure_mode`` (its defence against
+floating-point attacks); simulations seed it from the request's seed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyprstream.agent.task import Dataset, Task
+from hyprstream.agent.trainer import TrainResult, params_of
+from hyprstream.errors import ValidationError
+from hyprstream.privacy.accountant import GaussianEvent
+from hyprstream.privacy.ledger import Budget, Charge, Entry, PrivacyLedger, Scope
+
+MECHANISM = "dpsgd"
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """Sample-level DP-SGD settings of a device."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    budget: Budget
+    secure: bool = True  # OS-seeded generator and Opacus secure_mode; False: seeded (simulation)
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0 or not self.max_grad_norm > 0:
+            raise ValueError("noise_multiplier and max_grad_norm must be positive")
+
+    def event(self, num_examples: int, batch_size: int, steps: int) -> GaussianEvent:
+        """The mechanism event of one round: ``steps`` Poisson-sampled steps at rate batch / examples."""
+        if num_examples < 1:
+            raise ValidationError("no local training data")
+        return GaussianEvent(self.noise_multiplier, min(1.0, batch_size / num_examples), steps)
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult(TrainResult):
+    """A training result with the ledger entry that paid for it."""
+
+    privacy: Entry | None = None
+
+
+def _require_opacus():
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        from hyprstream.errors import MissingExtraError
+
+        raise MissingExtraError("opacus", "dp", "sample-level DP-SGD") from None
+
+
+def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int,
+                    lr: float, settings: DpSgd, generator, device: str = "cpu",
+                    max_seconds: float | None = None) -> TrainResult:
+    """DP-SGD (DP-Adam) on ``layers`` of ``model`` for ``steps`` Poisson-sampled steps; returns their delta.
+
+    With ``max_seconds`` it stops early (after at least one step); the caller has charged the planned
+    ``steps``, so stopping early only over-counts the spend.
+    """
+    _require_opacus()
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    if len(data) == 0:
+        raise ValidationError("no local training data")
+    known = set(task.layer_groups(model))
+    unknown = [layer for layer in layers if layer not in known]
+    if unknown:
+        raise ValidationError(f"unknown layer group(s) {unknown} (model has {sorted(known)})")
+    model.to(device)
+    trainable = params_of(task, model, layers)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    n = len(data)
+    rate = min(1.0, batch_size / n)
+    expected = rate * n
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        params = list(trainable.values())
+        opt = DPOptimizer(torch.optim.Adam(params, lr=lr), noise_multiplier=settings.noise_multiplier,
+                          max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1, round(expected)),
+                          loss_reduction="mean", generator=generator, secure_mode=settings.secure)
+        loss_fn = task.loss()
+        x = torch.as_tensor(data.x, device=device)
+        y = torch.as_tensor(data.y, device=device)
+        gsm.train()
+        losses = []
+        with warnings.catch_warnings():
+            # torch warns that the full backward hook sees no input gradients: expected below the
+            # lowest trained layer (the frozen layers get no backward pass at all)
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            started = time.monotonic()
+            done = 0
+            for _ in range(steps):
+                if done and max_seconds is not None and time.monotonic() - started >= max_seconds:
+                    break
+                done += 1
+                chosen = torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().to(device)
+                opt.zero_grad(set_to_none=True)
+                if len(chosen) == 0:
+                    # an empty Poisson sample: a noise-only step (Opacus clips zero per-sample gradients)
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    loss = loss_fn(gsm(x[chosen]), y[chosen])
+                    loss.backward()
+                    losses.append(loss.detach())
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+    finally:
+        gsm._close()  # removes the hooks and Opacus' attributes: the bare model stays as it was built
+    delta = {name: (p.detach() - before[name]).cpu().numpy() for name, p in trainable.items()}
+    mean_loss = float(torch.stack(losses).mean().cpu()) if losses else float("nan")
+    return TrainResult(delta, mean_loss, done, n)
+
+
+def _generator(settings: DpSgd, seed: int):
+    import torch
+
+    gen = torch.Generator()
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little") if settings.secure else seed)
+    return gen
+
+
+class DpSgdTrainer:
+    """DP-SGD whose spend is charged to the device's ledger (a Store at ``ledger_dir``) before each round."""
+
+    def __init__(self, settings: DpSgd, ledger_dir: Path, device_id: str) -> None:
+        self.settings = settings
+        self.ledger_dir = Path(ledger_dir)
+        self.device_id = device_id
+        self._lock = threading.Lock()
+
+    def spent(self) -> float:
+        """Epsilon spent so far at the budget's delta (0 before the first round)."""
+        from hyprstream.store import Store
+
+        if not self.ledger_dir.exists():
+            return 0.0
+        with Store.open(self.ledger_dir, readonly=True) as store:
+            return PrivacyLedger(store).spent(Scope.DEVICE, self.device_id, self.settings.budget.delta)
+
+    def status(self) -> dict[str, float]:
+        """For telemetry: spent and budget epsilons at the budget's delta."""
+        return {"epsilon_spent": self.spent(), "epsilon_budget": self.settings.budget.epsilon,
+                "delta": self.settings.budget.delta}
+
+    def bind(self, *, model: str, base_version: int, round: str):
+        """A callable with :func:`~hyprstream.agent.trainer.train_layers`' signature for one request."""
+
+        def train(task: Task, net, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int, lr: float,
+                  seed: int, device: str = "cpu", max_seconds: float | None = None) -> PrivateTrainResult:
+            return self.train(task, net, layers, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              device=device, max_seconds=max_seconds, model=model, base_version=base_version,
+                              round=round)
+
+        return train
+
+    def train(self, task: Task, net, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int, lr: float,
+              seed: int, model: str, base_version: int, round: str, device: str = "cpu",
+              max_seconds: float | None = None) -> PrivateTrainResult:
+        from hyprstream.store import Store
+
+        known = set(task.layer_groups(net))
+        if not layers or any(layer not in known for layer in layers):
+            raise ValidationError(f"unknown layer group(s) in {list(layers)} (model has {sorted(known)})")
+        event = self.settings.event(len(data), batch_size, steps)
+        with self._lock, Store.open(self.ledger_dir, create=True) as store:
+            entry = PrivacyLedger(store).charge(
+                Scope.DEVICE, self.device_id,
+                Charge(event, model=model, base_version=base_version, round=round, mechanism=MECHANISM),
+                self.settings.budget)
+        result = dp_train_layers(task, net, layers, data, steps=steps, batch_size=batch_size, lr=lr,
+                                 settings=self.settings, generator=_generator(self.settings, seed), device=device,
+                                 max_seconds=max_seconds)
+        return PrivateTrainResult(result.delta, result.loss, result.steps, result.num_examples, privacy=entry)
+
+
+def ledger_dir_for(store_dir: Path) -> Path:
+    """Where a device keeps its privacy ledger: a store of its own beside the data store.
+
+    A separate store, because the ClientApp reads the data store while the agent's ingest may hold
+    its writer lock; the ledger needs a writer of its own.
+    """
+    store_dir = Path(store_dir)
+    return store_dir.with_name(store_dir.name + ".privacy")
+
+
+__all__ = ["MECHANISM", "DpSgd", "DpSgdTrainer", "PrivateTrainResult", "dp_train_layers", "ledger_dir_for"]

@@ -1,0 +1,559 @@
+"""SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova 2020): the protocol's math and state, no I/O.
+
+Clients are numbered 1..n for the round (their *index*; Shamir shares are evaluated there). The fog
+(:class:`SecAggServer`) links them in a sparse random graph -- a Harary ring of even degree k over a
+random permutation, as in the paper -- and each client (:class:`SecAggClient`) only talks (through
+the fog) to its k neighbours. Four stages:
+
+0. **advertise**: client u makes two X25519 key pairs, c_u (share channel) and s_u (pairwise masks),
+   and a 32-byte self-mask seed b_u; it sends the public keys and a SHA-256 commitment to b_u.
+1. **share**: u gets its neighbours' public keys, Shamir-shares b_u and s_u's private key among
+   them (threshold t) and sends each neighbour's two shares sealed (ChaCha20-Poly1305) under the
+   c-channel key; the fog only relays ciphertexts.
+2. **mask**: u gets the sealed shares addressed to it; the senders are the neighbours it masks
+   with. It sends ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` modulo
+   2**bits, where s_uv = HKDF(ECDH(s_u, s_v)). The fog adds y_u into a running sum at once.
+3. **unmask**: each survivor gets, for its neighbours, who sent a masked input (survivors) and who
+   did not (dropped); it returns its share of b_v for survivors and of s_v's private key for the
+   dropped -- never both for one client. The fog rebuilds each survivor's b_v and removes PRG(b_v),
+   rebuilds each dropped client's s_v and removes the pairwise masks its survivors added for it.
+
+What remains is exactly the sum of the survivors' inputs: pairwise masks cancel between survivors.
+Clients dropping after their masked input (before or during unmasking) are recovered as long as t
+of each one's neighbours answer. A stage that cannot meet its threshold raises
+:class:`~hyprstream.privacy.errors.SecAggAborted` and releases nothing.
+
+Threat model (see docs/privacy.md): honest-but-curious fog, clients that follow the protocol; the
+fog may drop or delay any message. Bell et al.'s consistency-check round and the PKI that protect
+against an actively malicious fog are not implemented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hyprstream.errors import ValidationError
+from hyprstream.privacy import masking, shamir
+from hyprstream.privacy.errors import SecAggAborted
+from hyprstream.privacy.noise import RandomSource
+from hyprstream.privacy.quantize import field_add, field_sub
+
+ROUND_ID_BYTES = 16
+_PLAIN = 8 + 2 * shamir.SHARE_BYTES  # src, dst (4 bytes each) and the two shares
+
+
+# ------------------------------------------------------------------------------------------------
+# graph
+
+
+def plan_graph(n: int, *, threshold_fraction: float = 0.5, expected_dropout: float = 0.1,
+               failure_probability: float = 1e-6, degree: int | None = None) -> tuple[int, int]:
+    """(degree k, threshold t) for ``n`` clients.
+
+    ``t = ceil(threshold_fraction * k)`` (at least 1). Without ``degree``, k is the smallest even
+    degree, at least ``2 * ceil(log2 n)`` (the paper's O(log n) connectivity), such that when each
+    client independently drops with probability ``expected_dropout`` the chance that *any* client
+    keeps fewer than t of its k neighbours is below ``failure_probability`` (binomial tail, union
+    bound over the n clients). k is capped at n - 1 (the complete graph: original SecAgg).
+    """
+    if n < 2:
+        raise ValidationError("secure aggregation needs at least 2 clients")
+    if not 0 < threshold_fraction <= 1:
+        raise ValidationError(f"threshold_fraction must lie in (0, 1], got {threshold_fraction}")
+    if not 0 <= expected_dropout < 1:
+        raise ValidationError(f"expected_dropout must lie in [0, 1), got {expected_dropout}")
+
+    def threshold(k: int) -> int:
+        return max(1, math.ceil(threshold_fraction * k))
+
+    if degree is not None:
+        if degree < 1:
+            raise ValidationError("degree must be >= 1")
+        k = min(n - 1, degree + degree % 2)
+        return k, threshold(k)
+    k = min(n - 1, 2 * math.ceil(math.log2(n)))
+    k += k % 2 if k < n - 1 else 0
+    while k < n - 1:
+        t = threshold(k)
+        keep = 1.0 - expected_dropout
+        tail = sum(math.comb(k, j) * keep ** j * expected_dropout ** (k - j) for j in range(t))
+        if n * tail <= failure_probability:
+            break
+        k = min(n - 1, k + 2)
+    return k, threshold(k)
+
+
+def harary_graph(n: int, degree: int, source: RandomSource) -> dict[int, tuple[int, ...]]:
+    """Neighbours (indices 1..n) in a Harary ring of degree ``degree`` (even, or n - 1) over a random permutation."""
+    if degree >= n - 1:
+        return {i: tuple(j for j in range(1, n + 1) if j != i) for i in range(1, n + 1)}
+    if degree < 2 or degree % 2:
+        raise ValidationError(f"a sparse SecAgg+ graph needs an even degree >= 2, got {degree}")
+    # Fisher-Yates with the source's uniform draws
+    order = list(range(1, n + 1))
+    u = source.uniform(n)
+    for i in range(n - 1, 0, -1):
+        j = min(i, int(u[i] * (i + 1)))
+        order[i], order[j] = order[j], order[i]
+    half = degree // 2
+    out: dict[int, tuple[int, ...]] = {}
+    for pos, node in enumerate(order):
+        out[node] = tuple(sorted(order[(pos + d) % n] for d in range(-half, half + 1) if d != 0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# messages (pure records; their Flower form is in secagg_messages.py)
+
+
+@dataclass(frozen=True)
+class KeyAdvert:
+    enc_key: bytes  # c_u public key (share channel)
+    mask_key: bytes  # s_u public key (pairwise masks)
+    commitment: bytes  # SHA-256 of the round, the index and b_u
+
+
+@dataclass(frozen=True)
+class NeighbourKeys:
+    adverts: Mapping[int, KeyAdvert]  # neighbour index -> its keys
+
+
+@dataclass(frozen=True)
+class SealedShares:
+    sealed: Mapping[int, bytes]  # recipient index -> ciphertext (from the sender)
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    vector: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    survivors: tuple[int, ...]  # neighbours whose masked input is in the sum
+    dropped: tuple[int, ...]  # neighbours that shared keys but sent no masked input
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    self_mask: Mapping[int, bytes]  # survivor index -> this client's share of its b
+    mask_key: Mapping[int, bytes]  # dropped index -> this client's share of its s private key
+
+
+def _idx(i: int) -> bytes:
+    return int(i).to_bytes(4, "big")
+
+
+def _pair_context(round_id: bytes, a: int, b: int) -> bytes:
+    lo, hi = sorted((a, b))
+    return round_id + _idx(lo) + _idx(hi)
+
+
+def _commit(round_id: bytes, index: int, seed: bytes) -> bytes:
+    return hashlib.sha256(masking.PROTOCOL + b"|commit|" + round_id + _idx(index) + seed).digest()
+
+
+def _associated(round_id: bytes, src: int, dst: int) -> bytes:
+    return masking.PROTOCOL + b"|share|" + round_id + _idx(src) + _idx(dst)
+
+
+# ------------------------------------------------------------------------------------------------
+# client
+
+
+class SecAggClient:
+    """One client's side of one round. Stages must be called in order, each once."""
+
+    STAGES = ("new", "advertised", "shared", "masked", "done")
+
+    def __init__(self, round_id: bytes, index: int, neighbours: Sequence[int], threshold: int, dim: int,
+                 dtype: np.dtype) -> None:
+        if len(round_id) != ROUND_ID_BYTES:
+            raise ValidationError(f"round id must be {ROUND_ID_BYTES} bytes")
+        nb = tuple(sorted(int(v) for v in neighbours))
+        if index < 1 or index in nb or len(set(nb)) != len(nb) or any(v < 1 for v in nb):
+            raise ValidationError("bad secure-aggregation neighbourhood")
+        if not 1 <= threshold <= len(nb):
+            raise ValidationError(f"threshold {threshold} impossible with {len(nb)} neighbours")
+        self.round_id = round_id
+        self.index = index
+        self.neighbours = nb
+        self.threshold = threshold
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self.stage = "new"
+        self._enc_sk: bytes = b""
+        self._mask_sk: bytes = b""
+        self._seed: bytes = b""
+        self._keys: dict[int, KeyAdvert] = {}
+        self._channels: dict[int, bytes] = {}  # neighbour -> share-channel key (ECDH once per pair)
+        self._masked_with: tuple[int, ...] = ()
+        self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (share of b, share of s key)
+
+    def _expect(self, stage: str) -> None:
+        if self.stage != stage:
+            raise ValidationError(f"secure aggregation: stage out of order (client is at {self.stage!r})")
+
+    def advertise(self) -> KeyAdvert:
+        self._expect("new")
+        enc, mask = masking.new_private_key(), masking.new_private_key()
+        self._enc_sk, self._mask_sk = masking.private_bytes(enc), masking.private_bytes(mask)
+        self._seed = os.urandom(shamir.SECRET_BYTES)
+        self.stage = "advertised"
+        return KeyAdvert(masking.public_bytes(enc), masking.public_bytes(mask),
+                         _commit(self.round_id, self.index, self._seed))
+
+    def share(self, keys: NeighbourKeys) -> SealedShares:
+        self._expect("advertised")
+        peers = sorted(keys.adverts)
+        if not set(peers) <= set(self.neighbours):
+            raise ValidationError("secure aggregation: keys of clients that are not my neighbours")
+        if len(peers) < self.threshold:
+            raise ValidationError(f"secure aggregation: {len(peers)} neighbour(s) left, threshold {self.threshold}")
+        own = {masking.public_bytes(masking.load_private(self._enc_sk)),
+               masking.public_bytes(masking.load_private(self._mask_sk))}
+        seen: set[bytes] = set()
+        for adv in keys.adverts.values():
+            if adv.enc_key in own or adv.mask_key in own or adv.enc_key in seen or adv.mask_key in seen:
+                raise ValidationError("secure aggregation: repeated public keys")
+            seen.update((adv.enc_key, adv.mask_key))
+        b_shares = shamir.split(self._seed, self.threshold, peers)
+        s_shares = shamir.split(self._mask_sk, self.threshold, peers)
+        enc = masking.load_private(self._enc_sk)
+        sealed = {}
+        for v in peers:
+            key = masking.agree(enc, keys.adverts[v].enc_key, masking.SHARE_PURPOSE,
+                                _pair_context(self.round_id, self.index, v))
+            self._channels[v] = key
+            plain = _idx(self.index) + _idx(v) + b_shares[v] + s_shares[v]
+            sealed[v] = masking.seal(key, plain, _associated(self.round_id, self.index, v))
+        self._keys = dict(keys.adverts)
+        self.stage = "shared"
+        return SealedShares(sealed)
+
+    def mask(self, inbox: SealedShares, encoded: np.ndarray) -> MaskedInput:
+        """The masked input; ``inbox.sealed`` maps each sender's index to its ciphertext for this client."""
+        self._expect("shared")
+        x = np.asarray(encoded)
+        if x.dtype != self.dtype or x.shape != (self.dim,):
+            raise ValidationError(f"input must be {self.dtype} of length {self.dim}, got {x.dtype}{x.shape}")
+        senders = sorted(inbox.sealed)
+        if not set(senders) <= set(self._keys):
+            raise ValidationError("secure aggregation: shares from clients I did not share keys with")
+        if len(senders) < self.threshold:
+            raise ValidationError(f"secure aggregation: {len(senders)} neighbour(s) left, threshold {self.threshold}")
+        for v in senders:
+            plain = masking.open_sealed(self._channels[v], inbox.sealed[v], _associated(self.round_id, v, self.index))
+            if len(plain) != _PLAIN or plain[:4] != _idx(v) or plain[4:8] != _idx(self.index):
+                raise ValidationError("secure aggregation: a share is addressed to someone else")
+            self._held[v] = (plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:])
+        y = x.copy()
+        field_add(y, masking.expand_mask(self._seed, self.dim, self.dtype))
+        mask_sk = masking.load_private(self._mask_sk)
+        for v in senders:
+            seed = masking.agree(mask_sk, self._keys[v].mask_key, masking.MASK_PURPOSE,
+                                 _pair_context(self.round_id, self.index, v))
+            pair = masking.expand_mask(seed, self.dim, self.dtype)
+            (field_add if self.index < v else field_sub)(y, pair)
+        self._masked_with = tuple(senders)
+        self.stage = "masked"
+        return MaskedInput(y)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Shares for rebuilding survivors' self masks and dropped clients' mask keys, never both for one client."""
+        self._expect("masked")
+        self.stage = "done"  # one unmask request per round, answered or refused
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped or not (survivors | dropped) <= set(self._masked_with):
+            self._forget()
+            if survivors & dropped:
+                raise ValidationError("secure aggregation: a client cannot both survive and drop (refusing to unmask)")
+            raise ValidationError("secure aggregation: unmask request names clients I did not mask with")
+        out = UnmaskShares({v: self._held[v][0] for v in sorted(survivors)},
+                           {v: self._held[v][1] for v in sorted(dropped)})
+        self._forget()
+        return out
+
+    def _forget(self) -> None:
+        self._enc_sk = self._mask_sk = self._seed = b""
+        self._held.clear()
+        self._channels.clear()
+
+    # -- state across processes (a deployed ClientApp is a fresh process per message)
+
+    def to_state(self) -> dict[str, object]:
+        held = sorted(self._held)
+        keys = sorted(self._keys)
+        return {
+            "round_id": self.round_id, "index": self.index, "neighbours": list(self.neighbours),
+            "threshold": self.threshold, "dim": self.dim, "dtype": self.dtype.str, "stage": self.stage,
+            "enc_sk": self._enc_sk, "mask_sk": self._mask_sk, "seed": self._seed,
+            "keys": keys, "keys_enc": [self._keys[k].enc_key for k in keys],
+            "keys_mask": [self._keys[k].mask_key for k in keys],
+            "keys_commit": [self._keys[k].commitment for k in keys],
+            "channels": [self._channels[k] for k in keys] if self._channels else [],
+            "masked_with": list(self._masked_with),
+            "held": held, "held_b": [self._held[k][0] for k in held], "held_s": [self._held[k][1] for k in held],
+        }
+
+    _BYTES = ("round_id", "enc_sk", "mask_sk", "seed")
+    _BYTES_LISTS = ("keys_enc", "keys_mask", "keys_commit", "channels", "held_b", "held_s")
+
+    def to_bytes(self) -> bytes:
+        """The state as one compact blob (JSON, bytes hex-encoded) for a key-value store."""
+        s = self.to_state()
+        for k in self._BYTES:
+            s[k] = s[k].hex()
+        for k in self._BYTES_LISTS:
+            s[k] = [v.hex() for v in s[k]]
+        return json.dumps(s, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> SecAggClient:
+        try:
+            s = json.loads(blob)
+            for k in cls._BYTES:
+                s[k] = bytes.fromhex(s[k])
+            for k in cls._BYTES_LISTS:
+                s[k] = [bytes.fromhex(v) for v in s[k]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValidationError(f"corrupt secure-aggregation state: {exc}") from None
+        return cls.from_state(s)
+
+    @classmethod
+    def from_state(cls, s: Mapping[str, object]) -> SecAggClient:
+        c = cls(bytes(s["round_id"]), int(s["index"]), list(s["neighbours"]), int(s["threshold"]),
+                int(s["dim"]), np.dtype(str(s["dtype"])))
+        c.stage = str(s["stage"])
+        if c.stage not in cls.STAGES:
+            raise ValidationError(f"unknown secure-aggregation stage {c.stage!r}")
+        c._enc_sk, c._mask_sk, c._seed = bytes(s["enc_sk"]), bytes(s["mask_sk"]), bytes(s["seed"])
+        c._keys = {int(k): KeyAdvert(bytes(e), bytes(m), bytes(h)) for k, e, m, h in
+                   zip(s["keys"], s["keys_enc"], s["keys_mask"], s["keys_commit"], strict=True)}
+        channels = list(s["channels"])
+        if channels:
+            c._channels = {int(k): bytes(ch) for k, ch in zip(s["keys"], channels, strict=True)}
+        c._masked_with = tuple(int(v) for v in s["masked_with"])
+        c._held = {int(k): (bytes(b), bytes(x)) for k, b, x in zip(s["held"], s["held_b"], s["held_s"], strict=True)}
+        return c
+
+
+# ------------------------------------------------------------------------------------------------
+# server (the fog)
+
+
+@dataclass(frozen=True)
+class SecAggSum:
+    """What the fog learns: the sum (modulo 2**bits) of the survivors' inputs, and who they are."""
+
+    total: np.ndarray = field(repr=False)
+    survivors: tuple[int, ...]  # indices whose input is in the sum
+    dropped_before_masking: tuple[int, ...]  # shared keys, sent no masked input (their masks were removed)
+    dropped_after_masking: tuple[int, ...]  # input in the sum, no unmask reply (self masks rebuilt)
+
+
+class SecAggServer:
+    """The fog's side of one round over clients 1..n; the sum is the only input-dependent output."""
+
+    def __init__(self, n: int, *, degree: int, threshold: int, dim: int, dtype: np.dtype, round_id: bytes,
+                 source: RandomSource, min_survivors: int = 1) -> None:
+        if len(round_id) != ROUND_ID_BYTES:
+            raise ValidationError(f"round id must be {ROUND_ID_BYTES} bytes")
+        self.n = n
+        self.graph = harary_graph(n, degree, source)
+        self.degree = len(self.graph[1])
+        if not 1 <= threshold <= self.degree:
+            raise ValidationError(f"threshold {threshold} impossible with degree {self.degree}")
+        self.threshold = threshold
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self.round_id = round_id
+        self.min_survivors = max(1, min_survivors)
+        self._adverts: dict[int, KeyAdvert] = {}
+        self.advertised: set[int] = set()  # U1
+        self.shared: set[int] = set()  # U2
+        self._outbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
+        self.masked: set[int] = set()  # U3
+        self._sum: np.ndarray | None = None
+
+    def neighbours(self, i: int) -> tuple[int, ...]:
+        return self.graph[i]
+
+    def _prune(self, alive: set[int]) -> set[int]:
+        """Drop clients with fewer than t live neighbours until none is left with too few."""
+        alive = set(alive)
+        changed = True
+        while changed:
+            weak = {i for i in alive if len(set(self.graph[i]) & alive) < self.threshold}
+            alive -= weak
+            changed = bool(weak)
+        if len(alive) < self.min_survivors:
+            raise SecAggAborted(f"secure aggregation: {len(alive)} client(s) left, at least {self.min_survivors} needed")
+        return alive
+
+    # stage 0 -> 1
+    def collect_adverts(self, adverts: Mapping[int, KeyAdvert]) -> set[int]:
+        got = {i: a for i, a in adverts.items() if i in self.graph}
+        keys = [k for a in got.values() for k in (a.enc_key, a.mask_key)]
+        if len(set(keys)) != len(keys):
+            raise SecAggAborted("secure aggregation: two clients advertised the same public key")
+        self._adverts = got
+        self.advertised = self._prune(set(got))
+        return set(self.advertised)
+
+    def public_keys(self) -> dict[int, KeyAdvert]:
+        """Every client's advertised keys and commitment (public: part of the round's transcript)."""
+        return dict(self._adverts)
+
+    def keys_for(self, i: int) -> NeighbourKeys:
+        return NeighbourKeys({v: self._adverts[v] for v in self.graph[i] if v in self.advertised})
+
+    # stage 1 -> 2
+    def collect_shares(self, replies: Mapping[int, SealedShares]) -> set[int]:
+        good: dict[int, SealedShares] = {}
+        for i, r in replies.items():
+            if i in self.advertised and set(r.sealed) == set(self.keys_for(i).adverts):
+                good[i] = r
+        alive = self._prune(set(good))
+        self._outbox = {i: {} for i in alive}
+        for src in alive:
+            for dst, c in good[src].sealed.items():
+                if dst in alive:
+                    self._outbox[dst][src] = c
+        self.shared = alive
+        return set(alive)
+
+    def inbox_for(self, i: int) -> SealedShares:
+        return SealedShares(dict(self._outbox[i]))
+
+    # stage 2 -> 3
+    def add_masked(self, i: int, masked: MaskedInput) -> None:
+        """Add client ``i``'s masked input into the running sum; the vector is not kept."""
+        if i not in self.shared or i in self.masked:
+            raise ValidationError(f"secure aggregation: unexpected masked input from client {i}")
+        y = np.asarray(masked.vector)
+        if y.dtype != self.dtype or y.shape != (self.dim,):
+            raise ValidationError(f"masked input must be {self.dtype} of length {self.dim}")
+        if self._sum is None:
+            self._sum = y.copy()
+        else:
+            field_add(self._sum, y)
+        self.masked.add(i)
+
+    def close_masking(self) -> set[int]:
+        """End stage 2; raises SecAggAborted when some client's secrets could not be rebuilt anyway."""
+        if len(self.masked) < self.min_survivors:
+            raise SecAggAborted(f"secure aggregation: {len(self.masked)} masked input(s), "
+                                f"at least {self.min_survivors} needed")
+        for v in self.shared:
+            holders = set(self._outbox[v]) & self.masked  # neighbours that got v's shares and are still here
+            if len(holders) < self.threshold:
+                raise SecAggAborted(f"secure aggregation: client {v} has {len(holders)} neighbour(s) left to "
+                                    f"rebuild its secrets, threshold {self.threshold}")
+        return set(self.masked)
+
+    def unmask_request_for(self, i: int) -> UnmaskRequest:
+        masked_with = set(self._outbox[i])
+        return UnmaskRequest(tuple(sorted(masked_with & self.masked)),
+                             tuple(sorted(masked_with - self.masked)))
+
+    # stage 3 -> result
+    def finish(self, replies: Mapping[int, UnmaskShares]) -> SecAggSum:
+        if self._sum is None:
+            raise SecAggAborted("secure aggregation: no masked inputs")
+        b_shares: dict[int, dict[int, bytes]] = {v: {} for v in self.masked}
+        s_shares: dict[int, dict[int, bytes]] = {v: {} for v in self.shared - self.masked}
+        for i, r in replies.items():
+            if i not in self.masked:
+                continue
+            req = self.unmask_request_for(i)
+            if set(r.self_mask) != set(req.survivors) or set(r.mask_key) != set(req.dropped):
+                continue  # not the shares asked for: ignore this reply
+            for v, share in r.self_mask.items():
+                b_shares[v][i] = share
+            for v, share in r.mask_key.items():
+                s_shares[v][i] = share
+        total = self._sum
+        for v, shares in sorted(b_shares.items()):
+            seed = self._rebuild(v, shares, "self-mask seed")
+            if _commit(self.round_id, v, seed) != self._adverts[v].commitment:
+                raise SecAggAborted(f"secure aggregation: rebuilt self mask of client {v} does not match its commitment")
+            field_sub(total, masking.expand_mask(seed, self.dim, self.dtype))
+        for v, shares in sorted(s_shares.items()):
+            raw = self._rebuild(v, shares, "mask key")
+            sk = masking.load_private(raw)
+            if masking.public_bytes(sk) != self._adverts[v].mask_key:
+                raise SecAggAborted(f"secure aggregation: rebuilt mask key of client {v} does not match its public key")
+            for w in sorted(set(self._outbox[v]) & self.masked):  # survivors that masked with v
+                seed = masking.agree(sk, self._adverts[w].mask_key, masking.MASK_PURPOSE,
+                                     _pair_context(self.round_id, v, w))
+                pair = masking.expand_mask(seed, self.dim, self.dtype)
+                (field_sub if w < v else field_add)(total, pair)  # undo w's term for v
+        self._sum = None
+        after = tuple(sorted(self.masked - set(replies)))
+        return SecAggSum(total, tuple(sorted(self.masked)), tuple(sorted(self.shared - self.masked)), after)
+
+    def _rebuild(self, owner: int, shares: Mapping[int, bytes], what: str) -> bytes:
+        if len(shares) < self.threshold:
+            raise SecAggAborted(f"secure aggregation: {len(shares)} share(s) of client {owner}'s {what}, "
+                                f"threshold {self.threshold}")
+        try:
+            return shamir.combine(shares, self.threshold)
+        except ValueError as exc:
+            raise SecAggAborted(f"secure aggregation: cannot rebuild client {owner}'s {what}: {exc}") from None
+
+
+def new_round_id() -> bytes:
+    return os.urandom(ROUND_ID_BYTES)
+
+
+def run_in_memory(inputs: Mapping[int, np.ndarray], *, degree: int, threshold: int, source: RandomSource,
+                  drop_before_masking: Iterable[int] = (), drop_after_masking: Iterable[int] = (),
+                  round_id: bytes | None = None) -> SecAggSum:
+    """The whole protocol between one server and in-process clients (tests and benchmarks).
+
+    ``inputs`` maps indices 1..n to encoded field vectors; the named clients drop right before
+    sending their masked input, or right after it (they never answer the unmask stage).
+    """
+    n = len(inputs)
+    if sorted(inputs) != list(range(1, n + 1)):
+        raise ValueError("inputs must be indexed 1..n")
+    first = next(iter(inputs.values()))
+    rid = round_id or new_round_id()
+    server = SecAggServer(n, degree=degree, threshold=threshold, dim=first.shape[0], dtype=first.dtype,
+                          round_id=rid, source=source)
+    clients = {i: SecAggClient(rid, i, server.neighbours(i), threshold, first.shape[0], first.dtype)
+               for i in inputs}
+    server.collect_adverts({i: c.advertise() for i, c in clients.items()})
+    server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in sorted(server.advertised)})
+    before, after = set(drop_before_masking), set(drop_after_masking)
+    for i in sorted(server.shared - before):
+        server.add_masked(i, clients[i].mask(server.inbox_for(i), inputs[i]))
+    server.close_masking()
+    return server.finish({i: clients[i].unmask(server.unmask_request_for(i))
+                          for i in sorted(server.masked - after)})
+
+
+__all__ = [
+    "KeyAdvert",
+    "MaskedInput",
+    "NeighbourKeys",
+    "ROUND_ID_BYTES",
+    "SealedShares",
+    "SecAggClient",
+    "SecAggServer",
+    "SecAggSum",
+    "UnmaskRequest",
+    "UnmaskShares",
+    "harary_graph",
+    "new_round_id",
+    "plan_graph",
+    "run_in_memory",
+]

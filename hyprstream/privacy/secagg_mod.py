@@ -1,0 +1,143 @@
+"""Client middleware: secure aggregation around the agent's unchanged train handler.
+
+``secagg_mod(msg, context, call_next)`` answers the four stages of ``train.secagg`` messages
+(see :mod:`hyprstream.privacy.secagg_messages`); any other message passes straight to ``call_next``.
+
+* **setup**: passes the embedded train request to the wrapped handler (``call_next``), takes the
+  delta from its reply, clips / weights / (noises) / quantizes it (:func:`~hyprstream.privacy.contribution.encode`),
+  makes the round's keys and answers with the public keys only. The delta, the loss and
+  ``num_examples`` never leave the device in the clear. A ``declined`` train reply (budget, no data)
+  becomes a ``declined`` setup reply with the same reason.
+* **share / mask / unmask**: one step each of :class:`~hyprstream.privacy.secagg.SecAggClient`.
+
+Between messages the client's state (keys, self-mask seed, held shares, encoded input) lives in
+``context.state`` -- in memory on a SuperNode, as Flower's own SecAgg+ mod keeps it -- and is
+erased after the unmask stage or when a step is refused.
+
+Wiring (the agent's ClientApp)::
+
+    app.train(SECAGG_ACTION, mods=[secagg_mod])(train)   # the same handler as train.layerwise
+"""
+
+from __future__ import annotations
+
+import logging
+from copy import copy
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.privacy import secagg_messages as wire
+from hyprstream.privacy.contribution import encode
+from hyprstream.privacy.noise import RandomSource, SecureRandom, SeededRandom
+from hyprstream.privacy.secagg import SecAggClient
+from hyprstream.privacy.secagg_messages import Stage, Status
+from hyprstream.protocol import ReplyStatus, TrainReply
+
+log = logging.getLogger("hyprstream.privacy")
+
+STATE = "hyprstream.secagg"
+INPUT = "hyprstream.secagg.input"
+
+
+def make_secagg_mod(*, secure: bool = True):
+    """The middleware. ``secure=False`` seeds stochastic rounding and distributed noise from the
+    request's seed (reproducible simulations only); keys and masks always come from the OS CSPRNG."""
+
+    def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+        if not wire.is_secagg(msg.content):
+            return call_next(msg, context)
+        stage, round_id = Stage.SETUP, b"\x00" * 16
+        try:
+            h = wire.header(msg.content)
+            stage, round_id = h.stage, h.round_id
+            content = _STAGES[h.stage](msg, context, call_next, h.round_id, secure)
+        except HyprstreamError as exc:
+            _clear(context)
+            log.warning("secure aggregation %s refused: %s", stage.value, exc)
+            content = wire.reply_status(stage, round_id, Status.REFUSED, str(exc))
+        return Message(content, reply_to=msg)
+
+    return secagg_mod
+
+
+secagg_mod = make_secagg_mod()
+
+
+def _source(secure: bool, seed: int, index: int) -> RandomSource:
+    return SecureRandom() if secure else SeededRandom(seed * 1_000_003 + index)
+
+
+def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
+    _clear(context)  # a new round replaces any abandoned one
+    setup, train_content = wire.setup_from(msg.content)
+    reply = call_next(Message(content=train_content, metadata=copy(msg.metadata)), context)
+    if reply.has_error():
+        raise ValidationError(f"training failed: {reply.error.reason}")
+    train = TrainReply.from_content(reply.content)
+    if train.status is ReplyStatus.DECLINED:
+        return wire.reply_status(Stage.SETUP, round_id, Status.DECLINED, train.reason)
+    config = train_content.get("config")
+    requested = config.get("model_version") if isinstance(config, ConfigRecord) else None
+    if train.model_version != requested:
+        raise ValidationError(f"trained version {train.model_version}, requested {requested}")
+    seed = config.get("seed", 0)
+    encoded = encode(train.delta, train.num_examples, setup.spec, _source(secure, int(seed), setup.index))
+    client = SecAggClient(round_id, setup.index, setup.neighbours, setup.threshold, setup.spec.dim,
+                          setup.spec.quantizer.dtype)
+    advert = client.advertise()
+    _save(context, client)
+    context.state[INPUT] = ArrayRecord({"x": Array(encoded.vector)})
+    return wire.advert_content(round_id, advert)
+
+
+def _load(context: Context, round_id: bytes) -> SecAggClient:
+    state = context.state.get(STATE)
+    if not isinstance(state, ConfigRecord) or not isinstance(state.get("client"), bytes):
+        raise ValidationError("no secure-aggregation round in progress")
+    client = SecAggClient.from_bytes(state["client"])
+    if client.round_id != round_id:
+        raise ValidationError("message for another secure-aggregation round")
+    return client
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    context.state[STATE] = ConfigRecord({"client": client.to_bytes()})
+
+
+def _clear(context: Context) -> None:
+    for key in (STATE, INPUT):
+        if key in context.state:
+            del context.state[key]
+
+
+def _share(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
+    client = _load(context, round_id)
+    sealed = client.share(wire.keys_from(msg.content))
+    _save(context, client)
+    return wire.sealed_content(Stage.SHARE, round_id, sealed, "dsts")
+
+
+def _mask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
+    client = _load(context, round_id)
+    stored = context.state.get(INPUT)
+    if not isinstance(stored, ArrayRecord) or "x" not in stored:
+        raise ValidationError("no encoded input for this round")
+    masked = client.mask(wire.sealed_from(msg.content, "srcs"), stored["x"].numpy())
+    _save(context, client)
+    del context.state[INPUT]  # the plain encoded input is not kept past masking
+    return wire.masked_content(round_id, masked)
+
+
+def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
+    client = _load(context, round_id)
+    try:
+        shares = client.unmask(wire.unmask_from(msg.content))
+    finally:
+        _clear(context)
+    return wire.shares_content(round_id, shares)
+
+
+_STAGES = {Stage.SETUP: _setup, Stage.SHARE: _share, Stage.MASK: _mask, Stage.UNMASK: _unmask}
+
+__all__ = ["INPUT", "STATE", "make_secagg_mod", "secagg_mod"]

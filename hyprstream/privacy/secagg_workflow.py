@@ -1,0 +1,430 @@
+"""Secure aggregation at the fog over a Flower Grid (Message API), as a wrapper of the fog's round.
+
+:class:`SecureFogAggregator` wraps a :class:`~hyprstream.fog.aggregator.FogAggregator` and offers its
+interface (``start_round`` / ``finish_round`` / ``run_round`` returning a ``FogRound``), but a round
+runs the SecAgg+ stages (:mod:`hyprstream.privacy.secagg`) instead of collecting plaintext deltas:
+
+1. ``start_round`` (optionally Poisson-samples the agents, checks the model's client-level budget)
+   sends each agent a ``train.secagg`` *setup* message: the usual train request plus its index,
+   neighbours, threshold and the encoding (quantizer sized from the clip bound and the client count,
+   the round's layer layout, the distributed-noise scale).
+2. ``finish_round`` collects the public keys (the agents train meanwhile; the plan's timeout), then
+   runs *share*, *mask* and *unmask*, each under ``stage_timeout_s``: a client that is late or
+   silent is treated as dropped, never waited on.
+3. The unmasked sum is decoded, turned into the round's mean -- with client-level DP: central noise,
+   or checked distributed noise, over a fixed denominator (:class:`~hyprstream.privacy.client_dp.ClientDP`)
+   -- and pushed to core with the privacy spend and the transcript's SHA-256. The spend is charged
+   to the model's ledger before the push and bound to the version core returns.
+
+The fog never holds an individual update: setup replies carry keys, share replies sealed shares,
+mask replies masked vectors (added into a running sum as they arrive), unmask replies Shamir shares.
+A stage that cannot complete aborts the round with nothing released (``version`` None and the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.privacy import secagg_messages as wire
+from hyprstream.privacy.accountant import GaussianEvent, RdpAccountant
+from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
+from hyprstream.privacy.clipping import Layout
+from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
+from hyprstream.privacy.contribution import InputSpec, decode
+from hyprstream.privacy.errors import BudgetExceeded, SecAggAborted
+from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
+from hyprstream.privacy.noise import RandomSource, SecureRandom
+from hyprstream.privacy.quantize import Quantizer
+from hyprstream.privacy.secagg import SecAggServer, SecAggSum, new_round_id, plan_graph
+from hyprstream.privacy.secagg_messages import Stage, Status
+from hyprstream.protocol import TrainRequest
+from hyprstream.store import layer_table as lt
+
+log = logging.getLogger("hyprstream.privacy")
+
+
+@dataclass
+class PendingSecureRound:
+    round: int
+    base: object  # Snapshot
+    layers: tuple[str, ...]
+    nodes: tuple[int, ...]  # agents asked to train (after sampling), index i + 1 in the protocol
+    group_id: str
+    started: float
+    round_id: bytes = b""
+    spec: InputSpec | None = None
+    server: SecAggServer | None = None
+    message_ids: set[str] = field(default_factory=set)
+    bytes_down: int = 0
+    aborted: str = ""  # why the round did not start
+
+
+@dataclass(frozen=True)
+class SecureRoundInfo:
+    """What a secure round adds to its ``FogRound`` (for metrics, telemetry and the audit)."""
+
+    round_id: str
+    degree: int
+    threshold: int
+    survivors: tuple[int, ...]  # node IDs whose input is in the sum
+    dropped_before_masking: tuple[int, ...]
+    dropped_after_masking: tuple[int, ...]
+    transcript_sha256: str
+    privacy: Entry | None
+    stage_seconds: Mapping[str, float]
+
+
+class SecureFogAggregator:
+    """A :class:`FogAggregator` whose rounds aggregate securely (and, configured, with client-level DP)."""
+
+    def __init__(self, fog, secagg: SecAggConfig, client_dp: ClientDpConfig | None = None, *,
+                 ledger: PrivacyLedger | None = None, source: RandomSource | None = None,
+                 poll_s: float = 0.02, clock: Callable[[], float] = time.monotonic) -> None:
+        if client_dp is not None and secagg.weighting is Weighting.EXAMPLES:
+            raise ValidationError("client-level DP needs uniform weighting")
+        self.fog = fog
+        self.secagg = secagg
+        self.client_dp = client_dp
+        self.ledger = ledger
+        self.source = source or SecureRandom()
+        self.poll_s = poll_s
+        self.clock = clock
+        self.last: SecureRoundInfo | None = None
+        # without a ledger, client-level spend is still accounted and enforced, in memory only
+        self._memory = RdpAccountant() if client_dp is not None and ledger is None else None
+        if self._memory is not None:
+            log.warning("fog %s: client-level DP without a privacy ledger: the spend is not durable", fog.name)
+
+    # the wrapped fog's identity
+    name = property(lambda self: self.fog.name)
+    node_ids = property(lambda self: self.fog.node_ids)
+    grid = property(lambda self: self.fog.grid)
+    core = property(lambda self: self.fog.core)
+    model = property(lambda self: self.fog.model)
+    plan = property(lambda self: self.fog.plan)
+
+    def pull(self):
+        return self.fog.pull()
+
+    # ---------------------------------------------------------------------------------------- dp
+    def _dp(self, population: int) -> ClientDP | None:
+        c = self.client_dp
+        if c is None:
+            return None
+        return ClientDP(clip=self.secagg.clip, noise_multiplier=c.noise_multiplier, placement=c.placement,
+                        min_clients=c.min_clients, denominator=max(1.0, c.client_sampling_rate * population))
+
+    def _event(self) -> GaussianEvent:
+        c = self.client_dp
+        assert c is not None
+        return GaussianEvent(c.noise_multiplier, c.client_sampling_rate, 1)
+
+    def _check_budget(self, what: str) -> float:
+        """The model's epsilon after one more round; raises BudgetExceeded when over the budget."""
+        assert self.client_dp is not None
+        budget = self.client_dp.budget
+        if self.ledger is not None:
+            return self.ledger.check(Scope.MODEL, self.model, self._event(), budget, what)
+        assert self._memory is not None
+        spent, would_be = self._memory.epsilon(budget.delta), self._memory.epsilon_if(self._event(), budget.delta)
+        check_budget(spent, would_be, budget, what)
+        return would_be
+
+    def _mechanism(self) -> str:
+        assert self.client_dp is not None
+        return f"client-gaussian-{self.client_dp.placement.value}"
+
+    # ------------------------------------------------------------------------------------ round
+    def start_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None) -> PendingSecureRound:
+        fog = self.fog
+        base = base if base is not None else fog.pull()
+        nodes = tuple(fog.node_ids if nodes is None else nodes)
+        unknown = set(nodes) - set(fog.node_ids)
+        if unknown:
+            raise ValidationError(f"fog {fog.name!r} has no agents {sorted(unknown)}")
+        if self.client_dp is not None and self.client_dp.client_sampling_rate < 1:
+            keep = self.source.uniform(len(nodes)) < self.client_dp.client_sampling_rate
+            nodes = tuple(n for n, k in zip(nodes, keep, strict=True) if k)
+        layers = fog.plan.layers or tuple(lt.layers_in(base.table))
+        pending = PendingSecureRound(round_no, base, layers, nodes, f"{fog.name}/round-{round_no}", self.clock())
+        dp = self._dp(len(fog.node_ids))
+        try:
+            if self.client_dp is not None:
+                self._check_budget(f"round {round_no} of {fog.model}")
+            if len(nodes) < self.secagg.min_clients:
+                raise SecAggAborted(f"{len(nodes)} agent(s) selected, at least {self.secagg.min_clients} needed")
+            trained = lt.select_layers(base.table, layers)
+            layout = Layout.of(dict(zip(trained.column("name").to_pylist(),
+                                        (tuple(s) for s in trained.column("shape").to_pylist()), strict=True)))
+            quantizer = Quantizer.for_clients(clip=self.secagg.clip, max_clients=len(nodes), bits=self.secagg.field_bits,
+                                              noise_std=dp.local_std() if dp else 0.0)
+            spec = InputSpec(layout, self.secagg.clip, quantizer,
+                             noise_sigma=dp.local_sigma(quantizer, layout.size) if dp else 0.0,
+                             weighted=self.secagg.weighting is Weighting.EXAMPLES, max_weight=self.secagg.max_weight)
+            degree, threshold = plan_graph(len(nodes), threshold_fraction=self.secagg.threshold_fraction,
+                                           expected_dropout=self.secagg.expected_dropout,
+                                           degree=self.secagg.degree or None)
+            min_survivors = self.secagg.min_clients
+            if dp is not None and dp.placement is NoisePlacement.DISTRIBUTED:
+                min_survivors = max(min_survivors, dp.min_clients)
+            pending.round_id = new_round_id()
+            pending.spec = spec
+            pending.server = SecAggServer(len(nodes), degree=degree, threshold=threshold, dim=spec.dim,
+                                          dtype=quantizer.dtype, round_id=pending.round_id, source=self.source,
+                                          min_survivors=min_survivors)
+        except (BudgetExceeded, SecAggAborted, ValueError) as exc:
+            pending.aborted = str(exc)
+            log.warning("fog %s round %d: secure round not started: %s", fog.name, round_no, exc)
+            return pending
+        weights = lt.to_arrays(base.table)
+        index = {node: i for i, node in enumerate(fog.node_ids)}
+        messages = []
+        for i, node in enumerate(nodes, start=1):
+            request = TrainRequest(
+                model=fog.model, model_version=base.version, task=fog.plan.task, layers=layers,
+                local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
+                seed=fog.seed * 1_000_003 + round_no * 1009 + index[node], weights=weights)
+            pending.bytes_down += request.payload_bytes()
+            setup = wire.Setup(pending.round_id, i, pending.server.neighbours(i), pending.server.threshold, spec)
+            messages.append(Message(wire.setup_content(request.to_content(), setup), dst_node_id=node,
+                                    message_type=wire.SECAGG_MESSAGE_TYPE, group_id=pending.group_id))
+        pending.message_ids = set(self.grid.push_messages(messages))
+        log.info("fog %s round %d: secure round %s over %d agents (degree %d, threshold %d)", fog.name, round_no,
+                 pending.round_id.hex()[:8], len(nodes), pending.server.degree, pending.server.threshold)
+        return pending
+
+    def _collect(self, ids: set[str], nodes: set[int], deadline: float,
+                 on_reply: Callable[[int, Message], None] | None = None) -> dict[int, Message]:
+        """Replies to ``ids`` from ``nodes`` until all arrived or ``deadline`` (monotonic) passed."""
+        out: dict[int, Message] = {}
+        waiting = set(ids)
+        while waiting:
+            for m in self.grid.pull_messages(waiting):
+                waiting.discard(m.metadata.reply_to_message_id)
+                node = m.metadata.src_node_id
+                if node in nodes and node not in out:
+                    out[node] = m
+                    if on_reply is not None:
+                        on_reply(node, m)
+            if not waiting or self.clock() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        return out
+
+    def _stage(self, pending: PendingSecureRound, stage: Stage, contents: Mapping[int, RecordDict],
+               counts: dict[str, int], reasons: list[str], uplink: dict[int, int],
+               on_reply: Callable[[int, RecordDict], None]) -> None:
+        """Send one later stage's messages (node -> content); each valid ``ok`` reply goes to ``on_reply``."""
+        messages = [Message(c, dst_node_id=node, message_type=wire.SECAGG_MESSAGE_TYPE, group_id=pending.group_id)
+                    for node, c in contents.items()]
+        ids = set(self.grid.push_messages(messages))
+        pending.bytes_down += sum(_payload_bytes(c) for c in contents.values())
+
+        def handle(node: int, msg: Message) -> None:
+            self._route(pending, stage, node, msg, counts, reasons, uplink, on_reply)
+
+        got = self._collect(ids, set(contents), self.clock() + self.secagg.stage_timeout_s, handle)
+        counts["silent"] += len(contents) - len(got)
+
+    def finish_round(self, pending: PendingSecureRound):
+        from hyprstream.fog.aggregator import FogRound
+
+        counts = {"declined": 0, "refused": 0, "failed": 0, "silent": 0}
+        reasons: list[str] = []
+        uplink: dict[int, int] = {}  # payload bytes received, per agent
+        stage_seconds: dict[str, float] = {}
+        version, delta, result = None, {}, None
+        survivors: tuple[int, ...] = ()
+        self.last = None
+        if pending.aborted:
+            reasons.append(f"secure aggregation not started: {pending.aborted}")
+        else:
+            try:
+                result = self._run_stages(pending, counts, reasons, uplink, stage_seconds)
+            except SecAggAborted as exc:
+                reasons.append(f"secure aggregation aborted: {exc}")
+                log.warning("fog %s round %d: %s", self.name, pending.round, exc)
+        if result is not None:
+            node_of = dict(enumerate(pending.nodes, start=1))
+            survivors = tuple(node_of[i] for i in result.survivors)
+            try:
+                delta, entry, transcript = self._release(pending, result)
+                version, entry = self._push(pending, delta, len(survivors), entry, transcript)
+            except HyprstreamError as exc:
+                reasons.append(f"not released: {exc}")
+                log.warning("fog %s round %d: not released: %s", self.name, pending.round, exc)
+                entry, transcript = None, ""
+            self.last = SecureRoundInfo(
+                pending.round_id.hex(), pending.server.degree, pending.server.threshold, survivors,
+                tuple(node_of[i] for i in result.dropped_before_masking),
+                tuple(node_of[i] for i in result.dropped_after_masking), transcript, entry, stage_seconds)
+        failed = counts["failed"] + counts["silent"]
+        return FogRound(
+            fog=self.name, round=pending.round, base_version=pending.base.version, version=version,
+            layers=pending.layers, participants=len(survivors) if version is not None else 0,
+            declined=counts["declined"], refused=counts["refused"], failed=failed,
+            bytes_up=sum(uplink.values()), bytes_down=pending.bytes_down, train_loss=float("nan"),
+            seconds=self.clock() - pending.started, delta=delta, reasons=tuple(reasons), nodes=pending.nodes,
+            contributors=survivors if version is not None else (), uplink=uplink)
+
+    def run_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None):
+        return self.finish_round(self.start_round(round_no, base, nodes))
+
+    # -------------------------------------------------------------------------------- internals
+    def _run_stages(self, pending: PendingSecureRound, counts: dict[str, int], reasons: list[str],
+                    uplink: dict[int, int], seconds: dict[str, float]) -> SecAggSum:
+        server = pending.server
+        assert server is not None
+        index = {node: i for i, node in enumerate(pending.nodes, start=1)}
+        node_of = {i: node for node, i in index.items()}
+        rid = pending.round_id
+        t0 = self.clock()
+
+        # stage 0: collect the setup replies to the messages start_round sent (training happens there)
+        adverts = {}
+
+        def on_advert(node: int, content: RecordDict) -> None:
+            adverts[index[node]] = wire.advert_from(content)
+
+        got = self._collect(pending.message_ids, set(pending.nodes), pending.started + self.plan.timeout_s,
+                            lambda node, msg: self._route(pending, Stage.SETUP, node, msg, counts, reasons, uplink,
+                                                          on_advert))
+        counts["silent"] += len(pending.nodes) - len(got)
+        server.collect_adverts(adverts)
+        seconds["setup"] = self.clock() - t0
+
+        def stage(name: Stage, contents: dict[int, RecordDict], handler) -> None:
+            t = self.clock()
+            self._stage(pending, name, {node_of[i]: c for i, c in contents.items()}, counts, reasons, uplink,
+                        lambda node, content: handler(index[node], content))
+            seconds[name.value] = self.clock() - t
+
+        shares = {}
+        stage(Stage.SHARE, {i: wire.keys_content(rid, server.keys_for(i)) for i in sorted(server.advertised)},
+              lambda i, c: shares.__setitem__(i, wire.sealed_from(c, "dsts")))
+        server.collect_shares(shares)
+
+        stage(Stage.MASK,
+              {i: wire.sealed_content(Stage.MASK, rid, server.inbox_for(i), "srcs") for i in sorted(server.shared)},
+              lambda i, c: server.add_masked(i, wire.masked_from(c)))
+        server.close_masking()
+
+        unmask = {}
+        stage(Stage.UNMASK, {i: wire.unmask_content(rid, server.unmask_request_for(i)) for i in sorted(server.masked)},
+              lambda i, c: unmask.__setitem__(i, wire.shares_from(c)))
+        return server.finish(unmask)
+
+    def _route(self, pending, stage, node, msg, counts, reasons, uplink, on_reply) -> None:
+        """Check one reply of ``stage`` and hand its content to ``on_reply`` when it is a valid ``ok``."""
+        if msg.has_error():
+            counts["failed"] += 1
+            reasons.append(f"error: {msg.error.reason}")
+            return
+        try:
+            h = wire.header(msg.content)
+            if h.round_id != pending.round_id or h.stage is not stage:
+                raise ValidationError(f"reply for another round or stage ({h.stage.value})")
+            uplink[node] = uplink.get(node, 0) + _payload_bytes(msg.content)
+            if h.status is Status.DECLINED:
+                counts["declined"] += 1
+                reasons.append(f"declined: {h.reason}")
+                return
+            if h.status is Status.REFUSED:
+                raise ValidationError(f"client refused the {stage.value} stage: {h.reason}")
+            on_reply(node, msg.content)
+        except ValidationError as exc:
+            counts["refused"] += 1
+            reasons.append(f"refused: {exc}")
+            log.warning("fog %s round %d: %s", self.name, pending.round, exc)
+
+    def _release(self, pending: PendingSecureRound, result: SecAggSum) -> tuple[dict[str, np.ndarray], Entry | None, str]:
+        spec = pending.spec
+        assert spec is not None
+        n = len(result.survivors)
+        dec = decode(result.total, n, spec)
+        dp = self._dp(len(self.fog.node_ids))
+        entry = None
+        if dp is not None:
+            mean = dp.release(dec.total, n, self.source)
+            # charged before the release leaves the fog: a crash from here on can only over-count
+            if self.ledger is not None:
+                entry = self.ledger.charge(
+                    Scope.MODEL, self.model,
+                    Charge(self._event(), model=self.model, base_version=pending.base.version,
+                           round=pending.group_id, mechanism=self._mechanism()),
+                    self.client_dp.budget)
+            else:
+                self._check_budget(f"round {pending.round} of {self.model}")
+                self._memory.compose(self._event())
+        elif spec.weighted:
+            if not dec.weight or dec.weight <= 0:
+                raise SecAggAborted("the survivors' weights sum to zero")
+            mean = dec.total / dec.weight
+        else:
+            mean = dec.total / n
+        transcript = _transcript(pending, result)
+        return spec.layout.unflatten(mean, np.float32), entry, transcript
+
+    def _push(self, pending: PendingSecureRound, delta: dict[str, np.ndarray], participants: int,
+              entry: Entry | None, transcript: str) -> tuple[int | None, Entry | None]:
+        trained = lt.select_layers(pending.base.table, pending.layers)
+        layer_of = dict(zip(trained.column("name").to_pylist(), trained.column("layer").to_pylist(), strict=True))
+        privacy = None
+        if self.client_dp is not None:
+            spent = entry.epsilon if entry is not None else self._memory.epsilon(self.client_dp.delta)
+            privacy = {"epsilon": spent, "delta": self.client_dp.delta,
+                       "noise_multiplier": self.client_dp.noise_multiplier,
+                       "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip}
+        self.fog._seq += 1  # the fog's push sequence, shared with its plain rounds
+        receipt = self.core.push_delta(
+            self.model, lt.to_table(delta, layer=layer_of.__getitem__), fog=self.name, seq=self.fog._seq,
+            base_clocks={layer: pending.base.clocks[layer] for layer in pending.layers},
+            participants=participants, privacy=privacy, transcript_sha256=transcript)
+        if entry is not None and self.ledger is not None:
+            entry = self.ledger.bind(entry.seq, receipt.version)
+        return receipt.version, entry
+
+
+def _payload_bytes(content: RecordDict) -> int:
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            total += sum(len(a.data) for a in rec.values())
+        elif isinstance(rec, ConfigRecord):
+            for v in rec.values():
+                if isinstance(v, bytes):
+                    total += len(v)
+                elif isinstance(v, list):
+                    total += sum(len(x) if isinstance(x, bytes) else 8 for x in v)
+                else:
+                    total += 8
+    return total
+
+
+def _transcript(pending: PendingSecureRound, result: SecAggSum) -> str:
+    """SHA-256 over the round's public transcript: parameters, public keys, who survived, the sum."""
+    server, spec = pending.server, pending.spec
+    assert server is not None and spec is not None
+    h = hashlib.sha256()
+    q = spec.quantizer
+    h.update(f"{wire.SCHEMA}|{pending.group_id}|v{pending.base.version}|{','.join(pending.layers)}|"
+             f"n={server.n}|k={server.degree}|t={server.threshold}|bits={q.bits}|scale={q.scale!r}|"
+             f"bound={q.bound}|clip={spec.clip!r}|noise={spec.noise_sigma!r}|weighted={spec.weighted}".encode())
+    h.update(pending.round_id)
+    for i, a in sorted(server.public_keys().items()):
+        h.update(i.to_bytes(4, "big") + a.enc_key + a.mask_key + a.commitment)
+    for group in (result.survivors, result.dropped_before_masking, result.dropped_after_masking):
+        h.update(b"|" + b"".join(i.to_bytes(4, "big") for i in group))
+    h.update(hashlib.sha256(np.ascontiguousarray(result.total).tobytes()).digest())
+    return h.hexdigest()
+
+
+__all__ = ["PendingSecureRound", "SecureFogAggregator", "SecureRoundInfo"]

@@ -1,0 +1,120 @@
+"""hyprstream.privacy: random sources, Gaussian and discrete Gaussian noise, clipping, client-level DP release."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
+from hyprstream.privacy.clipping import Layout, clip_l2
+from hyprstream.privacy.contribution import InputSpec, decode, encode
+from hyprstream.privacy.errors import PrivacyViolation
+from hyprstream.privacy.noise import SecureRandom, SeededRandom, discrete_gaussian, gaussian
+from hyprstream.privacy.quantize import Quantizer
+from hyprstream.privacy.secagg import run_in_memory
+
+pytestmark = pytest.mark.unit
+
+
+def test_sources_give_uniforms_and_bytes() -> None:
+    for src in (SecureRandom(), SeededRandom(1)):
+        u = src.uniform(100_000)
+        assert u.min() >= 0 and u.max() < 1
+        assert abs(u.mean() - 0.5) < 0.005  # 5.5 sd
+        assert len(src.random_bytes(33)) == 33
+    assert SecureRandom.secure and not SeededRandom.secure
+    np.testing.assert_array_equal(SeededRandom(7).uniform(5), SeededRandom(7).uniform(5))
+    assert not np.array_equal(SecureRandom().uniform(5), SecureRandom().uniform(5))
+
+
+def test_global_numpy_rng_is_untouched() -> None:
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    gaussian(SeededRandom(0), 1000, 1.0)
+    discrete_gaussian(SecureRandom(), 1000, 3.0)
+    np.testing.assert_array_equal(np.random.random(3), expected)
+
+
+@pytest.mark.parametrize("source", [SecureRandom(), SeededRandom(3)], ids=["secure", "seeded"])
+def test_gaussian_moments(source) -> None:
+    x = gaussian(source, 200_001, 2.5)
+    assert x.shape == (200_001,)
+    assert abs(x.mean()) < 5 * 2.5 / math.sqrt(len(x))
+    assert x.std() == pytest.approx(2.5, rel=0.01)
+    assert abs(np.mean(np.abs(x) > 2.5 * 1.96) - 0.05) < 0.003
+
+
+@pytest.mark.parametrize("sigma", [0.7, 3.0, 40.0, 1e6])
+def test_discrete_gaussian_matches_its_distribution(sigma: float) -> None:
+    x = discrete_gaussian(SeededRandom(11), 200_000, sigma)
+    assert x.dtype == np.int64
+    assert abs(x.mean()) < 5 * sigma / math.sqrt(len(x)) + 1e-9
+    # the variance of N_Z(0, s^2) is within a hair of s^2 for s >= 1 (and a bit below for s < 1)
+    ks = np.arange(-int(12 * sigma) - 1, int(12 * sigma) + 2) if sigma < 100 else None
+    if ks is not None:
+        p = np.exp(-ks.astype(float) ** 2 / (2 * sigma ** 2))
+        p /= p.sum()
+        var = float(np.sum(p * ks ** 2))
+        assert x.var() == pytest.approx(var, rel=0.02)
+        # and the probability mass at 0 matches
+        assert np.mean(x == 0) == pytest.approx(float(p[ks == 0][0]), abs=5 * math.sqrt(p[ks == 0][0] / len(x)))
+    else:
+        assert x.std() == pytest.approx(sigma, rel=0.01)
+
+
+@settings(max_examples=50, deadline=None)
+@given(dim=st.integers(1, 500), bound=st.floats(1e-4, 1e4), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 1000))
+def test_clip_l2_bounds_the_norm(dim: int, bound: float, scale: float, seed: int) -> None:
+    v = np.random.default_rng(seed).normal(size=dim) * scale
+    c = clip_l2(v, bound)
+    assert np.linalg.norm(c.vector) <= bound
+    if np.linalg.norm(v) <= bound:
+        np.testing.assert_array_equal(c.vector, v)
+        assert c.factor == 1.0
+    else:
+        np.testing.assert_allclose(c.vector, v * (bound / np.linalg.norm(v)), rtol=1e-8)
+
+
+def test_layout_round_trip() -> None:
+    layout = Layout.of({"head.weight": (10, 4), "head.bias": (10,)})
+    assert layout.names == ("head.bias", "head.weight") and layout.size == 50
+    delta = {"head.weight": np.arange(40.0).reshape(10, 4), "head.bias": -np.arange(10.0)}
+    back = layout.unflatten(layout.flatten(delta), dtype=np.float64)
+    for k in delta:
+        np.testing.assert_array_equal(back[k], delta[k])
+    flat, ranks = layout.wire_shapes()
+    assert Layout.from_wire(layout.names, flat, ranks) == layout
+
+
+def test_central_noise_is_calibrated_to_the_clip_bound() -> None:
+    dp = ClientDP(clip=0.5, noise_multiplier=2.0, placement=NoisePlacement.CENTRAL, min_clients=1, denominator=10.0)
+    total = np.zeros(100_000)
+    out = dp.release(total, 10, SeededRandom(0))
+    assert out.std() == pytest.approx(2.0 * 0.5 / 10.0, rel=0.01)
+
+
+def test_distributed_noise_survives_secure_aggregation_and_has_the_target_std() -> None:
+    """Each client adds N_Z(0, (zC)^2 s^2 / m) before masking; the unmasked sum carries std >= zC."""
+    n, dim, clip, z = 8, 40_000, 1.0, 1.5
+    dp = ClientDP(clip=clip, noise_multiplier=z, placement=NoisePlacement.DISTRIBUTED, min_clients=n, denominator=n)
+    q = Quantizer.for_clients(clip=clip, max_clients=n, bits=32, noise_std=dp.local_std())
+    spec = InputSpec(Layout.of({"w": (dim,)}), clip, q, noise_sigma=dp.local_sigma(q, dim))
+    encoded = {i: encode({"w": np.zeros(dim)}, 1, spec, SeededRandom(i)).vector for i in range(1, n + 1)}
+    result = run_in_memory(encoded, degree=n - 1, threshold=4, source=SeededRandom(0))
+    noisy_sum = decode(result.total, n, spec).total
+    assert noisy_sum.std() == pytest.approx(z * clip, rel=0.02)
+    mean = dp.release(noisy_sum, n, SeededRandom(0))  # no further noise: the sum already has it
+    np.testing.assert_allclose(mean, noisy_sum / n)
+    with pytest.raises(PrivacyViolation, match="less noise"):
+        dp.release(noisy_sum, n - 1, SeededRandom(0))
+
+
+def test_weighted_sums_refuse_dp_noise() -> None:
+    q = Quantizer.for_clients(clip=1.0, max_clients=4, noise_std=0.1)
+    with pytest.raises(ValueError, match="weighted"):
+        InputSpec(Layout.of({"w": (3,)}), 1.0, q, noise_sigma=10.0, weighted=True)

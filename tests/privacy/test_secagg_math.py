@@ -1,0 +1,368 @@
+"""hyprstream.privacy: quantization, Shamir sharing, masking primitives and the SecAgg+ protocol math."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from hyprstream.errors import ValidationError
+from hyprstream.privacy import masking, shamir
+from hyprstream.privacy.clipping import Layout, clip_l2
+from hyprstream.privacy.contribution import InputSpec, decode, encode
+from hyprstream.privacy.errors import RangeOverflow, SecAggAborted
+from hyprstream.privacy.noise import SeededRandom
+from hyprstream.privacy.quantize import Quantizer
+from hyprstream.privacy.secagg import (
+    SecAggClient,
+    SecAggServer,
+    UnmaskRequest,
+    harary_graph,
+    new_round_id,
+    plan_graph,
+    run_in_memory,
+)
+
+pytestmark = pytest.mark.unit
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+
+
+def test_quantizer_is_sized_from_clip_and_clients() -> None:
+    q = Quantizer.for_clients(clip=2.0, max_clients=100, bits=32)
+    assert q.bound == (2 ** 31 - 1) // 100
+    assert q.scale == pytest.approx(q.bound / 2.0)
+    assert q.bound * q.max_terms < 2 ** 31  # the sum of 100 inputs cannot wrap
+
+
+def test_quantizer_refuses_ranges_that_could_wrap() -> None:
+    with pytest.raises(RangeOverflow):
+        Quantizer(bits=32, scale=1.0, bound=2 ** 30, max_terms=2)
+    q = Quantizer.for_clients(clip=1.0, max_clients=3, bits=32)
+    with pytest.raises(RangeOverflow):
+        q.encode(np.array([q.bound + 1]))
+    with pytest.raises(RangeOverflow):
+        q.decode_sum(np.zeros(1, dtype=np.uint32), terms=4)
+    with pytest.raises(RangeOverflow):  # 1e6 coordinates at the resolution of a 2**31 / 1e7 grid
+        Quantizer.for_clients(clip=1.0, max_clients=10_000_000, bits=32).inner_clip(1.0, 1_000_000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([32, 64]), n=st.integers(1, 200), seed=st.integers(0, 2 ** 32 - 1),
+       dim=st.integers(1, 300), clip=st.floats(1e-3, 1e3))
+def test_clipped_quantized_vector_stays_within_clip(bits: int, n: int, seed: int, dim: int, clip: float) -> None:
+    q = Quantizer.for_clients(clip=clip, max_clients=n, bits=bits)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=dim) * clip * rng.uniform(0.01, 10)
+    inner = clip_l2(x, q.inner_clip(clip, dim)).vector
+    ints = q.quantize(inner, SeededRandom(seed))
+    assert np.linalg.norm(ints.astype(np.float64)) <= clip * q.scale * (1 + 1e-12)
+    # within one grid step (plus float64 rounding of x * scale, which matters for 64-bit fields)
+    assert np.max(np.abs(q.dequantize(ints) - inner)) <= q.resolution + 8 * np.finfo(float).eps * clip
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([32, 64]), n=st.integers(1, 50), seed=st.integers(0, 2 ** 32 - 1))
+def test_field_sum_decodes_to_the_integer_sum(bits: int, n: int, seed: int) -> None:
+    q = Quantizer.for_clients(clip=1.0, max_clients=n, bits=bits)
+    rng = np.random.default_rng(seed)
+    ints = [rng.integers(-q.bound, q.bound + 1, size=17) for _ in range(n)]
+    total = np.zeros(17, dtype=q.dtype)
+    for v in ints:
+        total += q.encode(v)
+    np.testing.assert_array_equal(q.decode_sum(total, n), np.sum(ints, axis=0))
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    q = Quantizer(bits=32, scale=1.0, bound=10, max_terms=1)
+    x = np.full(200_000, 0.3)
+    ints = q.quantize(x, SeededRandom(0))
+    assert set(np.unique(ints)) == {0, 1}
+    assert abs(ints.mean() - 0.3) < 0.005  # 5 sigma = 0.005
+
+
+# --------------------------------------------------------------------------------------------
+# Shamir
+
+
+@settings(max_examples=30, deadline=None)
+@given(holders=st.integers(1, 40), data=st.data())
+def test_any_threshold_shares_rebuild_the_secret(holders: int, data: st.DataObject) -> None:
+    t = data.draw(st.integers(1, holders))
+    secret = data.draw(st.binary(min_size=32, max_size=32))
+    xs = data.draw(st.lists(st.integers(1, 10_000), min_size=holders, max_size=holders, unique=True))
+    shares = shamir.split(secret, t, xs)
+    subset = data.draw(st.lists(st.sampled_from(xs), min_size=t, max_size=holders, unique=True))
+    assert shamir.combine({x: shares[x] for x in subset}, t) == secret
+
+
+def test_too_few_shares_are_refused() -> None:
+    shares = shamir.split(bytes(range(32)), 3, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="3 needed"):
+        shamir.combine({1: shares[1], 2: shares[2]}, 3)
+
+
+def test_fewer_than_threshold_shares_are_consistent_with_any_secret() -> None:
+    """Two shares of a threshold-3 sharing fit every secret equally: interpolate with a forged third."""
+    secret_a, secret_b = bytes(32), bytes([7]) * 32
+    shares = shamir.split(secret_a, 3, [1, 2, 3])
+    # the polynomial through (0, b), (1, y1), (2, y2) exists for any b: its value at 3 is a valid share
+    ys = {x: int.from_bytes(shares[x], "big") for x in (1, 2)}
+    b = int.from_bytes(secret_b, "big")
+    p = shamir.PRIME
+    # Lagrange at x = 3 through (0, b), (1, y1), (2, y2): L0 = 1, L1 = -3, L2 = 3
+    y3 = (b * 1 - 3 * ys[1] + 3 * ys[2]) % p
+    forged = {1: shares[1], 2: shares[2], 3: y3.to_bytes(shamir.SHARE_BYTES, "big")}
+    assert shamir.combine(forged, 3) == secret_b
+
+
+# --------------------------------------------------------------------------------------------
+# primitives
+
+
+def test_mask_expansion_is_a_deterministic_keystream() -> None:
+    seed = bytes(range(32))
+    a = masking.expand_mask(seed, 1000, np.uint32)
+    np.testing.assert_array_equal(a, masking.expand_mask(seed, 1000, np.uint32))
+    assert not np.array_equal(a, masking.expand_mask(bytes(32), 1000, np.uint32))
+    # a prefix of a longer expansion (one keystream), 64-bit view of the same bytes
+    np.testing.assert_array_equal(masking.expand_mask(seed, 10, np.uint32), a[:10])
+    assert masking.expand_mask(seed, 500, np.uint64).tobytes() == a.tobytes()
+
+
+def test_sealed_shares_bind_round_sender_and_recipient() -> None:
+    key = bytes(32)
+    sealed = masking.seal(key, b"share", b"round|1|2")
+    assert masking.open_sealed(key, sealed, b"round|1|2") == b"share"
+    with pytest.raises(ValidationError):
+        masking.open_sealed(key, sealed, b"round|1|3")
+
+
+def test_harary_graph_is_regular_and_symmetric() -> None:
+    g = harary_graph(50, 8, SeededRandom(3))
+    assert all(len(v) == 8 for v in g.values())
+    assert all(i in g[j] for i in g for j in g[i])
+    assert harary_graph(5, 4, SeededRandom(0)) == {i: tuple(j for j in range(1, 6) if j != i) for i in range(1, 6)}
+
+
+def test_plan_graph_grows_the_degree_with_the_expected_dropout() -> None:
+    k0, t0 = plan_graph(100, expected_dropout=0.0)
+    k1, t1 = plan_graph(100, expected_dropout=0.1)
+    k3, t3 = plan_graph(100, expected_dropout=0.3)
+    assert k0 == 14 and t0 == 7  # the 2 * ceil(log2 n) floor
+    assert k0 < k1 < k3 <= 99
+    assert t1 == math.ceil(k1 / 2)
+    assert plan_graph(5) == (4, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# the protocol: exact sums with dropouts
+
+
+def _inputs(n: int, dim: int, bits: int, seed: int) -> tuple[dict[int, np.ndarray], Quantizer, dict[int, np.ndarray]]:
+    """Quantized clipped float deltas of n clients, encoded in the field; also their integer values."""
+    clip = 1.0
+    q = Quantizer.for_clients(clip=clip, max_clients=n, bits=bits)
+    spec = InputSpec(Layout.of({"w": (dim,)}), clip, q)
+    rng = np.random.default_rng(seed)
+    source = SeededRandom(seed)
+    encoded, ints = {}, {}
+    for i in range(1, n + 1):
+        enc = encode({"w": rng.normal(size=dim) * rng.uniform(0.01, 3)}, 1, spec, source)
+        encoded[i] = enc.vector
+        ints[i] = q.decode_sum(enc.vector, 1)
+    return encoded, q, ints
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 30), dim=st.integers(1, 64), bits=st.sampled_from([32, 64]),
+       seed=st.integers(0, 2 ** 32 - 1), drop=st.sampled_from([0.0, 0.1, 0.3]),
+       when=st.sampled_from(["after", "before", "both"]), data=st.data())
+def test_secure_sum_equals_plain_sum_with_dropouts(n: int, dim: int, bits: int, seed: int, drop: float, when: str,
+                                                   data: st.DataObject) -> None:
+    encoded, q, ints = _inputs(n, dim, bits, seed)
+    k, _ = plan_graph(n, expected_dropout=drop)
+    graph = harary_graph(n, k, SeededRandom(seed))  # the server builds the same graph from the same seed
+    dropped = data.draw(st.lists(st.integers(1, n), min_size=round(drop * n), max_size=round(drop * n), unique=True))
+    if when == "after":
+        before, after = set(), set(dropped)
+    elif when == "before":
+        before, after = set(dropped), set()
+    else:
+        before, after = set(dropped[::2]), set(dropped[1::2])
+    survivors = set(range(1, n + 1)) - before
+    answering = survivors - after
+    # the largest threshold the dropouts allow: every client keeps that many answering neighbours
+    feasible = min(len(set(graph[i]) & answering) for i in range(1, n + 1))
+    assume(feasible >= 1 and survivors)
+    t = data.draw(st.integers(1, feasible))
+    result = run_in_memory(encoded, degree=k, threshold=t, source=SeededRandom(seed),
+                           drop_before_masking=before, drop_after_masking=after)
+    assert set(result.survivors) == survivors
+    assert set(result.dropped_before_masking) == before
+    assert set(result.dropped_after_masking) == after
+    plain = np.zeros(dim, dtype=q.dtype)
+    for i in survivors:
+        plain += encoded[i]
+    np.testing.assert_array_equal(result.total, plain)  # exact, modulo 2**bits
+    np.testing.assert_array_equal(q.decode_sum(result.total, len(survivors)),
+                                  np.sum([ints[i] for i in survivors], axis=0))  # and as integers
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.1, 0.3])
+def test_secure_sum_at_the_planned_degree_for_the_dropout(drop: float) -> None:
+    """The fog's own (degree, threshold) plan survives its expected dropout of clients after masking."""
+    n, dim = 60, 1000
+    encoded, q, _ = _inputs(n, dim, 32, 11)
+    k, t = plan_graph(n, expected_dropout=drop)
+    rng = np.random.default_rng(5)
+    after = set(rng.choice(np.arange(1, n + 1), size=round(drop * n), replace=False).tolist())
+    result = run_in_memory(encoded, degree=k, threshold=t, source=SeededRandom(1), drop_after_masking=after)
+    plain = np.zeros(dim, dtype=q.dtype)
+    for v in encoded.values():
+        plain += v
+    np.testing.assert_array_equal(result.total, plain)
+    assert set(result.dropped_after_masking) == after
+
+
+def test_too_many_dropouts_abort_without_a_result() -> None:
+    encoded, _, _ = _inputs(6, 8, 32, 0)
+    with pytest.raises(SecAggAborted, match="threshold"):
+        run_in_memory(encoded, degree=4, threshold=4, source=SeededRandom(0), drop_after_masking={1, 2})
+
+
+def test_decoded_sum_is_the_sum_of_the_quantized_deltas() -> None:
+    layout = Layout.of({"a.weight": (3, 2), "a.bias": (3,)})
+    q = Quantizer.for_clients(clip=10.0, max_clients=3, bits=32)
+    spec = InputSpec(layout, 10.0, q, weighted=True, max_weight=100.0)
+    rng = np.random.default_rng(0)
+    deltas = [{"a.weight": rng.normal(size=(3, 2)), "a.bias": rng.normal(size=3)} for _ in range(3)]
+    examples = [10, 50, 400]  # the last is capped at max_weight
+    encoded = {i + 1: encode(d, m, spec, SeededRandom(i)).vector for i, (d, m) in enumerate(zip(deltas, examples))}
+    result = run_in_memory(encoded, degree=2, threshold=1, source=SeededRandom(0))
+    dec = decode(result.total, 3, spec)
+    assert dec.weight == pytest.approx(0.1 + 0.5 + 1.0, abs=3 / q.bound)
+    expected = sum(w * layout.flatten(d) for w, d in zip([0.1, 0.5, 1.0], deltas))
+    np.testing.assert_allclose(dec.total, expected, atol=3 * q.resolution)
+
+
+# --------------------------------------------------------------------------------------------
+# what the fog sees
+
+
+def _stage_all(n: int, dim: int, seed: int):
+    encoded, q, _ = _inputs(n, dim, 32, seed)
+    rid = new_round_id()
+    server = SecAggServer(n, degree=n - 1, threshold=2, dim=dim, dtype=q.dtype, round_id=rid, source=SeededRandom(seed))
+    clients = {i: SecAggClient(rid, i, server.neighbours(i), 2, dim, q.dtype) for i in encoded}
+    return encoded, server, clients
+
+
+def _arrays_in(obj, seen=None):
+    """Every numpy array reachable from ``obj``'s attributes (the fog's whole state)."""
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays_in(v, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _arrays_in(v, seen)
+    elif hasattr(obj, "__dict__"):
+        yield from _arrays_in(vars(obj), seen)
+
+
+def test_the_fog_only_ever_holds_uniformly_masked_inputs() -> None:
+    n, dim = 5, 200_000
+    encoded, server, clients = _stage_all(n, dim, 7)
+    server.collect_adverts({i: c.advertise() for i, c in clients.items()})
+    server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
+    for i in sorted(clients):
+        masked = clients[i].mask(server.inbox_for(i), encoded[i])
+        y = masked.vector
+        # what the fog receives is the input plus a mask that is uniform on Z / 2**32: its top byte
+        # is uniform (chi-square over 256 bins, 255 dof: mean 255, sd 22.6; bound at ~8 sd)
+        counts = np.bincount((y >> np.uint32(24)).astype(np.int64), minlength=256)
+        chi2 = float(np.sum((counts - dim / 256) ** 2 / (dim / 256)))
+        assert chi2 < 255 + 8 * 22.6
+        assert np.mean(y == encoded[i]) < 1e-3
+        server.add_masked(i, masked)
+        # by construction: nothing in the fog's state is one client's input, or its input plus its
+        # self mask only (the running sum of several masked inputs is all it keeps)
+        for arr in _arrays_in(server):
+            for v in encoded.values():
+                assert not (arr.shape == v.shape and np.array_equal(arr, v))
+    server.close_masking()
+    result = server.finish({i: clients[i].unmask(server.unmask_request_for(i)) for i in clients})
+    plain = np.zeros(dim, dtype=np.uint32)
+    for v in encoded.values():
+        plain += v
+    np.testing.assert_array_equal(result.total, plain)
+
+
+def test_a_client_never_reveals_both_secrets_of_one_neighbour() -> None:
+    encoded, server, clients = _stage_all(4, 16, 1)
+    server.collect_adverts({i: c.advertise() for i, c in clients.items()})
+    server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
+    for i in clients:
+        server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
+    with pytest.raises(ValidationError, match="both survive and drop"):
+        clients[1].unmask(UnmaskRequest(survivors=(2, 3), dropped=(2,)))
+    with pytest.raises(ValidationError, match="out of order"):  # and it answers one unmask request only
+        clients[1].unmask(UnmaskRequest(survivors=(2,), dropped=()))
+    with pytest.raises(ValidationError, match="did not mask with"):
+        clients[2].unmask(UnmaskRequest(survivors=(9,), dropped=()))
+    with pytest.raises(ValidationError, match="out of order"):
+        clients[2].unmask(UnmaskRequest(survivors=(1,), dropped=()))
+
+
+def test_the_fog_cannot_open_relayed_shares() -> None:
+    encoded, server, clients = _stage_all(3, 4, 2)
+    adverts = {i: c.advertise() for i, c in clients.items()}
+    server.collect_adverts(adverts)
+    sealed = clients[1].share(server.keys_for(1)).sealed
+    # a fog that knows every public key still has no private key: any key it derives fails the tag
+    for guess in (bytes(32), adverts[1].enc_key, adverts[2].enc_key):
+        with pytest.raises(ValidationError):
+            masking.open_sealed(guess, sealed[2], b"")
+
+
+def test_client_state_survives_a_process_boundary() -> None:
+    """A deployed ClientApp is a fresh process per message: the state round-trips through plain values."""
+    n, dim = 4, 32
+    encoded, server, clients = _stage_all(n, dim, 3)
+
+    def reload(c: SecAggClient) -> SecAggClient:
+        via_dict = SecAggClient.from_state(c.to_state())
+        return SecAggClient.from_bytes(via_dict.to_bytes())
+
+    server.collect_adverts({i: c.advertise() for i, c in clients.items()})
+    clients = {i: reload(c) for i, c in clients.items()}
+    server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
+    clients = {i: reload(c) for i, c in clients.items()}
+    for i in clients:
+        server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
+    clients = {i: reload(c) for i, c in clients.items()}
+    server.close_masking()
+    result = server.finish({i: clients[i].unmask(server.unmask_request_for(i)) for i in clients})
+    plain = np.zeros(dim, dtype=np.uint32)
+    for v in encoded.values():
+        plain += v
+    np.testing.assert_array_equal(result.total, plain)
+
+
+def test_inputs_outside_the_layout_are_refused() -> None:
+    spec = InputSpec(Layout.of({"w": (4,)}), 1.0, Quantizer.for_clients(clip=1.0, max_clients=2))
+    with pytest.raises(ValidationError, match="missing"):
+        encode({"v": np.zeros(4)}, 1, spec, SeededRandom(0))
+    with pytest.raises(ValidationError, match="NaN"):
+        encode({"w": np.array([0, 0, np.nan, 0])}, 1, spec, SeededRandom(0))

@@ -1,0 +1,221 @@
+"""Secure aggregation at the fog over a Flower Grid (in-process loopback) with the agent's real train handler."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.clientapp import ClientApp
+from privacy_helpers import StubCore, agent_app, make_devices
+
+from hyprstream.agent.client_app import handle_train
+from hyprstream.fog.aggregator import FogAggregator, RoundPlan
+from hyprstream.privacy import secagg_messages as wire
+from hyprstream.privacy.accountant import GaussianEvent, epsilon
+from hyprstream.privacy.client_dp import NoisePlacement
+from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
+from hyprstream.privacy.contribution import encode
+from hyprstream.privacy.ledger import PrivacyLedger, Scope
+from hyprstream.privacy.loopback import LoopbackGrid
+from hyprstream.privacy.noise import SeededRandom
+from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+from hyprstream.protocol import TrainRequest
+from hyprstream.store import Store
+
+pytestmark = pytest.mark.unit
+
+# The loopback grid answers during push_messages: a timeout only ever runs out for a silent agent.
+PLAN = RoundPlan(task="digits", layers=("head",), local_steps=3, batch_size=16, lr=0.05, timeout_s=1.0)
+
+
+class RecordingGrid(LoopbackGrid):
+    """Keeps every reply the fog pulls, to check what the fog was ever given."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.received = []
+
+    def pull_messages(self, message_ids):
+        out = list(super().pull_messages(message_ids))
+        self.received.extend(out)
+        return out
+
+
+def setup_fog(tmp_path: Path, n: int, *, app: ClientApp | None = None, drop=None, secagg: SecAggConfig | None = None,
+              client_dp: ClientDpConfig | None = None, ledger=None, seed: int = 0):
+    paths = make_devices(tmp_path, n)
+    nodes = list(range(101, 101 + n))
+    store_of = dict(zip(nodes, paths))
+    grid = RecordingGrid(app or agent_app(), nodes, node_config=lambda node: {"store-dir": str(store_of[node])},
+                         drop=drop)
+    core = StubCore()
+    fog = FogAggregator("fog-a", grid, nodes, core, "digits", PLAN, seed=seed)
+    secure = SecureFogAggregator(fog, secagg or SecAggConfig(clip=0.5, stage_timeout_s=0.3), client_dp,
+                                 ledger=ledger, source=SeededRandom(seed))
+    return secure, core, grid, store_of
+
+
+def expected_mean(secure: SecureFogAggregator, pending, store_of, core: StubCore, contributors) -> dict[str, np.ndarray]:
+    """The plain mean of the same clipped, quantized deltas: each agent's training redone by hand."""
+    spec = pending.spec
+    snap = core.get_weights("digits")
+    from hyprstream.store import layer_table as lt
+
+    total = np.zeros(spec.dim, dtype=np.int64)
+    index = {node: i for i, node in enumerate(secure.node_ids)}
+    for pos, node in enumerate(pending.nodes, start=1):
+        if node not in contributors:
+            continue
+        seed = secure.fog.seed * 1_000_003 + pending.round * 1009 + index[node]
+        req = TrainRequest("digits", snap.version - 1 if core.pushes else snap.version, "digits", pending.layers,
+                           PLAN.local_steps, PLAN.batch_size, PLAN.lr, seed, lt.to_arrays(core.table))
+        reply = handle_train(req, store_of[node])
+        enc = encode(reply.delta, reply.num_examples, spec, SeededRandom(seed * 1_000_003 + pos))
+        total += spec.quantizer.decode_sum(enc.vector, 1)
+    mean = spec.quantizer.dequantize(total[:spec.layout.size]) / len(contributors)
+    return spec.layout.unflatten(mean, np.float32)
+
+
+def test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas(tmp_path: Path) -> None:
+    secure, core, grid, store_of = setup_fog(tmp_path, 6)
+    pending = secure.start_round(1)
+    result = secure.finish_round(pending)
+    assert result.version == 2 and result.participants == 6, result.reasons
+    assert result.failed == result.declined == result.refused == 0
+    assert math.isnan(result.train_loss)  # no loss is released per client
+    pushed = core.pushes[0]
+    assert pushed["participants"] == 6 and pushed["privacy"] is None
+    assert len(pushed["transcript_sha256"]) == 64 == len(secure.last.transcript_sha256)
+    expected = expected_mean(secure, pending, store_of, core, set(pending.nodes))
+    assert set(pushed["delta"]) == {"head.weight", "head.bias"}
+    for name, value in expected.items():
+        np.testing.assert_array_equal(pushed["delta"][name], value)
+        np.testing.assert_array_equal(result.delta[name], value)
+    assert np.abs(expected["head.weight"]).sum() > 0
+
+
+def test_dropouts_at_every_stage_are_recovered_exactly(tmp_path: Path) -> None:
+    silent = {102: wire.Stage.SETUP, 104: wire.Stage.MASK, 106: wire.Stage.UNMASK, 107: wire.Stage.UNMASK}
+
+    def drop(node, msg):
+        return msg.metadata.message_type == wire.SECAGG_MESSAGE_TYPE and silent.get(node) is wire.header(msg.content).stage
+
+    secure, core, grid, store_of = setup_fog(tmp_path, 10, drop=drop,
+                                             secagg=SecAggConfig(clip=0.5, stage_timeout_s=0.3, degree=8,
+                                                                 threshold_fraction=0.5))
+    pending = secure.start_round(1)
+    result = secure.finish_round(pending)
+    assert result.version == 2, result.reasons
+    contributors = set(pending.nodes) - {102, 104}
+    assert set(result.contributors) == contributors and result.participants == 8
+    assert set(secure.last.dropped_before_masking) == {104}  # 102 never advertised keys
+    assert set(secure.last.dropped_after_masking) == {106, 107}
+    assert result.failed == 4  # silent at some stage, each waited for until its stage's timeout only
+    expected = expected_mean(secure, pending, store_of, core, contributors)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
+
+
+def test_the_fog_receives_no_plaintext_update_and_no_num_examples(tmp_path: Path) -> None:
+    secure, core, grid, store_of = setup_fog(tmp_path, 5)
+    pending = secure.start_round(1)
+    secure.finish_round(pending)
+    assert grid.received
+    for msg in grid.received:
+        content = msg.content
+        assert set(content.keys()) <= {wire.RECORD, wire.MASKED}  # no 'delta', 'metrics' or 'config' record
+        cfg = content[wire.RECORD]
+        assert isinstance(cfg, ConfigRecord)
+        assert "num_examples" not in cfg and "train_loss" not in cfg
+        assert not any(isinstance(v, float) for v in cfg.values())  # keys, shares, indices: bytes and ints
+        if wire.MASKED in content:
+            y = content[wire.MASKED]["y"].numpy()
+            assert isinstance(content[wire.MASKED], ArrayRecord) and y.dtype == np.uint32
+            # the masked vector's high bits are spread over the whole field, unlike a small quantized delta
+            assert np.mean(np.abs(y.view(np.int32).astype(np.int64)) > 2 ** 29) > 0.7
+
+
+def test_an_agent_without_the_middleware_never_sends_its_delta(tmp_path: Path) -> None:
+    from hyprstream.agent.client_app import train
+
+    plain = ClientApp()
+    plain.train("layerwise")(train)  # no train.secagg handler
+    secure, core, grid, _ = setup_fog(tmp_path, 4, app=plain)
+    result = secure.run_round(1)
+    assert result.version is None and result.failed == 4
+    assert any("secure aggregation aborted" in r for r in result.reasons)
+    assert all(m.has_error() for m in grid.received) and not core.pushes
+
+
+def test_declining_agents_are_left_out(tmp_path: Path) -> None:
+    app = agent_app()
+    secure, core, grid, store_of = setup_fog(tmp_path, 5, app=app)
+    # one device loses its data: the agent declines with the reason, the round goes on without it
+    import shutil
+
+    shutil.rmtree(store_of[103])
+    result = secure.run_round(1)
+    assert result.version == 2 and result.declined == 1 and result.participants == 4
+    assert any("declined" in r and "no store" in r for r in result.reasons)
+
+
+def test_weighted_rounds_reveal_only_the_sum_of_weights(tmp_path: Path) -> None:
+    cfg = SecAggConfig(clip=0.5, stage_timeout_s=0.3, weighting=Weighting.EXAMPLES, max_weight=100.0)
+    secure, core, grid, store_of = setup_fog(tmp_path, 4, secagg=cfg)
+    pending = secure.start_round(1)
+    result = secure.finish_round(pending)
+    assert result.version == 2, result.reasons
+    # every device holds 60 examples: weights 0.6 each, so the weighted mean is the uniform one (up to
+    # the rounding of 0.6 * delta), and the fog only ever held the masked weights and their sum
+    # (expected_mean encodes with the round's weighted spec: it averages 0.6 * delta, hence the / 0.6)
+    scaled = expected_mean(secure, pending, store_of, core, set(pending.nodes))
+    step = pending.spec.quantizer.resolution
+    for name, value in scaled.items():
+        np.testing.assert_allclose(core.pushes[0]["delta"][name], value / 0.6, rtol=1e-6, atol=4 * step)
+    assert all(set(m.content.keys()) <= {wire.RECORD, wire.MASKED} for m in grid.received)
+
+
+def test_central_client_dp_charges_the_model_ledger_and_binds_the_version(tmp_path: Path) -> None:
+    dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement.CENTRAL, epsilon_budget=12.0)
+    with Store.open(tmp_path / "fog-ledger", create=True) as store:
+        ledger = PrivacyLedger(store)
+        secure, core, grid, _ = setup_fog(tmp_path, 4, client_dp=dp, ledger=ledger)
+        versions = []
+        for r in range(1, 6):
+            result = secure.run_round(r)
+            versions.append(result.version)
+        # z = 1, all agents every round: eps 4.73, 7.08, 9.01, 10.7, 12.2 at delta 1e-5: four rounds fit 12
+        assert versions[:4] == [2, 3, 4, 5] and versions[4] is None
+        assert any("over the budget" in r for r in result.reasons)
+        entries = ledger.entries(Scope.MODEL, "digits")
+        assert [e.charge.version for e in entries] == [2, 3, 4, 5]
+        assert [core.pushes[i]["privacy"]["epsilon"] for i in range(4)] == [e.epsilon for e in entries]
+        assert entries[-1].epsilon <= 12.0
+    with Store.open(tmp_path / "fog-ledger", readonly=True) as store:  # bound versions survive a restart
+        assert [e.charge.version for e in PrivacyLedger(store).entries()] == [2, 3, 4, 5]
+
+
+def test_distributed_noise_is_not_released_below_its_client_count(tmp_path: Path) -> None:
+    dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement.DISTRIBUTED, min_clients=4)
+
+    def drop(node, msg):  # one of four goes silent at setup: 3 inputs would carry 3/4 of the noise
+        return node == 101 and wire.header(msg.content).stage is wire.Stage.SETUP
+
+    secure, core, grid, _ = setup_fog(tmp_path, 4, client_dp=dp, drop=drop)
+    result = secure.run_round(1)
+    assert result.version is None and not core.pushes
+    assert any("at least 4" in r for r in result.reasons)
+    secure2, core2, _, _ = setup_fog(tmp_path / "b", 4, client_dp=dp)
+    assert secure2.run_round(1).version == 2
+
+
+def test_client_dp_without_a_ledger_still_enforces_the_budget_in_memory(tmp_path: Path) -> None:
+    dp = ClientDpConfig(noise_multiplier=1.0, epsilon_budget=8.0)
+    secure, core, grid, _ = setup_fog(tmp_path, 3, client_dp=dp)
+    versions = [secure.run_round(r).version for r in range(1, 4)]
+    assert versions == [2, 3, None]  # 4.73, 7.08, then 9.01 > 8
+    expected = [epsilon([GaussianEvent(1.0, 1.0, r)], 1e-5) for r in (1, 2)]
+    assert [p["privacy"]["epsilon"] for p in core.pushes] == pytest.approx(expected)
