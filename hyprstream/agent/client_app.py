@@ -23,6 +23,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from hyprstream.errors import HyprstreamError
+from hyprstream.privacy.secagg_messages import SECAGG_ACTION
+from hyprstream.privacy.secagg_mod import secagg_mod
 from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest
 
 log = logging.getLogger("hyprstream.agent")
@@ -96,6 +98,11 @@ def answer_train(content: RecordDict, context: Context) -> TrainReply:
         config = content.get("config")
         version = config.get("model_version", -1) if isinstance(config, ConfigRecord) else -1
         return TrainReply(ReplyStatus.DECLINED, version if isinstance(version, int) else -1, (), reason=str(exc))
+
+
+# Secure aggregation (SecAgg+, hyprstream.privacy): the same training, its delta masked by the middleware
+# before it leaves the device. A fog without secure aggregation never sends this message type.
+app.train(SECAGG_ACTION, mods=[secagg_mod])(train)
 
 
 @app.query("device")

@@ -65,3 +65,10 @@ def test_no_store_declines(tmp_path, device):
     task, _ = device
     reply = answer_train(request(task).to_content(), FakeContext(tmp_path / "missing"))
     assert reply.status is ReplyStatus.DECLINED and "no store" in reply.reason
+
+
+def test_agent_app_answers_layerwise_secure_and_device_messages():
+    from hyprstream.agent.client_app import app
+
+    handlers = set(app._registered_funcs)  # Flower's registry of message types this app serves
+    assert {"train.layerwise", "train.secagg", "query.device"} <= handlers
