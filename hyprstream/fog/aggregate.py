@@ -55,6 +55,14 @@ class UpdateMatrix:
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float, *, max_norm: float | None = None) -> float:
         """Copy one client's delta into the next row; returns its L2 norm. Raises ValidationError."""
+        norm, checked = self.check(delta, weight, max_norm=max_norm)
+        self.store(checked, weight)
+        return norm
+
+    def check(self, delta: Mapping[str, np.ndarray], weight: float, *,
+              max_norm: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
+        """Validate one client's delta without storing it: its L2 norm and the flat arrays to
+        :meth:`store`. Raises ValidationError."""
         if self.count >= self.capacity:
             raise ValidationError(f"more than {self.capacity} updates for this round")
         if set(delta) != set(self.shapes):
@@ -91,12 +99,17 @@ class UpdateMatrix:
         norm = float(np.sqrt(sq))
         if max_norm is not None and not norm <= max_norm:
             raise ValidationError(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+        return norm, flats
+
+    def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
+        """Copy arrays returned by :meth:`check` into the next row."""
+        if self.count >= self.capacity:
+            raise ValidationError(f"more than {self.capacity} updates for this round")
         i = self.count
-        for name, flat in flats.items():
+        for name, flat in checked.items():
             np.copyto(self._rows[name][i], flat)
         self._weights[i] = weight
         self.count += 1
-        return norm
 
     def mean(self) -> dict[str, np.ndarray]:
         """Weighted mean per parameter over the rows added so far."""

@@ -160,9 +160,11 @@ class FogAggregator:
         replies = sorted(self.collect(pending), key=lambda m: order.get(m.metadata.src_node_id, len(order)))
         base = pending.base
         trained = lt.select_layers(base.table, pending.layers)
-        shapes = dict(zip(trained.column("name").to_pylist(),
-                          (tuple(s) for s in trained.column("shape").to_pylist()), strict=True))
-        matrix = UpdateMatrix(shapes, capacity=max(1, len(pending.nodes)))
+        # One matrix per layer group: an agent may train only some of the requested groups (a device in
+        # its hybrid strategy does, and says which in reply.layers); each group is averaged over the
+        # agents that trained it.
+        matrices = {layer: UpdateMatrix(_shapes(lt.select_layers(trained, [layer])),
+                                        capacity=max(1, len(pending.nodes))) for layer in pending.layers}
         declined = refused = 0
         failed = len(pending.message_ids) - len(replies)
         bytes_up = 0
@@ -185,7 +187,7 @@ class FogAggregator:
                     continue
                 if reply.model_version != base.version:
                     raise ValidationError(f"reply for version {reply.model_version}, expected {base.version}")
-                matrix.add(reply.delta, weight=reply.num_examples, max_norm=self.plan.max_update_norm)
+                self._add(matrices, reply)
                 losses.append((reply.train_loss, reply.num_examples))
                 contributors.append(msg.metadata.src_node_id)
             except ValidationError as exc:
@@ -194,12 +196,14 @@ class FogAggregator:
                 log.warning("fog %s round %d: refused an update: %s", self.name, pending.round, exc)
         version = None
         delta: dict[str, np.ndarray] = {}
-        if matrix.count >= max(1, self.plan.min_replies):
-            delta = matrix.mean()
+        ready = [layer for layer, m in matrices.items() if m.count >= max(1, self.plan.min_replies)]
+        if ready:
+            for layer in ready:
+                delta.update(matrices[layer].mean())
             # Strictly increasing per fog, across restarts too (core refuses a seq it has seen: replay).
             self._seq = max(self._seq + 1, time.time_ns() // 1000)
             push = Push(self._seq, self.model, self.name, lt.to_table(delta, layer=_layer_lookup(trained)),
-                        {layer: base.clocks[layer] for layer in pending.layers}, matrix.count)
+                        {layer: base.clocks[layer] for layer in ready}, len(contributors))
             self.outbox.put(push)  # durable before it is sent
             for delivery in self.outbox.flush(self.core):
                 if delivery.push.seq == push.seq and delivery.result is not None:
@@ -211,15 +215,36 @@ class FogAggregator:
                 self._local = _project(base, push)
         else:
             log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",
-                        self.name, pending.round, matrix.count, self.plan.min_replies)
+                        self.name, pending.round, len(contributors), self.plan.min_replies)
         loss = (sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))) if losses else float("nan")
         return FogRound(
             fog=self.name, round=pending.round, base_version=base.version, version=version,
-            layers=pending.layers, participants=matrix.count, declined=declined, refused=refused,
+            layers=pending.layers, participants=len(contributors), declined=declined, refused=refused,
             failed=failed, bytes_up=bytes_up, bytes_down=pending.bytes_down, train_loss=loss,
             seconds=time.monotonic() - pending.started, delta=delta, reasons=tuple(reasons),
             nodes=pending.nodes, contributors=tuple(contributors), uplink=uplink,
         )
+
+    def _add(self, matrices: dict[str, UpdateMatrix], reply: TrainReply) -> None:
+        """Check a whole reply (layers, names, shapes, finiteness, the norm bound over all its layers),
+        then store each of its layer groups; a refused reply leaves every matrix unchanged."""
+        layers = list(reply.layers)
+        if not layers or len(set(layers)) != len(layers) or not set(layers) <= set(matrices):
+            raise ValidationError(f"reply trained layers {layers}, the request asked for {sorted(matrices)}")
+        names = {name: layer for layer in layers for name in matrices[layer].shapes}
+        extra = sorted(set(reply.delta) - set(names))
+        if extra:
+            raise ValidationError(f"update has parameters outside its layers {layers}: {extra}")
+        checked, sq = {}, 0.0
+        for layer in layers:
+            part = {n: reply.delta[n] for n in matrices[layer].shapes if n in reply.delta}
+            norm, checked[layer] = matrices[layer].check(part, reply.num_examples)
+            sq += norm * norm
+        bound = self.plan.max_update_norm
+        if bound is not None and not np.sqrt(sq) <= bound:
+            raise ValidationError(f"update norm {np.sqrt(sq):.4g} exceeds the bound {bound:.4g}")
+        for layer in layers:
+            matrices[layer].store(checked[layer], reply.num_examples)
 
     def run_round(self, round_no: int, base: Snapshot | None = None,
                   nodes: Sequence[int] | None = None) -> FogRound:
@@ -236,6 +261,11 @@ def _project(snapshot: Snapshot, push: Push) -> Snapshot:
     for name in push.base_clocks:
         clocks[name] = clocks[name].increment(push.fog)
     return Snapshot(snapshot.model, snapshot.version, lt.to_table(weights, layer=layer), clocks)
+
+
+def _shapes(table) -> dict[str, tuple[int, ...]]:
+    return dict(zip(table.column("name").to_pylist(), (tuple(x) for x in table.column("shape").to_pylist()),
+                    strict=True))
 
 
 def _layer_lookup(table):
