@@ -46,6 +46,7 @@ class Task(abc.ABC):
     name: str
     schema: pa.Schema  # schema of the store table "samples" that holds the task's local data
     table: str = "samples"
+    n_classes: int  # labels are 0 .. n_classes - 1
     time_column: str | None = None  # a timestamp column of ``schema`` (age retention), if any
     context_key: str | None = None  # features of a row depend on the previous rows of this key ...
     context_rows: int = 0  # ... this many of them
@@ -73,9 +74,16 @@ class Task(abc.ABC):
     def to_table(self, data: Dataset) -> pa.Table:
         """Rows of the store table for ``data``."""
 
-    @abc.abstractmethod
     def from_table(self, table: pa.Table) -> Dataset:
-        """Features and labels of the labelled store rows; raises ValidationError on a bad schema."""
+        """Features and labels of the labelled store rows (labels checked to lie in
+        ``[0, n_classes)``); raises ValidationError on a bad schema."""
+        x = self.features(table)
+        y = table.column("label").to_numpy().astype(np.int64)
+        keep = y != UNLABELLED
+        x, y = x[keep], y[keep]
+        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
+            raise ValidationError(f"{self.name} labels must lie in [0, {self.n_classes})")
+        return Dataset(x, y)
 
     def features(self, table: pa.Table) -> np.ndarray:
         """Model inputs for every row of ``table`` (labelled or not), in row order.
@@ -112,6 +120,18 @@ class Task(abc.ABC):
         import torch
 
         return torch.nn.CrossEntropyLoss()
+
+
+def seeded(seed: int, make: Callable[[], Any]) -> Any:
+    """``make()`` with torch's global generator seeded, restoring the caller's generator state."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return make()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 _REGISTRY: dict[str, Callable[[], Task]] = {}

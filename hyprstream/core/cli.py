@@ -2,7 +2,7 @@
 
 :func:`add_parser` registers them on the ``hyprstream`` parser. Handlers take the parsed
 ``argparse.Namespace`` and return an exit code; errors are raised as HyprstreamError subclasses
-(the main CLI prints them as one line). ``python -m hyprstream.core.cli ...`` runs the same commands.
+(the main CLI prints them as one line).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from hyprstream.errors import ConfigError, HyprstreamError
+from hyprstream.errors import ConfigError
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -182,25 +181,3 @@ def cmd_token_create(args: argparse.Namespace) -> int:
           f"jti {claims.jti}", file=sys.stderr)
     print(token)
     return 0
-
-
-# --- standalone entry point ------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hyprstream.core.cli COMMAND ...``: the same commands outside the main CLI."""
-    parser = argparse.ArgumentParser(prog="python -m hyprstream.core.cli")
-    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"hyprstream: config error: {exc}", file=sys.stderr)
-        return 2
-    except HyprstreamError as exc:
-        print(f"hyprstream: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

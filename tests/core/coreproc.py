@@ -1,4 +1,4 @@
-"""Helpers for tests that run core as its own process (``python -m hyprstream.core.cli core run``)."""
+"""Helpers for tests that run core as its own process (``python -m hyprstream.cli core run``)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class CoreProcess:
 
     def __init__(self, config: Path, *, ready_timeout_s: float = 120.0) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "hyprstream.core.cli", "core", "run", "--config",
+        self.proc = subprocess.Popen([sys.executable, "-m", "hyprstream.cli", "core", "run", "--config",
                                       str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env, cwd=config.parent)
         self._lines: queue.Queue[str | None] = queue.Queue()

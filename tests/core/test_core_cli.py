@@ -12,7 +12,8 @@ from cryptography import x509
 from hyprstream.core import audit, signing, tokens
 from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Role
-from hyprstream.core.cli import add_parser, main
+from hyprstream.cli import main
+from hyprstream.core.cli import add_parser
 from hyprstream.core.client import CoreClient
 from hyprstream.core.config import load_core_config
 from hyprstream.errors import ConfigError

@@ -167,6 +167,6 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path):
     print(f"{kills} kills, {len(versions) - 1} versions ({unacked} committed without an ack), "
           f"{sum(len(f.uncertain) for f in fogs)} pushes cut by a kill, {rollbacks} rolled back at restart, "
           f"{sum(len(f.refused) for f in fogs)} refused")
-    cli = subprocess.run([sys.executable, "-m", "hyprstream.core.cli", "audit", "verify", str(dep.audit_log)],
+    cli = subprocess.run([sys.executable, "-m", "hyprstream.cli", "audit", "verify", str(dep.audit_log)],
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stdout + cli.stderr

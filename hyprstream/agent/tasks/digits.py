@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hyprstream.agent.task import UNLABELLED, Dataset, Task, register
+from hyprstream.agent.task import Dataset, Task, register, seeded
 from hyprstream.agent.tasks._records import label_column, number_list
 from hyprstream.errors import ValidationError
 
@@ -20,19 +20,10 @@ N_FEATURES = 64
 N_CLASSES = 10
 
 
-def _seeded(seed: int, make):
-    import torch
-
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return make()
-    finally:
-        torch.random.set_rng_state(gen_state)
-
 
 @register("digits")
 class DigitsTask(Task):
+    n_classes = N_CLASSES
     schema = pa.schema([
         pa.field("features", pa.list_(pa.float32(), N_FEATURES), nullable=False),
         pa.field("label", pa.int32(), nullable=False),
@@ -54,7 +45,7 @@ class DigitsTask(Task):
                 x = torch.relu(self.fc2(x))
                 return self.head(x)
 
-        return _seeded(seed, DigitsMLP)
+        return seeded(seed, DigitsMLP)
 
     def load_reference_data(self, seed: int) -> tuple[Dataset, Dataset]:
         from sklearn.datasets import load_digits
@@ -82,15 +73,6 @@ class DigitsTask(Task):
             return np.empty((0, N_FEATURES), np.float32)
         feats = table.column("features").chunk(0)
         return feats.flatten().to_numpy(zero_copy_only=False).reshape(-1, N_FEATURES)
-
-    def from_table(self, table: pa.Table) -> Dataset:
-        x = self.features(table)
-        y = table.column("label").to_numpy().astype(np.int64)
-        keep = y != UNLABELLED
-        x, y = x[keep], y[keep]
-        if len(y) and (y.min() < 0 or y.max() >= N_CLASSES):
-            raise ValidationError(f"{self.name} labels must lie in [0, {N_CLASSES})")
-        return Dataset(x, y)
 
     def records_to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
         x = np.stack([number_list(r, i, "features", N_FEATURES, lo=0.0, hi=1.0) for i, r in enumerate(records)]) \
@@ -125,4 +107,4 @@ class DigitsCnnTask(DigitsTask):
                 x = torch.relu(self.fc(x.flatten(1)))
                 return self.head(x)
 
-        return _seeded(seed, DigitsCNN)
+        return seeded(seed, DigitsCNN)

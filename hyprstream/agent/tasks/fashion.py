@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hyprstream.agent.task import UNLABELLED, Dataset, Task, register
+from hyprstream.agent.task import Dataset, Task, register, seeded
 from hyprstream.agent.tasks._records import label_column, number_list
 from hyprstream.errors import ValidationError
 
@@ -18,6 +18,7 @@ N_CLASSES = 10
 
 @register("fashion_mnist")
 class FashionMnistTask(Task):
+    n_classes = N_CLASSES
     schema = pa.schema([
         pa.field("image", pa.list_(pa.uint8(), SIDE * SIDE), nullable=False),
         pa.field("label", pa.int32(), nullable=False),
@@ -42,12 +43,7 @@ class FashionMnistTask(Task):
                 x = torch.relu(self.fc(x.flatten(1)))
                 return self.head(x)
 
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            return FashionCNN()
-        finally:
-            torch.random.set_rng_state(state)
+        return seeded(seed, FashionCNN)
 
     def load_reference_data(self, seed: int) -> tuple[Dataset, Dataset]:
         from hyprstream.data import fashion_mnist
@@ -72,15 +68,6 @@ class FashionMnistTask(Task):
             return np.empty((0, SIDE * SIDE), np.float32)
         raw = table.column("image").chunk(0).flatten().to_numpy(zero_copy_only=False)
         return _scale(raw.reshape(-1, SIDE * SIDE))
-
-    def from_table(self, table: pa.Table) -> Dataset:
-        x = self.features(table)
-        y = table.column("label").to_numpy().astype(np.int64)
-        keep = y != UNLABELLED
-        x, y = x[keep], y[keep]
-        if len(y) and (y.min() < 0 or y.max() >= N_CLASSES):
-            raise ValidationError(f"fashion_mnist labels must lie in [0, {N_CLASSES})")
-        return Dataset(x, y)
 
     def records_to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
         """Records ``{"image": 784 grey levels 0..255 row by row, "label": 0..9 (optional)}``."""

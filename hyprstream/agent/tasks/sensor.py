@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hyprstream.agent.task import UNLABELLED, Dataset, Task, register
+from hyprstream.agent.task import UNLABELLED, Dataset, Task, register, seeded
 from hyprstream.agent.tasks._records import integer, label_column, number
 from hyprstream.errors import HyprstreamError, ValidationError
 
@@ -84,6 +84,7 @@ def window_features(mote: np.ndarray, time: np.ndarray, humidity: np.ndarray, te
 
 @register("sensor")
 class SensorAnomalyTask(Task):
+    n_classes = N_CLASSES
     schema = pa.schema([
         pa.field("mote_id", pa.int32(), nullable=False),
         pa.field("timestamp", pa.timestamp("ms", tz="UTC"), nullable=False),
@@ -112,12 +113,7 @@ class SensorAnomalyTask(Task):
                 x = torch.relu(self.fc2(x))
                 return self.head(x)
 
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            return SensorMLP()
-        finally:
-            torch.random.set_rng_state(gen_state)
+        return seeded(seed, SensorMLP)
 
     def loss(self):
         import torch
@@ -186,15 +182,6 @@ class SensorAnomalyTask(Task):
                 readings.column("mote_id").to_numpy(), readings.column("timestamp").cast(pa.int64()).to_numpy(),
                 readings.column("humidity").to_numpy(), readings.column("temperature").to_numpy())
         return out
-
-    def from_table(self, table: pa.Table) -> Dataset:
-        x = self.features(table)
-        y = table.column("label").to_numpy().astype(np.int64)
-        keep = y != UNLABELLED
-        x, y = x[keep], y[keep]
-        if len(y) and (y.min() < 0 or y.max() >= N_CLASSES):
-            raise ValidationError("sensor labels must be 0 (normal) or 1 (anomaly)")
-        return Dataset(x, y)
 
     def records_to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
         motes = [integer(r, i, "mote_id") for i, r in enumerate(records)]

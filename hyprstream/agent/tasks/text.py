@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from hyprstream._extras import require
-from hyprstream.agent.task import UNLABELLED, Dataset, Task, register
+from hyprstream.agent.task import Dataset, Task, register
 from hyprstream.agent.tasks._records import label_column, text
 from hyprstream.errors import ValidationError
 
@@ -72,6 +72,7 @@ def _quiet_transformers():
 
 @register("text")
 class TextTask(Task):
+    n_classes = len(CLASSES)
     schema = pa.schema([
         pa.field("text", pa.string(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32(), MAX_TOKENS), nullable=False),
@@ -159,15 +160,6 @@ class TextTask(Task):
             return np.zeros((0, MAX_TOKENS), np.int64)
         col = table.column("input_ids").combine_chunks()
         return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, MAX_TOKENS).astype(np.int64)
-
-    def from_table(self, table: pa.Table) -> Dataset:
-        x = self.features(table)
-        y = table.column("label").to_numpy().astype(np.int64)
-        keep = y != UNLABELLED
-        x, y = x[keep], y[keep]
-        if len(y) and (y.min() < 0 or y.max() >= len(CLASSES)):
-            raise ValidationError(f"text labels must lie in [0, {len(CLASSES)})")
-        return Dataset(x, y)
 
     def records_to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
         texts = [text(r, i, "text") for i, r in enumerate(records)]
