@@ -384,12 +384,13 @@ class Agent:
     # .................................................................. parts
 
     def _sources(self) -> list:
-        from hyprstream.agent.ingest import DirectoryWatcher, HttpSource, MqttSource, UnixSocketSource
+        from hyprstream.agent.ingest import DirectoryWatcher, HttpSource, MqttSource, UnixSocketSource, ingest_token
 
         ing, sink = self.config.ingest, self.pipeline
         sources: list = [DirectoryWatcher(d, sink) for d in ing.watch]
         if ing.listen_port is not None:
-            sources.append(HttpSource(sink, port=ing.listen_port, health=self.health))
+            token = ingest_token(self.config.state_dir)  # apps on the device read it from there
+            sources.append(HttpSource(sink, token=token, port=ing.listen_port, health=self.health))
         if ing.socket is not None:
             sources.append(UnixSocketSource(ing.socket, sink, health=self.health))
         if ing.topics:

@@ -21,12 +21,14 @@ Sources run in their own threads and stop with :meth:`stop`; none busy-waits.
 from __future__ import annotations
 
 import csv
+import hmac
 import http.server
 import io
 import ipaddress
 import json
 import logging
 import os
+import secrets
 import socket
 import socketserver
 import threading
@@ -196,13 +198,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _authorized(self) -> bool:
+        """With a token configured (TCP), every request must carry ``Authorization: Bearer <token>``."""
+        token = getattr(self.server, "token", None)
+        if token is None:
+            return True
+        got = self.headers.get("Authorization", "")
+        if hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            return True
+        self._reply(401, {"error": "missing or invalid bearer token"})
+        self.close_connection = True
+        return False
+
     def do_GET(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
         if self.path.rstrip("/") == "/v1/health":
             self._reply(200, self.server.health())
         else:
             self._reply(404, {"error": f"no such endpoint {self.path!r}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
         if self.path.rstrip("/") != "/v1/records":
             self._reply(404, {"error": f"no such endpoint {self.path!r}"})
             return
@@ -265,15 +283,28 @@ class _ServedSource:
         self.server.server_close()
 
 
+def ingest_token(state_dir: Path) -> str:
+    """The bearer token of the HTTP record endpoint: ``state_dir/ingest.token`` (created 0600 once)."""
+    path = Path(state_dir) / "ingest.token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
 def _default_health() -> Mapping[str, Any]:
     return {"status": "ok"}
 
 
 class HttpSource(_ServedSource):
-    """The record API over HTTP on a loopback address (refuses any other address)."""
+    """The record API over HTTP on a loopback address (refuses any other address). Every request
+    must carry ``Authorization: Bearer <token>``: other local users and processes cannot write."""
 
-    def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, sink: Sink, *, token: str, host: str = "127.0.0.1", port: int = 0,
                  health: Callable[[], Mapping[str, Any]] = _default_health) -> None:
+        if not token:
+            raise ConfigError("the record endpoint needs a bearer token", source="--listen")
         try:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -285,6 +316,7 @@ class HttpSource(_ServedSource):
             server = server_cls((host, port), _Handler)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", source="--listen") from None
+        server.token = token
         self.port = server.server_address[1]
         super().__init__(server, f"http://{host}:{self.port}", sink, health)
 

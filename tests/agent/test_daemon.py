@@ -105,9 +105,16 @@ def test_real_agent_telemetry_then_sigkill_leaves_offline(tmp_path, broker):
     assert proc.returncode == -signal.SIGKILL
 
 
-def post(port: int, body, path="/v1/records", ctype="application/json"):
+def _auth(state: Path | None) -> dict:
+    """The bearer header of the agent's record endpoint (its token lies in the agent's state dir)."""
+    token_file = state / "ingest.token" if state is not None else None
+    return {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file and token_file.exists() else {}
+
+
+def post(port: int, state: Path | None, body, path="/v1/records", ctype="application/json"):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": ctype})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": ctype, **_auth(state)})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -136,17 +143,20 @@ def test_real_agent_ingests_and_shuts_down_cleanly_on_sigterm(tmp_path, broker):
     proc = start_agent(tmp_path, broker, "--listen", str(port), "--watch", str(inbox),
                        "--subscribe", "sensors/+/digits", device_id="pi-02")
     try:
-        assert wait_until(lambda: _health(port) is not None, 60), (tmp_path / "agent.log").read_text()
-        assert _health(port)["device_id"] == "pi-02"
+        state = tmp_path / "store.state"
+        assert wait_until(lambda: _health(port, state) is not None, 60), (tmp_path / "agent.log").read_text()
+        assert _health(port, state)["device_id"] == "pi-02"
+        assert oct((state / "ingest.token").stat().st_mode & 0o777) == "0o600"
+        assert post(port, None, [{"features": [0.5] * 64}])[0] == 401  # no token: refused, nothing stored
         task = get_task("digits")
         _, test = task.load_reference_data(0)
         rec = [{"features": [float(v) for v in row], "label": int(y)} for row, y in zip(test.x[:5], test.y[:5])]
         # HTTP: JSON list; no model yet, so stored without predictions
-        assert post(port, rec[:2]) == (200, {"accepted": 2, "model_version": None, "predictions": [], "scores": []})
+        assert post(port, state, rec[:2]) == (200, {"accepted": 2, "model_version": None, "predictions": [], "scores": []})
         # HTTP: JSON lines, one without a label
         lines = "\n".join(json.dumps(r if i else {"features": r["features"]}) for i, r in enumerate(rec[2:4]))
-        assert post(port, lines.encode(), ctype="application/x-ndjson")[1]["accepted"] == 2
-        code, body = post(port, {"features": [0.5] * 63})
+        assert post(port, state, lines.encode(), ctype="application/x-ndjson")[1]["accepted"] == 2
+        code, body = post(port, state, {"features": [0.5] * 63})
         assert code == 400 and "list of 64 numbers" in body["error"]
         # a dropped file
         (inbox / ".r.jsonl").write_text(json.dumps(rec[4]) + "\n")
@@ -176,9 +186,10 @@ def test_real_agent_ingests_and_shuts_down_cleanly_on_sigterm(tmp_path, broker):
     np.testing.assert_array_equal(stored[:5], test.x[:5])
 
 
-def _health(port: int):
+def _health(port: int, state: Path):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2) as resp:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/health", headers=_auth(state))
+        with urllib.request.urlopen(req, timeout=2) as resp:
             return json.loads(resp.read())
     except OSError:
         return None
@@ -221,15 +232,15 @@ def test_daemon_loop_follows_the_trace_and_serves_a_new_model(tmp_path):
     runner = threading.Thread(target=agent.run, args=(stop_event,))
     runner.start()
     try:
-        assert wait_until(lambda: _health(port) is not None, 30)
+        assert wait_until(lambda: _health(port, cfg.state_dir) is not None, 30)
         task = get_task("digits")
         train, test = task.load_reference_data(0)
         model = task.build_model(seed=0)
         train_layers(task, model, task.layer_groups(model), train, steps=300, batch_size=32, lr=1e-2, seed=0)
         save_model(cfg.state_dir, "digits", 5, model_weights(model))
-        assert wait_until(lambda: _health(port)["model_version"] == 5, 240)
+        assert wait_until(lambda: _health(port, cfg.state_dir)["model_version"] == 5, 240)
         records = [{"features": [float(v) for v in row]} for row in test.x[:40]]
-        code, body = post(port, records)
+        code, body = post(port, cfg.state_dir, records)
         assert code == 200 and body["model_version"] == 5 and len(body["predictions"]) == 40
         ref = model(__import__("torch").as_tensor(test.x[:40])).argmax(1).numpy()
         # rpi4 runs int8 (profile) or fp32: either way the classes match the torch model almost always
