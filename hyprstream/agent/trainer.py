@@ -39,6 +39,22 @@ def model_weights(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def prepare_layers(task: Task, model, layers: Sequence[str], data: Dataset, device: str):
+    """Check the request, move ``model`` to ``device`` and freeze every parameter outside ``layers``
+    (frozen layers get no gradients); returns the trainable parameters and a copy of their values."""
+    if len(data) == 0:
+        raise ValidationError("no local training data")
+    known = set(task.layer_groups(model))
+    unknown = [layer for layer in layers if layer not in known]
+    if unknown:
+        raise ValidationError(f"unknown layer group(s) {unknown} (model has {sorted(known)})")
+    model.to(device)
+    trainable = params_of(task, model, layers)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    return trainable, {n: p.detach().clone() for n, p in trainable.items()}
+
+
 def params_of(task: Task, model, layers: Sequence[str]) -> dict[str, object]:
     groups = set(layers)
     return {n: p for n, p in model.named_parameters() if task.layer_of(n) in groups}
@@ -55,17 +71,7 @@ def train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, ste
 
     import torch
 
-    if len(data) == 0:
-        raise ValidationError("no local training data")
-    known = set(task.layer_groups(model))
-    unknown = [layer for layer in layers if layer not in known]
-    if unknown:
-        raise ValidationError(f"unknown layer group(s) {unknown} (model has {sorted(known)})")
-    model.to(device)
-    trainable = params_of(task, model, layers)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-    before = {n: p.detach().clone() for n, p in trainable.items()}
+    trainable, before = prepare_layers(task, model, layers, data, device)
     opt = torch.optim.Adam(list(trainable.values()), lr=lr)
     loss_fn = task.loss().to(device)  # a loss with class weights holds a tensor
     x = torch.as_tensor(data.x, device=device)

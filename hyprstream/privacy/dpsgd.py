@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyprstream.agent.task import Dataset, Task
-from hyprstream.agent.trainer import TrainResult, params_of
+from hyprstream.agent.trainer import TrainResult, prepare_layers
 from hyprstream.errors import ValidationError
 from hyprstream.privacy.accountant import GaussianEvent
 from hyprstream.privacy.ledger import Budget, Charge, Entry, PrivacyLedger, Scope
@@ -91,17 +91,7 @@ def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, 
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    if len(data) == 0:
-        raise ValidationError("no local training data")
-    known = set(task.layer_groups(model))
-    unknown = [layer for layer in layers if layer not in known]
-    if unknown:
-        raise ValidationError(f"unknown layer group(s) {unknown} (model has {sorted(known)})")
-    model.to(device)
-    trainable = params_of(task, model, layers)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-    before = {n: p.detach().clone() for n, p in trainable.items()}
+    trainable, before = prepare_layers(task, model, layers, data, device)
     n = len(data)
     rate = min(1.0, batch_size / n)
     expected = rate * n
