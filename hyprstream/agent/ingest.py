@@ -285,11 +285,11 @@ class _ServedSource:
 
 def ingest_token(state_dir: Path) -> str:
     """The bearer token of the HTTP record endpoint: ``state_dir/ingest.token`` (created 0600 once)."""
+    from hyprstream.core.signing import write_private_file
+
     path = Path(state_dir) / "ingest.token"
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
+        write_private_file(path, (secrets.token_urlsafe(32) + "\n").encode())
     return path.read_text().strip()
 
 

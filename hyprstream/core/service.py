@@ -126,8 +126,8 @@ def run(config: CoreConfig, *, config_path: str | None = None) -> int:
         print(f"hyprstream core: serving on {service.location}", flush=True)
         for line in service.repository.recovered:
             print(f"hyprstream core: recovered: {line}", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.5):  # short waits keep the main thread free to run signal handlers
+            continue
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -58,33 +58,27 @@ def verify(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Create ``path`` with mode 0600 (never replacing a file), write ``data`` and fsync it."""
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError("refusing to overwrite an existing file", source=str(p)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create: {exc.strerror or exc}", source=str(p)) from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask may have narrowed, never widened, the mode; be explicit
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_new(path, data, 0o600)
 
 
 def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create ``path`` with mode 0644 (never replacing a file), write ``data`` and fsync it."""
+    _write_new(path, data, 0o644)
+
+
+def _write_new(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
     p = Path(path)
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         raise ConfigError("refusing to overwrite an existing file", source=str(p)) from None
     except OSError as exc:
         raise ConfigError(f"cannot create: {exc.strerror or exc}", source=str(p)) from None
     try:
-        os.write(fd, data)
+        os.fchmod(fd, mode)  # the umask may have narrowed, never widened, the mode; be explicit
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
