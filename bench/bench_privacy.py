@@ -112,7 +112,7 @@ def flower_setup(deltas, n: int, num_shares: int, threshold: int):
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    from hyprstream.privacy.loopback import LoopbackGrid
+    from hyprstream.fog.loopback import LoopbackGrid
 
     class Client(NumPyClient):
         def __init__(self, node: int) -> None:
@@ -167,7 +167,7 @@ def split_seconds(grid, total: float) -> dict[str, float]:
 def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int) -> dict:
     from hyprstream.fog.aggregator import FogAggregator, RoundPlan
     from hyprstream.privacy.config import SecAggConfig
-    from hyprstream.privacy.loopback import LoopbackGrid
+    from hyprstream.fog.loopback import LoopbackGrid
     from hyprstream.privacy.noise import SeededRandom
     from hyprstream.privacy.secagg import plan_graph
     from hyprstream.privacy.secagg_workflow import SecureFogAggregator

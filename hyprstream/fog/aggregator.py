@@ -106,6 +106,13 @@ class FogAggregator:
                         self.name, self._local.version, len(self.outbox))
         return self._local
 
+    def next_seq(self) -> int:
+        """The sequence number of this fog's next push: strictly increasing, across restarts too (core
+        refuses a sequence number it has seen as a replay). Every kind of round (plain, secure,
+        buffered) takes its numbers here."""
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        return self._seq
+
     def deliver(self) -> list[Delivery]:
         """Send buffered pushes to core, in order, as far as it can be reached."""
         return self.outbox.flush(self.core)
@@ -200,9 +207,7 @@ class FogAggregator:
         if ready:
             for layer in ready:
                 delta.update(matrices[layer].mean())
-            # Strictly increasing per fog, across restarts too (core refuses a seq it has seen: replay).
-            self._seq = max(self._seq + 1, time.time_ns() // 1000)
-            push = Push(self._seq, self.model, self.name, lt.to_table(delta, layer=_layer_lookup(trained)),
+            push = Push(self.next_seq(), self.model, self.name, lt.to_table(delta, layer=_layer_lookup(trained)),
                         {layer: base.clocks[layer] for layer in ready}, len(contributors))
             self.outbox.put(push)  # durable before it is sent
             for delivery in self.outbox.flush(self.core):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hyprstream.config import Checked, load, read_toml, setting
 from hyprstream.errors import ConfigError
+from hyprstream.privacy.config import PrivacyConfig
 
 
 class LayerSchedule(enum.Enum):
@@ -82,6 +83,7 @@ class FogConfig:
     superlink: SuperLinkSettings = field(default_factory=SuperLinkSettings)
     rounds: RoundSettings = field(default_factory=RoundSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy.secagg], [privacy.client_dp]
     state_dir: str = setting("", doc="where the fog keeps its Flower home and logs (default: a temp dir)")
 
 

@@ -383,9 +383,8 @@ class SecureFogAggregator:
             privacy = {"epsilon": spent, "delta": self.client_dp.delta,
                        "noise_multiplier": self.client_dp.noise_multiplier,
                        "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip}
-        self.fog._seq += 1  # the fog's push sequence, shared with its plain rounds
         receipt = self.core.push_delta(
-            self.model, lt.to_table(delta, layer=layer_of.__getitem__), fog=self.name, seq=self.fog._seq,
+            self.model, lt.to_table(delta, layer=layer_of.__getitem__), fog=self.name, seq=self.fog.next_seq(),
             base_clocks={layer: pending.base.clocks[layer] for layer in pending.layers},
             participants=participants, privacy=privacy, transcript_sha256=transcript)
         if entry is not None and self.ledger is not None:

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from hyprstream.config import Checked, load, read_toml, setting
 from hyprstream.core.consistency import ConsistencyPolicy
 from hyprstream.errors import ConfigError
+from hyprstream.privacy.config import PrivacyConfig
 
 
 class PartitionScheme(enum.Enum):
@@ -90,6 +91,7 @@ class Experiment(Checked):
     training: TrainingSection = field(default_factory=TrainingSection)
     core: CoreSection = field(default_factory=CoreSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy.secagg|client_dp|dpsgd]
 
     @property
     def num_agents(self) -> int:

@@ -16,7 +16,7 @@ from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan
-from hyprstream.privacy.loopback import LoopbackGrid
+from hyprstream.fog.loopback import LoopbackGrid
 from hyprstream.protocol import TrainRequest
 from hyprstream.store import Store, to_arrays, to_table
 

@@ -19,7 +19,7 @@ from hyprstream.privacy.client_dp import NoisePlacement
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
 from hyprstream.privacy.contribution import encode
 from hyprstream.privacy.ledger import PrivacyLedger, Scope
-from hyprstream.privacy.loopback import LoopbackGrid
+from hyprstream.fog.loopback import LoopbackGrid
 from hyprstream.privacy.noise import SeededRandom
 from hyprstream.privacy.secagg_workflow import SecureFogAggregator
 from hyprstream.protocol import TrainRequest
