@@ -14,7 +14,8 @@ The agent answers with:
 
 =================  ============  ===================================================================
 ``delta``          ArrayRecord   new minus old value of each parameter in the trained layers
-``metrics``        MetricRecord  ``num_examples``, ``train_loss``, ``steps``
+``metrics``        MetricRecord  ``num_examples``, ``train_loss``, ``steps``, and with sample-level DP
+                                 ``epsilon`` / ``delta``: the device's total spend after this round
 ``config``         ConfigRecord  ``schema``, ``status`` (``ok``/``declined``), ``reason``,
                                  ``model_version``, ``layers``
 =================  ============  ===================================================================
@@ -96,12 +97,16 @@ class TrainReply:
     train_loss: float = 0.0
     steps: int = 0
     reason: str = ""
+    epsilon: float | None = None  # sample-level DP: the device's total epsilon after this round
+    delta_dp: float | None = None  # ... at this delta
 
     def to_content(self) -> RecordDict:
+        metrics = {"num_examples": self.num_examples, "train_loss": self.train_loss, "steps": self.steps}
+        if self.epsilon is not None:
+            metrics.update(epsilon=float(self.epsilon), delta=float(self.delta_dp or 0.0))
         return RecordDict({
             "delta": arrays_to_record(self.delta),
-            "metrics": MetricRecord({"num_examples": self.num_examples, "train_loss": self.train_loss,
-                                     "steps": self.steps}),
+            "metrics": MetricRecord(metrics),
             "config": ConfigRecord({"schema": TRAIN_REPLY_SCHEMA, "status": self.status.value,
                                     "reason": self.reason, "model_version": self.model_version,
                                     "layers": list(self.layers)}),
@@ -118,11 +123,17 @@ class TrainReply:
         if not isinstance(num_examples, int) or num_examples < 0:
             raise ValidationError("train reply: num_examples must be an integer >= 0")
         loss = float(metrics.get("train_loss", 0.0))
+        epsilon = metrics.get("epsilon")
+        if epsilon is not None and not (isinstance(epsilon, (int, float)) and 0 <= epsilon < math.inf):
+            raise ValidationError("train reply: epsilon must be a finite number >= 0")
+        dp_delta = metrics.get("delta")
         return cls(
             status=ReplyStatus(status), model_version=_get(cfg, "model_version", int),
             layers=tuple(_get(cfg, "layers", list)), delta=record_to_arrays(_record(content, "delta", ArrayRecord)),
             num_examples=num_examples, train_loss=loss, steps=int(metrics.get("steps", 0)),
             reason=str(cfg.get("reason", "")),
+            epsilon=float(epsilon) if epsilon is not None else None,
+            delta_dp=float(dp_delta) if epsilon is not None and dp_delta is not None else None,
         )
 
     def payload_bytes(self) -> int:
