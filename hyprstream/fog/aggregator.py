@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +40,7 @@ class RoundPlan:
     min_replies: int = 1
     timeout_s: float = 120.0
     max_update_norm: float | None = None
+    update_encoding: str = "fp32"  # how agents encode their deltas ("int8": hyprstream.codec)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class FogAggregator:
         self.outbox = outbox if outbox is not None else Outbox()
         self._seq = max((p.seq for p in self.outbox.pending()), default=0)
         self._local: Snapshot | None = None  # last pulled version plus this fog's undelivered deltas
+        self._hooks: list[Callable[[Delivery], None]] = []
 
     def pull(self) -> Snapshot:
         """The current master layers; while core is unreachable, the last ones pulled with this fog's
@@ -115,7 +117,18 @@ class FogAggregator:
 
     def deliver(self) -> list[Delivery]:
         """Send buffered pushes to core, in order, as far as it can be reached."""
-        return self.outbox.flush(self.core)
+        return self._delivered(self.outbox.flush(self.core))
+
+    def on_delivery(self, hook: Callable[[Delivery], None]) -> None:
+        """Call ``hook`` with each answer core gives to one of this fog's pushes (whenever it is sent:
+        at once or, after a partition, from the outbox)."""
+        self._hooks.append(hook)
+
+    def _delivered(self, deliveries: list[Delivery]) -> list[Delivery]:
+        for delivery in deliveries:
+            for hook in self._hooks:
+                hook(delivery)
+        return deliveries
 
     def start_round(self, round_no: int, base: Snapshot | None = None,
                     nodes: Sequence[int] | None = None) -> PendingRound:
@@ -136,6 +149,7 @@ class FogAggregator:
                 model=self.model, model_version=base.version, task=self.plan.task, layers=layers,
                 local_steps=self.plan.local_steps, batch_size=self.plan.batch_size, lr=self.plan.lr,
                 seed=self.seed * 1_000_003 + round_no * 1009 + i, weights=weights,
+                update_encoding=self.plan.update_encoding,
             )
             bytes_down += request.payload_bytes()
             messages.append(Message(request.to_content(), dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE,
@@ -207,17 +221,7 @@ class FogAggregator:
         if ready:
             for layer in ready:
                 delta.update(matrices[layer].mean())
-            push = Push(self.next_seq(), self.model, self.name, lt.to_table(delta, layer=_layer_lookup(trained)),
-                        {layer: base.clocks[layer] for layer in ready}, len(contributors))
-            self.outbox.put(push)  # durable before it is sent
-            for delivery in self.outbox.flush(self.core):
-                if delivery.push.seq == push.seq and delivery.result is not None:
-                    version = delivery.result.version
-                elif delivery.outcome is Outcome.REFUSED:
-                    reasons.append(f"core refused push {delivery.push.seq}: {delivery.reason}")
-            if version is None and len(self.outbox):
-                reasons.append(f"core unreachable: {len(self.outbox)} push(es) buffered")
-                self._local = _project(base, push)
+            version = self.push(base, delta, ready, len(contributors), reasons)
         else:
             log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",
                         self.name, pending.round, len(contributors), self.plan.min_replies)
@@ -230,9 +234,31 @@ class FogAggregator:
             nodes=pending.nodes, contributors=tuple(contributors), uplink=uplink,
         )
 
-    def _add(self, matrices: dict[str, UpdateMatrix], reply: TrainReply) -> None:
+    def push(self, base: Snapshot, delta: dict[str, np.ndarray], layers: Sequence[str], participants: int,
+             reasons: list[str], *, privacy: dict[str, float] | None = None,
+             transcript_sha256: str | None = None, seq: int | None = None) -> int | None:
+        """Push ``delta`` (the ``layers`` of ``base``) to core through the outbox; the version core
+        committed, or None (the reason appended to ``reasons``). While core is unreachable the push waits
+        in the outbox and the fog's local model is ``base`` with it applied."""
+        version = None
+        push = Push(self.next_seq() if seq is None else seq, self.model, self.name,
+                    lt.to_table(delta, layer=_layer_lookup(base.table)),
+                    {layer: base.clocks[layer] for layer in layers}, participants, privacy, transcript_sha256)
+        self.outbox.put(push)  # durable before it is sent
+        for delivery in self.deliver():
+            if delivery.push.seq == push.seq and delivery.result is not None:
+                version = delivery.result.version
+            elif delivery.outcome is Outcome.REFUSED:
+                reasons.append(f"core refused push {delivery.push.seq}: {delivery.reason}")
+        if version is None and len(self.outbox):
+            reasons.append(f"core unreachable: {len(self.outbox)} push(es) buffered")
+            self._local = _project(base, push)
+        return version
+
+    def _add(self, matrices: dict[str, UpdateMatrix], reply: TrainReply, weight: float | None = None) -> None:
         """Check a whole reply (layers, names, shapes, finiteness, the norm bound over all its layers),
-        then store each of its layer groups; a refused reply leaves every matrix unchanged."""
+        then store each of its layer groups with ``weight`` (default: its ``num_examples``); a refused
+        reply leaves every matrix unchanged."""
         layers = list(reply.layers)
         if not layers or len(set(layers)) != len(layers) or not set(layers) <= set(matrices):
             raise ValidationError(f"reply trained layers {layers}, the request asked for {sorted(matrices)}")
@@ -249,7 +275,7 @@ class FogAggregator:
         if bound is not None and not np.sqrt(sq) <= bound:
             raise ValidationError(f"update norm {np.sqrt(sq):.4g} exceeds the bound {bound:.4g}")
         for layer in layers:
-            matrices[layer].store(checked[layer], reply.num_examples)
+            matrices[layer].store(checked[layer], reply.num_examples if weight is None else weight)
 
     def run_round(self, round_no: int, base: Snapshot | None = None,
                   nodes: Sequence[int] | None = None) -> FogRound:

@@ -6,14 +6,22 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyprstream.agent.publisher import BrokerConfig
+from hyprstream.agent.telemetry import check_topic_part
 from hyprstream.config import Checked, load, read_toml, setting
-from hyprstream.errors import ConfigError
+from hyprstream.errors import ConfigError, ValidationError
+from hyprstream.fog.selection import SelectionRules, SelectionWeights
 from hyprstream.privacy.config import PrivacyConfig
 
 
 class LayerSchedule(enum.Enum):
     FIXED = "fixed"  # train ``layers`` every round (all layer groups when empty)
     ROUND_ROBIN = "round_robin"  # one entry of ``layers`` per round, in turn
+
+
+class RoundMode(enum.Enum):
+    SYNC = "sync"  # rounds: every chosen agent trains the same version, the fog waits for all
+    BUFFERED = "buffered"  # FedBuff: agents train continuously, every buffer_k updates make a push
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,18 @@ class RoundSettings(Checked):
     max_rounds: int = setting(0, ge=0, doc="stop after this many rounds; 0: run until stopped")
     pause_s: float = setting(0.0, ge=0.0, doc="wait between rounds")
     max_update_norm: float | None = setting(None, gt=0.0)
+    mode: RoundMode = setting(RoundMode.SYNC, doc="sync rounds or buffered asynchronous aggregation (FedBuff)")
+    buffer_k: int = setting(3, ge=1, doc="buffered: updates per push")
+    max_staleness: int = setting(4, ge=0, doc="buffered: refuse updates trained this many versions ago or more")
+    concurrency: int = setting(0, ge=0, doc="buffered: agents training at once (at most all); 0: every agent")
 
     def check(self):
         if self.min_replies > self.min_agents:
             yield "min_replies", "is larger than min_agents"
         if self.schedule is LayerSchedule.ROUND_ROBIN and not self.layers:
             yield "layers", "round_robin needs the list of layer groups to rotate through"
+        if self.mode is RoundMode.BUFFERED and self.schedule is LayerSchedule.ROUND_ROBIN:
+            yield "schedule", "buffered mode trains the same layers every push: use schedule = 'fixed'"
 
 
 @dataclass(frozen=True)
@@ -77,14 +91,97 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
-class FogConfig:
+class FleetSettings(Checked):
+    """The fleet view (MQTT telemetry) and telemetry-driven selection; off when ``mqtt_host`` is empty."""
+
+    fleet: str = setting("", doc="the agents' fleet name (topics hyprstream/v1/<fleet>/...)")
+    mqtt_host: str = setting("", doc="MQTT broker; empty: no fleet view, every agent is asked each round")
+    mqtt_port: int = setting(0, ge=0, le=65535, doc="0: 1883, or 8883 with mqtt_ca_file")
+    mqtt_ca_file: str = setting("", doc="CA certificate of the broker (turns TLS on)")
+    mqtt_cert_file: str = setting("", doc="client certificate (mutual TLS), with mqtt_key_file")
+    mqtt_key_file: str = setting("")
+    username: str = setting("")
+    password_file: str = setting("", doc="file holding the MQTT password (with username)")
+    clients_per_round: int = setting(0, ge=0, doc="agents chosen per round; 0: every eligible agent")
+    stale_after_s: float = setting(300.0, gt=0.0, doc="telemetry older than this counts as none")
+    min_battery_percent: float = setting(20.0, ge=0.0, le=100.0, doc="on battery below this: not chosen")
+    fairness_window: int = setting(10, ge=1, doc="rounds over which participation is counted")
+    warmup_s: float = setting(30.0, ge=0.0, doc="before the first round, wait up to this long for every agent's "
+                                                "telemetry")
+    weights: SelectionWeights = field(default_factory=SelectionWeights)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mqtt_host)
+
+    def check(self):
+        if self.enabled:
+            try:
+                check_topic_part("fleet", self.fleet)
+            except ValidationError as exc:
+                yield "fleet", str(exc)
+        if bool(self.mqtt_cert_file) != bool(self.mqtt_key_file):
+            yield "mqtt_cert_file", "a client certificate needs mqtt_cert_file and mqtt_key_file together"
+        if self.mqtt_cert_file and not self.mqtt_ca_file:
+            yield "mqtt_ca_file", "a client certificate needs TLS: set mqtt_ca_file"
+        if bool(self.username) != bool(self.password_file):
+            yield "password_file", "username and password_file go together"
+
+    def broker(self) -> BrokerConfig:
+        """The broker to connect to (reads the password file)."""
+        password = read_token(self.password_file) if self.password_file else None
+        port = self.mqtt_port or (8883 if self.mqtt_ca_file else 1883)
+        return BrokerConfig(self.mqtt_host, port, ca_file=Path(self.mqtt_ca_file) if self.mqtt_ca_file else None,
+                            cert_file=Path(self.mqtt_cert_file) if self.mqtt_cert_file else None,
+                            key_file=Path(self.mqtt_key_file) if self.mqtt_key_file else None,
+                            username=self.username or None, password=password)
+
+    def rules(self) -> SelectionRules:
+        return SelectionRules(self.weights, self.stale_after_s, self.min_battery_percent)
+
+
+@dataclass(frozen=True)
+class OffloadSettings(Checked):
+    """Inference offload (``POST /v1/infer``) for agents in the minimal strategy; off when ``port`` is 0."""
+
+    host: str = setting("127.0.0.1")
+    port: int = setting(0, ge=0, le=65535)
+    token_file: str = setting("", doc="bearer tokens agents must send, one per line")
+    tls_certfile: str = setting("", doc="HTTPS certificate (with tls_keyfile)")
+    tls_keyfile: str = setting("")
+    refresh_s: float = setting(5.0, ge=0.0, doc="how often to ask core whether the model has a new version")
+    max_rows: int = setting(256, ge=1, le=100_000, doc="rows per request")
+    max_body_bytes: int = setting(1 << 20, ge=1024, le=1 << 30, doc="request body size")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    def check(self):
+        if self.enabled and not self.token_file:
+            yield "token_file", "the offload endpoint needs a token file (agents authenticate with a bearer token)"
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            yield "tls_certfile", "TLS needs tls_certfile and tls_keyfile together"
+
+
+@dataclass(frozen=True)
+class FogConfig(Checked):
     name: str = setting(doc="the fog's identity at core (its token's subject)")
     core: CoreLink = setting()
     superlink: SuperLinkSettings = field(default_factory=SuperLinkSettings)
     rounds: RoundSettings = field(default_factory=RoundSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy.secagg], [privacy.client_dp]
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    offload: OffloadSettings = field(default_factory=OffloadSettings)
     state_dir: str = setting("", doc="where the fog keeps its Flower home and logs (default: a temp dir)")
+
+    def check(self):
+        if self.rounds.mode is RoundMode.BUFFERED and self.privacy.secagg is not None:
+            yield "rounds.mode", "secure aggregation ([privacy.secagg]) needs synchronous rounds: use mode = 'sync'"
+        secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round
+        if secagg is not None and self.fleet.enabled and 0 < chosen < secagg.min_clients:
+            yield "fleet.clients_per_round", f"is below privacy.secagg.min_clients ({secagg.min_clients})"
 
 
 def load_fog_config(path: str | Path) -> FogConfig:

@@ -8,6 +8,7 @@ token is configured; the endpoint binds to loopback unless told otherwise.
 from __future__ import annotations
 
 import hmac
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -29,6 +30,12 @@ _HELP = {
     "hyprstream_fog_master_version": ("gauge", "Master version the fog last pushed or pulled."),
     "hyprstream_fog_last_progress_timestamp_seconds": ("gauge", "Unix time of the last finished round."),
 }
+# with client-level DP only (``[privacy.client_dp]``): absent from /metrics otherwise
+_PRIVACY_HELP = {
+    "hyprstream_fog_privacy_epsilon": ("gauge", "Client-level epsilon the model has spent at this fog (at delta)."),
+    "hyprstream_fog_privacy_epsilon_budget": ("gauge", "Client-level epsilon budget of the model at this fog."),
+    "hyprstream_fog_privacy_delta": ("gauge", "The delta of the client-level (epsilon, delta) guarantee."),
+}
 
 
 class FogMetrics:
@@ -39,6 +46,20 @@ class FogMetrics:
         self._lock = threading.Lock()
         self._values: dict[str, float] = {name: 0.0 for name in _HELP}
         self._values["hyprstream_fog_last_progress_timestamp_seconds"] = time.time()
+        self._privacy: dict[str, float] = {}
+
+    def record_privacy(self, epsilon: float, budget: float, delta: float) -> None:
+        """The model's client-level spend after the last round (``budget`` may be infinite)."""
+        with self._lock:
+            self._privacy = {"hyprstream_fog_privacy_epsilon": epsilon,
+                             "hyprstream_fog_privacy_epsilon_budget": budget, "hyprstream_fog_privacy_delta": delta}
+
+    def privacy(self) -> dict[str, float] | None:
+        """``{"epsilon", "epsilon_budget", "delta"}`` once recorded (client-level DP only), else None."""
+        with self._lock:
+            if not self._privacy:
+                return None
+            return {name.removeprefix("hyprstream_fog_privacy_"): value for name, value in self._privacy.items()}
 
     def record(self, r: FogRound, outbox: int) -> None:
         with self._lock:
@@ -58,19 +79,26 @@ class FogMetrics:
 
     def snapshot(self) -> Mapping[str, float]:
         with self._lock:
-            return dict(self._values)
+            return {**self._values, **self._privacy}
 
     def render(self) -> str:
         """Prometheus text exposition format."""
         lines = []
         label = self.fog.replace("\\", "\\\\").replace('"', '\\"')
         for name, value in self.snapshot().items():
-            kind, text = _HELP[name]
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f'{name}{{fog="{label}"}} {value:g}']
+            kind, text = _HELP.get(name) or _PRIVACY_HELP[name]
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f'{name}{{fog="{label}"}} {_number(value)}']
         return "\n".join(lines) + "\n"
 
     def healthy(self, stale_after_s: float) -> bool:
         return time.time() - self.snapshot()["hyprstream_fog_last_progress_timestamp_seconds"] <= stale_after_s
+
+
+def _number(value: float) -> str:
+    """A sample value in the exposition format (infinities as +Inf / -Inf)."""
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return f"{value:g}"
 
 
 class MetricsServer:

@@ -36,6 +36,8 @@ class Push:
     delta: pa.Table
     base_clocks: dict[str, VectorClock]
     participants: int
+    privacy: dict[str, float] | None = None  # client-level DP spend of a secure round, for core's audit
+    transcript_sha256: str | None = None  # a secure round's transcript hash, for core's audit
 
 
 class Outcome(Enum):
@@ -76,7 +78,8 @@ class Outbox:
         if self.directory is not None:
             meta = json.dumps({"seq": push.seq, "model": push.model, "fog": push.fog,
                                "base_clocks": clocks_to_json(push.base_clocks),
-                               "participants": push.participants}).encode()
+                               "participants": push.participants, "privacy": push.privacy,
+                               "transcript_sha256": push.transcript_sha256}).encode()
             table = push.delta.replace_schema_metadata({**(push.delta.schema.metadata or {}), _META: meta})
 
             def write(fh) -> None:
@@ -101,7 +104,8 @@ class Outbox:
         for push in self.pending():
             try:
                 result = core.push_delta(push.model, push.delta, fog=push.fog, seq=push.seq,
-                                         base_clocks=push.base_clocks, participants=push.participants)
+                                         base_clocks=push.base_clocks, participants=push.participants,
+                                         privacy=push.privacy, transcript_sha256=push.transcript_sha256)
                 done.append(Delivery(push, Outcome.COMMITTED, result))
             except UpdateRejected as exc:
                 replay = "replayed push" in str(exc)
@@ -122,4 +126,4 @@ def _read(path: Path) -> Push:
     meta = json.loads(table.schema.metadata[_META])
     table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != _META} or None)
     return Push(meta["seq"], meta["model"], meta["fog"], table, clocks_from_json(meta["base_clocks"]),
-                meta["participants"])
+                meta["participants"], meta.get("privacy"), meta.get("transcript_sha256"))

@@ -2,14 +2,18 @@
 
 It reads the fog's config file named by the run config key ``fog-config`` and runs rounds over the
 agents connected to this fog's SuperLink until ``rounds.max_rounds`` is reached or the run is stopped.
+With ``[privacy.secagg]`` the rounds run through :class:`~hyprstream.privacy.secagg_workflow.SecureFogAggregator`
+wrapped around the fog (and ``[privacy.client_dp]`` adds client-level DP, see docs/privacy.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from flwr.app import Context
@@ -19,10 +23,14 @@ from hyprstream.core.client import CoreClient
 from hyprstream.core.durable import write_bytes_atomic
 from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
-from hyprstream.fog.config import FogConfig, LayerSchedule, load_fog_config, read_token
+from hyprstream.fog.config import FogConfig, LayerSchedule, RoundMode, load_fog_config, read_token
 from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
+from hyprstream.privacy.config import PrivacyConfig
+from hyprstream.privacy.ledger import PrivacyLedger
+from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+from hyprstream.store import Store
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -40,14 +48,27 @@ def main(grid: Grid, context: Context) -> None:
         raise HyprstreamError(f"run config lacks {FOG_CONFIG_KEY!r} (the fog's TOML file)")
     logging.getLogger("hyprstream").setLevel(logging.INFO)
     state = Path(str(context.run_config[STATE_DIR_KEY])) if context.run_config.get(STATE_DIR_KEY) else None
+    metrics = None
     try:
-        rounds = run_fog(grid, load_fog_config(str(path)), state_dir=state)
+        cfg = load_fog_config(str(path))
+        metrics = FogMetrics(cfg.name)
+        rounds = run_fog(grid, cfg, state_dir=state, metrics=metrics)
     except BaseException as exc:
         if state is not None:  # flwr run exits 0 whatever the ServerApp did: leave the outcome to read
-            write_bytes_atomic(state / STATUS_FILE, json.dumps({"status": "failed", "error": str(exc)}).encode())
+            write_status(state, {"status": "failed", "error": str(exc)}, metrics)
         raise
     if state is not None:
-        write_bytes_atomic(state / STATUS_FILE, json.dumps({"status": "finished", "rounds": len(rounds)}).encode())
+        write_status(state, {"status": "finished", "rounds": len(rounds)}, metrics)
+
+
+def write_status(state_dir: Path, status: dict, metrics: FogMetrics | None) -> None:
+    """``status.json``: the run's outcome and, with client-level DP, the model's spend at this fog
+    (``privacy``: ``epsilon``, ``epsilon_budget`` -- null when unlimited -- and ``delta``)."""
+    privacy = metrics.privacy() if metrics is not None else None
+    if privacy is not None:
+        budget = privacy["epsilon_budget"]
+        status = {**status, "privacy": {**privacy, "epsilon_budget": budget if math.isfinite(budget) else None}}
+    write_bytes_atomic(state_dir / STATUS_FILE, json.dumps(status).encode())
 
 
 def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
@@ -58,28 +79,52 @@ def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
 
 
 def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: threading.Event | None = None,
-            on_round: Callable[[FogRound], None] | None = None) -> list[FogRound]:
+            on_round: Callable[[FogRound], None] | None = None, metrics: FogMetrics | None = None) -> list[FogRound]:
     """Run rounds until ``max_rounds`` (or ``stop``); returns their outcomes. Pushes that core has not
-    acknowledged wait in ``state_dir/outbox`` (kept across restarts)."""
+    acknowledged wait in ``state_dir/outbox`` (kept across restarts); with client-level DP the model's
+    privacy ledger is ``state_dir/privacy`` (in memory without a state directory)."""
     kwargs = {"tls_root_certs": Path(cfg.core.tls_root_cert).read_bytes()} if cfg.core.tls_root_cert else {}
     core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **kwargs)
-    metrics = FogMetrics(cfg.name)
+    metrics = metrics if metrics is not None else FogMetrics(cfg.name)
     server = None
-    if cfg.metrics.port:
-        token = read_token(cfg.metrics.token_file) if cfg.metrics.token_file else None
-        server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port, token=token,
-                               stale_after_s=cfg.metrics.stale_after_s).start()
     try:
-        return _rounds(grid, cfg, core, metrics, state_dir, stop or threading.Event(), on_round)
+        with ExitStack() as resources:
+            if cfg.metrics.port:
+                token = read_token(cfg.metrics.token_file) if cfg.metrics.token_file else None
+                server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port, token=token,
+                                       stale_after_s=cfg.metrics.stale_after_s).start()
+                resources.callback(server.stop)
+            return _rounds(grid, cfg, core, metrics, state_dir, stop or threading.Event(), on_round, resources)
     finally:
-        if server is not None:
-            server.stop()
         core.close()
 
 
-def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRound]:
+def private_rounds(fog: FogAggregator, privacy: PrivacyConfig, state_dir: Path | None,
+                   resources: ExitStack) -> FogAggregator | SecureFogAggregator:
+    """What runs the fog's rounds: ``fog`` itself, or, with ``[privacy.secagg]``, ``fog`` wrapped in
+    secure aggregation (and client-level DP with ``[privacy.client_dp]``, charged to the model's ledger
+    in ``state_dir/privacy``; the store stays open until ``resources`` close)."""
+    if privacy.secagg is None:
+        return fog
+    ledger = None
+    if privacy.client_dp is not None and state_dir is not None:
+        ledger = PrivacyLedger(resources.enter_context(Store.open(state_dir / "privacy", create=True)))
+    return SecureFogAggregator(fog, privacy.secagg, privacy.client_dp, ledger=ledger)
+
+
+def _record_privacy(metrics: FogMetrics, runner, privacy: PrivacyConfig) -> None:
+    spent = runner.spent() if isinstance(runner, SecureFogAggregator) else None
+    if spent is not None and privacy.client_dp is not None:
+        metrics.record_privacy(spent, privacy.client_dp.epsilon_budget, privacy.client_dp.delta)
+
+
+def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> list[FogRound]:
     r = cfg.rounds
+    selector = _fleet_and_offload(cfg, resources)
+    if r.mode is RoundMode.BUFFERED:
+        return _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round)
     fog: FogAggregator | None = None
+    runner: FogAggregator | SecureFogAggregator | None = None
     done: list[FogRound] = []
     round_no = 0
     while not stop.is_set() and (r.max_rounds == 0 or round_no < r.max_rounds):
@@ -93,13 +138,23 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRoun
         if fog is None:
             outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
             fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox)
+            runner = private_rounds(fog, cfg.privacy, state_dir, resources)
+            _record_privacy(metrics, runner, cfg.privacy)  # a restarted fog reports its ledger at once
         else:  # the fleet changes between rounds: keep the fog (and its push sequence), update the rest
-            fog.node_ids, fog.plan = ordered, plan
-        result = fog.run_round(round_no)
+            fog.node_ids, fog.plan = ordered, plan  # a privacy wrapper reads both from the wrapped fog
+        chosen = selector.choose(devices, round_no) if selector is not None else None
+        if chosen == ():  # no agent may train now (offline, minimal strategy, budget, battery): wait
+            log.warning("fog %s: no eligible agent for round %d (%s)", cfg.name, round_no,
+                        "; ".join(sorted(set(selector.last.excluded.values()))))
+            round_no -= 1
+            stop.wait(max(r.pause_s, 1.0))
+            continue
+        result = runner.run_round(round_no, nodes=chosen)
         log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, round_no, result.participants,
                  len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "")
         done.append(result)
         metrics.record(result, len(fog.outbox))
+        _record_privacy(metrics, runner, cfg.privacy)
         if on_round is not None:
             on_round(result)
         if r.pause_s:
@@ -107,4 +162,57 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRoun
     return done
 
 
-__all__ = ["FOG_CONFIG_KEY", "STATE_DIR_KEY", "STATUS_FILE", "app", "layers_for", "run_fog"]
+def _fleet_and_offload(cfg: FogConfig, resources: ExitStack):
+    """Start the fleet view (``[fleet]``) and the offload endpoint (``[offload]``) when configured; they
+    stop when ``resources`` close. Returns the round selector, or None without a fleet view."""
+    if cfg.offload.enabled:
+        from hyprstream.fog.offload import offload_server
+
+        resources.enter_context(offload_server(cfg))  # started now, stopped when the fog stops
+    if not cfg.fleet.enabled:
+        return None
+    from hyprstream.fog.fleet import FleetView
+    from hyprstream.fog.selection import RoundSelector
+
+    view = resources.enter_context(FleetView(cfg.fleet.fleet, cfg.fleet.broker()))
+    if not view.wait_subscribed(cfg.rounds.timeout_s):
+        log.warning("fog %s: fleet view not subscribed yet; agents without telemetry are ranked on their data",
+                    cfg.name)
+    return RoundSelector(view, cfg.fleet.rules(), count=cfg.fleet.clients_per_round, window=cfg.fleet.fairness_window,
+                         warmup_s=cfg.fleet.warmup_s)
+
+
+def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRound]:
+    """``rounds.mode = "buffered"``: FedBuff over the agents connected at start; ``max_rounds`` counts
+    pushes."""
+    import sys
+
+    from hyprstream.fog.buffered import BufferedFog
+
+    r = cfg.rounds
+    nodes = wait_for_nodes(grid, r.min_agents, timeout_s=r.timeout_s)
+    devices = discover(grid, nodes, timeout_s=r.timeout_s)
+    ordered = sorted(devices, key=lambda n: devices[n].device_id)
+    plan = RoundPlan(task=r.task, layers=r.layers, local_steps=r.local_steps, batch_size=r.batch_size, lr=r.lr,
+                     timeout_s=r.timeout_s, max_update_norm=r.max_update_norm)
+    outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
+    fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox)
+    buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
+                           concurrency=min(r.concurrency or len(ordered), len(ordered)))
+    done: list[FogRound] = []
+
+    def record(push) -> None:
+        result = push.as_round()
+        log.info("fog %s push %d: %d update(s), staleness max %d, version %s", cfg.name, push.index,
+                 push.participants, push.max_staleness, push.version)
+        done.append(result)
+        metrics.record(result, len(fog.outbox))
+        if on_round is not None:
+            on_round(result)
+
+    buffered.run(r.max_rounds or sys.maxsize, stop=stop, on_push=record)
+    return done
+
+
+__all__ = ["FOG_CONFIG_KEY", "STATE_DIR_KEY", "STATUS_FILE", "app", "layers_for", "private_rounds", "run_fog",
+           "write_status"]

@@ -95,7 +95,7 @@ max_rounds = 2
                 [supernode, "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                  "--node-config", f"store-dir='{path}'"],
                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        out, _ = fog.communicate(timeout=240)
+        out, _ = fog.communicate(timeout=540)  # a loaded 2-core machine: minutes per round
         assert fog.returncode == 0, out
     finally:
         for proc in [*nodes, fog]:

@@ -50,3 +50,17 @@ def test_metrics_and_health_over_http():
         assert info.value.code == 503
     finally:
         server.stop()
+
+
+def test_client_level_privacy_gauges_appear_only_with_client_dp():
+    metrics = FogMetrics("fog-a")
+    metrics.record(fog_round(5, 3), outbox=0)
+    assert "privacy" not in metrics.render() and metrics.privacy() is None
+    metrics.record_privacy(4.73, float("inf"), 1e-5)
+    text = metrics.render()
+    assert 'hyprstream_fog_privacy_epsilon{fog="fog-a"} 4.73' in text
+    assert 'hyprstream_fog_privacy_epsilon_budget{fog="fog-a"} +Inf' in text  # unlimited: Prometheus' +Inf
+    assert 'hyprstream_fog_privacy_delta{fog="fog-a"} 1e-05' in text
+    assert "# TYPE hyprstream_fog_privacy_epsilon gauge" in text
+    metrics.record_privacy(7.08, 10.0, 1e-5)
+    assert metrics.privacy() == {"epsilon": 7.08, "epsilon_budget": 10.0, "delta": 1e-5}

@@ -70,3 +70,38 @@ def test_buffered_pushes_survive_restart_and_apply_once(tmp_path):
     assert client.head("m")["version"] == 3
     client.close()
     server.stop()
+
+
+
+def test_a_secure_rounds_push_keeps_its_privacy_record_across_restarts(tmp_path):
+    """A push that carries client-level DP spend and a transcript hash waits in the outbox with both,
+    and core's audit entry for the version it makes has them."""
+    from hyprstream.core import signing
+    from hyprstream.core.audit import AuditLog, iter_entries
+
+    tokens = TokenRegistry()
+    tokens.add("admin", Principal("admin", Role.ADMIN))
+    tokens.add("fog", Principal("fog-a", Role.FOG))
+    audit = AuditLog(tmp_path / "audit.jsonl", signing.generate_key(), sync=False)
+    server = CoreFlightServer(ModelRepository(tmp_path / "core", audit=audit), tokens)
+    location = server.start_background()
+    try:
+        with CoreClient(location, "admin") as admin:
+            admin.register_model("m", to_table(W0))
+            snap = admin.get_weights("m")
+        privacy = {"epsilon": 1.25, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 1.0, "clip": 1.0}
+        Outbox(tmp_path / "outbox").put(Push(7, "m", "fog-a", to_table({"fc.weight": np.ones((2, 2), np.float32)}),
+                                             {"fc": snap.clocks["fc"]}, 3, privacy, "ab" * 32))
+        reopened = Outbox(tmp_path / "outbox")  # the fog restarted before core could be reached
+        [p] = reopened.pending()
+        assert p.privacy == privacy and p.transcript_sha256 == "ab" * 32
+        with CoreClient(location, "fog", timeout_s=5) as client:
+            [d] = reopened.flush(client)
+        assert d.outcome is Outcome.COMMITTED and d.result.version == 1
+    finally:
+        server.stop()
+        audit.close()
+    pushes = [e for e in iter_entries(tmp_path / "audit.jsonl") if e.details.get("seq") == 7]
+    assert [e.outcome for e in pushes] == ["ok"], [(e.action, e.outcome) for e in pushes]
+    [entry] = pushes
+    assert entry.details["privacy"] == privacy and entry.details["transcript_sha256"] == "ab" * 32

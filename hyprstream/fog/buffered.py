@@ -1,0 +1,382 @@
+"""Buffered asynchronous aggregation (FedBuff, Nguyen et al., AISTATS 2022) on a fog.
+
+A :class:`BufferedFog` wraps a :class:`~hyprstream.fog.aggregator.FogAggregator` (its grid, agents,
+core client, plan, outbox and push sequence) and, instead of rounds, keeps up to ``concurrency`` of
+its agents training at once on the fog's current model. Each reply is checked as in a synchronous
+round (status, model version, layers, names, shapes, finiteness, the plan's norm bound) and buffered
+with the weight ``num_examples / sqrt(1 + s)``, where the staleness ``s`` is the fog's model version
+now minus the version the agent trained from; a reply with ``s > max_staleness`` is refused. When
+``buffer_k`` updates are buffered, their weighted mean is pushed to core through the fog's outbox
+(the same sequence numbers and delivery rules as a round), the fog pulls the new version, and the
+buffer starts empty. An agent that finished goes to the back of the queue of idle agents and the
+first idle agent gets the next request at once (with ``concurrency`` equal to the number of agents,
+that is the agent that just finished).
+
+Staleness weight. ``1 / sqrt(1 + s)`` is FedBuff's choice (the polynomial discount of Xie et al.,
+FedAsync, with exponent 1/2, :func:`hyprstream.core.consistency.staleness_weight`): an update from
+one version ago still counts 71 %, from three versions ago 50 %, so stragglers contribute without
+letting an old model pull the current one back. Staleness counts every version core committed in
+between, including other fogs' versions.
+
+Agents that decline, fail (an error reply) or stay silent past the plan's ``timeout_s`` rest until
+the fog's next push, then are asked again. When every agent rests and none is training, nothing can
+fill the buffer: :meth:`BufferedFog.step` raises :class:`~hyprstream.errors.HyprstreamError`.
+
+Virtual clock (simulation). With ``duration(node_id, dispatch) -> float`` (simulated seconds of
+the agent's job; :class:`Dispatch` says what was sent) the fog dispatches each request for real at
+once, keeps an event queue of simulated completion times, and handles completions in that order:
+when the earliest completion is agent i's, it waits for i's real reply (leaving others' replies on
+the grid). Each push records its simulated time, so a run is deterministic and nothing sleeps. Ties
+go to the earlier dispatch.
+
+API (for the simulation harness and the fog's ServerApp)::
+
+    fog = FogAggregator(name, grid, node_ids, core, model, plan, seed=...)
+    buffered = BufferedFog(fog, buffer_k=3, max_staleness=4, concurrency=8, duration=None)
+    pushes = buffered.run(max_pushes=10)          # list[BufferedPush], one per push
+    # or interleave several fogs on one simulated clock:
+    while ...:
+        fog_next = min(fogs, key=lambda f: f.next_time)   # earliest pending completion
+        pushes = fog_next.step()                          # handles that completion
+
+``BufferedFog.now`` is the current simulated time (seconds since the first dispatch; real seconds
+without a virtual clock). The layer groups trained are the plan's ``layers`` (all groups when empty),
+the same every push.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message
+
+from hyprstream.core.consistency import staleness_weight
+from hyprstream.core.repository import Snapshot
+from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.aggregate import UpdateMatrix
+from hyprstream.fog.aggregator import FogAggregator, FogRound, _shapes
+from hyprstream.protocol import ReplyStatus, TrainReply
+from hyprstream.store import layer_table as lt
+
+log = logging.getLogger("hyprstream.fog")
+
+STALENESS_EXPONENT = 0.5  # weight = (1 + s) ** -0.5, FedBuff's 1 / sqrt(1 + s)
+
+
+def buffered_weight(num_examples: int, staleness: int) -> float:
+    """The weight of one buffered update: its example count discounted by ``1 / sqrt(1 + staleness)``."""
+    if staleness < 0:
+        raise ValidationError(f"staleness must be >= 0, got {staleness}")
+    return num_examples * staleness_weight(staleness, STALENESS_EXPONENT)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One train request sent to one agent."""
+
+    index: int  # 1, 2, ... over the life of the BufferedFog (also the request's seed round)
+    node: int
+    version: int  # the fog's model version the agent trains from
+    layers: tuple[str, ...]
+    bytes_down: int  # payload bytes of the request (the weights sent)
+    sent_at: float  # BufferedFog.now when sent
+
+
+@dataclass(frozen=True)
+class BufferedPush:
+    """One push of a buffered fog, and what happened since the previous one."""
+
+    fog: str
+    index: int  # 1, 2, ... pushes of this BufferedFog
+    base_version: int  # the fog's model version the mean was pushed onto
+    version: int | None  # the version core committed, None when it did not (see reasons)
+    layers: tuple[str, ...]
+    participants: int
+    contributors: tuple[int, ...]  # agents whose updates were in the buffer, in arrival order
+    staleness: tuple[int, ...]  # of each buffered update, in the same order
+    weights: tuple[float, ...]  # of each buffered update: num_examples / sqrt(1 + staleness)
+    dispatches: tuple[int, ...]  # Dispatch.index of each buffered update
+    declined: int
+    refused: int
+    failed: int
+    bytes_up: int
+    bytes_down: int
+    train_loss: float
+    sim_time: float | None  # simulated seconds at the push (virtual clock), else None
+    seconds: float  # real seconds since the previous push (the first: since the first dispatch)
+    delta: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def max_staleness(self) -> int:
+        return max(self.staleness, default=0)
+
+    @property
+    def mean_staleness(self) -> float:
+        return float(np.mean(self.staleness)) if self.staleness else 0.0
+
+    def as_round(self) -> FogRound:
+        """This push as a :class:`~hyprstream.fog.aggregator.FogRound` (round number: the push's
+        index), for code that records rounds (metrics, the simulator's tables)."""
+        return FogRound(
+            fog=self.fog, round=self.index, base_version=self.base_version, version=self.version,
+            layers=self.layers, participants=self.participants, declined=self.declined, refused=self.refused,
+            failed=self.failed, bytes_up=self.bytes_up, bytes_down=self.bytes_down, train_loss=self.train_loss,
+            seconds=self.seconds, delta=self.delta, reasons=self.reasons, nodes=self.contributors,
+            contributors=self.contributors)
+
+
+@dataclass
+class _Job:
+    dispatch: Dispatch
+    message_id: str
+    deadline: float  # monotonic seconds: no reply by then means the agent failed
+    done: float  # simulated completion time (virtual clock), else 0
+
+
+class BufferedFog:
+    def __init__(self, fog: FogAggregator, *, buffer_k: int, max_staleness: int, concurrency: int | None = None,
+                 duration: Callable[[int, Dispatch], float] | None = None, poll_s: float = 0.05) -> None:
+        if not isinstance(buffer_k, int) or buffer_k < 1:
+            raise ValidationError(f"buffer_k must be an integer >= 1, got {buffer_k!r}")
+        if not isinstance(max_staleness, int) or max_staleness < 0:
+            raise ValidationError(f"max_staleness must be an integer >= 0, got {max_staleness!r}")
+        concurrency = len(fog.node_ids) if concurrency is None else concurrency
+        if not isinstance(concurrency, int) or not 1 <= concurrency <= len(fog.node_ids):
+            raise ValidationError(f"concurrency must be between 1 and the fog's {len(fog.node_ids)} agents, "
+                                  f"got {concurrency!r}")
+        self.fog = fog
+        self.buffer_k = buffer_k
+        self.max_staleness = max_staleness
+        self.concurrency = concurrency
+        self.duration = duration
+        self.poll_s = poll_s
+        self.pushes: list[BufferedPush] = []
+        self._snapshot: Snapshot | None = None
+        self._idle: deque[int] = deque(fog.node_ids)
+        self._resting: list[int] = []  # declined or failed since the last push
+        self._jobs: dict[str, _Job] = {}  # in flight, by message ID
+        self._events: list[tuple[float, int, str]] = []  # (simulated completion, dispatch index, message ID)
+        self._dispatches = itertools.count(1)
+        self._now = 0.0
+        self._t0: float | None = None
+        self._reset_buffer()
+
+    # -- public surface
+    @property
+    def now(self) -> float:
+        """Simulated seconds since the first dispatch (real seconds without a virtual clock)."""
+        if self.duration is not None or self._t0 is None:
+            return self._now
+        return time.monotonic() - self._t0
+
+    @property
+    def next_time(self) -> float:
+        """Simulated time of the earliest pending completion (``now`` before anything was dispatched)."""
+        self._start()
+        self._fill()
+        if self.duration is None or not self._events:
+            return self.now
+        return self._events[0][0]
+
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        return tuple(job.dispatch.node for job in self._jobs.values())
+
+    def run(self, max_pushes: int, *, sim_until: float | None = None, stop: threading.Event | None = None,
+            on_push: Callable[[BufferedPush], None] | None = None) -> list[BufferedPush]:
+        """Handle completions until ``max_pushes`` more pushes were made, simulated time passes
+        ``sim_until`` or ``stop`` is set; returns those pushes."""
+        if max_pushes < 1:
+            raise ValidationError(f"max_pushes must be >= 1, got {max_pushes}")
+        done: list[BufferedPush] = []
+        while len(done) < max_pushes and not (stop is not None and stop.is_set()):
+            if sim_until is not None and self.next_time > sim_until:
+                break
+            for push in self.step(stop):
+                done.append(push)
+                if on_push is not None:
+                    on_push(push)
+        return done
+
+    def step(self, stop: threading.Event | None = None) -> list[BufferedPush]:
+        """Handle the next completion (virtual clock) or, in real time, replies until a push was made
+        or ``stop`` is set; returns the pushes this made (at most one with a virtual clock)."""
+        self._start()
+        self._fill()
+        self._check_busy()
+        if self.duration is not None:
+            self._now, _, message_id = heapq.heappop(self._events)
+            job = self._jobs[message_id]
+            return self._finish(job, self._wait_for(job))
+        pushes: list[BufferedPush] = []
+        while not pushes and not (stop is not None and stop.is_set()):
+            got = {m.metadata.reply_to_message_id: m for m in self.fog.grid.pull_messages(list(self._jobs))}
+            expired = [mid for mid, job in self._jobs.items()
+                       if mid not in got and time.monotonic() >= job.deadline]
+            if not got and not expired:
+                time.sleep(self.poll_s)
+                continue
+            # a fixed order (by dispatch), not arrival order, so that float sums are reproducible
+            for mid in sorted([*got, *expired], key=lambda m: self._jobs[m].dispatch.index):
+                pushes.extend(self._finish(self._jobs[mid], got.get(mid)))
+            if not pushes:
+                self._check_busy()
+        return pushes
+
+    def _check_busy(self) -> None:
+        if not self._jobs:
+            assert self._snapshot is not None
+            raise HyprstreamError(f"fog {self.fog.name}: every agent declined or failed since version "
+                                  f"{self._snapshot.version}: nothing to aggregate")
+
+    # -- internals
+    def _start(self) -> None:
+        if self._snapshot is None:
+            self._snapshot = self.fog.pull()
+            self._t0 = self._since = time.monotonic()
+            self._reset_buffer()
+
+    def _reset_buffer(self) -> None:
+        self._matrices: dict[str, UpdateMatrix] = {}
+        if self._snapshot is not None:
+            layers = self.fog.plan.layers or tuple(lt.layers_in(self._snapshot.table))
+            self._matrices = {layer: UpdateMatrix(_shapes(lt.select_layers(self._snapshot.table, [layer])),
+                                                  capacity=self.buffer_k) for layer in layers}
+        self._contributors: list[int] = []
+        self._staleness: list[int] = []
+        self._weights: list[float] = []
+        self._buffered: list[int] = []
+        self._losses: list[tuple[float, int]] = []
+        self._reasons: list[str] = []
+        self._counts = {"declined": 0, "refused": 0, "failed": 0, "bytes_up": 0, "bytes_down": 0}
+
+    def _fill(self) -> None:
+        """Send requests to idle agents until ``concurrency`` are training."""
+        while len(self._jobs) < self.concurrency and self._idle:
+            self._dispatch(self._idle.popleft())
+
+    def _dispatch(self, node: int) -> None:
+        assert self._snapshot is not None
+        index = next(self._dispatches)
+        pending = self.fog.start_round(index, base=self._snapshot, nodes=[node])
+        (message_id,) = pending.message_ids
+        dispatch = Dispatch(index, node, self._snapshot.version, pending.layers, pending.bytes_down, self.now)
+        self._counts["bytes_down"] += pending.bytes_down
+        done = 0.0
+        if self.duration is not None:
+            seconds = float(self.duration(node, dispatch))
+            if not math.isfinite(seconds) or seconds < 0:
+                raise ValidationError(f"duration for agent {node} must be finite and >= 0, got {seconds}")
+            done = self._now + seconds
+            heapq.heappush(self._events, (done, index, message_id))
+        self._jobs[message_id] = _Job(dispatch, message_id, time.monotonic() + self.fog.plan.timeout_s, done)
+
+    def _wait_for(self, job: _Job) -> Message | None:
+        """The real reply to ``job`` (None when none came before its deadline); others stay on the grid."""
+        while True:
+            got = list(self.fog.grid.pull_messages([job.message_id]))
+            if got:
+                return got[0]
+            if time.monotonic() >= job.deadline:
+                return None
+            time.sleep(self.poll_s)
+
+    def _finish(self, job: _Job, msg: Message | None) -> list[BufferedPush]:
+        del self._jobs[job.message_id]
+        node, counts = job.dispatch.node, self._counts
+        usable = False
+        if msg is None:
+            counts["failed"] += 1
+            self._reasons.append(f"agent {node}: no reply within {self.fog.plan.timeout_s:.0f} s")
+            log.warning("fog %s: agent %d did not answer within %.0f s", self.fog.name, node, self.fog.plan.timeout_s)
+        elif msg.has_error():
+            counts["failed"] += 1
+            self._reasons.append(f"error: {msg.error.reason}")
+        else:
+            try:
+                reply = TrainReply.from_content(msg.content)
+                counts["bytes_up"] += reply.payload_bytes()
+                if reply.status is ReplyStatus.DECLINED:
+                    counts["declined"] += 1
+                    self._reasons.append(f"declined: {reply.reason}")
+                else:
+                    self._accept(job.dispatch, reply)
+                    usable = True
+            except ValidationError as exc:
+                counts["refused"] += 1
+                self._reasons.append(f"refused: {exc}")
+                log.warning("fog %s: refused an update of agent %d: %s", self.fog.name, node, exc)
+        (self._idle if usable else self._resting).append(node)
+        pushes = []
+        if len(self._contributors) >= self.buffer_k:
+            pushes.append(self._push())
+        self._fill()
+        return pushes
+
+    def _accept(self, dispatch: Dispatch, reply: TrainReply) -> None:
+        assert self._snapshot is not None
+        if reply.model_version != dispatch.version:
+            raise ValidationError(f"reply for version {reply.model_version}, expected {dispatch.version}")
+        staleness = self._snapshot.version - dispatch.version
+        if staleness > self.max_staleness:
+            raise ValidationError(f"staleness {staleness} exceeds max_staleness {self.max_staleness}")
+        weight = buffered_weight(reply.num_examples, staleness)
+        self.fog._add(self._matrices, reply, weight=weight)
+        self._contributors.append(dispatch.node)
+        self._staleness.append(staleness)
+        self._weights.append(weight)
+        self._buffered.append(dispatch.index)
+        self._losses.append((reply.train_loss, reply.num_examples))
+
+    def _push(self) -> BufferedPush:
+        assert self._snapshot is not None
+        base = self._snapshot
+        ready = [layer for layer, m in self._matrices.items() if m.count]
+        delta: dict[str, np.ndarray] = {}
+        for layer in ready:
+            delta.update(self._matrices[layer].mean())
+        reasons = list(self._reasons)
+        version = self.fog.push(base, delta, ready, len(self._contributors), reasons)
+        losses = self._losses
+        loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
+        counts = self._counts
+        record = BufferedPush(
+            fog=self.fog.name, index=len(self.pushes) + 1, base_version=base.version, version=version,
+            layers=tuple(ready), participants=len(self._contributors), contributors=tuple(self._contributors),
+            staleness=tuple(self._staleness), weights=tuple(self._weights),
+            dispatches=tuple(self._buffered), declined=counts["declined"],
+            refused=counts["refused"], failed=counts["failed"], bytes_up=counts["bytes_up"],
+            bytes_down=counts["bytes_down"], train_loss=loss,
+            sim_time=self._now if self.duration is not None else None,
+            seconds=time.monotonic() - self._since, delta=delta, reasons=tuple(reasons))
+        self._since = time.monotonic()
+        self.pushes.append(record)
+        log.info("fog %s: buffered push %d of %d update(s) (staleness max %d), version %s", self.fog.name,
+                 record.index, record.participants, record.max_staleness, version)
+        self._snapshot = self.fog.pull()
+        self._idle.extend(self._resting)  # agents that declined or failed are asked again on the new version
+        self._resting = []
+        self._reset_buffer()
+        return record
+
+
+def async_versions_per_second(pushes: Sequence[BufferedPush]) -> float:
+    """Committed versions per simulated second over a virtual-clock run (0 without pushes)."""
+    committed = [p for p in pushes if p.version is not None]
+    if not committed or committed[-1].sim_time in (None, 0):
+        return 0.0
+    return len(committed) / committed[-1].sim_time
+
+
+__all__ = ["STALENESS_EXPONENT", "BufferedFog", "BufferedPush", "Dispatch", "async_versions_per_second",
+           "buffered_weight"]
