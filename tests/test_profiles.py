@@ -74,7 +74,12 @@ def _write(path: Path, doc: dict) -> Path:
 
 
 def _profile_doc(profile: DeviceProfile) -> dict:
-    return {"kind": PROFILE_KIND, **to_dict(profile)}
+    return {"kind": PROFILE_KIND, **_without_none(to_dict(profile))}
+
+
+def _without_none(doc: dict) -> dict:
+    """TOML has no null: a section that is off (``privacy.dpsgd``) is left out, as in the files."""
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in doc.items() if v is not None}
 
 
 # --- the shipped profiles -------------------------------------------------------------------------

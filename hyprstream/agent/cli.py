@@ -47,6 +47,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="this node's private key for SuperNode authentication")
     r.add_argument("--supernode-port", type=int, metavar="PORT",
                    help="local port of the SuperNode's Runtime API (default: a free loopback port)")
+    r.add_argument("--offload", metavar="URL",
+                   help="the fog's inference offload endpoint (https://HOST:PORT/v1/infer), used in the minimal "
+                        "strategy")
+    r.add_argument("--offload-token", type=Path, metavar="FILE", help="bearer token file for --offload")
+    r.add_argument("--offload-ca", type=Path, metavar="PEM", help="CA certificate of the offload endpoint (https)")
     r.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker for telemetry (and --subscribe)")
     r.add_argument("--mqtt-ca", type=Path, metavar="PEM", help="CA certificate of the broker (turns TLS on)")
     r.add_argument("--mqtt-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
@@ -88,7 +93,7 @@ def default_device_id() -> str:
 
 def build_config(args: argparse.Namespace):
     """The checked :class:`~hyprstream.agent.daemon.AgentConfig` of ``agent run``'s arguments."""
-    from hyprstream.agent.daemon import AgentConfig, FogLink, IngestConfig
+    from hyprstream.agent.daemon import AgentConfig, FogLink, IngestConfig, OffloadLink
     from hyprstream.agent.profile import load_profile
     from hyprstream.agent.publisher import parse_broker
     from hyprstream.agent.task import task_names
@@ -108,6 +113,14 @@ def build_config(args: argparse.Namespace):
         mqtt = parse_broker(args.mqtt, ca_file=args.mqtt_ca, cert_file=args.mqtt_cert, key_file=args.mqtt_key,
                             username=args.mqtt_user,
                             password=os.environ.get(MQTT_PASSWORD_ENV) if args.mqtt_user else None)
+    offload = None
+    if args.offload:
+        if args.offload_token is None:
+            raise ConfigError("--offload needs --offload-token FILE", source="--offload")
+        offload = OffloadLink(args.offload, args.offload_token, args.offload_ca)
+        offload.client()  # checks the URL, the token file and the CA now, not at the first request
+    elif args.offload_token or args.offload_ca:
+        raise ConfigError("--offload-token and --offload-ca need --offload", source="--offload")
     if args.listen is not None and not 0 <= args.listen < 65536:
         raise ConfigError(f"must be a port in 0..65535, got {args.listen}", source="--listen")
     store = args.store
@@ -115,7 +128,7 @@ def build_config(args: argparse.Namespace):
     key = load_key(args.store_key) if profile.store.encrypt_at_rest else None
     return AgentConfig(
         profile_path=args.config, profile=profile, fleet=args.fleet, device_id=args.device_id or default_device_id(),
-        store_dir=store, state_dir=state, task=args.task, fog=fog, mqtt=mqtt,
+        store_dir=store, state_dir=state, task=args.task, fog=fog, mqtt=mqtt, offload=offload,
         ingest=IngestConfig(tuple(args.watch), args.listen, args.socket, tuple(args.subscribe)), store_key=key)
 
 

@@ -11,18 +11,30 @@ plans every train request by the daemon's current strategy (:func:`~hyprstream.a
 ``minimal`` declines, ``hybrid`` trains fewer layer groups with smaller batches on the CPU, ``full``
 trains everything asked, on the GPU when allowed. Without ``state-dir`` (simulation) requests are
 served as asked. An encrypted store is opened with the key in ``$HYPRSTREAM_STORE_KEY``.
+
+Sample-level DP-SGD (:mod:`hyprstream.privacy.dpsgd`): on a device whose profile (the one the daemon
+runs with) holds ``[privacy.dpsgd]``, and in a simulation that :func:`configure_simulation` set up,
+every round trains with :class:`~hyprstream.privacy.dpsgd.DpSgdTrainer`. Its spend is charged to the
+device's ledger (``<store-dir>.privacy`` unless ``ledger_dir`` says otherwise) before it trains, so it
+composes across rounds and restarts; the reply carries the device's total ``epsilon`` / ``delta``, and
+a round the budget cannot pay for is declined with the reason, training nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hyprstream.errors import HyprstreamError
+from hyprstream.errors import ConfigError, HyprstreamError
+from hyprstream.privacy.config import DpSgdConfig
+from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, ledger_dir_for
+from hyprstream.privacy.ledger import Budget
 from hyprstream.privacy.secagg_messages import SECAGG_ACTION
 from hyprstream.privacy.secagg_mod import secagg_mod
 from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest
@@ -31,6 +43,8 @@ log = logging.getLogger("hyprstream.agent")
 
 SIM_DEVICES_ENV = "HYPRSTREAM_SIM_DEVICES"
 THREADS_ENV = "HYPRSTREAM_TORCH_THREADS"
+SIM_PRIVACY_FILE = "privacy.json"  # the experiment's DP-SGD settings, under $HYPRSTREAM_SIM_DEVICES
+SIM_PRIVACY_SCHEMA = "hyprstream.sim-privacy/1"
 
 app = ClientApp()
 
@@ -51,7 +65,100 @@ def device_name(index: int) -> str:
 
 @app.train("layerwise")
 def train(msg: Message, context: Context) -> Message:
-    return Message(answer_train(msg.content, context).to_content(), reply_to=msg)
+    return Message(answer_train(msg.content, context, round=msg.metadata.group_id).to_content(), reply_to=msg)
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """Sample-level DP-SGD of one device: its settings, its ledger store and the subject it charges."""
+
+    settings: DpSgd
+    ledger_dir: Path
+    device_id: str
+
+    def trainer(self) -> DpSgdTrainer:
+        return DpSgdTrainer(self.settings, self.ledger_dir, self.device_id)
+
+    def spend(self, num_examples: int, batch_size: int, steps: int) -> tuple[float, float]:
+        """The device's epsilon so far and after a round of ``steps`` at ``batch_size`` (at the budget's delta)."""
+        from hyprstream.privacy.accountant import RdpAccountant
+        from hyprstream.privacy.ledger import PrivacyLedger, Scope
+        from hyprstream.store import Store
+
+        event = self.settings.event(num_examples, batch_size, steps)
+        delta = self.settings.budget.delta
+        if not self.ledger_dir.exists():
+            acc = RdpAccountant()
+            return acc.epsilon(delta), acc.epsilon_if(event, delta)
+        with Store.open(self.ledger_dir, readonly=True) as store:
+            ledger = PrivacyLedger(store)
+            return (ledger.spent(Scope.DEVICE, self.device_id, delta),
+                    ledger.would_spend(Scope.DEVICE, self.device_id, event, delta))
+
+
+def configure_simulation(root: Path, dpsgd: DpSgdConfig | None) -> None:
+    """Record the experiment's DP-SGD settings for the simulated devices under ``root`` (the directory
+    ``$HYPRSTREAM_SIM_DEVICES`` names); ``None`` turns DP-SGD off. Simulated devices train with seeded
+    noise (``secure`` false: reproducible from the request's seed), each charging its ledger at
+    ``<root>/<device-name>.privacy``. A simulation has no device profile to take the budget from:
+    ``epsilon_budget`` and ``delta`` must be given."""
+    from hyprstream.core.durable import write_bytes_atomic
+
+    path = Path(root) / SIM_PRIVACY_FILE
+    if dpsgd is None:
+        path.unlink(missing_ok=True)
+        return
+    for key in ("epsilon_budget", "delta"):
+        if getattr(dpsgd, key) is None:
+            raise ConfigError(f"a simulation needs {key} (there is no device profile to default it from)",
+                              key=f"privacy.dpsgd.{key}")
+    data = {"schema": SIM_PRIVACY_SCHEMA, "noise_multiplier": dpsgd.noise_multiplier,
+            "max_grad_norm": dpsgd.max_grad_norm, "epsilon_budget": dpsgd.epsilon_budget, "delta": dpsgd.delta}
+    Path(root).mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(data).encode(), sync=False)
+
+
+def simulation_dpsgd(root: Path) -> DpSgd | None:
+    """The DP-SGD settings :func:`configure_simulation` recorded under ``root`` (None: off)."""
+    path = Path(root) / SIM_PRIVACY_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the simulation's DP-SGD settings: {exc}", source=str(path)) from None
+    if not isinstance(data, dict) or data.get("schema") != SIM_PRIVACY_SCHEMA:
+        raise ConfigError(f"expected schema {SIM_PRIVACY_SCHEMA!r}", source=str(path), key="schema")
+    try:
+        return DpSgd(float(data["noise_multiplier"]), float(data["max_grad_norm"]),
+                     Budget(float(data["epsilon_budget"]), float(data["delta"])), secure=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid DP-SGD settings: {exc}", source=str(path)) from None
+
+
+def private_training(context: Context, store: Path) -> PrivateTraining | None:
+    """This device's DP-SGD: from the profile the agent daemon runs with (a device), from
+    :func:`configure_simulation` (a simulated device), else None (DP-SGD off)."""
+    cfg = context.node_config
+    device_id = str(cfg.get("device-id") or store.name)
+    state = agent_state_dir(context)
+    if state is not None:
+        from hyprstream.agent.handoff import read_policy
+        from hyprstream.agent.profile import load_profile
+
+        policy = read_policy(state)
+        if policy is None:
+            return None  # the planner declines: the daemon has not published its strategy yet
+        profile = load_profile(policy.profile)
+        settings = profile.dpsgd()
+        if settings is None:
+            return None
+        return PrivateTraining(settings, profile.privacy.ledger_dir(store), device_id)
+    root = os.environ.get(SIM_DEVICES_ENV)
+    if root and "store-dir" not in cfg:
+        settings = simulation_dpsgd(Path(root))
+        return PrivateTraining(settings, ledger_dir_for(store), device_id) if settings is not None else None
+    return None
 
 
 def agent_state_dir(context: Context) -> Path | None:
@@ -60,10 +167,13 @@ def agent_state_dir(context: Context) -> Path | None:
     return Path(str(value)) if value else None
 
 
-def plan_request(request: TrainRequest, state_dir: Path, *, now: float | None = None):
-    """The :class:`~hyprstream.agent.policy.TrainPlan` for ``request`` under the daemon's current strategy."""
+def plan_request(request: TrainRequest, state_dir: Path, *, now: float | None = None,
+                 privacy: PrivateTraining | None = None, num_examples: int = 0):
+    """The :class:`~hyprstream.agent.policy.TrainPlan` for ``request`` under the daemon's current strategy;
+    with DP-SGD (``privacy``, over ``num_examples`` local examples) it declines when the budget left
+    cannot pay for the planned round."""
     from hyprstream.agent.handoff import read_policy
-    from hyprstream.agent.policy import TrainPlan, plan_training
+    from hyprstream.agent.policy import TrainPlan, plan_training, within_budget
     from hyprstream.agent.profile import load_profile
 
     state = read_policy(state_dir)
@@ -72,14 +182,21 @@ def plan_request(request: TrainRequest, state_dir: Path, *, now: float | None = 
     if not state.fresh(now):
         return TrainPlan(False, "the agent daemon's strategy is stale (is the agent running?)")
     caps = load_profile(state.profile).training
-    return plan_training(state.strategy, caps, layers=request.layers, local_steps=request.local_steps,
+    plan = plan_training(state.strategy, caps, layers=request.layers, local_steps=request.local_steps,
                          batch_size=request.batch_size, gpu_usable=state.gpu_usable)
+    if privacy is None or not plan.accept:
+        return plan
+    spent, would_be = privacy.spend(num_examples, plan.batch_size, plan.local_steps)
+    return within_budget(plan, spent=spent, would_be=would_be, budget=privacy.settings.budget.epsilon)
 
 
-def answer_train(content: RecordDict, context: Context) -> TrainReply:
-    """The reply to a train request: the delta, or ``declined`` with the reason (never a crash)."""
+def answer_train(content: RecordDict, context: Context, *, round: str = "") -> TrainReply:
+    """The reply to a train request: the delta, or ``declined`` with the reason (never a crash).
+    ``round`` names the round in the device's privacy ledger (the message's group ID)."""
     try:
         request = TrainRequest.from_content(content)
+        store = store_dir(context)
+        privacy = private_training(context, store)
         state = agent_state_dir(context)
         plan = None
         if state is not None:
@@ -88,11 +205,12 @@ def answer_train(content: RecordDict, context: Context) -> TrainReply:
 
             task = get_task(request.task)
             save_model(state, task.name, request.model_version, request.weights, layer_of=task.layer_of)
-            plan = plan_request(request, state)
+            plan = plan_request(request, state, privacy=privacy,
+                                num_examples=_num_examples(store, task) if privacy is not None else 0)
             if not plan.accept:
                 raise HyprstreamError(plan.reason)
             log.info("train request for %s: %s", list(request.layers), plan.reason)
-        return handle_train(request, store_dir(context), plan=plan)
+        return handle_train(request, store, plan=plan, privacy=privacy, round=round)
     except HyprstreamError as exc:
         log.warning("declined train request: %s", exc)
         config = content.get("config")
@@ -117,11 +235,22 @@ def query_device(msg: Message, context: Context) -> Message:
     return Message(DeviceInfo(device_id, rows).to_content(), reply_to=msg)
 
 
-def handle_train(request: TrainRequest, store_path: Path, plan=None) -> TrainReply:
+def _num_examples(store_path: Path, task) -> int:
+    from hyprstream.store import Store, load_key
+
+    with Store.open(store_path, readonly=True, key=load_key()) as store:
+        return store.num_rows(task.table) if task.table in store.tables() else 0
+
+
+def handle_train(request: TrainRequest, store_path: Path, plan=None, *, privacy: PrivateTraining | None = None,
+                 round: str = "") -> TrainReply:
     """Train the requested layers on the local store's data; pure of Flower (used by tests directly).
 
     ``plan`` (a :class:`~hyprstream.agent.policy.TrainPlan`) narrows the request: its layers, steps,
-    batch size, device and time limit; the reply names the layers actually trained.
+    batch size, device and time limit; the reply names the layers actually trained. With ``privacy``
+    the round trains with DP-SGD, charged to the device's ledger first (``round`` names it there;
+    default: the model version); over the budget it raises
+    :class:`~hyprstream.privacy.errors.BudgetExceeded` and trains nothing.
     """
     import torch
 
@@ -143,7 +272,15 @@ def handle_train(request: TrainRequest, store_path: Path, plan=None) -> TrainRep
         if device.startswith("cuda") and not torch.cuda.is_available():
             log.warning("the profile allows GPU training, but torch sees no CUDA device: training on the CPU")
             device = "cpu"
-    result = train_layers(task, model, layers, data, steps=steps, batch_size=batch, lr=request.lr,
-                          seed=request.seed, device=device, max_seconds=limit)
+    train = train_layers
+    if privacy is not None:
+        train = privacy.trainer().bind(model=request.model, base_version=request.model_version,
+                                       round=round or f"{request.model}/v{request.model_version}")
+    result = train(task, model, layers, data, steps=steps, batch_size=batch, lr=request.lr,
+                   seed=request.seed, device=device, max_seconds=limit)
+    spend = getattr(result, "privacy", None)
     return TrainReply(ReplyStatus.OK, request.model_version, tuple(layers), result.delta,
-                      num_examples=result.num_examples, train_loss=result.loss, steps=result.steps)
+                      num_examples=result.num_examples, train_loss=result.loss, steps=result.steps,
+                      epsilon=float(spend.epsilon) if spend is not None else None,
+                      delta_dp=float(spend.delta) if spend is not None else None,
+                      encoding=request.update_encoding, encoding_seed=request.seed)

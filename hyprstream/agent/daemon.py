@@ -102,6 +102,21 @@ class FogLink:
 
 
 @dataclass(frozen=True)
+class OffloadLink:
+    """The fog's inference offload endpoint (:mod:`hyprstream.fog.offload`), used in ``minimal``."""
+
+    url: str  # https://HOST:PORT/v1/infer (http:// only on a trusted network)
+    token_file: Path
+    ca_file: Path | None = None
+
+    def client(self):
+        from hyprstream.agent.offload import OffloadClient
+        from hyprstream.fog.config import read_token
+
+        return OffloadClient(self.url, read_token(str(self.token_file)), self.ca_file)
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     """Ingestion sources: watched directories, HTTP on loopback, a Unix socket, MQTT topics."""
 
@@ -124,6 +139,7 @@ class AgentConfig:
     task: str = "digits"
     fog: FogLink | None = None
     mqtt: BrokerConfig | None = None
+    offload: OffloadLink | None = None
     ingest: IngestConfig = IngestConfig()
     store_key: bytes | None = field(default=None, repr=False)
 
@@ -264,6 +280,7 @@ class Agent:
         self._export_failed: set[int] = set()
         self.decision: Decision | None = None
         self.sample: ResourceSample | None = None
+        self._epsilon_spent = 0.0  # the last sample-level spend read from the privacy ledger
 
     # .................................................................. run
 
@@ -287,7 +304,8 @@ class Agent:
             if self._monitor is None:
                 cleanups.append(monitor.close)
             self.policy = AdaptivePolicy(prof.policy, battery_powered=prof.resources.battery)
-            self.engine = InferenceEngine(self.task, prof.inference, cuda_allowed=prof.resources.has_gpu)
+            self.engine = InferenceEngine(self.task, prof.inference, cuda_allowed=prof.resources.has_gpu,
+                                          offload=cfg.offload.client() if cfg.offload is not None else None)
             cleanups.append(self.engine.close)
             self.pipeline = Pipeline(self.task, store, self.engine, clock=self._clock)
             publisher = self._publisher
@@ -345,7 +363,8 @@ class Agent:
         write_policy(self.config.state_dir, PolicyState(
             decision.strategy, self._clock(), valid_s=3 * self.config.tick_s + 30, gpu_usable=gpu_usable,
             reason=decision.reason, profile=str(self.config.profile_path.resolve())))
-        self.engine.apply(plan_inference(decision.strategy, prof.inference, cuda_usable=prof.resources.has_gpu))
+        self.engine.apply(plan_inference(decision.strategy, prof.inference, cuda_usable=prof.resources.has_gpu,
+                                         offload=self.config.offload is not None))
         self._refresh_model()
         return decision
 
@@ -369,11 +388,26 @@ class Agent:
             strategy=StrategyState(d.strategy, self.policy.since, d.reason, d.strategy is not Strategy.MINIMAL,
                                    es.provider or plan.provider, es.variant or plan.variant),
             store=StoreState(rows, nbytes), model=ModelState(self.task.name, es.version),
-            # no privacy ledger on the device yet: spend stays 0 until the DP trainer records it
-            privacy=PrivacyState(0.0, prof.training.privacy_epsilon, prof.training.privacy_delta),
+            privacy=self.privacy_state(),
             inference=InferenceStats(es.requests, es.batches, es.errors),
             ingest=IngestStats(records, rejected),
         )
+
+    def privacy_state(self) -> PrivacyState:
+        """The device's sample-level spend, read from its privacy ledger (the ClientApp charges it);
+        without ``[privacy.dpsgd]`` nothing spends it, and the profile's budget is reported untouched."""
+        prof = self.profile
+        settings = prof.dpsgd()
+        if settings is None:
+            return PrivacyState(0.0, prof.training.privacy_epsilon, prof.training.privacy_delta)
+        from hyprstream.privacy.dpsgd import DpSgdTrainer
+
+        ledger = prof.privacy.ledger_dir(self.config.store_dir.resolve())  # as the SuperNode's node config names it
+        try:
+            self._epsilon_spent = DpSgdTrainer(settings, ledger, self.config.device_id).spent()
+        except HyprstreamError as exc:  # e.g. the ledger is being created: report the last value read
+            log.warning("cannot read the privacy ledger %s: %s", ledger, exc)
+        return PrivacyState(self._epsilon_spent, settings.budget.epsilon, settings.budget.delta)
 
     def health(self) -> dict:
         d = self.decision

@@ -9,7 +9,11 @@ writes them) and runs one of them as the policy says (:class:`~hyprstream.agent.
 * torch fallback: when ONNX Runtime is not installed or cannot load the model, the model runs in
   torch eager mode (fp32, CPU or CUDA) from the saved weights;
 * requests go through a :class:`~hyprstream.agent.batching.DynamicBatcher` with the profile's
-  ``max_batch_size`` and ``max_batch_wait_ms``.
+  ``max_batch_size`` and ``max_batch_wait_ms``;
+* offload: when the plan says so (the ``minimal`` strategy with a fog endpoint configured),
+  :meth:`InferenceEngine.classify` sends the rows to the fog (:class:`~hyprstream.agent.offload.OffloadClient`)
+  and answers with the fog's predictions and model version; when the fog cannot be reached it falls
+  back to the local model, if there is one.
 
 onnxruntime and torch are imported when a model is loaded, never before: an agent without a model
 stays light.
@@ -130,15 +134,19 @@ class EngineStats:
     rows: int
     batches: int
     errors: int
+    offloaded: int = 0  # rows answered by the fog's offload endpoint
+    offload_errors: int = 0  # offload calls that failed (answered locally when a model was loaded)
 
 
 class InferenceEngine:
     """The agent's inference model (see the module docstring). Thread-safe."""
 
-    def __init__(self, task, settings: InferenceSettings, *, cuda_allowed: bool = True) -> None:
+    def __init__(self, task, settings: InferenceSettings, *, cuda_allowed: bool = True, offload=None) -> None:
         self.task = task
         self.settings = settings
         self.cuda_allowed = cuda_allowed
+        self.offload = offload  # an OffloadClient, used while the plan says offload
+        self._offloaded = self._offload_errors = 0
         self._lock = threading.Lock()
         self._files: ModelFiles | None = None
         self._plan: InferencePlan | None = None
@@ -153,7 +161,12 @@ class InferenceEngine:
 
     @property
     def ready(self) -> bool:
-        return self._files is not None
+        return self._files is not None or self._offloading
+
+    @property
+    def _offloading(self) -> bool:
+        plan = self._plan
+        return self.offload is not None and plan is not None and plan.offload
 
     def load(self, files: ModelFiles) -> None:
         """Serve ``files`` from now on (the session is built now, for the current plan)."""
@@ -171,9 +184,11 @@ class InferenceEngine:
         with self._lock:
             if plan == self._plan:
                 return
-            self._plan = plan
+            previous, self._plan = self._plan, plan
             if self._files is None:
                 return
+            if previous is not None and (previous.provider, previous.variant) == (plan.provider, plan.variant):
+                return  # only offload changed: the local session stays
             predictor = self._build(self._files, plan)
             self._predictor = predictor
         log.info("inference now on %s (%s, %s)", predictor.provider.value, predictor.backend, predictor.variant.value)
@@ -209,11 +224,34 @@ class InferenceEngine:
             raise HyprstreamError("no inference model loaded yet")
         return self._batcher(x, timeout_s)
 
+    def classify(self, x: np.ndarray, timeout_s: float | None = 60.0) -> tuple[int | None, np.ndarray, np.ndarray]:
+        """``(model version, predictions, scores)`` for the rows of ``x``: from the fog while the plan
+        offloads (falling back to the local model when the fog cannot answer), else from the local model."""
+        from hyprstream.errors import AuthError, TransportError, ValidationError
+
+        if self._offloading:
+            try:
+                answer = self.offload.infer(self.task.name, np.asarray(x))
+            except (TransportError, AuthError, ValidationError) as exc:
+                with self._lock:
+                    self._offload_errors += 1
+                if self._predictor is None:
+                    raise HyprstreamError(f"offload failed and no local model is loaded: {exc}") from None
+                log.warning("offload failed, answering locally: %s", exc)
+            else:
+                with self._lock:
+                    self._offloaded += len(answer.predictions)
+                return answer.version, answer.predictions, answer.scores
+        version = self.version
+        pred, score = self.task.interpret(self.predict(x, timeout_s))
+        return version, pred, score
+
     def stats(self) -> EngineStats:
         b = self._batcher.stats()
         p = self._predictor
         return EngineStats(self.version, p.backend if p else None, p.provider if p else None,
-                           p.variant if p else None, b.requests, b.rows, b.batches, b.errors)
+                           p.variant if p else None, b.requests, b.rows, b.batches, b.errors,
+                           self._offloaded, self._offload_errors)
 
     def close(self) -> None:
         self._batcher.close()

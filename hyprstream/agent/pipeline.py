@@ -92,13 +92,11 @@ class Pipeline:
         engine = self.engine
         if engine is None or not engine.ready:
             return IngestResult(rows.num_rows)
-        version = engine.version
         try:
-            outputs = engine.predict(inputs)
+            version, pred, score = engine.classify(inputs)
         except Exception as exc:  # the rows are stored: report them accepted, without predictions
             log.warning("inference on %d record(s) from %s failed: %s", rows.num_rows, source, exc)
             return IngestResult(rows.num_rows)
-        pred, score = self.task.interpret(outputs)
         now = pa.array(np.full(len(pred), int(self._clock() * 1000), np.int64)).cast(pa.timestamp("ms", tz="UTC"))
         n = len(pred)
         self.store.append(PREDICTIONS_TABLE, pa.Table.from_arrays(

@@ -46,6 +46,7 @@ __all__ = [
     "plan_inference",
     "plan_training",
     "rank",
+    "within_budget",
 ]
 
 _RANK = {Strategy.MINIMAL: 0, Strategy.HYBRID: 1, Strategy.FULL: 2}
@@ -194,20 +195,32 @@ def plan_training(strategy: Strategy, caps: TrainingCaps, *, layers: tuple[str, 
                      max(1, min(batch_size, caps.batch_size_full)), device, caps.max_train_s_per_round)
 
 
+def within_budget(plan: TrainPlan, *, spent: float, would_be: float, budget: float) -> TrainPlan:
+    """``plan`` when the device's sample-level epsilon after it (``would_be``, from its ledger's history
+    plus the round's DP-SGD event) stays within ``budget``; otherwise a decline that says so. A plan
+    already declined is returned unchanged."""
+    if not plan.accept or would_be <= budget:
+        return plan
+    return TrainPlan(False, f"privacy budget: this round would raise epsilon from {spent:.4g} to {would_be:.4g}, "
+                            f"over the budget of {budget:.4g}")
+
+
 @dataclass(frozen=True)
 class InferencePlan:
     """Execution provider and numeric format of the inference model under a strategy."""
 
     provider: ExecutionProvider  # CPU or CUDA, never AUTO
     variant: ModelVariant
+    offload: bool = False  # send rows to the fog's inference endpoint (the local model is the fallback)
 
 
-def plan_inference(strategy: Strategy, settings: InferenceSettings, *, cuda_usable: bool) -> InferencePlan:
+def plan_inference(strategy: Strategy, settings: InferenceSettings, *, cuda_usable: bool,
+                   offload: bool = False) -> InferencePlan:
     """``full``: the profile's provider (CUDA when ``auto``/``cuda`` and usable) and variant;
     ``hybrid``: the CPU and the profile's variant (fp32 unless the profile picks int8);
-    ``minimal``: the CPU and int8."""
+    ``minimal``: the CPU and int8, and with a fog offload endpoint (``offload``) inference goes there."""
     if strategy is Strategy.MINIMAL:
-        return InferencePlan(ExecutionProvider.CPU, ModelVariant.INT8)
+        return InferencePlan(ExecutionProvider.CPU, ModelVariant.INT8, offload=offload)
     if strategy is Strategy.HYBRID:
         return InferencePlan(ExecutionProvider.CPU, settings.model_variant)
     wants_cuda = settings.execution_provider in (ExecutionProvider.AUTO, ExecutionProvider.CUDA)

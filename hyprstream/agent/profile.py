@@ -20,6 +20,7 @@ and every key that has a default may be left out)::
     [store]       # retention of the local Arrow store
     [telemetry]   # MQTT telemetry cadence, QoS, offline buffer, reconnect backoff
     [simulation]  # speed and network factors the simulator uses for this device class
+    [privacy.dpsgd]  # optional: sample-level DP-SGD of local training (see docs/privacy.md)
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from pathlib import Path
 
 from hyprstream.config import Checked, parse, read_toml, setting
 from hyprstream.errors import ConfigError
+from hyprstream.privacy.config import DpSgdConfig
 
 __all__ = [
     "PROFILE_KIND",
     "Accelerator",
+    "DevicePrivacy",
     "DeviceProfile",
     "ExecutionProvider",
     "InferenceSettings",
@@ -258,6 +261,25 @@ class SimulationFactors:
 
 
 @dataclass(frozen=True)
+class DevicePrivacy(Checked):
+    """The device's ``[privacy]`` table: ``[privacy.dpsgd]`` turns on sample-level DP-SGD (off when absent)."""
+
+    dpsgd: DpSgdConfig | None = setting(None)
+
+    def ledger_dir(self, store_dir: str | Path) -> Path:
+        """The device's privacy ledger: ``dpsgd.ledger_dir`` (relative to the store directory's parent),
+        by default ``<store-dir>.privacy`` beside the data store."""
+        store_dir = Path(store_dir)
+        if self.dpsgd is not None and self.dpsgd.ledger_dir:
+            return store_dir.parent / self.dpsgd.ledger_dir
+        return store_dir.with_name(store_dir.name + ".privacy")
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.dpsgd is not None and not self.dpsgd.secure:
+            yield "dpsgd.secure", "must be true on a device (seeded noise is for simulations only)"
+
+
+@dataclass(frozen=True)
 class DeviceProfile(Checked):
     """One device class: its hardware and how the agent may use it (see :func:`load_profile`)."""
 
@@ -271,6 +293,15 @@ class DeviceProfile(Checked):
     policy: PolicyThresholds = setting(PolicyThresholds())
     inference: InferenceSettings = setting(InferenceSettings())
     telemetry: TelemetrySettings = setting(TelemetrySettings())
+    privacy: DevicePrivacy = setting(DevicePrivacy())
+
+    def dpsgd(self):
+        """The device's :class:`~hyprstream.privacy.dpsgd.DpSgd` settings (the budget defaults to
+        ``[training]`` ``privacy_epsilon`` / ``privacy_delta``), or None without ``[privacy.dpsgd]``."""
+        cfg = self.privacy.dpsgd
+        if cfg is None:
+            return None
+        return cfg.settings(self.training.privacy_epsilon, self.training.privacy_delta)
 
     def check(self) -> Iterator[tuple[str, str]]:
         res = self.resources

@@ -298,6 +298,10 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--config", str(ROOT / "firmware-configs/rpi4.toml")], 2, "encrypt_at_rest"),
         (["--config", str(ROOT / "firmware-configs/rpi4.toml"), "--fog", "fog:9092"], 2, "--fog-ca"),
         (["--config", str(ROOT / "firmware-configs/rpi4.toml"), "--task", "weather"], 2, "unknown task"),
+        (["--config", str(ROOT / "firmware-configs/rpi4.toml"), "--offload", "https://fog:9443/v1/infer"], 2,
+         "--offload-token"),
+        (["--config", str(ROOT / "firmware-configs/rpi4.toml"), "--offload", "ftp://fog/v1/infer",
+          "--offload-token", str(ROOT / "README.md")], 2, "http:// or https://"),
     ]
     for args, code, text in cases:
         proc = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60)
@@ -327,3 +331,46 @@ def test_trace_command_records_a_replayable_trace(tmp_path):
     assert len(lines) == 3 and all(" -> " in line for line in lines)
     samples = load_trace(out)
     assert len(samples) == 3 and all(0 <= s.cpu_percent <= 100 for s in samples)
+
+
+@pytest.mark.integration
+def test_telemetry_reports_the_spend_in_the_devices_privacy_ledger(tmp_path):
+    """The daemon reads the sample-level spend the ClientApp charges to the device's ledger."""
+    from hyprstream.privacy.accountant import GaussianEvent, epsilon
+    from hyprstream.privacy.dpsgd import MECHANISM
+    from hyprstream.privacy.ledger import Budget, Charge, PrivacyLedger, Scope
+
+    path = fast_profile(tmp_path, interval=0.5)
+    path.write_text(path.read_text() + "\n[privacy.dpsgd]\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\n"
+                    "epsilon_budget = 6.0\n")
+    cfg = AgentConfig(profile_path=path, profile=load_profile(path), fleet="plant-7", device_id="pi-03",
+                      store_dir=tmp_path / "store", state_dir=tmp_path / "state", store_key=os.urandom(32))
+    ledger_dir = cfg.profile.privacy.ledger_dir(cfg.store_dir.resolve())
+    event = GaussianEvent(1.1, 0.08, 20)
+
+    def charge(version: int) -> None:  # what the ClientApp's DpSgdTrainer does before a round trains
+        with Store.open(ledger_dir, create=True) as store:
+            PrivacyLedger(store).charge(Scope.DEVICE, "pi-03", Charge(event, "digits", version, f"r{version}",
+                                                                       MECHANISM), Budget(6.0, 1e-5))
+
+    charge(1)
+    pub = MemoryPublisher("plant-7", "pi-03", "s")
+    agent = Agent(cfg, monitor=HoldLast(load_trace(TRACES / "cpu_saturated.csv")), publisher=pub)
+    stop_event = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop_event,))
+    runner.start()
+
+    def spent() -> float | None:
+        sent = [from_wire(p) for t, p, _, _ in pub.messages if t.endswith("/telemetry")]
+        return sent[-1].privacy.epsilon_spent if sent else None
+
+    try:
+        assert wait_until(lambda: spent() is not None, 60)
+        assert spent() == pytest.approx(epsilon([event], 1e-5))
+        charge(2)  # a round while the daemon runs: the next telemetry carries the composed spend
+        assert wait_until(lambda: spent() == pytest.approx(epsilon([event] * 2, 1e-5)), 60), spent()
+    finally:
+        stop_event.set()
+        runner.join(60)
+    last = from_wire([p for t, p, _, _ in pub.messages if t.endswith("/telemetry")][-1])
+    assert (last.privacy.epsilon_budget, last.privacy.delta) == (6.0, 1e-5)  # delta from the profile's [training]

@@ -16,6 +16,7 @@ from hyprstream.agent.policy import (
     plan_inference,
     plan_training,
     rank,
+    within_budget,
 )
 from hyprstream.agent.profile import ExecutionProvider, ModelVariant, Strategy, load_profile
 
@@ -188,3 +189,24 @@ def test_plan_inference_by_strategy():
     assert plan(HYBRID, jetson, True) == (ExecutionProvider.CPU, ModelVariant.FP32)
     assert plan(MINIMAL, jetson, True) == (ExecutionProvider.CPU, ModelVariant.INT8)
     assert plan(FULL, rpi, True) == (ExecutionProvider.CPU, ModelVariant.INT8)
+
+
+def test_a_plan_the_budget_cannot_pay_for_is_declined_with_the_numbers():
+    plan = plan_training(FULL, profile("rpi4").training, layers=("head",), local_steps=5, batch_size=16,
+                         gpu_usable=False)
+    assert within_budget(plan, spent=3.0, would_be=7.5, budget=8.0) is plan
+    over = within_budget(plan, spent=7.0, would_be=8.25, budget=8.0)
+    assert not over.accept and over.reason == ("privacy budget: this round would raise epsilon from 7 to 8.25, "
+                                               "over the budget of 8")
+    declined = plan_training(MINIMAL, profile("rpi4").training, layers=("head",), local_steps=5, batch_size=16,
+                             gpu_usable=False)
+    assert within_budget(declined, spent=7.0, would_be=9.0, budget=8.0) is declined  # its own reason stays
+
+
+@settings(max_examples=200, deadline=None)
+@given(spent=st.floats(0, 20), cost=st.floats(0, 20), budget=st.floats(0.01, 20))
+def test_an_accepted_plan_never_takes_the_spend_over_the_budget(spent, cost, budget):
+    plan = plan_training(FULL, profile("rpi4").training, layers=("head",), local_steps=5, batch_size=16,
+                         gpu_usable=False)
+    checked = within_budget(plan, spent=spent, would_be=spent + cost, budget=budget)
+    assert checked.accept == (spent + cost <= budget)
