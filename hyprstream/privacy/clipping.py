@@ -94,8 +94,9 @@ class Clipped:
     factor: float  # the scale applied (1.0 when the norm was within the bound)
 
 
-def clip_l2(vector: np.ndarray, bound: float) -> Clipped:
-    """Scale ``vector`` to L2 norm at most ``bound`` (returns a new float64 array)."""
+def clip_l2(vector: np.ndarray, bound: float, *, copy: bool = True) -> Clipped:
+    """Scale ``vector`` to L2 norm at most ``bound``: a new float64 array, or with ``copy=False`` the
+    (float64) input itself when it is already within the bound."""
     if not (bound > 0 and math.isfinite(bound)):
         raise ValueError(f"clip bound must be positive and finite, got {bound}")
     v = np.asarray(vector, dtype=np.float64)
@@ -103,7 +104,7 @@ def clip_l2(vector: np.ndarray, bound: float) -> Clipped:
     if not math.isfinite(norm):
         raise ValidationError("cannot clip a vector with NaN or Inf")
     if norm <= bound:
-        return Clipped(v.copy(), norm, 1.0)
+        return Clipped(v.copy() if copy else v, norm, 1.0)
     # 1e-9 of slack: any summation order (BLAS, pairwise, sequential) then agrees the norm is within
     factor = bound / norm * (1 - 1e-9)
     out = v * factor

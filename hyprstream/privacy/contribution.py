@@ -65,9 +65,11 @@ class Encoded:
 
 def encode(delta: Mapping[str, np.ndarray], num_examples: int, spec: InputSpec, source: RandomSource) -> Encoded:
     """The field vector client-side code masks. Raises ValidationError / RangeOverflow, never clips silently beyond C."""
-    x = spec.layout.flatten(delta)
-    c = clip_l2(x, spec.quantizer.inner_clip(spec.clip, spec.layout.size))
+    x = spec.layout.flatten(delta)  # a fresh float64 vector: clipped and quantized in place below
+    c = clip_l2(x, spec.quantizer.inner_clip(spec.clip, spec.layout.size), copy=False)
     v = c.vector
+    if not spec.weighted and spec.noise_sigma <= 0:
+        return Encoded(spec.quantizer.to_field(v, source, overwrite=True), c.norm, c.factor < 1.0)
     q_w = None
     if spec.weighted:
         w = min(float(num_examples), spec.max_weight) / spec.max_weight

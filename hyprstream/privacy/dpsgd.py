@@ -2,14 +2,20 @@
 
 :func:`dp_train_layers` is :func:`hyprstream.agent.trainer.train_layers` made private:
 
-* only the requested layers have ``requires_grad``; Opacus' ``GradSampleModule`` then hooks only the
-  modules that own trainable parameters, so frozen layers cost no per-sample gradients (and no
-  backward pass below the lowest trained layer);
+* only the requested layers have ``requires_grad``; only the modules that own trainable parameters
+  are hooked, so frozen layers cost no per-sample gradients (and no backward pass below the lowest
+  trained layer);
 * each step draws a Poisson sample of the local data (rate q = batch_size / n, the rate the
   accountant amplifies by), clips every example's gradient to ``max_grad_norm`` and adds Gaussian
-  noise of std ``noise_multiplier * max_grad_norm`` (Opacus ``DPOptimizer``; an empty sample still
-  takes a noise-only step, as the analysis assumes);
-* the wrapper is removed afterwards and the delta is read from the bare model: parameter names are
+  noise of std ``noise_multiplier * max_grad_norm`` (an empty sample still takes a noise-only step,
+  as the analysis assumes);
+* clipping runs in one of two engines (:class:`ClipEngine`), the same mechanism either way: when every
+  trained module is an ``nn.Linear`` (the usual "last layers" case),
+  :class:`~hyprstream.privacy.per_sample.LinearClipper` computes each example's gradient norm from the
+  layers' inputs and output gradients and the clipped sum as one matrix product, then the step adds
+  Opacus' own noise (``_generate_noise``) and divides by the expected batch size exactly as
+  ``DPOptimizer`` does; otherwise Opacus' ``GradSampleModule`` + ``DPOptimizer`` run;
+* hooks are removed afterwards and the delta is read from the bare model: parameter names are
   the model's own, never Opacus' ``_module.`` ones.
 
 :class:`DpSgdTrainer` binds it to the device's :class:`~hyprstream.privacy.ledger.PrivacyLedger`: before a round
@@ -25,6 +31,7 @@ floating-point attacks); simulations seed it from the request's seed.
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 import time
@@ -78,45 +85,74 @@ def _require_opacus():
         raise MissingExtraError("opacus", "dp", "sample-level DP-SGD") from None
 
 
+class ClipEngine(enum.Enum):
+    """How per-example gradients are clipped (the same mechanism either way)."""
+
+    AUTO = "auto"  # LINEAR when every trained module is an nn.Linear, else OPACUS
+    OPACUS = "opacus"  # Opacus' GradSampleModule + DPOptimizer (per-example gradients materialised)
+    LINEAR = "linear"  # hyprstream.privacy.per_sample.LinearClipper (norms from layer inputs and output gradients)
+
+
 def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int,
                     lr: float, settings: DpSgd, generator, device: str = "cpu",
-                    max_seconds: float | None = None) -> TrainResult:
+                    max_seconds: float | None = None, engine: ClipEngine = ClipEngine.AUTO) -> TrainResult:
     """DP-SGD (DP-Adam) on ``layers`` of ``model`` for ``steps`` Poisson-sampled steps; returns their delta.
 
     With ``max_seconds`` it stops early (after at least one step); the caller has charged the planned
-    ``steps``, so stopping early only over-counts the spend.
+    ``steps``, so stopping early only over-counts the spend. ``engine`` picks how per-example
+    gradients are clipped; both engines draw the same Poisson samples and the same noise (Opacus'
+    own noise function) from ``generator``.
     """
     _require_opacus()
+    from hyprstream.privacy.per_sample import LinearClipper
+
+    trainable, before = prepare_layers(task, model, layers, data, device)
+    if engine is ClipEngine.AUTO:
+        engine = ClipEngine.LINEAR if LinearClipper.supports(model) else ClipEngine.OPACUS
+    run = _steps_linear if engine is ClipEngine.LINEAR else _steps_opacus
+    losses, done = run(task, model, trainable, data, steps=steps, batch_size=batch_size, lr=lr, settings=settings,
+                       generator=generator, device=device, max_seconds=max_seconds)
+    delta = {name: (p.detach() - before[name]).cpu().numpy() for name, p in trainable.items()}
+    import torch
+
+    mean_loss = float(torch.stack(losses).mean().cpu()) if losses else float("nan")
+    return TrainResult(delta, mean_loss, done, len(data))
+
+
+def _poisson(n: int, rate: float, generator, device: str):
+    import torch
+
+    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().to(device)
+
+
+def _steps_opacus(task, model, trainable, data, *, steps, batch_size, lr, settings, generator, device, max_seconds):
     import torch
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    trainable, before = prepare_layers(task, model, layers, data, device)
     n = len(data)
     rate = min(1.0, batch_size / n)
-    expected = rate * n
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    losses, done = [], 0
     try:
         params = list(trainable.values())
         opt = DPOptimizer(torch.optim.Adam(params, lr=lr), noise_multiplier=settings.noise_multiplier,
-                          max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1, round(expected)),
+                          max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1, round(rate * n)),
                           loss_reduction="mean", generator=generator, secure_mode=settings.secure)
-        loss_fn = task.loss()
+        loss_fn = task.loss().to(device)
         x = torch.as_tensor(data.x, device=device)
         y = torch.as_tensor(data.y, device=device)
         gsm.train()
-        losses = []
         with warnings.catch_warnings():
             # torch warns that the full backward hook sees no input gradients: expected below the
             # lowest trained layer (the frozen layers get no backward pass at all)
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             started = time.monotonic()
-            done = 0
             for _ in range(steps):
                 if done and max_seconds is not None and time.monotonic() - started >= max_seconds:
                     break
                 done += 1
-                chosen = torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().to(device)
+                chosen = _poisson(n, rate, generator, device)
                 opt.zero_grad(set_to_none=True)
                 if len(chosen) == 0:
                     # an empty Poisson sample: a noise-only step (Opacus clips zero per-sample gradients)
@@ -130,9 +166,60 @@ def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, 
         opt.zero_grad(set_to_none=True)
     finally:
         gsm._close()  # removes the hooks and Opacus' attributes: the bare model stays as it was built
-    delta = {name: (p.detach() - before[name]).cpu().numpy() for name, p in trainable.items()}
-    mean_loss = float(torch.stack(losses).mean().cpu()) if losses else float("nan")
-    return TrainResult(delta, mean_loss, done, n)
+    return losses, done
+
+
+def _steps_linear(task, model, trainable, data, *, steps, batch_size, lr, settings, generator, device, max_seconds):
+    """The same steps as :func:`_steps_opacus`, clipping with :class:`LinearClipper`.
+
+    Per step, as ``DPOptimizer.step`` does: clipped sum ``s`` (zeros for an empty sample), then per
+    parameter in the optimizer's order ``grad = (s + noise) / expected_batch_size`` with Opacus'
+    ``_generate_noise(noise_multiplier * max_grad_norm, ..., secure_mode)``, then the Adam step.
+    """
+    import torch
+    from opacus.optimizers.optimizer import _generate_noise
+
+    from hyprstream.privacy.per_sample import LinearClipper
+
+    n = len(data)
+    rate = min(1.0, batch_size / n)
+    expected = max(1, round(rate * n))
+    std = settings.noise_multiplier * settings.max_grad_norm
+    params = list(trainable.values())
+    clipper = LinearClipper(model)
+    order = {id(p): i for i, p in enumerate(clipper.parameters())}
+    if set(order) != {id(p) for p in params}:
+        clipper.close()
+        raise ValidationError("the trained parameters differ from the trained linear layers'")
+    opt = torch.optim.Adam(params, lr=lr)
+    loss_fn = task.loss().to(device)
+    x = torch.as_tensor(data.x, device=device)
+    y = torch.as_tensor(data.y, device=device)
+    model.train()
+    losses, done = [], 0
+    try:
+        started = time.monotonic()
+        for _ in range(steps):
+            if done and max_seconds is not None and time.monotonic() - started >= max_seconds:
+                break
+            done += 1
+            chosen = _poisson(n, rate, generator, device)
+            if len(chosen) == 0:
+                sums = [torch.zeros_like(p) for p in params]
+            else:
+                loss = loss_fn(model(x[chosen]), y[chosen])
+                clipped = clipper.clipped_sum(loss, len(chosen), settings.max_grad_norm)
+                sums = [clipped[order[id(p)]] for p in params]
+                losses.append(loss.detach())
+            for p, s in zip(params, sums, strict=True):
+                noise = _generate_noise(std=std, reference=s, generator=generator, secure_mode=settings.secure)
+                p.grad = (s + noise).view_as(p)
+                p.grad /= expected
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    finally:
+        clipper.close()
+    return losses, done
 
 
 def _generator(settings: DpSgd, seed: int):
@@ -207,4 +294,12 @@ def ledger_dir_for(store_dir: Path) -> Path:
     return store_dir.with_name(store_dir.name + ".privacy")
 
 
-__all__ = ["MECHANISM", "DpSgd", "DpSgdTrainer", "PrivateTrainResult", "dp_train_layers", "ledger_dir_for"]
+__all__ = [
+    "MECHANISM",
+    "ClipEngine",
+    "DpSgd",
+    "DpSgdTrainer",
+    "PrivateTrainResult",
+    "dp_train_layers",
+    "ledger_dir_for",
+]

@@ -100,13 +100,36 @@ class Quantizer:
     def quantize(self, x: np.ndarray, source: RandomSource) -> np.ndarray:
         """Stochastically rounded ``x * scale`` as int64; raises RangeOverflow outside ``[-bound, bound]``."""
         scaled = np.asarray(x, dtype=np.float64) * self.scale
-        if not np.isfinite(scaled).all():
-            raise RangeOverflow("cannot quantize NaN or Inf")
         scaled += source.uniform(scaled.size).reshape(scaled.shape)
         np.floor(scaled, out=scaled)
-        q = scaled.astype(np.int64)
-        self.check(q)
-        return q
+        self._check_floats(scaled)
+        return scaled.astype(np.int64)
+
+    def to_field(self, x: np.ndarray, source: RandomSource, *, overwrite: bool = False) -> np.ndarray:
+        """``encode(quantize(x, source))`` in one pass over the data: the field elements of ``x``.
+
+        The same values and the same draws from ``source``; with ``overwrite`` a float64 ``x`` is
+        used as the working buffer (its values are lost), which saves the large temporaries.
+        """
+        x = np.asarray(x)
+        if overwrite and x.dtype == np.float64 and x.flags.writeable and x.flags.c_contiguous:
+            scaled = np.multiply(x, self.scale, out=x)
+        else:
+            scaled = np.asarray(x, dtype=np.float64) * self.scale
+        scaled += source.uniform(scaled.size).reshape(scaled.shape)
+        np.floor(scaled, out=scaled)
+        self._check_floats(scaled)
+        return scaled.astype(_SIGNED[self.bits]).view(self.dtype)  # |values| <= bound < 2**(bits-1): exact
+
+    def _check_floats(self, scaled: np.ndarray) -> None:
+        if scaled.size:
+            # integers below 2**53 are exact in float64; min / max are NaN when any value is NaN
+            lo, hi = float(scaled.min()), float(scaled.max())
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise RangeOverflow("cannot quantize NaN or Inf")
+            if hi > self.bound or lo < -self.bound:
+                raise RangeOverflow(
+                    f"encoded value {max(hi, -lo):.0f} exceeds the field's per-client bound {self.bound}")
 
     def check(self, q: np.ndarray) -> None:
         """Raise RangeOverflow when any coordinate of an encoded input exceeds ``bound``."""

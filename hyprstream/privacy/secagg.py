@@ -31,9 +31,9 @@ against an actively malicious fog are not implemented.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,7 +43,7 @@ from hyprstream.errors import ValidationError
 from hyprstream.privacy import masking, shamir
 from hyprstream.privacy.errors import SecAggAborted
 from hyprstream.privacy.noise import RandomSource
-from hyprstream.privacy.quantize import field_add, field_sub
+from hyprstream.privacy.quantize import field_add
 
 ROUND_ID_BYTES = 16
 _PLAIN = 8 + 2 * shamir.SHARE_BYTES  # src, dst (4 bytes each) and the two shares
@@ -152,8 +152,7 @@ def _idx(i: int) -> bytes:
 
 
 def _pair_context(round_id: bytes, a: int, b: int) -> bytes:
-    lo, hi = sorted((a, b))
-    return round_id + _idx(lo) + _idx(hi)
+    return round_id + struct.pack(">II", a, b) if a < b else round_id + struct.pack(">II", b, a)
 
 
 def _commit(round_id: bytes, index: int, seed: bytes) -> bytes:
@@ -191,8 +190,9 @@ class SecAggClient:
         self.stage = "new"
         self._enc_sk: bytes = b""
         self._mask_sk: bytes = b""
+        self._own_public: tuple[bytes, bytes] = (b"", b"")  # (enc, mask) public keys, as advertised
         self._seed: bytes = b""
-        self._keys: dict[int, KeyAdvert] = {}
+        self._peer_mask_keys: dict[int, bytes] = {}  # neighbour -> its mask public key (from the share stage)
         self._channels: dict[int, bytes] = {}  # neighbour -> share-channel key (ECDH once per pair)
         self._masked_with: tuple[int, ...] = ()
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (share of b, share of s key)
@@ -205,10 +205,10 @@ class SecAggClient:
         self._expect("new")
         enc, mask = masking.new_private_key(), masking.new_private_key()
         self._enc_sk, self._mask_sk = masking.private_bytes(enc), masking.private_bytes(mask)
+        self._own_public = (masking.public_bytes(enc), masking.public_bytes(mask))
         self._seed = os.urandom(shamir.SECRET_BYTES)
         self.stage = "advertised"
-        return KeyAdvert(masking.public_bytes(enc), masking.public_bytes(mask),
-                         _commit(self.round_id, self.index, self._seed))
+        return KeyAdvert(*self._own_public, _commit(self.round_id, self.index, self._seed))
 
     def share(self, keys: NeighbourKeys) -> SealedShares:
         self._expect("advertised")
@@ -217,8 +217,7 @@ class SecAggClient:
             raise ValidationError("secure aggregation: keys of clients that are not my neighbours")
         if len(peers) < self.threshold:
             raise ValidationError(f"secure aggregation: {len(peers)} neighbour(s) left, threshold {self.threshold}")
-        own = {masking.public_bytes(masking.load_private(self._enc_sk)),
-               masking.public_bytes(masking.load_private(self._mask_sk))}
+        own = set(self._own_public)
         seen: set[bytes] = set()
         for adv in keys.adverts.values():
             if adv.enc_key in own or adv.mask_key in own or adv.enc_key in seen or adv.mask_key in seen:
@@ -234,7 +233,7 @@ class SecAggClient:
             self._channels[v] = key
             plain = _idx(self.index) + _idx(v) + b_shares[v] + s_shares[v]
             sealed[v] = masking.seal(key, plain, _associated(self.round_id, self.index, v))
-        self._keys = dict(keys.adverts)
+        self._peer_mask_keys = {v: a.mask_key for v, a in keys.adverts.items()}
         self.stage = "shared"
         return SealedShares(sealed)
 
@@ -245,7 +244,7 @@ class SecAggClient:
         if x.dtype != self.dtype or x.shape != (self.dim,):
             raise ValidationError(f"input must be {self.dtype} of length {self.dim}, got {x.dtype}{x.shape}")
         senders = sorted(inbox.sealed)
-        if not set(senders) <= set(self._keys):
+        if not set(senders) <= set(self._peer_mask_keys):
             raise ValidationError("secure aggregation: shares from clients I did not share keys with")
         if len(senders) < self.threshold:
             raise ValidationError(f"secure aggregation: {len(senders)} neighbour(s) left, threshold {self.threshold}")
@@ -255,13 +254,14 @@ class SecAggClient:
                 raise ValidationError("secure aggregation: a share is addressed to someone else")
             self._held[v] = (plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:])
         y = x.copy()
-        field_add(y, masking.expand_mask(self._seed, self.dim, self.dtype))
+        stream = masking.MaskStream(self.dim, self.dtype)
+        stream.add(y, self._seed)
         mask_sk = masking.load_private(self._mask_sk)
         for v in senders:
-            seed = masking.agree(mask_sk, self._keys[v].mask_key, masking.MASK_PURPOSE,
+            seed = masking.agree(mask_sk, self._peer_mask_keys[v], masking.MASK_PURPOSE,
                                  _pair_context(self.round_id, self.index, v))
-            pair = masking.expand_mask(seed, self.dim, self.dtype)
-            (field_add if self.index < v else field_sub)(y, pair)
+            (stream.add if self.index < v else stream.sub)(y, seed)
+        stream.close()
         self._masked_with = tuple(senders)
         self.stage = "masked"
         return MaskedInput(y)
@@ -283,6 +283,7 @@ class SecAggClient:
 
     def _forget(self) -> None:
         self._enc_sk = self._mask_sk = self._seed = b""
+        self._own_public = (b"", b"")
         self._held.clear()
         self._channels.clear()
 
@@ -290,40 +291,81 @@ class SecAggClient:
 
     def to_state(self) -> dict[str, object]:
         held = sorted(self._held)
-        keys = sorted(self._keys)
+        keys = sorted(self._peer_mask_keys)
         return {
             "round_id": self.round_id, "index": self.index, "neighbours": list(self.neighbours),
             "threshold": self.threshold, "dim": self.dim, "dtype": self.dtype.str, "stage": self.stage,
             "enc_sk": self._enc_sk, "mask_sk": self._mask_sk, "seed": self._seed,
-            "keys": keys, "keys_enc": [self._keys[k].enc_key for k in keys],
-            "keys_mask": [self._keys[k].mask_key for k in keys],
-            "keys_commit": [self._keys[k].commitment for k in keys],
+            "enc_pk": self._own_public[0], "mask_pk": self._own_public[1],
+            "keys": keys, "keys_mask": [self._peer_mask_keys[k] for k in keys],
             "channels": [self._channels[k] for k in keys] if self._channels else [],
             "masked_with": list(self._masked_with),
             "held": held, "held_b": [self._held[k][0] for k in held], "held_s": [self._held[k][1] for k in held],
         }
 
-    _BYTES = ("round_id", "enc_sk", "mask_sk", "seed")
-    _BYTES_LISTS = ("keys_enc", "keys_mask", "keys_commit", "channels", "held_b", "held_s")
+    # the state's fields in blob order: b bytes, i int, s str, I list of ints, B list of bytes
+    _FIELDS = (("round_id", "b"), ("index", "i"), ("neighbours", "I"), ("threshold", "i"), ("dim", "i"),
+               ("dtype", "s"), ("stage", "s"), ("enc_sk", "b"), ("mask_sk", "b"), ("seed", "b"), ("enc_pk", "b"),
+               ("mask_pk", "b"), ("keys", "I"), ("keys_mask", "B"),
+               ("channels", "B"), ("masked_with", "I"), ("held", "I"), ("held_b", "B"), ("held_s", "B"))
+    _BLOB = b"hsa2"  # format tag of the state blob
 
     def to_bytes(self) -> bytes:
-        """The state as one compact blob (JSON, bytes hex-encoded) for a key-value store."""
+        """The state as one compact binary blob for a key-value store (length-prefixed fields)."""
         s = self.to_state()
-        for k in self._BYTES:
-            s[k] = s[k].hex()
-        for k in self._BYTES_LISTS:
-            s[k] = [v.hex() for v in s[k]]
-        return json.dumps(s, separators=(",", ":")).encode()
+        out = [self._BLOB]
+        for key, kind in self._FIELDS:
+            v = s[key]
+            if kind == "i":
+                out.append(struct.pack("<q", v))
+            elif kind in "bs":
+                raw = v.encode() if kind == "s" else v
+                out += [struct.pack("<I", len(raw)), raw]
+            elif kind == "I":
+                out += [struct.pack("<I", len(v)), np.asarray(v, dtype="<i8").tobytes()]
+            else:  # items of one length (keys, shares): count, length, the items back to back
+                size = len(v[0]) if v else 0
+                if any(len(x) != size for x in v):
+                    raise ValueError(f"state field {key!r}: items of different lengths")
+                out += [struct.pack("<II", len(v), size), *v]
+        return b"".join(out)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> SecAggClient:
+        blob = bytes(blob)
         try:
-            s = json.loads(blob)
-            for k in cls._BYTES:
-                s[k] = bytes.fromhex(s[k])
-            for k in cls._BYTES_LISTS:
-                s[k] = [bytes.fromhex(v) for v in s[k]]
-        except (ValueError, KeyError, TypeError) as exc:
+            if blob[:4] != cls._BLOB:
+                raise ValueError("unknown format")
+            pos, s = 4, {}
+            for key, kind in cls._FIELDS:
+                if kind == "i":
+                    (s[key],) = struct.unpack_from("<q", blob, pos)
+                    pos += 8
+                    continue
+                if kind == "B":
+                    count, size = struct.unpack_from("<II", blob, pos)
+                    pos += 8
+                    end = pos + count * size
+                    if end > len(blob):
+                        raise ValueError("truncated")
+                    s[key] = [blob[i:i + size] for i in range(pos, end, size)] if size else [b""] * count
+                    pos = end
+                    continue
+                (n,) = struct.unpack_from("<I", blob, pos)
+                pos += 4
+                end = pos + (8 * n if kind == "I" else n)
+                if end > len(blob):
+                    raise ValueError("truncated")
+                if kind == "b":
+                    s[key] = blob[pos:end]
+                elif kind == "s":
+                    s[key] = blob[pos:end].decode()
+                else:
+                    s[key] = np.frombuffer(blob, dtype="<i8", count=n, offset=pos).tolist()
+                pos = end
+            if pos != len(blob):
+                raise ValueError("trailing bytes")
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:
             raise ValidationError(f"corrupt secure-aggregation state: {exc}") from None
         return cls.from_state(s)
 
@@ -335,8 +377,8 @@ class SecAggClient:
         if c.stage not in cls.STAGES:
             raise ValidationError(f"unknown secure-aggregation stage {c.stage!r}")
         c._enc_sk, c._mask_sk, c._seed = bytes(s["enc_sk"]), bytes(s["mask_sk"]), bytes(s["seed"])
-        c._keys = {int(k): KeyAdvert(bytes(e), bytes(m), bytes(h)) for k, e, m, h in
-                   zip(s["keys"], s["keys_enc"], s["keys_mask"], s["keys_commit"], strict=True)}
+        c._own_public = (bytes(s["enc_pk"]), bytes(s["mask_pk"]))
+        c._peer_mask_keys = dict(zip(map(int, s["keys"]), map(bytes, s["keys_mask"]), strict=True))
         channels = list(s["channels"])
         if channels:
             c._channels = {int(k): bytes(ch) for k, ch in zip(s["keys"], channels, strict=True)}
@@ -481,11 +523,12 @@ class SecAggServer:
             for v, share in r.mask_key.items():
                 s_shares[v][i] = share
         total = self._sum
+        stream = masking.MaskStream(self.dim, self.dtype)
         for v, shares in sorted(b_shares.items()):
             seed = self._rebuild(v, shares, "self-mask seed")
             if _commit(self.round_id, v, seed) != self._adverts[v].commitment:
                 raise SecAggAborted(f"secure aggregation: rebuilt self mask of client {v} does not match its commitment")
-            field_sub(total, masking.expand_mask(seed, self.dim, self.dtype))
+            stream.sub(total, seed)
         for v, shares in sorted(s_shares.items()):
             raw = self._rebuild(v, shares, "mask key")
             sk = masking.load_private(raw)
@@ -494,8 +537,8 @@ class SecAggServer:
             for w in sorted(set(self._outbox[v]) & self.masked):  # survivors that masked with v
                 seed = masking.agree(sk, self._adverts[w].mask_key, masking.MASK_PURPOSE,
                                      _pair_context(self.round_id, v, w))
-                pair = masking.expand_mask(seed, self.dim, self.dtype)
-                (field_sub if w < v else field_add)(total, pair)  # undo w's term for v
+                (stream.sub if w < v else stream.add)(total, seed)  # undo w's term for v
+        stream.close()
         self._sum = None
         after = tuple(sorted(self.masked - set(replies)))
         return SecAggSum(total, tuple(sorted(self.masked)), tuple(sorted(self.shared - self.masked)), after)

@@ -2,7 +2,8 @@
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
 ``ConfigRecord`` under ``"secagg"`` with ``schema`` (``hyprstream.secagg/1``), ``stage`` and
-``round_id``; replies add ``status`` (``ok`` / ``declined`` / ``refused``) and ``reason``.
+``round_id``; replies that are not ``ok`` add ``status`` (``declined`` / ``refused``) and ``reason``
+(a reply without ``status`` is ``ok``).
 
 ========  ===========================================  ===============================================
 stage     fog -> client                                client -> fog
@@ -168,7 +169,7 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
 
 
 def advert_content(round_id: bytes, advert: KeyAdvert) -> RecordDict:
-    return RecordDict({RECORD: _base(Stage.SETUP, round_id, status=Status.OK.value, reason="",
+    return RecordDict({RECORD: _base(Stage.SETUP, round_id,
                                      enc_key=advert.enc_key, mask_key=advert.mask_key,
                                      commitment=advert.commitment)})
 
@@ -201,7 +202,7 @@ def keys_from(content: RecordDict) -> NeighbourKeys:
 def sealed_content(stage: Stage, round_id: bytes, shares: SealedShares, key: str) -> RecordDict:
     """``key`` is ``dsts`` (share reply: recipients) or ``srcs`` (mask request: senders)."""
     peers = sorted(shares.sealed)
-    return RecordDict({RECORD: _base(stage, round_id, status=Status.OK.value, reason="",
+    return RecordDict({RECORD: _base(stage, round_id,
                                      **{key: peers, "sealed": [shares.sealed[p] for p in peers]})})
 
 
@@ -217,7 +218,7 @@ def sealed_from(content: RecordDict, key: str) -> SealedShares:
 
 
 def masked_content(round_id: bytes, masked: MaskedInput) -> RecordDict:
-    return RecordDict({RECORD: _base(Stage.MASK, round_id, status=Status.OK.value, reason=""),
+    return RecordDict({RECORD: _base(Stage.MASK, round_id),
                        MASKED: ArrayRecord({"y": Array(np.ascontiguousarray(masked.vector))})})
 
 
@@ -242,7 +243,7 @@ def unmask_from(content: RecordDict) -> UnmaskRequest:
 
 def shares_content(round_id: bytes, shares: UnmaskShares) -> RecordDict:
     b, s = sorted(shares.self_mask), sorted(shares.mask_key)
-    return RecordDict({RECORD: _base(Stage.UNMASK, round_id, status=Status.OK.value, reason="",
+    return RecordDict({RECORD: _base(Stage.UNMASK, round_id,
                                      b_owners=b, b_shares=[shares.self_mask[v] for v in b],
                                      s_owners=s, s_shares=[shares.mask_key[v] for v in s])})
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 from copy import copy
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.privacy import secagg_messages as wire
@@ -87,7 +88,8 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
                           setup.spec.quantizer.dtype)
     advert = client.advertise()
     _save(context, client)
-    context.state[INPUT] = ArrayRecord({"x": Array(encoded.vector)})
+    # the raw field elements (dtype and length are the client's): no npy framing to write and parse
+    context.state[INPUT] = ConfigRecord({"x": encoded.vector.tobytes()})
     return wire.advert_content(round_id, advert)
 
 
@@ -121,9 +123,10 @@ def _share(msg: Message, context: Context, call_next, round_id: bytes, secure: b
 def _mask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
     client = _load(context, round_id)
     stored = context.state.get(INPUT)
-    if not isinstance(stored, ArrayRecord) or "x" not in stored:
+    raw = stored.get("x") if isinstance(stored, ConfigRecord) else None
+    if not isinstance(raw, bytes) or len(raw) != client.dim * client.dtype.itemsize:
         raise ValidationError("no encoded input for this round")
-    masked = client.mask(wire.sealed_from(msg.content, "srcs"), stored["x"].numpy())
+    masked = client.mask(wire.sealed_from(msg.content, "srcs"), np.frombuffer(raw, dtype=client.dtype))
     _save(context, client)
     del context.state[INPUT]  # the plain encoded input is not kept past masking
     return wire.masked_content(round_id, masked)

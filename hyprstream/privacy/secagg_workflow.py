@@ -100,6 +100,11 @@ class SecureFogAggregator:
         self.last: SecureRoundInfo | None = None
         # without a ledger, client-level spend is still accounted and enforced, in memory only
         self._memory = RdpAccountant() if client_dp is not None and ledger is None else None
+        # ledger entries of released rounds whose push core has not answered yet: push seq -> entry seq
+        self._unbound: dict[int, int] = {}
+        self._bound: dict[int, Entry] = {}
+        if ledger is not None:
+            fog.on_delivery(self._bind)
         if self._memory is not None:
             log.warning("fog %s: client-level DP without a privacy ledger: the spend is not durable", fog.name)
 
@@ -137,6 +142,15 @@ class SecureFogAggregator:
         spent, would_be = self._memory.epsilon(budget.delta), self._memory.epsilon_if(self._event(), budget.delta)
         check_budget(spent, would_be, budget, what)
         return would_be
+
+    def spent(self) -> float | None:
+        """The model's client-level epsilon so far at the budget's delta (None without client-level DP)."""
+        if self.client_dp is None:
+            return None
+        if self.ledger is not None:
+            return self.ledger.spent(Scope.MODEL, self.model, self.client_dp.delta)
+        assert self._memory is not None
+        return self._memory.epsilon(self.client_dp.delta)
 
     def _mechanism(self) -> str:
         assert self.client_dp is not None
@@ -257,7 +271,7 @@ class SecureFogAggregator:
             survivors = tuple(node_of[i] for i in result.survivors)
             try:
                 delta, entry, transcript = self._release(pending, result)
-                version, entry = self._push(pending, delta, len(survivors), entry, transcript)
+                version, entry = self._push(pending, delta, len(survivors), entry, transcript, reasons)
             except HyprstreamError as exc:
                 reasons.append(f"not released: {exc}")
                 log.warning("fog %s round %d: not released: %s", self.name, pending.round, exc)
@@ -374,22 +388,31 @@ class SecureFogAggregator:
         return spec.layout.unflatten(mean, np.float32), entry, transcript
 
     def _push(self, pending: PendingSecureRound, delta: dict[str, np.ndarray], participants: int,
-              entry: Entry | None, transcript: str) -> tuple[int | None, Entry | None]:
-        trained = lt.select_layers(pending.base.table, pending.layers)
-        layer_of = dict(zip(trained.column("name").to_pylist(), trained.column("layer").to_pylist(), strict=True))
+              entry: Entry | None, transcript: str, reasons: list[str]) -> tuple[int | None, Entry | None]:
+        """Push the released mean through the fog's durable outbox (while core is unreachable it waits
+        there, and the fog trains on with it applied locally); the ledger entry is bound to the version
+        core commits, whenever that happens."""
         privacy = None
         if self.client_dp is not None:
             spent = entry.epsilon if entry is not None else self._memory.epsilon(self.client_dp.delta)
             privacy = {"epsilon": spent, "delta": self.client_dp.delta,
                        "noise_multiplier": self.client_dp.noise_multiplier,
                        "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip}
-        receipt = self.core.push_delta(
-            self.model, lt.to_table(delta, layer=layer_of.__getitem__), fog=self.name, seq=self.fog.next_seq(),
-            base_clocks={layer: pending.base.clocks[layer] for layer in pending.layers},
-            participants=participants, privacy=privacy, transcript_sha256=transcript)
+        seq = self.fog.next_seq()
         if entry is not None and self.ledger is not None:
-            entry = self.ledger.bind(entry.seq, receipt.version)
-        return receipt.version, entry
+            self._unbound[seq] = entry.seq
+        version = self.fog.push(pending.base, delta, pending.layers, participants, reasons, privacy=privacy,
+                                transcript_sha256=transcript, seq=seq)
+        return version, self._bound.pop(seq, entry)
+
+    def _bind(self, delivery) -> None:
+        """Bind the ledger entry of a delivered push to the version core made of it. A push core refused,
+        or one it had applied already (its answer was lost), stays charged and unbound: the ledger may
+        over-count, never under-count."""
+        entry_seq = self._unbound.pop(delivery.push.seq, None)
+        if entry_seq is None or delivery.result is None or self.ledger is None:
+            return
+        self._bound[delivery.push.seq] = self.ledger.bind(entry_seq, delivery.result.version)
 
 
 def _payload_bytes(content: RecordDict) -> int:

@@ -1,8 +1,9 @@
-"""Shared pieces of the privacy tests: device stores, a stub core, an agent ClientApp with the secagg middleware."""
+"""Shared pieces of the privacy tests: device stores, a real core Flight server on loopback, an agent ClientApp
+with the secagg middleware."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,12 @@ from flwr.clientapp import ClientApp
 
 from hyprstream.agent.task import Dataset, get_task
 from hyprstream.agent.trainer import model_weights
-from hyprstream.core.repository import PushResult, Snapshot
-from hyprstream.core.vector_clock import VectorClock
+from hyprstream.core import signing
+from hyprstream.core.audit import AuditLog, iter_entries
+from hyprstream.core.auth import Principal, Role, TokenRegistry
+from hyprstream.core.client import CoreClient
+from hyprstream.core.repository import ModelRepository, PushResult
+from hyprstream.core.server import CoreFlightServer
 from hyprstream.privacy.secagg_messages import SECAGG_ACTION
 from hyprstream.privacy.secagg_mod import make_secagg_mod
 from hyprstream.store import Store
@@ -43,23 +48,60 @@ def agent_app(*, secure: bool = False) -> ClientApp:
     return app
 
 
-@dataclass
-class StubCore:
-    """The two core calls a fog makes, in memory: the current weights and push_delta (recorded)."""
+class RecordingCoreClient(CoreClient):
+    """The fog's real core client; it also keeps a copy of what each push sent (the tests compare it with
+    means computed by hand) and the version core committed for it."""
 
-    model: str = "digits"
-    version: int = 1
-    pushes: list[dict] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        net = get_task("digits").build_model(seed=0)
-        self.table = lt.to_table(model_weights(net))
-
-    def get_weights(self, model: str) -> Snapshot:
-        clocks = {layer: VectorClock() for layer in lt.layers_in(self.table)}
-        return Snapshot(model, self.version, self.table, clocks)
+    def __init__(self, location: str, token: str) -> None:
+        super().__init__(location, token)
+        self.pushes: list[dict] = []
 
     def push_delta(self, model, delta, **kw) -> PushResult:
-        self.pushes.append({"model": model, "delta": lt.to_arrays(delta), **kw})
-        self.version += 1
-        return PushResult(self.version, {}, 1.0, 0.0)
+        result = super().push_delta(model, delta, **kw)
+        self.pushes.append({"model": model, "delta": lt.to_arrays(delta), **kw, "version": result.version})
+        return result
+
+
+@dataclass
+class LoopbackCore:
+    """A real core Flight server on loopback (repository, signed audit log, tokens), the digits model
+    registered as ``model`` at version 0; ``client`` is the fog's connection."""
+
+    root: Path
+    server: CoreFlightServer
+    location: str
+    client: RecordingCoreClient
+    model: str
+    fog: str
+
+    @property
+    def audit_path(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def pushes(self) -> list[dict]:
+        return self.client.pushes
+
+    def audited_pushes(self) -> list[dict]:
+        """The details of every committed push in core's audit log, in order."""
+        return [dict(e.details) for e in iter_entries(self.audit_path)
+                if e.action == "model.push" and e.outcome == "ok"]
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+        self.server.audit.close()
+
+
+def start_core(root: Path, *, model: str = "digits", fog: str = "fog-a") -> LoopbackCore:
+    root.mkdir(parents=True, exist_ok=True)
+    tokens = TokenRegistry()
+    tokens.add("admin-token", Principal("admin", Role.ADMIN))
+    tokens.add("fog-token", Principal(fog, Role.FOG))
+    audit = AuditLog(root / "audit.jsonl", signing.generate_key(), sync=False)
+    server = CoreFlightServer(ModelRepository(root / "models", audit=audit), tokens)
+    location = server.start_background()
+    task = get_task("digits")
+    with CoreClient(location, "admin-token") as admin:
+        admin.register_model(model, lt.to_table(model_weights(task.build_model(seed=0)), layer=task.layer_of))
+    return LoopbackCore(root, server, location, RecordingCoreClient(location, "fog-token"), model, fog)

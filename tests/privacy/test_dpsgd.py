@@ -18,7 +18,7 @@ from opacus.optimizers import DPOptimizer  # noqa: E402
 
 from hyprstream.agent.task import Dataset, get_task  # noqa: E402
 from hyprstream.privacy.accountant import GaussianEvent, epsilon  # noqa: E402
-from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, dp_train_layers, ledger_dir_for  # noqa: E402
+from hyprstream.privacy.dpsgd import ClipEngine, DpSgd, DpSgdTrainer, dp_train_layers, ledger_dir_for  # noqa: E402
 from hyprstream.privacy.errors import BudgetExceeded  # noqa: E402
 from hyprstream.privacy.ledger import Budget, PrivacyLedger, Scope  # noqa: E402
 from hyprstream.store import Store  # noqa: E402
@@ -35,7 +35,7 @@ def settings(**over) -> DpSgd:
     return DpSgd(**{"noise_multiplier": 1.1, "max_grad_norm": 1.0, "budget": Budget(50.0, 1e-5), "secure": False, **over})
 
 
-def test_only_the_trained_layers_get_per_sample_gradients(monkeypatch) -> None:
+def test_only_the_trained_layers_get_per_sample_gradients_from_opacus(monkeypatch) -> None:
     model = TASK.build_model(seed=0)
     seen: list[set[str]] = []
     original = DPOptimizer.pre_step
@@ -47,7 +47,7 @@ def test_only_the_trained_layers_get_per_sample_gradients(monkeypatch) -> None:
     monkeypatch.setattr(DPOptimizer, "pre_step", spy)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = dp_train_layers(TASK, model, ["head"], DATA, steps=5, batch_size=32, lr=0.05, settings=settings(),
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0), engine=ClipEngine.OPACUS)
     assert seen and all(s == {"head.weight", "head.bias"} for s in seen)
     assert set(result.delta) == {"head.weight", "head.bias"}
     after = model.state_dict()

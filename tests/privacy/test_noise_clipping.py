@@ -80,6 +80,32 @@ def test_clip_l2_bounds_the_norm(dim: int, bound: float, scale: float, seed: int
         np.testing.assert_allclose(c.vector, v * (bound / np.linalg.norm(v)), rtol=1e-8)
 
 
+def test_clip_l2_without_copy_returns_the_input_only_when_within_the_bound() -> None:
+    v = np.array([0.3, 0.4])
+    within = clip_l2(v, 1.0, copy=False)
+    assert within.vector is v and within.factor == 1.0
+    assert clip_l2(v, 1.0).vector is not v
+    over = clip_l2(v, 0.25, copy=False)
+    assert over.vector is not v and np.linalg.norm(over.vector) <= 0.25
+    np.testing.assert_array_equal(v, [0.3, 0.4])  # the input is never scaled in place
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_one_pass_field_encoding_equals_quantize_then_encode(bits: int) -> None:
+    q = Quantizer.for_clients(clip=1.0, max_clients=50, bits=bits)
+    x = np.random.default_rng(0).normal(size=5001) * 0.01
+    reference = q.encode(q.quantize(x, SeededRandom(3)))
+    np.testing.assert_array_equal(q.to_field(x, SeededRandom(3)), reference)
+    work = x.copy()
+    np.testing.assert_array_equal(q.to_field(work, SeededRandom(3), overwrite=True), reference)
+    assert reference.dtype == q.dtype
+    from hyprstream.privacy.errors import RangeOverflow
+
+    for bad in ([np.nan], [np.inf], [0.0, -np.inf], [3.0]):
+        with pytest.raises(RangeOverflow):
+            q.to_field(np.array(bad), SeededRandom(0))
+
+
 def test_layout_round_trip() -> None:
     layout = Layout.of({"head.weight": (10, 4), "head.bias": (10,)})
     assert layout.names == ("head.bias", "head.weight") and layout.size == 50

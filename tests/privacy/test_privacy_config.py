@@ -77,3 +77,28 @@ def test_public_surface_is_importable() -> None:
         assert getattr(privacy, name) is not None
     with pytest.raises(AttributeError):
         privacy.nothing_here  # noqa: B018
+
+
+def _profile(tmp_path, privacy: str):
+    from pathlib import Path
+
+    rpi4 = (Path(__file__).resolve().parents[2] / "firmware-configs" / "rpi4.toml").read_text()
+    path = tmp_path / "device.toml"
+    path.write_text(rpi4 + "\n" + privacy)
+    return path
+
+
+def test_device_profiles_read_dpsgd_and_refuse_fog_sections(tmp_path):
+    from hyprstream.agent.profile import load_profile
+
+    prof = load_profile(_profile(tmp_path, "[privacy.dpsgd]\nnoise_multiplier = 0.9\nmax_grad_norm = 2.0\n"
+                                           "ledger_dir = \"ledgers/dev\"\n"))
+    settings = prof.dpsgd()
+    assert (settings.noise_multiplier, settings.max_grad_norm, settings.secure) == (0.9, 2.0, True)
+    assert (settings.budget.epsilon, settings.budget.delta) == (8.0, 1e-5)  # rpi4's [training] budget
+    assert prof.privacy.ledger_dir("/data/store") == __import__("pathlib").Path("/data/ledgers/dev")
+    assert load_profile(_profile(tmp_path, "")).dpsgd() is None  # no section: DP-SGD off
+    with pytest.raises(ConfigError, match=r"privacy\.secagg: unknown key"):  # a fog's section, not a device's
+        load_profile(_profile(tmp_path, "[privacy.secagg]\nclip = 1.0\n"))
+    with pytest.raises(ConfigError, match=r"privacy\.dpsgd\.secure: must be true on a device"):
+        load_profile(_profile(tmp_path, "[privacy.dpsgd]\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\nsecure = false\n"))

@@ -101,6 +101,18 @@ def test_any_threshold_shares_rebuild_the_secret(holders: int, data: st.DataObje
     assert shamir.combine({x: shares[x] for x in subset}, t) == secret
 
 
+def test_shares_are_field_values_of_a_fresh_random_polynomial() -> None:
+    secret = bytes(range(32))
+    a, b = shamir.split(secret, 3, [1, 2, 3, 200]), shamir.split(secret, 3, [1, 2, 3, 200])
+    assert all(int.from_bytes(v, "big") < shamir.PRIME for v in a.values())
+    assert a != b  # new coefficients each time
+    assert shamir.combine({1: a[1], 2: a[2], 200: a[200]}, 3) == secret
+    assert shamir.combine({1: b[1], 3: b[3], 200: b[200]}, 3) == secret
+    # threshold 1: the constant polynomial, every share is the secret
+    as_share = int.from_bytes(secret, "big").to_bytes(shamir.SHARE_BYTES, "big")
+    assert set(shamir.split(secret, 1, [5, 9]).values()) == {as_share}
+
+
 def test_too_few_shares_are_refused() -> None:
     shares = shamir.split(bytes(range(32)), 3, [1, 2, 3, 4])
     with pytest.raises(ValueError, match="3 needed"):
@@ -133,6 +145,56 @@ def test_mask_expansion_is_a_deterministic_keystream() -> None:
     # a prefix of a longer expansion (one keystream), 64-bit view of the same bytes
     np.testing.assert_array_equal(masking.expand_mask(seed, 10, np.uint32), a[:10])
     assert masking.expand_mask(seed, 500, np.uint64).tobytes() == a.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_mask_stream_adds_and_subtracts_the_expanded_masks(dtype) -> None:
+    rng = np.random.default_rng(0)
+    n = 1001
+    seeds = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(4)]
+    x = rng.integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    expected = x.copy()
+    for s in seeds[:2]:
+        expected += masking.expand_mask(s, n, dtype)
+    for s in seeds[2:]:
+        expected -= masking.expand_mask(s, n, dtype)
+    acc = x.copy()
+    stream = masking.MaskStream(n, dtype)
+    for s in seeds[:2]:
+        stream.add(acc, s)
+    for s in seeds[2:]:
+        stream.sub(acc, s)
+    np.testing.assert_array_equal(acc, expected)  # modulo 2**bits, as the field wants
+    for s in seeds:  # and the masks cancel
+        stream.sub(acc, s) if s in seeds[:2] else stream.add(acc, s)
+    np.testing.assert_array_equal(acc, x)
+    stream.close()
+    with pytest.raises(ValueError):
+        stream.add(np.zeros(n + 1, dtype), seeds[0])
+    with pytest.raises(ValueError):
+        stream.add(np.zeros(n, np.uint16 if dtype is np.uint32 else np.uint32), seeds[0])
+    with pytest.raises(ValueError):
+        stream.add(acc, b"short")
+
+
+def test_key_derivation_is_rfc5869_hkdf_sha256() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        secret, info = bytes(rng.integers(0, 256, 32, dtype=np.uint8)), bytes(rng.integers(0, 256, 40, dtype=np.uint8))
+        reference = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+        assert masking.hkdf_sha256(secret, info) == reference
+    # RFC 5869 test case 3 (no salt, no info), first 32 bytes of its OKM
+    ikm = bytes([0x0B] * 22)
+    assert masking.hkdf_sha256(ikm, b"").hex() == "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d"
+    a, b = masking.new_private_key(), masking.new_private_key()
+    ctx = bytes(16)
+    assert masking.agree(a, masking.public_bytes(b), masking.MASK_PURPOSE, ctx) == \
+        masking.agree(b, masking.public_bytes(a), masking.MASK_PURPOSE, ctx)
+    assert masking.agree(a, masking.public_bytes(b), masking.MASK_PURPOSE, ctx) != \
+        masking.agree(a, masking.public_bytes(b), masking.SHARE_PURPOSE, ctx)
 
 
 def test_sealed_shares_bind_round_sender_and_recipient() -> None:
@@ -358,6 +420,18 @@ def test_client_state_survives_a_process_boundary() -> None:
     for v in encoded.values():
         plain += v
     np.testing.assert_array_equal(result.total, plain)
+
+
+def test_a_corrupt_client_state_is_refused() -> None:
+    _, server, clients = _stage_all(4, 8, 3)
+    c = clients[1]
+    c.advertise()
+    blob = c.to_bytes()
+    again = SecAggClient.from_bytes(blob)
+    assert again.to_state() == c.to_state()
+    for bad in (blob[:-1], blob + b"\x00", b"xxxx" + blob[4:], blob[:40], b""):
+        with pytest.raises(ValidationError, match="corrupt"):
+            SecAggClient.from_bytes(bad)
 
 
 def test_inputs_outside_the_layout_are_refused() -> None:

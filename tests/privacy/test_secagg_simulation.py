@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from privacy_helpers import StubCore, agent_app, make_devices
+from privacy_helpers import agent_app, make_devices, start_core
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,6 +31,7 @@ def test_secure_round_over_flower_simulation(tmp_path, monkeypatch) -> None:
         monkeypatch.setenv(k, v)
     # Ray workers cannot import the test helpers: ship them by value
     cloudpickle.register_pickle_by_value(privacy_helpers)
+    core = start_core(tmp_path / "core")  # a real core Flight server on loopback
     out: dict = {}
     server_app = ServerApp()
 
@@ -39,12 +40,11 @@ def test_secure_round_over_flower_simulation(tmp_path, monkeypatch) -> None:
         try:
             nodes = wait_for_nodes(grid, n, timeout_s=120)
             devices = discover(grid, nodes, timeout_s=120)
-            core = StubCore()
-            fog = FogAggregator("fog-sim", grid, nodes, core, "digits", workflow_tests.PLAN)
+            fog = FogAggregator("fog-a", grid, nodes, core.client, "digits", workflow_tests.PLAN)
             secure = SecureFogAggregator(fog, SecAggConfig(clip=0.5, stage_timeout_s=120.0), source=SeededRandom(0))
             fog.plan = type(fog.plan)(**{**fog.plan.__dict__, "timeout_s": 180.0})
             pending = secure.start_round(1)
-            out.update(result=secure.finish_round(pending), pending=pending, core=core, secure=secure,
+            out.update(result=secure.finish_round(pending), pending=pending, secure=secure,
                        stores={node: tmp_path / info.device_id for node, info in devices.items()})
         except BaseException as exc:  # surfaced below: the engine would swallow it
             out["error"] = exc
@@ -56,10 +56,11 @@ def test_secure_round_over_flower_simulation(tmp_path, monkeypatch) -> None:
         out.setdefault("error", exc)
     finally:
         cloudpickle.unregister_pickle_by_value(privacy_helpers)
+        core.close()
     if "error" in out:
         raise out["error"]
-    result, pending, core = out["result"], out["pending"], out["core"]
-    assert result.version == 2 and result.participants == n, result.reasons
-    expected = workflow_tests.expected_mean(out["secure"], pending, out["stores"], core, set(pending.nodes))
+    result, pending = out["result"], out["pending"]
+    assert result.version == 1 and result.participants == n, result.reasons
+    expected = workflow_tests.expected_mean(out["secure"], pending, out["stores"], set(pending.nodes))
     for name, value in expected.items():
         np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)

@@ -1,4 +1,5 @@
-"""Secure aggregation at the fog over a Flower Grid (in-process loopback) with the agent's real train handler."""
+"""Secure aggregation at the fog over a Flower Grid (in-process loopback) with the agent's real train handler,
+pushing to a real core Flight server on loopback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
-from privacy_helpers import StubCore, agent_app, make_devices
+from privacy_helpers import LoopbackCore, agent_app, make_devices, start_core
 
 from hyprstream.agent.client_app import handle_train
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan
@@ -44,25 +45,32 @@ class RecordingGrid(LoopbackGrid):
         return out
 
 
-def setup_fog(tmp_path: Path, n: int, *, app: ClientApp | None = None, drop=None, secagg: SecAggConfig | None = None,
-              client_dp: ClientDpConfig | None = None, ledger=None, seed: int = 0):
+@pytest.fixture()
+def core(tmp_path: Path):
+    core = start_core(tmp_path / "core")
+    yield core
+    core.close()
+
+
+def setup_fog(tmp_path: Path, core: LoopbackCore, n: int, *, app: ClientApp | None = None, drop=None,
+              secagg: SecAggConfig | None = None, client_dp: ClientDpConfig | None = None, ledger=None, seed: int = 0):
     paths = make_devices(tmp_path, n)
     nodes = list(range(101, 101 + n))
     store_of = dict(zip(nodes, paths))
     grid = RecordingGrid(app or agent_app(), nodes, node_config=lambda node: {"store-dir": str(store_of[node])},
                          drop=drop)
-    core = StubCore()
-    fog = FogAggregator("fog-a", grid, nodes, core, "digits", PLAN, seed=seed)
+    fog = FogAggregator("fog-a", grid, nodes, core.client, "digits", PLAN, seed=seed)
     secure = SecureFogAggregator(fog, secagg or SecAggConfig(clip=0.5, stage_timeout_s=0.3), client_dp,
                                  ledger=ledger, source=SeededRandom(seed))
-    return secure, core, grid, store_of
+    return secure, grid, store_of
 
 
-def expected_mean(secure: SecureFogAggregator, pending, store_of, core: StubCore, contributors) -> dict[str, np.ndarray]:
+def expected_mean(secure: SecureFogAggregator, pending, store_of, contributors) -> dict[str, np.ndarray]:
     """The plain mean of the same clipped, quantized deltas: each agent's training redone by hand."""
-    spec = pending.spec
-    snap = core.get_weights("digits")
     from hyprstream.store import layer_table as lt
+
+    spec = pending.spec
+    base = pending.base
 
     total = np.zeros(spec.dim, dtype=np.int64)
     index = {node: i for i, node in enumerate(secure.node_ids)}
@@ -70,8 +78,8 @@ def expected_mean(secure: SecureFogAggregator, pending, store_of, core: StubCore
         if node not in contributors:
             continue
         seed = secure.fog.seed * 1_000_003 + pending.round * 1009 + index[node]
-        req = TrainRequest("digits", snap.version - 1 if core.pushes else snap.version, "digits", pending.layers,
-                           PLAN.local_steps, PLAN.batch_size, PLAN.lr, seed, lt.to_arrays(core.table))
+        req = TrainRequest("digits", base.version, "digits", pending.layers, PLAN.local_steps, PLAN.batch_size,
+                           PLAN.lr, seed, lt.to_arrays(base.table))
         reply = handle_train(req, store_of[node])
         enc = encode(reply.delta, reply.num_examples, spec, SeededRandom(seed * 1_000_003 + pos))
         total += spec.quantizer.decode_sum(enc.vector, 1)
@@ -79,17 +87,17 @@ def expected_mean(secure: SecureFogAggregator, pending, store_of, core: StubCore
     return spec.layout.unflatten(mean, np.float32)
 
 
-def test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas(tmp_path: Path) -> None:
-    secure, core, grid, store_of = setup_fog(tmp_path, 6)
+def test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas(tmp_path: Path, core: LoopbackCore) -> None:
+    secure, grid, store_of = setup_fog(tmp_path, core, 6)
     pending = secure.start_round(1)
     result = secure.finish_round(pending)
-    assert result.version == 2 and result.participants == 6, result.reasons
+    assert result.version == 1 and result.participants == 6, result.reasons
     assert result.failed == result.declined == result.refused == 0
     assert math.isnan(result.train_loss)  # no loss is released per client
     pushed = core.pushes[0]
     assert pushed["participants"] == 6 and pushed["privacy"] is None
     assert len(pushed["transcript_sha256"]) == 64 == len(secure.last.transcript_sha256)
-    expected = expected_mean(secure, pending, store_of, core, set(pending.nodes))
+    expected = expected_mean(secure, pending, store_of, set(pending.nodes))
     assert set(pushed["delta"]) == {"head.weight", "head.bias"}
     for name, value in expected.items():
         np.testing.assert_array_equal(pushed["delta"][name], value)
@@ -97,30 +105,30 @@ def test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas(tmp_path: 
     assert np.abs(expected["head.weight"]).sum() > 0
 
 
-def test_dropouts_at_every_stage_are_recovered_exactly(tmp_path: Path) -> None:
+def test_dropouts_at_every_stage_are_recovered_exactly(tmp_path: Path, core: LoopbackCore) -> None:
     silent = {102: wire.Stage.SETUP, 104: wire.Stage.MASK, 106: wire.Stage.UNMASK, 107: wire.Stage.UNMASK}
 
     def drop(node, msg):
         return msg.metadata.message_type == wire.SECAGG_MESSAGE_TYPE and silent.get(node) is wire.header(msg.content).stage
 
-    secure, core, grid, store_of = setup_fog(tmp_path, 10, drop=drop,
+    secure, grid, store_of = setup_fog(tmp_path, core, 10, drop=drop,
                                              secagg=SecAggConfig(clip=0.5, stage_timeout_s=0.3, degree=8,
                                                                  threshold_fraction=0.5))
     pending = secure.start_round(1)
     result = secure.finish_round(pending)
-    assert result.version == 2, result.reasons
+    assert result.version == 1, result.reasons
     contributors = set(pending.nodes) - {102, 104}
     assert set(result.contributors) == contributors and result.participants == 8
     assert set(secure.last.dropped_before_masking) == {104}  # 102 never advertised keys
     assert set(secure.last.dropped_after_masking) == {106, 107}
     assert result.failed == 4  # silent at some stage, each waited for until its stage's timeout only
-    expected = expected_mean(secure, pending, store_of, core, contributors)
+    expected = expected_mean(secure, pending, store_of, contributors)
     for name, value in expected.items():
         np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
 
 
-def test_the_fog_receives_no_plaintext_update_and_no_num_examples(tmp_path: Path) -> None:
-    secure, core, grid, store_of = setup_fog(tmp_path, 5)
+def test_the_fog_receives_no_plaintext_update_and_no_num_examples(tmp_path: Path, core: LoopbackCore) -> None:
+    secure, grid, store_of = setup_fog(tmp_path, core, 5)
     pending = secure.start_round(1)
     secure.finish_round(pending)
     assert grid.received
@@ -138,84 +146,127 @@ def test_the_fog_receives_no_plaintext_update_and_no_num_examples(tmp_path: Path
             assert np.mean(np.abs(y.view(np.int32).astype(np.int64)) > 2 ** 29) > 0.7
 
 
-def test_an_agent_without_the_middleware_never_sends_its_delta(tmp_path: Path) -> None:
+def test_an_agent_without_the_middleware_never_sends_its_delta(tmp_path: Path, core: LoopbackCore) -> None:
     from hyprstream.agent.client_app import train
 
     plain = ClientApp()
     plain.train("layerwise")(train)  # no train.secagg handler
-    secure, core, grid, _ = setup_fog(tmp_path, 4, app=plain)
+    secure, grid, _ = setup_fog(tmp_path, core, 4, app=plain)
     result = secure.run_round(1)
     assert result.version is None and result.failed == 4
     assert any("secure aggregation aborted" in r for r in result.reasons)
     assert all(m.has_error() for m in grid.received) and not core.pushes
 
 
-def test_declining_agents_are_left_out(tmp_path: Path) -> None:
+def test_declining_agents_are_left_out(tmp_path: Path, core: LoopbackCore) -> None:
     app = agent_app()
-    secure, core, grid, store_of = setup_fog(tmp_path, 5, app=app)
+    secure, grid, store_of = setup_fog(tmp_path, core, 5, app=app)
     # one device loses its data: the agent declines with the reason, the round goes on without it
     import shutil
 
     shutil.rmtree(store_of[103])
     result = secure.run_round(1)
-    assert result.version == 2 and result.declined == 1 and result.participants == 4
+    assert result.version == 1 and result.declined == 1 and result.participants == 4
     assert any("declined" in r and "no store" in r for r in result.reasons)
 
 
-def test_weighted_rounds_reveal_only_the_sum_of_weights(tmp_path: Path) -> None:
+def test_weighted_rounds_reveal_only_the_sum_of_weights(tmp_path: Path, core: LoopbackCore) -> None:
     cfg = SecAggConfig(clip=0.5, stage_timeout_s=0.3, weighting=Weighting.EXAMPLES, max_weight=100.0)
-    secure, core, grid, store_of = setup_fog(tmp_path, 4, secagg=cfg)
+    secure, grid, store_of = setup_fog(tmp_path, core, 4, secagg=cfg)
     pending = secure.start_round(1)
     result = secure.finish_round(pending)
-    assert result.version == 2, result.reasons
+    assert result.version == 1, result.reasons
     # every device holds 60 examples: weights 0.6 each, so the weighted mean is the uniform one (up to
     # the rounding of 0.6 * delta), and the fog only ever held the masked weights and their sum
     # (expected_mean encodes with the round's weighted spec: it averages 0.6 * delta, hence the / 0.6)
-    scaled = expected_mean(secure, pending, store_of, core, set(pending.nodes))
+    scaled = expected_mean(secure, pending, store_of, set(pending.nodes))
     step = pending.spec.quantizer.resolution
     for name, value in scaled.items():
         np.testing.assert_allclose(core.pushes[0]["delta"][name], value / 0.6, rtol=1e-6, atol=4 * step)
     assert all(set(m.content.keys()) <= {wire.RECORD, wire.MASKED} for m in grid.received)
 
 
-def test_central_client_dp_charges_the_model_ledger_and_binds_the_version(tmp_path: Path) -> None:
+def test_central_client_dp_charges_the_model_ledger_and_binds_the_version(tmp_path: Path, core: LoopbackCore) -> None:
     dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement.CENTRAL, epsilon_budget=12.0)
     with Store.open(tmp_path / "fog-ledger", create=True) as store:
         ledger = PrivacyLedger(store)
-        secure, core, grid, _ = setup_fog(tmp_path, 4, client_dp=dp, ledger=ledger)
+        secure, grid, _ = setup_fog(tmp_path, core, 4, client_dp=dp, ledger=ledger)
         versions = []
         for r in range(1, 6):
             result = secure.run_round(r)
             versions.append(result.version)
         # z = 1, all agents every round: eps 4.73, 7.08, 9.01, 10.7, 12.2 at delta 1e-5: four rounds fit 12
-        assert versions[:4] == [2, 3, 4, 5] and versions[4] is None
+        assert versions[:4] == [1, 2, 3, 4] and versions[4] is None
         assert any("over the budget" in r for r in result.reasons)
         entries = ledger.entries(Scope.MODEL, "digits")
-        assert [e.charge.version for e in entries] == [2, 3, 4, 5]
+        assert [e.charge.version for e in entries] == [1, 2, 3, 4]
         assert [core.pushes[i]["privacy"]["epsilon"] for i in range(4)] == [e.epsilon for e in entries]
+        audited = core.audited_pushes()  # core's signed audit entry of each version carries the spend
+        assert [a["version"] for a in audited] == [1, 2, 3, 4]
+        assert [a["privacy"]["epsilon"] for a in audited] == [e.epsilon for e in entries]
+        assert all(a["privacy"]["noise_multiplier"] == 1.0 and a["privacy"]["delta"] == 1e-5 for a in audited)
+        assert [a["transcript_sha256"] for a in audited] == [p["transcript_sha256"] for p in core.pushes]
         assert entries[-1].epsilon <= 12.0
     with Store.open(tmp_path / "fog-ledger", readonly=True) as store:  # bound versions survive a restart
-        assert [e.charge.version for e in PrivacyLedger(store).entries()] == [2, 3, 4, 5]
+        assert [e.charge.version for e in PrivacyLedger(store).entries()] == [1, 2, 3, 4]
 
 
-def test_distributed_noise_is_not_released_below_its_client_count(tmp_path: Path) -> None:
+def test_distributed_noise_is_not_released_below_its_client_count(tmp_path: Path, core: LoopbackCore) -> None:
     dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement.DISTRIBUTED, min_clients=4)
 
     def drop(node, msg):  # one of four goes silent at setup: 3 inputs would carry 3/4 of the noise
         return node == 101 and wire.header(msg.content).stage is wire.Stage.SETUP
 
-    secure, core, grid, _ = setup_fog(tmp_path, 4, client_dp=dp, drop=drop)
+    secure, grid, _ = setup_fog(tmp_path, core, 4, client_dp=dp, drop=drop)
     result = secure.run_round(1)
     assert result.version is None and not core.pushes
     assert any("at least 4" in r for r in result.reasons)
-    secure2, core2, _, _ = setup_fog(tmp_path / "b", 4, client_dp=dp)
-    assert secure2.run_round(1).version == 2
+    secure2, _, _ = setup_fog(tmp_path / "b", core, 4, client_dp=dp)
+    assert secure2.run_round(1).version == 1
 
 
-def test_client_dp_without_a_ledger_still_enforces_the_budget_in_memory(tmp_path: Path) -> None:
+def test_client_dp_without_a_ledger_still_enforces_the_budget_in_memory(tmp_path: Path, core: LoopbackCore) -> None:
     dp = ClientDpConfig(noise_multiplier=1.0, epsilon_budget=8.0)
-    secure, core, grid, _ = setup_fog(tmp_path, 3, client_dp=dp)
+    secure, grid, _ = setup_fog(tmp_path, core, 3, client_dp=dp)
     versions = [secure.run_round(r).version for r in range(1, 4)]
-    assert versions == [2, 3, None]  # 4.73, 7.08, then 9.01 > 8
+    assert versions == [1, 2, None]  # 4.73, 7.08, then 9.01 > 8
     expected = [epsilon([GaussianEvent(1.0, 1.0, r)], 1e-5) for r in (1, 2)]
     assert [p["privacy"]["epsilon"] for p in core.pushes] == pytest.approx(expected)
+
+
+@pytest.mark.integration
+def test_a_secure_round_while_core_is_down_waits_in_the_outbox_and_is_applied_once(tmp_path: Path) -> None:
+    """The fog is cut from core: the released (noised) mean of a secure round waits in the durable
+    outbox, the fog trains on with it applied locally, and on reconnect core applies it once, with its
+    privacy record; the ledger entry is bound to that version when core answers."""
+    from hyprstream.core.server import CoreFlightServer
+    from hyprstream.fog.outbox import Outbox
+
+    core = start_core(tmp_path / "core")
+    dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement.CENTRAL)
+    try:
+        with Store.open(tmp_path / "fog-ledger", create=True) as store:
+            ledger = PrivacyLedger(store)
+            secure, _, _ = setup_fog(tmp_path, core, 3, client_dp=dp, ledger=ledger)
+            secure.fog.outbox = Outbox(tmp_path / "outbox")
+            assert secure.run_round(1).version == 1
+            port = int(core.location.rsplit(":", 1)[1])
+            core.server.stop()  # partition
+            cut = secure.run_round(2)  # trains on version 1 as last pulled
+            assert cut.version is None and any("buffered" in r for r in cut.reasons)
+            assert len(secure.fog.outbox) == 1
+            entries = ledger.entries(Scope.MODEL, "digits")
+            assert [e.charge.version for e in entries] == [1, -1]  # charged, not bound yet
+            # core comes back on the same address with its state; the next round delivers the buffered push first
+            core.server = CoreFlightServer(core.server.repository, core.server.authenticator,
+                                           f"grpc://127.0.0.1:{port}")
+            core.server.start_background()
+            third = secure.run_round(3)
+            assert third.version == 3 and len(secure.fog.outbox) == 0
+            assert [e.charge.version for e in ledger.entries(Scope.MODEL, "digits")] == [1, 2, 3]
+        audited = core.audited_pushes()
+        assert [a["version"] for a in audited] == [1, 2, 3]
+        assert len({a["seq"] for a in audited}) == 3  # each push applied exactly once
+        assert [a["privacy"]["epsilon"] for a in audited] == [e.epsilon for e in entries] + [audited[2]["privacy"]["epsilon"]]
+    finally:
+        core.close()
