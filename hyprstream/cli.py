@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<timestamp>)")
     p.add_argument("--global-steps", type=int, default=None, help="override training.global_steps")
     p.add_argument("--quiet", action="store_true", help="no progress display or per-step table")
+    p.add_argument("--baseline", choices=["flat", "central"], default=None,
+                   help="run the experiment as a baseline instead: 'flat' is Flower's FedAvg over the same "
+                        "agents, data, model and seed, every layer in fp32, no fogs and no core; 'central' "
+                        "trains the same model on all the agents' data in one place")
     p.set_defaults(func=_cmd_simulate)
     return parser
 
@@ -161,7 +165,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     from hyprstream.sim.console import run_with_console
 
-    run_with_console(exp, out, source=path, quiet=args.quiet)
+    run_with_console(exp, out, source=path, quiet=args.quiet, baseline=args.baseline)
     return 0
 
 

@@ -7,18 +7,25 @@ key                record        contents
 =================  ============  ===================================================================
 ``weights``        ArrayRecord   the global model at ``model_version`` (every parameter, by name)
 ``config``         ConfigRecord  ``schema``, ``model``, ``model_version``, ``task``, ``layers``,
-                                 ``local_steps``, ``batch_size``, ``lr``, ``seed``
+                                 ``local_steps``, ``batch_size``, ``lr``, ``seed``, and
+                                 ``update_encoding`` when it is not ``fp32`` (``int8``)
 =================  ============  ===================================================================
 
 The agent answers with:
 
 =================  ============  ===================================================================
-``delta``          ArrayRecord   new minus old value of each parameter in the trained layers
+``delta``          ArrayRecord   new minus old value of each parameter in the trained layers (float32;
+                                 with ``encoding`` ``int8``: int8 values, see :mod:`hyprstream.codec`)
+``scales``         ArrayRecord   only with ``int8``: each parameter's float32 scale (a 1-element array)
 ``metrics``        MetricRecord  ``num_examples``, ``train_loss``, ``steps``, and with sample-level DP
                                  ``epsilon`` / ``delta``: the device's total spend after this round
 ``config``         ConfigRecord  ``schema``, ``status`` (``ok``/``declined``), ``reason``,
-                                 ``model_version``, ``layers``
+                                 ``model_version``, ``layers``, and ``encoding`` when not ``fp32``
 =================  ============  ===================================================================
+
+An agent that predates ``update_encoding`` ignores it and answers in fp32, which the fog accepts:
+the reply says which encoding it carries. The fog decodes in :meth:`TrainReply.from_content`, so
+aggregation sees float32 deltas either way; :meth:`TrainReply.payload_bytes` counts the encoded bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from hyprstream.codec import Encoding, decode_int8, encode_int8, encoded_nbytes, parse_encoding
 from hyprstream.errors import ValidationError
 
 TRAIN_MESSAGE_TYPE = "train.layerwise"
@@ -56,16 +64,21 @@ class TrainRequest:
     lr: float
     seed: int
     weights: Mapping[str, np.ndarray] = field(repr=False)
+    update_encoding: Encoding = Encoding.FP32  # how the agent should encode its delta
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "update_encoding", parse_encoding(
+            self.update_encoding.value if isinstance(self.update_encoding, Encoding) else self.update_encoding))
 
     def to_content(self) -> RecordDict:
-        return RecordDict({
-            "weights": arrays_to_record(self.weights),
-            "config": ConfigRecord({
-                "schema": TRAIN_REQUEST_SCHEMA, "model": self.model, "model_version": self.model_version,
-                "task": self.task, "layers": list(self.layers), "local_steps": self.local_steps,
-                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-            }),
-        })
+        config = {
+            "schema": TRAIN_REQUEST_SCHEMA, "model": self.model, "model_version": self.model_version,
+            "task": self.task, "layers": list(self.layers), "local_steps": self.local_steps,
+            "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
+        }
+        if self.update_encoding is not Encoding.FP32:  # absent means fp32 (older fogs send none)
+            config["update_encoding"] = self.update_encoding.value
+        return RecordDict({"weights": arrays_to_record(self.weights), "config": ConfigRecord(config)})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainRequest:
@@ -76,6 +89,7 @@ class TrainRequest:
             local_steps=_get(cfg, "local_steps", int), batch_size=_get(cfg, "batch_size", int),
             lr=float(_get(cfg, "lr", float)), seed=_get(cfg, "seed", int),
             weights=record_to_arrays(_record(content, "weights", ArrayRecord)),
+            update_encoding=_encoding(cfg, "update_encoding"),
         )
         if not req.layers or not all(isinstance(x, str) for x in req.layers):
             raise ValidationError("train request: 'layers' must be a non-empty list of layer names")
@@ -99,18 +113,28 @@ class TrainReply:
     reason: str = ""
     epsilon: float | None = None  # sample-level DP: the device's total epsilon after this round
     delta_dp: float | None = None  # ... at this delta
+    encoding: Encoding = Encoding.FP32  # how ``delta`` travels (it is held here decoded, as float arrays)
+    encoding_seed: int = 0  # seeds int8's stochastic rounding (the request's seed: reproducible)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoding", parse_encoding(
+            self.encoding.value if isinstance(self.encoding, Encoding) else self.encoding))
 
     def to_content(self) -> RecordDict:
         metrics = {"num_examples": self.num_examples, "train_loss": self.train_loss, "steps": self.steps}
         if self.epsilon is not None:
             metrics.update(epsilon=float(self.epsilon), delta=float(self.delta_dp or 0.0))
-        return RecordDict({
-            "delta": arrays_to_record(self.delta),
-            "metrics": MetricRecord(metrics),
-            "config": ConfigRecord({"schema": TRAIN_REPLY_SCHEMA, "status": self.status.value,
-                                    "reason": self.reason, "model_version": self.model_version,
-                                    "layers": list(self.layers)}),
-        })
+        config = {"schema": TRAIN_REPLY_SCHEMA, "status": self.status.value, "reason": self.reason,
+                  "model_version": self.model_version, "layers": list(self.layers)}
+        content = {"delta": arrays_to_record(self.delta)}
+        if self.encoding is Encoding.INT8:
+            config["encoding"] = self.encoding.value
+            rng = np.random.default_rng([self.encoding_seed, 0x18])
+            encoded = {name: encode_int8(np.asarray(d), rng) for name, d in self.delta.items()}
+            scales = {name: np.full(1, s, np.float32) for name, (_, s) in encoded.items()}
+            content = {"delta": arrays_to_record({name: q for name, (q, _) in encoded.items()}),
+                       "scales": arrays_to_record(scales)}
+        return RecordDict({**content, "metrics": MetricRecord(metrics), "config": ConfigRecord(config)})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReply:
@@ -127,17 +151,28 @@ class TrainReply:
         if epsilon is not None and not (isinstance(epsilon, (int, float)) and 0 <= epsilon < math.inf):
             raise ValidationError("train reply: epsilon must be a finite number >= 0")
         dp_delta = metrics.get("delta")
+        encoding = _encoding(cfg, "encoding")
+        delta = record_to_arrays(_record(content, "delta", ArrayRecord))
+        if encoding is Encoding.INT8:
+            scales = record_to_arrays(_record(content, "scales", ArrayRecord))
+            if set(scales) != set(delta) or any(np.shape(s) != (1,) for s in scales.values()):
+                raise ValidationError("train reply: int8 'scales' must hold one scalar per delta parameter")
+            delta = {name: decode_int8(q, float(scales[name][0])) for name, q in delta.items()}
         return cls(
             status=ReplyStatus(status), model_version=_get(cfg, "model_version", int),
-            layers=tuple(_get(cfg, "layers", list)), delta=record_to_arrays(_record(content, "delta", ArrayRecord)),
+            layers=tuple(_get(cfg, "layers", list)), delta=delta,
             num_examples=num_examples, train_loss=loss, steps=int(metrics.get("steps", 0)),
             reason=str(cfg.get("reason", "")),
             epsilon=float(epsilon) if epsilon is not None else None,
             delta_dp=float(dp_delta) if epsilon is not None and dp_delta is not None else None,
+            encoding=encoding,
         )
 
     def payload_bytes(self) -> int:
-        return sum(int(np.asarray(a).nbytes) for a in self.delta.values())
+        """Bytes of the delta as it travels: float arrays as they are, int8 values plus their scales."""
+        if self.encoding is Encoding.FP32:
+            return sum(int(np.asarray(a).nbytes) for a in self.delta.values())
+        return sum(encoded_nbytes(np.shape(a), self.encoding) for a in self.delta.values())
 
 
 @dataclass(frozen=True)
@@ -182,6 +217,14 @@ def _record(content: RecordDict, key: str, kind: type):
     if not isinstance(rec, kind):
         raise ValidationError(f"message record {key!r} is a {type(rec).__name__}, expected {kind.__name__}")
     return rec
+
+
+def _encoding(cfg: ConfigRecord, key: str) -> Encoding:
+    """An optional encoding key (absent: fp32)."""
+    value = cfg.get(key, Encoding.FP32.value)
+    if not isinstance(value, str):
+        raise ValidationError(f"message config {key!r} must be str")
+    return parse_encoding(value)
 
 
 def _get(cfg: ConfigRecord, key: str, kind: type):

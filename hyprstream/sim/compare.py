@@ -16,6 +16,23 @@ def _global_rows(run: Path) -> list[dict]:
     return [r for r in pq.read_table(path).to_pylist() if r["kind"] == "global"]
 
 
+def time_to_accuracy(rows: list[dict], target: float) -> float | None:
+    """Simulated seconds of the first global row with ``accuracy >= target`` (None if none reaches it)."""
+    for r in rows:
+        if r["accuracy"] >= target and r.get("sim_s") is not None:
+            return r["sim_s"]
+    return None
+
+
+def _time_to_target(ra: list[dict], rb: list[dict]) -> str:
+    """A's final accuracy as the target: how long each run took to reach it, in simulated seconds."""
+    target = ra[-1]["accuracy"]
+    ta, tb = time_to_accuracy(ra, target), time_to_accuracy(rb, target)
+    cell = lambda t: f"{t:.3f}" if t is not None else "not reached"  # noqa: E731
+    ratio = f" (A/B = {ta / tb:.2f})" if ta is not None and tb else ""
+    return f"- sim s to reach A's final accuracy {target:.4f}: A {cell(ta)}, B {cell(tb)}{ratio}"
+
+
 def compare_runs(a: Path, b: Path, *, out: Path | None = None) -> str:
     """A Markdown comparison of two runs; with ``out``, also writes it and a plot there."""
     ra, rb = _global_rows(a), _global_rows(b)
@@ -38,6 +55,8 @@ def compare_runs(a: Path, b: Path, *, out: Path | None = None) -> str:
               if ra and rb else "- one run has no global rows",
               f"- total uplink bytes: A {total[0]:,}, B {total[1]:,}"
               + (f" (A/B = {total[0] / total[1]:.2f})" if total[1] else "")]
+    if ra and rb:
+        lines.append(_time_to_target(ra, rb))
     text = "\n".join(lines)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

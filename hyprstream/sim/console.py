@@ -14,10 +14,15 @@ from hyprstream.sim.experiment import Experiment
 from hyprstream.sim.report import write_report
 
 
-def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = False) -> harness.SimulationResult:
+def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = False,
+                     baseline: str | None = None) -> harness.SimulationResult:
+    """Run ``exp`` (hierarchical; with ``baseline="flat"`` the flat FedAvg baseline) with progress output."""
     console = Console(stderr=False, quiet=quiet)
-    console.print(f"[bold]hyprstream simulate[/] {exp.name} ({source}): {exp.fleet.fogs} fogs x "
-                  f"{exp.fleet.agents_per_fog} agents, {exp.training.global_steps} global steps -> {out}")
+    shape = {"flat": f"flat FedAvg baseline over {exp.num_agents} agents",
+             "central": "centralized training on the union of the agents' data"}.get(
+        baseline, f"{exp.fleet.fogs} fogs x {exp.fleet.agents_per_fog} agents")
+    console.print(f"[bold]hyprstream simulate[/] {exp.name} ({source}): {shape}, "
+                  f"{exp.training.global_steps} global steps -> {out}")
     header = f"{'step':>4} {'version':>7} {'accuracy':>8} {'loss':>7} {'agents':>6} {'up KB':>9} {'down KB':>9} {'sim s':>8} {'wall s':>7}"
     started = time.monotonic()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -34,9 +39,20 @@ def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = 
                     progress.console.print(f"     {r.fog}: {len(r.reasons)} problem(s), first: {r.reasons[0]}")
             progress.advance(bar)
 
-        result = harness.run(exp, out, on_step=on_step)
+        if baseline == "flat":
+            from hyprstream.sim.flat import run_flat
+
+            result = run_flat(exp, out, on_step=on_step)
+        elif baseline == "central":
+            from hyprstream.sim.central import run_central
+
+            result = run_central(exp, out, on_step=on_step)
+        elif baseline is None:
+            result = harness.run(exp, out, on_step=on_step)
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}")
     report = write_report(exp, result.metrics, out, final_accuracy=result.final_accuracy,
-                          final_version=result.final_version)
+                          final_version=result.final_version, baseline=baseline)
     summary = Table(title="Summary", show_header=False)
     summary.add_row("final accuracy", f"{result.final_accuracy:.4f}")
     summary.add_row("master version", str(result.final_version))

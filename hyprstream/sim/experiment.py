@@ -17,6 +17,17 @@ from hyprstream.privacy.config import PrivacyConfig
 class PartitionScheme(enum.Enum):
     IID = "iid"
     DIRICHLET = "dirichlet"  # label skew: each class split across devices by Dirichlet(alpha)
+    NATURAL = "natural"  # one source of the data set per device (sensor: one mote per device)
+
+
+class UpdateEncoding(enum.Enum):
+    FP32 = "fp32"  # deltas as float32
+    INT8 = "int8"  # per-tensor symmetric int8 with a float32 scale, stochastic rounding (hyprstream.codec)
+
+
+class TrainingMode(enum.Enum):
+    SYNC = "sync"  # global steps: every fog runs one round per step, the step waits for the slowest fog
+    BUFFERED = "buffered"  # FedBuff: each fog pushes every buffer_k updates (hyprstream.sim.buffered)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,19 @@ class TrainingSection:
     batch_size: int = setting(32, ge=1, le=65536)
     lr: float = setting(0.005, gt=0.0, lt=10.0)
     min_replies: int = setting(1, ge=1, doc="a fog pushes only with at least this many usable updates")
+    update_encoding: UpdateEncoding = setting(UpdateEncoding.FP32, doc="how agents encode their deltas")
+    mode: TrainingMode = setting(TrainingMode.SYNC, doc="sync rounds, or buffered asynchronous ([buffered])")
+
+
+@dataclass(frozen=True)
+class BufferedSection:
+    """FedBuff settings of ``training.mode = "buffered"`` (hyprstream.fog.buffered.BufferedFog)."""
+
+    buffer_k: int = setting(3, ge=1, doc="a fog pushes every buffer_k usable updates")
+    max_staleness: int = setting(8, ge=0, doc="updates from more versions ago are refused")
+    concurrency: int | None = setting(None, ge=1, doc="agents training at once per fog; default: all")
+    sim_seconds: float | None = setting(None, gt=0.0, doc="stop at this simulated time; default: after as many "
+                                        "agent updates as the sync mode's global steps ask for")
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,7 @@ class Experiment(Checked):
     training: TrainingSection = field(default_factory=TrainingSection)
     core: CoreSection = field(default_factory=CoreSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    buffered: BufferedSection = field(default_factory=BufferedSection)  # used when training.mode = "buffered"
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy.secagg|client_dp|dpsgd]
 
     @property
@@ -102,8 +127,13 @@ class Experiment(Checked):
 
         if self.task.name not in task_names():
             yield "task.name", f"unknown task {self.task.name!r} (known: {', '.join(task_names())})"
+        if self.privacy.secagg is not None and self.training.update_encoding is not UpdateEncoding.FP32:
+            yield "training.update_encoding", ("secure aggregation quantizes the deltas itself: leave "
+                                               "update_encoding at fp32")
         if self.training.min_replies > self.fleet.agents_per_fog:
             yield "training.min_replies", "is larger than fleet.agents_per_fog"
+        if self.training.mode is TrainingMode.BUFFERED:
+            yield from self._check_buffered()
         from hyprstream.sim.fleet import resolve_profile
 
         for name in self.fleet.profiles:
@@ -112,18 +142,35 @@ class Experiment(Checked):
             except ConfigError as exc:
                 yield f"fleet.profiles.{name}", exc.reason
 
+    def _check_buffered(self):
+        if self.privacy.secagg is not None or self.privacy.client_dp is not None:
+            yield "training.mode", ("buffered mode cannot use [privacy.secagg] or [privacy.client_dp]: secure "
+                                    "aggregation masks the replies of one round together, a buffered fog "
+                                    "aggregates replies one at a time as they arrive")
+        if self.privacy.dpsgd is not None:
+            yield "training.mode", ("buffered mode does not support [privacy.dpsgd] yet: the simulator reports "
+                                    "device epsilon per global step of the sync mode")
+        for key in ("buffer_k", "concurrency"):
+            value = getattr(self.buffered, key)
+            if value is not None and value > self.fleet.agents_per_fog:
+                yield f"buffered.{key}", f"{value} is larger than fleet.agents_per_fog ({self.fleet.agents_per_fog})"
+
 
 def reduced(exp: Experiment) -> Experiment:
     """The same experiment at smoke-test size (CI): few steps, few agents, short local training."""
     from dataclasses import replace
 
-    agents = min(exp.fleet.agents_per_fog, 3)
+    # a natural partition has one device per data source: its fleet size is fixed
+    natural = exp.partition.scheme is PartitionScheme.NATURAL
+    agents = exp.fleet.agents_per_fog if natural else min(exp.fleet.agents_per_fog, 3)
     return replace(
         exp,
         fleet=replace(exp.fleet, agents_per_fog=agents),
         training=replace(exp.training, global_steps=min(exp.training.global_steps, 2),
                          local_steps=min(exp.training.local_steps, 10),
                          min_replies=min(exp.training.min_replies, agents)),
+        buffered=replace(exp.buffered, buffer_k=min(exp.buffered.buffer_k, agents),
+                         concurrency=min(exp.buffered.concurrency or agents, agents), sim_seconds=None),
     )
 
 

@@ -73,10 +73,14 @@ class VirtualFleet:
     def online(self, step: int) -> np.ndarray:
         return online(self._availability, self.seed, step)
 
-    def round_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int) -> float:
-        """Virtual seconds of a synchronous fog round: its slowest contributor, then the push to core."""
+    def round_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int,
+                      trained_params: int | None = None, push_to_core: bool = True) -> float:
+        """Virtual seconds of a synchronous fog round: its slowest contributor, then the push to core.
+
+        ``trained_params`` defaults to the size of the round's aggregated delta; a round without a core
+        (the flat baseline) passes ``push_to_core=False``."""
         per_node_down = r.bytes_down // max(1, len(r.nodes))
-        trained = sum(int(d.size) for d in r.delta.values())
+        trained = sum(int(d.size) for d in r.delta.values()) if trained_params is None else trained_params
         flops = clock.training_flops(base_params, trained, self.local_samples)
         agents = []
         for node in r.contributors:
@@ -84,5 +88,13 @@ class VirtualFleet:
             agents.append(clock.agent_round_s(Link(sim.uplink_mbps, sim.downlink_mbps, sim.latency_ms),
                                               sim.compute_speed_factor, down_bytes=per_node_down,
                                               up_bytes=r.uplink.get(node, 0), flops=flops))
-        push = clock.transfer_s(4 * trained, self.fog_core.uplink_mbps, self.fog_core.latency_ms) if r.version else 0.0
+        push = 0.0
+        if push_to_core and r.version:
+            push = clock.transfer_s(4 * trained, self.fog_core.uplink_mbps, self.fog_core.latency_ms)
         return clock.sync_round_s(agents, push)
+
+    def agent_job_seconds(self, device: int, *, down_bytes: int, up_bytes: int, flops: float) -> float:
+        """Virtual seconds of one agent job on ``device`` (download, train, upload): a buffered fog's unit."""
+        sim = self.profiles[device].simulation
+        return clock.agent_round_s(Link(sim.uplink_mbps, sim.downlink_mbps, sim.latency_ms),
+                                   sim.compute_speed_factor, down_bytes=down_bytes, up_bytes=up_bytes, flops=flops)

@@ -24,7 +24,7 @@ from hyprstream.core.auth import Principal, Role, TokenRegistry, new_token
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer
-from hyprstream.errors import HyprstreamError
+from hyprstream.errors import ConfigError, HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.sim import partition
@@ -57,14 +57,50 @@ class SimulationResult:
     final_weights: dict[str, np.ndarray]
 
 
-def prepare_devices(exp: Experiment, task: Task, train: Dataset, root: Path) -> list[int]:
-    """Partition ``train`` and write each device's share into its own store; returns the sizes."""
+def natural_groups(task: Task, exp: Experiment, train: Dataset) -> np.ndarray:
+    """The source (e.g. sensor mote) of every training sample, for ``partition.scheme = "natural"``."""
+    if task.name != "sensor":
+        raise ConfigError(f"task {task.name!r} has no natural grouping of its reference data (only 'sensor' "
+                          "has: one mote per device)", key="partition.scheme")
+    import pyarrow.compute as pc
+
+    from hyprstream.agent.task import UNLABELLED
+    from hyprstream.data.sensors import load_motes
+
+    table = task.normalise(load_motes())
+    motes = table.column("mote_id").to_numpy()[pc.not_equal(table.column("label"), UNLABELLED).to_numpy(
+        zero_copy_only=False)]
+    # the task's own train/test split: blocks of 50 labelled readings, a random quarter held out
+    rng = np.random.default_rng(exp.seed)
+    block = np.arange(len(motes)) // 50
+    is_test = (rng.random(block.max() + 1) < 0.25)[block]
+    groups = motes[~is_test]
+    if len(groups) != len(train):
+        raise HyprstreamError(f"the sensor task's split has {len(train)} training samples, the mote column "
+                              f"{len(groups)}: natural partition unavailable")
+    return groups
+
+
+def split(exp: Experiment, task: Task, train: Dataset) -> list[np.ndarray]:
+    """Each device's sample indices under the experiment's partition scheme."""
     rng = np.random.default_rng(exp.seed)
     if exp.partition.scheme is PartitionScheme.IID:
-        parts = partition.iid(len(train), exp.num_agents, rng)
-    else:
-        parts = partition.dirichlet(train.y, exp.num_agents, exp.partition.alpha, rng,
-                                    min_samples=exp.partition.min_samples)
+        return partition.iid(len(train), exp.num_agents, rng)
+    if exp.partition.scheme is PartitionScheme.NATURAL:
+        groups = natural_groups(task, exp, train)
+        sources = np.unique(groups)
+        if len(sources) != exp.num_agents:
+            raise ConfigError(f"the natural partition gives one device per source: {len(sources)} sources, "
+                              f"but the fleet has {exp.num_agents} agents (fogs x agents_per_fog)",
+                              key="partition.scheme")
+        return [np.flatnonzero(groups == s) for s in sources]
+    return partition.dirichlet(train.y, exp.num_agents, exp.partition.alpha, rng,
+                               min_samples=exp.partition.min_samples)
+
+
+def prepare_devices(exp: Experiment, task: Task, train: Dataset, root: Path) -> list[int]:
+    """Partition ``train`` and write each device's share into its own store; returns the sizes."""
+    parts = split(exp, task, train)
     for i, idx in enumerate(parts):
         with Store.open(root / device_name(i), create=True) as store:
             store.create_table(task.table, task.schema)
@@ -72,25 +108,102 @@ def prepare_devices(exp: Experiment, task: Task, train: Dataset, root: Path) -> 
     return [len(p) for p in parts]
 
 
-StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint], None]
+@dataclass
+class Prepared:
+    """What every kind of run shares: the task, its held-out split, the device stores and the fleet."""
+
+    task: Task
+    test: Dataset
+    sizes: list[int]
+    fleet: VirtualFleet
+    model: object  # a torch module of the task, for evaluation
+
+    def score(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        """Held-out (loss, accuracy) of ``weights``."""
+        load_weights(self.model, weights)
+        return evaluate(self.task, self.model, self.test)
 
 
-def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> SimulationResult:
-    """Run ``exp`` and write its artefacts into ``out``."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from hyprstream.agent.client_app import app as client_app
-
+def prepare_run(exp: Experiment, out: Path) -> Prepared:
     os.environ.update(FLOWER_ENV)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     task = get_task(exp.task.name)
     train, test = task.load_reference_data(exp.seed)
     test = task.from_table(task.to_table(test))  # evaluate on exactly what a device would decode
     sizes = prepare_devices(exp, task, train, out / "devices")
     log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
-    fleet = VirtualFleet.build(exp)
+    return Prepared(task, test, sizes, VirtualFleet.build(exp), task.build_model(seed=exp.seed))
+
+
+def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[BaseException]) -> None:
+    """Run ``server_app`` and ``client_app`` on Flower's simulation engine with ``exp.num_agents`` agents;
+    re-raises the first exception the ServerApp recorded in ``failure``."""
+    from flwr.simulation import run_simulation
+
+    backend_config = {
+        "client_resources": {"num_cpus": exp.runtime.client_cpus, "num_gpus": 0.0},
+        "init_args": {
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+    devices = out / "devices"
+    from hyprstream.agent.client_app import configure_simulation
+
+    configure_simulation(devices, exp.privacy.dpsgd)  # agents train with DP-SGD when it is configured
+    # Ray's workers inherit the environment of the process that starts Ray (Flower sets runtime_env
+    # itself, so it cannot carry these).
+    os.environ.update({SIM_DEVICES_ENV: str(devices.resolve()), THREADS_ENV: str(exp.runtime.torch_threads)})
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,
+                       backend_config=backend_config)
+    except SystemExit as exc:  # Flower exits the process on some errors; keep control here
+        if not failure:
+            raise HyprstreamError(f"Flower's simulation engine stopped (exit code {exc.code})") from None
+    if failure:
+        raise failure[0]
+
+
+StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint | None], None]
+
+
+def _secure(exp: Experiment, fog: FogAggregator, out: Path, j: int):
+    """``fog`` wrapped for secure aggregation (and client-level DP) when the experiment configures it."""
+    secagg = exp.privacy.secagg
+    if secagg is None:
+        return fog
+    from hyprstream.privacy.ledger import PrivacyLedger
+    from hyprstream.privacy.noise import SeededRandom
+    from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+
+    ledger = None
+    if exp.privacy.client_dp is not None:
+        store = Store.open(out / "fogs" / fog.name / "privacy", create=True)
+        ledger = PrivacyLedger(store)
+    # seeded randomness: a simulation must be reproducible (never for a deployed fog)
+    return SecureFogAggregator(fog, secagg, exp.privacy.client_dp, ledger=ledger,
+                               source=SeededRandom(exp.seed * 7919 + j))
+
+
+def _fog_extra(fog, r: FogRound) -> dict:
+    """Per-round figures beyond ``FogRound``: client-level epsilon and bytes pushed to core."""
+    epsilon = None
+    if getattr(fog, "client_dp", None) is not None:
+        last = fog.last
+        epsilon = last.privacy.epsilon if last is not None and last.privacy is not None else fog.spent()
+    pushed = sum(int(d.nbytes) for d in r.delta.values()) if r.version is not None else 0
+    return {"client_epsilon": epsilon, "bytes_core": pushed}
+
+
+def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> SimulationResult:
+    """Run ``exp`` and write its artefacts into ``out``."""
+    from flwr.serverapp import ServerApp
+
+    from hyprstream.agent.client_app import app as client_app
+
+    started = time.monotonic()
+    prep = prepare_run(exp, out)
+    task, fleet = prep.task, prep.fleet
 
     tokens = TokenRegistry()
     admin_token = new_token()
@@ -113,12 +226,10 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     metrics = MetricsLog()
     plan = RoundPlan(task=exp.task.name, layers=exp.training.layers, local_steps=exp.training.local_steps,
                      batch_size=exp.training.batch_size, lr=exp.training.lr,
-                     min_replies=exp.training.min_replies, timeout_s=exp.runtime.round_timeout_s)
+                     min_replies=exp.training.min_replies, timeout_s=exp.runtime.round_timeout_s,
+                     **_encoding(exp))
     failure: list[BaseException] = []
-
-    def score(weights: dict[str, np.ndarray]) -> tuple[float, float]:
-        load_weights(model, weights)
-        return evaluate(task, model, test)
+    score = prep.score
 
     server_app = ServerApp()
 
@@ -131,18 +242,28 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
             node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
             device_of = {node: i for i, node in enumerate(node_ids)}
             per_fog = exp.fleet.agents_per_fog
-            fogs = [FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
-                                  CoreClient(location, fog_tokens[name]), model_name, plan, seed=exp.seed + j)
+            fogs = [_secure(exp, FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
+                                               CoreClient(location, fog_tokens[name]), model_name, plan,
+                                               seed=exp.seed + j), out, j)
                     for j, name in enumerate(fog_names)]
+            if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
+                from hyprstream.sim.buffered import run_buffered
+
+                run_buffered(exp, fogs, fleet=fleet, device_of=device_of, admin=admin, model=model_name,
+                             metrics=metrics, score=score, started=started,
+                             on_step=on_step and (lambda s, rounds, row: on_step(s, rounds, row, endpoint)))
+                return
             sim_s = 0.0
             for step in range(1, exp.training.global_steps + 1):
                 up = fleet.online(step)
                 # Every fog starts from the version current at the start of the step (they run concurrently).
                 pending = [fog.start_round(step, fog.pull(), [n for n in fog.node_ids if up[device_of[n]]])
                            for fog in fogs]
-                rounds = [fog.finish_round(p) for fog, p in zip(fogs, pending, strict=True)]
+                rounds = []
                 durations = []
-                for r, p in zip(rounds, pending, strict=True):
+                for fog, p in zip(fogs, pending, strict=True):
+                    r = fog.finish_round(p)
+                    rounds.append(r)
                     base = lt.to_arrays(p.base.table, copy=True)
                     for name, d in r.delta.items():
                         base[name] = base[name] + d
@@ -150,9 +271,11 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                     seconds = fleet.round_seconds(r, device_of, base_params=sum(a.size for a in base.values()))
                     durations.append(seconds)
                     metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
-                                          sim_s=sim_s + seconds)
+                                          sim_s=sim_s + seconds, **_fog_extra(fog, r))
+                    metrics.add_participation(r, device_of)
                 sim_s += max(durations, default=0.0)
                 current = admin.get_weights(model_name)
+                metrics.base_versions[step] = pending[0].base.version
                 loss, acc = score(lt.to_arrays(current.table))
                 row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
                                          wall_s=time.monotonic() - started, sim_s=sim_s)
@@ -162,31 +285,20 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
             failure.append(exc)
             raise
 
-    backend_config = {
-        "client_resources": {"num_cpus": exp.runtime.client_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-        },
-    }
-    # Ray's workers inherit the environment of the process that starts Ray (Flower sets runtime_env
-    # itself, so it cannot carry these).
-    os.environ.update({SIM_DEVICES_ENV: str((out / "devices").resolve()),
-                       THREADS_ENV: str(exp.runtime.torch_threads)})
     try:
-        try:
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,
-                           backend_config=backend_config)
-        except SystemExit as exc:  # Flower exits the process on some errors; keep control here
-            if not failure:
-                raise HyprstreamError(f"Flower's simulation engine stopped (exit code {exc.code})") from None
-        if failure:
-            raise failure[0]
+        simulate(exp, out, server_app, client_app, failure)
         final = admin.get_weights(model_name)
         final_weights = lt.to_arrays(final.table, copy=True)
         _, accuracy = score(final_weights)
     finally:
         admin.close()
         server.stop()
-    metrics.write(out / "metrics.parquet")
+    metrics.read_device_privacy(out / "devices", step_of=metrics.step_of_base)
+    metrics.write_run(out)
     return SimulationResult(out, metrics, final.version, accuracy, final_weights)
+
+
+def _encoding(exp: Experiment) -> dict:
+    """The round plan's update encoding, when the experiment asks for one other than fp32."""
+    enc = exp.training.update_encoding
+    return {} if enc.value == "fp32" else {"update_encoding": enc.value}

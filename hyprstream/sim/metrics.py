@@ -1,9 +1,17 @@
-"""The metrics table of a simulation run: one row per fog round and one per global version."""
+"""The metrics tables of a simulation run.
+
+* ``metrics.parquet``: one row per fog round and one per global version (:data:`SCHEMA`).
+* ``participation.parquet``: one row per agent asked to train in a fog round: did its update count,
+  how many bytes it sent (:data:`PARTICIPATION_SCHEMA`).
+* ``privacy.parquet``: with sample-level DP, one row per charge in a device's privacy ledger: the
+  device's cumulative epsilon after that global step (:data:`PRIVACY_SCHEMA`).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +21,7 @@ from hyprstream.fog.aggregator import FogRound
 
 SCHEMA = pa.schema([
     pa.field("kind", pa.string()),  # "fog_round" or "global"
-    pa.field("fog", pa.string()),  # fog name; "core" for global rows
+    pa.field("fog", pa.string()),  # fog name; "core" for global rows ("flat" for the flat baseline)
     pa.field("round", pa.int64()),  # global step the row belongs to
     pa.field("version", pa.int64()),  # version committed (fog rows: by that fog; null if nothing pushed)
     pa.field("accuracy", pa.float64()),  # held-out accuracy of the model after this row's update
@@ -27,6 +35,24 @@ SCHEMA = pa.schema([
     pa.field("bytes_down", pa.int64()),  # fog -> agent payload bytes
     pa.field("wall_s", pa.float64()),  # seconds since the run started
     pa.field("sim_s", pa.float64()),  # virtual seconds on the simulated fleet (see hyprstream.sim.clock)
+    pa.field("bytes_core", pa.int64()),  # fog -> core payload bytes (the pushed delta)
+    pa.field("client_epsilon", pa.float64()),  # client-level DP: the model's epsilon at this fog (global: max)
+    pa.field("device_epsilon", pa.float64()),  # sample-level DP: the largest device epsilon after this step
+])
+
+PARTICIPATION_SCHEMA = pa.schema([
+    pa.field("round", pa.int64()),
+    pa.field("fog", pa.string()),
+    pa.field("device", pa.int64()),
+    pa.field("contributed", pa.bool_()),  # its update is in the fog's aggregate
+    pa.field("bytes_up", pa.int64()),
+])
+
+PRIVACY_SCHEMA = pa.schema([
+    pa.field("device", pa.int64()),
+    pa.field("round", pa.int64()),  # the global step the charge belongs to
+    pa.field("epsilon", pa.float64()),  # the device's cumulative epsilon after it
+    pa.field("delta", pa.float64()),
 ])
 
 
@@ -47,29 +73,82 @@ class Row:
     bytes_down: int
     wall_s: float
     sim_s: float
+    bytes_core: int = 0
+    client_epsilon: float | None = None
+    device_epsilon: float | None = None
 
 
 class MetricsLog:
     def __init__(self) -> None:
         self.rows: list[Row] = []
+        self.participation: list[dict] = []
+        self.privacy: list[dict] = []
+        self.base_versions: dict[int, int] = {}  # global step -> the version its rounds started from
 
-    def add_fog_round(self, r: FogRound, *, accuracy: float, loss: float, wall_s: float, sim_s: float) -> Row:
+    def add_fog_round(self, r: FogRound, *, accuracy: float, loss: float, wall_s: float, sim_s: float,
+                      bytes_core: int = 0, client_epsilon: float | None = None) -> Row:
         row = Row("fog_round", r.fog, r.round, r.version, accuracy, loss, r.train_loss, r.participants,
-                  r.declined, r.refused, r.failed, r.bytes_up, r.bytes_down, wall_s, sim_s)
+                  r.declined, r.refused, r.failed, r.bytes_up, r.bytes_down, wall_s, sim_s, bytes_core,
+                  client_epsilon)
         self.rows.append(row)
         return row
 
     def add_global(self, step: int, version: int, *, accuracy: float, loss: float, rounds: list[FogRound],
-                   wall_s: float, sim_s: float) -> Row:
+                   wall_s: float, sim_s: float, fog: str = "core") -> Row:
         losses = [(r.train_loss, r.participants) for r in rounds if r.participants and math.isfinite(r.train_loss)]
         n = sum(p for _, p in losses)
-        row = Row("global", "core", step, version, accuracy, loss,
+        fog_rows = [x for x in self.rows if x.kind == "fog_round" and x.round == step]
+        eps = [x.client_epsilon for x in fog_rows if x.client_epsilon is not None]
+        row = Row("global", fog, step, version, accuracy, loss,
                   sum(v * p for v, p in losses) / n if n else float("nan"),
                   sum(r.participants for r in rounds), sum(r.declined for r in rounds),
                   sum(r.refused for r in rounds), sum(r.failed for r in rounds),
-                  sum(r.bytes_up for r in rounds), sum(r.bytes_down for r in rounds), wall_s, sim_s)
+                  sum(r.bytes_up for r in rounds), sum(r.bytes_down for r in rounds), wall_s, sim_s,
+                  sum(x.bytes_core for x in fog_rows), max(eps) if eps else None)
         self.rows.append(row)
         return row
+
+    def add_participation(self, r: FogRound, device_of: Mapping[int, int]) -> None:
+        contributed = set(r.contributors)
+        for node in r.nodes:
+            self.participation.append({"round": r.round, "fog": r.fog, "device": device_of[node],
+                                       "contributed": node in contributed, "bytes_up": r.uplink.get(node, 0)})
+
+    def step_of_base(self, base_version: int) -> int | None:
+        """The global step whose rounds started from ``base_version``."""
+        for step, v in self.base_versions.items():
+            if v == base_version:
+                return step
+        return None
+
+    def read_device_privacy(self, devices: Path, *, step_of: Callable[[int], int | None]) -> None:
+        """Each device's DP-SGD spend from its privacy ledger (``device-NNNN.privacy`` beside its store):
+        one :data:`PRIVACY_SCHEMA` row per charge; global rows get the largest device epsilon so far."""
+        from hyprstream.privacy.ledger import PrivacyLedger, Scope
+        from hyprstream.store import Store
+
+        if not devices.is_dir():
+            return
+        for path in sorted(devices.glob("device-*.privacy")):
+            device = int(path.name.removeprefix("device-").removesuffix(".privacy"))
+            with Store.open(path, readonly=True) as store:
+                for e in PrivacyLedger(store).entries(Scope.DEVICE):
+                    step = step_of(e.charge.base_version)
+                    if step is not None:
+                        self.privacy.append({"device": device, "round": step, "epsilon": e.epsilon,
+                                             "delta": e.delta})
+        if not self.privacy:
+            return
+        latest: dict[int, float] = {}
+        by_step: dict[int, float] = {}
+        for p in sorted(self.privacy, key=lambda p: (p["round"], p["device"])):
+            latest[p["device"]] = p["epsilon"]
+            by_step[p["round"]] = max(latest.values())
+        running = None
+        for i, row in enumerate(self.rows):
+            if row.kind == "global":
+                running = by_step.get(row.round, running)
+                self.rows[i] = replace(row, device_epsilon=running)
 
     def table(self) -> pa.Table:
         return pa.Table.from_pylist([asdict(r) for r in self.rows], schema=SCHEMA)
@@ -77,5 +156,16 @@ class MetricsLog:
     def global_rows(self) -> list[Row]:
         return [r for r in self.rows if r.kind == "global"]
 
+    def fog_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.kind == "fog_round"]
+
     def write(self, path: Path) -> None:
         pq.write_table(self.table(), path)
+
+    def write_run(self, out: Path) -> None:
+        """``metrics.parquet``, ``participation.parquet`` and, with DP-SGD, ``privacy.parquet`` in ``out``."""
+        self.write(out / "metrics.parquet")
+        pq.write_table(pa.Table.from_pylist(self.participation, schema=PARTICIPATION_SCHEMA),
+                       out / "participation.parquet")
+        if self.privacy:
+            pq.write_table(pa.Table.from_pylist(self.privacy, schema=PRIVACY_SCHEMA), out / "privacy.parquet")

@@ -36,37 +36,164 @@ def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accuracy: float,
-                 final_version: int) -> Path:
-    plot_accuracy(metrics, out / "accuracy.png")
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bytes(metrics: MetricsLog, path: Path) -> None:
+    """Payload bytes per tier and global step: agents -> fog, fog -> agents, fogs -> core."""
+    plt = _plt()
     g = metrics.global_rows()
+    steps = [r.round for r in g]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.27
+    for k, (label, values) in enumerate((("agents -> fog (up)", [r.bytes_up for r in g]),
+                                         ("fog -> agents (down)", [r.bytes_down for r in g]),
+                                         ("fog -> core (push)", [r.bytes_core for r in g]))):
+        ax.bar([s + (k - 1) * width for s in steps], [v / 1e6 for v in values], width, label=label)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("MB")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_participation(metrics: MetricsLog, path: Path) -> None:
+    """Agents asked and agents whose update counted, per step; rounds each device contributed to."""
+    plt = _plt()
+    rows = metrics.participation
+    steps = sorted({p["round"] for p in rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(steps, [sum(1 for p in rows if p["round"] == s) for s in steps], "o-", label="asked")
+    ax1.plot(steps, [sum(1 for p in rows if p["round"] == s and p["contributed"]) for s in steps], "o-",
+             label="contributed")
+    ax1.set_xlabel("global step")
+    ax1.set_ylabel("agents")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    per_device: dict[int, int] = {}
+    for p in rows:
+        per_device[p["device"]] = per_device.get(p["device"], 0) + int(p["contributed"])
+    ax2.hist(list(per_device.values()), bins=range(0, max(per_device.values(), default=0) + 2), align="left")
+    ax2.set_xlabel("rounds a device contributed to")
+    ax2.set_ylabel("devices")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_epsilon(metrics: MetricsLog, path: Path) -> None:
+    """Sample-level epsilon of each device after each step (DP-SGD), and the model's client-level epsilon."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for device in sorted({p["device"] for p in metrics.privacy}):
+        pts = sorted((p["round"], p["epsilon"]) for p in metrics.privacy if p["device"] == device)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "-", alpha=0.5, linewidth=1)
+    client = [(r.round, r.client_epsilon) for r in metrics.global_rows() if r.client_epsilon is not None]
+    if client:
+        ax.plot([x for x, _ in client], [y for _, y in client], "k o-", label="client-level (model)", linewidth=2)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("epsilon (one line per device)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accuracy: float,
+                 final_version: int, baseline: str | None = None) -> Path:
+    plot_accuracy(metrics, out / "accuracy.png")
+    plot_bytes(metrics, out / "bytes.png")
+    plot_participation(metrics, out / "participation.png")
+    private = bool(metrics.privacy) or any(r.client_epsilon is not None for r in metrics.rows)
+    if private:
+        plot_epsilon(metrics, out / "epsilon.png")
+    g = metrics.global_rows()
+    if baseline == "central":
+        shape = (f"- **Centralized reference**: the same model trained on the union of the {exp.num_agents} "
+                 f"agents' data, {exp.training.local_steps * exp.num_agents} minibatch steps per round")
+    elif baseline == "flat":
+        shape = (f"- **Flat baseline**: Flower's FedAvg over all {exp.num_agents} agents (no fogs, no core), every "
+                 "layer group trained, full-model fp32 updates")
+    else:
+        shape = f"- Fleet: {exp.fleet.fogs} fog(s) x {exp.fleet.agents_per_fog} agent(s)"
+    p = exp.privacy
+    fogs = baseline is None  # secure aggregation and client-level DP happen at fogs; DP-SGD on devices
+    parts = []
+    if fogs and p.secagg is not None:
+        parts.append(f"secure aggregation (clip {p.secagg.clip:g})")
+    if fogs and p.client_dp is not None:
+        parts.append(f"client-level DP (z {p.client_dp.noise_multiplier:g}, {p.client_dp.placement.value})")
+    if baseline != "central" and p.dpsgd is not None:
+        parts.append(f"DP-SGD (z {p.dpsgd.noise_multiplier:g}, C {p.dpsgd.max_grad_norm:g})")
+    privacy = ", ".join(parts)
     lines = [
-        f"# Simulation report: {exp.name}",
+        f"# Simulation report: {exp.name}" + {"flat": " (flat FedAvg baseline)",
+                                               "central": " (centralized reference)"}.get(baseline, ""),
         "",
         exp.description or "",
         "",
-        f"- Task: `{exp.task.name}`; fleet: {exp.fleet.fogs} fog(s) x {exp.fleet.agents_per_fog} agent(s); "
-        f"partition: {exp.partition.scheme.value}"
+        f"- Task: `{exp.task.name}`; partition: {exp.partition.scheme.value}"
         + (f" (alpha {exp.partition.alpha})" if exp.partition.scheme.value == "dirichlet" else ""),
+        shape,
         f"- Global steps: {exp.training.global_steps}; local steps {exp.training.local_steps}, batch "
-        f"{exp.training.batch_size}, lr {exp.training.lr}; layers: {', '.join(exp.training.layers) or 'all'}",
+        f"{exp.training.batch_size}, lr {exp.training.lr}; layers: "
+        + ("all" if baseline else ", ".join(exp.training.layers) or "all")
+        + ("" if baseline else f"; update encoding {exp.training.update_encoding.value}"),
         f"- Consistency: {exp.core.consistency.mode.value}; seed {exp.seed}",
+        f"- Privacy: {privacy or 'none'}",
+        *_buffered_lines(exp, baseline),
         "- Fleet mix: " + ", ".join(f"{name} {share:g}" for name, share in sorted(exp.fleet.profiles.items())),
         "- Simulated time (`sim s`): virtual seconds from each device profile's link and compute speed "
         "(`hyprstream.sim.clock`); `wall s`: real seconds of this run.",
         f"- **Final held-out accuracy: {final_accuracy:.4f}** (master version {final_version})",
+        f"- Payload bytes in total: agents -> fog {sum(r.bytes_up for r in g):,}, fog -> agents "
+        f"{sum(r.bytes_down for r in g):,}, fog -> core {sum(r.bytes_core for r in g):,}",
         "",
-        "| step | version | accuracy | loss | train loss | participants | bytes up | bytes down | sim s | wall s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step | version | accuracy | loss | train loss | participants | bytes up | bytes down | bytes core "
+        "| client eps | max device eps | sim s | wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in g:
         lines.append(f"| {r.round} | {r.version} | {r.accuracy:.4f} | {r.loss:.4f} | {r.train_loss:.4f} | "
-                     f"{r.participants} | {r.bytes_up:,} | {r.bytes_down:,} | {r.sim_s:.1f} | {r.wall_s:.1f} |")
-    lines += ["", "![accuracy](accuracy.png)", "", "## Experiment", "", "```toml",
-              *_toml_lines(to_dict(exp)), "```", ""]
+                     f"{r.participants} | {r.bytes_up:,} | {r.bytes_down:,} | {r.bytes_core:,} | "
+                     f"{_opt(r.client_epsilon)} | {_opt(r.device_epsilon)} | {r.sim_s:.1f} | {r.wall_s:.1f} |")
+    lines += ["", "![accuracy](accuracy.png)", "", "![bytes per tier](bytes.png)", "",
+              "![participation](participation.png)", ""]
+    if private:
+        lines += ["![epsilon](epsilon.png)", ""]
+    lines += ["## Experiment", "", "```toml", *_toml_lines(to_dict(exp)), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _buffered_lines(exp: Experiment, baseline: str | None) -> list[str]:
+    """The buffered asynchronous mode's settings (hyprstream.sim.buffered), when the run used it."""
+    if baseline is not None or exp.training.mode.value != "buffered":
+        return []
+    from hyprstream.sim.buffered import push_budget
+
+    b = exp.buffered
+    return [f"- Mode: buffered asynchronous (FedBuff): buffer_k {b.buffer_k}, max staleness {b.max_staleness}, "
+            f"concurrency {b.concurrency or exp.fleet.agents_per_fog} per fog; a global row (`step`) every "
+            f"{exp.fleet.fogs} pushes; "
+            + (f"run for {b.sim_seconds:g} simulated seconds" if b.sim_seconds is not None else
+               f"{push_budget(exp)} pushes of {b.buffer_k} updates in all, at least as many agent updates as "
+               "the sync mode's global steps ask for")]
+
+
+def _opt(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _toml_lines(d: dict, prefix: str = "") -> list[str]:

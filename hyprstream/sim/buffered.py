@@ -1,0 +1,133 @@
+"""The simulator's buffered asynchronous mode (``training.mode = "buffered"``): FedBuff fogs on one
+simulated clock.
+
+Each fog the harness built (a real :class:`~hyprstream.fog.aggregator.FogAggregator` on the Flower
+simulation grid) is wrapped in a :class:`~hyprstream.fog.buffered.BufferedFog` with a virtual clock:
+an agent job lasts what :meth:`VirtualFleet.agent_job_seconds` says for that device (the request's
+bytes down, the reply's bytes up in the experiment's update encoding, the training FLOPs of the
+plan's layers, each from the device profile's link and compute speed). All fogs share one simulated
+clock: the loop always steps the fog whose next completion is earliest (ties: the lower fog index),
+so versions reach core in simulated-time order. A push is committed at its completion time plus the
+fog -> core transfer of its delta; that is the ``sim_s`` of its metrics row. Agents that finish are
+sent the next request at once (the push's transfer does not delay them).
+
+Budget. By default the same number of agent updates as the sync run of the same experiment asks
+for, ``global_steps * agents_per_fog`` per fog: the run stops after
+``fogs * ceil(global_steps * agents_per_fog / buffer_k)`` pushes in total, so both modes spend the
+same local training work, the buffered one without waiting for stragglers. With
+``[buffered] sim_seconds`` the run instead handles every completion up to that simulated time (the
+budget for time-to-accuracy comparisons: fast agents' updates are discounted or refused as stale
+less often than stragglers', so equal work need not mean equal accuracy; what the comparison
+measures is the simulated time each mode needs to reach a target, which does not depend on the
+budget once the target is reached).
+Device availability (``[simulation] availability`` of the profiles) is not modelled here: every
+agent stays online.
+
+Metrics: one ``fog_round`` row per push (:meth:`BufferedPush.as_round`, its ``round`` set to the
+global step it falls in), scored on the master model core holds right after the push; one ``global``
+row every ``fogs`` pushes (a global step commits as many versions as a sync step does), scored on
+the same model, and one for the pushes left over when a ``sim_seconds`` budget ends the run. With the same seed the metrics are the same apart from ``wall_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from hyprstream.codec import Encoding, encoded_nbytes
+from hyprstream.core.client import CoreClient
+from hyprstream.fog.aggregator import FogAggregator, FogRound
+from hyprstream.fog.buffered import BufferedFog, BufferedPush, Dispatch
+from hyprstream.sim import clock
+from hyprstream.sim.experiment import Experiment
+from hyprstream.sim.fleet import VirtualFleet
+from hyprstream.sim.metrics import MetricsLog, Row
+from hyprstream.store import layer_table as lt
+
+Score = Callable[[dict[str, np.ndarray]], tuple[float, float]]
+
+
+def push_budget(exp: Experiment) -> int:
+    """Pushes in total over all fogs: the sync run's agent updates, ``buffer_k`` per push."""
+    per_fog = math.ceil(exp.training.global_steps * exp.fleet.agents_per_fog / exp.buffered.buffer_k)
+    return exp.fleet.fogs * per_fog
+
+
+def job_duration(exp: Experiment, fleet: VirtualFleet, device_of: Mapping[int, int],
+                 params: Mapping[str, tuple[str, tuple[int, ...]]]) -> Callable[[int, Dispatch], float]:
+    """``duration(node, dispatch)`` for a BufferedFog: simulated seconds of one agent job.
+
+    ``params`` maps each parameter name to its (layer group, shape)."""
+    encoding = Encoding(exp.training.update_encoding.value)
+    total = sum(int(np.prod(shape)) for _, shape in params.values())
+
+    def duration(node: int, dispatch: Dispatch) -> float:
+        trained = [shape for layer, shape in params.values() if layer in dispatch.layers]
+        flops = clock.training_flops(total, sum(int(np.prod(s)) for s in trained), fleet.local_samples)
+        up = sum(encoded_nbytes(s, encoding) for s in trained)
+        return fleet.agent_job_seconds(device_of[node], down_bytes=dispatch.bytes_down, up_bytes=up, flops=flops)
+
+    return duration
+
+
+def push_seconds(fleet: VirtualFleet, push: BufferedPush) -> float:
+    """Simulated seconds of the fog -> core transfer of ``push``'s delta (0 when nothing was committed)."""
+    if push.version is None:
+        return 0.0
+    nbytes = sum(int(d.nbytes) for d in push.delta.values())
+    return clock.transfer_s(nbytes, fleet.fog_core.uplink_mbps, fleet.fog_core.latency_ms)
+
+
+def run_buffered(exp: Experiment, fogs: Sequence[FogAggregator], *, fleet: VirtualFleet,
+                 device_of: Mapping[int, int], admin: CoreClient, model: str, metrics: MetricsLog,
+                 score: Score, started: float,
+                 on_step: Callable[[int, list[FogRound], Row], None] | None = None) -> None:
+    """Run the experiment's buffered mode on ``fogs`` until its budget (:func:`push_budget` pushes, or
+    ``[buffered] sim_seconds``) is spent, recording rows in ``metrics``; ``on_step(step, fog_rounds, global_row)`` after each global row."""
+    table = admin.get_weights(model).table
+    names, layers = table.column("name").to_pylist(), table.column("layer").to_pylist()
+    shapes = [tuple(s) for s in table.column("shape").to_pylist()]
+    params = {n: (layer, s) for n, layer, s in zip(names, layers, shapes, strict=True)}
+    duration = job_duration(exp, fleet, device_of, params)
+    cfg = exp.buffered
+    buffered = [BufferedFog(fog, buffer_k=cfg.buffer_k, max_staleness=cfg.max_staleness,
+                            concurrency=cfg.concurrency, duration=duration) for fog in fogs]
+    budget = push_budget(exp)
+    done = 0
+    step, rounds = 1, []
+    master, acc, loss, sim_s = None, float("nan"), float("nan"), 0.0
+    while cfg.sim_seconds is not None or done < budget:
+        fog = min(buffered, key=lambda b: b.next_time)  # min keeps the first of equal times
+        if cfg.sim_seconds is not None and fog.next_time > cfg.sim_seconds:
+            break
+        for push in fog.step():
+            done += 1
+            r = dataclasses.replace(push.as_round(), round=step)
+            sim_s = push.sim_time + push_seconds(fleet, push)
+            master = admin.get_weights(model)
+            loss, acc = score(lt.to_arrays(master.table))
+            pushed = sum(int(d.nbytes) for d in r.delta.values()) if r.version is not None else 0
+            metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started, sim_s=sim_s,
+                                  bytes_core=pushed)
+            metrics.add_participation(r, device_of)
+            if not rounds:
+                metrics.base_versions[step] = push.base_version
+            rounds.append(r)
+            if len(rounds) == len(fogs):
+                row = metrics.add_global(step, master.version, accuracy=acc, loss=loss, rounds=rounds,
+                                         wall_s=time.monotonic() - started, sim_s=sim_s)
+                if on_step is not None:
+                    on_step(step, rounds, row)
+                step, rounds = step + 1, []
+    if rounds:  # a sim_seconds budget ended the run within a global step
+        row = metrics.add_global(step, master.version, accuracy=acc, loss=loss, rounds=rounds,
+                                 wall_s=time.monotonic() - started, sim_s=sim_s)
+        if on_step is not None:
+            on_step(step, rounds, row)
+
+
+__all__ = ["job_duration", "push_budget", "push_seconds", "run_buffered"]

@@ -1,0 +1,147 @@
+"""The simulator's buffered asynchronous (FedBuff) mode: configuration rules, the virtual duration of an
+agent job, and seeded runs through Flower's simulation engine against the sync mode."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import MappingProxyType
+
+import pyarrow.parquet as pq
+import pytest
+
+from hyprstream.config import parse
+from hyprstream.errors import ConfigError
+from hyprstream.fog.buffered import Dispatch
+from hyprstream.sim import harness
+from hyprstream.sim.buffered import job_duration, push_budget
+from hyprstream.sim.compare import compare_runs, time_to_accuracy
+from hyprstream.sim.experiment import Experiment, TrainingMode, load_experiment
+from hyprstream.sim.fleet import VirtualFleet
+from hyprstream.sim.report import write_report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _exp(**sections) -> Experiment:
+    data = {"name": "t", "fleet": {"fogs": 2, "agents_per_fog": 3},
+            "training": {"mode": "buffered", "global_steps": 4}, **sections}
+    return parse(Experiment, data)
+
+
+@pytest.mark.unit
+def test_buffered_mode_refuses_secure_aggregation():
+    with pytest.raises(ConfigError, match=r"buffered mode cannot use \[privacy.secagg\]"):
+        _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}})
+    # the same section is fine in sync mode
+    parse(Experiment, {"name": "t", "privacy": {"secagg": {"clip": 50.0, "min_clients": 2}}})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", ["buffer_k", "concurrency"])
+def test_buffer_and_concurrency_at_most_agents_per_fog(key):
+    with pytest.raises(ConfigError, match=f"buffered.{key}.*larger than fleet.agents_per_fog"):
+        _exp(buffered={key: 4})
+    assert getattr(_exp(buffered={key: 3}).buffered, key) == 3
+
+
+@pytest.mark.unit
+def test_push_budget_matches_the_sync_runs_agent_updates():
+    # 4 steps x 3 agents = 12 updates per fog: 6 pushes of 2, or ceil(12 / 3) = 4 pushes of 3; 2 fogs
+    assert push_budget(_exp(buffered={"buffer_k": 2})) == 12
+    assert push_budget(_exp(buffered={"buffer_k": 3})) == 8
+    assert _exp().training.mode is TrainingMode.BUFFERED
+
+
+@pytest.mark.unit
+def test_job_duration_by_hand():
+    exp = _exp(fleet={"fogs": 1, "agents_per_fog": 1, "profiles": {"rpi3": 1.0}}, buffered={"buffer_k": 1},
+               training={"mode": "buffered", "local_steps": 10, "batch_size": 32, "update_encoding": "int8"})
+    fleet = VirtualFleet.build(exp)
+    params = {"a.weight": ("body", (100, 10)), "a.bias": ("body", (100,)), "h.weight": ("head", (10, 100))}
+    duration = job_duration(exp, fleet, {7: 0}, params)
+    dispatch = Dispatch(index=1, node=7, version=0, layers=("head",), bytes_down=8_400, sent_at=0.0)
+    # rpi3: 20 Mbit/s down, 10 Mbit/s up, 5 ms one way, 0.12 x 20 GFLOP/s. 320 samples through 2100
+    # parameters forward (2 FLOPs each) and the 1000 of "head" backward (4 each); int8 reply: 1000 bytes
+    # of values plus a 4-byte scale.
+    down = 0.005 + 8_400 * 8 / 20e6
+    compute = 320 * (2 * 2100 + 4 * 1000) / (0.12 * 20e9)
+    up = 0.005 + 1_004 * 8 / 10e6
+    assert duration(7, dispatch) == pytest.approx(down + compute + up, rel=1e-12)
+
+
+# -- seeded runs on Flower's simulation engine: 2 fogs x 3 agents, one Raspberry Pi 3 among x86 gateways
+def small(mode: str) -> Experiment:
+    exp = load_experiment(ROOT / "simulations" / "stragglers-async.toml")
+    return dataclasses.replace(
+        exp, name=f"small-{mode}",
+        fleet=dataclasses.replace(exp.fleet, agents_per_fog=3,
+                                  profiles=MappingProxyType({"x86-gateway": 5 / 6, "rpi3": 1 / 6})),
+        training=dataclasses.replace(exp.training, mode=TrainingMode(mode), global_steps=4, local_steps=10),
+        buffered=dataclasses.replace(exp.buffered, buffer_k=2, sim_seconds=0.12))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for name, mode in (("sync", "sync"), ("async", "buffered"), ("async-again", "buffered")):
+        path = tmp_path_factory.mktemp(name)
+        exp = small(mode)
+        result = harness.run(exp, path)
+        write_report(exp, result.metrics, path, final_accuracy=result.final_accuracy,
+                     final_version=result.final_version)
+        out[name] = (exp, path, result)
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path / "metrics.parquet").to_pylist()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_buffered_run_writes_metrics(runs):
+    exp, path, result = runs["async"]
+    fleet = VirtualFleet.build(exp)
+    assert sum(p.name.startswith("Raspberry Pi 3") for p in fleet.profiles) == 1
+    rows = _rows(path)
+    pushes = [r for r in rows if r["kind"] == "fog_round"]
+    glob = [r for r in rows if r["kind"] == "global"]
+    # every push commits the next version at core, in simulated-time order, within the budget
+    assert [r["version"] for r in pushes] == list(range(1, len(pushes) + 1))
+    assert result.final_version == len(pushes) > push_budget(exp)  # 0.12 s is more than the update budget
+    sims = [r["sim_s"] for r in pushes]
+    assert sims == sorted(sims) and 0 < sims[-1] <= exp.buffered.sim_seconds + 0.011
+    assert {r["fog"] for r in pushes} == {"fog-0", "fog-1"}
+    assert all(r["participants"] == exp.buffered.buffer_k for r in pushes)
+    # a global row every `fogs` pushes, on the version and time of the last of them
+    assert [r["round"] for r in glob] == list(range(1, len(glob) + 1))
+    for g in glob:
+        mine = [r for r in pushes if r["round"] == g["round"]]
+        assert len(mine) <= exp.fleet.fogs and g["version"] == mine[-1]["version"]
+        assert g["sim_s"] == mine[-1]["sim_s"] and g["accuracy"] == mine[-1]["accuracy"]
+    assert glob[-1]["accuracy"] == pytest.approx(result.final_accuracy)
+    assert "Mode: buffered asynchronous (FedBuff)" in (path / "report.md").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_same_seed_same_metrics(runs):
+    a, b = _rows(runs["async"][1]), _rows(runs["async-again"][1])
+    for rows in (a, b):
+        for r in rows:
+            del r["wall_s"]
+    assert a == b
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_async_reaches_the_sync_accuracy_sooner_under_a_straggler(runs):
+    sync = [r for r in _rows(runs["sync"][1]) if r["kind"] == "global"]
+    fast = [r for r in _rows(runs["async"][1]) if r["kind"] == "global"]
+    target = sync[-1]["accuracy"]
+    t_sync, t_async = time_to_accuracy(sync, target), time_to_accuracy(fast, target)
+    assert t_sync is not None and t_async is not None
+    assert t_async < t_sync
+    text = compare_runs(runs["sync"][1], runs["async"][1])
+    assert f"sim s to reach A's final accuracy {target:.4f}: A {t_sync:.3f}, B {t_async:.3f}" in text
