@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flwr.app import Message, RecordDict
 
 from hyprstream.errors import HyprstreamError
 from hyprstream.protocol import DEVICE_QUERY_TYPE, DeviceInfo
+
+log = logging.getLogger("hyprstream.fog")
 
 
 def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -> list[int]:
@@ -22,14 +25,27 @@ def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -
         time.sleep(poll_s)
 
 
-def discover(grid, node_ids: list[int], *, timeout_s: float) -> dict[int, DeviceInfo]:
-    """Ask every node which device it is (``query.device``); returns the answers by node ID."""
+def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool = True) -> dict[int, DeviceInfo]:
+    """Ask every node which device it is (``query.device``); returns the answers by node ID.
+
+    With ``require_all`` (the simulator: every agent must be there) a node that fails or does not answer
+    is an error; without it (a deployed fog: agents come and go) it is left out and logged."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY_TYPE) for n in node_ids]
     found: dict[int, DeviceInfo] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        if reply.has_error():
-            raise HyprstreamError(f"node {reply.metadata.src_node_id} failed the device query: {reply.error.reason}")
-        found[reply.metadata.src_node_id] = DeviceInfo.from_content(reply.content)
+        node = reply.metadata.src_node_id
+        try:
+            if reply.has_error():
+                raise HyprstreamError(f"node {node} failed the device query: {reply.error.reason}")
+            found[node] = DeviceInfo.from_content(reply.content)
+        except HyprstreamError as exc:  # ValidationError included: a malformed answer
+            if require_all:
+                raise
+            log.warning("left out this round: %s", exc)
+    if not require_all:
+        if len(found) < len(node_ids):
+            log.warning("%d of %d agents answered the device query", len(found), len(node_ids))
+        return found
     if len(found) != len(node_ids):
         raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query")
     return found

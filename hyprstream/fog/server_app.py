@@ -129,8 +129,9 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> l
     round_no = 0
     while not stop.is_set() and (r.max_rounds == 0 or round_no < r.max_rounds):
         round_no += 1
-        nodes = wait_for_nodes(grid, r.min_agents, timeout_s=r.timeout_s)
-        devices = discover(grid, nodes, timeout_s=r.timeout_s)
+        devices = _agents(grid, cfg, stop)
+        if devices is None:
+            break
         ordered = sorted(devices, key=lambda n: devices[n].device_id)
         plan = RoundPlan(task=r.task, layers=layers_for(cfg, round_no), local_steps=r.local_steps,
                          batch_size=r.batch_size, lr=r.lr, min_replies=r.min_replies, timeout_s=r.timeout_s,
@@ -162,6 +163,25 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> l
     return done
 
 
+def _agents(grid: Grid, cfg: FogConfig, stop: threading.Event):
+    """The connected agents that answer the device query, once at least ``rounds.min_agents`` do; a
+    fog keeps waiting for its fleet (agents join late, restart, miss a query) until it is stopped
+    (then None)."""
+    r = cfg.rounds
+    while not stop.is_set():
+        try:
+            nodes = wait_for_nodes(grid, r.min_agents, timeout_s=r.timeout_s)
+        except HyprstreamError as exc:
+            log.warning("fog %s: %s; still waiting", cfg.name, exc)
+            continue
+        devices = discover(grid, nodes, timeout_s=r.timeout_s, require_all=False)
+        if len(devices) >= r.min_agents:
+            return devices
+        log.warning("fog %s: %d agent(s) answered, %d needed; asking again", cfg.name, len(devices), r.min_agents)
+        stop.wait(max(r.pause_s, 1.0))
+    return None
+
+
 def _fleet_and_offload(cfg: FogConfig, resources: ExitStack):
     """Start the fleet view (``[fleet]``) and the offload endpoint (``[offload]``) when configured; they
     stop when ``resources`` close. Returns the round selector, or None without a fleet view."""
@@ -190,8 +210,9 @@ def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> lis
     from hyprstream.fog.buffered import BufferedFog
 
     r = cfg.rounds
-    nodes = wait_for_nodes(grid, r.min_agents, timeout_s=r.timeout_s)
-    devices = discover(grid, nodes, timeout_s=r.timeout_s)
+    devices = _agents(grid, cfg, stop)
+    if devices is None:
+        return []
     ordered = sorted(devices, key=lambda n: devices[n].device_id)
     plan = RoundPlan(task=r.task, layers=r.layers, local_steps=r.local_steps, batch_size=r.batch_size, lr=r.lr,
                      timeout_s=r.timeout_s, max_update_norm=r.max_update_norm)

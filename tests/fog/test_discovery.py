@@ -1,0 +1,24 @@
+"""Device discovery on a fog's grid: strict in the simulator, tolerant on a deployed fog."""
+
+from __future__ import annotations
+
+import pytest
+
+from hyprstream.agent.client_app import app as agent_app
+from hyprstream.errors import HyprstreamError
+from hyprstream.fog.discovery import discover
+from hyprstream.fog.loopback import LoopbackGrid
+
+pytestmark = pytest.mark.integration
+
+
+def test_an_agent_that_does_not_answer_is_left_out_only_when_tolerated(site):
+    nodes = [1, 2, 3]
+    # node 3 names no store: its query handler fails; node 2's query is lost on the way
+    config = {1: {"store-dir": str(site.stores[1])}, 2: {"store-dir": str(site.stores[2])}, 3: {}}
+    grid = LoopbackGrid(agent_app, nodes, node_config=config.__getitem__,
+                        drop=lambda node, msg: node == 2)
+    with pytest.raises(HyprstreamError, match="failed the device query"):
+        discover(grid, nodes, timeout_s=0.5)
+    found = discover(grid, nodes, timeout_s=0.5, require_all=False)
+    assert sorted(found) == [1] and found[1].device_id == site.stores[1].name and found[1].num_examples > 0
