@@ -16,7 +16,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     service = FogService(cfg, args.config)
 
     def terminate(signum, frame) -> None:
-        service.stop()
+        # Waiting for a child here, while the main thread waits for it too, cannot finish (Python's
+        # wait lock): end the run, and let the main thread's ``finally`` stop the rest.
+        if service.run is not None and service.run.poll() is None:
+            service.run.send_signal(signal.SIGTERM)
+        else:
+            raise SystemExit(0)
 
     previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
