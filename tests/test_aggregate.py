@@ -287,3 +287,60 @@ def test_update_matrix_mean_is_that_of_the_accepted_updates(updates: list[tuple[
         rows = [d[name].astype(np.float64).ravel().tolist() for d, _ in accepted]
         expected = reference_mean(rows, [w for _, w in accepted])
         np.testing.assert_allclose(value.ravel(), expected, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ robust aggregation
+
+def test_robust_rules_by_hand():
+    from hyprstream.fog.aggregate import Aggregation
+
+    m = UpdateMatrix({"w": (3,)}, capacity=5)
+    for row in ([1.0, 10.0, -1.0], [2.0, 20.0, -2.0], [3.0, 30.0, -3.0], [4.0, 40.0, -4.0], [1000.0, -1e6, 7.0]):
+        m.add({"w": np.array(row, np.float32)}, 1.0)
+    np.testing.assert_allclose(m.aggregate(Aggregation.MEDIAN)["w"], [3.0, 20.0, -2.0])
+    # 5 rows, trim 0.2: one value dropped at each end of every coordinate
+    np.testing.assert_allclose(m.aggregate(Aggregation.TRIMMED_MEAN, 0.2)["w"], [3.0, 20.0, -2.0])
+    np.testing.assert_allclose(m.aggregate(Aggregation.TRIMMED_MEAN, 0.0)["w"], m.mean()["w"], rtol=1e-6)
+    with pytest.raises(ValidationError, match="trim fraction"):
+        m.aggregate(Aggregation.TRIMMED_MEAN, 0.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 12), n=st.integers(1, 20), trim=st.floats(0.0, 0.49), seed=st.integers(0, 2**31 - 1))
+def test_robust_rules_stay_within_the_updates_and_match_numpy(k, n, trim, seed):
+    from hyprstream.fog.aggregate import Aggregation
+
+    rows = np.random.default_rng(seed).normal(0, 1, (k, n)).astype(np.float32)
+    m = UpdateMatrix({"w": (n,)}, capacity=k)
+    for r in rows:
+        m.add({"w": r}, 1.0)
+    med = m.aggregate(Aggregation.MEDIAN)["w"]
+    np.testing.assert_allclose(med, np.median(rows, axis=0), rtol=1e-6, atol=1e-6)
+    tm = m.aggregate(Aggregation.TRIMMED_MEAN, trim)["w"]
+    cut = int(np.floor(trim * k))
+    ref = np.sort(rows, axis=0)[cut:k - cut].mean(axis=0)
+    np.testing.assert_allclose(tm, ref, rtol=1e-5, atol=1e-6)
+    lo, hi = rows.min(axis=0), rows.max(axis=0)
+    assert np.all(tm >= lo - 1e-6) and np.all(tm <= hi + 1e-6)
+    # one update, however large, moves the median by at most the spread of the others
+    if k >= 3:
+        bad = rows.copy()
+        bad[0] = 1e6
+        mb = UpdateMatrix({"w": (n,)}, capacity=k)
+        for r in bad:
+            mb.add({"w": r}, 1.0)
+        got = mb.aggregate(Aggregation.MEDIAN)["w"]
+        assert np.all(got <= rows.max(axis=0) + 1e-6)
+
+
+def test_robust_aggregation_is_refused_with_secure_aggregation(tmp_path):
+    from hyprstream.errors import ConfigError
+    from hyprstream.fog.config import load_fog_config
+
+    path = tmp_path / "fog.toml"
+    path.write_text('kind = "fog"\nname = "f"\n[core]\nlocation = "grpc://127.0.0.1:1"\ntoken_file = "t"\n'
+                    'model = "m"\n[rounds]\naggregation = "median"\n[privacy.secagg]\nclip = 1.0\n')
+    with pytest.raises(ConfigError, match="robust aggregation needs each update"):
+        load_fog_config(path)
+    path.write_text(path.read_text().replace("[privacy.secagg]\nclip = 1.0\n", ""))
+    assert load_fog_config(path).rounds.aggregation.value == "median"

@@ -8,6 +8,7 @@ arithmetic.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,28 @@ def weighted_mean(matrix: np.ndarray, weights: np.ndarray, out: np.ndarray | Non
     dtype = matrix.dtype if np.issubdtype(matrix.dtype, np.floating) else np.dtype(np.float64)
     coef = (w / total).astype(dtype, copy=False)
     return np.matmul(coef, matrix, out=out)
+
+
+class Aggregation(enum.Enum):
+    """How a fog combines its agents' deltas (robust rules only where it sees each delta, i.e. without
+    secure aggregation)."""
+
+    MEAN = "mean"  # weighted by num_examples (FedAvg)
+    TRIMMED_MEAN = "trimmed_mean"  # per coordinate: drop the trim fraction of smallest and largest values
+    MEDIAN = "median"  # per coordinate
+
+
+def trimmed_mean(matrix: np.ndarray, trim: float) -> np.ndarray:
+    """Coordinate-wise trimmed mean of the rows of ``matrix`` (``(K, n)``): the ``floor(trim * K)``
+    smallest and largest values of each coordinate are dropped (Yin et al. 2018); unweighted."""
+    if not 0 <= trim < 0.5:
+        raise ValidationError(f"trim fraction must be in [0, 0.5), got {trim}")
+    k = matrix.shape[0]
+    cut = int(np.floor(trim * k))
+    if cut == 0:
+        return matrix.mean(axis=0, dtype=np.float64).astype(matrix.dtype, copy=False)
+    part = np.partition(matrix, (cut, k - cut - 1), axis=0)
+    return part[cut:k - cut].mean(axis=0, dtype=np.float64).astype(matrix.dtype, copy=False)
 
 
 class UpdateMatrix:
@@ -120,6 +143,22 @@ class UpdateMatrix:
             name: weighted_mean(rows[:k], self._weights[:k]).reshape(self.shapes[name])
             for name, rows in self._rows.items()
         }
+
+    def aggregate(self, rule: Aggregation = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
+        """The rows added so far combined by ``rule`` (the weighted mean, or an unweighted robust rule)."""
+        if rule is Aggregation.MEAN:
+            return self.mean()
+        if self.count == 0:
+            raise ValidationError("no updates to aggregate")
+        k = self.count
+        out = {}
+        for name, rows in self._rows.items():
+            if rule is Aggregation.MEDIAN:
+                combined = np.median(rows[:k], axis=0).astype(self.dtype, copy=False)
+            else:
+                combined = trimmed_mean(rows[:k], trim)
+            out[name] = combined.reshape(self.shapes[name])
+        return out
 
     @property
     def total_weight(self) -> float:

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import Snapshot
 from hyprstream.errors import TransportError, ValidationError
-from hyprstream.fog.aggregate import UpdateMatrix
+from hyprstream.fog.aggregate import Aggregation, UpdateMatrix
 from hyprstream.fog.outbox import Delivery, Outbox, Outcome, Push
 from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
 from hyprstream.store import layer_table as lt
@@ -41,6 +41,8 @@ class RoundPlan:
     timeout_s: float = 120.0
     max_update_norm: float | None = None
     update_encoding: str = "fp32"  # how agents encode their deltas ("int8": hyprstream.codec)
+    aggregation: Aggregation = Aggregation.MEAN  # robust rules: plain rounds only (the fog sees each delta)
+    trim_fraction: float = 0.1  # trimmed_mean: share of values dropped at each end, per coordinate
 
 
 @dataclass
@@ -94,6 +96,7 @@ class FogAggregator:
         self._seq = max((p.seq for p in self.outbox.pending()), default=0)
         self._local: Snapshot | None = None  # last pulled version plus this fog's undelivered deltas
         self._hooks: list[Callable[[Delivery], None]] = []
+        self.last_staleness: int | None = None  # of the last push core committed, as core measured it
 
     def pull(self) -> Snapshot:
         """The current master layers; while core is unreachable, the last ones pulled with this fog's
@@ -126,6 +129,8 @@ class FogAggregator:
 
     def _delivered(self, deliveries: list[Delivery]) -> list[Delivery]:
         for delivery in deliveries:
+            if delivery.result is not None:  # versions core committed on the push's layers since its base
+                self.last_staleness = max(delivery.result.staleness.values(), default=0)
             for hook in self._hooks:
                 hook(delivery)
         return deliveries
@@ -220,7 +225,7 @@ class FogAggregator:
         ready = [layer for layer, m in matrices.items() if m.count >= max(1, self.plan.min_replies)]
         if ready:
             for layer in ready:
-                delta.update(matrices[layer].mean())
+                delta.update(matrices[layer].aggregate(self.plan.aggregation, self.plan.trim_fraction))
             version = self.push(base, delta, ready, len(contributors), reasons)
         else:
             log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",

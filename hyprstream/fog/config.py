@@ -10,6 +10,7 @@ from hyprstream.agent.publisher import BrokerConfig
 from hyprstream.agent.telemetry import check_topic_part
 from hyprstream.config import Checked, load, read_toml, setting
 from hyprstream.errors import ConfigError, ValidationError
+from hyprstream.fog.aggregate import Aggregation
 from hyprstream.fog.selection import SelectionRules, SelectionWeights
 from hyprstream.privacy.config import PrivacyConfig
 
@@ -66,6 +67,9 @@ class RoundSettings(Checked):
     max_rounds: int = setting(0, ge=0, doc="stop after this many rounds; 0: run until stopped")
     pause_s: float = setting(0.0, ge=0.0, doc="wait between rounds")
     max_update_norm: float | None = setting(None, gt=0.0)
+    aggregation: Aggregation = setting(Aggregation.MEAN, doc="mean (FedAvg), trimmed_mean or median (robust, "
+                                       "coordinate-wise; not with secure aggregation)")
+    trim_fraction: float = setting(0.1, ge=0.0, lt=0.5, doc="trimmed_mean: share dropped at each end")
     mode: RoundMode = setting(RoundMode.SYNC, doc="sync rounds or buffered asynchronous aggregation (FedBuff)")
     buffer_k: int = setting(3, ge=1, doc="buffered: updates per push")
     max_staleness: int = setting(4, ge=0, doc="buffered: refuse updates trained this many versions ago or more")
@@ -177,6 +181,12 @@ class FogConfig(Checked):
     state_dir: str = setting("", doc="where the fog keeps its Flower home and logs (default: a temp dir)")
 
     def check(self):
+        if self.rounds.aggregation is not Aggregation.MEAN and self.privacy.secagg is not None:
+            yield "rounds.aggregation", ("robust aggregation needs each update in the clear; with secure aggregation "
+                                         "the fog sees only the sum: use aggregation = 'mean' (clipping bounds "
+                                         "each agent's influence)")
+        if self.rounds.aggregation is not Aggregation.MEAN and self.rounds.mode is RoundMode.BUFFERED:
+            yield "rounds.aggregation", "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'"
         if self.rounds.mode is RoundMode.BUFFERED and self.privacy.secagg is not None:
             yield "rounds.mode", "secure aggregation ([privacy.secagg]) needs synchronous rounds: use mode = 'sync'"
         secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round

@@ -28,6 +28,8 @@ _HELP = {
     "hyprstream_fog_outbox_pushes": ("gauge", "Pushes waiting for core (partition)."),
     "hyprstream_fog_last_round_seconds": ("gauge", "Wall seconds of the last round."),
     "hyprstream_fog_master_version": ("gauge", "Master version the fog last pushed or pulled."),
+    "hyprstream_fog_push_staleness": ("gauge", "Staleness core measured for the fog's last committed push "
+                                               "(versions committed on its layers since its base)."),
     "hyprstream_fog_last_progress_timestamp_seconds": ("gauge", "Unix time of the last finished round."),
 }
 # with client-level DP only (``[privacy.client_dp]``): absent from /metrics otherwise
@@ -61,9 +63,11 @@ class FogMetrics:
                 return None
             return {name.removeprefix("hyprstream_fog_privacy_"): value for name, value in self._privacy.items()}
 
-    def record(self, r: FogRound, outbox: int) -> None:
+    def record(self, r: FogRound, outbox: int, staleness: int | None = None) -> None:
         with self._lock:
             v = self._values
+            if staleness is not None:
+                v["hyprstream_fog_push_staleness"] = staleness
             v["hyprstream_fog_rounds_total"] += 1
             v["hyprstream_fog_pushes_total"] += r.version is not None
             v["hyprstream_fog_participants_total"] += r.participants

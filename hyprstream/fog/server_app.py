@@ -135,7 +135,8 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> l
         ordered = sorted(devices, key=lambda n: devices[n].device_id)
         plan = RoundPlan(task=r.task, layers=layers_for(cfg, round_no), local_steps=r.local_steps,
                          batch_size=r.batch_size, lr=r.lr, min_replies=r.min_replies, timeout_s=r.timeout_s,
-                         max_update_norm=r.max_update_norm)
+                         max_update_norm=r.max_update_norm, aggregation=r.aggregation,
+                         trim_fraction=r.trim_fraction)
         if fog is None:
             outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
             fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox)
@@ -154,7 +155,7 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> l
         log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, round_no, result.participants,
                  len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "")
         done.append(result)
-        metrics.record(result, len(fog.outbox))
+        metrics.record(result, len(fog.outbox), fog.last_staleness)
         _record_privacy(metrics, runner, cfg.privacy)
         if on_round is not None:
             on_round(result)
@@ -227,7 +228,7 @@ def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> lis
         log.info("fog %s push %d: %d update(s), staleness max %d, version %s", cfg.name, push.index,
                  push.participants, push.max_staleness, push.version)
         done.append(result)
-        metrics.record(result, len(fog.outbox))
+        metrics.record(result, len(fog.outbox), fog.last_staleness)
         if on_round is not None:
             on_round(result)
 
