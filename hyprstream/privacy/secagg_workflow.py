@@ -102,7 +102,8 @@ class SecureFogAggregator:
         self._memory = RdpAccountant() if client_dp is not None and ledger is None else None
         # ledger entries of released rounds whose push core has not answered yet: push seq -> entry seq
         self._unbound: dict[int, int] = {}
-        self._bound: dict[int, Entry] = {}
+        self._bound: dict[int, Entry] = {}  # bound while their push was being sent (read back by _push)
+        self._sending: int | None = None  # the seq _push is sending now
         if ledger is not None:
             fog.on_delivery(self._bind)
         if self._memory is not None:
@@ -401,8 +402,12 @@ class SecureFogAggregator:
         seq = self.fog.next_seq()
         if entry is not None and self.ledger is not None:
             self._unbound[seq] = entry.seq
-        version = self.fog.push(pending.base, delta, pending.layers, participants, reasons, privacy=privacy,
-                                transcript_sha256=transcript, seq=seq)
+        self._sending = seq
+        try:
+            version = self.fog.push(pending.base, delta, pending.layers, participants, reasons, privacy=privacy,
+                                    transcript_sha256=transcript, seq=seq)
+        finally:
+            self._sending = None
         return version, self._bound.pop(seq, entry)
 
     def _bind(self, delivery) -> None:
@@ -412,7 +417,9 @@ class SecureFogAggregator:
         entry_seq = self._unbound.pop(delivery.push.seq, None)
         if entry_seq is None or delivery.result is None or self.ledger is None:
             return
-        self._bound[delivery.push.seq] = self.ledger.bind(entry_seq, delivery.result.version)
+        bound = self.ledger.bind(entry_seq, delivery.result.version)
+        if delivery.push.seq == self._sending:
+            self._bound[delivery.push.seq] = bound
 
 
 def _payload_bytes(content: RecordDict) -> int:

@@ -16,18 +16,7 @@ _spec.loader.exec_module(_agent)
 Broker = _agent.Broker
 MOSQUITTO = _agent.MOSQUITTO
 free_port = _agent.free_port
-
-
-@pytest.fixture()
-def broker(tmp_path):
-    if MOSQUITTO is None:
-        pytest.skip("mosquitto is not installed")
-    b = Broker(tmp_path)
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
+broker = _agent.broker  # the same fixture: a private mosquitto on a free loopback port
 
 
 @dataclass

@@ -4,6 +4,7 @@ pushing to a real core Flight server on loopback."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,11 @@ def test_a_secure_round_while_core_is_down_waits_in_the_outbox_and_is_applied_on
             core.server = CoreFlightServer(core.server.repository, core.server.authenticator,
                                            f"grpc://127.0.0.1:{port}")
             core.server.start_background()
+            deadline = time.monotonic() + 60  # the client's gRPC channel reconnects with backoff
+            while len(secure.fog.outbox) and time.monotonic() < deadline:
+                secure.fog.deliver()  # what the fog's next pull does first
+                time.sleep(0.5)
+            assert len(secure.fog.outbox) == 0
             third = secure.run_round(3)
             assert third.version == 3 and len(secure.fog.outbox) == 0
             assert [e.charge.version for e in ledger.entries(Scope.MODEL, "digits")] == [1, 2, 3]
