@@ -42,7 +42,8 @@ def int8_scale(x: np.ndarray) -> np.float32:
     """The float32 step of ``x``'s int8 encoding: ``max|x| / 127``, rounded up so no value clips."""
     m = float(np.max(np.abs(x))) if x.size else 0.0
     scale = np.float32(m / INT8_MAX)
-    if scale > 0 and float(scale) * INT8_MAX < m:
+    # rounding to float32 may land just below m/127, or at 0 for the tiniest (subnormal) values
+    if m > 0 and float(scale) * INT8_MAX < m:
         scale = np.nextafter(scale, np.float32(np.inf))
     return scale
 
