@@ -1,7 +1,7 @@
 """The centralized reference (``hyprstream simulate --baseline central``): the same model trained on all data.
 
 The training split that the federated runs partition across devices is kept in one place and the
-task's model (same seed) is trained on it with the agents' own trainer
+task's model (same seed, or the same pretrained start: ``[pretrain]``, hyprstream.sim.pretrain) is trained on it with the agents' own trainer
 (:func:`~hyprstream.agent.trainer.train_layers`: Adam, the experiment's batch size and learning
 rate, every layer group). Each of the ``global_steps`` rounds runs as many minibatch steps as the
 whole fleet runs in a federated round (``local_steps`` x number of agents), then the model is
@@ -23,7 +23,8 @@ CENTRAL = "central"
 
 def run_central(exp, out: Path, *, on_step=None):
     """Train ``exp``'s model centrally; writes ``metrics.parquet`` into ``out``."""
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.agent.trainer import load_weights, model_weights, train_layers
+    from hyprstream.sim.pretrain import initial_state, record
     from hyprstream.fog.aggregator import FogRound
     from hyprstream.sim.harness import SimulationResult
     from hyprstream.sim.metrics import MetricsLog
@@ -39,9 +40,13 @@ def run_central(exp, out: Path, *, on_step=None):
     task = get_task(exp.task.name)
     train, test = task.load_reference_data(exp.seed)
     # train and evaluate on exactly what devices would decode from their stores
-    train = task.from_table(task.to_table(train))
     test = task.from_table(task.to_table(test))
+    # the federated runs' start and data: pretrained weights and the samples devices hold ([pretrain])
+    start = initial_state(exp, task, train, test)
+    record(start, out)
+    train = task.from_table(task.to_table(start.train))
     model = task.build_model(seed=exp.seed)
+    load_weights(model, start.weights)
     layers = tuple(task.layer_groups(model))
     n_params = sum(p.numel() for p in model.parameters())
     steps = exp.training.local_steps * exp.num_agents

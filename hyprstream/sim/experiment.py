@@ -91,6 +91,17 @@ class BufferedSection:
 
 
 @dataclass(frozen=True)
+class PretrainSection:
+    """The shared model's start (hyprstream.sim.pretrain): trained centrally on a public slice no device holds."""
+
+    public_samples: int = setting(0, ge=0, doc="samples set aside as public data; 0: start from the seeded "
+                                  "random initialisation")
+    steps: int = setting(500, ge=1, le=1000000, doc="minibatch steps of central training on the public slice")
+    batch_size: int = setting(64, ge=1, le=65536)
+    lr: float = setting(0.002, gt=0.0, lt=10.0)
+
+
+@dataclass(frozen=True)
 class CoreSection:
     consistency: ConsistencyPolicy = setting(ConsistencyPolicy())
     max_update_norm: float | None = setting(None, gt=0.0)
@@ -113,6 +124,7 @@ class Experiment(Checked):
     fleet: FleetSection = field(default_factory=FleetSection)
     network: NetworkSection = field(default_factory=NetworkSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
     core: CoreSection = field(default_factory=CoreSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     buffered: BufferedSection = field(default_factory=BufferedSection)  # used when training.mode = "buffered"
@@ -169,6 +181,7 @@ def reduced(exp: Experiment) -> Experiment:
         training=replace(exp.training, global_steps=min(exp.training.global_steps, 2),
                          local_steps=min(exp.training.local_steps, 10),
                          min_replies=min(exp.training.min_replies, agents)),
+        pretrain=replace(exp.pretrain, steps=min(exp.pretrain.steps, 20)),
         buffered=replace(exp.buffered, buffer_k=min(exp.buffered.buffer_k, agents),
                          concurrency=min(exp.buffered.concurrency or agents, agents), sim_seconds=None),
     )

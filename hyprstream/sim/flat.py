@@ -114,7 +114,6 @@ def run_flat(exp, out: Path, *, on_step=None):
     from flwr.serverapp import ServerApp
 
     from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights
     from hyprstream.fog.aggregator import FogRound
     from hyprstream.fog.discovery import discover, wait_for_nodes
     from hyprstream.sim.harness import SimulationResult, prepare_run, simulate
@@ -123,9 +122,8 @@ def run_flat(exp, out: Path, *, on_step=None):
     started = time.monotonic()
     prep = prepare_run(exp, out)
     task = get_task(exp.task.name)
-    model = task.build_model(seed=exp.seed)
-    initial = model_weights(model)
-    layers = tuple(task.layer_groups(model))  # the baseline trains every layer group
+    initial = prep.initial  # the same start as the hierarchical run (hyprstream.sim.pretrain)
+    layers = tuple(task.layer_groups(prep.model))  # the baseline trains every layer group
     metrics = MetricsLog()
     state: dict = {"sim_s": 0.0, "weights": initial}
     failure: list[BaseException] = []

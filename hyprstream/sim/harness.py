@@ -19,7 +19,7 @@ import numpy as np
 
 from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_name
 from hyprstream.agent.task import Dataset, Task, get_task
-from hyprstream.agent.trainer import evaluate, load_weights, model_weights
+from hyprstream.agent.trainer import evaluate, load_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry, new_token
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository, ModelSettings
@@ -31,6 +31,7 @@ from hyprstream.sim import partition
 from hyprstream.sim.experiment import Experiment, PartitionScheme
 from hyprstream.sim.fleet import VirtualFleet
 from hyprstream.sim.metrics import MetricsLog, Row
+from hyprstream.sim.pretrain import initial_state, record
 from hyprstream.store import Store
 from hyprstream.store import layer_table as lt
 
@@ -117,6 +118,7 @@ class Prepared:
     sizes: list[int]
     fleet: VirtualFleet
     model: object  # a torch module of the task, for evaluation
+    initial: dict[str, np.ndarray]  # the shared model's starting weights (hyprstream.sim.pretrain)
 
     def score(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
         """Held-out (loss, accuracy) of ``weights``."""
@@ -130,9 +132,11 @@ def prepare_run(exp: Experiment, out: Path) -> Prepared:
     task = get_task(exp.task.name)
     train, test = task.load_reference_data(exp.seed)
     test = task.from_table(task.to_table(test))  # evaluate on exactly what a device would decode
-    sizes = prepare_devices(exp, task, train, out / "devices")
+    start = initial_state(exp, task, train, test)
+    record(start, out)
+    sizes = prepare_devices(exp, task, start.train, out / "devices")
     log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
-    return Prepared(task, test, sizes, VirtualFleet.build(exp), task.build_model(seed=exp.seed))
+    return Prepared(task, test, sizes, VirtualFleet.build(exp), task.build_model(seed=exp.seed), start.weights)
 
 
 def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[BaseException]) -> None:
@@ -219,8 +223,7 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     endpoint = CoreEndpoint(location, reader_token)
     admin = CoreClient(location, admin_token)
     model_name = f"{exp.task.name}-model"
-    model = task.build_model(seed=exp.seed)
-    admin.register_model(model_name, lt.to_table(model_weights(model), layer=task.layer_of),
+    admin.register_model(model_name, lt.to_table(prep.initial, layer=task.layer_of),
                          ModelSettings(exp.core.consistency, exp.core.max_update_norm))
 
     metrics = MetricsLog()

@@ -7,6 +7,7 @@ from pathlib import Path
 from hyprstream.config import to_dict
 from hyprstream.sim.experiment import Experiment
 from hyprstream.sim.metrics import MetricsLog
+from hyprstream.sim.pretrain import describe
 
 
 def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
@@ -149,6 +150,7 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
         f"{exp.training.batch_size}, lr {exp.training.lr}; layers: "
         + ("all" if baseline else ", ".join(exp.training.layers) or "all")
         + ("" if baseline else f"; update encoding {exp.training.update_encoding.value}"),
+        *filter(None, [describe(out)]),
         f"- Consistency: {exp.core.consistency.mode.value}; seed {exp.seed}",
         f"- Privacy: {privacy or 'none'}",
         *_buffered_lines(exp, baseline),
