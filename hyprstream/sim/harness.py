@@ -176,6 +176,12 @@ def _secure(exp: Experiment, fog: FogAggregator, out: Path, j: int):
     secagg = exp.privacy.secagg
     if secagg is None:
         return fog
+    from dataclasses import replace
+
+    # The simulated agents share one pool of Ray workers, so one fog's later stages queue behind the other
+    # fogs' training: a wall-clock stage timeout would drop clients depending on the machine's load. Every
+    # stage gets at least the round's timeout (results must not depend on load).
+    secagg = replace(secagg, stage_timeout_s=max(secagg.stage_timeout_s, exp.runtime.round_timeout_s))
     from hyprstream.privacy.ledger import PrivacyLedger
     from hyprstream.privacy.noise import SeededRandom
     from hyprstream.privacy.secagg_workflow import SecureFogAggregator
