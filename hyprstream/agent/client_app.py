@@ -46,7 +46,35 @@ THREADS_ENV = "HYPRSTREAM_TORCH_THREADS"
 SIM_PRIVACY_FILE = "privacy.json"  # the experiment's DP-SGD settings, under $HYPRSTREAM_SIM_DEVICES
 SIM_PRIVACY_SCHEMA = "hyprstream.sim-privacy/1"
 
-app = ClientApp()
+
+class ModuleClientApp(ClientApp):
+    """A ClientApp held in a module attribute that pickles as a reference to it (``module:attribute``).
+
+    Flower's simulation engine sends the ClientApp to a Ray actor with every message it runs; a plain
+    ClientApp pickles by value, with each registered handler's wrapper (and its mods) serialised again
+    per message. By reference it is a few bytes, and the actor uses the same app from the imported
+    module: the same code, without the per-message serialisation."""
+
+    def __init__(self, ref: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._ref = ref
+
+    def __reduce__(self):
+        return (resolve_app, (self._ref,))
+
+
+def resolve_app(ref: str) -> ClientApp:
+    """The ClientApp at ``ref`` (``module:attribute``)."""
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    found = getattr(importlib.import_module(module), attr)
+    if not isinstance(found, ClientApp):
+        raise HyprstreamError(f"{ref} is not a ClientApp")
+    return found
+
+
+app = ModuleClientApp(f"{__name__}:app")
 
 
 def store_dir(context: Context) -> Path:

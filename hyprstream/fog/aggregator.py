@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import Message
@@ -148,6 +148,9 @@ class FogAggregator:
         messages = []
         bytes_down = 0
         index = {node: i for i, node in enumerate(self.node_ids)}
+        # Every request of the round carries the same weights: serialise them into one record shared by
+        # all the messages (as Flower's own strategies share one ArrayRecord) instead of once per agent.
+        shared = None
         for node in nodes:
             i = index[node]
             request = TrainRequest(
@@ -156,8 +159,14 @@ class FogAggregator:
                 seed=self.seed * 1_000_003 + round_no * 1009 + i, weights=weights,
                 update_encoding=self.plan.update_encoding,
             )
-            bytes_down += request.payload_bytes()
-            messages.append(Message(request.to_content(), dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE,
+            if shared is None:
+                content = request.to_content()
+                shared, payload = content["weights"], request.payload_bytes()
+            else:
+                content = replace(request, weights={}).to_content()
+                content["weights"] = shared
+            bytes_down += payload
+            messages.append(Message(content, dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE,
                                     group_id=f"{self.name}/round-{round_no}"))
         ids = set(self.grid.push_messages(messages)) if messages else set()
         log.info("fog %s round %d: sent layers %s of version %d to %d agents",

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
-from hyprstream.agent.client_app import handle_train, query_device, store_dir
+from hyprstream.agent.client_app import ModuleClientApp, handle_train, query_device, store_dir
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.protocol import TrainRequest, arrays_to_record, record_to_arrays
 
@@ -34,7 +33,7 @@ log = logging.getLogger("hyprstream.sim")
 
 FLAT = "flat"  # the fog name of the baseline's metric rows
 
-app = ClientApp()
+app = ModuleClientApp(f"{__name__}:app")  # pickles by reference (Flower sends it with every message)
 app.query("device")(query_device)
 
 
