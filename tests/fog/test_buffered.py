@@ -226,18 +226,8 @@ max_rounds = 3
 def test_hyprstream_fog_run_in_buffered_mode_over_supernodes(site):
     """``hyprstream fog run`` with ``mode = "buffered"``: a real SuperLink and SuperNodes running the
     agent ClientApp."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
+    from fogrun import free_port, run_fog_over_supernodes
 
-    from conftest import free_port
-
-    from hyprstream.fog.service import executable, stop_process
-
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
     port = free_port()
     config = fog_toml(site, f"""
 [superlink]
@@ -252,26 +242,7 @@ min_agents = 2
 timeout_s = 120
 max_rounds = 2
 """, top=f'state_dir = "{site.tmp / "fog-state"}"')
-    fog = subprocess.Popen([sys.executable, "-m", "hyprstream.cli", "fog", "run", "--config", str(config)],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    nodes = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and fog.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        for n in (1, 2):
-            nodes.append(subprocess.Popen(
-                [executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--port", str(free_port()), "--node-config", f"store-dir='{site.stores[n]}'"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        out, _ = fog.communicate(timeout=400)
-        assert fog.returncode == 0, out
-    finally:
-        for proc in [*nodes, fog]:
-            stop_process(proc)
+    run_fog_over_supernodes(config, port, [site.stores[1], site.stores[2]], timeout_s=400)
     with CoreClient(site.location, "admin") as admin:
         versions = admin.list_versions("m")
     assert [v["version"] for v in versions] == [0, 1, 2]

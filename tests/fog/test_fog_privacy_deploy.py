@@ -1,17 +1,18 @@
-"""``hyprstream fog run`` with [privacy.secagg] and [privacy.client_dp] on Flower's deployment engine: real
-SuperLink, real SuperNodes running the agent ClientApp (secure-aggregation middleware), a real core Flight
-server with its signed audit log, all on loopback. Each committed version's audit entry carries the spend."""
+"""``hyprstream fog run`` on Flower's deployment engine: real SuperLink, real SuperNodes running the agent
+ClientApp (secure-aggregation middleware), a real core Flight server with its signed audit log, all on
+loopback. The fog runs its fixed number of rounds with a round-robin layer schedule, [privacy.secagg] and
+[privacy.client_dp], then exits 0; each committed version's audit entry carries the spend. (The plain,
+non-private ``fog run`` over SuperNodes runs in tests/e2e and in test_buffered.py.)"""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 
+import numpy as np
 import pytest
-from test_fog_deploy import ENV, free_port
+from fogrun import digits_stores, fog_toml, free_port, run_fog_over_supernodes
 
-from hyprstream.agent.task import Dataset, get_task
+from hyprstream.agent.task import get_task
 from hyprstream.agent.trainer import model_weights
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog, iter_entries
@@ -19,7 +20,6 @@ from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
-from hyprstream.fog.service import executable, stop_process
 from hyprstream.privacy.accountant import GaussianEvent, epsilon
 from hyprstream.privacy.ledger import PrivacyLedger, Scope
 from hyprstream.store import Store, to_table
@@ -45,34 +45,19 @@ def core(tmp_path):
     audit.close()
 
 
-def test_fog_run_with_secure_aggregation_and_client_dp(core, tmp_path):
+def test_fog_runs_round_robin_rounds_over_supernodes_with_secure_aggregation_and_client_dp(core, tmp_path):
     location, audit_path = core
-    task = get_task("digits")
-    train, _ = task.load_reference_data(seed=0)
-    stores = []
-    for i in range(2):
-        path = tmp_path / f"device-{i}"
-        with Store.open(path, create=True) as store:
-            store.create_table(task.table, task.schema)
-            store.append(task.table, task.to_table(Dataset(train.x[i::2][:200], train.y[i::2][:200])))
-        stores.append(path)
-    (tmp_path / "fog.token").write_text("fog-token\n")
+    stores = digits_stores(tmp_path, 2, 200)
     port = free_port()
     state = tmp_path / "fog-state"
-    config = tmp_path / "fog.toml"
-    config.write_text(f"""
-kind = "fog"
-name = "fog-west"
-state_dir = "{state}"
-[core]
-location = "{location}"
-token_file = "{tmp_path / 'fog.token'}"
-model = "digits-model"
+    config = fog_toml(tmp_path / "fog.toml", name="fog-west", location=location, token="fog-token",
+                      model="digits-model", state_dir=state, body=f"""
 [superlink]
 port = {port}
 [rounds]
 task = "digits"
-layers = ["head"]
+layers = ["fc2", "head"]
+schedule = "round_robin"
 local_steps = 5
 min_agents = 2
 min_replies = 2
@@ -88,34 +73,17 @@ placement = "central"
 epsilon_budget = 10.0
 delta = 1e-5
 """)
-    fog = subprocess.Popen([sys.executable, "-m", "hyprstream.cli", "fog", "run", "--config", str(config)],
-                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    nodes = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        supernode = executable("flower-supernode")
-        for path in stores:
-            nodes.append(subprocess.Popen(
-                [supernode, "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--node-config", f"store-dir='{path}'"],
-                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        out, _ = fog.communicate(timeout=540)
-        assert fog.returncode == 0, out
-    finally:
-        for proc in [*nodes, fog]:
-            stop_process(proc)
+    run_fog_over_supernodes(config, port, stores)  # exits 0 after max_rounds
 
     # z = 1, every agent every round (q = 1): the model's epsilon after rounds 1 and 2 at delta 1e-5
     expected = [epsilon([GaussianEvent(1.0, 1.0, 1)] * r, 1e-5) for r in range(1, ROUNDS + 1)]
     with CoreClient(location, "admin-token") as admin:
         versions = admin.list_versions("digits-model")
     assert [v["version"] for v in versions] == list(range(ROUNDS + 1))
+    assert [v["actor"] for v in versions[1:]] == ["fog-west"] * ROUNDS
+    assert [v["layers"] for v in versions[1:]] == [["fc2"], ["head"]]  # round-robin layer schedule
     assert [v["participants"] for v in versions[1:]] == [2] * ROUNDS
+    assert all(np.isfinite(v["update_norm"]) and v["update_norm"] > 0 for v in versions[1:])
 
     # core's audit log: intact, and each committed version's entry carries the spend and the transcript
     verify = subprocess.run([sys.executable, "-m", "hyprstream.cli", "audit", "verify", str(audit_path)],
