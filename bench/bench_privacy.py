@@ -183,7 +183,10 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int) -> dict:
         deltas[node] = (v * (0.5 / np.linalg.norm(v))).astype(np.float32)  # norm 0.5 < clip 1.0
     exact = np.mean([deltas[x].astype(np.float64) for x in nodes], axis=0)
     degree, threshold = plan_graph(k, expected_dropout=0.1)
-    print(f"A. secure round: K={k} clients, n={n} float32 parameters, degree k={degree}, threshold t={threshold}")
+    from hyprstream.privacy import masking
+
+    print(f"A. secure round: K={k} clients, n={n} float32 parameters, degree k={degree}, threshold t={threshold}, "
+          f"{masking.THREADS} mask thread(s) per client")
 
     plan = RoundPlan(task="bench", layers=(LAYER,), local_steps=1, batch_size=1, lr=0.1, timeout_s=600.0)
     grid = LoopbackGrid(hyprstream_app(deltas), nodes)
@@ -250,7 +253,7 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int) -> dict:
           f"(target <= 3x: {'met' if ratio_plain <= 3 else 'NOT met'} / {'met' if ratio_plain_deploy <= 3 else 'NOT met'})")
     print(f"speedup vs Flower SecAgg+: {speedup:5.2f}x on one machine, {speedup_deploy:5.2f}x deployment estimate "
           f"(target >= 2x: {'met' if speedup >= 2 else 'NOT met'} / {'met' if speedup_deploy >= 2 else 'NOT met'})")
-    return {"k": k, "n": n, "degree": degree, "threshold": threshold, "seconds": t,
+    return {"k": k, "n": n, "degree": degree, "threshold": threshold, "mask_threads": masking.THREADS, "seconds": t,
             "split_medians": {c: {key: med(c, key) for key in ("client_s", "fog_s", "deployment_s")} for c in cases},
             "secure_over_plain": ratio_plain, "secure_over_plain_deployment": ratio_plain_deploy,
             "speedup_vs_flower": speedup, "speedup_vs_flower_deployment": speedup_deploy,
@@ -302,7 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-secagg", action="store_true")
     p.add_argument("--skip-dpsgd", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-threads", type=int, default=None,
+                   help="threads a client spreads its mask expansion over (hyprstream.privacy.masking.THREADS; default 1)")
     args = p.parse_args(argv)
+    if args.mask_threads is not None:
+        from hyprstream.privacy import masking
+
+        masking.THREADS = max(1, args.mask_threads)
     k = args.clients or (10 if args.quick else 100)
     n = args.size or (2_000 if args.quick else 100_000)
     steps = args.steps or (20 if args.quick else 100)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -31,6 +34,7 @@ SHARE_PURPOSE = b"share-channel"
 KEY_BYTES = 32
 _ZERO_IV = bytes(16)
 _HKDF_SALT = bytes(32)  # RFC 5869: no salt means HashLen zero bytes
+_CTR_ZERO = modes.CTR(_ZERO_IV)  # an immutable holder of the IV; every key (seed) is used once
 
 
 def new_private_key() -> X25519PrivateKey:
@@ -90,7 +94,7 @@ def expand_mask(seed: bytes, n: int, dtype: np.dtype) -> np.ndarray:
     nbytes = n * dtype.itemsize
     out = np.zeros(n + 16 // dtype.itemsize, dtype=dtype)
     view = memoryview(out).cast("B")
-    enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
+    enc = Cipher(algorithms.AES(seed), _CTR_ZERO).encryptor()
     enc.update_into(view[:nbytes], view)
     return out[:n]
 
@@ -114,7 +118,7 @@ class MaskStream:
     def _expand(self, seed: bytes) -> np.ndarray:
         if len(seed) != KEY_BYTES:
             raise ValueError("a mask seed is 32 bytes")
-        Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor().update_into(self._zeros, self._out)
+        Cipher(algorithms.AES(seed), _CTR_ZERO).encryptor().update_into(self._zeros, self._out)
         return self._buf[:self.n]
 
     def _check(self, acc: np.ndarray) -> None:
@@ -135,6 +139,83 @@ class MaskStream:
         self._buf.fill(0)
 
 
+# -- many masks at once, the expansion spread over threads
+
+# Threads (the caller's included) that apply_masks spreads the keystream expansion over. AES-CTR
+# (``update_into``) and numpy's additions release the GIL, so on an otherwise idle multi-core device
+# the masks of one client's input can expand side by side (key agreement cannot: X25519 holds the
+# GIL). The default is 1, strictly single-threaded: on a shared or busy machine a helper thread only
+# competes for the same cores, and a cost measured with one thread is the cost.
+THREADS = 1
+_MIN_PARALLEL_BYTES = 1 << 16  # below this a mask expands in microseconds: one thread
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # the process the pool's threads belong to: a forked child makes its own
+_pool_lock = threading.Lock()
+
+
+def _helpers() -> ThreadPoolExecutor:
+    """The helper threads (made when first needed, reused; idle threads cost nothing)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hyprstream-masks")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _apply(acc: np.ndarray, stream: MaskStream, jobs) -> None:
+    for add, seed in jobs:  # ``jobs`` may be shared between threads: each job is taken once
+        (stream.add if add else stream.sub)(acc, seed)
+
+
+def _apply_apart(jobs, n: int, dtype: np.dtype) -> np.ndarray | None:
+    """A helper thread's share of ``jobs``, summed into a vector of its own (None when it got none)."""
+    stream, part = None, None
+    for add, seed in jobs:
+        if stream is None:
+            stream, part = MaskStream(n, dtype), np.zeros(n, dtype=dtype)
+        (stream.add if add else stream.sub)(part, seed)
+    if stream is not None:
+        stream.close()
+    return part
+
+
+def apply_masks(acc: np.ndarray, jobs: Iterable[tuple[bool, bytes]], *, threads: int | None = None) -> None:
+    """``acc += mask(seed)`` for each ``(True, seed)`` and ``acc -= mask(seed)`` for each ``(False, seed)``
+    of ``jobs``, modulo 2**bits, in place: the same result as :class:`MaskStream`'s add / sub in any order
+    (the field's addition commutes).
+
+    With ``threads`` > 1 (default :data:`THREADS`) the masks are expanded and summed by that many
+    threads at once, each helper into a zeroed vector of its own that is added into ``acc`` and wiped
+    at the end; the seeds and keystreams are the same, only the order of the additions differs.
+    """
+    if not isinstance(acc, np.ndarray) or acc.ndim != 1:
+        raise ValueError("masks are applied to a one-dimensional field vector")
+    jobs = list(jobs)
+    stream = MaskStream(acc.shape[0], acc.dtype)  # checks the dtype
+    for job in jobs:
+        if len(job[1]) != KEY_BYTES:
+            raise ValueError("a mask seed is 32 bytes")
+    workers = min(THREADS if threads is None else threads, len(jobs), 8) - 1
+    try:
+        if workers < 1 or acc.nbytes < _MIN_PARALLEL_BYTES:
+            _apply(acc, stream, jobs)
+            return
+        shared = iter(jobs)  # next() on a list iterator is atomic under the GIL
+        pool = _helpers()
+        parts = [pool.submit(_apply_apart, shared, stream.n, stream.dtype) for _ in range(workers)]
+        try:
+            _apply(acc, stream, shared)
+        finally:
+            results = [f.result() for f in parts]  # waits for every helper (and re-raises its error)
+        for part in results:
+            if part is not None:
+                np.add(acc, part, out=acc)
+                part.fill(0)
+    finally:
+        stream.close()
+
+
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
     nonce = os.urandom(12)
     return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated)
@@ -152,7 +233,9 @@ def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
 __all__ = [
     "KEY_BYTES",
     "MaskStream",
+    "THREADS",
     "agree",
+    "apply_masks",
     "expand_mask",
     "hkdf_sha256",
     "load_private",

@@ -100,7 +100,7 @@ class Quantizer:
     def quantize(self, x: np.ndarray, source: RandomSource) -> np.ndarray:
         """Stochastically rounded ``x * scale`` as int64; raises RangeOverflow outside ``[-bound, bound]``."""
         scaled = np.asarray(x, dtype=np.float64) * self.scale
-        scaled += source.uniform(scaled.size).reshape(scaled.shape)
+        _add_uniform(scaled, source)
         np.floor(scaled, out=scaled)
         self._check_floats(scaled)
         return scaled.astype(np.int64)
@@ -116,7 +116,7 @@ class Quantizer:
             scaled = np.multiply(x, self.scale, out=x)
         else:
             scaled = np.asarray(x, dtype=np.float64) * self.scale
-        scaled += source.uniform(scaled.size).reshape(scaled.shape)
+        _add_uniform(scaled, source)
         np.floor(scaled, out=scaled)
         self._check_floats(scaled)
         return scaled.astype(_SIGNED[self.bits]).view(self.dtype)  # |values| <= bound < 2**(bits-1): exact
@@ -153,6 +153,22 @@ class Quantizer:
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         return np.asarray(q, dtype=np.float64) / self.scale
+
+
+# Uniform draws are taken and added in blocks of this many values: the same draws, in the same order,
+# as one ``source.uniform(size)`` call (both sources are streams), without a full-size temporary
+# (on some hosts every fresh large allocation costs a page fault per 4 kB).
+_UNIFORM_BLOCK = 8192
+
+
+def _add_uniform(scaled: np.ndarray, source: RandomSource) -> None:
+    """``scaled += U`` with U uniform on [0, 1) from ``source``, in place, in the order of ``scaled.flat``."""
+    flat = scaled.reshape(-1)  # a view for the contiguous arrays used here; a copy would be written back
+    for start in range(0, flat.size, _UNIFORM_BLOCK):
+        end = min(start + _UNIFORM_BLOCK, flat.size)
+        flat[start:end] += source.uniform(end - start)
+    if not np.shares_memory(flat, scaled):
+        scaled[...] = flat.reshape(scaled.shape)
 
 
 def field_add(acc: np.ndarray, x: np.ndarray) -> None:

@@ -234,6 +234,7 @@ class SecAggClient:
             plain = _idx(self.index) + _idx(v) + b_shares[v] + s_shares[v]
             sealed[v] = masking.seal(key, plain, _associated(self.round_id, self.index, v))
         self._peer_mask_keys = {v: a.mask_key for v, a in keys.adverts.items()}
+        self._enc_sk = b""  # the channel keys are derived: the private key is not needed any more
         self.stage = "shared"
         return SealedShares(sealed)
 
@@ -253,15 +254,19 @@ class SecAggClient:
             if len(plain) != _PLAIN or plain[:4] != _idx(v) or plain[4:8] != _idx(self.index):
                 raise ValidationError("secure aggregation: a share is addressed to someone else")
             self._held[v] = (plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:])
-        y = x.copy()
-        stream = masking.MaskStream(self.dim, self.dtype)
-        stream.add(y, self._seed)
+        # the seeds first (key agreement holds the GIL), then every mask expanded and added at once
         mask_sk = masking.load_private(self._mask_sk)
+        jobs = [(True, self._seed)]
         for v in senders:
-            seed = masking.agree(mask_sk, self._peer_mask_keys[v], masking.MASK_PURPOSE,
-                                 _pair_context(self.round_id, self.index, v))
-            (stream.add if self.index < v else stream.sub)(y, seed)
-        stream.close()
+            jobs.append((self.index < v, masking.agree(mask_sk, self._peer_mask_keys[v], masking.MASK_PURPOSE,
+                                                       _pair_context(self.round_id, self.index, v))))
+        y = x.copy()
+        masking.apply_masks(y, jobs)
+        jobs.clear()
+        # unmasking needs only the held shares: the secrets that made the masks are not kept
+        self._mask_sk = self._seed = b""
+        self._channels.clear()
+        self._peer_mask_keys = {}
         self._masked_with = tuple(senders)
         self.stage = "masked"
         return MaskedInput(y)
@@ -303,71 +308,75 @@ class SecAggClient:
             "held": held, "held_b": [self._held[k][0] for k in held], "held_s": [self._held[k][1] for k in held],
         }
 
-    # the state's fields in blob order: b bytes, i int, s str, I list of ints, B list of bytes
-    _FIELDS = (("round_id", "b"), ("index", "i"), ("neighbours", "I"), ("threshold", "i"), ("dim", "i"),
-               ("dtype", "s"), ("stage", "s"), ("enc_sk", "b"), ("mask_sk", "b"), ("seed", "b"), ("enc_pk", "b"),
-               ("mask_pk", "b"), ("keys", "I"), ("keys_mask", "B"),
-               ("channels", "B"), ("masked_with", "I"), ("held", "I"), ("held_b", "B"), ("held_s", "B"))
-    _BLOB = b"hsa2"  # format tag of the state blob
+    # The state blob: a fixed header, the client's own secrets and keys (each a length byte and the
+    # bytes: empty once forgotten), then index lists (u32 count, u32 each) and tables (u32 count, u32
+    # item size, the items back to back), all little-endian. Every length is checked on reading.
+    _BLOB = b"hsa3"  # format tag of the state blob
+    _HEAD = struct.Struct(f"<4s{ROUND_ID_BYTES}sqqqB")  # tag, round id, index, threshold, dim, stage
 
     def to_bytes(self) -> bytes:
         """The state as one compact binary blob for a key-value store (length-prefixed fields)."""
-        s = self.to_state()
-        out = [self._BLOB]
-        for key, kind in self._FIELDS:
-            v = s[key]
-            if kind == "i":
-                out.append(struct.pack("<q", v))
-            elif kind in "bs":
-                raw = v.encode() if kind == "s" else v
-                out += [struct.pack("<I", len(raw)), raw]
-            elif kind == "I":
-                out += [struct.pack("<I", len(v)), np.asarray(v, dtype="<i8").tobytes()]
-            else:  # items of one length (keys, shares): count, length, the items back to back
-                size = len(v[0]) if v else 0
-                if any(len(x) != size for x in v):
-                    raise ValueError(f"state field {key!r}: items of different lengths")
-                out += [struct.pack("<II", len(v), size), *v]
+        keys = sorted(self._peer_mask_keys)
+        held = sorted(self._held)
+        channels = [self._channels[k] for k in keys] if self._channels else []
+        out = [self._HEAD.pack(self._BLOB, self.round_id, self.index, self.threshold, self.dim,
+                               self.STAGES.index(self.stage))]
+        for raw in (self.dtype.str.encode(), self._enc_sk, self._mask_sk, self._seed, *self._own_public):
+            out += [bytes([len(raw)]), raw]
+        for ints in (self.neighbours, keys, self._masked_with, held):
+            out.append(struct.pack(f"<I{len(ints)}I", len(ints), *ints))
+        for items in ([self._peer_mask_keys[k] for k in keys], channels,
+                      [self._held[k][0] for k in held], [self._held[k][1] for k in held]):
+            size = len(items[0]) if items else 0
+            if any(len(x) != size for x in items):
+                raise ValueError("secure-aggregation state: items of one table differ in length")
+            out += [struct.pack("<II", len(items), size), *items]
         return b"".join(out)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> SecAggClient:
         blob = bytes(blob)
         try:
-            if blob[:4] != cls._BLOB:
+            tag, round_id, index, threshold, dim, stage = cls._HEAD.unpack_from(blob)
+            if tag != cls._BLOB:
                 raise ValueError("unknown format")
-            pos, s = 4, {}
-            for key, kind in cls._FIELDS:
-                if kind == "i":
-                    (s[key],) = struct.unpack_from("<q", blob, pos)
-                    pos += 8
-                    continue
-                if kind == "B":
-                    count, size = struct.unpack_from("<II", blob, pos)
-                    pos += 8
-                    end = pos + count * size
-                    if end > len(blob):
-                        raise ValueError("truncated")
-                    s[key] = [blob[i:i + size] for i in range(pos, end, size)] if size else [b""] * count
-                    pos = end
-                    continue
-                (n,) = struct.unpack_from("<I", blob, pos)
-                pos += 4
-                end = pos + (8 * n if kind == "I" else n)
+            pos = cls._HEAD.size
+            raw = []
+            for _ in range(6):  # dtype, enc_sk, mask_sk, seed, enc_pk, mask_pk
+                end = pos + 1 + blob[pos]
                 if end > len(blob):
                     raise ValueError("truncated")
-                if kind == "b":
-                    s[key] = blob[pos:end]
-                elif kind == "s":
-                    s[key] = blob[pos:end].decode()
-                else:
-                    s[key] = np.frombuffer(blob, dtype="<i8", count=n, offset=pos).tolist()
+                raw.append(blob[pos + 1:end])
+                pos = end
+            ints = []
+            for _ in range(4):  # neighbours, keys, masked_with, held
+                (n,) = struct.unpack_from("<I", blob, pos)
+                ints.append(struct.unpack_from(f"<{n}I", blob, pos + 4))
+                pos += 4 + 4 * n
+            tables = []
+            for _ in range(4):  # keys' mask keys, channels, held b shares, held s shares
+                n, size = struct.unpack_from("<II", blob, pos)
+                pos += 8
+                end = pos + n * size
+                if end > len(blob):
+                    raise ValueError("truncated")
+                tables.append([blob[i:i + size] for i in range(pos, end, size)] if size else [b""] * n)
                 pos = end
             if pos != len(blob):
                 raise ValueError("trailing bytes")
-        except (ValueError, UnicodeDecodeError, struct.error) as exc:
+            if stage >= len(cls.STAGES):
+                raise ValueError(f"unknown stage {stage}")
+            neighbours, keys, masked_with, held = ints
+            keys_mask, channels, held_b, held_s = tables
+            s = {"round_id": round_id, "index": index, "neighbours": neighbours, "threshold": threshold,
+                 "dim": dim, "dtype": raw[0].decode(), "stage": cls.STAGES[stage], "enc_sk": raw[1],
+                 "mask_sk": raw[2], "seed": raw[3], "enc_pk": raw[4], "mask_pk": raw[5], "keys": keys,
+                 "keys_mask": keys_mask, "channels": channels, "masked_with": masked_with, "held": held,
+                 "held_b": held_b, "held_s": held_s}
+            return cls.from_state(s)
+        except (ValueError, TypeError, IndexError, UnicodeDecodeError, struct.error) as exc:
+            # (ValidationError, from the constructor's checks, is a ValueError too)
             raise ValidationError(f"corrupt secure-aggregation state: {exc}") from None
-        return cls.from_state(s)
 
     @classmethod
     def from_state(cls, s: Mapping[str, object]) -> SecAggClient:
@@ -523,12 +532,12 @@ class SecAggServer:
             for v, share in r.mask_key.items():
                 s_shares[v][i] = share
         total = self._sum
-        stream = masking.MaskStream(self.dim, self.dtype)
+        jobs: list[tuple[bool, bytes]] = []  # (add?, seed): every secret is rebuilt and checked first
         for v, shares in sorted(b_shares.items()):
             seed = self._rebuild(v, shares, "self-mask seed")
             if _commit(self.round_id, v, seed) != self._adverts[v].commitment:
                 raise SecAggAborted(f"secure aggregation: rebuilt self mask of client {v} does not match its commitment")
-            stream.sub(total, seed)
+            jobs.append((False, seed))
         for v, shares in sorted(s_shares.items()):
             raw = self._rebuild(v, shares, "mask key")
             sk = masking.load_private(raw)
@@ -537,8 +546,9 @@ class SecAggServer:
             for w in sorted(set(self._outbox[v]) & self.masked):  # survivors that masked with v
                 seed = masking.agree(sk, self._adverts[w].mask_key, masking.MASK_PURPOSE,
                                      _pair_context(self.round_id, v, w))
-                (stream.sub if w < v else stream.add)(total, seed)  # undo w's term for v
-        stream.close()
+                jobs.append((w > v, seed))  # undo w's term for v (w added it when w < v)
+        masking.apply_masks(total, jobs)
+        jobs.clear()
         self._sum = None
         after = tuple(sorted(self.masked - set(replies)))
         return SecAggSum(total, tuple(sorted(self.masked)), tuple(sorted(self.shared - self.masked)), after)

@@ -1,20 +1,34 @@
 """Wire format of secure aggregation over Flower's Message API: the one place records are converted.
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
-``ConfigRecord`` under ``"secagg"`` with ``schema`` (``hyprstream.secagg/1``), ``stage`` and
-``round_id``; replies that are not ``ok`` add ``status`` (``declined`` / ``refused``) and ``reason``
-(a reply without ``status`` is ``ok``).
+``ConfigRecord`` under ``"secagg"`` with one bytes entry, ``"msg"``: a 40-byte header -- the schema
+``hyprstream.secagg/2`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
+bytes, the round id (16 bytes) -- and then the stage's fields packed in a compact binary layout
+(below); a reply that is not ``ok`` (``declined`` / ``refused``) carries its reason (UTF-8) there
+instead. One entry per message whatever the neighbourhood size: per-neighbour keys, ciphertexts and
+shares as record entries would be hundreds of small values, each checked, converted and copied by
+Flower's record and protobuf layers. The header's size keeps the masked vector 8-byte aligned.
 
-========  ===========================================  ===============================================
-stage     fog -> client                                client -> fog
-========  ===========================================  ===============================================
-setup     the train request (``weights``, ``config``,  ``enc_key``, ``mask_key``, ``commitment``
-          as in protocol.py) + index, neighbours,      (or ``declined`` with the agent's reason; no
-          threshold, quantizer, clip, noise, layout    delta, metrics or ``num_examples`` ever)
-share     neighbours' public keys and commitments      ``dsts`` and ``sealed`` shares for them
-mask      ``srcs`` and the ``sealed`` shares for it    ``masked`` ArrayRecord: the masked field vector
-unmask    ``survivors`` and ``dropped`` neighbours     ``b_owners``/``b_shares``, ``s_owners``/``s_shares``
-========  ===========================================  ===============================================
+Body layouts (big-endian; ``ints`` is a u32 count and that many u32; ``table`` is a u32 count ``n``,
+a u32 item size ``s``, ``n`` u32 indices and then the ``n`` items of ``s`` bytes back to back):
+
+========  ================================================  ============================================
+stage     fog -> client                                     client -> fog
+========  ================================================  ============================================
+setup     the train request (``weights``, ``config``, as    enc key (32) | mask key (32) | commitment
+          in protocol.py) + body: index, threshold,         (32), or ``declined`` with the agent's
+          quantizer, clip, noise, weighting, neighbours     reason; no delta, metrics or
+          (``ints``), layout names, dims and ranks          ``num_examples`` ever
+share     neighbours' keys: ``ints`` peers, then per peer   ``table`` of sealed shares, indexed by
+          enc key | mask key | commitment (96 bytes)        recipient
+mask      ``table`` of sealed shares, indexed by sender     the masked field vector: raw little-endian
+                                                            elements of the round's dtype
+unmask    ``ints`` survivors, ``ints`` dropped              ``table`` of b shares by owner, then
+                                                            ``table`` of s-key shares by owner
+========  ================================================  ============================================
+
+Every parser checks lengths and counts exactly (truncated or trailing bytes, mismatched counts,
+repeated indices raise :class:`~hyprstream.errors.ValidationError` naming the message).
 
 A separate message type (not ``train.layerwise``) is deliberate: an agent without the secure
 aggregation middleware has no handler for it and fails the message instead of training and
@@ -24,10 +38,12 @@ answering with a plaintext delta.
 from __future__ import annotations
 
 import enum
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from hyprstream.errors import ValidationError
 from hyprstream.privacy.clipping import Layout
@@ -45,9 +61,12 @@ from hyprstream.privacy.secagg import (
 
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"
-SCHEMA = "hyprstream.secagg/1"
+SCHEMA = "hyprstream.secagg/2"
 RECORD = "secagg"
-MASKED = "masked"
+FIELD = "msg"
+KEY_BYTES = 32  # X25519 public keys and SHA-256 commitments
+_ADVERT = 3 * KEY_BYTES
+_SETUP = struct.Struct(">IIIdQQddBd")  # index, threshold, bits, scale, bound, max_terms, clip, sigma, weighted, max_weight
 
 
 class Stage(enum.Enum):
@@ -80,49 +99,119 @@ class Header:
     reason: str = ""
 
 
-def _base(stage: Stage, round_id: bytes, **values) -> ConfigRecord:
-    return ConfigRecord({"schema": SCHEMA, "stage": stage.value, "round_id": round_id, **values})
+# -- binary bodies
 
 
-def _get(cfg: ConfigRecord, key: str, kind: type):
-    if key not in cfg:
-        raise ValidationError(f"secure aggregation message lacks {key!r}")
-    value = cfg[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValidationError(f"secure aggregation message field {key!r} must be {kind.__name__}")
-    return value
+def _ints(values: Sequence[int]) -> bytes:
+    return struct.pack(f">I{len(values)}I", len(values), *values)
 
 
-def _ints(cfg: ConfigRecord, key: str) -> list[int]:
-    values = _get(cfg, key, list)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValidationError(f"secure aggregation message field {key!r} must list integers")
-    return values
+def _table(items: Mapping[int, bytes]) -> bytes:
+    """``items`` (index -> bytes of one length) as count, item size, sorted indices, items."""
+    keys = sorted(items)
+    values = [items[k] for k in keys]
+    size = len(values[0]) if values else 0
+    if any(len(v) != size for v in values):
+        raise ValidationError("secure aggregation: items of one message differ in length")
+    return b"".join([struct.pack(f">II{len(keys)}I", len(keys), size, *keys), *values])
 
 
-def _bytes_list(cfg: ConfigRecord, key: str) -> list[bytes]:
-    values = _get(cfg, key, list)
-    if not all(isinstance(v, bytes) for v in values):
-        raise ValidationError(f"secure aggregation message field {key!r} must list bytes")
-    return values
+class _Reader:
+    """Sequential, bounds-checked reads of a body; every error is a ValidationError naming the message."""
+
+    def __init__(self, body: bytes, what: str) -> None:
+        self.body = body
+        self.pos = 0
+        self.what = what
+
+    def fail(self, problem: str) -> ValidationError:
+        return ValidationError(f"secure aggregation {self.what}: {problem}")
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.body):
+            raise self.fail("truncated message")
+        out = self.body[self.pos:end]
+        self.pos = end
+        return out
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        return fmt.unpack(self.take(fmt.size))
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "big")
+
+    def ints(self, unique: bool = True) -> list[int]:
+        n = self.u32()
+        values = list(struct.unpack(f">{n}I", self.take(4 * n)))
+        if unique and len(set(values)) != n:
+            raise self.fail("repeated client index")
+        return values
+
+    def items(self, n: int, size: int) -> list[bytes]:
+        raw = self.take(n * size)
+        return [raw[i:i + size] for i in range(0, n * size, size)] if size else [b""] * n
+
+    def table(self) -> dict[int, bytes]:
+        n, size = self.u32(), self.u32()
+        keys = list(struct.unpack(f">{n}I", self.take(4 * n)))
+        if len(set(keys)) != n:
+            raise self.fail("repeated client index")
+        return dict(zip(keys, self.items(n, size), strict=True))
+
+    def text(self) -> str:
+        try:
+            return self.take(self.u32()).decode()
+        except UnicodeDecodeError:
+            raise self.fail("text is not UTF-8") from None
+
+    def done(self) -> None:
+        if self.pos != len(self.body):
+            raise self.fail(f"{len(self.body) - self.pos} trailing byte(s)")
+
+
+_MAGIC = SCHEMA.encode() + b"\n"
+_HEAD = struct.Struct(f">{len(_MAGIC)}sBB2x{ROUND_ID_BYTES}s")  # 40 bytes
+_STAGE_CODE = {stage: i for i, stage in enumerate(Stage)}
+_STATUS_CODE = {status: i for i, status in enumerate(Status)}
+_STAGES = tuple(Stage)
+_STATUSES = tuple(Status)
+
+
+def _message(stage: Stage, round_id: bytes, parts: Sequence[bytes], status: Status = Status.OK) -> ConfigRecord:
+    if len(round_id) != ROUND_ID_BYTES:
+        raise ValidationError("secure aggregation message: bad round id")
+    head = _HEAD.pack(_MAGIC, _STAGE_CODE[stage], _STATUS_CODE[status], round_id)
+    return ConfigRecord({FIELD: b"".join([head, *parts])})
+
+
+def _content(stage: Stage, round_id: bytes, *parts: bytes) -> RecordDict:
+    return RecordDict({RECORD: _message(stage, round_id, parts)})
+
+
+def _raw(content: RecordDict) -> bytes:
+    cfg = content.get(RECORD)
+    raw = cfg.get(FIELD) if isinstance(cfg, ConfigRecord) else None
+    if not isinstance(raw, bytes) or len(raw) < _HEAD.size or raw[:len(_MAGIC)] != _MAGIC:
+        raise ValidationError(f"not a {SCHEMA} message")
+    return raw
+
+
+def _body(content: RecordDict, what: str) -> _Reader:
+    r = _Reader(_raw(content), what)
+    r.pos = _HEAD.size
+    return r
 
 
 def header(content: RecordDict) -> Header:
     """Stage, round and status of any secure-aggregation message; ValidationError if it is not one."""
-    cfg = content.get(RECORD)
-    if not isinstance(cfg, ConfigRecord) or cfg.get("schema") != SCHEMA:
-        raise ValidationError(f"not a {SCHEMA} message")
-    try:
-        stage = Stage(_get(cfg, "stage", str))
-        status = Status(cfg.get("status", Status.OK.value))
-    except ValueError as exc:
-        raise ValidationError(f"secure aggregation message: {exc}") from None
-    rid = _get(cfg, "round_id", bytes)
-    if len(rid) != ROUND_ID_BYTES:
-        raise ValidationError("secure aggregation message: bad round id")
-    return Header(stage, rid, status, str(cfg.get("reason", "")))
+    raw = _raw(content)
+    _, stage, status, rid = _HEAD.unpack_from(raw)
+    if stage >= len(_STAGES) or status >= len(_STATUSES):
+        raise ValidationError(f"secure aggregation message: unknown stage {stage} or status {status}")
+    status = _STATUSES[status]
+    reason = "" if status is Status.OK else raw[_HEAD.size:].decode("utf-8", "replace")
+    return Header(_STAGES[stage], rid, status, reason)
 
 
 def is_secagg(content: RecordDict) -> bool:
@@ -130,7 +219,7 @@ def is_secagg(content: RecordDict) -> bool:
 
 
 def reply_status(stage: Stage, round_id: bytes, status: Status, reason: str) -> RecordDict:
-    return RecordDict({RECORD: _base(stage, round_id, status=status.value, reason=reason)})
+    return RecordDict({RECORD: _message(stage, round_id, [reason.encode()], status)})
 
 
 # -- setup
@@ -139,12 +228,15 @@ def reply_status(stage: Stage, round_id: bytes, status: Status, reason: str) -> 
 def setup_content(train_content: RecordDict, setup: Setup) -> RecordDict:
     spec, q = setup.spec, setup.spec.quantizer
     dims, ranks = spec.layout.wire_shapes()
+    names = [n.encode() for n in spec.layout.names]
+    body = b"".join([
+        _SETUP.pack(setup.index, setup.threshold, q.bits, q.scale, q.bound, q.max_terms, spec.clip,
+                    spec.noise_sigma, spec.weighted, spec.max_weight),
+        _ints(setup.neighbours), struct.pack(">I", len(names)),
+        *(struct.pack(">I", len(n)) + n for n in names),
+        struct.pack(f">I{len(dims)}Q", len(dims), *dims), _ints(ranks)])
     content = RecordDict(dict(train_content.items()))
-    content[RECORD] = _base(
-        Stage.SETUP, setup.round_id, index=setup.index, neighbours=list(setup.neighbours),
-        threshold=setup.threshold, field_bits=q.bits, scale=q.scale, bound=q.bound, max_terms=q.max_terms,
-        clip=spec.clip, noise_sigma=spec.noise_sigma, weighted=spec.weighted, max_weight=spec.max_weight,
-        layout_names=list(spec.layout.names), layout_dims=dims, layout_ranks=ranks)
+    content[RECORD] = _message(Stage.SETUP, setup.round_id, [body])
     return content
 
 
@@ -153,30 +245,38 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
     h = header(content)
     if h.stage is not Stage.SETUP:
         raise ValidationError(f"expected a setup message, got {h.stage.value}")
-    cfg = content[RECORD]
+    r = _body(content, "setup")
+    index, threshold, bits, scale, bound, max_terms, clip, sigma, weighted, max_weight = r.unpack(_SETUP)
+    neighbours = tuple(r.ints())
+    names = [r.text() for _ in range(r.u32())]
+    n = r.u32()
+    dims = list(struct.unpack(f">{n}Q", r.take(8 * n)))
+    ranks = r.ints(unique=False)
+    r.done()
+    if weighted not in (0, 1):
+        raise r.fail("bad weighting flag")
     try:
-        q = Quantizer(bits=_get(cfg, "field_bits", int), scale=_get(cfg, "scale", float),
-                      bound=_get(cfg, "bound", int), max_terms=_get(cfg, "max_terms", int))
-        layout = Layout.from_wire(tuple(_get(cfg, "layout_names", list)), _ints(cfg, "layout_dims"),
-                                  _ints(cfg, "layout_ranks"))
-        spec = InputSpec(layout, _get(cfg, "clip", float), q, noise_sigma=_get(cfg, "noise_sigma", float),
-                         weighted=_get(cfg, "weighted", bool), max_weight=_get(cfg, "max_weight", float))
+        q = Quantizer(bits=bits, scale=scale, bound=bound, max_terms=max_terms)
+        layout = Layout.from_wire(tuple(names), dims, ranks)
+        spec = InputSpec(layout, clip, q, noise_sigma=sigma, weighted=bool(weighted), max_weight=max_weight)
     except ValueError as exc:
         raise ValidationError(f"secure aggregation setup: {exc}") from None
-    setup = Setup(h.round_id, _get(cfg, "index", int), tuple(_ints(cfg, "neighbours")), _get(cfg, "threshold", int), spec)
+    setup = Setup(h.round_id, index, neighbours, threshold, spec)
     train = RecordDict({k: v for k, v in content.items() if k != RECORD})
     return setup, train
 
 
 def advert_content(round_id: bytes, advert: KeyAdvert) -> RecordDict:
-    return RecordDict({RECORD: _base(Stage.SETUP, round_id,
-                                     enc_key=advert.enc_key, mask_key=advert.mask_key,
-                                     commitment=advert.commitment)})
+    if not len(advert.enc_key) == len(advert.mask_key) == len(advert.commitment) == KEY_BYTES:
+        raise ValidationError("secure aggregation: public keys and commitments are 32 bytes")
+    return _content(Stage.SETUP, round_id, advert.enc_key, advert.mask_key, advert.commitment)
 
 
 def advert_from(content: RecordDict) -> KeyAdvert:
-    cfg = content[RECORD]
-    return KeyAdvert(_get(cfg, "enc_key", bytes), _get(cfg, "mask_key", bytes), _get(cfg, "commitment", bytes))
+    r = _body(content, "key advert")
+    advert = KeyAdvert(*r.items(3, KEY_BYTES))
+    r.done()
+    return advert
 
 
 # -- share
@@ -184,76 +284,78 @@ def advert_from(content: RecordDict) -> KeyAdvert:
 
 def keys_content(round_id: bytes, keys: NeighbourKeys) -> RecordDict:
     peers = sorted(keys.adverts)
-    return RecordDict({RECORD: _base(
-        Stage.SHARE, round_id, peers=peers, enc_keys=[keys.adverts[p].enc_key for p in peers],
-        mask_keys=[keys.adverts[p].mask_key for p in peers],
-        commitments=[keys.adverts[p].commitment for p in peers])})
+    adverts = [keys.adverts[p] for p in peers]
+    if any(not len(a.enc_key) == len(a.mask_key) == len(a.commitment) == KEY_BYTES for a in adverts):
+        raise ValidationError("secure aggregation: public keys and commitments are 32 bytes")
+    return _content(Stage.SHARE, round_id, _ints(peers), *(a.enc_key + a.mask_key + a.commitment for a in adverts))
 
 
 def keys_from(content: RecordDict) -> NeighbourKeys:
-    cfg = content[RECORD]
-    peers, enc, mask, com = (_ints(cfg, "peers"), _bytes_list(cfg, "enc_keys"), _bytes_list(cfg, "mask_keys"),
-                             _bytes_list(cfg, "commitments"))
-    if not len(peers) == len(enc) == len(mask) == len(com):
-        raise ValidationError("secure aggregation share request: lists differ in length")
-    return NeighbourKeys({p: KeyAdvert(e, m, c) for p, e, m, c in zip(peers, enc, mask, com, strict=True)})
+    r = _body(content, "share request")
+    peers = r.ints()
+    raw = r.take(_ADVERT * len(peers))
+    r.done()
+    k = KEY_BYTES
+    return NeighbourKeys({p: KeyAdvert(raw[o:o + k], raw[o + k:o + 2 * k], raw[o + 2 * k:o + _ADVERT])
+                          for p, o in zip(peers, range(0, len(raw), _ADVERT), strict=True)})
 
 
-def sealed_content(stage: Stage, round_id: bytes, shares: SealedShares, key: str) -> RecordDict:
-    """``key`` is ``dsts`` (share reply: recipients) or ``srcs`` (mask request: senders)."""
-    peers = sorted(shares.sealed)
-    return RecordDict({RECORD: _base(stage, round_id,
-                                     **{key: peers, "sealed": [shares.sealed[p] for p in peers]})})
+def sealed_content(stage: Stage, round_id: bytes, shares: SealedShares, key: str = "") -> RecordDict:
+    """Sealed shares, indexed by recipient (share reply) or by sender (mask request); ``key`` is kept
+    for callers naming the direction (``dsts`` / ``srcs``) and does not change the layout."""
+    return _content(stage, round_id, _table(shares.sealed))
 
 
-def sealed_from(content: RecordDict, key: str) -> SealedShares:
-    cfg = content[RECORD]
-    peers, sealed = _ints(cfg, key), _bytes_list(cfg, "sealed")
-    if len(peers) != len(sealed) or len(set(peers)) != len(peers):
-        raise ValidationError("secure aggregation: sealed shares do not match their peers")
-    return SealedShares(dict(zip(peers, sealed, strict=True)))
+def sealed_from(content: RecordDict, key: str = "") -> SealedShares:
+    r = _body(content, "sealed shares")
+    sealed = r.table()
+    r.done()
+    return SealedShares(sealed)
 
 
 # -- mask
 
 
 def masked_content(round_id: bytes, masked: MaskedInput) -> RecordDict:
-    return RecordDict({RECORD: _base(Stage.MASK, round_id),
-                       MASKED: ArrayRecord({"y": Array(np.ascontiguousarray(masked.vector))})})
+    y = np.asarray(masked.vector)
+    y = np.ascontiguousarray(y.astype(y.dtype.newbyteorder("<"), copy=False))
+    return _content(Stage.MASK, round_id, memoryview(y).cast("B"))  # one copy, into the message
 
 
-def masked_from(content: RecordDict) -> MaskedInput:
-    rec = content.get(MASKED)
-    if not isinstance(rec, ArrayRecord) or "y" not in rec:
-        raise ValidationError("secure aggregation: masked reply without its vector")
-    return MaskedInput(rec["y"].numpy())
+def masked_from(content: RecordDict, dtype: np.dtype) -> MaskedInput:
+    """The masked vector, read as the round's field ``dtype`` (the fog checks its length)."""
+    r = _body(content, "masked input")
+    dtype = np.dtype(dtype)
+    size = len(r.body) - r.pos
+    if size % dtype.itemsize:
+        raise r.fail(f"{size} bytes are not a vector of {dtype}")
+    y = np.frombuffer(r.body, dtype=dtype.newbyteorder("<"), offset=r.pos)
+    return MaskedInput(y.astype(dtype, copy=False))
 
 
 # -- unmask
 
 
 def unmask_content(round_id: bytes, req: UnmaskRequest) -> RecordDict:
-    return RecordDict({RECORD: _base(Stage.UNMASK, round_id, survivors=list(req.survivors), dropped=list(req.dropped))})
+    return _content(Stage.UNMASK, round_id, _ints(req.survivors), _ints(req.dropped))
 
 
 def unmask_from(content: RecordDict) -> UnmaskRequest:
-    cfg = content[RECORD]
-    return UnmaskRequest(tuple(_ints(cfg, "survivors")), tuple(_ints(cfg, "dropped")))
+    r = _body(content, "unmask request")
+    survivors, dropped = r.ints(), r.ints()
+    r.done()
+    return UnmaskRequest(tuple(survivors), tuple(dropped))
 
 
 def shares_content(round_id: bytes, shares: UnmaskShares) -> RecordDict:
-    b, s = sorted(shares.self_mask), sorted(shares.mask_key)
-    return RecordDict({RECORD: _base(Stage.UNMASK, round_id,
-                                     b_owners=b, b_shares=[shares.self_mask[v] for v in b],
-                                     s_owners=s, s_shares=[shares.mask_key[v] for v in s])})
+    return _content(Stage.UNMASK, round_id, _table(shares.self_mask), _table(shares.mask_key))
 
 
 def shares_from(content: RecordDict) -> UnmaskShares:
-    cfg = content[RECORD]
-    b, bs, s, ss = _ints(cfg, "b_owners"), _bytes_list(cfg, "b_shares"), _ints(cfg, "s_owners"), _bytes_list(cfg, "s_shares")
-    if len(b) != len(bs) or len(s) != len(ss):
-        raise ValidationError("secure aggregation unmask reply: lists differ in length")
-    return UnmaskShares(dict(zip(b, bs, strict=True)), dict(zip(s, ss, strict=True)))
+    r = _body(content, "unmask reply")
+    b, s = r.table(), r.table()
+    r.done()
+    return UnmaskShares(b, s)
 
 
 __all__ = [

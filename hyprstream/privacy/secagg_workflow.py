@@ -329,7 +329,7 @@ class SecureFogAggregator:
 
         stage(Stage.MASK,
               {i: wire.sealed_content(Stage.MASK, rid, server.inbox_for(i), "srcs") for i in sorted(server.shared)},
-              lambda i, c: server.add_masked(i, wire.masked_from(c)))
+              lambda i, c: server.add_masked(i, wire.masked_from(c, server.dtype)))
         server.close_masking()
 
         unmask = {}

@@ -177,6 +177,33 @@ def test_mask_stream_adds_and_subtracts_the_expanded_masks(dtype) -> None:
         stream.add(acc, b"short")
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_apply_masks_equals_the_stream_one_mask_at_a_time(dtype, threads) -> None:
+    rng = np.random.default_rng(threads)
+    n = 40_001  # above the size the expansion is spread over threads from
+    jobs = [(bool(rng.integers(2)), bytes(rng.integers(0, 256, 32, dtype=np.uint8))) for _ in range(9)]
+    x = rng.integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    expected = x.copy()
+    stream = masking.MaskStream(n, dtype)
+    for add, seed in jobs:
+        (stream.add if add else stream.sub)(expected, seed)
+    stream.close()
+    acc = x.copy()
+    masking.apply_masks(acc, jobs, threads=threads)
+    np.testing.assert_array_equal(acc, expected)
+    masking.apply_masks(acc, [(not add, seed) for add, seed in jobs], threads=threads)  # and they cancel
+    np.testing.assert_array_equal(acc, x)
+    masking.apply_masks(acc, [], threads=threads)
+    np.testing.assert_array_equal(acc, x)
+    with pytest.raises(ValueError, match="32 bytes"):
+        masking.apply_masks(acc, [(True, b"short")], threads=threads)
+    with pytest.raises(ValueError):
+        masking.apply_masks(acc.astype(np.int64), jobs, threads=threads)
+    with pytest.raises(ValueError):
+        masking.apply_masks(acc.reshape(1, -1), jobs, threads=threads)
+
+
 def test_key_derivation_is_rfc5869_hkdf_sha256() -> None:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF

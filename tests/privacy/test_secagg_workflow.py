@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from privacy_helpers import LoopbackCore, agent_app, make_devices, start_core
 
 from hyprstream.agent.client_app import handle_train
+from hyprstream.errors import ValidationError
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan
 from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.accountant import GaussianEvent, epsilon
@@ -133,18 +134,24 @@ def test_the_fog_receives_no_plaintext_update_and_no_num_examples(tmp_path: Path
     pending = secure.start_round(1)
     secure.finish_round(pending)
     assert grid.received
+    masked = 0
     for msg in grid.received:
         content = msg.content
-        assert set(content.keys()) <= {wire.RECORD, wire.MASKED}  # no 'delta', 'metrics' or 'config' record
+        assert set(content.keys()) == {wire.RECORD}  # no 'delta', 'metrics' or 'config' record
         cfg = content[wire.RECORD]
         assert isinstance(cfg, ConfigRecord)
+        # one packed entry: the header and the body (keys, sealed shares, indices, the masked vector)
+        assert set(cfg.keys()) == {wire.FIELD} and isinstance(cfg[wire.FIELD], bytes)
         assert "num_examples" not in cfg and "train_loss" not in cfg
-        assert not any(isinstance(v, float) for v in cfg.values())  # keys, shares, indices: bytes and ints
-        if wire.MASKED in content:
-            y = content[wire.MASKED]["y"].numpy()
-            assert isinstance(content[wire.MASKED], ArrayRecord) and y.dtype == np.uint32
+        assert not any(isinstance(v, (float, ArrayRecord)) for v in cfg.values())
+        h = wire.header(content)
+        if h.stage is wire.Stage.MASK and h.status is wire.Status.OK:
+            masked += 1
+            y = wire.masked_from(content, np.uint32).vector
+            assert y.dtype == np.uint32 and y.shape == (pending.spec.dim,)
             # the masked vector's high bits are spread over the whole field, unlike a small quantized delta
             assert np.mean(np.abs(y.view(np.int32).astype(np.int64)) > 2 ** 29) > 0.7
+    assert masked == 5
 
 
 def test_an_agent_without_the_middleware_never_sends_its_delta(tmp_path: Path, core: LoopbackCore) -> None:
@@ -184,7 +191,7 @@ def test_weighted_rounds_reveal_only_the_sum_of_weights(tmp_path: Path, core: Lo
     step = pending.spec.quantizer.resolution
     for name, value in scaled.items():
         np.testing.assert_allclose(core.pushes[0]["delta"][name], value / 0.6, rtol=1e-6, atol=4 * step)
-    assert all(set(m.content.keys()) <= {wire.RECORD, wire.MASKED} for m in grid.received)
+    assert all(set(m.content.keys()) == {wire.RECORD} for m in grid.received)
 
 
 def test_central_client_dp_charges_the_model_ledger_and_binds_the_version(tmp_path: Path, core: LoopbackCore) -> None:
@@ -276,3 +283,119 @@ def test_a_secure_round_while_core_is_down_waits_in_the_outbox_and_is_applied_on
         assert [a["privacy"]["epsilon"] for a in audited] == [e.epsilon for e in entries] + [audited[2]["privacy"]["epsilon"]]
     finally:
         core.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the wire format: every stage's message round-trips, and tampered or malformed ones are refused
+
+
+def _wire_messages():
+    from hyprstream.privacy.clipping import Layout
+    from hyprstream.privacy.contribution import InputSpec
+    from hyprstream.privacy.quantize import Quantizer
+    from hyprstream.privacy.secagg import KeyAdvert, MaskedInput, NeighbourKeys, SealedShares, UnmaskRequest, UnmaskShares
+
+    rid = bytes(range(16))
+    key = lambda i: bytes([i]) * 32  # noqa: E731
+    spec = InputSpec(Layout.of({"a.w": (3, 2), "b": (5,)}), 0.5, Quantizer.for_clients(clip=0.5, max_clients=7),
+                     weighted=True, max_weight=50.0)
+    setup = wire.Setup(rid, 3, (1, 2, 4, 7), 2, spec)
+    advert = KeyAdvert(key(1), key(2), key(3))
+    keys = NeighbourKeys({4: KeyAdvert(key(4), key(5), key(6)), 2: KeyAdvert(key(7), key(8), key(9))})
+    sealed = SealedShares({7: b"x" * 168, 2: b"y" * 168})
+    masked = MaskedInput(np.arange(2 ** 32 - 12, 2 ** 32, dtype=np.uint64).astype(np.uint32))
+    req = UnmaskRequest((1, 4), (2,))
+    shares = UnmaskShares({1: b"s" * 66, 4: b"t" * 66}, {2: b"u" * 66})
+    return rid, setup, advert, keys, sealed, masked, req, shares
+
+
+def test_every_stage_message_round_trips() -> None:
+    from hyprstream.protocol import TrainRequest as Req
+
+    rid, setup, advert, keys, sealed, masked, req, shares = _wire_messages()
+    train = Req("m", 3, "digits", ("a",), 1, 1, 0.1, 5, {"a.w": np.zeros((3, 2), np.float32)}).to_content()
+    got, train_back = wire.setup_from(wire.setup_content(train, setup))
+    assert got == setup and set(train_back.keys()) == set(train.keys())
+    assert wire.advert_from(wire.advert_content(rid, advert)) == advert
+    assert dict(wire.keys_from(wire.keys_content(rid, keys)).adverts) == dict(keys.adverts)
+    for stage in (wire.Stage.SHARE, wire.Stage.MASK):
+        content = wire.sealed_content(stage, rid, sealed)
+        assert wire.header(content) == wire.Header(stage, rid)
+        assert dict(wire.sealed_from(content).sealed) == dict(sealed.sealed)
+    y = wire.masked_from(wire.masked_content(rid, masked), np.uint32).vector
+    assert y.dtype == np.uint32 and np.array_equal(y, masked.vector)
+    assert wire.unmask_from(wire.unmask_content(rid, req)) == req
+    back = wire.shares_from(wire.shares_content(rid, shares))
+    assert dict(back.self_mask) == dict(shares.self_mask) and dict(back.mask_key) == dict(shares.mask_key)
+    refused = wire.header(wire.reply_status(wire.Stage.MASK, rid, wire.Status.REFUSED, "out of order ü"))
+    assert refused == wire.Header(wire.Stage.MASK, rid, wire.Status.REFUSED, "out of order ü")
+
+
+def _with_raw(raw: bytes):
+    from flwr.app import RecordDict
+
+    return RecordDict({wire.RECORD: ConfigRecord({wire.FIELD: raw})})
+
+
+def test_malformed_or_tampered_messages_are_refused_with_clear_errors() -> None:
+    rid, setup, advert, keys, sealed, masked, req, shares = _wire_messages()
+    cases = [
+        (wire.keys_content(rid, keys), wire.keys_from),
+        (wire.sealed_content(wire.Stage.MASK, rid, sealed), wire.sealed_from),
+        (wire.unmask_content(rid, req), wire.unmask_from),
+        (wire.shares_content(rid, shares), wire.shares_from),
+        (wire.advert_content(rid, advert), wire.advert_from),
+    ]
+    for content, parse in cases:
+        raw = content[wire.RECORD][wire.FIELD]
+        parse(_with_raw(raw))  # the untouched message parses
+        for bad, problem in ((raw[:-1], "truncated|trailing|not a"), (raw + b"\x00", "trailing|truncated"),
+                             (raw[:40], "truncated"), (raw[:20], "not a")):
+            with pytest.raises(ValidationError, match=problem):
+                parse(_with_raw(bad))
+    # a repeated client index (a second share for one neighbour) is refused, not silently merged
+    raw = wire.sealed_content(wire.Stage.MASK, rid, sealed)[wire.RECORD][wire.FIELD]
+    dup = raw[:48] + raw[48:52] * 2 + raw[56:]  # both indices now name the first sender
+    with pytest.raises(ValidationError, match="repeated client index"):
+        wire.sealed_from(_with_raw(dup))
+    # not this schema, unknown stage or status, a message without the record, a mis-sized vector
+    raw = wire.unmask_content(rid, req)[wire.RECORD][wire.FIELD]
+    for bad in (b"hyprstream.secagg/1\n" + raw[20:], raw[:20] + b"\x09" + raw[21:], raw[:21] + b"\x07" + raw[22:]):
+        with pytest.raises(ValidationError):
+            wire.header(_with_raw(bad))
+    from flwr.app import RecordDict
+
+    with pytest.raises(ValidationError, match="not a"):
+        wire.header(RecordDict({wire.RECORD: ConfigRecord({"stage": "mask"})}))
+    with pytest.raises(ValidationError, match="not a vector"):
+        wire.masked_from(_with_raw(wire.masked_content(rid, masked)[wire.RECORD][wire.FIELD] + b"\x01"), np.uint32)
+    content = wire.setup_content(RecordDict(), setup)
+    raw = content[wire.RECORD][wire.FIELD]
+    with pytest.raises(ValidationError, match="truncated"):
+        wire.setup_from(_with_raw(raw[:-3]))
+
+
+def test_a_client_refuses_a_tampered_stage_message_and_forgets_its_round() -> None:
+    """Through the middleware: a share request whose body was cut answers ``refused`` with the reason."""
+    from flwr.app import Context, Message, RecordDict
+
+    from hyprstream.privacy.secagg_mod import STATE, make_secagg_mod
+
+    from hyprstream.privacy.secagg import SecAggClient
+
+    rid, _, _, keys, _, _, _, _ = _wire_messages()
+    mod = make_secagg_mod(secure=False)
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    client = SecAggClient(rid, 3, (2, 4), 2, 4, np.uint32)
+    client.advertise()
+    ctx.state[STATE] = ConfigRecord({"client": client.to_bytes()})
+    raw = wire.keys_content(rid, keys)[wire.RECORD][wire.FIELD]
+    from hyprstream.fog.loopback import _ensure_task_identity
+
+    _ensure_task_identity()
+    msg = Message(_with_raw(raw[:-5]), dst_node_id=5, message_type=wire.SECAGG_MESSAGE_TYPE)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    reply = mod(msg, ctx, lambda m, c: pytest.fail("no training for a share request"))
+    h = wire.header(reply.content)
+    assert h.status is wire.Status.REFUSED and h.stage is wire.Stage.SHARE and "truncated" in h.reason
+    assert STATE not in ctx.state  # the round's secrets are erased
