@@ -1,5 +1,10 @@
 """Consistency modes: whether core merges a delta computed from a given base, and with what weight.
 
+The weight is ``mixing * (1 + staleness) ** -staleness_exponent``: ``mixing`` is FedAsync's alpha
+(Xie et al. 2019), the server learning rate every push is scaled by. With the default 1 each fog's
+push moves the model by its whole delta; ``1 / number of fogs`` makes concurrent pushes from the
+same base add up to their mean (hierarchical FedAvg) instead of their sum.
+
 Pure decisions over vector clocks. Staleness is the number of updates the current layer value
 includes that the update's base did not. Updates to different layers never conflict because each
 layer has its own clock.
@@ -25,7 +30,9 @@ class ConsistencyMode(enum.Enum):
 class ConsistencyPolicy(Checked):
     mode: ConsistencyMode = setting(ConsistencyMode.BOUNDED)
     max_staleness: int = setting(4, ge=0, doc="bounded mode: largest accepted staleness")
-    staleness_exponent: float = setting(0.5, ge=0.0, le=4.0, doc="weight = (1 + staleness) ** -exponent")
+    staleness_exponent: float = setting(0.5, ge=0.0, le=4.0, doc="weight = mixing * (1 + staleness) ** -exponent")
+    mixing: float = setting(1.0, gt=0.0, le=1.0, doc="server learning rate: every merged delta is scaled by it "
+                                                      "(FedAsync's alpha; 1 / fogs averages concurrent pushes)")
 
     def check(self):
         if self.mode is ConsistencyMode.STRONG and self.max_staleness:
@@ -54,13 +61,13 @@ def decide(policy: ConsistencyPolicy, base: VectorClock, current: VectorClock) -
     if policy.mode is ConsistencyMode.STRONG:
         if staleness:
             return Decision(False, staleness, 0.0, f"strong consistency: base is {staleness} update(s) behind")
-        return Decision(True, 0, 1.0)
+        return Decision(True, 0, policy.mixing)
     if policy.mode is ConsistencyMode.BOUNDED and staleness > policy.max_staleness:
         return Decision(
             False, staleness, 0.0,
             f"bounded consistency: staleness {staleness} exceeds max_staleness {policy.max_staleness}",
         )
-    return Decision(True, staleness, staleness_weight(staleness, policy.staleness_exponent))
+    return Decision(True, staleness, policy.mixing * staleness_weight(staleness, policy.staleness_exponent))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hyprstream.config import ConfigError, parse
 from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy, decide, plan_merge, staleness_weight
 from hyprstream.core.vector_clock import VectorClock
 
@@ -35,6 +36,19 @@ def test_eventual_always_merges_known_history():
 
 
 @pytest.mark.parametrize("mode", list(ConsistencyMode))
+def test_mixing_scales_every_merge(mode):
+    """Two fogs pushing from the same base with mixing 1/2 move the model by (about) their mean."""
+    stale = 0 if mode is ConsistencyMode.STRONG else 1
+    p = ConsistencyPolicy(mode, max_staleness=stale, staleness_exponent=0.0, mixing=0.5)
+    assert decide(p, base, base).weight == 0.5
+    if stale:
+        assert decide(p, base, base.increment("fog-a")).weight == 0.5
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ConfigError, match="mixing"):
+            parse(ConsistencyPolicy, {"mode": mode.value, "max_staleness": stale, "mixing": bad})
+
+
+@pytest.mark.parametrize("mode", list(ConsistencyMode))
 def test_base_from_outside_history_is_refused(mode):
     p = ConsistencyPolicy(mode, max_staleness=0 if mode is ConsistencyMode.STRONG else 4)
     future = VectorClock.of({"fog-a": 9})
@@ -51,7 +65,7 @@ def test_weight_in_unit_interval_and_monotone(s, a):
 layer_names = st.sampled_from(["l1", "l2", "l3", "l4"])
 fog_clocks = st.dictionaries(st.sampled_from(["fog-a", "fog-b", "fog-c"]), st.integers(0, 5)).map(VectorClock.of)
 policies = st.builds(ConsistencyPolicy, st.sampled_from([ConsistencyMode.BOUNDED, ConsistencyMode.EVENTUAL]),
-                     st.integers(0, 6), st.floats(0, 2))
+                     st.integers(0, 6), st.floats(0, 2), st.floats(0.01, 1))
 
 
 @given(policies, st.dictionaries(layer_names, fog_clocks, min_size=4), st.dictionaries(layer_names, fog_clocks),
@@ -67,7 +81,8 @@ def test_merge_plan_properties(policy, current, base, touched, fog):
         assert plan.new_clocks[layer].missing_from(current[layer]) == 1  # exactly this one update is added
         assert plan.new_clocks[layer][fog] == current[layer][fog] + 1
         assert plan.staleness[layer] == current[layer].missing_from(base[layer])
-    assert plan.weight == min(staleness_weight(s, policy.staleness_exponent) for s in plan.staleness.values())
+    assert plan.weight == min(policy.mixing * staleness_weight(s, policy.staleness_exponent)
+                              for s in plan.staleness.values())
 
 
 @given(policies, st.dictionaries(layer_names, fog_clocks, min_size=4), fog_clocks, fog_clocks)
