@@ -240,6 +240,9 @@ BAD_CASES: dict[str, tuple[str, str]] = {
     "cross-field-battery-drain": (
         "simulation.battery_drain_percent_per_s", "must be 0 when resources.battery = false"
     ),
+    "cross-field-battery-charge": (
+        "simulation.battery_charge_percent_per_s", "must be 0 when resources.battery = false"
+    ),
 }
 
 
@@ -325,6 +328,7 @@ RULE_FIELDS: dict[str, set[str]] = {
     },
     "inference.intra_op_threads": {"inference.intra_op_threads", "resources.cpu_cores"},
     "simulation.battery_drain_percent_per_s": {"simulation.battery_drain_percent_per_s"},
+    "simulation.battery_charge_percent_per_s": {"simulation.battery_charge_percent_per_s"},
 }
 _BOUND_REASON = re.compile(r"must be (>=|>|<=|<) (\S+), got (\S+)")
 

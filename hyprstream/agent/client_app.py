@@ -45,6 +45,7 @@ SIM_DEVICES_ENV = "HYPRSTREAM_SIM_DEVICES"
 THREADS_ENV = "HYPRSTREAM_TORCH_THREADS"
 SIM_PRIVACY_FILE = "privacy.json"  # the experiment's DP-SGD settings, under $HYPRSTREAM_SIM_DEVICES
 SIM_PRIVACY_SCHEMA = "hyprstream.sim-privacy/1"
+SIM_STRATEGY_SCHEMA = "hyprstream.sim-strategy/1"  # a simulated device's strategy (hyprstream.sim.fleet)
 
 
 class ModuleClientApp(ClientApp):
@@ -189,6 +190,46 @@ def private_training(context: Context, store: Path) -> PrivateTraining | None:
     return None
 
 
+def strategy_file(store: Path) -> Path:
+    """Where the simulator puts a simulated device's current strategy: ``<store>.strategy.json``."""
+    return store.with_name(store.name + ".strategy.json")
+
+
+def simulated_plan(request: TrainRequest, store: Path):
+    """A simulated device's :class:`~hyprstream.agent.policy.TrainPlan` for ``request`` under the strategy
+    the simulator gave it (:func:`strategy_file`); None when it gave none (train as asked).
+
+    ``minimal`` declines; ``hybrid`` trains the last ``max_layer_groups_hybrid`` requested layer groups
+    (as :func:`~hyprstream.agent.policy.plan_training` does on a device); the request's steps and batch
+    size apply in every strategy."""
+    import math
+
+    from hyprstream.agent.policy import TrainPlan
+    from hyprstream.agent.profile import Strategy
+
+    path = strategy_file(store)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the simulated strategy: {exc}", source=str(path)) from None
+    if not isinstance(data, dict) or data.get("schema") != SIM_STRATEGY_SCHEMA:
+        raise ConfigError(f"expected schema {SIM_STRATEGY_SCHEMA!r}", source=str(path), key="schema")
+    try:
+        strategy = Strategy(data["strategy"])
+        keep = data["max_layer_groups_hybrid"]
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"invalid simulated strategy: {exc}", source=str(path)) from None
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ConfigError(f"must be an integer >= 1, got {keep!r}", source=str(path), key="max_layer_groups_hybrid")
+    if strategy is Strategy.MINIMAL:
+        return TrainPlan(False, "strategy minimal: inference only, training deferred")
+    layers = tuple(request.layers) if strategy is Strategy.FULL else tuple(request.layers[-keep:])
+    return TrainPlan(True, f"strategy {strategy.value}: {len(layers)} of {len(request.layers)} layer group(s)",
+                     layers, request.local_steps, request.batch_size, "cpu", math.inf)
+
+
 def agent_state_dir(context: Context) -> Path | None:
     """The agent daemon's state directory from the node config, if this is a device."""
     value = context.node_config.get("state-dir")
@@ -235,6 +276,9 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
             save_model(state, task.name, request.model_version, request.weights, layer_of=task.layer_of)
             plan = plan_request(request, state, privacy=privacy,
                                 num_examples=_num_examples(store, task) if privacy is not None else 0)
+        elif os.environ.get(SIM_DEVICES_ENV) and "store-dir" not in context.node_config:
+            plan = simulated_plan(request, store)
+        if plan is not None:
             if not plan.accept:
                 raise HyprstreamError(plan.reason)
             log.info("train request for %s: %s", list(request.layers), plan.reason)

@@ -258,6 +258,12 @@ class SimulationFactors:
     battery_drain_percent_per_s: float = setting(
         0.0, ge=0, le=100, doc="battery percentage points used per training second"
     )
+    battery_start_min_percent: float = setting(
+        100.0, ge=0, le=100, doc="battery devices start at a seeded level between this and 100 percent"
+    )
+    battery_charge_percent_per_s: float = setting(
+        0.0, ge=0, le=100, doc="net charge (solar panel, charger) in percentage points per simulated second"
+    )
 
 
 @dataclass(frozen=True)
@@ -334,6 +340,11 @@ class DeviceProfile(Checked):
         if not res.battery and drain != 0:
             yield "simulation.battery_drain_percent_per_s", (
                 f"must be 0 when resources.battery = false, got {drain}"
+            )
+        charge = self.simulation.battery_charge_percent_per_s
+        if not res.battery and charge != 0:
+            yield "simulation.battery_charge_percent_per_s", (
+                f"must be 0 when resources.battery = false, got {charge}"
             )
 
 

@@ -82,6 +82,11 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
     requested = config.get("model_version") if isinstance(config, ConfigRecord) else None
     if train.model_version != requested:
         raise ValidationError(f"trained version {train.model_version}, requested {requested}")
+    asked = tuple(config.get("layers", ())) if isinstance(config, ConfigRecord) else ()
+    if tuple(train.layers) != asked:  # a device in its hybrid strategy trains fewer layer groups
+        return wire.reply_status(Stage.SETUP, round_id, Status.DECLINED,
+                                 f"a secure round sums every requested layer group {list(asked)}; "
+                                 f"this device trained {list(train.layers)}")
     seed = config.get("seed", 0)
     encoded = encode(train.delta, train.num_examples, setup.spec, _source(secure, int(seed), setup.index))
     client = SecAggClient(round_id, setup.index, setup.neighbours, setup.threshold, setup.spec.dim,

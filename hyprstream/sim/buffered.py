@@ -20,8 +20,8 @@ budget for time-to-accuracy comparisons: fast agents' updates are discounted or 
 less often than stragglers', so equal work need not mean equal accuracy; what the comparison
 measures is the simulated time each mode needs to reach a target, which does not depend on the
 budget once the target is reached).
-Device availability (``[simulation] availability`` of the profiles) is not modelled here: every
-agent stays online.
+Device availability (``[simulation] availability`` of the profiles), batteries and strategies
+(:mod:`hyprstream.sim.fleet`) are not modelled here: every agent stays online in ``full``.
 
 Metrics: one ``fog_round`` row per push (:meth:`BufferedPush.as_round`, its ``round`` set to the
 global step it falls in), scored on the master model core holds right after the push; one ``global``

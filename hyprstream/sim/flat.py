@@ -9,8 +9,9 @@ and ``config`` in, ``arrays`` and ``metrics`` with ``num-examples`` out) to and 
 :class:`~hyprstream.protocol.TrainRequest`.
 
 Two things are added around FedAvg, neither changes its aggregation: each round is sent only to the
-agents the simulated fleet has online (as the hierarchical run does) with each agent's own training
-seed, and replies are aggregated in device order (so float sums are reproducible). Metrics go into the
+agents the simulated fleet has online and not in the ``minimal`` strategy (the hierarchical run's
+fleet model, :mod:`hyprstream.sim.fleet`; FedAvg has no partial updates, so a ``hybrid`` device
+trains the whole model here) with each agent's own training seed, and replies are aggregated in device order (so float sums are reproducible). Metrics go into the
 same :class:`~hyprstream.sim.metrics.MetricsLog` schema (fog ``"flat"``), bytes are counted as the
 fogs count them (array payload bytes) and ``sim_s`` comes from the same virtual clock.
 """
@@ -147,8 +148,11 @@ def run_flat(exp, out: Path, *, on_step=None):
                 return (exp.seed + d // per_fog) * 1_000_003 + rnd * 1009 + d % per_fog
 
             def online_of(rnd: int) -> set[int]:
-                up = prep.fleet.online(rnd)
-                return {n for n in node_ids if up[device_of[n]]}
+                # the hierarchical run's fleet model: online and not in the minimal strategy (FedAvg has
+                # no partial updates, so a device in hybrid trains the whole model here)
+                plan = prep.fleet.plan_step(rnd, state["sim_s"])
+                metrics.add_fleet(plan, prep.fleet.names)
+                return {n for n in node_ids if plan.trains(device_of[n])}
 
             def on_replies(rnd: int, sent: list[Message], replies: list[Message]) -> None:
                 uplink, losses, contributors = {}, [], []
@@ -180,9 +184,11 @@ def run_flat(exp, out: Path, *, on_step=None):
                 state["weights"] = weights
                 loss, acc = prep.score(weights)
                 r = pending.pop(rnd)
+                agents = prep.fleet.agent_seconds(r, device_of, base_params=n_params, trained_params=n_params)
                 seconds = prep.fleet.round_seconds(r, device_of, base_params=n_params, trained_params=n_params,
-                                                   push_to_core=False)
+                                                   push_to_core=False, agents=agents)
                 state["sim_s"] += seconds
+                prep.fleet.finish_step(agents, seconds)
                 wall = time.monotonic() - started
                 metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=wall, sim_s=state["sim_s"])
                 metrics.add_participation(r, device_of)

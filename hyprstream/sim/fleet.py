@@ -1,13 +1,30 @@
-"""The simulated fleet: which device profile each agent has, and which agents are online each round."""
+"""The simulated fleet: which device profile each agent has, which agents are online each round, and
+what each one's adaptive strategy lets it do.
+
+Each simulated device runs the agent's own strategy state machine
+(:class:`~hyprstream.agent.policy.AdaptivePolicy`, with its profile's thresholds, hysteresis and dwell)
+on simulated readings at the simulated time of each step it is online. The simulator models the
+battery (a device with ``resources.battery`` starts at a seeded level between its profile's
+``battery_start_min_percent`` and 100, drains ``battery_drain_percent_per_s`` for every simulated
+second it works in a round and charges ``battery_charge_percent_per_s`` for every simulated second
+that passes); CPU, memory and temperature read as an idle device's, so a mains-powered device trains
+in ``full``. A device in ``minimal`` is not asked to train; one in ``hybrid`` trains the last
+``max_layer_groups_hybrid`` of the layer groups it is asked for (the experiment's local steps and
+batch size apply in every strategy).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hyprstream.agent.profile import DeviceProfile, load_profile
+from hyprstream.agent.monitor import ResourceSample
+from hyprstream.agent.policy import AdaptivePolicy
+from hyprstream.agent.profile import DeviceProfile, Strategy, load_profile
 from hyprstream.errors import ConfigError
 from hyprstream.fog.aggregator import FogRound
 from hyprstream.sim import clock
@@ -51,16 +68,39 @@ def online(availability: np.ndarray, seed: int, step: int) -> np.ndarray:
     return rng.random(len(availability)) < availability
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The fleet at the start of one step: who is online, each device's strategy, battery levels (percent;
+    NaN for mains-powered devices)."""
+
+    step: int
+    online: np.ndarray
+    strategies: tuple[Strategy, ...]
+    battery: np.ndarray
+
+    def trains(self, device: int) -> bool:
+        """Whether ``device`` is asked to train this step: online and not in ``minimal``."""
+        return bool(self.online[device]) and self.strategies[device] is not Strategy.MINIMAL
+
+
 class VirtualFleet:
-    """Device profiles of the simulated agents (by device index) and the virtual time of their rounds."""
+    """Device profiles of the simulated agents (by device index), their strategies and batteries, and the
+    virtual time of their rounds."""
 
     def __init__(self, profiles: list[DeviceProfile], *, seed: int, local_samples: int,
-                 fog_core: Link) -> None:
+                 fog_core: Link, names: list[str] | None = None) -> None:
         self.profiles = profiles
+        self.names = names if names is not None else [p.device_class for p in profiles]
         self.seed = seed
         self.local_samples = local_samples
         self.fog_core = fog_core
-        self._availability = np.array([p.simulation.availability for p in profiles])
+        self.availability = np.array([p.simulation.availability for p in profiles])
+        self._policies = [AdaptivePolicy(p.policy, battery_powered=p.resources.battery) for p in profiles]
+        rng = np.random.default_rng([seed, 0xBA77])
+        self.battery = np.array([rng.uniform(p.simulation.battery_start_min_percent, 100.0)
+                                 if p.resources.battery else np.nan for p in profiles])
+        self._drain = np.array([p.simulation.battery_drain_percent_per_s for p in profiles])
+        self._charge = np.array([p.simulation.battery_charge_percent_per_s for p in profiles])
 
     @classmethod
     def build(cls, exp) -> VirtualFleet:
@@ -68,30 +108,71 @@ class VirtualFleet:
         names = assign_profiles(exp.num_agents, exp.fleet.profiles, np.random.default_rng([exp.seed, 0xF1EE7]))
         link = Link(exp.network.fog_core_mbps, exp.network.fog_core_mbps, exp.network.fog_core_latency_ms)
         return cls([by_name[n] for n in names], seed=exp.seed,
-                   local_samples=exp.training.local_steps * exp.training.batch_size, fog_core=link)
+                   local_samples=exp.training.local_steps * exp.training.batch_size, fog_core=link, names=names)
 
     def online(self, step: int) -> np.ndarray:
-        return online(self._availability, self.seed, step)
+        return online(self.availability, self.seed, step)
 
-    def round_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int,
-                      trained_params: int | None = None, push_to_core: bool = True) -> float:
-        """Virtual seconds of a synchronous fog round: its slowest contributor, then the push to core.
+    def plan_step(self, step: int, sim_s: float) -> StepPlan:
+        """Which devices are online in ``step`` and their strategies: each online device's policy observes
+        its readings at simulated time ``sim_s`` (an offline device observes nothing and keeps its state)."""
+        up = self.online(step)
+        for i in np.flatnonzero(up):
+            battery = None if np.isnan(self.battery[i]) else float(self.battery[i])
+            self._policies[i].observe(ResourceSample(
+                time=sim_s, cpu_percent=0.0, memory_percent=0.0, memory_used_mb=0.0, disk_percent=0.0,
+                battery_percent=battery, on_ac_power=None if battery is None else False))
+        return StepPlan(step, up, tuple(p.strategy for p in self._policies), self.battery.copy())
 
-        ``trained_params`` defaults to the size of the round's aggregated delta; a round without a core
-        (the flat baseline) passes ``push_to_core=False``."""
+    def finish_step(self, busy_s: Mapping[int, float], step_s: float) -> None:
+        """Drain each device's battery for its ``busy_s`` (device -> simulated seconds it worked), then
+        charge every battery for the step's ``step_s``."""
+        for device, seconds in busy_s.items():
+            if not np.isnan(self.battery[device]):
+                self.battery[device] = max(0.0, self.battery[device] - self._drain[device] * seconds)
+        self.battery = np.minimum(self.battery + self._charge * step_s, 100.0)  # NaN (mains) stays NaN
+
+    def write_strategies(self, devices: Path, plan: StepPlan) -> None:
+        """Tell each simulated agent its strategy (:func:`~hyprstream.agent.client_app.strategy_file`, read by
+        the agent's ClientApp), rewriting only the files whose content changed."""
+        from hyprstream.agent.client_app import SIM_STRATEGY_SCHEMA, device_name, strategy_file
+        from hyprstream.core.durable import write_bytes_atomic
+
+        for i, strategy in enumerate(plan.strategies):
+            data = json.dumps({"schema": SIM_STRATEGY_SCHEMA, "strategy": strategy.value,
+                               "max_layer_groups_hybrid": self.profiles[i].training.max_layer_groups_hybrid})
+            path = strategy_file(devices / device_name(i))
+            if not path.exists() or path.read_text() != data:
+                write_bytes_atomic(path, data.encode(), sync=False)
+
+    def agent_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int,
+                      trained_params: int | None = None) -> dict[int, float]:
+        """Virtual seconds each contributor of ``r`` worked (download, train, upload), by device index."""
         per_node_down = r.bytes_down // max(1, len(r.nodes))
         trained = sum(int(d.size) for d in r.delta.values()) if trained_params is None else trained_params
         flops = clock.training_flops(base_params, trained, self.local_samples)
-        agents = []
+        out = {}
         for node in r.contributors:
             sim = self.profiles[device_of[node]].simulation
-            agents.append(clock.agent_round_s(Link(sim.uplink_mbps, sim.downlink_mbps, sim.latency_ms),
-                                              sim.compute_speed_factor, down_bytes=per_node_down,
-                                              up_bytes=r.uplink.get(node, 0), flops=flops))
+            out[device_of[node]] = clock.agent_round_s(
+                Link(sim.uplink_mbps, sim.downlink_mbps, sim.latency_ms), sim.compute_speed_factor,
+                down_bytes=per_node_down, up_bytes=r.uplink.get(node, 0), flops=flops)
+        return out
+
+    def round_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int,
+                      trained_params: int | None = None, push_to_core: bool = True,
+                      agents: Mapping[int, float] | None = None) -> float:
+        """Virtual seconds of a synchronous fog round: its slowest contributor, then the push to core.
+
+        ``trained_params`` defaults to the size of the round's aggregated delta; a round without a core
+        (the flat baseline) passes ``push_to_core=False``; ``agents``: :meth:`agent_seconds`, if known."""
+        trained = sum(int(d.size) for d in r.delta.values()) if trained_params is None else trained_params
+        if agents is None:
+            agents = self.agent_seconds(r, device_of, base_params=base_params, trained_params=trained_params)
         push = 0.0
         if push_to_core and r.version:
             push = clock.transfer_s(4 * trained, self.fog_core.uplink_mbps, self.fog_core.latency_ms)
-        return clock.sync_round_s(agents, push)
+        return clock.sync_round_s(list(agents.values()), push)
 
     def agent_job_seconds(self, device: int, *, down_bytes: int, up_bytes: int, flops: float) -> float:
         """Virtual seconds of one agent job on ``device`` (download, train, upload): a buffered fog's unit."""

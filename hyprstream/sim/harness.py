@@ -264,12 +264,15 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                 return
             sim_s = 0.0
             for step in range(1, exp.training.global_steps + 1):
-                up = fleet.online(step)
+                fleet_now = fleet.plan_step(step, sim_s)
+                fleet.write_strategies(out / "devices", fleet_now)
+                metrics.add_fleet(fleet_now, fleet.names)
                 # Every fog starts from the version current at the start of the step (they run concurrently).
-                pending = [fog.start_round(step, fog.pull(), [n for n in fog.node_ids if up[device_of[n]]])
+                pending = [fog.start_round(step, fog.pull(), [n for n in fog.node_ids if fleet_now.trains(device_of[n])])
                            for fog in fogs]
                 rounds = []
                 durations = []
+                busy: dict[int, float] = {}
                 for fog, p in zip(fogs, pending, strict=True):
                     r = fog.finish_round(p)
                     rounds.append(r)
@@ -277,12 +280,16 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                     for name, d in r.delta.items():
                         base[name] = base[name] + d
                     loss, acc = score(base)
-                    seconds = fleet.round_seconds(r, device_of, base_params=sum(a.size for a in base.values()))
+                    n_params = sum(a.size for a in base.values())
+                    agents = fleet.agent_seconds(r, device_of, base_params=n_params)
+                    busy.update(agents)
+                    seconds = fleet.round_seconds(r, device_of, base_params=n_params, agents=agents)
                     durations.append(seconds)
                     metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
                                           sim_s=sim_s + seconds, **_fog_extra(fog, r))
                     metrics.add_participation(r, device_of)
                 sim_s += max(durations, default=0.0)
+                fleet.finish_step(busy, max(durations, default=0.0))
                 current = admin.get_weights(model_name)
                 metrics.base_versions[step] = pending[0].base.version
                 loss, acc = score(lt.to_arrays(current.table))

@@ -3,6 +3,8 @@
 * ``metrics.parquet``: one row per fog round and one per global version (:data:`SCHEMA`).
 * ``participation.parquet``: one row per agent asked to train in a fog round: did its update count,
   how many bytes it sent (:data:`PARTICIPATION_SCHEMA`).
+* ``fleet.parquet``: one row per device and step: its profile, whether it was online, its strategy
+  and battery level at the start of the step (:data:`FLEET_SCHEMA`).
 * ``privacy.parquet``: with sample-level DP, one row per charge in a device's privacy ledger: the
   device's cumulative epsilon after that global step (:data:`PRIVACY_SCHEMA`).
 """
@@ -48,6 +50,15 @@ PARTICIPATION_SCHEMA = pa.schema([
     pa.field("bytes_up", pa.int64()),
 ])
 
+FLEET_SCHEMA = pa.schema([
+    pa.field("round", pa.int64()),  # the global step
+    pa.field("device", pa.int64()),
+    pa.field("profile", pa.string()),  # its device profile (firmware-configs/<profile>.toml)
+    pa.field("online", pa.bool_()),
+    pa.field("strategy", pa.string()),  # full, hybrid or minimal (offline devices keep their last one)
+    pa.field("battery_percent", pa.float64()),  # null for mains-powered devices
+])
+
 PRIVACY_SCHEMA = pa.schema([
     pa.field("device", pa.int64()),
     pa.field("round", pa.int64()),  # the global step the charge belongs to
@@ -82,6 +93,7 @@ class MetricsLog:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.participation: list[dict] = []
+        self.fleet: list[dict] = []
         self.privacy: list[dict] = []
         self.base_versions: dict[int, int] = {}  # global step -> the version its rounds started from
 
@@ -113,6 +125,14 @@ class MetricsLog:
         for node in r.nodes:
             self.participation.append({"round": r.round, "fog": r.fog, "device": device_of[node],
                                        "contributed": node in contributed, "bytes_up": r.uplink.get(node, 0)})
+
+    def add_fleet(self, plan, profiles: list[str]) -> None:
+        """The fleet at the start of a step (a :class:`~hyprstream.sim.fleet.StepPlan`)."""
+        for device, strategy in enumerate(plan.strategies):
+            battery = float(plan.battery[device])
+            self.fleet.append({"round": plan.step, "device": device, "profile": profiles[device],
+                               "online": bool(plan.online[device]), "strategy": strategy.value,
+                               "battery_percent": None if math.isnan(battery) else battery})
 
     def step_of_base(self, base_version: int) -> int | None:
         """The global step whose rounds started from ``base_version``."""
@@ -163,9 +183,12 @@ class MetricsLog:
         pq.write_table(self.table(), path)
 
     def write_run(self, out: Path) -> None:
-        """``metrics.parquet``, ``participation.parquet`` and, with DP-SGD, ``privacy.parquet`` in ``out``."""
+        """``metrics.parquet``, ``participation.parquet``, ``fleet.parquet`` (when steps were planned) and,
+        with DP-SGD, ``privacy.parquet`` in ``out``."""
         self.write(out / "metrics.parquet")
         pq.write_table(pa.Table.from_pylist(self.participation, schema=PARTICIPATION_SCHEMA),
                        out / "participation.parquet")
+        if self.fleet:
+            pq.write_table(pa.Table.from_pylist(self.fleet, schema=FLEET_SCHEMA), out / "fleet.parquet")
         if self.privacy:
             pq.write_table(pa.Table.from_pylist(self.privacy, schema=PRIVACY_SCHEMA), out / "privacy.parquet")

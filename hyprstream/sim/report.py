@@ -91,6 +91,49 @@ def plot_participation(metrics: MetricsLog, path: Path) -> None:
     plt.close(fig)
 
 
+STRATEGY_COLOURS = {"full": "tab:green", "hybrid": "tab:orange", "minimal": "tab:red", "offline": "tab:gray"}
+
+
+def strategy_mix(fleet: list[dict]) -> dict[str, list[int]]:
+    """Devices per step in each strategy (online devices) and offline, from ``fleet.parquet`` rows."""
+    steps = sorted({f["round"] for f in fleet})
+    mix = {k: [0] * len(steps) for k in STRATEGY_COLOURS}
+    index = {s: i for i, s in enumerate(steps)}
+    for f in fleet:
+        mix[f["strategy"] if f["online"] else "offline"][index[f["round"]]] += 1
+    return {"steps": steps, **mix}
+
+
+def plot_strategy(metrics: MetricsLog, path: Path) -> None:
+    """Strategy mix per step (stacked: full, hybrid, minimal, offline) and each battery's level."""
+    plt = _plt()
+    mix = strategy_mix(metrics.fleet)
+    steps = mix["steps"]
+    batteries = sorted({f["device"] for f in metrics.fleet if f["battery_percent"] is not None})
+    fig, axes = plt.subplots(1, 2 if batteries else 1, figsize=(10 if batteries else 6, 4), squeeze=False)
+    ax1 = axes[0][0]
+    bottom = [0] * len(steps)
+    for name, colour in STRATEGY_COLOURS.items():
+        ax1.bar(steps, mix[name], bottom=bottom, color=colour, label=name)
+        bottom = [b + v for b, v in zip(bottom, mix[name], strict=True)]
+    ax1.set_xlabel("global step")
+    ax1.set_ylabel("devices")
+    ax1.set_title("strategy mix at the start of each step", fontsize=9)
+    ax1.legend(fontsize=8)
+    if batteries:
+        ax2 = axes[0][1]
+        for device in batteries:
+            pts = sorted((f["round"], f["battery_percent"]) for f in metrics.fleet if f["device"] == device)
+            ax2.plot([x for x, _ in pts], [y for _, y in pts], "-", alpha=0.6, linewidth=1)
+        ax2.set_xlabel("global step")
+        ax2.set_ylabel("battery % (one line per battery device)")
+        ax2.set_ylim(0, 100)
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_epsilon(metrics: MetricsLog, path: Path) -> None:
     """Sample-level epsilon of each device after each step (DP-SGD), and the model's client-level epsilon."""
     plt = _plt()
@@ -115,6 +158,8 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
     plot_accuracy(metrics, out / "accuracy.png")
     plot_bytes(metrics, out / "bytes.png")
     plot_participation(metrics, out / "participation.png")
+    if metrics.fleet:
+        plot_strategy(metrics, out / "strategy.png")
     private = bool(metrics.privacy) or any(r.client_epsilon is not None for r in metrics.rows)
     if private:
         plot_epsilon(metrics, out / "epsilon.png")
@@ -171,6 +216,14 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
                      f"{_opt(r.client_epsilon)} | {_opt(r.device_epsilon)} | {r.sim_s:.1f} | {r.wall_s:.1f} |")
     lines += ["", "![accuracy](accuracy.png)", "", "![bytes per tier](bytes.png)", "",
               "![participation](participation.png)", ""]
+    if metrics.fleet:
+        mix = strategy_mix(metrics.fleet)
+        lines += ["Devices per strategy at the start of each step (the agents' adaptive policy on simulated "
+                  "readings; `minimal` devices are not asked to train, `hybrid` ones train fewer layer groups):",
+                  "", "| step | " + " | ".join(STRATEGY_COLOURS) + " |", "|---:" * (len(STRATEGY_COLOURS) + 1) + "|"]
+        for i, step in enumerate(mix["steps"]):
+            lines.append(f"| {step} | " + " | ".join(str(mix[k][i]) for k in STRATEGY_COLOURS) + " |")
+        lines += ["", "![strategy mix](strategy.png)", ""]
     if private:
         lines += ["![epsilon](epsilon.png)", ""]
     lines += ["## Experiment", "", "```toml", *_toml_lines(to_dict(exp)), "```", ""]

@@ -178,6 +178,45 @@ def test_declining_agents_are_left_out(tmp_path: Path, core: LoopbackCore) -> No
     assert any("declined" in r and "no store" in r for r in result.reasons)
 
 
+def test_a_device_training_fewer_layer_groups_declines_a_secure_round(tmp_path: Path, core: LoopbackCore) -> None:
+    """A device in its hybrid strategy trains only some requested layer groups; a secure round sums one
+    vector over every requested group, so the middleware declines for it (with the reason) instead of
+    failing the round or sending zeros for the groups it did not train."""
+    from hyprstream.agent.client_app import query_device
+    from hyprstream.agent.policy import TrainPlan
+    from hyprstream.privacy.secagg_messages import SECAGG_ACTION
+    from hyprstream.privacy.secagg_mod import make_secagg_mod
+    from hyprstream.protocol import ReplyStatus
+
+    def train(msg, context):
+        request = TrainRequest.from_content(msg.content)
+        store = Path(context.node_config["store-dir"])
+        plan = None
+        if store.name == "device-0000":  # hybrid: the last requested group only
+            plan = TrainPlan(True, "hybrid", request.layers[-1:], request.local_steps, request.batch_size,
+                             "cpu", math.inf)
+        reply = handle_train(request, store, plan=plan)
+        assert reply.status is ReplyStatus.OK
+        from flwr.app import Message
+
+        return Message(reply.to_content(), reply_to=msg)
+
+    app = ClientApp()
+    app.query("device")(query_device)
+    app.train(SECAGG_ACTION, mods=[make_secagg_mod(secure=False)])(train)
+    paths = make_devices(tmp_path, 4)
+    nodes = [101, 102, 103, 104]
+    grid = RecordingGrid(app, nodes, node_config=lambda node: {"store-dir": str(paths[node - 101])})
+    plan = RoundPlan(task="digits", layers=("fc2", "head"), local_steps=2, batch_size=16, lr=0.05, timeout_s=1.0)
+    fog = FogAggregator("fog-a", grid, nodes, core.client, "digits", plan, seed=0)
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=0.5, stage_timeout_s=0.3), None, source=SeededRandom(0))
+    result = secure.run_round(1)
+    assert result.version == 1 and result.declined == 1 and result.participants == 3 and result.failed == 0
+    assert any("secure round sums every requested layer group ['fc2', 'head']" in r and "trained ['head']" in r
+               for r in result.reasons)
+    assert set(core.pushes[0]["delta"]) == {"fc2.weight", "fc2.bias", "head.weight", "head.bias"}
+
+
 def test_weighted_rounds_reveal_only_the_sum_of_weights(tmp_path: Path, core: LoopbackCore) -> None:
     cfg = SecAggConfig(clip=0.5, stage_timeout_s=0.3, weighting=Weighting.EXAMPLES, max_weight=100.0)
     secure, grid, store_of = setup_fog(tmp_path, core, 4, secagg=cfg)

@@ -88,7 +88,25 @@ def test_lineage_in_core_directory(quickstart):
     assert sorted(set(actors)) == ["fog-0", "fog-1"]
     # both fogs start a step from the same version: the second push of a step is one update stale
     assert [v["staleness"]["fc1"] for v in versions[1:]] == [0, 1] * exp.training.global_steps
-    assert Path(out / "devices").is_dir() and len(list((out / "devices").iterdir())) == exp.num_agents
+    stores = [p for p in (out / "devices").iterdir() if p.is_dir()]
+    assert len(stores) == exp.num_agents  # and beside each, the strategy the simulated fleet gave it
+    assert sorted(p.name for p in (out / "devices").glob("*.strategy.json")) == [
+        f"{p.name}.strategy.json" for p in sorted(stores)]
+
+
+def test_only_online_devices_outside_minimal_are_asked_to_train(quickstart):
+    exp, out, result, fetched = quickstart
+    fleet = pq.read_table(out / "fleet.parquet").to_pylist()
+    asked = pq.read_table(out / "participation.parquet").to_pylist()
+    assert len(fleet) == exp.num_agents * exp.training.global_steps
+    for step in range(1, exp.training.global_steps + 1):
+        eligible = {f["device"] for f in fleet if f["round"] == step and f["online"] and f["strategy"] != "minimal"}
+        assert {p["device"] for p in asked if p["round"] == step} == eligible
+    hubs = [f for f in fleet if f["profile"] == "battery-sensor-hub"]
+    assert hubs and all(0 <= f["battery_percent"] <= 100 for f in hubs)
+    assert all(f["battery_percent"] is None for f in fleet if f["profile"] != "battery-sensor-hub")
+    # mains-powered devices on idle readings: full from the first step they are online
+    assert all(f["strategy"] == "full" for f in fleet if f["profile"] != "battery-sensor-hub" and f["online"])
 
 
 def test_cli_quick_run_report_and_compare(quickstart, tmp_path):
@@ -106,6 +124,8 @@ def test_cli_quick_run_report_and_compare(quickstart, tmp_path):
     assert max(r["participants"] for r in rows if r["kind"] == "fog_round") <= 3
     assert (quick / "report.md").read_text().startswith("# Simulation report: quickstart")
     assert (quick / "accuracy.png").stat().st_size > 1000
+    assert (quick / "strategy.png").stat().st_size > 1000
+    assert "![strategy mix](strategy.png)" in (quick / "report.md").read_text()
     proc = subprocess.run([sys.executable, "-m", "hyprstream.cli", "simulate", "compare", str(out), str(quick),
                            "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
