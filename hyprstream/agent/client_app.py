@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,17 +148,25 @@ def configure_simulation(root: Path, dpsgd: DpSgdConfig | None) -> None:
     write_bytes_atomic(path, json.dumps(data).encode(), sync=False)
 
 
-def simulation_dpsgd(root: Path) -> DpSgd | None:
-    """The DP-SGD settings :func:`configure_simulation` recorded under ``root`` (None: off)."""
-    path = Path(root) / SIM_PRIVACY_FILE
+def _read_sim_file(path: Path, schema: str, what: str) -> dict | None:
+    """A JSON object the simulator wrote for its agents, checked for ``schema``; None when there is none."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the simulation's DP-SGD settings: {exc}", source=str(path)) from None
-    if not isinstance(data, dict) or data.get("schema") != SIM_PRIVACY_SCHEMA:
-        raise ConfigError(f"expected schema {SIM_PRIVACY_SCHEMA!r}", source=str(path), key="schema")
+        raise ConfigError(f"cannot read {what}: {exc}", source=str(path)) from None
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        raise ConfigError(f"expected schema {schema!r}", source=str(path), key="schema")
+    return data
+
+
+def simulation_dpsgd(root: Path) -> DpSgd | None:
+    """The DP-SGD settings :func:`configure_simulation` recorded under ``root`` (None: off)."""
+    path = Path(root) / SIM_PRIVACY_FILE
+    data = _read_sim_file(path, SIM_PRIVACY_SCHEMA, "the simulation's DP-SGD settings")
+    if data is None:
+        return None
     try:
         return DpSgd(float(data["noise_multiplier"]), float(data["max_grad_norm"]),
                      Budget(float(data["epsilon_budget"]), float(data["delta"])), secure=False)
@@ -202,20 +211,13 @@ def simulated_plan(request: TrainRequest, store: Path):
     ``minimal`` declines; ``hybrid`` trains the last ``max_layer_groups_hybrid`` requested layer groups
     (as :func:`~hyprstream.agent.policy.plan_training` does on a device); the request's steps and batch
     size apply in every strategy."""
-    import math
-
     from hyprstream.agent.policy import TrainPlan
     from hyprstream.agent.profile import Strategy
 
     path = strategy_file(store)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    data = _read_sim_file(path, SIM_STRATEGY_SCHEMA, "the simulated strategy")
+    if data is None:
         return None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the simulated strategy: {exc}", source=str(path)) from None
-    if not isinstance(data, dict) or data.get("schema") != SIM_STRATEGY_SCHEMA:
-        raise ConfigError(f"expected schema {SIM_STRATEGY_SCHEMA!r}", source=str(path), key="schema")
     try:
         strategy = Strategy(data["strategy"])
         keep = data["max_layer_groups_hybrid"]

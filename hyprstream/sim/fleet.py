@@ -101,6 +101,7 @@ class VirtualFleet:
                                  if p.resources.battery else np.nan for p in profiles])
         self._drain = np.array([p.simulation.battery_drain_percent_per_s for p in profiles])
         self._charge = np.array([p.simulation.battery_charge_percent_per_s for p in profiles])
+        self._told: dict[int, Strategy] = {}  # the strategy file each device was last given
 
     @classmethod
     def build(cls, exp) -> VirtualFleet:
@@ -134,16 +135,17 @@ class VirtualFleet:
 
     def write_strategies(self, devices: Path, plan: StepPlan) -> None:
         """Tell each simulated agent its strategy (:func:`~hyprstream.agent.client_app.strategy_file`, read by
-        the agent's ClientApp), rewriting only the files whose content changed."""
+        the agent's ClientApp), writing only the files of devices whose strategy changed."""
         from hyprstream.agent.client_app import SIM_STRATEGY_SCHEMA, device_name, strategy_file
         from hyprstream.core.durable import write_bytes_atomic
 
         for i, strategy in enumerate(plan.strategies):
+            if self._told.get(i) is strategy:
+                continue
             data = json.dumps({"schema": SIM_STRATEGY_SCHEMA, "strategy": strategy.value,
                                "max_layer_groups_hybrid": self.profiles[i].training.max_layer_groups_hybrid})
-            path = strategy_file(devices / device_name(i))
-            if not path.exists() or path.read_text() != data:
-                write_bytes_atomic(path, data.encode(), sync=False)
+            write_bytes_atomic(strategy_file(devices / device_name(i)), data.encode(), sync=False)
+            self._told[i] = strategy
 
     def agent_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int,
                       trained_params: int | None = None) -> dict[int, float]:
@@ -168,7 +170,7 @@ class VirtualFleet:
         (the flat baseline) passes ``push_to_core=False``; ``agents``: :meth:`agent_seconds`, if known."""
         trained = sum(int(d.size) for d in r.delta.values()) if trained_params is None else trained_params
         if agents is None:
-            agents = self.agent_seconds(r, device_of, base_params=base_params, trained_params=trained_params)
+            agents = self.agent_seconds(r, device_of, base_params=base_params, trained_params=trained)
         push = 0.0
         if push_to_core and r.version:
             push = clock.transfer_s(4 * trained, self.fog_core.uplink_mbps, self.fog_core.latency_ms)

@@ -32,6 +32,10 @@ def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
     ax2.set_ylabel("held-out accuracy")
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -61,9 +65,7 @@ def plot_bytes(metrics: MetricsLog, path: Path) -> None:
     ax.set_ylabel("MB")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_participation(metrics: MetricsLog, path: Path) -> None:
@@ -86,9 +88,7 @@ def plot_participation(metrics: MetricsLog, path: Path) -> None:
     ax2.set_xlabel("rounds a device contributed to")
     ax2.set_ylabel("devices")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 STRATEGY_COLOURS = {"full": "tab:green", "hybrid": "tab:orange", "minimal": "tab:red", "offline": "tab:gray"}
@@ -129,9 +129,7 @@ def plot_strategy(metrics: MetricsLog, path: Path) -> None:
         ax2.set_ylabel("battery % (one line per battery device)")
         ax2.set_ylim(0, 100)
         ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_epsilon(metrics: MetricsLog, path: Path) -> None:
@@ -148,9 +146,7 @@ def plot_epsilon(metrics: MetricsLog, path: Path) -> None:
     ax.set_xlabel("global step")
     ax.set_ylabel("epsilon (one line per device)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accuracy: float,
