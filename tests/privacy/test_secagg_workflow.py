@@ -22,7 +22,7 @@ from hyprstream.privacy.client_dp import NoisePlacement
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
 from hyprstream.privacy.contribution import encode
 from hyprstream.privacy.ledger import PrivacyLedger, Scope
-from hyprstream.fog.loopback import LoopbackGrid
+from hyprstream.fog.loopback import LoopbackGrid, ProcessLoopbackGrid
 from hyprstream.privacy.noise import SeededRandom
 from hyprstream.privacy.secagg_workflow import SecureFogAggregator
 from hyprstream.protocol import TrainRequest
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.unit
 PLAN = RoundPlan(task="digits", layers=("head",), local_steps=3, batch_size=16, lr=0.05, timeout_s=1.0)
 
 
-class RecordingGrid(LoopbackGrid):
+class Recording:
     """Keeps every reply the fog pulls, to check what the fog was ever given."""
 
     def __init__(self, *a, **kw) -> None:
@@ -47,6 +47,14 @@ class RecordingGrid(LoopbackGrid):
         return out
 
 
+class RecordingGrid(Recording, LoopbackGrid):
+    pass
+
+
+class RecordingProcessGrid(Recording, ProcessLoopbackGrid):
+    pass
+
+
 @pytest.fixture()
 def core(tmp_path: Path):
     core = start_core(tmp_path / "core")
@@ -55,12 +63,14 @@ def core(tmp_path: Path):
 
 
 def setup_fog(tmp_path: Path, core: LoopbackCore, n: int, *, app: ClientApp | None = None, drop=None,
-              secagg: SecAggConfig | None = None, client_dp: ClientDpConfig | None = None, ledger=None, seed: int = 0):
+              secagg: SecAggConfig | None = None, client_dp: ClientDpConfig | None = None, ledger=None, seed: int = 0,
+              workers: int = 0):
     paths = make_devices(tmp_path, n)
     nodes = list(range(101, 101 + n))
     store_of = dict(zip(nodes, paths))
-    grid = RecordingGrid(app or agent_app(), nodes, node_config=lambda node: {"store-dir": str(store_of[node])},
-                         drop=drop)
+    config = {"node_config": lambda node: {"store-dir": str(store_of[node])}, "drop": drop}
+    grid = (RecordingProcessGrid(agent_app, nodes, workers=workers, **config) if workers
+            else RecordingGrid(app or agent_app(), nodes, **config))
     fog = FogAggregator("fog-a", grid, nodes, core.client, "digits", PLAN, seed=seed)
     secure = SecureFogAggregator(fog, secagg or SecAggConfig(clip=0.5, stage_timeout_s=0.3), client_dp,
                                  ledger=ledger, source=SeededRandom(seed))
@@ -105,6 +115,45 @@ def test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas(tmp_path: 
         np.testing.assert_array_equal(pushed["delta"][name], value)
         np.testing.assert_array_equal(result.delta[name], value)
     assert np.abs(expected["head.weight"]).sum() > 0
+
+
+def test_agents_answering_in_worker_processes_give_the_same_exact_mean(tmp_path: Path, core: LoopbackCore) -> None:
+    secure, grid, store_of = setup_fog(tmp_path, core, 6, workers=3)
+    with grid:
+        pending = secure.start_round(1)
+        result = secure.finish_round(pending)
+        assert result.version == 1 and result.participants == 6, result.reasons
+        stages = {}
+        for node, _type, _seconds in grid.seconds:
+            stages[node] = stages.get(node, 0) + 1
+        assert stages == {node: 4 for node in pending.nodes}  # setup, share, mask, unmask: each in its worker
+        expected = expected_mean(secure, pending, store_of, set(pending.nodes))
+        for name, value in expected.items():
+            np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
+    assert not any(proc.is_alive() for proc in grid._procs)
+
+
+def test_a_worker_process_lost_mid_round_drops_its_agents_and_the_rest_still_sum_exactly(
+        tmp_path: Path, core: LoopbackCore) -> None:
+    secure, grid, store_of = setup_fog(tmp_path, core, 9, workers=3,
+                                       secagg=SecAggConfig(clip=0.5, stage_timeout_s=0.3, degree=8,
+                                                           threshold_fraction=0.5))
+    with grid:
+        pending = secure.start_round(1)  # every agent has trained and advertised its keys
+        lost = grid._procs[1]
+        lost.kill()
+        lost.join(timeout=10)
+        gone = {node for node, w in grid._worker_of.items() if w == 1}
+        assert len(gone) == 3
+        result = secure.finish_round(pending)
+        assert result.version == 1, result.reasons
+        contributors = set(pending.nodes) - gone
+        assert set(result.contributors) == contributors and result.participants == 6
+        assert result.failed == 3  # silent from the share stage on: no masks of theirs in anyone's input
+        assert not set(secure.last.dropped_before_masking + secure.last.dropped_after_masking) & gone
+        expected = expected_mean(secure, pending, store_of, contributors)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
 
 
 def test_dropouts_at_every_stage_are_recovered_exactly(tmp_path: Path, core: LoopbackCore) -> None:
