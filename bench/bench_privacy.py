@@ -2,7 +2,7 @@
 
     python bench/bench_privacy.py            # K = 100 clients, n = 100,000-parameter delta; DP-SGD 100 steps
     python bench/bench_privacy.py --quick    # K = 10, n = 2,000; DP-SGD 20 steps: a CI smoke run
-    python bench/bench_privacy.py --workers 16 --skip-dpsgd   # the K clients answer in 16 processes at once
+    python bench/bench_privacy.py --workers 16 --skip-dpsgd   # A only, the K clients in 16 processes at once
 
 A. One aggregation round of K clients whose layer-wise delta has n float32 parameters. The three
    cases run over the same in-process ``LoopbackGrid`` (every message protobuf-encoded and decoded
@@ -20,9 +20,10 @@ A. One aggregation round of K clients whose layer-wise delta has n float32 param
             ``LegacyContext``, clients ``ClientApp(client_fn, mods=[secaggplus_mod])`` returning the
             same deltas as their parameters. Only the workflow call is timed.
 
-   With ``--workers W`` the K ClientApps answer in W worker processes at once instead
-   (``ProcessLoopbackGrid``: as K devices answer side by side; messages cross as the same wire bytes)
-   for all three cases; the client seconds then overlap and only the round's wall time is compared.
+   By default A runs twice: so, and then with the K ClientApps answering in W worker processes at
+   once, W = the usable cores (``ProcessLoopbackGrid``: as K devices answer side by side; messages
+   cross as the same wire bytes), for all three cases; the client seconds then overlap and only the
+   round's wall time is compared. ``--workers W`` runs that case alone (``--workers 0``: serial alone).
 
    Timed: the whole round, everything on this machine's cores (K clients' work + the fog's). Also
    split into *client* seconds (inside the ClientApps) and *fog* seconds (the rest: the fog's
@@ -55,7 +56,7 @@ from collections import defaultdict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Case, base_parser, emit, header, measure_interleaved, peak_rss_bytes  # noqa: E402
+from _common import Case, base_parser, emit, header, machine_info, measure_interleaved, peak_rss_bytes  # noqa: E402
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -341,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-secagg", action="store_true")
     p.add_argument("--skip-dpsgd", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=int, default=None,
                    help="answer the K clients in this many worker processes at once, as separate devices do "
-                        "(hyprstream.fog.loopback.ProcessLoopbackGrid; default 0: one after another in this process)")
+                        "(hyprstream.fog.loopback.ProcessLoopbackGrid); 0: one after another in this process. "
+                        "Default: both, serial first, then one worker per usable core")
     p.add_argument("--mask-threads", type=int, default=None,
                    help="threads a client spreads its mask expansion over (hyprstream.privacy.masking.THREADS; default 1)")
     args = p.parse_args(argv)
@@ -362,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     header("Privacy: secure aggregation round and DP-SGD")
     result: dict = {"benchmark": "privacy", "repeats": repeats, "warmup": args.warmup}
     if not args.skip_secagg:
-        result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, max(0, args.workers))
+        if args.workers is None:
+            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, 0)
+            print()
+            workers = max(2, machine_info()["usable_cores"] or 2)
+            result["secagg_parallel"] = bench_secagg(k, n, repeats, args.warmup, args.seed, workers)
+        else:
+            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, max(0, args.workers))
     if not args.skip_dpsgd:
         result["dpsgd"] = bench_dpsgd(steps, repeats * 2 if not args.quick else repeats, args.warmup)
     result["peak_rss_bytes"] = peak_rss_bytes()
