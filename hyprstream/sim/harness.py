@@ -144,6 +144,12 @@ def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[B
     re-raises the first exception the ServerApp recorded in ``failure``."""
     from flwr.simulation import run_simulation
 
+    if os.environ.get("RAY_ADDRESS"):
+        # ray.init() would join that cluster, whose workers inherit neither this process's environment
+        # (where the agents find their stores) nor, on other hosts, its local paths.
+        raise HyprstreamError("hyprstream simulate runs its own Ray instance on this host; unset RAY_ADDRESS "
+                              f"(set to {os.environ['RAY_ADDRESS']!r}) to run it")
+
     backend_config = {
         "client_resources": {"num_cpus": exp.runtime.client_cpus, "num_gpus": 0.0},
         "init_args": {
