@@ -3,6 +3,8 @@ with the secagg middleware."""
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,27 @@ def agent_app(*, secure: bool = False) -> ClientApp:
     app.query("device")(query_device)
     app.train(SECAGG_ACTION, mods=[make_secagg_mod(secure=secure)])(train)
     return app
+
+
+def one_thread_agent_app() -> ClientApp:
+    """:func:`agent_app` for a worker process, training with one torch thread: float sums in the same
+    order as a test process that recomputes its training with one thread (:func:`one_torch_thread`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return agent_app()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class RecordingCoreClient(CoreClient):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
-from privacy_helpers import LoopbackCore, agent_app, make_devices, start_core
+from privacy_helpers import LoopbackCore, agent_app, make_devices, one_thread_agent_app, one_torch_thread, start_core
 
 from hyprstream.agent.client_app import handle_train
 from hyprstream.errors import ValidationError
@@ -69,7 +69,7 @@ def setup_fog(tmp_path: Path, core: LoopbackCore, n: int, *, app: ClientApp | No
     nodes = list(range(101, 101 + n))
     store_of = dict(zip(nodes, paths))
     config = {"node_config": lambda node: {"store-dir": str(store_of[node])}, "drop": drop}
-    grid = (RecordingProcessGrid(agent_app, nodes, workers=workers, **config) if workers
+    grid = (RecordingProcessGrid(one_thread_agent_app, nodes, workers=workers, **config) if workers
             else RecordingGrid(app or agent_app(), nodes, **config))
     fog = FogAggregator("fog-a", grid, nodes, core.client, "digits", PLAN, seed=seed)
     secure = SecureFogAggregator(fog, secagg or SecAggConfig(clip=0.5, stage_timeout_s=0.3), client_dp,
@@ -127,7 +127,8 @@ def test_agents_answering_in_worker_processes_give_the_same_exact_mean(tmp_path:
         for node, _type, _seconds in grid.seconds:
             stages[node] = stages.get(node, 0) + 1
         assert stages == {node: 4 for node in pending.nodes}  # setup, share, mask, unmask: each in its worker
-        expected = expected_mean(secure, pending, store_of, set(pending.nodes))
+        with one_torch_thread():  # as the workers train
+            expected = expected_mean(secure, pending, store_of, set(pending.nodes))
         for name, value in expected.items():
             np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
     assert not any(proc.is_alive() for proc in grid._procs)
@@ -151,7 +152,8 @@ def test_a_worker_process_lost_mid_round_drops_its_agents_and_the_rest_still_sum
         assert set(result.contributors) == contributors and result.participants == 6
         assert result.failed == 3  # silent from the share stage on: no masks of theirs in anyone's input
         assert not set(secure.last.dropped_before_masking + secure.last.dropped_after_masking) & gone
-        expected = expected_mean(secure, pending, store_of, contributors)
+        with one_torch_thread():  # as the workers train
+            expected = expected_mean(secure, pending, store_of, contributors)
         for name, value in expected.items():
             np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
 
