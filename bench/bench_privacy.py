@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import warnings
@@ -277,7 +278,7 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
     speedup_deploy = split("flower", "deployment_s") / split("secure", "deployment_s")
 
     def verdict(value, ok):
-        return "" if value != value else ("met" if ok(value) else "NOT met")
+        return "" if math.isnan(value) else ("met" if ok(value) else "NOT met")
 
     print()
     print(f"secure / plain round: {ratio_plain:5.2f}x ({where}; target <= 3x: {verdict(ratio_plain, lambda v: v <= 3)})"
@@ -286,9 +287,8 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
     print(f"speedup vs Flower SecAgg+: {speedup:5.2f}x ({where}; target >= 2x: {verdict(speedup, lambda v: v >= 2)})"
           + (f", {speedup_deploy:5.2f}x deployment estimate ({verdict(speedup_deploy, lambda v: v >= 2)})"
              if serial else ""))
-    for g in {id(grid): grid, id(fgrid): fgrid}.values():
-        if hasattr(g, "close"):
-            g.close()
+    grid.close()
+    fgrid.close()
     return {"k": k, "n": n, "degree": degree, "threshold": threshold, "mask_threads": masking.THREADS,
             "workers": workers, "seconds": t,
             "split_medians": {c: {key: split(c, key) for key in ("client_s", "fog_s", "deployment_s")} for c in cases},
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-threads", type=int, default=None,
                    help="threads a client spreads its mask expansion over (hyprstream.privacy.masking.THREADS; default 1)")
     args = p.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
     if args.mask_threads is not None:
         from hyprstream.privacy import masking
 
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             workers = max(2, machine_info()["usable_cores"] or 2)
             result["secagg_parallel"] = bench_secagg(k, n, repeats, args.warmup, args.seed, workers)
         else:
-            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, max(0, args.workers))
+            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, args.workers)
     if not args.skip_dpsgd:
         result["dpsgd"] = bench_dpsgd(steps, repeats * 2 if not args.quick else repeats, args.warmup)
     result["peak_rss_bytes"] = peak_rss_bytes()

@@ -11,6 +11,7 @@ time each node spent answering each message, so a caller can tell client time fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -125,6 +126,15 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(self.push_messages(messages)))
 
+    def close(self) -> None:
+        """Release what the grid holds: nothing here (its nodes live in this process)."""
+
+    def __enter__(self) -> LoopbackGrid:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class ProcessLoopbackGrid(LoopbackGrid):
     """A :class:`LoopbackGrid` whose nodes answer in ``workers`` processes at once, as separate devices would.
@@ -135,8 +145,8 @@ class ProcessLoopbackGrid(LoopbackGrid):
     lives in worker ``i % workers``, which holds its ``Context`` for the grid's lifetime (built there
     from ``node_config``; the parent's :attr:`contexts` only name the nodes). Messages cross as their
     wire bytes. A push returns when every worker has answered its share; a worker that dies leaves its
-    nodes silent from then on (as lost devices). Close the grid (``close()`` or ``with``) to stop the
-    workers; they are daemons, and a grid that is garbage collected stops them too.
+    nodes silent from then on (as lost devices). Close the grid (``close()`` or ``with``, as every
+    :class:`LoopbackGrid`) to stop the workers; they are daemons, and a grid that is garbage collected stops them too.
     """
 
     def __init__(self, app_factory: Callable[[], object], node_ids: Sequence[int], *, workers: int,
@@ -147,26 +157,26 @@ class ProcessLoopbackGrid(LoopbackGrid):
         super().__init__(None, node_ids, node_config=node_config, drop=drop)
         mp = multiprocessing.get_context("spawn")
         self.workers = min(int(workers), max(1, len(self.node_ids)))
-        self._worker_of = {node: i % self.workers for i, node in enumerate(self.node_ids)}
+        self.worker_of: dict[int, int] = {node: i % self.workers for i, node in enumerate(self.node_ids)}
+        self.processes: list = []  # worker w is processes[w]
         self._conns: list = []
-        self._procs: list = []
+        self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hyprstream-loopback")
+        # registered first: workers started before a failed start are stopped too
+        self._finalizer = weakref.finalize(self, _stop_workers, self._conns, self.processes, self._threads)
         for w in range(self.workers):
-            configs = {node: dict(ctx.node_config) for node, ctx in self.contexts.items() if self._worker_of[node] == w}
+            configs = {node: dict(ctx.node_config) for node, ctx in self.contexts.items() if self.worker_of[node] == w}
             parent, child = mp.Pipe()
             proc = mp.Process(target=_serve, args=(child, app_factory, configs), daemon=True,
                               name=f"hyprstream-loopback-{w}")
             proc.start()
             child.close()
             self._conns.append(parent)
-            self._procs.append(proc)
-        self._alive = [True] * self.workers
-        self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hyprstream-loopback")
-        self._finalizer = weakref.finalize(self, _stop_workers, self._conns, self._procs, self._threads)
+            self.processes.append(proc)
 
     def _answer(self, jobs: Iterable[_Job]) -> Iterator[tuple[_Job, bytes, float]]:
         per_worker: list[list[_Job]] = [[] for _ in range(self.workers)]
         for job in jobs:
-            per_worker[self._worker_of[job.node]].append(job)
+            per_worker[self.worker_of[job.node]].append(job)
         futures = [self._threads.submit(self._lockstep, w, share) for w, share in enumerate(per_worker) if share]
         for future in futures:
             yield from future.result()
@@ -176,27 +186,21 @@ class ProcessLoopbackGrid(LoopbackGrid):
         out = []
         conn = self._conns[w]
         for job in share:
-            if not self._alive[w]:
-                break
+            if not self.processes[w].is_alive():
+                break  # a lost worker's nodes stay silent
             try:
                 conn.send((job.node, job.wire))
                 back, seconds = conn.recv()
             except (EOFError, OSError):
-                self._alive[w] = False
                 logger.warning("loopback worker %d stopped; its %d node(s) no longer answer", w,
-                               sum(1 for v in self._worker_of.values() if v == w))
+                               sum(1 for v in self.worker_of.values() if v == w))
                 break
             out.append((job, back, seconds))
         return out
 
     def close(self) -> None:
+        """Stop the workers (at most once; later calls do nothing)."""
         self._finalizer()
-
-    def __enter__(self) -> ProcessLoopbackGrid:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _serve(conn, app_factory: Callable[[], object], configs: dict[int, dict]) -> None:
@@ -220,10 +224,8 @@ def _serve(conn, app_factory: Callable[[], object], configs: dict[int, dict]) ->
 def _stop_workers(conns, procs, threads: ThreadPoolExecutor) -> None:
     threads.shutdown(wait=True)
     for conn in conns:
-        try:
+        with contextlib.suppress(OSError):  # a worker already gone has nothing to be told
             conn.send(None)
-        except OSError:
-            pass  # already gone
         conn.close()
     for proc in procs:
         proc.join(timeout=5.0)

@@ -4,7 +4,6 @@ with the secagg middleware."""
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +60,7 @@ def one_thread_agent_app() -> ClientApp:
 
 @contextlib.contextmanager
 def one_torch_thread():
+    """Torch in this process on one thread for the block (restored after)."""
     import torch
 
     before = torch.get_num_threads()

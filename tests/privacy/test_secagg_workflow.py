@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +49,11 @@ class Recording:
 
 
 class RecordingGrid(Recording, LoopbackGrid):
-    pass
+    """Agents answer in this process, one after another."""
 
 
 class RecordingProcessGrid(Recording, ProcessLoopbackGrid):
-    pass
+    """Agents answer in worker processes at once."""
 
 
 @pytest.fixture()
@@ -123,15 +124,13 @@ def test_agents_answering_in_worker_processes_give_the_same_exact_mean(tmp_path:
         pending = secure.start_round(1)
         result = secure.finish_round(pending)
         assert result.version == 1 and result.participants == 6, result.reasons
-        stages = {}
-        for node, _type, _seconds in grid.seconds:
-            stages[node] = stages.get(node, 0) + 1
+        stages = Counter(node for node, _type, _seconds in grid.seconds)
         assert stages == {node: 4 for node in pending.nodes}  # setup, share, mask, unmask: each in its worker
         with one_torch_thread():  # as the workers train
             expected = expected_mean(secure, pending, store_of, set(pending.nodes))
         for name, value in expected.items():
             np.testing.assert_array_equal(core.pushes[0]["delta"][name], value)
-    assert not any(proc.is_alive() for proc in grid._procs)
+    assert not any(proc.is_alive() for proc in grid.processes)
 
 
 def test_a_worker_process_lost_mid_round_drops_its_agents_and_the_rest_still_sum_exactly(
@@ -141,10 +140,10 @@ def test_a_worker_process_lost_mid_round_drops_its_agents_and_the_rest_still_sum
                                                            threshold_fraction=0.5))
     with grid:
         pending = secure.start_round(1)  # every agent has trained and advertised its keys
-        lost = grid._procs[1]
+        lost = grid.processes[1]
         lost.kill()
         lost.join(timeout=10)
-        gone = {node for node, w in grid._worker_of.items() if w == 1}
+        gone = {node for node, w in grid.worker_of.items() if w == 1}
         assert len(gone) == 3
         result = secure.finish_round(pending)
         assert result.version == 1, result.reasons
