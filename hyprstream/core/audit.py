@@ -20,7 +20,6 @@ checkpoint. :func:`verify_bytes` is the pure check; :class:`AuditLog` is the sin
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import enum
 import fcntl
@@ -154,14 +153,14 @@ def seal(prev: AuditEntry | None, key: signing.Ed25519PrivateKey, *, time_s: flo
     unsigned = AuditEntry(seq, format_time(time_s), str(actor), str(action), str(subject), outcome.value,
                           plain(dict(details or {})), GENESIS if prev is None else prev.hash, "", "")
     h = entry_hash(unsigned.body())
-    sig = base64.b64encode(key.sign(_ENTRY_DOMAIN + bytes.fromhex(h))).decode()
+    sig = signing.b64encode(key.sign(_ENTRY_DOMAIN + bytes.fromhex(h)))
     return AuditEntry(**{**unsigned.__dict__, "hash": h, "sig": sig})
 
 
 def sign_checkpoint(entry: AuditEntry | None, key: signing.Ed25519PrivateKey, *, time_s: float) -> Checkpoint:
     body = Checkpoint(0 if entry is None else entry.seq, GENESIS if entry is None else entry.hash,
                       format_time(time_s), signing.public_key_text(key.public_key()), "")
-    sig = base64.b64encode(key.sign(_HEAD_DOMAIN + canonical(body.body()))).decode()
+    sig = signing.b64encode(key.sign(_HEAD_DOMAIN + canonical(body.body())))
     return Checkpoint(body.seq, body.hash, body.time, body.key, sig)
 
 
@@ -199,7 +198,7 @@ def parse_checkpoint(raw: bytes) -> Checkpoint:
 
 def checkpoint_valid(cp: Checkpoint, key: signing.Ed25519PublicKey) -> bool:
     try:
-        sig = base64.b64decode(cp.sig, validate=True)
+        sig = signing.b64decode(cp.sig)
     except ValueError:
         return False
     return cp.key == signing.public_key_text(key) and signing.verify(key, sig, _HEAD_DOMAIN + canonical(cp.body()))
@@ -227,7 +226,7 @@ class Verification:
 
 def _entry_signature_ok(entry: AuditEntry, key: signing.Ed25519PublicKey) -> bool:
     try:
-        sig = base64.b64decode(entry.sig, validate=True)
+        sig = signing.b64decode(entry.sig)
     except ValueError:
         return False
     try:

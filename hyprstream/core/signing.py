@@ -7,6 +7,7 @@ Private keys are created with mode 0600 and never overwritten; errors name the f
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hyprstream.errors import ConfigError
 
 __all__ = [
-    "Ed25519PrivateKey", "Ed25519PublicKey", "fingerprint", "generate_key", "load_private_key",
+    "Ed25519PrivateKey", "Ed25519PublicKey", "b64decode", "b64encode", "fingerprint", "generate_key", "load_private_key",
     "load_public_key", "public_key_from_text", "public_key_text", "verify", "write_private_file",
     "write_private_key", "write_public_file", "write_public_key",
 ]
@@ -28,15 +29,40 @@ def generate_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
+def b64encode(data: bytes, *, urlsafe: bool = False) -> str:
+    """``data`` as base64 text: standard and padded, or (``urlsafe``) base64url without padding."""
+    if urlsafe:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return base64.b64encode(data).decode()
+
+
+def b64decode(text: str, *, urlsafe: bool = False) -> bytes:
+    """The bytes of ``text`` if it is exactly what :func:`b64encode` writes for them; ValueError otherwise.
+
+    Every signature, key and token part is read through here. Plain decoding ignores the unused low
+    bits of the last digit (and tolerates missing padding), so several texts decode to the same bytes;
+    accepting only the canonical one makes every changed character of a signed record detectable.
+    """
+    if not isinstance(text, str) or not text.isascii():
+        raise ValueError("not canonical base64: not ASCII text")
+    try:
+        padded = text + "=" * (-len(text) % 4) if urlsafe else text
+        data = base64.b64decode(padded, altchars=b"-_" if urlsafe else None, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not canonical base64: {exc}") from None
+    if b64encode(data, urlsafe=urlsafe) != text:
+        raise ValueError("not canonical base64: another spelling of the same bytes")
+    return data
+
+
 def public_key_text(key: Ed25519PublicKey) -> str:
     """The 32 raw public-key bytes, base64 (how audit entries and checkpoints name a key)."""
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
+    return b64encode(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 def public_key_from_text(text: str) -> Ed25519PublicKey:
     try:
-        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+        return Ed25519PublicKey.from_public_bytes(b64decode(text))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"not a base64 Ed25519 public key: {exc}") from None
 

@@ -1,5 +1,6 @@
 """The audit log: chain, signatures, head checkpoint, tamper detection, recovery and reports."""
 
+import base64
 import datetime as dt
 import json
 import os
@@ -243,3 +244,69 @@ def test_crash_states_at_creation_and_a_lost_checkpoint(tmp_path):
     with pytest.raises(AuditError, match="no head checkpoint"):
         AuditLog(path, KEY, sync=False)
     assert "no head checkpoint" in verify_file(path).reason
+
+
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def flip_unused_bits(text: str, alphabet: str = B64) -> str:
+    """The same bytes spelt another way: the lowest (unused) bit of the last base64 digit flipped."""
+    body = text.rstrip("=")
+    return body[:-1] + alphabet[alphabet.index(body[-1]) ^ 1] + text[len(body):]
+
+
+@pytest.mark.parametrize("seq", [1, 7, 13])
+def test_a_respelt_entry_signature_is_detected_at_its_seq(sample, seq):
+    data, head = sample
+    lines = data.splitlines()
+    e = audit.parse_entry(lines[seq - 1])
+    respelt = flip_unused_bits(e.sig)
+    assert respelt != e.sig and base64.b64decode(respelt) == base64.b64decode(e.sig)  # same bytes, other text
+    lines[seq - 1] = lines[seq - 1].replace(e.sig.encode(), respelt.encode())
+    result = verify_bytes(b"\n".join(lines) + b"\n", head, KEY.public_key())
+    assert (result.ok, result.first_bad_seq, result.reason) == (False, seq, "bad signature")
+
+
+def test_a_respelt_checkpoint_signature_is_detected(sample):
+    data, head = sample
+    cp = json.loads(head)
+    respelt = audit.canonical({**cp, "sig": flip_unused_bits(cp["sig"])})
+    result = verify_bytes(data, respelt, KEY.public_key())
+    assert (result.ok, result.first_bad_seq) == (False, 13)
+    assert "head checkpoint signature is not valid" in result.reason
+
+
+def test_a_respelt_public_key_in_entry_1_is_refused(sample):
+    data, head = sample
+    lines = data.splitlines()
+    e = audit.parse_entry(lines[0])
+    body = {**e.body(), "details": {**e.details, "public_key": flip_unused_bits(e.details["public_key"])}}
+    lines[0] = audit.canonical({**body, "hash": audit.entry_hash(body), "sig": e.sig})
+    result = verify_bytes(b"\n".join(lines) + b"\n", head)
+    assert (result.ok, result.first_bad_seq) == (False, 1)
+    assert "not canonical base64" in result.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=70), urlsafe=st.booleans())
+def test_strict_base64_accepts_exactly_the_canonical_spelling(raw, urlsafe):
+    text = signing.b64encode(raw, urlsafe=urlsafe)
+    assert signing.b64decode(text, urlsafe=urlsafe) == raw
+    assert ("=" in text) is (not urlsafe and len(raw) % 3 != 0)
+    if raw:  # every other spelling of the same bytes is refused
+        alphabet = B64.replace("+/", "-_") if urlsafe else B64
+        others = {flip_unused_bits(text, alphabet) if len(raw) % 3 else None, text + "\n", " " + text,
+                  text.rstrip("=") if not urlsafe else text + "=" * (-len(text) % 4)}
+        for other in others - {None, text}:
+            with pytest.raises(ValueError, match="not canonical base64"):
+                signing.b64decode(other, urlsafe=urlsafe)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=B64 + "-_= \n", max_size=16), urlsafe=st.booleans())
+def test_strict_base64_decodes_only_what_it_would_write(text, urlsafe):
+    try:
+        raw = signing.b64decode(text, urlsafe=urlsafe)
+    except ValueError:
+        return
+    assert signing.b64encode(raw, urlsafe=urlsafe) == text

@@ -198,3 +198,28 @@ def test_core_run_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "keys" / "audit.key").chmod(0o644)
     assert main(["core", "run", "--config", str(dep.config)]) == 2
     assert "chmod 600" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_audit_verify_refuses_respelt_signatures(tmp_path, capsys):
+    b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    def respell(sig):  # same bytes: the unused low bit of the last digit flipped
+        body = sig.rstrip("=")
+        return body[:-1] + b64[b64.index(body[-1]) ^ 1] + sig[len(body):]
+
+    path = tmp_path / "audit.jsonl"
+    pub = make_log(path)
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    sig = json.loads(lines[2])["sig"]
+    lines[2] = lines[2].replace(sig.encode(), respell(sig).encode())
+    path.write_bytes(b"".join(lines))
+    assert main(["audit", "verify", str(path), "--key", str(pub)]) == 1
+    assert "NOT INTACT: seq 3: bad signature" in capsys.readouterr().out
+    path.write_bytes(original)
+    head = audit.head_path(path)
+    cp = json.loads(head.read_bytes())
+    head.write_bytes(audit.canonical({**cp, "sig": respell(cp["sig"])}) + b"\n")
+    assert main(["audit", "verify", str(path), "--key", str(pub)]) == 1
+    assert "NOT INTACT: seq 6: head checkpoint signature is not valid" in capsys.readouterr().out

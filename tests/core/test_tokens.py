@@ -93,3 +93,17 @@ def test_limiter_is_per_identity():
     assert limiter.check("b") is None  # another identity has its own bucket
     now[0] = 1.0
     assert limiter.check("a") is None
+
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def test_a_token_whose_signature_is_respelt_is_refused():
+    token, _ = tokens.issue(KEY, "fog-a", Role.FOG, ttl_s=60, now=NOW)
+    head, claims, sig = token.split(".")
+    respelt = sig[:-1] + B64URL[B64URL.index(sig[-1]) ^ 1]  # same 64 bytes: only unused bits differ
+    assert base64.urlsafe_b64decode(respelt + "==") == base64.urlsafe_b64decode(sig + "==")
+    for bad in (f"{head}.{claims}.{respelt}", f"{head}.{claims}.{sig}==", f"{head}.{claims}=.{sig}"):
+        with pytest.raises(AuthError, match="malformed token: not base64url"):
+            tokens.verify(bad, KEY.public_key(), now=NOW)
+    assert tokens.verify(token, KEY.public_key(), now=NOW).sub == "fog-a"
