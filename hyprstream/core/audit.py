@@ -47,6 +47,8 @@ HEAD_SCHEMA = "hyprstream.audit-head/1"
 GENESIS = "0" * 64
 _ENTRY_DOMAIN = b"hyprstream.audit/1\n"
 _HEAD_DOMAIN = b"hyprstream.audit-head/1\n"
+RESERVED_ACTORS = frozenset({"core", "anonymous", "cli"})
+"""Actors the log itself writes as (core, refused logins, ``token create``): never a token's ``sub``."""
 _FIELDS = frozenset({"schema", "seq", "time", "actor", "action", "subject", "outcome", "details", "prev",
                      "hash", "sig"})
 

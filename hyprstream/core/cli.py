@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from hyprstream.errors import ConfigError
+from hyprstream.errors import ConfigError, ValidationError
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -168,7 +168,10 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     if (args.audit_log is None) != (args.audit_key is None):
         raise ConfigError("--audit-log and --audit-key go together", source="token create")
     key = signing.load_private_key(args.key)
-    token, claims = tokens.issue(key, args.sub, Role(args.role), ttl_s=args.ttl, now=time.time())
+    try:
+        token, claims = tokens.issue(key, args.sub, Role(args.role), ttl_s=args.ttl, now=time.time())
+    except ValidationError as exc:
+        raise ConfigError(str(exc), source="token create") from None
     if args.audit_log is not None:
         with AuditLog(args.audit_log, signing.load_private_key(args.audit_key), actor="cli") as alog:
             alog.append("cli", "token.issue", f"identity/{claims.sub}",

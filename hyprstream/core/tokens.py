@@ -16,12 +16,21 @@ import secrets
 from dataclasses import dataclass
 
 from hyprstream.core import signing
-from hyprstream.core.audit import canonical
+from hyprstream.core.audit import RESERVED_ACTORS, canonical
 from hyprstream.core.auth import Principal, Role
 from hyprstream.errors import AuthError, ValidationError
 
 PREFIX = "hst1"
 MAX_TOKEN_BYTES = 4096
+MAX_TTL_S = 366 * 86400  # the longest lifetime a token may have, however it is issued
+
+
+def _reserved(sub: str) -> str | None:
+    """Why ``sub`` may not be a token's subject, or None."""
+    if sub.lower() in RESERVED_ACTORS:
+        return (f"identity {sub!r} is reserved: the audit log writes {', '.join(sorted(RESERVED_ACTORS))} "
+                f"as actors of their own")
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,10 +62,15 @@ def issue(key: signing.Ed25519PrivateKey, sub: str, role: Role, *, ttl_s: int, n
     from hyprstream.core.repository import check_name
 
     check_name("identity", sub)
+    if (reason := _reserved(sub)) is not None:
+        raise ValidationError(reason)
     if not isinstance(role, Role):
         raise ValidationError(f"role must be one of {[r.value for r in Role]}")
     if ttl_s <= 0:
         raise ValidationError("token lifetime must be > 0 seconds")
+    if ttl_s > MAX_TTL_S:
+        raise ValidationError(f"token lifetime must be at most {MAX_TTL_S // 86400} days ({MAX_TTL_S} s), "
+                              f"got {ttl_s} s")
     claims = TokenClaims(sub, role, int(now), int(now) + int(ttl_s), secrets.token_hex(8))
     signed = f"{PREFIX}.{_b64(canonical(claims.to_json()))}"
     return f"{signed}.{_b64(key.sign(signed.encode()))}", claims
@@ -96,9 +110,13 @@ def verify(token: str, keys: list[signing.Ed25519PublicKey] | signing.Ed25519Pub
         raise AuthError("malformed token claims") from None
     if not isinstance(raw["sub"], str) or not raw["sub"]:
         raise AuthError("malformed token claims: sub")
+    if (reason := _reserved(claims.sub)) is not None:
+        raise AuthError(reason)
+    if claims.exp - claims.iat > MAX_TTL_S:
+        raise AuthError(f"token lifetime exceeds {MAX_TTL_S // 86400} days (iat {claims.iat}, exp {claims.exp})")
     if now >= claims.exp:
         raise AuthError(f"token expired (exp {claims.exp}, now {int(now)})")
     return claims
 
 
-__all__ = ["PREFIX", "TokenClaims", "issue", "looks_signed", "unverified_subject", "verify"]
+__all__ = ["MAX_TTL_S", "PREFIX", "TokenClaims", "issue", "looks_signed", "unverified_subject", "verify"]

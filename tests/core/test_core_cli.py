@@ -223,3 +223,20 @@ def test_audit_verify_refuses_respelt_signatures(tmp_path, capsys):
     head.write_bytes(audit.canonical({**cp, "sig": respell(cp["sig"])}) + b"\n")
     assert main(["audit", "verify", str(path), "--key", str(pub)]) == 1
     assert "NOT INTACT: seq 6: head checkpoint signature is not valid" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sub,ttl,reason", [("core", "1h", "identity 'core' is reserved"),
+                                            ("anonymous", "1h", "identity 'anonymous' is reserved"),
+                                            ("fog-a", "36500d", "token lifetime must be at most 366 days")])
+def test_token_create_refuses_reserved_identities_and_long_lifetimes(tmp_path, sub, ttl, reason):
+    import subprocess
+    import sys
+
+    key = tmp_path / "token.key"
+    signing.write_private_key(key, signing.generate_key())
+    proc = subprocess.run([sys.executable, "-m", "hyprstream.cli", "token", "create", "--key", str(key),
+                           "--sub", sub, "--role", "admin", "--ttl", ttl], capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.count("\n") == 1 and reason in proc.stderr and "Traceback" not in proc.stderr

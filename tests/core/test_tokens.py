@@ -107,3 +107,31 @@ def test_a_token_whose_signature_is_respelt_is_refused():
         with pytest.raises(AuthError, match="malformed token: not base64url"):
             tokens.verify(bad, KEY.public_key(), now=NOW)
     assert tokens.verify(token, KEY.public_key(), now=NOW).sub == "fog-a"
+
+
+def _sign_claims(claims: dict) -> str:
+    """A token over ``claims`` signed with KEY, as a key holder could make without tokens.issue."""
+    signed = f"hst1.{base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip('=')}"
+    return f"{signed}.{base64.urlsafe_b64encode(KEY.sign(signed.encode())).decode().rstrip('=')}"
+
+
+@pytest.mark.parametrize("sub", ["core", "anonymous", "cli", "Core"])
+def test_reserved_identities_are_never_issued_nor_accepted(sub):
+    with pytest.raises(ValidationError, match=f"identity {sub!r} is reserved"):
+        tokens.issue(KEY, sub, Role.ADMIN, ttl_s=60, now=NOW)
+    forged = _sign_claims({"sub": sub, "role": "admin", "iat": NOW, "exp": NOW + 60, "jti": "a" * 16})
+    with pytest.raises(AuthError, match=f"identity {sub!r} is reserved"):
+        tokens.verify(forged, KEY.public_key(), now=NOW)
+
+
+def test_lifetimes_are_capped_at_issue_and_at_verification():
+    assert tokens.MAX_TTL_S == 366 * 86400
+    _, claims = tokens.issue(KEY, "fog-a", Role.FOG, ttl_s=tokens.MAX_TTL_S, now=NOW)
+    assert claims.exp - claims.iat == tokens.MAX_TTL_S
+    for ttl in (tokens.MAX_TTL_S + 1, 100 * 365 * 86400):
+        with pytest.raises(ValidationError, match="token lifetime must be at most 366 days"):
+            tokens.issue(KEY, "fog-a", Role.FOG, ttl_s=ttl, now=NOW)
+    long = _sign_claims({"sub": "fog-a", "role": "fog", "iat": NOW, "exp": NOW + tokens.MAX_TTL_S + 1,
+                         "jti": "b" * 16})
+    with pytest.raises(AuthError, match="token lifetime exceeds 366 days"):
+        tokens.verify(long, KEY.public_key(), now=NOW)
