@@ -130,9 +130,19 @@ class Authenticator:
         return principal
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A failed login: who the caller claimed to be (never trusted), why it failed, on which method."""
+
+    actor: str
+    reason: str
+    method: str
+
+
 class _AuthMiddleware(flight.ServerMiddleware):
-    def __init__(self, principal: Principal) -> None:
+    def __init__(self, principal: Principal | None, refusal: Refusal | None = None) -> None:
         self.principal = principal
+        self.refusal = refusal
 
 
 def claimed_identity(token: str) -> str:
@@ -143,8 +153,30 @@ def claimed_identity(token: str) -> str:
     return f"unverified:{sub}" if sub else "anonymous"
 
 
+def peer_address(peer: str | bytes | None) -> str:
+    """The address part of a gRPC peer (``ipv4:10.0.0.7:53122`` -> ``10.0.0.7``, ``ipv6:[::1]:5`` -> ``::1``)."""
+    text = peer.decode(errors="replace") if isinstance(peer, bytes) else (peer or "")
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        return text or "unknown"
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:].partition("]")[0]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    return text
+
+
+# methods with a Python handler: a failed login there is refused by the handler, where the peer is known
+_HANDLED = frozenset({"list_flights", "get_flight_info", "get_schema", "do_get", "do_put", "do_action",
+                      "list_actions", "do_exchange"})
+
+
 class BearerAuthFactory(flight.ServerMiddlewareFactory):
-    """Refuses every call without a valid bearer token or over its rate; exposes the principal to handlers."""
+    """Authenticates every call's bearer token and bounds each identity's rate; exposes the principal to handlers.
+
+    A failed login is not refused here but in :meth:`admit`, which every handler calls first: only
+    there is the caller's address known (``context.peer()``), which throttling and auditing key on.
+    """
 
     def __init__(self, authenticator: Authenticator | TokenRegistry, *, limiter: RateLimiter | None = None,
                  audit: AuditLog | None = None) -> None:
@@ -153,46 +185,63 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         self.limiter = limiter
         self.audit = audit
 
-    def _refuse(self, actor: str, action: str, method: str, reason: str) -> None:
+    def _refuse(self, actor: str, action: str, method: str, reason: str, **details) -> None:
         log.warning("refused %s call from %s: %s", method, actor, reason)
         if self.audit is not None:
             from hyprstream.core.audit import AuditError, Outcome
 
             try:
                 self.audit.append(actor, action, "core", outcome=Outcome.REFUSED,
-                                  details={"method": method, "reason": reason})
+                                  details={"method": method, "reason": reason, **details})
             except AuditError as exc:  # the call is refused either way
                 log.error("audit log unavailable: %s", exc)
 
-    def start_call(self, info, headers):
-        method = str(info.method).rsplit(".", 1)[-1].lower()
+    def _login(self, headers) -> Principal | Refusal:
         values = headers.get("authorization") or headers.get("Authorization") or []
         if not values:
-            reason = "missing credentials: send 'authorization: Bearer <token>'"
-            self._refuse("anonymous", "auth.refused", method, reason)
-            raise flight.FlightUnauthenticatedError(reason)
+            return Refusal("anonymous", "missing credentials: send 'authorization: Bearer <token>'", "")
         scheme, _, token = values[0].partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            reason = "malformed authorization header: expected 'Bearer <token>'"
-            self._refuse("anonymous", "auth.refused", method, reason)
-            raise flight.FlightUnauthenticatedError(reason)
+            return Refusal("anonymous", "malformed authorization header: expected 'Bearer <token>'", "")
         try:
-            principal = self.authenticator.authenticate(token)
+            return self.authenticator.authenticate(token)
         except AuthError as exc:
-            self._refuse(claimed_identity(token), "auth.refused", method, str(exc))
-            raise flight.FlightUnauthenticatedError(str(exc)) from None
+            return Refusal(claimed_identity(token), str(exc), "")
+
+    def start_call(self, info, headers):
+        method = str(info.method).rsplit(".", 1)[-1].lower()
+        login = self._login(headers)
+        if isinstance(login, Refusal):
+            refusal = Refusal(login.actor, login.reason, method)
+            if method in _HANDLED:
+                return _AuthMiddleware(None, refusal)
+            raise self.refuse_login(refusal, "unknown")
         if self.limiter is not None:
-            retry = self.limiter.check(principal.identity)
+            retry = self.limiter.check(login.identity)
             if retry is not None:
-                reason = f"rate limit exceeded for {principal.identity!r}: retry in {retry:.2f} s"
-                self._refuse(principal.identity, "rate.limited", method, reason)
+                reason = f"rate limit exceeded for {login.identity!r}: retry in {retry:.2f} s"
+                self._refuse(login.identity, "rate.limited", method, reason)
                 raise flight.FlightUnavailableError(reason)
-        return _AuthMiddleware(principal)
+        return _AuthMiddleware(login)
+
+    def admit(self, context: flight.ServerCallContext) -> Principal:
+        """The caller's principal; a failed login is refused here, with the caller's address."""
+        middleware = context.get_middleware("auth")
+        if middleware is None:
+            raise flight.FlightUnauthenticatedError("unauthenticated")
+        if middleware.refusal is not None:
+            raise self.refuse_login(middleware.refusal, peer_address(context.peer()))
+        return middleware.principal
+
+    def refuse_login(self, refusal: Refusal, peer: str) -> flight.FlightError:
+        """Audit a failed login from ``peer``; the error to raise."""
+        self._refuse(refusal.actor, "auth.refused", refusal.method, refusal.reason, peer=peer, count=1)
+        return flight.FlightUnauthenticatedError(refusal.reason)
 
 
 def principal_of(context: flight.ServerCallContext) -> Principal:
     middleware = context.get_middleware("auth")
-    if middleware is None:  # the factory refuses unauthenticated calls before handlers run
+    if middleware is None or middleware.principal is None:  # handlers admit the caller before they run
         raise flight.FlightUnauthenticatedError("unauthenticated")
     return middleware.principal

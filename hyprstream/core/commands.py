@@ -8,11 +8,13 @@ as a Flight ticket (``do_get``), a descriptor command (``do_put``) or an action 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hyprstream.core.repository import check_name, quote
 from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import ValidationError
 
@@ -20,6 +22,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 SCHEMA = "hyprstream.core/1"
 MAX_COMMAND_BYTES = 1 << 20
+MAX_DEPTH = 32  # nesting of JSON arrays and objects in a command
+MAX_NUMBER_CHARS = 32  # characters of one JSON number (int64 needs 20; a float's repr at most 24)
+_NESTING = re.compile(rb'[\[\]{}]|"(?:[^"\\]|\\.)*+"?', re.S)  # a bracket, or a string (linear: never backtracks)
 
 # Keys in the Arrow schema metadata of a weights stream.
 META_MODEL = "hyprstream.model"
@@ -127,28 +132,73 @@ def encode(cmd: Command) -> bytes:
     return json.dumps({"schema": SCHEMA, **body}, separators=(",", ":")).encode()
 
 
-def decode(raw: bytes, *, expect: tuple[type, ...] | None = None) -> Command:
-    """Parse and validate a command; raises ValidationError with the reason."""
+def _number(text: str, what: str) -> str:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValidationError(f"{what} has a number longer than {MAX_NUMBER_CHARS} characters")
+    return text
+
+
+def _float(text: str, what: str) -> float:
+    value = float(_number(text, what))
+    if not math.isfinite(value):
+        raise ValidationError(f"{what} has the number {text}, which is not finite as a float")
+    return value
+
+
+def _constant(text: str, what: str):
+    raise ValidationError(f"{what} has the non-JSON number {text}")
+
+
+def load_json(raw: bytes, what: str = "command") -> Any:
+    """``json.loads`` within bounds: at most :data:`MAX_COMMAND_BYTES`, :data:`MAX_DEPTH` levels of
+    nesting and :data:`MAX_NUMBER_CHARS` per number, no NaN/Infinity; ValidationError otherwise.
+
+    Depth is measured before parsing (the parser recurses once per level), over the bracket characters
+    outside strings; a command with few brackets skips the scan.
+    """
     if len(raw) > MAX_COMMAND_BYTES:
-        raise ValidationError(f"command larger than {MAX_COMMAND_BYTES} bytes")
+        raise ValidationError(f"{what} larger than {MAX_COMMAND_BYTES} bytes")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        depth = 0
+        for m in _NESTING.finditer(raw):
+            c = m.group()
+            if c in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ValidationError(f"{what} nests deeper than {MAX_DEPTH} levels")
+            elif c in (b"]", b"}"):
+                depth -= 1
     try:
-        body = json.loads(raw)
+        return json.loads(raw, parse_int=lambda t: int(_number(t, what)), parse_float=lambda t: _float(t, what),
+                          parse_constant=lambda t: _constant(t, what))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationError(f"command is not valid JSON: {exc}") from None
+        raise ValidationError(f"{what} is not valid JSON: {exc}") from None
+
+
+def decode(raw: bytes, *, expect: tuple[type, ...] | None = None, action: str | None = None) -> Command:
+    """Parse and validate a command; raises ValidationError with the reason.
+
+    ``action``: ``raw`` is the body of that ``do_action`` type, whose ``command`` is the action type
+    and whose ``schema`` may be left out (an empty body is ``{}``).
+    """
+    body = load_json(raw, "action body" if action is not None else "command") if raw or action is None else {}
     if not isinstance(body, dict):
-        raise ValidationError("command must be a JSON object")
+        raise ValidationError("action body must be a JSON object" if action is not None
+                              else "command must be a JSON object")
+    if action is not None:
+        body = {**body, "schema": body.get("schema", SCHEMA), "command": action}
     if body.pop("schema", None) != SCHEMA:
         raise ValidationError(f"command must carry \"schema\": \"{SCHEMA}\"")
     name = body.pop("command", None)
-    cls = _BY_NAME.get(name)
+    cls = _BY_NAME.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValidationError(f"unknown command {name!r} (known: {', '.join(sorted(_BY_NAME))})")
+        raise ValidationError(f"unknown command {quote(name)} (known: {', '.join(sorted(_BY_NAME))})")
     if expect is not None and cls not in expect:
         raise ValidationError(f"command {name!r} is not valid here")
     allowed = {k for k, f in cls.__dataclass_fields__.items() if f.init}
     extra = sorted(set(body) - allowed)
     if extra:
-        raise ValidationError(f"{name}: unknown field(s) {extra}")
+        raise ValidationError(f"{name}: unknown field(s) {quote(extra)}")
     try:
         return _build(cls, body)
     except TypeError as exc:
@@ -168,6 +218,10 @@ def _require(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], 
     return value
 
 
+def _model(body: Mapping[str, Any]) -> str:
+    return check_name("model", _require(body, "model", str))
+
+
 def _build(cls: type, body: Mapping[str, Any]) -> Command:
     if cls is GetWeights:
         version = _require(body, "version", int, optional=True)
@@ -176,12 +230,14 @@ def _build(cls: type, body: Mapping[str, Any]) -> Command:
         layers = _require(body, "layers", list, optional=True)
         if layers is not None and not all(isinstance(x, str) for x in layers):
             raise ValidationError("field 'layers' must be a list of strings")
-        return GetWeights(_require(body, "model", str), version, tuple(layers) if layers is not None else None)
+        for layer in layers or ():
+            check_name("layer", layer)
+        return GetWeights(_model(body), version, tuple(layers) if layers is not None else None)
     if cls is RegisterModel:
         norm = _require(body, "max_update_norm", (int, float), optional=True)
         if norm is not None and not norm > 0:
             raise ValidationError("field 'max_update_norm' must be > 0")
-        return RegisterModel(_require(body, "model", str), _require(body, "consistency", dict, optional=True) or {},
+        return RegisterModel(_model(body), _require(body, "consistency", dict, optional=True) or {},
                              None if norm is None else float(norm))
     if cls is PushDelta:
         seq, participants = _require(body, "seq", int), _require(body, "participants", int)
@@ -196,10 +252,10 @@ def _build(cls: type, body: Mapping[str, Any]) -> Command:
         transcript = _require(body, "transcript_sha256", str, optional=True)
         if transcript is not None and not _HEX64.match(transcript):
             raise ValidationError("field 'transcript_sha256' must be 64 lowercase hex digits")
-        return PushDelta(_require(body, "model", str), _require(body, "fog", str), seq,
+        return PushDelta(_model(body), check_name("fog", _require(body, "fog", str)), seq,
                          clocks_from_json(_require(body, "base_clocks", dict)), participants, privacy, transcript)
     if cls in (Head, ListVersions):
-        return cls(_require(body, "model", str))
+        return cls(_model(body))
     if cls is ReadAudit:
         since = _require(body, "since_seq", int, optional=True)
         limit = _require(body, "limit", int, optional=True)

@@ -19,6 +19,11 @@ from hyprstream.config import Checked, setting
 class RateLimitPolicy(Checked):
     requests_per_s: float = setting(50.0, gt=0.0, doc="sustained requests per second per identity")
     burst: int = setting(100, ge=1, doc="requests an idle identity may make at once")
+    refused_logins_per_s: float = setting(1.0, gt=0.0, doc="sustained refused logins per second per peer address; "
+                                                           "beyond it a peer's failed logins are refused unread")
+    refused_login_burst: int = setting(20, ge=1, doc="refused logins a peer address may have at once")
+    refusal_window_s: float = setting(60.0, gt=0.0, doc="refused logins of one peer address within this many "
+                                                        "seconds are audited as one counted entry")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.core")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 MANIFEST_SCHEMA = "hyprstream.core.manifest/1"
 COMMIT_ACTIONS = ("model.register", "model.push")
 _NORM_CHUNK = 1 << 16  # elements per float64 block of the norm pass (512 KiB: stays in cache)
@@ -101,9 +101,15 @@ class PushRecord:
     transcript_sha256: str | None = None  # hash of the secure-aggregation transcript
 
 
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to 64 characters: a refusal names what it got without echoing megabytes."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:60] + "...)"
+
+
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
-        raise ValidationError(f"invalid {kind} name {value!r}: use 1-128 letters, digits, '_', '.', '-'")
+        raise ValidationError(f"invalid {kind} name {quote(value)}: use 1-128 letters, digits, '_', '.', '-'")
     return value
 
 

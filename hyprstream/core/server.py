@@ -7,8 +7,10 @@ A read whose audit entry cannot be written is refused (fail closed).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +40,35 @@ ACTIONS = {
     "audit_head": "The signed head checkpoint of the audit log (role auditor or admin).",
     "issue_token": "Issue a signed, expiring token (role admin; needs the core's token key).",
 }
+# what each action needs, checked before its body is decoded: (permission, audit action, audit subject)
+ACTION_PERMISSIONS = {"head": (Permission.READ, "model.head", "core"),
+                      "list_versions": (Permission.READ, "model.list_versions", "core"),
+                      "list_models": (Permission.READ, "model.list_models", "core"),
+                      "audit_head": (Permission.AUDIT_READ, "audit.read", "audit"),
+                      "issue_token": (Permission.ISSUE_TOKEN, "token.issue", "core")}
+ACTION_COMMANDS = (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken)
 AUDIT_LINES_SCHEMA = pa.schema([pa.field("seq", pa.int64(), nullable=False),
                                 pa.field("line", pa.string(), nullable=False)])
+
+
+def _served(method):
+    """Every Flight method of core runs through this: a caller refused at login is refused here (with
+    its peer address known), and an exception that is not a Flight error never reaches the client as
+    text: it gets ``internal error <id>``; the id, with the traceback, goes to core's log and the
+    audit log (outcome ``failed``)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def served(self: CoreFlightServer, context, *args):
+        try:
+            self.auth.admit(context)
+            return method(self, context, *args)
+        except flight.FlightError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort: whatever it is, the client gets an id only
+            raise self._internal_error(context, name, exc) from None
+
+    return served
 
 
 class CoreFlightServer(flight.FlightServerBase):
@@ -64,8 +93,8 @@ class CoreFlightServer(flight.FlightServerBase):
         self._clock = clock
         self.tls = bool(kwargs.get("tls_certificates"))
         limiter = RateLimiter(rate_limit) if rate_limit is not None else None
-        factory = BearerAuthFactory(self.authenticator, limiter=limiter, audit=self.audit)
-        super().__init__(location, middleware={"auth": factory}, **kwargs)
+        self.auth = BearerAuthFactory(self.authenticator, limiter=limiter, audit=self.audit)
+        super().__init__(location, middleware={"auth": self.auth}, **kwargs)
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -97,22 +126,51 @@ class CoreFlightServer(flight.FlightServerBase):
     def _refused(self, context, action: str, subject: str, reason: str, **details) -> None:
         self._audit(principal_of(context), action, subject, Outcome.REFUSED, reason=reason, **details)
 
-    def _authorize(self, context, permission: Permission, action: str, subject: str) -> Principal:
+    def _authorize(self, context, permission: Permission | tuple[Permission, ...], action: str,
+                   subject: str) -> Principal:
+        """The caller, when its role has ``permission`` (one of them, for a tuple); refused and audited otherwise."""
         principal = principal_of(context)
-        if not principal.may(permission):
-            reason = f"role {principal.role.value!r} of {principal.identity!r} may not {permission.value}"
+        wanted = permission if isinstance(permission, tuple) else (permission,)
+        if not any(principal.may(p) for p in wanted):
+            reason = (f"role {principal.role.value!r} of {principal.identity!r} may not "
+                      f"{' or '.join(p.value for p in wanted)}")
             log.warning("refused %s: %s", action, reason)
             self._audit(principal, "access.refused", subject, Outcome.REFUSED, reason=reason, request=action,
                         role=principal.role.value)
             raise flight.FlightUnauthorizedError(reason)
         return principal
 
-    def _decode(self, context, raw: bytes, expect, action: str):
+    def _invalid(self, context, reason: str, action: str = "request.refused", subject: str = "core",
+                 **details) -> flight.FlightServerError:
+        """Audit a refused request; the error to raise, with the message every refusal starts with."""
+        log.warning("refused %s: %s", details.get("request", action), reason)
+        self._refused(context, action, subject, reason, **details)
+        return flight.FlightServerError(f"invalid argument: {reason}")
+
+    def _decode(self, context, raw: bytes, expect, request: str, *, action: str | None = None):
         try:
-            return cmd.decode(raw, expect=expect)
+            return cmd.decode(raw, expect=expect, action=action)
         except ValidationError as exc:
-            self._refused(context, "request.refused", "core", str(exc), request=action)
-            raise flight.FlightServerError(f"invalid argument: {exc}") from None
+            raise self._invalid(context, str(exc), request=request) from None
+
+    def _read_table(self, context, reader, action: str, subject: str) -> pa.Table:
+        try:
+            return reader.read_all()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise self._invalid(context, f"cannot read the uploaded table: {str(exc).splitlines()[0][:200]}",
+                                action, subject) from None
+
+    def _internal_error(self, context, request: str, exc: BaseException) -> flight.FlightServerError:
+        incident = secrets.token_hex(6)
+        log.error("internal error %s in %s", incident, request, exc_info=exc)
+        middleware = context.get_middleware("auth")
+        actor = middleware.principal if middleware is not None and middleware.principal is not None else "anonymous"
+        try:
+            self._audit(actor, "request.failed", "core", Outcome.FAILED, incident=incident, request=request,
+                        error=type(exc).__name__)
+        except flight.FlightServerError:
+            pass  # the audit log's failure is logged by _audit; the client still gets only the id
+        return flight.FlightServerError(f"internal error {incident} (core's log has the details)")
 
     def _call(self, context, action: str, subject: str, fn, *args, details=None, **kwargs):
         """Run a repository call; a refusal is audited and becomes a Flight error with the same message."""
@@ -132,7 +190,9 @@ class CoreFlightServer(flight.FlightServerBase):
 
     # --- Flight methods --------------------------------------------------------------------------
 
+    @_served
     def do_get(self, context, ticket):
+        self._authorize(context, (Permission.READ, Permission.AUDIT_READ), "do_get", "core")
         request = self._decode(context, ticket.ticket, (cmd.GetWeights, cmd.ReadAudit), "do_get")
         if isinstance(request, cmd.ReadAudit):
             principal = self._authorize(context, Permission.AUDIT_READ, "audit.read", "audit")
@@ -154,15 +214,17 @@ class CoreFlightServer(flight.FlightServerBase):
                 cmd.META_CLOCKS: json.dumps(clocks_to_json(snap.clocks))}
         return flight.RecordBatchStream(snap.table.replace_schema_metadata(meta))
 
+    @_served
     def do_put(self, context, descriptor, reader, writer):
+        self._authorize(context, (Permission.PUSH, Permission.REGISTER), "do_put", "core")
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
-            self._refused(context, "request.refused", "core", "do_put needs a command descriptor")
-            raise flight.FlightServerError("do_put needs a command descriptor (FlightDescriptor.for_command)")
+            raise self._invalid(context, "do_put needs a command descriptor (FlightDescriptor.for_command)",
+                                request="do_put")
         request = self._decode(context, descriptor.command, (cmd.RegisterModel, cmd.PushDelta), "do_put")
         subject = f"model/{request.model}"
         if isinstance(request, cmd.RegisterModel):
             principal = self._authorize(context, Permission.REGISTER, "model.register", subject)
-            table = reader.read_all()
+            table = self._read_table(context, reader, "model.register", subject)
             try:
                 settings = ModelSettings(
                     consistency=parse(ConsistencyPolicy, request.consistency, source="register_model",
@@ -184,7 +246,7 @@ class CoreFlightServer(flight.FlightServerBase):
                 self._audit(principal, "access.refused", subject, Outcome.REFUSED, reason=reason,
                             request="model.push")
                 raise flight.FlightUnauthorizedError(reason)
-            table = reader.read_all()
+            table = self._read_table(context, reader, "model.push", subject)
             res = self._call(context, "model.push", subject, self.repository.push_delta, request.model, table,
                              fog=request.fog, seq=request.seq, base_clocks=request.base_clocks,
                              participants=request.participants, actor=principal.identity,
@@ -193,46 +255,51 @@ class CoreFlightServer(flight.FlightServerBase):
                       "weight": res.weight, "update_norm": res.update_norm}
         writer.write(pa.py_buffer(json.dumps(result).encode()))
 
+    @_served
     def list_actions(self, context):
         return list(ACTIONS.items())
 
+    @_served
     def do_action(self, context, action):
         if action.type not in ACTIONS:
-            reason = f"unknown action {action.type!r} (known: {', '.join(ACTIONS)})"
-            self._refused(context, "request.refused", "core", reason)
-            raise flight.FlightServerError(reason)
+            raise self._invalid(context, f"unknown action {cmd.quote(action.type)} (known: {', '.join(ACTIONS)})",
+                                request="do_action")
+        self._authorize(context, *ACTION_PERMISSIONS[action.type])
         body = action.body.to_pybytes() if action.body is not None else b""
-        try:
-            raw = json.loads(body) if body else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raw = None
-        if not isinstance(raw, dict):
-            self._refused(context, "request.refused", "core", "action body must be a JSON object", request=action.type)
-            raise flight.FlightServerError("invalid argument: action body must be a JSON object")
-        request = self._decode(context, json.dumps({**raw, "schema": raw.get("schema", cmd.SCHEMA),
-                                                    "command": action.type}).encode(),
-                               (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken),
-                               action.type)
+        request = self._decode(context, body, ACTION_COMMANDS, action.type, action=action.type)
         if isinstance(request, cmd.AuditHead):
-            principal = self._authorize(context, Permission.AUDIT_READ, "audit.read", "audit")
+            principal = principal_of(context)
             if self.audit is None:
                 raise flight.FlightServerError("this core has no audit log")
             self._audit(principal, "audit.read", "audit", what="head")
             out = self.audit.checkpoint().to_json()
         elif isinstance(request, cmd.IssueToken):
             out = self._issue_token(context, request)
+        elif isinstance(request, cmd.Head):
+            out = self._call(context, "model.head", f"model/{request.model}", self.repository.head, request.model)
+        elif isinstance(request, cmd.ListVersions):
+            out = [_version_json(v) for v in self._call(context, "model.list_versions", f"model/{request.model}",
+                                                        self.repository.versions, request.model)]
         else:
-            self._authorize(context, Permission.READ, f"model.{action.type}", "core")
-            if isinstance(request, cmd.Head):
-                out = self._call(context, "model.head", f"model/{request.model}", self.repository.head,
-                                 request.model)
-            elif isinstance(request, cmd.ListVersions):
-                out = [_version_json(v) for v in self._call(context, "model.list_versions",
-                                                            f"model/{request.model}", self.repository.versions,
-                                                            request.model)]
-            else:
-                out = self.repository.models()
-        yield flight.Result(json.dumps(out).encode())
+            out = self.repository.models()
+        return [flight.Result(json.dumps(out).encode())]
+
+    @_served
+    def list_flights(self, context, criteria):
+        raise self._invalid(context, "core does not serve list_flights (see docs/api.md)", request="list_flights")
+
+    @_served
+    def get_flight_info(self, context, descriptor):
+        raise self._invalid(context, "core does not serve get_flight_info (see docs/api.md)",
+                            request="get_flight_info")
+
+    @_served
+    def get_schema(self, context, descriptor):
+        raise self._invalid(context, "core does not serve get_schema (see docs/api.md)", request="get_schema")
+
+    @_served
+    def do_exchange(self, context, descriptor, reader, writer):
+        raise self._invalid(context, "core does not serve do_exchange (see docs/api.md)", request="do_exchange")
 
     def _issue_token(self, context, request: cmd.IssueToken) -> dict:
         from hyprstream.core import tokens

@@ -11,6 +11,7 @@ Reading a table back gives numpy views onto the Arrow buffers when the bytes are
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -121,9 +122,11 @@ def to_arrays(table: pa.Table, *, copy: bool = False) -> dict[str, np.ndarray]:
         if name in out:
             raise ValidationError(f"parameter {name!r} appears twice")
         dt = np.dtype(dtype).newbyteorder("<")
+        if any(d is None for d in shape):
+            raise ValidationError(f"parameter {name!r}: missing dimension in shape {shape}")
         if any(d < 0 for d in shape):
             raise ValidationError(f"parameter {name!r}: negative dimension in shape {shape}")
-        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        expected = math.prod(shape) * dt.itemsize  # Python ints: a huge shape cannot wrap around to match
         start, stop = int(offsets[i]), int(offsets[i + 1])
         if stop - start != expected:
             raise ValidationError(

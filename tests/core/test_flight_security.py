@@ -272,3 +272,135 @@ def test_tls_and_mutual_tls(tmp_path, pki):
                 untrusted.list_models()
     finally:
         c.close()
+
+
+# --- crafted commands: refused at the boundary, audited, never a traceback ------------------------
+
+def huge_shape_table(name="fc1.weight", layer="fc1"):
+    return pa.table({"layer": [layer], "name": [name], "dtype": ["float32"],
+                     "shape": pa.array([[2**62, 4]], pa.list_(pa.int64())), "data": pa.array([b""], pa.large_binary())})
+
+
+def plain_put(location, tok, body, table):
+    writer, reader = flight.FlightClient(location).do_put(
+        flight.FlightDescriptor.for_command(json.dumps(body).encode() if isinstance(body, dict) else body),
+        table.schema, opts(tok))
+    writer.write_table(table)
+    writer.done_writing()
+    reader.read()
+    writer.close()
+
+
+def crafted_cases():
+    schema = {"schema": "hyprstream.core/1"}
+    big = "9" * 5000
+    push = {**schema, "command": "push_delta", "model": "m", "fog": "admin", "seq": 1, "base_clocks": {"fc1": {}},
+            "participants": 1}
+    return [
+        ("nested ticket", "reader", lambda c, t: plain_get_raw(c, t, b"[" * 100_000), "nests deeper than"),
+        ("long int in ticket", "reader",
+         lambda c, t: plain_get_raw(c, t, ('{"schema":"hyprstream.core/1","command":"get_weights","model":"m",'
+                                           f'"version":{big}}}').encode()), "number longer than"),
+        ("long int in action body", "auditor",
+         lambda c, t: list(flight.FlightClient(c).do_action(flight.Action("audit_head", f'{{"x":{big}}}'.encode()),
+                                                             opts(t))), "number longer than"),
+        ("nested action body", "reader",
+         lambda c, t: list(flight.FlightClient(c).do_action(flight.Action("head", b"[" * 100_000), opts(t))),
+         "nests deeper than"),
+        ("unknown action", "auditor",
+         lambda c, t: list(flight.FlightClient(c).do_action(flight.Action("drop", b"{}"), opts(t))),
+         "unknown action 'drop'"),
+        ("huge shape in push", "admin", lambda c, t: plain_put(c, t, push, huge_shape_table()),
+         "0 bytes do not match dtype float32 and shape [4611686018427387904, 4]"),
+        ("huge shape in register", "admin",
+         lambda c, t: plain_put(c, t, {**schema, "command": "register_model", "model": "m2"}, huge_shape_table()),
+         "0 bytes do not match dtype float32 and shape [4611686018427387904, 4]"),
+        ("get_flight_info", "reader",
+         lambda c, t: flight.FlightClient(c).get_flight_info(flight.FlightDescriptor.for_command(b"{}"), opts(t)),
+         "core does not serve get_flight_info"),
+        ("list_flights", "reader", lambda c, t: list(flight.FlightClient(c).list_flights(b"", opts(t))),
+         "core does not serve list_flights"),
+    ]
+
+
+def plain_get_raw(location, tok, raw):
+    return flight.FlightClient(location).do_get(flight.Ticket(raw), opts(tok)).read_all()
+
+
+@pytest.mark.parametrize("name, role, call, reason", crafted_cases(), ids=[c[0] for c in crafted_cases()])
+def test_crafted_commands_are_refused_and_audited_without_a_traceback(core, name, role, call, reason):
+    before = len(core.entries())
+    with pytest.raises(flight.FlightServerError) as err:
+        call(core.location, token(role, Role(role)))
+    message = str(err.value)
+    assert "invalid argument: " in message and reason in message
+    assert "Traceback" not in message and "Python exception" not in message
+    new = core.entries()[before:]
+    assert [(e.actor, e.outcome) for e in new] == [(role, "refused")]
+    assert reason in new[0].details["reason"]
+    assert core.repo.head("m")["version"] == 0 and core.repo.models() == ["m"]
+
+
+def test_readers_and_auditors_are_refused_before_a_put_command_is_decoded(core):
+    for role in ("reader", "auditor"):
+        before = len(core.entries())
+        with pytest.raises(flight.FlightUnauthorizedError, match=f"role '{role}' of '{role}' may not push or register"):
+            plain_put(core.location, token(role, Role(role)), b"[" * 100_000, to_table(W0))
+        [e] = core.entries()[before:]
+        assert (e.actor, e.action, e.outcome, e.details["request"]) == (role, "access.refused", "refused", "do_put")
+
+
+def test_an_unexpected_failure_reaches_the_client_as_an_internal_error_id(core, monkeypatch, caplog):
+    def broken(model):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(core.repo, "head", broken)
+    with pytest.raises(flight.FlightServerError) as err:
+        plain_action(core.location, token("dash", Role.READER), "head", {"model": "m"})
+    message = str(err.value)
+    assert "secret internals" not in message and "Traceback" not in message and "RuntimeError" not in message
+    incident = message.split("internal error ", 1)[1].split(".")[0].split()[0]
+    failed = core.entries()[-1]
+    assert (failed.actor, failed.action, failed.outcome) == ("dash", "request.failed", "failed")
+    assert failed.details == {"incident": incident, "request": "do_action", "error": "RuntimeError"}
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged and "secret internals" in "".join(r.exc_text or "" for r in logged)
+
+
+# --- refused logins: throttled per peer address, audited as counted entries ------------------------
+
+def test_refused_logins_are_throttled_per_peer_and_audited_as_counted_entries(tmp_path):
+    c = Core(tmp_path, rate=RateLimitPolicy(requests_per_s=1000.0, burst=1000, refused_logins_per_s=0.001,
+                                            refused_login_burst=5))
+    stopped = False
+    try:
+        before = len(c.entries())
+        n = 60
+        errors = []
+        for i in range(n):
+            forged = token(f"fog-{i}", Role.ADMIN, key=signing.generate_key())
+            try:
+                plain_action(c.location, forged, "list_models")
+            except flight.FlightError as exc:
+                errors.append(exc)
+        assert len(errors) == n
+        assert all(isinstance(e, flight.FlightUnauthenticatedError) for e in errors[:5])
+        assert all("signature is not valid" in str(e) for e in errors[:5])
+        throttled = errors[5:]
+        assert all(isinstance(e, flight.FlightUnavailableError) for e in throttled)
+        assert all("too many refused logins from '127.0.0.1': retry in" in str(e) for e in throttled)
+        # a valid token from the same address still works while the forged ones are throttled
+        assert plain_action(c.location, token("dash", Role.READER), "list_models") == []
+        written_while_running = [e for e in c.entries()[before:] if e.action == "auth.refused"]
+        assert 1 <= len(written_while_running) < 5
+        c.close()
+        stopped = True
+        refused = [e for e in c.entries()[before:] if e.action == "auth.refused"]
+        assert len(refused) <= 3
+        assert sum(e.details["count"] for e in refused) == n
+        assert {e.details["peer"] for e in refused} == {"127.0.0.1"}
+        assert all(e.outcome == "refused" for e in refused)
+        assert audit.verify_file(c.log_path, AUDIT_KEY.public_key()).ok
+    finally:
+        if not stopped:
+            c.close()
