@@ -273,9 +273,11 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
         if state is not None:
             from hyprstream.agent.handoff import save_model
             from hyprstream.agent.task import get_task
+            from hyprstream.store import load_key
 
             task = get_task(request.task)
-            save_model(state, task.name, request.model_version, request.weights, layer_of=task.layer_of)
+            save_model(state, task.name, request.model_version, request.weights, layer_of=task.layer_of,
+                       key=load_key())
             plan = plan_request(request, state, privacy=privacy,
                                 num_examples=_num_examples(store, task) if privacy is not None else 0)
         elif os.environ.get(SIM_DEVICES_ENV) and "store-dir" not in context.node_config:

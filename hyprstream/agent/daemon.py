@@ -305,7 +305,8 @@ class Agent:
                 cleanups.append(monitor.close)
             self.policy = AdaptivePolicy(prof.policy, battery_powered=prof.resources.battery)
             self.engine = InferenceEngine(self.task, prof.inference, cuda_allowed=prof.resources.has_gpu,
-                                          offload=cfg.offload.client() if cfg.offload is not None else None)
+                                          offload=cfg.offload.client() if cfg.offload is not None else None,
+                                          key=cfg.store_key)
             cleanups.append(self.engine.close)
             self.pipeline = Pipeline(self.task, store, self.engine, clock=self._clock)
             publisher = self._publisher
@@ -456,30 +457,27 @@ class Agent:
         if (current is not None and version <= current) or version in self._export_failed:
             return
         out = self.config.state_dir / "onnx" / self.task.name / f"v{version}"
-        calibration = self._calibration(out)
-        self._export_thread = threading.Thread(target=self._export, args=(version, path, out, calibration),
+        self._export_thread = threading.Thread(target=self._export, args=(version, path, out),
                                                name="hyprstream-export", daemon=True)
         self._export_thread.start()
 
-    def _calibration(self, out: Path) -> Path | None:
-        """Recent stored inputs for static int8 calibration (None when the store has too few)."""
+    def _calibration(self) -> np.ndarray | None:
+        """Recent stored inputs for static int8 calibration (None when the store has too few); asked
+        for by the export only when it quantizes statically, and handed over in memory."""
         table = self.store.read(self.task.table)
         if table.num_rows < 16:
             return None
-        x = self.task.features(table.slice(max(0, table.num_rows - CALIBRATION_ROWS)))
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "calibration.npy"
-        np.save(path, x)
-        return path
+        return self.task.features(table.slice(max(0, table.num_rows - CALIBRATION_ROWS)))
 
-    def _export(self, version: int, weights: Path, out: Path, calibration: Path | None) -> None:
+    def _export(self, version: int, weights: Path, out: Path) -> None:
         from hyprstream.agent.export import export_in_subprocess, read_manifest
 
         try:
             try:
                 files = read_manifest(out)  # exported by an earlier run
             except HyprstreamError:
-                files = export_in_subprocess(self.task.name, version, weights, out, calibration_file=calibration,
+                files = export_in_subprocess(self.task.name, version, weights, out, calibration=self._calibration,
+                                             key=self.config.store_key,
                                              threads=max(1, self.profile.inference.intra_op_threads or 1),
                                              cancel=self._export_cancel)
             self.engine.load(files)

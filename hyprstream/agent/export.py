@@ -11,11 +11,18 @@ The agent daemon never imports torch itself: it runs the export in a child proce
 (:func:`export_in_subprocess`, ``python -m hyprstream.agent.export``), at a lower CPU priority and
 with a thread limit, so a model update never takes the device's cores from its own job and the
 daemon's memory stays small.
+
+Device data stays off the disk: calibration inputs are asked for only when the static quantizer needs
+them (the child writes ``calibration`` on its stdout; the daemon answers with a ``.npy`` array on its
+stdin), and the exporter and quantizer work in a private scratch directory in memory (``/dev/shm``
+where there is one), removed when the export ends. The finished files are written with
+:func:`~hyprstream.agent.handoff.write_private`: sealed with the store key when the store is encrypted.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -24,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +39,7 @@ import numpy as np
 
 from hyprstream._extras import require
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.store.crypto import KEY_ENV_VAR, load_key
 
 __all__ = ["ModelFiles", "export_in_subprocess", "export_onnx", "export_version", "quantize_int8"]
 
@@ -40,6 +48,11 @@ log = logging.getLogger("hyprstream.agent.inference")
 MANIFEST = "manifest.json"
 OPSET = 17
 INPUT, OUTPUT = "input", "output"
+CALIBRATION_REQUEST = b"calibration"
+SCRATCH_ROOT = Path("/dev/shm")
+
+Calibration = np.ndarray | Callable[[], np.ndarray | None] | None
+"""Calibration inputs, or a function that gives them when (and only if) static quantization needs them."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,12 @@ class ModelFiles:
             raise ValidationError(f"bad model manifest: {exc}") from None
 
 
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A private temporary directory, in memory (``/dev/shm``) where the system has one."""
+    root = SCRATCH_ROOT if SCRATCH_ROOT.is_dir() and os.access(SCRATCH_ROOT, os.W_OK | os.X_OK) else None
+    return tempfile.TemporaryDirectory(prefix="hyprstream-export-", dir=root)
+
+
 def export_onnx(task, model, path: Path) -> Path:
     """Write ``model`` (a torch module of ``task``) as ONNX with a dynamic batch dimension."""
     import warnings
@@ -92,8 +111,9 @@ def _has_convolutions(path: Path) -> bool:
     return any(node.op_type in {"Conv", "ConvTranspose"} for node in graph.node)
 
 
-def quantize_int8(fp32: Path, int8: Path, *, calibration: np.ndarray | None) -> str:
-    """Write the int8 variant of ``fp32``; returns the method (``static-qdq`` or ``dynamic``)."""
+def quantize_int8(fp32: Path, int8: Path, *, calibration: Calibration) -> str:
+    """Write the int8 variant of ``fp32``; returns the method (``static-qdq`` or ``dynamic``).
+    ``calibration`` is read (called) only for static quantization."""
     q = require("onnxruntime.quantization", extra="onnx", feature="int8 quantization")
     source = int8.with_name(int8.stem + ".prep.onnx")
     try:  # shape inference and graph optimisation first, as onnxruntime recommends
@@ -108,8 +128,10 @@ def quantize_int8(fp32: Path, int8: Path, *, calibration: np.ndarray | None) -> 
             source.unlink(missing_ok=True)
 
 
-def _quantize(q, fp32: Path, int8: Path, calibration: np.ndarray | None) -> str:
+def _quantize(q, fp32: Path, int8: Path, calibration: Calibration) -> str:
     if _has_convolutions(fp32):
+        if callable(calibration):
+            calibration = calibration()
         if calibration is None or len(calibration) == 0:
             raise ValidationError("static quantization needs calibration inputs")
 
@@ -128,9 +150,14 @@ def _quantize(q, fp32: Path, int8: Path, calibration: np.ndarray | None) -> str:
 
 
 def export_version(task_name: str, version: int, weights: Mapping[str, np.ndarray], out_dir: Path, *,
-                   calibration: np.ndarray | None = None, int8: bool = True,
-                   weights_file: Path | None = None) -> ModelFiles:
-    """Export ``weights`` of ``task_name`` at ``version`` into ``out_dir`` (fp32 and, if asked, int8)."""
+                   calibration: Calibration = None, int8: bool = True,
+                   weights_file: Path | None = None, key: bytes | None = None) -> ModelFiles:
+    """Export ``weights`` of ``task_name`` at ``version`` into ``out_dir`` (fp32 and, if asked, int8).
+
+    ``calibration``: device inputs for static int8 quantization (fewer than 8 rows: the task's example
+    inputs). ``key``: the store key; the model files are then sealed with it (see the module docstring).
+    """
+    from hyprstream.agent.handoff import write_private
     from hyprstream.agent.task import get_task
     from hyprstream.agent.trainer import load_weights
 
@@ -138,13 +165,21 @@ def export_version(task_name: str, version: int, weights: Mapping[str, np.ndarra
     out_dir.mkdir(parents=True, exist_ok=True)
     model = task.build_model(seed=0)
     load_weights(model, weights)
-    fp32 = export_onnx(task, model, out_dir / "model.fp32.onnx")
-    int8_path, method = None, "none"
-    if int8:
-        if calibration is None or len(calibration) < 8:
-            calibration = task.example_input(128, seed=version)
-        int8_path = out_dir / "model.int8.onnx"
-        method = quantize_int8(fp32, int8_path, calibration=calibration)
+
+    def calibration_inputs() -> np.ndarray:
+        data = calibration() if callable(calibration) else calibration
+        return data if data is not None and len(data) >= 8 else task.example_input(128, seed=version)
+
+    fp32, int8_path, method = out_dir / "model.fp32.onnx", None, "none"
+    with scratch_dir() as scratch:
+        work = Path(scratch)
+        export_onnx(task, model, work / fp32.name)
+        if int8:
+            int8_path = out_dir / "model.int8.onnx"
+            method = quantize_int8(work / fp32.name, work / int8_path.name, calibration=calibration_inputs)
+        for path in (fp32, int8_path):
+            if path is not None:
+                write_private(path, (work / path.name).read_bytes(), key)
     files = ModelFiles(task.name, version, fp32, int8_path, method, weights_file)
     (out_dir / MANIFEST).write_text(json.dumps(files.to_json()))
     return files
@@ -158,24 +193,32 @@ def read_manifest(out_dir: Path) -> ModelFiles:
 
 
 def export_in_subprocess(task_name: str, version: int, weights_file: Path, out_dir: Path, *,
-                         calibration_file: Path | None = None, int8: bool = True, threads: int = 1,
-                         nice: int = 10, timeout_s: float = 900.0,
+                         calibration: Callable[[], np.ndarray | None] | None = None, int8: bool = True,
+                         key: bytes | None = None, threads: int = 1, nice: int = 10, timeout_s: float = 900.0,
                          cancel: threading.Event | None = None) -> ModelFiles:
     """Run :func:`export_version` in a child Python process (see the module docstring).
 
-    The child is killed when ``cancel`` is set or after ``timeout_s``; either raises HyprstreamError.
+    ``calibration`` is called (in a helper thread) only when the child asks for calibration inputs;
+    ``key`` (the store key) reaches the child in its environment. The child is killed when ``cancel``
+    is set or after ``timeout_s``; either raises HyprstreamError.
     """
     cmd = [sys.executable, "-m", "hyprstream.agent.export", "--task", task_name, "--version", str(version),
            "--weights", str(weights_file), "--out", str(out_dir), "--threads", str(threads), "--nice", str(nice)]
-    if calibration_file is not None:
-        cmd += ["--calibration", str(calibration_file)]
+    if calibration is not None:
+        cmd.append("--calibration-pipe")
     if not int8:
         cmd.append("--no-int8")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV_VAR}
+    env.update({"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
+    if key is not None:
+        env[KEY_ENV_VAR] = key.hex()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=env)
+        feeder = threading.Thread(target=_answer_calibration, args=(proc, calibration),
+                                  name="hyprstream-export-calibration", daemon=True)
+        feeder.start()
         try:
             while True:
                 try:
@@ -190,6 +233,8 @@ def export_in_subprocess(task_name: str, version: int, weights_file: Path, out_d
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            feeder.join()
+            proc.stdout.close()
         if proc.returncode != 0:
             errors.seek(0)
             lines = errors.read().decode(errors="replace").strip().splitlines()
@@ -200,6 +245,42 @@ def export_in_subprocess(task_name: str, version: int, weights_file: Path, out_d
     return files
 
 
+def _answer_calibration(proc: subprocess.Popen, calibration: Callable[[], np.ndarray | None] | None) -> None:
+    """Parent side of the calibration pipe: answer the child's request (if it makes one), then close its stdin."""
+    try:
+        for line in proc.stdout:
+            if line.strip() == CALIBRATION_REQUEST and calibration is not None:
+                try:
+                    data = calibration()
+                except HyprstreamError as exc:  # the child then fails, naming the missing inputs
+                    log.warning("no calibration inputs for the export: %s", exc)
+                    break
+                buf = io.BytesIO()
+                np.save(buf, data if data is not None else np.empty((0,), np.float32), allow_pickle=False)
+                proc.stdin.write(buf.getvalue())
+                break
+    except OSError:  # the child is gone (killed or failed): its exit status tells why
+        pass
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+
+
+def _request_calibration() -> np.ndarray:
+    """Child side of the calibration pipe: ask the parent for the inputs and read them from stdin."""
+    sys.stdout.buffer.write(CALIBRATION_REQUEST + b"\n")
+    sys.stdout.buffer.flush()
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise HyprstreamError("the agent sent no calibration inputs")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise HyprstreamError(f"unreadable calibration inputs from the agent: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyprstream.agent.export",
                                      description="Export a saved global model version to ONNX (fp32 and int8).")
@@ -207,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", type=int, required=True)
     parser.add_argument("--weights", type=Path, required=True, help="layer-table file (Arrow IPC)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--calibration", type=Path, help="model inputs (.npy) for static quantization")
+    parser.add_argument("--calibration-pipe", action="store_true",
+                        help="ask for calibration inputs on stdout and read them (.npy) from stdin when needed")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--nice", type=int, default=0)
@@ -223,9 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, args.threads))
     try:
-        calibration = np.load(args.calibration) if args.calibration else None
-        export_version(args.task, args.version, load_model(args.weights), args.out, calibration=calibration,
-                       int8=not args.no_int8, weights_file=args.weights)
+        key = load_key()
+        with scratch_dir() as scratch:
+            tempfile.tempdir = scratch  # onnxruntime's quantizer keeps its own temporary models there
+            export_version(args.task, args.version, load_model(args.weights, key), args.out,
+                           calibration=_request_calibration if args.calibration_pipe else None,
+                           int8=not args.no_int8, weights_file=args.weights, key=key)
     except HyprstreamError as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1

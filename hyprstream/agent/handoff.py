@@ -10,6 +10,12 @@ ClientApp share no memory. They meet in files, each written atomically (write, f
 ``<state>/models/<task>/v<version>.arrow``
     The global model of each version a train request brought (an Arrow layer table); the daemon
     exports the newest one to ONNX for inference.
+
+With the store encrypted, model files (these and the ONNX exports) are written with
+:func:`write_private`: sealed with the store key (:func:`hyprstream.store.crypto.seal`), bound to their
+name and the two directories above it, and read back into memory only (:func:`read_private`). A file
+that fails to decrypt (tampered, moved or swapped, or a plaintext file put in its place) is an error
+naming it, never loaded.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import numpy as np
 
 from hyprstream.agent.profile import Strategy
 from hyprstream.errors import ValidationError
+from hyprstream.store.crypto import Cipher, seal, unseal
 from hyprstream.store.files import write_atomic
 
-__all__ = ["PolicyState", "latest_model", "load_model", "prune_models", "read_policy", "save_model", "write_policy"]
+__all__ = ["PolicyState", "latest_model", "load_model", "prune_models", "read_policy", "read_private", "save_model",
+           "write_policy", "write_private"]
 
 POLICY_FILE = "policy.json"
 MODELS_DIR = "models"
@@ -74,6 +82,29 @@ def read_policy(state_dir: Path) -> PolicyState | None:
         raise ValidationError(f"{path}: bad agent policy state: {exc}") from None
 
 
+def _place(path: Path) -> bytes:
+    """What a private file is bound to: its name and the two directories above it."""
+    return "/".join(path.parts[-3:]).encode()
+
+
+def write_private(path: Path, data: bytes | memoryview, key: bytes | None) -> None:
+    """Write ``data`` to ``path`` atomically and durably; sealed with ``key`` (the store key) when given."""
+    write_atomic(path, seal(data, Cipher(key), aad=_place(path)) if key is not None else data, sync=True)
+
+
+def read_private(path: Path, key: bytes | None) -> bytes:
+    """The contents of a file written by :func:`write_private` with the same ``key``.
+
+    StoreError naming the file when it cannot be decrypted or is plain where a key is given;
+    ValidationError when it cannot be read.
+    """
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"{path}: cannot read: {exc.strerror}") from None
+    return unseal(blob, Cipher(key) if key is not None else None, aad=_place(path), what=str(path))
+
+
 def _model_dir(state_dir: Path, task: str) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", task):
         raise ValidationError(f"bad task name {task!r}")
@@ -81,8 +112,9 @@ def _model_dir(state_dir: Path, task: str) -> Path:
 
 
 def save_model(state_dir: Path, task: str, version: int, weights: Mapping[str, np.ndarray], *,
-               layer_of=None) -> Path | None:
-    """Write the global model of ``version`` unless it is already there; returns the new file or None."""
+               layer_of=None, key: bytes | None = None) -> Path | None:
+    """Write the global model of ``version`` unless it is already there; returns the new file or None.
+    ``key``: the store key of an encrypted store (the file is then sealed with it)."""
     import pyarrow as pa
 
     from hyprstream.store import layer_table
@@ -98,7 +130,7 @@ def save_model(state_dir: Path, task: str, version: int, weights: Mapping[str, n
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    write_atomic(path, sink.getvalue(), sync=True)
+    write_private(path, sink.getvalue(), key)
     return path
 
 
@@ -114,15 +146,16 @@ def latest_model(state_dir: Path, task: str) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def load_model(path: Path) -> dict[str, np.ndarray]:
+def load_model(path: Path, key: bytes | None = None) -> dict[str, np.ndarray]:
+    """The weights saved by :func:`save_model` (with the same ``key``)."""
     import pyarrow as pa
 
     from hyprstream.store import layer_table
 
+    data = read_private(path, key)
     try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
-    except (OSError, pa.ArrowInvalid) as exc:
+        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+    except pa.ArrowInvalid as exc:
         raise ValidationError(f"{path}: unreadable model file: {exc}") from None
     return layer_table.to_arrays(table, copy=True)
 

@@ -8,6 +8,9 @@ writes them) and runs one of them as the policy says (:class:`~hyprstream.agent.
 * variant: fp32 or int8 (int8 only when the export produced one; fp32 otherwise);
 * torch fallback: when ONNX Runtime is not installed or cannot load the model, the model runs in
   torch eager mode (fp32, CPU or CUDA) from the saved weights;
+* encrypted model files (the engine's ``key``, the store key): decrypted into memory and handed to
+  ONNX Runtime as bytes; a file that fails to decrypt is refused (HyprstreamError naming it), with no
+  fallback: the model served before stays;
 * requests go through a :class:`~hyprstream.agent.batching.DynamicBatcher` with the profile's
   ``max_batch_size`` and ``max_batch_wait_ms``;
 * offload: when the plan says so (the ``minimal`` strategy with a fog endpoint configured),
@@ -34,7 +37,7 @@ from hyprstream.agent.batching import DynamicBatcher
 from hyprstream.agent.export import ModelFiles
 from hyprstream.agent.policy import InferencePlan
 from hyprstream.agent.profile import ExecutionProvider, InferenceSettings, ModelVariant
-from hyprstream.errors import HyprstreamError, MissingExtraError
+from hyprstream.errors import HyprstreamError, MissingExtraError, StoreError, ValidationError
 
 __all__ = [
     "EngineStats",
@@ -68,8 +71,9 @@ def cuda_available() -> bool:
     return _CUDA_EP in ort.get_available_providers()
 
 
-def ort_session(path: Path, provider: ExecutionProvider, *, threads: int = 0):
-    """An ONNX Runtime session for ``path`` on ``provider`` (CUDA falls back to the CPU for the ops it lacks)."""
+def ort_session(path: Path | bytes, provider: ExecutionProvider, *, threads: int = 0):
+    """An ONNX Runtime session for the model file ``path`` (or the model's bytes) on ``provider`` (CUDA
+    falls back to the CPU for the ops it lacks)."""
     ort = require("onnxruntime", extra="onnx", feature="ONNX inference")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -77,7 +81,8 @@ def ort_session(path: Path, provider: ExecutionProvider, *, threads: int = 0):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     providers = [_CUDA_EP, _CPU_EP] if provider is ExecutionProvider.CUDA else [_CPU_EP]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
 
 class OrtPredictor:
@@ -85,12 +90,14 @@ class OrtPredictor:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, provider: ExecutionProvider, variant: ModelVariant, *, threads: int = 0) -> None:
+    def __init__(self, path: Path | bytes, provider: ExecutionProvider, variant: ModelVariant, *, threads: int = 0,
+                 name: str = "") -> None:
         self.session = ort_session(path, provider, threads=threads)
         used = self.session.get_providers()[0]
         self.provider = ExecutionProvider.CUDA if used == _CUDA_EP else ExecutionProvider.CPU
         if provider is ExecutionProvider.CUDA and self.provider is not ExecutionProvider.CUDA:
-            log.warning("ONNX Runtime could not use CUDA for %s; running on the CPU", path.name)
+            log.warning("ONNX Runtime could not use CUDA for %s; running on the CPU",
+                        name or getattr(path, "name", "the model"))
         self.variant = variant
         self._input = self.session.get_inputs()[0].name
         self._dtype = np.int64 if "int64" in self.session.get_inputs()[0].type else np.float32
@@ -141,8 +148,10 @@ class EngineStats:
 class InferenceEngine:
     """The agent's inference model (see the module docstring). Thread-safe."""
 
-    def __init__(self, task, settings: InferenceSettings, *, cuda_allowed: bool = True, offload=None) -> None:
+    def __init__(self, task, settings: InferenceSettings, *, cuda_allowed: bool = True, offload=None,
+                 key: bytes | None = None) -> None:
         self.task = task
+        self._key = key  # the store key: model files are sealed with it
         self.settings = settings
         self.cuda_allowed = cuda_allowed
         self.offload = offload  # an OffloadClient, used while the plan says offload
@@ -200,17 +209,27 @@ class InferenceEngine:
         path, variant = files.fp32, ModelVariant.FP32
         if plan.variant is ModelVariant.INT8 and files.int8 is not None:
             path, variant = files.int8, ModelVariant.INT8
+        from hyprstream.agent.handoff import load_model, read_private
+
         try:
-            return OrtPredictor(path, provider, variant, threads=self.settings.intra_op_threads)
+            model = read_private(path, self._key) if self._key is not None else path
+        except StoreError as exc:  # tampered, swapped or plaintext where sealed: never run it
+            raise HyprstreamError(f"refusing model file {exc}") from None
+        except ValidationError:
+            model = path  # unreadable: ONNX Runtime fails on it below, and torch serves
+        try:
+            return OrtPredictor(model, provider, variant, threads=self.settings.intra_op_threads, name=path.name)
         except Exception as exc:  # MissingExtraError, onnxruntime's own errors (no common base class)
             if files.weights is None:
                 raise HyprstreamError(f"ONNX Runtime cannot run {path.name} and there are no weights to "
                                       f"fall back on: {exc}") from exc
             log.warning("ONNX Runtime cannot run %s (%s); falling back to torch", path.name, exc)
-            from hyprstream.agent.handoff import load_model
-
             device = "cuda" if provider is ExecutionProvider.CUDA else "cpu"
-            return TorchPredictor(self.task, load_model(files.weights), device=device)
+            try:
+                weights = load_model(files.weights, self._key)
+            except StoreError as exc:
+                raise HyprstreamError(f"refusing model file {exc}") from None
+            return TorchPredictor(self.task, weights, device=device)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         predictor = self._predictor
@@ -227,7 +246,7 @@ class InferenceEngine:
     def classify(self, x: np.ndarray, timeout_s: float | None = 60.0) -> tuple[int | None, np.ndarray, np.ndarray]:
         """``(model version, predictions, scores)`` for the rows of ``x``: from the fog while the plan
         offloads (falling back to the local model when the fog cannot answer), else from the local model."""
-        from hyprstream.errors import AuthError, TransportError, ValidationError
+        from hyprstream.errors import AuthError, TransportError
 
         if self._offloading:
             try:

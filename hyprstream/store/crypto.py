@@ -5,6 +5,10 @@ nonce per blob and associated data that binds it to its place (segment file name
 number), so a blob moved to another place fails to decrypt. The manifest (table names, schemas,
 row counts, time ranges) is not encrypted.
 
+Files kept beside a store (an agent's saved models and ONNX exports) are sealed with the same cipher:
+:func:`seal` prefixes the blob with :data:`SEALED_MAGIC`, so :func:`unseal` tells an encrypted file from a
+plain one and refuses either where the other is expected.
+
 Keys are 32 random bytes. :func:`load_key` reads one from a file or an environment variable, as raw
 bytes, 64 hex digits or base64 text.
 """
@@ -27,6 +31,7 @@ TAG_BYTES = 16
 OVERHEAD = NONCE_BYTES + TAG_BYTES
 KEY_ENV_VAR = "HYPRSTREAM_STORE_KEY"
 _CHECK_PLAINTEXT = b"hyprstream.store key check"
+SEALED_MAGIC = b"HSSEALED1\n"
 
 
 class Cipher:
@@ -62,6 +67,27 @@ class Cipher:
             self.decrypt(token, b"key-check", what=store)
         except StoreError:
             raise StoreError(f"{store}: wrong encryption key for this store") from None
+
+
+def seal(data: bytes | memoryview, cipher: Cipher, *, aad: bytes) -> bytes:
+    """The bytes of a sealed file: :data:`SEALED_MAGIC` then ``data`` encrypted and bound to ``aad``."""
+    return SEALED_MAGIC + cipher.encrypt(data, aad)
+
+
+def unseal(blob: bytes, cipher: Cipher | None, *, aad: bytes, what: str) -> bytes:
+    """The contents of a file written plain (``cipher`` None) or with :func:`seal` (``cipher`` given).
+
+    StoreError naming ``what`` when a sealed file is read without a key, a plain file where a sealed
+    one is expected (a file put in place of an encrypted one), or the key, place or data are wrong.
+    """
+    sealed = blob.startswith(SEALED_MAGIC)
+    if cipher is None:
+        if sealed:
+            raise StoreError(f"{what}: file is encrypted; the store key is needed to read it")
+        return blob
+    if not sealed:
+        raise StoreError(f"{what}: file is not encrypted, but the store is (refusing a plaintext file)")
+    return cipher.decrypt(memoryview(blob)[len(SEALED_MAGIC):], aad, what=what)
 
 
 def generate_key() -> bytes:
