@@ -13,7 +13,8 @@ deployment's CA; the identity and role still come from the token (``pyarrow.flig
 the peer certificate to Python handlers).
 
 The token's role decides what a call may do (:data:`GRANTS`); a :class:`RateLimiter` bounds each
-identity's request rate. Every refusal is audited when core has an audit log.
+identity's request rate. Every refusal is audited when core has an audit log; failed logins are
+throttled per peer address and audited as counted entries (:class:`RefusedLogins`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow.flight as flight
 
 from hyprstream.errors import AuthError
 
+from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
+
 if TYPE_CHECKING:
     from hyprstream.core.audit import AuditLog
-    from hyprstream.core.ratelimit import RateLimiter
     from hyprstream.core.signing import Ed25519PublicKey
 
 log = logging.getLogger("hyprstream.core")
@@ -166,6 +170,100 @@ def peer_address(peer: str | bytes | None) -> str:
     return text
 
 
+@dataclass
+class _Window:
+    """The failed logins of one peer address since ``start``, beyond the first (which is audited at once)."""
+
+    start: float
+    first_wall: float
+    count: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    claimed: Counter = field(default_factory=Counter)
+    methods: Counter = field(default_factory=Counter)
+
+
+MAX_TALLY = 8  # distinct reasons / claimed identities named in one counted entry; the rest are "(other)"
+MAX_PEERS = 10_000  # peer windows held at once; beyond it all are written out
+
+
+def _tally(counter: Counter) -> dict[str, int]:
+    top = dict(counter.most_common(MAX_TALLY))
+    rest = sum(counter.values()) - sum(top.values())
+    return {**top, "(other)": rest} if rest else top
+
+
+class RefusedLogins:
+    """Failed logins, per peer address: throttled, and audited without letting them grow the log.
+
+    The first failed login of an address in a window of ``refusal_window_s`` is audited at once
+    (``auth.refused`` with ``count`` 1); the later ones in that window are counted, and written as one
+    ``auth.refused`` entry whose ``count`` says how many, with the reasons, claimed identities and
+    methods tallied, when the window has passed (at the next audited call or failed login) or at
+    :meth:`flush`. The counts of an address's entries add up to its failed logins. Beyond
+    ``refused_login_burst`` failed logins (refilled at ``refused_logins_per_s``), an address's failed
+    logins are answered ``too many refused logins``; a valid token from it is still served.
+    """
+
+    def __init__(self, audit: AuditLog | None, policy: RateLimitPolicy | None, *,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.audit = audit
+        self.window_s = (policy or RateLimitPolicy()).refusal_window_s
+        self.limiter = None if policy is None else RateLimiter(
+            RateLimitPolicy(requests_per_s=policy.refused_logins_per_s, burst=policy.refused_login_burst),
+            clock=clock)
+        self._clock, self._wall = clock, wall
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+
+    def refuse(self, refusal: Refusal, peer: str) -> flight.FlightError:
+        """Record a failed login from ``peer``; the error to answer it with."""
+        log.warning("refused %s call from %s at %s: %s", refusal.method, refusal.actor, peer, refusal.reason)
+        with self._lock:
+            now = self._clock()
+            self._write_due(now)
+            window = self._windows.get(peer)
+            if window is None:
+                if len(self._windows) >= MAX_PEERS:
+                    self._write_due(None)
+                self._windows[peer] = _Window(now, self._wall())
+                self._append(refusal.actor, {"method": refusal.method, "reason": refusal.reason, "peer": peer,
+                                             "count": 1})
+            else:
+                window.count += 1
+                window.reasons[refusal.reason] += 1
+                window.claimed[refusal.actor] += 1
+                window.methods[refusal.method] += 1
+            retry = None if self.limiter is None else self.limiter.check(peer)
+        if retry is not None:
+            return flight.FlightUnavailableError(f"too many refused logins from {peer!r}: retry in {retry:.2f} s")
+        return flight.FlightUnauthenticatedError(refusal.reason)
+
+    def flush(self, *, all_windows: bool = False) -> None:
+        """Write the counted entries of windows that have passed (of every window: ``all_windows``)."""
+        if not self._windows:  # the common case, on every audited call: nothing to do
+            return
+        with self._lock:
+            self._write_due(None if all_windows else self._clock())
+
+    def _write_due(self, now: float | None) -> None:
+        for peer in [p for p, w in self._windows.items() if now is None or now - w.start >= self.window_s]:
+            w = self._windows.pop(peer)
+            if w.count:
+                self._append("anonymous", {
+                    "peer": peer, "count": w.count, "since": round(w.first_wall, 3), "until": round(self._wall(), 3),
+                    "reasons": _tally(w.reasons), "claimed": _tally(w.claimed), "methods": dict(w.methods)})
+
+    def _append(self, actor: str, details: dict) -> None:
+        if self.audit is None:
+            return
+        from hyprstream.core.audit import AuditError, Outcome
+
+        try:
+            self.audit.append(actor, "auth.refused", "core", outcome=Outcome.REFUSED, details=details)
+        except AuditError as exc:  # the login is refused either way
+            log.error("audit log unavailable: %s", exc)
+
+
 # methods with a Python handler: a failed login there is refused by the handler, where the peer is known
 _HANDLED = frozenset({"list_flights", "get_flight_info", "get_schema", "do_get", "do_put", "do_action",
                       "list_actions", "do_exchange"})
@@ -184,6 +282,7 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
                               else Authenticator(authenticator))
         self.limiter = limiter
         self.audit = audit
+        self.refused = RefusedLogins(audit, limiter.policy if limiter is not None else None)
 
     def _refuse(self, actor: str, action: str, method: str, reason: str, **details) -> None:
         log.warning("refused %s call from %s: %s", method, actor, reason)
@@ -235,9 +334,8 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         return middleware.principal
 
     def refuse_login(self, refusal: Refusal, peer: str) -> flight.FlightError:
-        """Audit a failed login from ``peer``; the error to raise."""
-        self._refuse(refusal.actor, "auth.refused", refusal.method, refusal.reason, peer=peer, count=1)
-        return flight.FlightUnauthenticatedError(refusal.reason)
+        """Throttle and audit a failed login from ``peer`` (see :class:`RefusedLogins`); the error to raise."""
+        return self.refused.refuse(refusal, peer)
 
 
 def principal_of(context: flight.ServerCallContext) -> Principal:

@@ -106,9 +106,11 @@ class CoreFlightServer(flight.FlightServerBase):
         return f"grpc+tls://localhost:{self.port}" if self.tls else f"grpc://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """Stop serving; the counted entries of refused logins still pending are written."""
         self.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.auth.refused.flush(all_windows=True)
 
     # --- auditing --------------------------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class CoreFlightServer(flight.FlightServerBase):
                **details) -> None:
         if self.audit is None:
             return
+        self.auth.refused.flush()  # counted refused logins whose window has passed go first
         actor = principal.identity if isinstance(principal, Principal) else principal
         try:
             self.audit.append(actor, action, subject, outcome=outcome, details=details)

@@ -99,7 +99,7 @@ class CoreService:
         })
 
     def stop(self, reason: str = "stopped") -> None:
-        self.server.shutdown()
+        self.server.stop()
         try:
             self.audit.append("core", "core.stop", "core", details={"reason": reason})
         finally:

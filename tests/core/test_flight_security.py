@@ -126,16 +126,23 @@ def test_no_credentials_expired_forged_or_wrong_role_are_refused_and_audited(cor
         w.done_writing()
         w.close()
 
-    refused = [(e.actor, e.action, e.details["reason"]) for e in core.entries() if e.outcome == "refused"]
-    assert refused[:5] == [
-        ("anonymous", "auth.refused", "missing credentials: send 'authorization: Bearer <token>'"),
-        ("anonymous", "auth.refused", "malformed authorization header: expected 'Bearer <token>'"),
-        ("unverified:fog-a", "auth.refused", refused[2][2]),
-        ("unverified:fog-a", "auth.refused", "token signature is not valid (not issued by this core's token key)"),
-        ("anonymous", "auth.refused", "invalid token"),
-    ]
-    assert refused[2][2].startswith("token expired")
-    assert [(a, b) for a, b, _ in refused[5:]] == [
+    core.server.auth.refused.flush(all_windows=True)  # what stopping core does
+    refused = [e for e in core.entries() if e.outcome == "refused"]
+    first, counted = refused[0], refused[-1]
+    assert (first.actor, first.action, first.details) == ("anonymous", "auth.refused", {
+        "method": "do_get", "reason": "missing credentials: send 'authorization: Bearer <token>'",
+        "peer": "127.0.0.1", "count": 1})
+    # the four later failed logins from the same address: one counted entry, every reason kept
+    assert (counted.actor, counted.action, counted.details["peer"], counted.details["count"]) == (
+        "anonymous", "auth.refused", "127.0.0.1", 4)
+    reasons = counted.details["reasons"]
+    assert [reasons[r] for r in ("malformed authorization header: expected 'Bearer <token>'",
+                                 "token signature is not valid (not issued by this core's token key)",
+                                 "invalid token")] == [1, 1, 1]
+    assert [n for r, n in reasons.items() if r.startswith("token expired")] == [1]
+    assert counted.details["claimed"] == {"anonymous": 2, "unverified:fog-a": 2}
+    assert counted.details["methods"] == {"do_get": 4}
+    assert [(e.actor, e.action) for e in refused[1:-1]] == [
         ("dash", "access.refused"), ("fog-a", "access.refused"), ("aud", "access.refused"),
         ("fog-a", "access.refused"), ("dash", "access.refused"), ("fog-a", "access.refused"),
         ("fog-a", "access.refused")]
