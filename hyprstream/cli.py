@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     v = csub.add_parser("validate", help="validate TOML files",
                         description="Parse and validate each file by its top-level 'kind' "
-                                    "(device, experiment). Prints one line per file; exits 2 if any is invalid.")
+                                    "(device, experiment, fog, core), and load every key, certificate and token "
+                                    "file it names. Prints one line per file; exits 2 if any is invalid.")
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.set_defaults(func=_cmd_config_validate)
 
@@ -100,7 +101,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
-    from hyprstream.config import read_toml
+    from hyprstream.config import check_files, read_toml
 
     loaders = _config_loaders()
     bad = 0
@@ -110,7 +111,7 @@ def _cmd_config_validate(args: argparse.Namespace) -> int:
             if kind not in loaders:
                 raise ConfigError(f"must be one of {', '.join(map(repr, loaders))}, got {kind!r}",
                                   source=str(path), key="kind")
-            loaders[kind](path)
+            check_files(loaders[kind](path), source=str(path))
             print(f"ok      {path} ({kind})")
         except ConfigError as exc:
             bad += 1

@@ -16,9 +16,13 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from hyprstream.errors import ConfigError
 
@@ -34,9 +38,15 @@ def setting(
     le: float | None = None,
     lt: float | None = None,
     doc: str = "",
+    file: Callable[[str], object] | None = None,
 ) -> Any:
-    """A config field with optional numeric bounds. Without ``default`` the key is required."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+    """A config field with optional numeric bounds. Without ``default`` the key is required.
+
+    ``file`` marks a field naming a file (or a tuple of files) that must exist and load: it is the
+    loader, called with the path by :func:`check_files` (such as :func:`pem_certificate`), which
+    raises ConfigError naming the file.
+    """
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc, "file": file}
     if isinstance(default, (dict, list)):
         raise TypeError("mutable defaults: use a tuple or a default_factory dataclass")
     if dataclasses.is_dataclass(default) or getattr(type(default), "__hash__", None) is None:
@@ -64,10 +74,77 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("is a directory, expected a TOML file", source=str(p)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(p)) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError("invalid TOML: nested too deeply", source=str(p)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", source=str(p)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(p)) from None
+
+
+def read_file(path: str | Path) -> bytes:
+    """The bytes of a regular, readable file; ConfigError naming it otherwise."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise ConfigError("not a regular file" if p.exists() else "file not found", source=str(p))
+        return p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(p)) from None
+
+
+def pem_certificate(path: str | Path) -> list[x509.Certificate]:
+    """The certificates of a PEM file (a chain, or a CA bundle)."""
+    try:
+        return x509.load_pem_x509_certificates(read_file(path))
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate: {_first_sentence(exc)}", source=str(path)) from None
+
+
+def pem_private_key(path: str | Path) -> object:
+    """The (unencrypted) private key of a PEM file."""
+    try:
+        return serialization.load_pem_private_key(read_file(path), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"not a PEM private key: {_first_sentence(exc)}", source=str(path)) from None
+
+
+def read_token(path: str | Path) -> str:
+    """The text of a token (or password) file, without surrounding white space; it must not be empty."""
+    try:
+        token = read_file(path).decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError("the token file is not UTF-8 text", source=str(path)) from None
+    if not token:
+        raise ConfigError("the token file is empty", source=str(path))
+    return token
+
+
+def _first_sentence(exc: Exception) -> str:
+    return str(exc).split(". ")[0].rstrip(".")
+
+
+def check_files(obj: Any, *, source: str | None = None, key: str = "") -> None:
+    """Load every file that ``obj`` (a parsed config) names in a ``setting(file=...)`` field.
+
+    Empty and None values are settings left unset. The first file that is missing, not a regular
+    file, unreadable or not what its field holds raises ConfigError naming the config ``source``, the
+    key path, the file and the reason.
+    """
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), _join(key, f.name)
+        if dataclasses.is_dataclass(value):
+            check_files(value, source=source, key=path)
+            continue
+        loader = f.metadata.get("file")
+        if loader is None or not value:
+            continue
+        for i, name in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            try:
+                loader(name)
+            except ConfigError as exc:
+                where = path if i is None else f"{path}[{i}]"
+                raise ConfigError(f"{exc.source or name}: {exc.reason}", source=source, key=where) from None
 
 
 def load(cls: type[T], path: str | Path, *, ignore: tuple[str, ...] = ()) -> T:

@@ -38,7 +38,7 @@ from typing import Any
 
 from hyprstream.core import signing
 from hyprstream.core.durable import write_bytes_atomic
-from hyprstream.errors import HyprstreamError
+from hyprstream.errors import ConfigError, HyprstreamError
 
 log = logging.getLogger("hyprstream.core.audit")
 
@@ -458,6 +458,13 @@ class AuditLog:
             head: bytes | None = self.head_path.read_bytes()
         except FileNotFoundError:
             head = None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(self.head_path)) from None
+        if head is not None:
+            try:
+                parse_checkpoint(head)
+            except ValueError as exc:
+                raise ConfigError(str(exc), source=str(self.head_path)) from None
         self._checkpoint_seq = 0
         if not data:
             if head is not None and parse_checkpoint(head).seq > 0:

@@ -100,7 +100,10 @@ def init_deployment(out: str | Path, *, server_names: Sequence[str] = ("localhos
     existing = [name for name in planned if (out / name).exists()]
     if existing:
         raise ConfigError(f"refusing to overwrite {', '.join(existing)}", source=str(out))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a regular file in the way, no permission, ...
+        raise ConfigError(f"cannot create the directory: {exc.strerror or exc}", source=str(out)) from None
     now = now or dt.datetime.now(dt.timezone.utc)
     created: list[Created] = []
 

@@ -110,10 +110,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 # --- handlers --------------------------------------------------------------------------------------
 
 def cmd_core_run(args: argparse.Namespace) -> int:
+    from hyprstream.config import check_files
     from hyprstream.core.config import load_core_config
     from hyprstream.core.service import run
 
     config = load_core_config(args.config)
+    check_files(config, source=str(args.config))
     logging.getLogger("hyprstream").setLevel(config.log_level.upper())
     return run(config, config_path=str(args.config))
 

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyprstream.config import Checked, parse, read_toml, setting
+from hyprstream.config import Checked, parse, pem_certificate, pem_private_key, read_toml, setting
+from hyprstream.core import signing
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.errors import ConfigError
 
@@ -35,16 +36,18 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class AuditSection:
-    signing_key: str = setting(doc="Ed25519 private key (PEM, mode 0600) that signs the audit log")
+    signing_key: str = setting(doc="Ed25519 private key (PEM, mode 0600) that signs the audit log",
+                               file=signing.load_private_key)
     path: str = setting("audit/audit.jsonl", doc="the JSON Lines audit log (local file); <path>.head is its checkpoint")
 
 
 @dataclass(frozen=True)
 class TlsSection(Checked):
     enabled: bool = setting(True, doc="serve grpc+tls; false only for loopback tests")
-    cert: str | None = setting(None, doc="server certificate chain (PEM)")
-    key: str | None = setting(None, doc="server private key (PEM)")
-    client_ca: str | None = setting(None, doc="CA certificate (PEM): when set, clients need a certificate it signed")
+    cert: str | None = setting(None, doc="server certificate chain (PEM)", file=pem_certificate)
+    key: str | None = setting(None, doc="server private key (PEM)", file=pem_private_key)
+    client_ca: str | None = setting(None, doc="CA certificate (PEM): when set, clients need a certificate it signed",
+                                    file=pem_certificate)
 
     def check(self):
         if self.enabled and (self.cert is None or self.key is None):
@@ -57,8 +60,10 @@ class TlsSection(Checked):
 
 @dataclass(frozen=True)
 class AuthSection(Checked):
-    token_key: str | None = setting(None, doc="Ed25519 private key: verifies tokens and signs issue_token answers")
-    token_public_keys: tuple[str, ...] = setting((), doc="more Ed25519 public keys whose tokens are accepted")
+    token_key: str | None = setting(None, doc="Ed25519 private key: verifies tokens and signs issue_token answers",
+                                    file=signing.load_private_key)
+    token_public_keys: tuple[str, ...] = setting((), doc="more Ed25519 public keys whose tokens are accepted",
+                                                 file=signing.load_public_key)
 
     def check(self):
         if self.token_key is None and not self.token_public_keys:

@@ -39,7 +39,7 @@ import pyarrow as pa
 from hyprstream.config import parse, to_dict
 from hyprstream.core.audit import AuditError, AuditLog, canonical, iter_entries
 from hyprstream.core.consistency import ConsistencyPolicy, plan_merge
-from hyprstream.core.storage import LocalStorage, Storage, is_temporary
+from hyprstream.core.storage import LocalStorage, Storage, is_temporary, read_json
 from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import UpdateRejected, ValidationError
 from hyprstream.store import layer_table as lt
@@ -171,7 +171,9 @@ class ModelRepository:
             if model not in self._manifests:
                 if not self.storage.exists(f"{model}/manifest.json"):
                     raise ValidationError(f"unknown model {model!r}")
-                self._manifests[model] = json.loads(self.storage.read_bytes(f"{model}/manifest.json"))
+                self._manifests[model] = read_json(
+                    self.storage, f"{model}/manifest.json", what="model manifest", schema=MANIFEST_SCHEMA,
+                    keys=("model", "settings", "versions", "layer_files", "clocks", "fog_seq"))
             return self._manifests[model]
 
     def settings(self, model: str) -> ModelSettings:

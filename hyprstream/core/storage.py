@@ -12,8 +12,9 @@ is either absent (or its previous content) or complete.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -147,6 +148,26 @@ class ArrowFsStorage:
             self.fs.delete_dir(self._p(rel_dir))
 
 
+def read_json(storage: Storage, rel: str, *, what: str, schema: str, keys: Collection[str]) -> dict[str, Any]:
+    """The JSON object ``rel`` of ``storage``, with ``schema`` and at least ``keys``.
+
+    ConfigError naming the file when it is not one (a file core cannot start on until it is restored).
+    """
+    source = f"{storage.description.rstrip('/')}/{rel}"
+    try:
+        obj = json.loads(storage.read_bytes(rel))
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deeply
+        raise ConfigError(f"not a {what}: not JSON ({exc})", source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=source) from None
+    if not isinstance(obj, dict) or obj.get("schema") != schema:
+        raise ConfigError(f"not a {what}: expected a JSON object with schema {schema!r}", source=source)
+    missing = sorted(set(keys) - set(obj))
+    if missing:
+        raise ConfigError(f"not a {what}: missing {', '.join(missing)}", source=source)
+    return obj
+
+
 def open_storage(uri: str | os.PathLike[str], *, sync: bool = True) -> LocalStorage | ArrowFsStorage:
     """A plain path or ``file://`` URI gives :class:`LocalStorage`; any other URI ``pyarrow.fs`` knows
     (``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``) gives :class:`ArrowFsStorage`."""
@@ -162,4 +183,4 @@ def open_storage(uri: str | os.PathLike[str], *, sync: bool = True) -> LocalStor
     return ArrowFsStorage(fs, path)
 
 
-__all__ = ["ArrowFsStorage", "LocalStorage", "Storage", "is_temporary", "open_storage"]
+__all__ = ["ArrowFsStorage", "LocalStorage", "Storage", "is_temporary", "open_storage", "read_json"]

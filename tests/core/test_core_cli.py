@@ -240,3 +240,69 @@ def test_token_create_refuses_reserved_identities_and_long_lifetimes(tmp_path, s
                           timeout=120)
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr.count("\n") == 1 and reason in proc.stderr and "Traceback" not in proc.stderr
+
+
+def run_cli(*argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "hyprstream.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_one_line_error(proc, *fragments):
+    """Exit 2 and exactly one line on stderr, holding every fragment, and no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in proc.stderr, (fragment, proc.stderr)
+
+
+@pytest.mark.integration
+def test_core_run_on_a_garbage_head_checkpoint_is_a_one_line_error(tmp_path):
+    dep = make_deployment(tmp_path)
+    dep.audit_log.parent.mkdir()
+    dep.audit_log.write_bytes(b"")
+    head = audit.head_path(dep.audit_log)
+    head.write_bytes(b"\x00garbage{")
+    assert_one_line_error(run_cli("core", "run", "--config", dep.config), head, "head checkpoint is not JSON")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"schema": "hyprstream.core.manifest/1"}', b"\xff\xfe"])
+def test_core_run_on_a_corrupt_manifest_is_a_one_line_error(tmp_path, content):
+    dep = make_deployment(tmp_path)
+    manifest = tmp_path / "models" / "m" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(content)
+    assert_one_line_error(run_cli("core", "run", "--config", dep.config), manifest, "not a model manifest")
+
+
+@pytest.mark.unit
+def test_certs_init_under_a_regular_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "pki"
+    assert_one_line_error(run_cli("certs", "init", "--out", out), out, "cannot create the directory")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name,content,reason", [("tls.cert", b"garbage", "not a PEM certificate"),
+                                                 ("tls.key", b"garbage", "not a PEM private key"),
+                                                 ("tls.client_ca", b"", "not a PEM certificate"),
+                                                 ("auth.token_key", None, "key file not found")])
+def test_core_run_on_an_unusable_tls_or_key_file_names_the_file_and_key(tmp_path, name, content, reason):
+    from hyprstream.core.certs import init_deployment
+
+    init_deployment(tmp_path / "pki")
+    dep = make_deployment(tmp_path, tls={"cert": "pki/server.pem", "key": "pki/server.key",
+                                         "client_ca": "pki/ca.pem"})
+    target = {"tls.cert": "pki/server.pem", "tls.key": "pki/server.key", "tls.client_ca": "pki/ca.pem",
+              "auth.token_key": "keys/token.key"}[name]
+    path = tmp_path / target
+    path.unlink()
+    if content is not None:
+        path.write_bytes(content)
+    proc = run_cli("core", "run", "--config", dep.config)
+    assert_one_line_error(proc, f"{dep.config}: {name}: {path}", reason)
+    assert not dep.audit_log.exists()  # refused before anything started
