@@ -156,6 +156,7 @@ class ModelRepository:
         self._lock = threading.RLock()
         self._manifests: dict[str, dict[str, Any]] = {}
         self._applied: dict[str, set[tuple[str, bytes, str]]] = {}
+        self._history: dict[str, dict[str, set[VectorClock]]] = {}
         self.recovered: list[str] = []  # what opening repaired, one line each
         self._recover()
 
@@ -309,6 +310,11 @@ class ModelRepository:
             norm = float(np.sqrt(sq))
             if settings.max_update_norm is not None and norm > settings.max_update_norm:
                 raise UpdateRejected(f"update norm {norm:.6g} exceeds the model's bound {settings.max_update_norm:.6g}")
+            history = self._clock_history(model)
+            for layer in touched:
+                if layer in base_clocks and base_clocks[layer] not in history.get(layer, ()):
+                    raise UpdateRejected(f"layer {layer!r}: base clock {base_clocks[layer].as_dict()} is not the "
+                                         f"clock of any committed version of model {model!r} (core's history)")
             plan = plan_merge(settings.consistency, current_clocks, base_clocks, touched, fog)
             if not plan.accept:
                 raise UpdateRejected(plan.reason)
@@ -346,9 +352,21 @@ class ModelRepository:
             }
             self._commit_audit(model, m, actor or fog, "model.push", details)
             self._applied_keys(model).add(key)
+            for layer in touched:
+                history[layer].add(plan.new_clocks[layer])
             log.info("model %s: version %d from %s (layers %s, staleness %s)", model, new_version, fog, touched,
                      plan.staleness)
             return PushResult(new_version, plan.staleness, plan.weight, norm)
+
+    def _clock_history(self, model: str) -> dict[str, set[VectorClock]]:
+        """Every clock each layer of ``model`` has had in a committed version (the bases a push may name)."""
+        if model not in self._history:
+            history: dict[str, set[VectorClock]] = {}
+            for clocks in self._manifest(model)["clocks"].values():
+                for layer, clock in clocks_from_json(clocks).items():
+                    history.setdefault(layer, set()).add(clock)
+            self._history[model] = history
+        return self._history[model]
 
     def _applied_keys(self, model: str) -> set[tuple[str, bytes, str]]:
         if model not in self._applied:
@@ -375,6 +393,7 @@ class ModelRepository:
             except OSError:
                 self._manifests.pop(model, None)  # a restart's recovery rolls it back
             self._applied.pop(model, None)
+            self._history.pop(model, None)
             raise
 
     def _write_layers(self, model: str, version: int, tables: Mapping[str, pa.Table]) -> dict[str, str]:

@@ -164,6 +164,13 @@ def push_cases():
         ("stale", ok, {"stale": True}, "layer 'fc1': bounded consistency: staleness 2 exceeds max_staleness 1"),
         ("replay", ok, {"replay": True}, "replayed push: fog 'fog-a' already pushed seq 1, got 1"),
         ("no base clock", ok, {"base_clocks": {}}, "push lacks the base clock of layer 'fc1'"),
+        # fc1's clocks so far: {}, {fog-b: 1}, {fog-b: 2}, {fog-b: 2, fog-c: 1}
+        ("fabricated base clock", ok, {"history": True, "base_clocks": {"fc1": {"fog-b": 1, "fog-c": 1}}},
+         "layer 'fc1': base clock {'fog-b': 1, 'fog-c': 1} is not the clock of any committed version"),
+        ("base clock of another layer", ok, {"history": True, "base_clocks": {"fc1": {"fog-c": 1}}},
+         "layer 'fc1': base clock {'fog-c': 1} is not the clock of any committed version"),
+        ("base clock of an unknown fog", ok, {"history": True, "base_clocks": {"fc1": {"fog-z": 1}}},
+         "layer 'fc1': base clock {'fog-z': 1} is not the clock of any committed version"),
     ]
 
 
@@ -177,6 +184,12 @@ def test_bad_pushes_are_refused_audited_and_change_nothing(core, name, delta, se
                        **{**body, "fog": "fog-b", "seq": seq, "base_clocks": {"fc1": {"fog-b": seq - 1}}})
     if setup.get("replay"):
         plain_push(core.location, fog, delta, **body)
+    if setup.get("history"):
+        for f, seq, base in (("fog-b", 1, {}), ("fog-b", 2, {"fog-b": 1}), ("fog-c", 1, {"fog-b": 2})):
+            plain_push(core.location, token(f, Role.FOG), {"fc1.bias": np.full(2, 0.5, np.float32)},
+                       **{**body, "fog": f, "seq": seq, "base_clocks": {"fc1": base}})
+        plain_push(core.location, token("fog-c", Role.FOG), {"head.weight": np.ones((1, 2), np.float32)},
+                   **{**body, "fog": "fog-c", "seq": 2, "base_clocks": {"head": {}}})
     if "base_clocks" in setup:
         body["base_clocks"] = setup["base_clocks"]
     before_head = core.repo.head("m")
