@@ -140,6 +140,15 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Re-encrypt an encrypted store under a new key; the current key is refused afterwards."""
+    new_key = load_key(args.new_key_file)
+    with _open(args, readonly=False) as store:
+        count = store.rotate_key(new_key)
+    print(f"{args.path}: {count} segments re-encrypted under the new key; the old key is retired")
+    return 0
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``store`` and its subcommands on ``subparsers`` (from ``add_subparsers``)."""
     store = subparsers.add_parser(
@@ -186,4 +195,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = command("compact", "Merge a table's small segments (needs the writer lock).", cmd_compact)
     p.add_argument("table", help="table name")
+
+    p = command("rotate-key", "Re-encrypt an encrypted store under a new key (needs the writer lock; "
+                "--key-file is the current key, refused afterwards).", cmd_rotate_key)
+    p.add_argument("--new-key-file", required=True, type=Path,
+                   help="the new key (32 bytes raw, 64 hex digits or base64)")
     return store

@@ -2,11 +2,12 @@
 
 On disk a store is a directory::
 
-    STORE            marker: format, whether encrypted, a key check
+    STORE            marker: format, whether encrypted, a key check (and those of retired keys)
     LOCK             held (flock) by the one writer process; holds its PID
     manifest.json    committed state: tables, schemas, retention, segments (see manifest.py)
     segments/*.arrow immutable Arrow IPC files (see segments.py)
     wal/*.wal        the current write-ahead log (see wal.py)
+    ROTATION         only during a key rotation, once it is committed (see :meth:`Store.rotate_key`)
 
 An append is acknowledged once it is durable: either its record is fsynced in the write-ahead log
 (small appends, buffered in memory until a table has a segment's worth), or it went straight into a
@@ -50,6 +51,7 @@ _log = logging.getLogger("hyprstream.store")
 MARKER_FILE = "STORE"
 MARKER_FORMAT = "hyprstream.store/1"
 LOCK_FILE = "LOCK"
+ROTATION_FILE = "ROTATION"
 WAL_DIR = "wal"
 _READER_ATTEMPTS = 100
 
@@ -171,6 +173,11 @@ class Store:
             raise StoreError(f"{root}: not a hyprstream store (no {MARKER_FILE} file)")
         lock_fd = None if readonly else _acquire_lock(root)
         try:
+            if (root / ROTATION_FILE).exists():
+                if readonly:
+                    raise StoreError(f"{root}: a key rotation is being installed; open the store for writing "
+                                     "to finish it, or retry")
+                _finish_rotation(root, sync=config.sync)
             if not marker.exists():
                 _initialise(root, cipher, config)
             _check_marker(root, cipher)
@@ -366,6 +373,65 @@ class Store:
                 self._remove_segment_files(old)
                 _log.info("table %s compacted: %d -> %d segments", name, len(meta.segments), len(new))
             return Compaction(segments_before=len(meta.segments), segments_after=len(new))
+
+    # ------------------------------------------------------------------ key rotation
+
+    def rotate_key(self, new_key: bytes) -> int:
+        """Re-encrypt the whole store under ``new_key``; the current key is refused from then on.
+
+        The store stays open and usable: appends wait while it runs and then go on under the new key.
+        Steps: checkpoint (every acknowledged row into segments, an empty log), write every segment
+        again under the new key as new files, commit by writing the ``ROTATION`` journal (the new
+        manifest and marker) atomically, then install both and remove the old files and the journal.
+        A crash before the commit leaves the store on the old key (the new files are uncommitted and
+        dropped at the next open); after it, the next writer open finishes the installation. Readers
+        in other processes must reopen with the new key. Returns the number of segments re-encrypted.
+        """
+        with self._lock:
+            count = self._prepare_rotation(new_key)
+            _finish_rotation(self.root, sync=self.config.sync)
+            self._cipher = Cipher(new_key)
+            self._manifest = manifests.load(self.root)
+            self._cache.clear()
+            self._vectors.clear()
+            _log.info("store %s: key rotated, %d segments re-encrypted", self.root, count)
+            return count
+
+    def _prepare_rotation(self, new_key: bytes) -> int:
+        """Steps up to the commit point of :meth:`rotate_key`; returns the segments written."""
+        self._check_writable()
+        if self._cipher is None:
+            raise StoreError(f"{self.root}: store is not encrypted; there is no key to rotate")
+        new = Cipher(new_key)
+        marker = _read_marker(self.root)
+        for token in [marker["key_check"], *marker.get("retired_key_checks", [])]:
+            try:
+                new.verify_key_check(base64.b64decode(token), store=str(self.root))
+            except StoreError:
+                continue
+            what = "the store's current key" if token == marker["key_check"] else "retired by a key rotation"
+            raise StoreError(f"{self.root}: the new key is {what}; give another key")
+        assert self._wal is not None
+        self._checkpoint()
+        m = self._manifest
+        next_id = m.next_segment_id
+        for name, meta in m.tables.items():
+            moved = []
+            for seg in meta.segments:
+                table = segments.read_segment(self._segdir, seg, cipher=self._cipher,
+                                              verify=self.config.verify_segments)
+                moved.append(segments.write_segment(self._segdir, next_id, table, cipher=new,
+                                                    time_column=meta.retention.time_column, sync=self.config.sync))
+                next_id += 1
+            m = m.with_table(replace(meta, segments=tuple(moved)))
+        m = replace(m, next_segment_id=next_id, last_seq=self._last_seq)
+        if self.config.sync:
+            fsync_dir(self._segdir)
+        retired = [marker["key_check"], *marker.get("retired_key_checks", [])]
+        new_marker = {**_marker(new), "retired_key_checks": retired}
+        journal = {"manifest": json.loads(m.to_json()), "marker": new_marker}
+        write_atomic(self.root / ROTATION_FILE, json.dumps(journal).encode(), sync=self.config.sync)
+        return sum(len(t.segments) for t in m.tables.values())
 
     # ------------------------------------------------------------------ reading
 
@@ -695,26 +761,69 @@ def _initialise(root: Path, cipher: Cipher | None, config: StoreConfig) -> None:
     (root / segments.SEGMENT_DIR).mkdir(exist_ok=True)
     (root / WAL_DIR).mkdir(exist_ok=True)
     manifests.save(root, Manifest(wal=_wal_name(1)), sync=config.sync)
-    marker = {
+    write_atomic(root / MARKER_FILE, json.dumps(_marker(cipher)).encode(), sync=config.sync)
+    _log.info("created store %s%s", root, " (encrypted)" if cipher is not None else "")
+
+
+def _marker(cipher: Cipher | None) -> dict[str, Any]:
+    return {
         "format": MARKER_FORMAT,
         "encrypted": cipher is not None,
         "key_check": base64.b64encode(cipher.key_check()).decode() if cipher is not None else None,
     }
-    write_atomic(root / MARKER_FILE, json.dumps(marker).encode(), sync=config.sync)
-    _log.info("created store %s%s", root, " (encrypted)" if cipher is not None else "")
 
 
-def _check_marker(root: Path, cipher: Cipher | None) -> None:
-    """StoreError unless ``root`` is a store of a known format and ``cipher`` fits its encryption."""
+def _read_marker(root: Path) -> dict[str, Any]:
     try:
         marker = json.loads((root / MARKER_FILE).read_bytes())
     except (OSError, ValueError) as exc:
         raise StoreError(f"{root}: unreadable {MARKER_FILE} file ({exc})") from exc
-    if marker.get("format") != MARKER_FORMAT:
-        raise StoreError(f"{root}: unknown store format {marker.get('format')!r}")
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        raise StoreError(f"{root}: unknown store format {marker.get('format') if isinstance(marker, dict) else None!r}")
+    return marker
+
+
+def _check_marker(root: Path, cipher: Cipher | None) -> None:
+    """StoreError unless ``root`` is a store of a known format and ``cipher`` fits its encryption."""
+    marker = _read_marker(root)
     if marker.get("encrypted"):
         if cipher is None:
             raise StoreError(f"{root}: store is encrypted; open it with its key")
-        cipher.verify_key_check(base64.b64decode(marker["key_check"]), store=str(root))
+        try:
+            cipher.verify_key_check(base64.b64decode(marker["key_check"]), store=str(root))
+        except StoreError:
+            for token in marker.get("retired_key_checks", []):
+                try:
+                    cipher.verify_key_check(base64.b64decode(token), store=str(root))
+                except StoreError:
+                    continue
+                raise StoreError(f"{root}: this key was retired by a key rotation; open the store with "
+                                 "its new key") from None
+            raise
     elif cipher is not None:
         raise StoreError(f"{root}: store is not encrypted, but a key was given")
+
+
+def _finish_rotation(root: Path, *, sync: bool) -> None:
+    """Install a committed key rotation (the ``ROTATION`` journal): its manifest and marker, then
+    remove the segment files it replaced and the journal. Idempotent, so a crash in here is harmless."""
+    path = root / ROTATION_FILE
+    try:
+        journal = json.loads(path.read_bytes())
+        manifest = Manifest.from_json(json.dumps(journal["manifest"]).encode(), source=str(path))
+        marker = journal["marker"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"{path}: unreadable key rotation journal ({exc})") from exc
+    manifests.save(root, manifest, sync=sync)
+    write_atomic(root / MARKER_FILE, json.dumps(marker).encode(), sync=sync)
+    segdir = root / segments.SEGMENT_DIR
+    committed = {s.file for t in manifest.tables.values() for s in t.segments}
+    for p in segdir.iterdir():
+        if p.name not in committed:
+            p.unlink()
+    if sync:
+        fsync_dir(segdir)
+    path.unlink()
+    if sync:
+        fsync_dir(root)
+    _log.info("store %s: key rotation installed", root)
