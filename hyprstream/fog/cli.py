@@ -9,10 +9,12 @@ from typing import Any
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hyprstream.config import check_files
     from hyprstream.fog.config import load_fog_config
     from hyprstream.fog.service import FogService
 
     cfg = load_fog_config(args.config)
+    check_files(cfg, source=str(args.config))
     service = FogService(cfg, args.config)
 
     def terminate(signum, frame) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hyprstream.agent.publisher import BrokerConfig
 from hyprstream.agent.telemetry import check_topic_part
-from hyprstream.config import Checked, load, read_toml, setting
+from hyprstream.config import Checked, load, pem_certificate, pem_private_key, read_token, read_toml, setting
 from hyprstream.errors import ConfigError, ValidationError
 from hyprstream.fog.aggregate import Aggregation
 from hyprstream.fog.selection import SelectionRules, SelectionWeights
@@ -28,18 +28,18 @@ class RoundMode(enum.Enum):
 @dataclass(frozen=True)
 class CoreLink:
     location: str = setting(doc="core's Flight address, grpc://HOST:PORT or grpc+tls://HOST:PORT")
-    token_file: str = setting(doc="file holding this fog's bearer token (role fog)")
+    token_file: str = setting(doc="file holding this fog's bearer token (role fog)", file=read_token)
     model: str = setting(doc="model name at core")
-    tls_root_cert: str = setting("", doc="CA certificate to verify core (grpc+tls)")
+    tls_root_cert: str = setting("", doc="CA certificate to verify core (grpc+tls)", file=pem_certificate)
 
 
 @dataclass(frozen=True)
 class SuperLinkSettings(Checked):
     host: str = setting("127.0.0.1")
     port: int = setting(9092, ge=1, le=65535)
-    ssl_certfile: str = setting("")
-    ssl_keyfile: str = setting("")
-    ssl_ca_certfile: str = setting("")
+    ssl_certfile: str = setting("", file=pem_certificate)
+    ssl_keyfile: str = setting("", file=pem_private_key)
+    ssl_ca_certfile: str = setting("", file=pem_certificate)
     supernode_auth: bool = setting(False, doc="accept only registered SuperNode keys")
     database: str = setting("", doc="SuperLink state file (default: in memory)")
 
@@ -90,7 +90,7 @@ class MetricsSettings:
 
     host: str = setting("127.0.0.1")
     port: int = setting(0, ge=0, le=65535)
-    token_file: str = setting("", doc="bearer token scrapers must send (recommended off loopback)")
+    token_file: str = setting("", doc="bearer token scrapers must send (recommended off loopback)", file=read_token)
     stale_after_s: float = setting(600.0, gt=0.0, doc="/healthz fails when no round finished for this long")
 
 
@@ -101,11 +101,11 @@ class FleetSettings(Checked):
     fleet: str = setting("", doc="the agents' fleet name (topics hyprstream/v1/<fleet>/...)")
     mqtt_host: str = setting("", doc="MQTT broker; empty: no fleet view, every agent is asked each round")
     mqtt_port: int = setting(0, ge=0, le=65535, doc="0: 1883, or 8883 with mqtt_ca_file")
-    mqtt_ca_file: str = setting("", doc="CA certificate of the broker (turns TLS on)")
-    mqtt_cert_file: str = setting("", doc="client certificate (mutual TLS), with mqtt_key_file")
-    mqtt_key_file: str = setting("")
+    mqtt_ca_file: str = setting("", doc="CA certificate of the broker (turns TLS on)", file=pem_certificate)
+    mqtt_cert_file: str = setting("", doc="client certificate (mutual TLS), with mqtt_key_file", file=pem_certificate)
+    mqtt_key_file: str = setting("", file=pem_private_key)
     username: str = setting("")
-    password_file: str = setting("", doc="file holding the MQTT password (with username)")
+    password_file: str = setting("", doc="file holding the MQTT password (with username)", file=read_token)
     clients_per_round: int = setting(0, ge=0, doc="agents chosen per round; 0: every eligible agent")
     stale_after_s: float = setting(300.0, gt=0.0, doc="telemetry older than this counts as none")
     min_battery_percent: float = setting(20.0, ge=0.0, le=100.0, doc="on battery below this: not chosen")
@@ -150,9 +150,9 @@ class OffloadSettings(Checked):
 
     host: str = setting("127.0.0.1")
     port: int = setting(0, ge=0, le=65535)
-    token_file: str = setting("", doc="bearer tokens agents must send, one per line")
-    tls_certfile: str = setting("", doc="HTTPS certificate (with tls_keyfile)")
-    tls_keyfile: str = setting("")
+    token_file: str = setting("", doc="bearer tokens agents must send, one per line", file=read_token)
+    tls_certfile: str = setting("", doc="HTTPS certificate (with tls_keyfile)", file=pem_certificate)
+    tls_keyfile: str = setting("", file=pem_private_key)
     refresh_s: float = setting(5.0, ge=0.0, doc="how often to ask core whether the model has a new version")
     max_rows: int = setting(256, ge=1, le=100_000, doc="rows per request")
     max_body_bytes: int = setting(1 << 20, ge=1024, le=1 << 30, doc="request body size")
@@ -200,12 +200,3 @@ def load_fog_config(path: str | Path) -> FogConfig:
         raise ConfigError(f"expected kind = \"fog\", got {data.get('kind')!r}", source=str(path), key="kind")
     return load(FogConfig, path, ignore=("kind",))
 
-
-def read_token(path: str) -> str:
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the token file: {exc.strerror or exc}", source=path) from None
-    if not token:
-        raise ConfigError("the token file is empty", source=path)
-    return token
