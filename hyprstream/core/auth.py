@@ -265,8 +265,10 @@ class RefusedLogins:
 
 
 # methods with a Python handler: a failed login there is refused by the handler, where the peer is known
-_HANDLED = frozenset({"list_flights", "get_flight_info", "get_schema", "do_get", "do_put", "do_action",
-                      "list_actions", "do_exchange"})
+_HANDLED = frozenset({"list_flights", "get_flight_info", "do_get", "do_put", "do_action", "list_actions",
+                      "do_exchange"})
+# refused here: pyarrow answers any exception of a get_schema handler with the handler's traceback
+_UNSERVED = frozenset({"get_schema"})
 
 
 class BearerAuthFactory(flight.ServerMiddlewareFactory):
@@ -316,6 +318,10 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
             if method in _HANDLED:
                 return _AuthMiddleware(None, refusal)
             raise self.refuse_login(refusal, "unknown")
+        if method in _UNSERVED:
+            reason = f"core does not serve {method} (see docs/api.md)"
+            self._refuse(login.identity, "request.refused", method, reason, request=method)
+            raise flight.FlightServerError(f"invalid argument: {reason}")
         if self.limiter is not None:
             retry = self.limiter.check(login.identity)
             if retry is not None:

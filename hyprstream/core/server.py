@@ -297,10 +297,6 @@ class CoreFlightServer(flight.FlightServerBase):
                             request="get_flight_info")
 
     @_served
-    def get_schema(self, context, descriptor):
-        raise self._invalid(context, "core does not serve get_schema (see docs/api.md)", request="get_schema")
-
-    @_served
     def do_exchange(self, context, descriptor, reader, writer):
         raise self._invalid(context, "core does not serve do_exchange (see docs/api.md)", request="do_exchange")
 
