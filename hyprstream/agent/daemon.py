@@ -53,7 +53,7 @@ from hyprstream.agent.telemetry import (
     Telemetry,
     check_topic_part,
 )
-from hyprstream.errors import ConfigError, HyprstreamError
+from hyprstream.errors import ConfigError, HyprstreamError, StoreError
 
 __all__ = ["Agent", "AgentConfig", "FogLink", "IngestConfig", "SuperNodeProcess"]
 
@@ -471,8 +471,10 @@ class Agent:
 
     def _export(self, version: int, weights: Path, out: Path) -> None:
         from hyprstream.agent.export import export_in_subprocess, read_manifest
+        from hyprstream.agent.handoff import read_private
 
         try:
+            read_private(weights, self.config.store_key)
             try:
                 files = read_manifest(out)  # exported by an earlier run
             except HyprstreamError:
@@ -481,6 +483,11 @@ class Agent:
                                              threads=max(1, self.profile.inference.intra_op_threads or 1),
                                              cancel=self._export_cancel)
             self.engine.load(files)
+        except StoreError as exc:  # changed, or sealed under a key since rotated: the next round brings it again
+            log.error("model v%d refused and removed: %s", version, exc)
+            weights.unlink(missing_ok=True)
+            shutil.rmtree(out, ignore_errors=True)
+            return
         except HyprstreamError as exc:
             if not self._export_cancel.is_set():
                 self._export_failed.add(version)

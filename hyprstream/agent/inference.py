@@ -9,7 +9,7 @@ writes them) and runs one of them as the policy says (:class:`~hyprstream.agent.
 * torch fallback: when ONNX Runtime is not installed or cannot load the model, the model runs in
   torch eager mode (fp32, CPU or CUDA) from the saved weights;
 * encrypted model files (the engine's ``key``, the store key): decrypted into memory and handed to
-  ONNX Runtime as bytes; a file that fails to decrypt is refused (HyprstreamError naming it), with no
+  ONNX Runtime as bytes; a file that fails to decrypt is refused (StoreError naming it), with no
   fallback: the model served before stays;
 * requests go through a :class:`~hyprstream.agent.batching.DynamicBatcher` with the profile's
   ``max_batch_size`` and ``max_batch_wait_ms``;
@@ -213,8 +213,8 @@ class InferenceEngine:
 
         try:
             model = read_private(path, self._key) if self._key is not None else path
-        except StoreError as exc:  # tampered, swapped or plaintext where sealed: never run it
-            raise HyprstreamError(f"refusing model file {exc}") from None
+        except StoreError as exc:  # tampered, swapped, sealed under another key or plaintext: never run it
+            raise StoreError(f"refusing model file {exc}") from None
         except ValidationError:
             model = path  # unreadable: ONNX Runtime fails on it below, and torch serves
         try:
@@ -228,7 +228,7 @@ class InferenceEngine:
             try:
                 weights = load_model(files.weights, self._key)
             except StoreError as exc:
-                raise HyprstreamError(f"refusing model file {exc}") from None
+                raise StoreError(f"refusing model file {exc}") from None
             return TorchPredictor(self.task, weights, device=device)
 
     def _run(self, x: np.ndarray) -> np.ndarray:

@@ -158,3 +158,38 @@ def test_calibration_is_read_only_by_a_static_export_and_tampered_models_are_ref
         load_model(cnn)
     assert all(np.array_equal(load_model(cnn, key)[k], v) for k, v in weights.items())
     engine.close()
+
+
+@pytest.mark.integration
+def test_models_sealed_under_another_key_are_refused_and_removed_for_the_next_round(tmp_path, caplog):
+    """After a store key rotation the saved models no longer decrypt: the daemon refuses them, serves
+    nothing from them, and removes them so that the next train request saves the version again."""
+    from hyprstream.agent.handoff import save_model
+    from hyprstream.agent.task import get_task
+    from hyprstream.agent.trainer import model_weights
+
+    cfg = config(tmp_path, task="digits")
+    retired = os.urandom(32)
+    weights = model_weights(get_task("digits").build_model(seed=0))
+    old = [save_model(cfg.state_dir, "digits", v, weights, key=retired) for v in (3, 4)]
+    (cfg.state_dir / "onnx" / "digits" / "v4").mkdir(parents=True)
+    agent = Agent(cfg, monitor=HoldLast(load_trace(TRACES / "cpu_saturated.csv")),
+                  publisher=MemoryPublisher("plant-7", "pi-03", "s"))
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    with caplog.at_level("ERROR", logger="hyprstream.agent"):
+        runner.start()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(p.exists() for p in old):
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            runner.join(60)
+    assert not runner.is_alive()
+    assert not any(p.exists() for p in old) and not (cfg.state_dir / "onnx" / "digits" / "v4").exists()
+    assert agent.engine.version is None
+    refused = [r.getMessage() for r in caplog.records if "refused and removed" in r.getMessage()]
+    assert len(refused) == 2 and all("cannot decrypt" in m for m in refused)
+    # the next train request saves the version again, under the current key
+    assert save_model(cfg.state_dir, "digits", 4, weights, key=cfg.store_key) is not None
