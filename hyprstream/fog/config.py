@@ -51,6 +51,8 @@ class SuperLinkSettings(Checked):
         files = (self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile)
         if any(files) and not all(files):
             yield "ssl_certfile", "TLS needs ssl_certfile, ssl_keyfile and ssl_ca_certfile together"
+        if self.supernode_auth and not self.tls:
+            yield "supernode_auth", "SuperNode authentication needs TLS (ssl_certfile, ssl_keyfile, ssl_ca_certfile)"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """``hyprstream fog run``: a Flower SuperLink for the fog's agents plus the fog's ServerApp on it.
 
-The SuperLink (runtime dependency installation off, TLS and SuperNode authentication when configured)
-serves the fog's SuperNodes; ``flwr run`` submits a Flower App whose ServerApp is
-:mod:`hyprstream.fog.server_app`. Both are child processes started and stopped by PID.
+The SuperLink (runtime dependency installation off, SuperNode authentication when configured) listens on
+``127.0.0.1`` only, with TLS made for loopback; the fog's agents reach its Fleet API, and nothing else of
+it, through :class:`~hyprstream.fog.gateway.FleetGateway` on ``superlink.host:port`` (TLS when
+configured). ``flwr run`` submits a Flower App whose ServerApp is :mod:`hyprstream.fog.server_app`. The
+SuperLink and the run are child processes started and stopped by PID; the gateway is a thread.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -22,6 +25,8 @@ from pathlib import Path
 from hyprstream import __version__
 from hyprstream.errors import HyprstreamError, TransportError
 from hyprstream.fog.config import FogConfig
+from hyprstream.fog.gateway import (LOOPBACK, FleetGateway, LoopbackTLS, free_loopback_port, listen_error,
+                                  loopback_tls)
 from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY, STATUS_FILE
 
 log = logging.getLogger("hyprstream.fog")
@@ -65,17 +70,37 @@ def executable(name: str) -> str:
     return path
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def wait_for_superlink(port: int, tls: LoopbackTLS, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until the SuperLink ``proc`` answers ``/health`` on ``127.0.0.1:port`` over TLS with the certificate
+    made for it at this start (so it is this fog's SuperLink, not another process on the port)."""
     deadline = time.monotonic() + timeout_s
+    context = tls.client_context()
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise TransportError(f"process {proc.pid} exited with code {proc.returncode} before listening")
+        if proc.poll() is not None:
+            raise TransportError(f"the SuperLink (pid {proc.pid}) exited with code {proc.returncode} before "
+                                 "listening")
+        conn = http.client.HTTPSConnection(LOOPBACK, port, context=context, timeout=2.0)
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
                 return
-        except OSError:
-            time.sleep(0.1)
-    raise TransportError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    raise TransportError(f"the SuperLink (pid {proc.pid}) did not answer on {LOOPBACK}:{port} after "
+                         f"{timeout_s:.0f} s")
+
+
+def check_port_free(host: str, port: int, *, source: str, key: str) -> None:
+    """Refuse a port another process listens on (before anything of the fog starts)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the fog's own HTTP servers bind
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise listen_error(host, port, exc, source=source, key=key) from None
 
 
 def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
@@ -91,12 +116,16 @@ def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None
 
 
 class FogService:
+    """The fog's SuperLink on loopback, its public Fleet API port (:class:`FleetGateway`) and its ServerApp."""
+
     def __init__(self, cfg: FogConfig, config_path: Path) -> None:
         self.cfg = cfg
         self.config_path = Path(config_path).resolve()
         self.state = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="hyprstream-fog-"))
         self.superlink: subprocess.Popen | None = None
         self.run: subprocess.Popen | None = None
+        self.gateway: FleetGateway | None = None
+        self.local_port: int | None = None  # the SuperLink's own port on 127.0.0.1 (Control, Runtime, Fleet)
 
     @property
     def address(self) -> str:
@@ -107,33 +136,43 @@ class FogService:
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.state / "flwr-home"), "PATH": path}
 
+    def _check_ports(self) -> None:
+        source = str(self.config_path)
+        for key, part in (("metrics.port", self.cfg.metrics), ("offload.port", self.cfg.offload)):
+            if part.port:
+                check_port_free(part.host, part.port, source=source, key=key)
+
     def start(self, *, ready_timeout_s: float = 60.0) -> None:
         sl = self.cfg.superlink
+        self._check_ports()
         home = self.state / "flwr-home"
         app = self.state / "app"
         home.mkdir(parents=True, exist_ok=True)
         app.mkdir(parents=True, exist_ok=True)
+        tls = loopback_tls(self.state / "loopback-tls")
+        self.local_port = free_loopback_port()
+        # takes the public port now: a port another process holds ends the start here
+        self.gateway = FleetGateway(sl.host, sl.port, upstream_port=self.local_port, upstream=tls,
+                                    certfile=sl.ssl_certfile or None, keyfile=sl.ssl_keyfile or None,
+                                    source=str(self.config_path))
         (app / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__, key=FOG_CONFIG_KEY,
                                                                     state_key=STATE_DIR_KEY))
-        connection = [f'[superlink]\ndefault = "fog"\n\n[superlink.fog]\naddress = "{self.address}"']
-        connection.append(f'root-certificates = "{Path(sl.ssl_ca_certfile).resolve()}"' if sl.tls else "insecure = true")
-        (home / "config.toml").write_text("\n".join(connection) + "\n")
-
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "fog"\n\n[superlink.fog]\n'
+                                          f'address = "{LOOPBACK}:{self.local_port}"\n'
+                                          f'root-certificates = "{tls.ca.resolve()}"\n')
         cmd = [executable("flower-superlink"), "--disable-runtime-dependency-installation",
-               "--host", sl.host, "--port", str(sl.port)]
-        if sl.tls:
-            cmd += ["--ssl-certfile", sl.ssl_certfile, "--ssl-keyfile", sl.ssl_keyfile,
-                    "--ssl-ca-certfile", sl.ssl_ca_certfile]
-        else:
-            cmd.append("--insecure")
+               "--host", LOOPBACK, "--port", str(self.local_port),
+               "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key), "--ssl-ca-certfile", str(tls.ca)]
         if sl.supernode_auth:
             cmd.append("--enable-supernode-auth")
         if sl.database:
             cmd += ["--database", sl.database]
         self.superlink = subprocess.Popen(cmd, env=self._env(), stdout=open(self.state / "superlink.log", "ab"),
                                           stderr=subprocess.STDOUT, start_new_session=True)
-        log.info("fog %s: SuperLink (pid %d) on %s", self.cfg.name, self.superlink.pid, self.address)
-        wait_for_port(sl.host, sl.port, ready_timeout_s, self.superlink)
+        wait_for_superlink(self.local_port, tls, self.superlink, ready_timeout_s)
+        self.gateway.start()
+        log.info("fog %s: SuperLink (pid %d) on %s:%d; its Fleet API on %s", self.cfg.name, self.superlink.pid,
+                 LOOPBACK, self.local_port, self.address)
         run_config = f'{FOG_CONFIG_KEY}="{self.config_path}" {STATE_DIR_KEY}="{self.state.resolve()}"'
         (self.state / STATUS_FILE).unlink(missing_ok=True)
         self.run = subprocess.Popen([executable("flwr"), "run", str(app), "fog", "--run-config", run_config,
@@ -158,4 +197,6 @@ class FogService:
 
     def stop(self) -> None:
         stop_process(self.run)
+        if self.gateway is not None:
+            self.gateway.stop()
         stop_process(self.superlink)
