@@ -237,7 +237,7 @@ def test_daemon_loop_follows_the_trace_and_serves_a_new_model(tmp_path):
         train, test = task.load_reference_data(0)
         model = task.build_model(seed=0)
         train_layers(task, model, task.layer_groups(model), train, steps=300, batch_size=32, lr=1e-2, seed=0)
-        save_model(cfg.state_dir, "digits", 5, model_weights(model))
+        save_model(cfg.state_dir, "digits", 5, model_weights(model), key=cfg.store_key)
         assert wait_until(lambda: _health(port, cfg.state_dir)["model_version"] == 5, 240)
         records = [{"features": [float(v) for v in row]} for row in test.x[:40]]
         code, body = post(port, cfg.state_dir, records)
