@@ -306,9 +306,14 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         if scheme.lower() != "bearer" or not token:
             return Refusal("anonymous", "malformed authorization header: expected 'Bearer <token>'", "")
         try:
-            return self.authenticator.authenticate(token)
-        except AuthError as exc:
-            return Refusal(claimed_identity(token), str(exc), "")
+            try:
+                return self.authenticator.authenticate(token)
+            except AuthError as exc:
+                return Refusal(claimed_identity(token), str(exc), "")
+        except Exception:  # noqa: BLE001 - the last resort: the caller learns an id, core's log the traceback
+            incident = secrets.token_hex(6)
+            log.error("internal error %s while checking a token", incident, exc_info=True)
+            return Refusal("anonymous", f"internal error {incident} while checking the token", "")
 
     def start_call(self, info, headers):
         method = str(info.method).rsplit(".", 1)[-1].lower()

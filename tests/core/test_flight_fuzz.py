@@ -7,6 +7,7 @@ was a valid push and succeeded); and every refused call must leave exactly one r
 log (failed logins counted through their ``count``).
 """
 
+import base64
 import json
 import re
 import time
@@ -223,3 +224,31 @@ def test_the_other_flight_methods(core, who, method, raw):
         else:
             client.list_actions(opts)
     core.check(who, call)
+
+
+def b64(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+headers = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=80).map(  # what gRPC sends as a header
+        lambda text: b"Bearer " + text.encode()),
+    st.tuples(bodies.map(encode) | st.binary(max_size=64) | st.integers(1, 4_000).map(lambda n: b"[" * n)
+              | st.integers(20, 4_000).map(lambda n: b'{"sub":' + b"7" * n + b"}"), st.binary(max_size=70)).map(
+        lambda parts: f"Bearer hst1.{b64(parts[0])}.{b64(parts[1])}".encode()),
+    st.sampled_from([b"Bearer", b"Bearer ", b"Basic abc", b"bearer hst1..", b"Bearer hst1.e30.AA"]),
+)
+
+
+@FUZZ
+@given(header=headers, method=st.sampled_from(["list_actions", "do_get", "get_schema"]))
+def test_random_credentials(core, header, method):
+    def call(client, _opts):
+        opts = flight.FlightCallOptions(headers=[(b"authorization", header)], timeout=30)
+        if method == "list_actions":
+            client.list_actions(opts)
+        elif method == "do_get":
+            client.do_get(flight.Ticket(b"{}"), opts).read_all()
+        else:
+            client.get_schema(flight.FlightDescriptor.for_command(b"{}"), opts)
+    core.check("none", call)
