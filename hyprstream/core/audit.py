@@ -170,7 +170,7 @@ def parse_entry(raw: bytes) -> AuditEntry:
     """One line (without its newline) as an entry; ValueError says why it is not one."""
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(obj, dict) or set(obj) != _FIELDS or obj.get("schema") != SCHEMA:
         raise ValueError(f"not a {SCHEMA} entry")
@@ -186,7 +186,7 @@ def parse_entry(raw: bytes) -> AuditEntry:
 def parse_checkpoint(raw: bytes) -> Checkpoint:
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"head checkpoint is not JSON ({exc})") from None
     want = {"schema", "seq", "hash", "time", "key", "sig"}
     if not isinstance(obj, dict) or set(obj) != want or obj["schema"] != HEAD_SCHEMA:
@@ -418,8 +418,11 @@ class AuditLog:
         self._clock = clock
         self._sync = sync
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the audit log: {exc.strerror or exc}", source=str(self.path)) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -454,6 +457,8 @@ class AuditLog:
             data = self.path.read_bytes()
         except FileNotFoundError:
             data = b""
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(self.path)) from None
         try:
             head: bytes | None = self.head_path.read_bytes()
         except FileNotFoundError:

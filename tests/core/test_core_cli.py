@@ -306,3 +306,32 @@ def test_core_run_on_an_unusable_tls_or_key_file_names_the_file_and_key(tmp_path
     proc = run_cli("core", "run", "--config", dep.config)
     assert_one_line_error(proc, f"{dep.config}: {name}: {path}", reason)
     assert not dep.audit_log.exists()  # refused before anything started
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["deep_head", "log_is_a_directory", "log_under_a_file"])
+def test_core_run_on_an_unusable_audit_log_path_is_a_one_line_error(tmp_path, case):
+    dep = make_deployment(tmp_path)
+    head = audit.head_path(dep.audit_log)
+    if case == "deep_head":
+        dep.audit_log.parent.mkdir()
+        dep.audit_log.write_bytes(b"")
+        head.write_bytes(b"[" * 100_000)
+        named, reason = head, "head checkpoint is not JSON"
+    elif case == "log_is_a_directory":
+        dep.audit_log.mkdir(parents=True)
+        named, reason = dep.audit_log, "cannot read"
+    else:
+        dep.audit_log.parent.write_text("a file where the log's directory should be")
+        named, reason = dep.audit_log, "cannot open the audit log"
+    assert_one_line_error(run_cli("core", "run", "--config", dep.config), named, reason)
+
+
+@pytest.mark.unit
+def test_audit_verify_on_a_deeply_nested_line_names_its_seq(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    pub = make_log(path)
+    with path.open("ab") as fh:
+        fh.write(b"[" * 100_000 + b"\n")
+    assert main(["audit", "verify", str(path), "--key", str(pub)]) == 1
+    assert "NOT INTACT: seq 7: unreadable entry: not JSON" in capsys.readouterr().out
