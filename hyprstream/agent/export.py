@@ -15,7 +15,8 @@ daemon's memory stays small.
 Device data stays off the disk: calibration inputs are asked for only when the static quantizer needs
 them (the child writes ``calibration`` on its stdout; the daemon answers with a ``.npy`` array on its
 stdin), and the exporter and quantizer work in a private scratch directory in memory (``/dev/shm``
-where there is one), removed when the export ends. The finished files are written with
+where there is one with room for the model; else the system's temporary directory), removed when the
+export ends. The finished files are written with
 :func:`~hyprstream.agent.handoff.write_private`: sealed with the store key when the store is encrypted.
 """
 
@@ -26,6 +27,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,10 +83,23 @@ class ModelFiles:
             raise ValidationError(f"bad model manifest: {exc}") from None
 
 
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    """A private temporary directory, in memory (``/dev/shm``) where the system has one."""
-    root = SCRATCH_ROOT if SCRATCH_ROOT.is_dir() and os.access(SCRATCH_ROOT, os.W_OK | os.X_OK) else None
+def scratch_dir(need_bytes: int) -> tempfile.TemporaryDirectory:
+    """A private temporary directory (mode 0700) in memory (``/dev/shm``) where the system has one with
+    ``need_bytes`` free, else in the system's temporary directory."""
+    root = None
+    if SCRATCH_ROOT.is_dir() and os.access(SCRATCH_ROOT, os.W_OK | os.X_OK):
+        if shutil.disk_usage(SCRATCH_ROOT).free >= need_bytes:
+            root = SCRATCH_ROOT
+        else:
+            log.warning("%s has less than %d MB free: the export works in %s", SCRATCH_ROOT, need_bytes >> 20,
+                        tempfile.gettempdir())
     return tempfile.TemporaryDirectory(prefix="hyprstream-export-", dir=root)
+
+
+def scratch_bytes(weights: Mapping[str, np.ndarray]) -> int:
+    """Room the export of ``weights`` needs: the fp32 model, its pre-processed copy, the quantizer's
+    augmented model and the int8 model, with margin."""
+    return 4 * sum(np.asarray(w).nbytes for w in weights.values()) + (64 << 20)
 
 
 def export_onnx(task, model, path: Path) -> Path:
@@ -171,7 +186,7 @@ def export_version(task_name: str, version: int, weights: Mapping[str, np.ndarra
         return data if data is not None and len(data) >= 8 else task.example_input(128, seed=version)
 
     fp32, int8_path, method = out_dir / "model.fp32.onnx", None, "none"
-    with scratch_dir() as scratch:
+    with scratch_dir(scratch_bytes(weights)) as scratch:
         work = Path(scratch)
         export_onnx(task, model, work / fp32.name)
         if int8:
@@ -306,9 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         key = load_key()
-        with scratch_dir() as scratch:
+        weights = load_model(args.weights, key)
+        with scratch_dir(scratch_bytes(weights)) as scratch:
             tempfile.tempdir = scratch  # onnxruntime's quantizer keeps its own temporary models there
-            export_version(args.task, args.version, load_model(args.weights, key), args.out,
+            export_version(args.task, args.version, weights, args.out,
                            calibration=_request_calibration if args.calibration_pipe else None,
                            int8=not args.no_int8, weights_file=args.weights, key=key)
     except HyprstreamError as exc:
