@@ -49,4 +49,6 @@ def test_api_examples_run(tmp_path, monkeypatch, capsys):
     assert "reader 3600 3" in out
     assert "role 'reader' of 'dashboard' may not push" in out
     assert "missing credentials: send 'authorization: Bearer <token>'" in out
+    assert "True True False" in out
+    assert "token revoked (jti " in out
     assert verify_file(tmp_path / "audit.jsonl", audit_key.public_key()).ok

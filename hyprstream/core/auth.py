@@ -38,7 +38,7 @@ from hyprstream.errors import AuthError
 from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
 
 if TYPE_CHECKING:
-    from hyprstream.core.audit import AuditLog
+    from hyprstream.core.audit import AuditEntry, AuditLog
     from hyprstream.core.signing import Ed25519PublicKey
 
 log = logging.getLogger("hyprstream.core")
@@ -57,6 +57,7 @@ class Permission(enum.Enum):
     REGISTER = "register"
     AUDIT_READ = "audit_read"
     ISSUE_TOKEN = "issue_token"
+    REVOKE_TOKEN = "revoke_token"
 
 
 GRANTS: Mapping[Role, frozenset[Permission]] = {
@@ -108,18 +109,26 @@ class Authenticator:
     """Turns a bearer token into a :class:`Principal`, or raises AuthError saying why not."""
 
     def __init__(self, registry: TokenRegistry | None = None, token_keys: Iterable[Ed25519PublicKey] = (), *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, revoked: set[str] | None = None) -> None:
         self.registry = registry or TokenRegistry()
         self.token_keys = list(token_keys)
+        self.revoked: set[str] = set() if revoked is None else revoked  # jti of signed tokens refused from now on
         self._clock = clock
 
     def with_token_key(self, key: Ed25519PublicKey) -> Authenticator:
-        """A copy that also accepts tokens signed by ``key``."""
+        """A copy that also accepts tokens signed by ``key`` (sharing the set of revoked tokens)."""
         from hyprstream.core.signing import fingerprint
 
         known = {fingerprint(k) for k in self.token_keys}
         keys = self.token_keys if fingerprint(key) in known else [*self.token_keys, key]
-        return Authenticator(self.registry, keys, clock=self._clock)
+        return Authenticator(self.registry, keys, clock=self._clock, revoked=self.revoked)
+
+    def revoke(self, jti: str) -> bool:
+        """Refuse the signed token ``jti`` from now on; False when it already was."""
+        if jti in self.revoked:
+            return False
+        self.revoked.add(jti)
+        return True
 
     def authenticate(self, token: str) -> Principal:
         from hyprstream.core import tokens
@@ -127,7 +136,10 @@ class Authenticator:
         if tokens.looks_signed(token):
             if not self.token_keys:
                 raise AuthError("signed tokens are not enabled on this core")
-            return tokens.verify(token, self.token_keys, now=self._clock()).principal
+            claims = tokens.verify(token, self.token_keys, now=self._clock())
+            if claims.jti in self.revoked:
+                raise AuthError(f"token revoked (jti {claims.jti})")
+            return claims.principal
         principal = self.registry.authenticate(token)
         if principal is None:
             raise AuthError("invalid token")
@@ -141,6 +153,11 @@ class Refusal:
     actor: str
     reason: str
     method: str
+
+
+def revoked_tokens(entries: Iterable[AuditEntry]) -> set[str]:
+    """The jti of every token revoked in an audit log (its ``token.revoke`` entries)."""
+    return {str(e.details["jti"]) for e in entries if e.action == "token.revoke" and e.outcome == "ok"}
 
 
 class _AuthMiddleware(flight.ServerMiddleware):

@@ -1,4 +1,4 @@
-"""Command line of core: ``core run``, ``audit verify|report``, ``certs init``, ``token create``.
+"""Command line of core: ``core run``, ``audit verify|report``, ``certs init``, ``token create|revoke``.
 
 :func:`add_parser` registers them on the ``hyprstream`` parser. Handlers take the parsed
 ``argparse.Namespace`` and return an exit code; errors are raised as HyprstreamError subclasses
@@ -89,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--days", type=int, default=365, help="certificate lifetime in days (default: %(default)s)")
     i.set_defaults(func=cmd_certs_init)
 
-    p = subparsers.add_parser("token", help="create signed bearer tokens",
+    p = subparsers.add_parser("token", help="create and revoke signed bearer tokens",
                               description="Signed, expiring bearer tokens for core (Ed25519 over {sub, role, iat, "
                                           "exp, jti}).")
     sub = p.add_subparsers(dest="token_command", required=True, metavar="SUBCOMMAND")
@@ -105,6 +105,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--audit-log", type=Path, default=None, help="record the issue in this audit log")
     t.add_argument("--audit-key", type=Path, default=None, help="the audit log's signing key")
     t.set_defaults(func=cmd_token_create)
+    rv = sub.add_parser("revoke", help="revoke a token (core stopped)",
+                        description="Record in core's audit log (core stopped: it holds the log while it runs) "
+                                    "that the signed token with --jti is refused from now on; core reads its "
+                                    "revocations from the log when it starts. While core runs, use its "
+                                    "revoke_token action instead (docs/api.md).")
+    rv.add_argument("--jti", required=True, help="the token's jti (printed by 'token create', answered by "
+                                                  "issue_token, recorded in the token.issue audit entry)")
+    rv.add_argument("--reason", default="", help="why, for the audit log")
+    rv.add_argument("--audit-log", required=True, type=Path, help="core's audit log (audit.jsonl)")
+    rv.add_argument("--audit-key", required=True, type=Path, help="the audit log's signing key")
+    rv.set_defaults(func=cmd_token_revoke)
 
 
 # --- handlers --------------------------------------------------------------------------------------
@@ -185,4 +196,26 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     print(f"token for {claims.sub!r} (role {claims.role.value}), expires {format_time(claims.exp)}, "
           f"jti {claims.jti}", file=sys.stderr)
     print(token)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from hyprstream.core import commands, signing
+    from hyprstream.core.audit import AuditError, AuditLog, iter_entries
+    from hyprstream.core.auth import revoked_tokens
+
+    body = json.dumps({"jti": args.jti, "reason": args.reason}).encode()
+    request = commands.decode(body, expect=(commands.RevokeToken,), action="revoke_token")  # the action's rules
+    key = signing.load_private_key(args.audit_key)
+    try:
+        alog = AuditLog(args.audit_log, key, actor="cli")
+    except AuditError as exc:
+        raise AuditError(f"{exc}; while core runs, revoke with its revoke_token action") from None
+    with alog:
+        if request.jti in revoked_tokens(iter_entries(args.audit_log)):
+            print(f"token {request.jti} was already revoked", file=sys.stderr)
+            return 0
+        alog.append("cli", "token.revoke", f"token/{request.jti}",
+                    details={"jti": request.jti, "reason": request.reason, "via": "hyprstream token revoke"})
+    print(f"revoked token {request.jti}: core refuses it from its next start", file=sys.stderr)
     return 0

@@ -115,11 +115,22 @@ class IssueToken:
     command: str = field(default="issue_token", init=False)
 
 
+@dataclass(frozen=True)
+class RevokeToken:
+    """do_action ``revoke_token``: refuse the signed token ``jti`` from now on, for ``reason``."""
+
+    jti: str
+    reason: str = ""
+    command: str = field(default="revoke_token", init=False)
+
+
 Command = (GetWeights | RegisterModel | PushDelta | Head | ListVersions | ListModels | ReadAudit | AuditHead
-           | IssueToken)
+           | IssueToken | RevokeToken)
 _BY_NAME: dict[str, type] = {c.__dataclass_fields__["command"].default: c
                              for c in (GetWeights, RegisterModel, PushDelta, Head, ListVersions, ListModels,
-                                       ReadAudit, AuditHead, IssueToken)}
+                                       ReadAudit, AuditHead, IssueToken, RevokeToken)}
+_JTI = re.compile(r"[0-9a-f]{1,64}\Z")
+MAX_REASON_CHARS = 200
 MAX_TOKEN_TTL_S = 366 * 24 * 3600
 
 
@@ -267,4 +278,12 @@ def _build(cls: type, body: Mapping[str, Any]) -> Command:
         if not 0 < ttl <= MAX_TOKEN_TTL_S:
             raise ValidationError(f"field 'ttl_s' must be in 1..{MAX_TOKEN_TTL_S}")
         return IssueToken(_require(body, "sub", str), _require(body, "role", str), ttl)
+    if cls is RevokeToken:
+        jti = _require(body, "jti", str)
+        if not _JTI.match(jti):
+            raise ValidationError(f"field 'jti' must be a token's jti (1-64 lowercase hex digits), got {quote(jti)}")
+        reason = _require(body, "reason", str, optional=True) or ""
+        if len(reason) > MAX_REASON_CHARS:
+            raise ValidationError(f"field 'reason' must be at most {MAX_REASON_CHARS} characters")
+        return RevokeToken(jti, reason)
     return cls()

@@ -20,9 +20,9 @@ import pyarrow.flight as flight
 
 from hyprstream.config import parse
 from hyprstream.core import commands as cmd
-from hyprstream.core.audit import AuditError, Outcome
+from hyprstream.core.audit import AuditError, Outcome, iter_entries
 from hyprstream.core.auth import (Authenticator, BearerAuthFactory, Permission, Principal, Role, TokenRegistry,
-                                  principal_of)
+                                  principal_of, revoked_tokens)
 from hyprstream.core.consistency import ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings, PushRecord
@@ -39,14 +39,16 @@ ACTIONS = {
     "list_models": "Names of the registered models.",
     "audit_head": "The signed head checkpoint of the audit log (role auditor or admin).",
     "issue_token": "Issue a signed, expiring token (role admin; needs the core's token key).",
+    "revoke_token": "Refuse a signed token (by its jti) from now on, also after a restart (role admin).",
 }
 # what each action needs, checked before its body is decoded: (permission, audit action, audit subject)
 ACTION_PERMISSIONS = {"head": (Permission.READ, "model.head", "core"),
                       "list_versions": (Permission.READ, "model.list_versions", "core"),
                       "list_models": (Permission.READ, "model.list_models", "core"),
                       "audit_head": (Permission.AUDIT_READ, "audit.read", "audit"),
-                      "issue_token": (Permission.ISSUE_TOKEN, "token.issue", "core")}
-ACTION_COMMANDS = (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken)
+                      "issue_token": (Permission.ISSUE_TOKEN, "token.issue", "core"),
+                      "revoke_token": (Permission.REVOKE_TOKEN, "token.revoke", "core")}
+ACTION_COMMANDS = (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken, cmd.RevokeToken)
 AUDIT_LINES_SCHEMA = pa.schema([pa.field("seq", pa.int64(), nullable=False),
                                 pa.field("line", pa.string(), nullable=False)])
 
@@ -89,6 +91,8 @@ class CoreFlightServer(flight.FlightServerBase):
         self.authenticator = tokens if isinstance(tokens, Authenticator) else Authenticator(tokens, clock=clock)
         if token_key is not None:
             self.authenticator = self.authenticator.with_token_key(token_key.public_key())
+        if self.audit is not None:  # revocations are kept where they are recorded: the audit log
+            self.authenticator.revoked.update(revoked_tokens(iter_entries(self.audit.path)))
         self._token_key = token_key
         self._clock = clock
         self.tls = bool(kwargs.get("tls_certificates"))
@@ -278,6 +282,8 @@ class CoreFlightServer(flight.FlightServerBase):
             out = self.audit.checkpoint().to_json()
         elif isinstance(request, cmd.IssueToken):
             out = self._issue_token(context, request)
+        elif isinstance(request, cmd.RevokeToken):
+            out = self._revoke_token(context, request)
         elif isinstance(request, cmd.Head):
             out = self._call(context, "model.head", f"model/{request.model}", self.repository.head, request.model)
         elif isinstance(request, cmd.ListVersions):
@@ -319,6 +325,16 @@ class CoreFlightServer(flight.FlightServerBase):
         self._audit(principal, "token.issue", subject, role=role.value, exp=claims.exp, jti=claims.jti,
                     key=fingerprint(self._token_key))
         return {"token": token, **claims.to_json()}
+
+
+    def _revoke_token(self, context, request: cmd.RevokeToken) -> dict:
+        """In force at once, and recorded in the audit log, which core reads its revocations from at start."""
+        principal = principal_of(context)
+        if not self.authenticator.revoke(request.jti):
+            return {"jti": request.jti, "revoked": True, "already": True}
+        # in force at once; should the entry fail, until a restart (the caller is told it was not recorded)
+        self._audit(principal, "token.revoke", f"token/{request.jti}", jti=request.jti, reason=request.reason)
+        return {"jti": request.jti, "revoked": True, "already": False}
 
 
 def _version_json(v) -> dict:

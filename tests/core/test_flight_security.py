@@ -424,3 +424,74 @@ def test_refused_logins_are_throttled_per_peer_and_audited_as_counted_entries(tm
     finally:
         if not stopped:
             c.close()
+
+
+# --- token revocation --------------------------------------------------------------------------------
+
+def test_a_revoked_token_is_refused_also_after_a_restart_and_only_admins_revoke(tmp_path):
+    c = Core(tmp_path)
+    fog_token, claims = tokens.issue(TOKEN_KEY, "fog-a", Role.FOG, ttl_s=3600, now=time.time())
+    admin, reader = token("admin", Role.ADMIN), token("dash", Role.READER)
+    try:
+        assert plain_action(c.location, fog_token, "list_models") == []
+        with pytest.raises(flight.FlightUnauthorizedError, match="role 'reader' of 'dash' may not revoke_token"):
+            plain_action(c.location, reader, "revoke_token", {"jti": claims.jti, "reason": "lost"})
+        refused = c.entries()[-1]
+        assert (refused.actor, refused.action, refused.outcome) == ("dash", "access.refused", "refused")
+        assert plain_action(c.location, fog_token, "list_models") == []  # a refused revocation revokes nothing
+
+        answer = plain_action(c.location, admin, "revoke_token", {"jti": claims.jti, "reason": "laptop lost"})
+        assert answer == {"jti": claims.jti, "revoked": True, "already": False}
+        revoked = c.entries()[-1]
+        assert (revoked.actor, revoked.action, revoked.subject, revoked.outcome) == (
+            "admin", "token.revoke", f"token/{claims.jti}", "ok")
+        assert revoked.details == {"jti": claims.jti, "reason": "laptop lost"}
+        with pytest.raises(flight.FlightUnauthenticatedError, match=f"token revoked \\(jti {claims.jti}\\)"):
+            plain_action(c.location, fog_token, "list_models")
+        assert plain_action(c.location, admin, "revoke_token", {"jti": claims.jti})["already"] is True
+        with pytest.raises(flight.FlightServerError, match="invalid argument: field 'jti' must be a token's jti"):
+            plain_action(c.location, admin, "revoke_token", {"jti": "../x"})
+    finally:
+        c.close()
+    logins = [e for e in c.entries() if e.action == "auth.refused"]
+    assert [(e.actor, e.details["reason"], e.details["count"]) for e in logins] == [
+        ("unverified:fog-a", f"token revoked (jti {claims.jti})", 1)]
+
+    again = Core(tmp_path)  # a restart: the revocation is read back from the audit log
+    try:
+        with pytest.raises(flight.FlightUnauthenticatedError, match="token revoked"):
+            plain_action(again.location, fog_token, "list_models")
+        assert plain_action(again.location, token("fog-a", Role.FOG), "list_models") == []  # a new token works
+    finally:
+        again.close()
+    assert audit.verify_file(again.log_path, AUDIT_KEY.public_key()).ok
+
+
+def test_token_revoke_cli_records_the_revocation_for_a_stopped_core(tmp_path, capsys):
+    from hyprstream.cli import main
+
+    fog_token, claims = tokens.issue(TOKEN_KEY, "fog-a", Role.FOG, ttl_s=3600, now=time.time())
+    Core(tmp_path).close()  # a core that ran once and is stopped
+    key_file = tmp_path / "audit-signing.key"
+    signing.write_private_key(key_file, AUDIT_KEY)
+    assert main(["token", "revoke", "--jti", claims.jti, "--reason", "laptop lost", "--audit-log",
+                 str(tmp_path / "audit.jsonl"), "--audit-key", str(key_file)]) == 0
+    assert f"revoked token {claims.jti}" in capsys.readouterr().err
+    c = Core(tmp_path)
+    try:
+        e = [e for e in c.entries() if e.action == "token.revoke"][-1]
+        assert (e.actor, e.subject, e.details["jti"], e.details["reason"]) == (
+            "cli", f"token/{claims.jti}", claims.jti, "laptop lost")
+        assert e.details["via"] == "hyprstream token revoke"
+        with pytest.raises(flight.FlightUnauthenticatedError, match="token revoked"):
+            plain_action(c.location, fog_token, "list_models")
+    finally:
+        c.close()
+    # while core runs, it holds the audit log: the CLI says to use the revoke_token action
+    c = Core(tmp_path)
+    try:
+        assert main(["token", "revoke", "--jti", "ab" * 8, "--audit-log", str(tmp_path / "audit.jsonl"),
+                     "--audit-key", str(key_file)]) == 1
+        assert "revoke_token action" in capsys.readouterr().err
+    finally:
+        c.close()
