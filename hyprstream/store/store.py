@@ -209,6 +209,16 @@ class Store:
                     os.close(self._lock_fd)
                     self._lock_fd = None
 
+    def _abandon(self) -> None:
+        """Close without a checkpoint (the state on disk is left for the next open to recover)."""
+        self._closed = True
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def __enter__(self) -> Store:
         return self
 
@@ -389,7 +399,12 @@ class Store:
         """
         with self._lock:
             count = self._prepare_rotation(new_key)
-            _finish_rotation(self.root, sync=self.config.sync)
+            try:
+                _finish_rotation(self.root, sync=self.config.sync)
+            except BaseException:
+                # committed but not installed: appends here would be lost when the next open installs it
+                self._abandon()
+                raise
             self._cipher = Cipher(new_key)
             self._manifest = manifests.load(self.root)
             self._cache.clear()
