@@ -6,9 +6,12 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from hyprstream.agent.publisher import BrokerConfig
 from hyprstream.agent.telemetry import check_topic_part
-from hyprstream.config import Checked, load, pem_certificate, pem_private_key, read_token, read_toml, setting
+from hyprstream.config import (Checked, load, pem_certificate, pem_private_key, read_file, read_token, read_toml,
+                               setting)
 from hyprstream.errors import ConfigError, ValidationError
 from hyprstream.fog.aggregate import Aggregation
 from hyprstream.fog.selection import SelectionRules, SelectionWeights
@@ -26,11 +29,40 @@ class RoundMode(enum.Enum):
 
 
 @dataclass(frozen=True)
-class CoreLink:
+class CoreLink(Checked):
     location: str = setting(doc="core's Flight address, grpc://HOST:PORT or grpc+tls://HOST:PORT")
     token_file: str = setting(doc="file holding this fog's bearer token (role fog)", file=read_token)
     model: str = setting(doc="model name at core")
     tls_root_cert: str = setting("", doc="CA certificate to verify core (grpc+tls)", file=pem_certificate)
+    tls_client_cert: str = setting("", doc="client certificate for core's mutual TLS (core's tls.client_ca), with "
+                                           "tls_client_key", file=pem_certificate)
+    tls_client_key: str = setting("", doc="the client certificate's private key (unencrypted PEM)",
+                                  file=pem_private_key)
+
+    def check(self):
+        if bool(self.tls_client_cert) != bool(self.tls_client_key):
+            yield "tls_client_cert", "a client certificate needs tls_client_cert and tls_client_key together"
+        elif self.tls_client_cert and not self.location.startswith("grpc+tls://"):
+            yield "tls_client_cert", "a client certificate needs TLS: location = \"grpc+tls://HOST:PORT\""
+        elif self.tls_client_cert:
+            try:
+                cert, key = pem_certificate(self.tls_client_cert)[0], pem_private_key(self.tls_client_key)
+            except (ConfigError, IndexError):
+                return  # a file that cannot be loaded: named by check_files
+            spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+                yield "tls_client_key", f"{self.tls_client_key} is not the key of {self.tls_client_cert}"
+
+    def flight_options(self) -> dict[str, bytes]:
+        """TLS keyword arguments of the fog's Flight client to core (``CoreClient``): core's CA
+        (``tls_root_certs``) and, for mutual TLS, the client certificate and key (``cert_chain``,
+        ``private_key``)."""
+        options = {}
+        if self.tls_root_cert:
+            options["tls_root_certs"] = read_file(self.tls_root_cert)
+        if self.tls_client_cert:
+            options.update(cert_chain=read_file(self.tls_client_cert), private_key=read_file(self.tls_client_key))
+        return options
 
 
 @dataclass(frozen=True)

@@ -293,8 +293,7 @@ def offload_server(cfg) -> OffloadServer:
     from hyprstream.fog.config import read_token
 
     o = cfg.offload
-    kwargs = {"tls_root_certs": Path(cfg.core.tls_root_cert).read_bytes()} if cfg.core.tls_root_cert else {}
-    core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **kwargs)
+    core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **cfg.core.flight_options())
     try:
         server = OffloadServer(ModelSource(core, cfg.core.model, get_task(cfg.rounds.task), refresh_s=o.refresh_s),
                                read_tokens(o.token_file), host=o.host, port=o.port,

@@ -83,8 +83,7 @@ def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: 
     """Run rounds until ``max_rounds`` (or ``stop``); returns their outcomes. Pushes that core has not
     acknowledged wait in ``state_dir/outbox`` (kept across restarts); with client-level DP the model's
     privacy ledger is ``state_dir/privacy`` (in memory without a state directory)."""
-    kwargs = {"tls_root_certs": Path(cfg.core.tls_root_cert).read_bytes()} if cfg.core.tls_root_cert else {}
-    core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **kwargs)
+    core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **cfg.core.flight_options())
     metrics = metrics if metrics is not None else FogMetrics(cfg.name)
     server = None
     try:

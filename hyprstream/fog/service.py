@@ -16,15 +16,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hyprstream import __version__
-from hyprstream.errors import HyprstreamError, TransportError
-from hyprstream.fog.config import FogConfig
+from hyprstream.errors import ConfigError, HyprstreamError, TransportError
+from hyprstream.fog.config import CoreLink, FogConfig
 from hyprstream.fog.gateway import (LOOPBACK, FleetGateway, LoopbackTLS, free_loopback_port, listen_error,
                                   loopback_tls)
 from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY, STATUS_FILE
@@ -115,6 +117,50 @@ def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None
         proc.wait(timeout=timeout_s)
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def check_core_tls(link: CoreLink, *, source: str, timeout_s: float = 5.0) -> None:
+    """Refuse a TLS link to core that cannot work: core's certificate does not verify against
+    ``core.tls_root_cert``, or core closes the connection after the handshake because it asks for a client
+    certificate (its ``tls.client_ca``) that the fog does not send, or does not accept the one it sends.
+    Core unreachable or slow is no error here: the fog waits for core (its pushes wait in the outbox)."""
+    parts = urlsplit(link.location)
+    if parts.scheme != "grpc+tls" or not parts.hostname or parts.port is None:
+        return
+    context = ssl.create_default_context(cafile=link.tls_root_cert or None)
+    context.set_alpn_protocols(["h2"])  # gRPC
+    if link.tls_client_cert:
+        context.load_cert_chain(link.tls_client_cert, link.tls_client_key)
+    try:
+        raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+    except OSError:
+        return
+    reason = "closed the connection"
+    try:
+        with context.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+            tls.sendall(HTTP2_PREFACE)
+            if tls.recv(1):  # core's first HTTP/2 frame: it took the connection
+                return
+    except ssl.SSLCertVerificationError as exc:
+        raise ConfigError(f"core's certificate at {parts.netloc} does not verify: {exc.verify_message}",
+                          source=source, key="core.tls_root_cert") from None
+    except ssl.SSLError as exc:
+        reason = f"ended the TLS connection ({exc.reason or exc})"
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            return
+        reason = f"ended the TLS connection ({exc.strerror or exc})"
+    finally:
+        raw.close()
+    if link.tls_client_cert:
+        raise ConfigError(f"core at {parts.netloc} {reason}: it does not accept the client certificate "
+                          f"{link.tls_client_cert}", source=source, key="core.tls_client_cert")
+    raise ConfigError(f"core at {parts.netloc} {reason}: it asks for a client certificate (mutual TLS, core's "
+                      "tls.client_ca); set core.tls_client_cert and core.tls_client_key", source=source,
+                      key="core.tls_client_cert")
+
+
 class FogService:
     """The fog's SuperLink on loopback, its public Fleet API port (:class:`FleetGateway`) and its ServerApp."""
 
@@ -145,6 +191,7 @@ class FogService:
     def start(self, *, ready_timeout_s: float = 60.0) -> None:
         sl = self.cfg.superlink
         self._check_ports()
+        check_core_tls(self.cfg.core, source=str(self.config_path))
         home = self.state / "flwr-home"
         app = self.state / "app"
         home.mkdir(parents=True, exist_ok=True)
