@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from hyprstream import __version__
+from hyprstream.config import to_dict
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog
 from hyprstream.core.auth import Authenticator
@@ -95,7 +96,7 @@ class CoreService:
             "version": __version__, "location": self.location, "tls": config.tls.enabled,
             "mutual_tls": bool(config.tls.client_ca), "storage": storage.description,
             "models": self.repository.models(), "recovered": self.repository.recovered,
-            "rate_limit": {"requests_per_s": config.rate_limit.requests_per_s, "burst": config.rate_limit.burst},
+            "rate_limit": to_dict(config.rate_limit),
         })
 
     def stop(self, reason: str = "stopped") -> None:
