@@ -116,6 +116,7 @@ def core_toml(pki, tmp_path, **files):
 
 def fog_toml(pki, tmp_path, **files):
     paths = {"core.token_file": pki / "fog-a.token", "core.tls_root_cert": pki / "ca.pem",
+             "core.tls_client_cert": pki / "client-fog-a.pem", "core.tls_client_key": pki / "client-fog-a.key",
              "superlink.ssl_certfile": pki / "server.pem", "superlink.ssl_keyfile": pki / "server.key",
              "superlink.ssl_ca_certfile": pki / "ca.pem", **files}
     sections: dict[str, list[str]] = {"core": ['location = "grpc+tls://127.0.0.1:8815"', 'model = "m"']}
@@ -170,6 +171,8 @@ def test_config_validate_names_a_core_configs_unusable_file(pki, tmp_path, capsy
     ("core.token_file", "missing.token", "file not found"),
     ("core.token_file", "empty.token", "the token file is empty"),
     ("core.tls_root_cert", "garbage.pem", "not a PEM certificate"),
+    ("core.tls_client_cert", "missing.pem", "file not found"),
+    ("core.tls_client_key", "empty.token", "not a PEM private key"),
     ("superlink.ssl_certfile", "a-directory", "not a regular file"),
     ("superlink.ssl_keyfile", "garbage.pem", "not a PEM private key"),
     ("superlink.ssl_ca_certfile", "missing.pem", "file not found"),
