@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from hyprstream.fog.aggregator import FogRound
+from hyprstream.fog.gateway import listen_error
 
 _HELP = {
     "hyprstream_fog_rounds_total": ("counter", "Fog rounds finished."),
@@ -138,7 +139,10 @@ class MetricsServer:
 
         self.token = token
         self.stale_after_s = stale_after_s
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise listen_error(host, port, exc, source=None, key="metrics.port") from None
         self._thread = threading.Thread(target=self._server.serve_forever, name="hyprstream-fog-metrics",
                                         daemon=True)
 

@@ -33,7 +33,10 @@ from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY, STATUS_FILE
 
 log = logging.getLogger("hyprstream.fog")
 
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# no telemetry, no update check, and never the SuperLink's legacy gRPC Control and Fleet servers (they would
+# listen on all interfaces, beside the gateway)
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
+              "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
 
 APP_PYPROJECT = """\
 [build-system]

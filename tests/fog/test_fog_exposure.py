@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -103,8 +104,9 @@ timeout_s = 180
 max_rounds = 1
 """)
     log = tmp / "fog.log"
+    legacy = {"FLWR_INTERNAL_GRPC_CONTROL_API": "1", "FLWR_INTERNAL_GRPC_FLEET_API": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "hyprstream.cli", "fog", "run", "--config", str(config)],
-                            env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            env={**ENV, **legacy}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         wait_for_text(log, "SuperLink on", proc)
         yield {"tmp": tmp, "port": port, "state": state, "ca": pki / "ca.pem", "proc": proc, "log": log,
@@ -180,6 +182,26 @@ def test_the_control_and_runtime_apis_are_not_on_the_public_address(fog):
         assert s.connect_ex((PUBLIC, int(port))) != 0  # refused on the public address
 
 
+def listening(proc: psutil.Process) -> set[tuple[str, int]]:
+    """The TCP addresses ``proc`` and its descendants listen on."""
+    found = set()
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            found |= {c.laddr[:2] for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_the_fog_listens_on_loopback_except_its_public_fleet_port(fog):
+    """Every socket of ``fog run`` and its processes (SuperLink, flwr run, SuperExec, ServerApp): the gateway
+    on the public address, the rest on 127.0.0.1 (an environment asking Flower for its legacy gRPC servers
+    changes nothing)."""
+    found = listening(psutil.Process(fog["proc"].pid))
+    assert (PUBLIC, fog["port"]) in found
+    assert {host for host, _ in found - {(PUBLIC, fog["port"])}} == {"127.0.0.1"}, found
+
+
 def test_only_fleet_api_requests_pass_the_public_port(fog):
     context = ssl.create_default_context(cafile=str(fog["ca"]))
 
@@ -213,6 +235,10 @@ def test_a_registered_supernode_trains(fog):
                              "--node-config", f"store-dir='{stores[0]}'"],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 120
+        while not listening(psutil.Process(node.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert {host for host, _ in listening(psutil.Process(node.pid))} == {"127.0.0.1"}  # its ClientAppIo
         assert fog["proc"].wait(timeout=540) == 0, fog["log"].read_text()
     finally:
         stop_process(node)
