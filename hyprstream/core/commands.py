@@ -226,6 +226,8 @@ def _require(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], 
         raise ValidationError(f"field {key!r} has the wrong type")
     if not isinstance(value, types):
         raise ValidationError(f"field {key!r} has the wrong type")
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        raise ValidationError(f"field {key!r} is outside the 64-bit integer range")
     return value
 
 

@@ -495,3 +495,12 @@ def test_token_revoke_cli_records_the_revocation_for_a_stopped_core(tmp_path, ca
         assert "revoke_token action" in capsys.readouterr().err
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("field, value", [("seq", 2**63), ("participants", 2**64)])
+def test_integers_beyond_64_bits_are_refused(core, field, value):
+    body = {"model": "m", "fog": "fog-a", "seq": 1, "base_clocks": {"fc1": {}}, "participants": 1, field: value}
+    with pytest.raises(flight.FlightServerError, match=f"invalid argument: field '{field}' is outside the 64-bit"):
+        plain_push(core.location, token("fog-a", Role.FOG), {"fc1.bias": np.ones(2, np.float32)}, **body)
+    assert core.repo.head("m")["version"] == 0
+    assert core.entries()[-1].outcome == "refused"
