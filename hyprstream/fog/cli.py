@@ -28,7 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         service.start()
-        print(f"fog {cfg.name}: SuperLink on {service.address}; state in {service.state}", flush=True)
+        print(f"fog {cfg.name}: SuperLink on {service.address} (Fleet API only; Control and ServerAppIo APIs on "
+              f"127.0.0.1:{service.local_port}); state in {service.state}", flush=True)
         code = service.wait()
     finally:
         service.stop()
