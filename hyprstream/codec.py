@@ -17,6 +17,7 @@ is a scale that is negative or not finite when decoding.
 from __future__ import annotations
 
 import enum
+import math
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def decode_int8(q: np.ndarray, scale: float) -> np.ndarray:
 def encoded_nbytes(shape: tuple[int, ...], encoding: Encoding, itemsize: int = 4) -> int:
     """Payload bytes of one tensor of ``shape`` in ``encoding`` (int8: one byte per value plus its
     float32 scale; fp32: ``itemsize`` per value)."""
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(int(d) for d in shape)  # Python ints: no int64 wrap-around
     return n + 4 if encoding is Encoding.INT8 else n * itemsize
 
 
