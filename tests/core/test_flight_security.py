@@ -256,6 +256,13 @@ def test_admin_issues_tokens_and_the_issue_is_audited(core):
     with pytest.raises(flight.FlightServerError,
                        match=r"invalid argument: unknown role 'root' \(known: fog, reader, auditor, admin\)"):
         plain_action(core.location, admin, "issue_token", {"sub": "x", "role": "root", "ttl_s": 60})
+    refusals = sum(e.action == "token.issue" and e.outcome == "refused" for e in core.entries())
+    for body, why in [({"sub": "core", "role": "admin", "ttl_s": 60}, "reserved"),
+                      ({"sub": "Anonymous", "role": "reader", "ttl_s": 60}, "reserved"),
+                      ({"sub": "fog-c", "role": "fog", "ttl_s": 100 * 365 * 86400}, "at most 366 days")]:
+        with pytest.raises(flight.FlightServerError, match=f"invalid argument: .*{why}"):
+            plain_action(core.location, admin, "issue_token", body)
+    assert sum(e.action == "token.issue" and e.outcome == "refused" for e in core.entries()) == refusals + 3
 
 
 def test_fails_closed_when_the_audit_log_cannot_be_written(core, monkeypatch):
