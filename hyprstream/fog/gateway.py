@@ -47,7 +47,8 @@ MAX_DRAIN_BYTES = 64 << 20  # of a refused request's body, read and dropped befo
 CHUNK = 1 << 16
 # hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                            "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+                            "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
+_NOT_RETURNED = _NOT_FORWARDED | {"server", "date"}  # http.server writes its own
 
 
 @dataclass(frozen=True)
@@ -241,18 +242,19 @@ class FleetGateway:
                     return None
                 except (OSError, http.client.HTTPException) as exc:
                     log.warning("gateway: the SuperLink did not answer %s: %s", self.path, exc)
-                    return self._refuse(502, "the fog's SuperLink did not answer")
+                    return self._refuse(502, "the fog's SuperLink did not answer", drain=False)
                 self.send_response(status, reason)
                 for name, value in headers:
-                    if name.lower() not in _NOT_FORWARDED:
+                    if name.lower() not in _NOT_RETURNED:
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
                 return None
 
-            def _refuse(self, code: int, detail: str) -> None:
-                self._drain()  # a client still sending its body would miss the answer
+            def _refuse(self, code: int, detail: str, *, drain: bool = True) -> None:
+                if drain:  # a client still sending its body would miss the answer
+                    self._drain()
                 data = json.dumps({"detail": detail}).encode()
                 self.close_connection = True  # an unread body must not be taken for the next request
                 self.send_response(code)

@@ -75,7 +75,7 @@ def executable(name: str) -> str:
     return path
 
 
-def wait_for_superlink(port: int, tls: LoopbackTLS, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_for_superlink(port: int, tls: LoopbackTLS, proc: subprocess.Popen, timeout_s: float, logs: Path) -> None:
     """Wait until the SuperLink ``proc`` answers ``/health`` on ``127.0.0.1:port`` over TLS with the certificate
     made for it at this start (so it is this fog's SuperLink, not another process on the port)."""
     deadline = time.monotonic() + timeout_s
@@ -83,7 +83,7 @@ def wait_for_superlink(port: int, tls: LoopbackTLS, proc: subprocess.Popen, time
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise TransportError(f"the SuperLink (pid {proc.pid}) exited with code {proc.returncode} before "
-                                 "listening")
+                                 f"listening (logs: {logs})")
         conn = http.client.HTTPSConnection(LOOPBACK, port, context=context, timeout=2.0)
         try:
             conn.request("GET", "/health")
@@ -95,7 +95,7 @@ def wait_for_superlink(port: int, tls: LoopbackTLS, proc: subprocess.Popen, time
             conn.close()
         time.sleep(0.2)
     raise TransportError(f"the SuperLink (pid {proc.pid}) did not answer on {LOOPBACK}:{port} after "
-                         f"{timeout_s:.0f} s")
+                         f"{timeout_s:.0f} s (logs: {logs})")
 
 
 def check_port_free(host: str, port: int, *, source: str, key: str) -> None:
@@ -219,7 +219,7 @@ class FogService:
             cmd += ["--database", sl.database]
         self.superlink = subprocess.Popen(cmd, env=self._env(), stdout=open(self.state / "superlink.log", "ab"),
                                           stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for_superlink(self.local_port, tls, self.superlink, ready_timeout_s)
+        wait_for_superlink(self.local_port, tls, self.superlink, ready_timeout_s, self.state / "superlink.log")
         self.gateway.start()
         log.info("fog %s: SuperLink (pid %d) on %s:%d; its Fleet API on %s", self.cfg.name, self.superlink.pid,
                  LOOPBACK, self.local_port, self.address)
