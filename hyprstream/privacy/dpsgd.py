@@ -9,12 +9,14 @@
   accountant amplifies by), clips every example's gradient to ``max_grad_norm`` and adds Gaussian
   noise of std ``noise_multiplier * max_grad_norm`` (an empty sample still takes a noise-only step,
   as the analysis assumes);
-* clipping runs in one of two engines (:class:`ClipEngine`), the same mechanism either way: when every
-  trained module is an ``nn.Linear`` (the usual "last layers" case),
-  :class:`~hyprstream.privacy.per_sample.LinearClipper` computes each example's gradient norm from the
-  layers' inputs and output gradients and the clipped sum as one matrix product, then the step adds
-  Opacus' own noise (``_generate_noise``) and divides by the expected batch size exactly as
-  ``DPOptimizer`` does; otherwise Opacus' ``GradSampleModule`` + ``DPOptimizer`` run;
+* clipping runs in one of two engines (:class:`ClipEngine`) behind one hook, :func:`clipping` (the
+  clipped, un-noised sum of a batch), the same mechanism either way: when every trained module is an
+  ``nn.Linear`` (the usual "last layers" case), :class:`~hyprstream.privacy.per_sample.LinearClipper`
+  computes each example's gradient norm from the layers' inputs and output gradients and the clipped
+  sum as one matrix product; otherwise Opacus' ``GradSampleModule`` computes per-example gradients
+  and ``DPOptimizer.clip_and_accumulate`` clips and sums them. Either way the step then adds Opacus'
+  own noise (``_generate_noise``) and divides by the expected batch size exactly as ``DPOptimizer``
+  does;
 * hooks are removed afterwards and the delta is read from the bare model: parameter names are
   the model's own, never Opacus' ``_module.`` ones.
 
@@ -31,6 +33,7 @@ floating-point attacks); simulations seed it from the request's seed.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import threading
@@ -102,124 +105,112 @@ def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, 
     ``steps``, so stopping early only over-counts the spend. ``engine`` picks how per-example
     gradients are clipped; both engines draw the same Poisson samples and the same noise (Opacus'
     own noise function) from ``generator``.
+
+    Per step, as ``DPOptimizer.step`` does: the clipped sum ``s`` of the sample (:func:`clipping`;
+    zeros for an empty sample), then per parameter ``grad = (s + noise) / expected_batch_size`` with
+    Opacus' ``_generate_noise(noise_multiplier * max_grad_norm, ..., secure_mode)``, then the Adam step.
     """
     _require_opacus()
-    from hyprstream.privacy.per_sample import LinearClipper
-
-    trainable, before = prepare_layers(task, model, layers, data, device)
-    if engine is ClipEngine.AUTO:
-        engine = ClipEngine.LINEAR if LinearClipper.supports(model) else ClipEngine.OPACUS
-    run = _steps_linear if engine is ClipEngine.LINEAR else _steps_opacus
-    losses, done = run(task, model, trainable, data, steps=steps, batch_size=batch_size, lr=lr, settings=settings,
-                       generator=generator, device=device, max_seconds=max_seconds)
-    delta = {name: (p.detach() - before[name]).cpu().numpy() for name, p in trainable.items()}
-    import torch
-
-    mean_loss = float(torch.stack(losses).mean().cpu()) if losses else float("nan")
-    return TrainResult(delta, mean_loss, done, len(data))
-
-
-def _poisson(n: int, rate: float, generator, device: str):
-    import torch
-
-    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().to(device)
-
-
-def _steps_opacus(task, model, trainable, data, *, steps, batch_size, lr, settings, generator, device, max_seconds):
-    import torch
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    n = len(data)
-    rate = min(1.0, batch_size / n)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    losses, done = [], 0
-    try:
-        params = list(trainable.values())
-        opt = DPOptimizer(torch.optim.Adam(params, lr=lr), noise_multiplier=settings.noise_multiplier,
-                          max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1, round(rate * n)),
-                          loss_reduction="mean", generator=generator, secure_mode=settings.secure)
-        loss_fn = task.loss().to(device)
-        x = torch.as_tensor(data.x, device=device)
-        y = torch.as_tensor(data.y, device=device)
-        gsm.train()
-        with warnings.catch_warnings():
-            # torch warns that the full backward hook sees no input gradients: expected below the
-            # lowest trained layer (the frozen layers get no backward pass at all)
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            started = time.monotonic()
-            for _ in range(steps):
-                if done and max_seconds is not None and time.monotonic() - started >= max_seconds:
-                    break
-                done += 1
-                chosen = _poisson(n, rate, generator, device)
-                opt.zero_grad(set_to_none=True)
-                if len(chosen) == 0:
-                    # an empty Poisson sample: a noise-only step (Opacus clips zero per-sample gradients)
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                else:
-                    loss = loss_fn(gsm(x[chosen]), y[chosen])
-                    loss.backward()
-                    losses.append(loss.detach())
-                opt.step()
-        opt.zero_grad(set_to_none=True)
-    finally:
-        gsm._close()  # removes the hooks and Opacus' attributes: the bare model stays as it was built
-    return losses, done
-
-
-def _steps_linear(task, model, trainable, data, *, steps, batch_size, lr, settings, generator, device, max_seconds):
-    """The same steps as :func:`_steps_opacus`, clipping with :class:`LinearClipper`.
-
-    Per step, as ``DPOptimizer.step`` does: clipped sum ``s`` (zeros for an empty sample), then per
-    parameter in the optimizer's order ``grad = (s + noise) / expected_batch_size`` with Opacus'
-    ``_generate_noise(noise_multiplier * max_grad_norm, ..., secure_mode)``, then the Adam step.
-    """
     import torch
     from opacus.optimizers.optimizer import _generate_noise
 
-    from hyprstream.privacy.per_sample import LinearClipper
-
+    trainable, before = prepare_layers(task, model, layers, data, device)
+    params = list(trainable.values())
     n = len(data)
     rate = min(1.0, batch_size / n)
     expected = max(1, round(rate * n))
     std = settings.noise_multiplier * settings.max_grad_norm
-    params = list(trainable.values())
-    clipper = LinearClipper(model)
-    order = {id(p): i for i, p in enumerate(clipper.parameters())}
-    if set(order) != {id(p) for p in params}:
-        clipper.close()
-        raise ValidationError("the trained parameters differ from the trained linear layers'")
     opt = torch.optim.Adam(params, lr=lr)
-    loss_fn = task.loss().to(device)
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
     model.train()
     losses, done = [], 0
-    try:
+    with clipping(task, model, params, settings.max_grad_norm, engine) as clip:
         started = time.monotonic()
         for _ in range(steps):
             if done and max_seconds is not None and time.monotonic() - started >= max_seconds:
                 break
             done += 1
             chosen = _poisson(n, rate, generator, device)
-            if len(chosen) == 0:
+            if len(chosen) == 0:  # an empty Poisson sample: a noise-only step
                 sums = [torch.zeros_like(p) for p in params]
             else:
-                loss = loss_fn(model(x[chosen]), y[chosen])
-                clipped = clipper.clipped_sum(loss, len(chosen), settings.max_grad_norm)
-                sums = [clipped[order[id(p)]] for p in params]
-                losses.append(loss.detach())
+                sums, loss = clip(x[chosen], y[chosen])
+                losses.append(loss)
             for p, s in zip(params, sums, strict=True):
                 noise = _generate_noise(std=std, reference=s, generator=generator, secure_mode=settings.secure)
                 p.grad = (s + noise).view_as(p)
                 p.grad /= expected
             opt.step()
         opt.zero_grad(set_to_none=True)
+    delta = {name: (p.detach() - before[name]).cpu().numpy() for name, p in trainable.items()}
+    mean_loss = float(torch.stack(losses).mean().cpu()) if losses else float("nan")
+    return TrainResult(delta, mean_loss, done, n)
+
+
+@contextlib.contextmanager
+def clipping(task: Task, model, params: Sequence, max_grad_norm: float, engine: ClipEngine = ClipEngine.AUTO):
+    """The clipping both engines share: yields ``clip(x, y) -> (sums, loss)``.
+
+    ``sums`` are the clipped, un-noised per-example gradient sums ``sum_i min(1, C / (||g_i|| +
+    1e-6)) g_i`` of ``params`` (trainable parameters of ``model``, in that order) over the batch ``x,
+    y``; ``loss`` is the batch's loss (detached). Hooks are removed on exit; the bare model stays as
+    it was built.
+    """
+    from hyprstream.privacy.per_sample import LinearClipper
+
+    if engine is ClipEngine.AUTO:
+        engine = ClipEngine.LINEAR if LinearClipper.supports(model) else ClipEngine.OPACUS
+    loss_fn = task.loss().to(next(model.parameters()).device)
+    if engine is ClipEngine.LINEAR:
+        clipper = LinearClipper(model)
+        try:
+            order = {id(p): i for i, p in enumerate(clipper.parameters())}
+            if set(order) != {id(p) for p in params}:
+                raise ValidationError("the trained parameters differ from the trained linear layers'")
+
+            def clip(x, y):
+                loss = loss_fn(model(x), y)
+                sums = clipper.clipped_sum(loss, len(x), max_grad_norm)
+                return [sums[order[id(p)]] for p in params], loss.detach()
+
+            yield clip
+        finally:
+            clipper.close()
+        return
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        # only its clipping (clip_and_accumulate) is used: the noise and the step are the caller's
+        opt = DPOptimizer(torch.optim.SGD(list(params), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                          expected_batch_size=1, loss_reduction="mean")
+
+        def clip(x, y):
+            opt.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                # torch warns that the full backward hook sees no input gradients: expected below the
+                # lowest trained layer (the frozen layers get no backward pass at all)
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                loss = loss_fn(gsm(x), y)
+                loss.backward()
+            opt.clip_and_accumulate()
+            sums = [p.summed_grad for p in params]
+            opt.zero_grad(set_to_none=True)
+            return sums, loss.detach()
+
+        yield clip
+        opt.zero_grad(set_to_none=True)
     finally:
-        clipper.close()
-    return losses, done
+        gsm._close()  # removes the hooks and Opacus' attributes: the bare model stays as it was built
+
+
+def _poisson(n: int, rate: float, generator, device: str):
+    import torch
+
+    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().to(device)
 
 
 def _generator(settings: DpSgd, seed: int):
@@ -300,6 +291,7 @@ __all__ = [
     "DpSgd",
     "DpSgdTrainer",
     "PrivateTrainResult",
+    "clipping",
     "dp_train_layers",
     "ledger_dir_for",
 ]

@@ -38,13 +38,13 @@ def settings(**over) -> DpSgd:
 def test_only_the_trained_layers_get_per_sample_gradients_from_opacus(monkeypatch) -> None:
     model = TASK.build_model(seed=0)
     seen: list[set[str]] = []
-    original = DPOptimizer.pre_step
+    original = DPOptimizer.clip_and_accumulate
 
-    def spy(self, closure=None):
+    def spy(self):
         seen.append({n for n, p in model.named_parameters() if getattr(p, "grad_sample", None) is not None})
-        return original(self, closure)
+        return original(self)
 
-    monkeypatch.setattr(DPOptimizer, "pre_step", spy)
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = dp_train_layers(TASK, model, ["head"], DATA, steps=5, batch_size=32, lr=0.05, settings=settings(),
                              generator=torch.Generator().manual_seed(0), engine=ClipEngine.OPACUS)
