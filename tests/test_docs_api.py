@@ -41,7 +41,7 @@ def test_api_examples_run(tmp_path, monkeypatch, capsys):
     assert "0 {'fc1': {}} ['fc1.weight', 'fc1.bias'] [0. 0. 0. 0.]" in out
     assert "'version': 1, 'staleness': {'fc1': 0}, 'weight': 1.0, 'update_norm': 0.5" in out
     assert "delta contains NaN or Inf" in out
-    assert "'clocks': {'fc1': {'fog-a': 1}, 'head': {}}" in out
+    assert "'clocks': {'fc1': {'fog-a': 1}, 'head': {}}, 'max_update_norm': 100.0}" in out
     assert "[0, 1]" in out
     assert "hyprstream.audit-head/1 True" in out
     assert "[('model.register', 'ok'), ('model.push', 'ok'), ('model.push', 'refused')]" in out

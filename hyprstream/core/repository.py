@@ -181,13 +181,15 @@ class ModelRepository:
         return parse(ModelSettings, self._manifest(model)["settings"], source=f"model {model}")
 
     def head(self, model: str) -> dict[str, Any]:
-        """Current version, its layers and their clocks."""
+        """Current version, its layers and their clocks, and the model's ``max_update_norm`` (None: no
+        bound), which a fog adding client-level noise checks before it starts a round."""
         with self._lock:
             m = self._manifest(model)
             v = m["versions"][-1]
             return {"model": model, "version": v["version"],
                     "layers": sorted(m["layer_files"][str(v["version"])]),
-                    "clocks": m["clocks"][str(v["version"])]}
+                    "clocks": m["clocks"][str(v["version"])],
+                    "max_update_norm": self.settings(model).max_update_norm}
 
     def versions(self, model: str) -> list[VersionInfo]:
         with self._lock:

@@ -97,13 +97,16 @@ class FogAggregator:
         self._local: Snapshot | None = None  # last pulled version plus this fog's undelivered deltas
         self._hooks: list[Callable[[Delivery], None]] = []
         self.last_staleness: int | None = None  # of the last push core committed, as core measured it
+        self.core_bound: float | None = None  # core's max_update_norm of the model (None: no bound), as last read
 
     def pull(self) -> Snapshot:
         """The current master layers; while core is unreachable, the last ones pulled with this fog's
-        own undelivered updates applied, so that its agents keep training (partition tolerance)."""
+        own undelivered updates applied, so that its agents keep training (partition tolerance). Reads
+        the model's ``max_update_norm`` too (``core_bound``), which bounds what core accepts."""
         try:
             self.deliver()
             self._local = self.core.get_weights(self.model)
+            self.core_bound = self.core.head(self.model).get("max_update_norm")
         except TransportError:
             if self._local is None:
                 raise

@@ -79,6 +79,22 @@ class ClientDP:
                                    "accounted as Gaussian: use a wider field")
         return sigma
 
+    def noise_norm(self, dim: int) -> float:
+        """The expected L2 norm of the noise on the released mean of ``dim`` coordinates, z C sqrt(d) / D
+        (either placement: the unmasked sum carries variance >= (zC)^2 per coordinate)."""
+        return self.sum_std * math.sqrt(dim) / self.denominator
+
+    def check_bound(self, bound: float | None, dim: int, what: str) -> None:
+        """Refuse (``PrivacyViolation``) a round whose release the receiver's norm bound would refuse: the
+        noise alone has about ``noise_norm(dim)``. Checked before anything is drawn or charged."""
+        norm = self.noise_norm(dim)
+        if bound is not None and norm >= bound:
+            raise PrivacyViolation(
+                f"{what}: core's max_update_norm {bound:.6g} is below the noise of norm {norm:.4g} that the "
+                f"client-level DP mean of {dim} values carries (z C sqrt(d) / D = {self.noise_multiplier:.4g} x "
+                f"{self.clip:.4g} x {math.sqrt(dim):.4g} / {self.denominator:.4g}): core would refuse every "
+                "release; raise the bound, train fewer layers or sample more agents")
+
     def release(self, total: np.ndarray, inputs: int, source: RandomSource) -> np.ndarray:
         """The DP mean from the unmasked sum of ``inputs`` clipped client vectors (float64)."""
         if self.placement is NoisePlacement.DISTRIBUTED:

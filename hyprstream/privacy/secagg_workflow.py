@@ -39,7 +39,7 @@ from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
 from hyprstream.privacy.contribution import InputSpec, decode
-from hyprstream.privacy.errors import BudgetExceeded, SecAggAborted
+from hyprstream.privacy.errors import PrivacyViolation, SecAggAborted
 from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
 from hyprstream.privacy.noise import RandomSource, SecureRandom
 from hyprstream.privacy.quantize import Quantizer
@@ -179,6 +179,8 @@ class SecureFogAggregator:
             trained = lt.select_layers(base.table, layers)
             layout = Layout.of(dict(zip(trained.column("name").to_pylist(),
                                         (tuple(s) for s in trained.column("shape").to_pylist()), strict=True)))
+            if dp is not None:  # before any noise is drawn or charged: a release core would refuse is not made
+                dp.check_bound(fog.core_bound, layout.size, f"round {round_no} of {fog.model}")
             quantizer = Quantizer.for_clients(clip=self.secagg.clip, max_clients=len(nodes), bits=self.secagg.field_bits,
                                               noise_std=dp.local_std() if dp else 0.0)
             spec = InputSpec(layout, self.secagg.clip, quantizer,
@@ -195,7 +197,7 @@ class SecureFogAggregator:
             pending.server = SecAggServer(len(nodes), degree=degree, threshold=threshold, dim=spec.dim,
                                           dtype=quantizer.dtype, round_id=pending.round_id, source=self.source,
                                           min_survivors=min_survivors)
-        except (BudgetExceeded, SecAggAborted, ValueError) as exc:
+        except (PrivacyViolation, SecAggAborted, ValueError) as exc:  # BudgetExceeded among them
             pending.aborted = str(exc)
             log.warning("fog %s round %d: secure round not started: %s", fog.name, round_no, exc)
             return pending
@@ -396,9 +398,12 @@ class SecureFogAggregator:
         privacy = None
         if self.client_dp is not None:
             spent = entry.epsilon if entry is not None else self._memory.epsilon(self.client_dp.delta)
+            # the realised count is not released (core gets 0), only the fixed denominator of the mean
             privacy = {"epsilon": spent, "delta": self.client_dp.delta,
                        "noise_multiplier": self.client_dp.noise_multiplier,
-                       "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip}
+                       "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip,
+                       "expected_participants": self._dp(len(self.fog.node_ids)).denominator}
+            participants = 0
         seq = self.fog.next_seq()
         if entry is not None and self.ledger is not None:
             self._unbound[seq] = entry.seq

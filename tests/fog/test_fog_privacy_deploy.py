@@ -82,7 +82,7 @@ delta = 1e-5
     assert [v["version"] for v in versions] == list(range(ROUNDS + 1))
     assert [v["actor"] for v in versions[1:]] == ["fog-west"] * ROUNDS
     assert [v["layers"] for v in versions[1:]] == [["fc2"], ["head"]]  # round-robin layer schedule
-    assert [v["participants"] for v in versions[1:]] == [2] * ROUNDS
+    assert [v["participants"] for v in versions[1:]] == [0] * ROUNDS  # client-level DP: the count is not released
     assert all(np.isfinite(v["update_norm"]) and v["update_norm"] > 0 for v in versions[1:])
 
     # core's audit log: intact, and each committed version's entry carries the spend and the transcript

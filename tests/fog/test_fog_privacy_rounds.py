@@ -89,7 +89,8 @@ def test_private_rounds_follow_the_fleet_and_the_budget_survives_a_restart(core,
     assert 'hyprstream_fog_privacy_epsilon{fog="fog-west"} 7.07739' in text
     pushes = [e.details for e in iter_entries(audit_path) if e.action == "model.push" and e.outcome == "ok"]
     assert [p["privacy"]["epsilon"] for p in pushes] == pytest.approx(expected[:2])
-    assert [p["participants"] for p in pushes] == [4, 3]
+    # core gets the mean's fixed denominator (q = 1 of the fog's agents), never the count: 0 is sent
+    assert [(p["participants"], p["privacy"]["expected_participants"]) for p in pushes] == [(0, 4.0), (0, 3.0)]
 
     # a restarted fog reads its ledger: the third round (9.01 > 8) is never started, nothing is released
     restarted = FogMetrics("fog-west")
