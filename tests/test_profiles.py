@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import operator
@@ -33,6 +34,7 @@ from hyprstream.agent.profile import (
 )
 from hyprstream.config import parse, setting, to_dict
 from hyprstream.errors import ConfigError
+from hyprstream.privacy.config import FloorConfig
 
 pytestmark = pytest.mark.unit
 
@@ -329,6 +331,9 @@ RULE_FIELDS: dict[str, set[str]] = {
     "inference.intra_op_threads": {"inference.intra_op_threads", "resources.cpu_cores"},
     "simulation.battery_drain_percent_per_s": {"simulation.battery_drain_percent_per_s"},
     "simulation.battery_charge_percent_per_s": {"simulation.battery_charge_percent_per_s"},
+    # a floor's minimum or maximum needs secure_aggregation = true (false in the base document)
+    **{f"privacy.floor.{key}": {f"privacy.floor.{key}"}
+       for key in ("min_threshold_fraction", "min_cohort", "max_clip", "min_noise_multiplier")},
 }
 _BOUND_REASON = re.compile(r"must be (>=|>|<=|<) (\S+), got (\S+)")
 
@@ -336,7 +341,7 @@ _BOUND_REASON = re.compile(r"must be (>=|>|<=|<) (\S+), got (\S+)")
 def test_every_number_is_bounded() -> None:
     hints_numeric = []
     for cls in (Resources, PolicyThresholds, TrainingCaps, InferenceSettings, StoreRetention,
-                TelemetrySettings, SimulationFactors):
+                TelemetrySettings, SimulationFactors, FloorConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if hints[f.name] in (int, float):
@@ -367,9 +372,12 @@ def test_integer_in_bounded_field_is_accepted_in_bounds_or_refused_naming_the_fi
     case: tuple[str, dict, type, int], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     path, meta, tp, value = case
-    section, name = path.split(".") if "." in path else ("", path)
-    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in _BASE_DOC.items()}
-    (doc[section] if section else doc)[name] = value
+    *sections, name = path.split(".")
+    doc = copy.deepcopy(_BASE_DOC)
+    table = doc
+    for section in sections:
+        table = table.setdefault(section, {})
+    table[name] = value
     file = _write(tmp_path_factory.getbasetemp() / "property.toml", doc)
     violated = [(op, meta[b]) for b, (fn, op) in _OPS.items()
                 if meta.get(b) is not None and not fn(value, meta[b])]
@@ -392,7 +400,9 @@ def test_integer_in_bounded_field_is_accepted_in_bounds_or_refused_naming_the_fi
     else:
         event("accepted")
         assert not violated
-        got = getattr(getattr(profile, section), name) if section else getattr(profile, name)
+        got = profile
+        for part in path.split("."):
+            got = getattr(got, part)
         assert type(got) is tp and got == value
 
 

@@ -33,10 +33,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from hyprstream.errors import ConfigError, HyprstreamError
-from hyprstream.privacy.config import DpSgdConfig
+from hyprstream.privacy import secagg_messages as wire
+from hyprstream.privacy.config import DpSgdConfig, FloorConfig
 from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, ledger_dir_for
+from hyprstream.privacy.floor import plain_round_shortfall, secure_round_shortfall
 from hyprstream.privacy.ledger import Budget
-from hyprstream.privacy.secagg_messages import SECAGG_ACTION
+from hyprstream.privacy.secagg_messages import SECAGG_ACTION, Stage, Status
 from hyprstream.privacy.secagg_mod import secagg_mod
 from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest
 
@@ -93,9 +95,63 @@ def device_name(index: int) -> str:
     return f"device-{index:04d}"
 
 
-@app.train("layerwise")
 def train(msg: Message, context: Context) -> Message:
     return Message(answer_train(msg.content, context, round=msg.metadata.group_id).to_content(), reply_to=msg)
+
+
+def device_floor(context: Context) -> FloorConfig | None:
+    """The privacy floor of the profile the agent daemon runs with; None where there is no profile (a
+    simulation, a SuperNode without the daemon) or the daemon has not published its policy yet (the
+    planner then declines every round)."""
+    state = agent_state_dir(context)
+    if state is None:
+        return None
+    from hyprstream.agent.handoff import read_policy
+    from hyprstream.agent.profile import load_profile
+
+    policy = read_policy(state)
+    return load_profile(policy.profile).privacy.floor if policy is not None else None
+
+
+def floor_mod(msg: Message, context: Context, call_next) -> Message:
+    """Client middleware: decline a train request below the device's privacy floor (``[privacy.floor]``),
+    before anything trains or any key is made; a floor that cannot be read declines too."""
+    try:
+        floor = device_floor(context)
+    except HyprstreamError as exc:
+        return _decline(msg, f"cannot read the device's privacy floor: {exc}")
+    if floor is None:
+        return call_next(msg, context)
+    if not wire.is_secagg(msg.content):
+        reason = plain_round_shortfall(floor)
+    else:
+        try:
+            h = wire.header(msg.content)
+            setup = wire.setup_from(msg.content)[0] if h.stage is Stage.SETUP else None
+        except HyprstreamError:
+            return call_next(msg, context)  # malformed: the secure-aggregation middleware refuses it
+        reason = secure_round_shortfall(floor, setup) if setup is not None else None
+    return call_next(msg, context) if reason is None else _decline(msg, reason)
+
+
+def _decline(msg: Message, reason: str) -> Message:
+    log.warning("declined train request below the privacy floor: %s", reason)
+    if wire.is_secagg(msg.content):
+        try:
+            round_id = wire.header(msg.content).round_id
+        except HyprstreamError:
+            round_id = b"\x00" * 16
+        return Message(wire.reply_status(Stage.SETUP, round_id, Status.DECLINED, reason), reply_to=msg)
+    return Message(_declined(msg.content, reason).to_content(), reply_to=msg)
+
+
+def _declined(content: RecordDict, reason: str) -> TrainReply:
+    config = content.get("config")
+    version = config.get("model_version", -1) if isinstance(config, ConfigRecord) else -1
+    return TrainReply(ReplyStatus.DECLINED, version if isinstance(version, int) else -1, (), reason=reason)
+
+
+app.train("layerwise", mods=[floor_mod])(train)
 
 
 @dataclass(frozen=True)
@@ -111,14 +167,14 @@ class PrivateTraining:
 
     def spend(self, num_examples: int, batch_size: int, steps: int) -> tuple[float, float]:
         """The device's epsilon so far and after a round of ``steps`` at ``batch_size`` (at the budget's delta)."""
-        from hyprstream.privacy.accountant import RdpAccountant
+        from hyprstream.privacy.accountant import PldAccountant
         from hyprstream.privacy.ledger import PrivacyLedger, Scope
         from hyprstream.store import Store
 
         event = self.settings.event(num_examples, batch_size, steps)
         delta = self.settings.budget.delta
         if not self.ledger_dir.exists():
-            acc = RdpAccountant()
+            acc = PldAccountant()
             return acc.epsilon(delta), acc.epsilon_if(event, delta)
         with Store.open(self.ledger_dir, readonly=True) as store:
             ledger = PrivacyLedger(store)
@@ -289,14 +345,13 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
         return handle_train(request, store, plan=plan, privacy=privacy, round=round)
     except HyprstreamError as exc:
         log.warning("declined train request: %s", exc)
-        config = content.get("config")
-        version = config.get("model_version", -1) if isinstance(config, ConfigRecord) else -1
-        return TrainReply(ReplyStatus.DECLINED, version if isinstance(version, int) else -1, (), reason=str(exc))
+        return _declined(content, str(exc))
 
 
 # Secure aggregation (SecAgg+, hyprstream.privacy): the same training, its delta masked by the middleware
-# before it leaves the device. A fog without secure aggregation never sends this message type.
-app.train(SECAGG_ACTION, mods=[secagg_mod])(train)
+# before it leaves the device. A fog without secure aggregation never sends this message type. The floor
+# comes first: a round below it is declined before the middleware makes keys or the handler trains.
+app.train(SECAGG_ACTION, mods=[floor_mod, secagg_mod])(train)
 
 
 @app.query("device")

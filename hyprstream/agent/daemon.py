@@ -305,7 +305,7 @@ class Agent:
                 cleanups.append(monitor.close)
             self.policy = AdaptivePolicy(prof.policy, battery_powered=prof.resources.battery)
             self.engine = InferenceEngine(self.task, prof.inference, cuda_allowed=prof.resources.has_gpu,
-                                          offload=cfg.offload.client() if cfg.offload is not None else None,
+                                          offload=self._offload_client(),
                                           key=cfg.store_key)
             cleanups.append(self.engine.close)
             self.pipeline = Pipeline(self.task, store, self.engine, clock=self._clock)
@@ -338,6 +338,19 @@ class Agent:
                     log.warning("shutdown step %s failed: %s", getattr(cleanup, "__qualname__", cleanup), exc)
             log.info("agent stopped")
 
+    def _offload_client(self):
+        """The fog's offload client for ``minimal`` inference: None without ``--offload``, and None when the
+        profile's ``[privacy.floor] allow_offload = false`` keeps raw rows on the device (minimal inference
+        then runs on the local model, or is skipped while there is none)."""
+        cfg = self.config
+        if cfg.offload is None:
+            return None
+        if not self.profile.privacy.floor.allow_offload:
+            log.warning("not offloading inference to %s: the profile's [privacy.floor] allow_offload = false "
+                        "keeps raw rows on the device (minimal inference runs on the local model)", cfg.offload.url)
+            return None
+        return cfg.offload.client()
+
     def _loop(self, stop: threading.Event, monitor: Monitor, publisher, supernode) -> None:
         next_telemetry = 0.0
         while not stop.is_set():
@@ -365,7 +378,7 @@ class Agent:
             decision.strategy, self._clock(), valid_s=3 * self.config.tick_s + 30, gpu_usable=gpu_usable,
             reason=decision.reason, profile=str(self.config.profile_path.resolve())))
         self.engine.apply(plan_inference(decision.strategy, prof.inference, cuda_usable=prof.resources.has_gpu,
-                                         offload=self.config.offload is not None))
+                                         offload=self.engine.offload is not None))
         self._refresh_model()
         return decision
 

@@ -21,6 +21,7 @@ and every key that has a default may be left out)::
     [telemetry]   # MQTT telemetry cadence, QoS, offline buffer, reconnect backoff
     [simulation]  # speed and network factors the simulator uses for this device class
     [privacy.dpsgd]  # optional: sample-level DP-SGD of local training (see docs/privacy.md)
+    [privacy.floor]  # optional: the least privacy the device accepts from its fog (see docs/privacy.md)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from hyprstream.config import Checked, parse, read_toml, setting
 from hyprstream.errors import ConfigError
-from hyprstream.privacy.config import DpSgdConfig
+from hyprstream.privacy.config import DpSgdConfig, FloorConfig
 
 __all__ = [
     "PROFILE_KIND",
@@ -268,9 +269,11 @@ class SimulationFactors:
 
 @dataclass(frozen=True)
 class DevicePrivacy(Checked):
-    """The device's ``[privacy]`` table: ``[privacy.dpsgd]`` turns on sample-level DP-SGD (off when absent)."""
+    """The device's ``[privacy]`` table: ``[privacy.dpsgd]`` turns on sample-level DP-SGD (off when absent);
+    ``[privacy.floor]`` is the least privacy the device accepts from its fog (absent: anything)."""
 
     dpsgd: DpSgdConfig | None = setting(None)
+    floor: FloorConfig = setting(FloorConfig())
 
     def ledger_dir(self, store_dir: str | Path) -> Path:
         """The device's privacy ledger: ``dpsgd.ledger_dir`` (relative to the store directory's parent),

@@ -8,7 +8,7 @@ and, for distributed noise, noise their own deltas); a device profile may hold `
     [privacy.secagg]
     clip = 1.0                 # L2 bound of one client's delta (and client-level DP's sensitivity)
     field_bits = 32            # 32 or 64; the grid is sized from clip and the round's client count
-    threshold_fraction = 0.5   # Shamir threshold t = ceil(fraction * degree)
+    threshold_fraction = 0.5   # Shamir threshold t = floor(fraction * degree) + 1: >= 0.5, a strict majority
     expected_dropout = 0.1     # sizes the neighbour graph's degree (unless degree > 0)
     degree = 0
     weighting = "uniform"      # or "examples": num_examples ride masked; only their sum is revealed
@@ -31,6 +31,17 @@ and, for distributed noise, noise their own deltas); a device profile may hold `
     delta = 1e-5               # optional: default the profile's privacy_delta
     secure = true              # OS-seeded noise and Opacus secure_mode; false only in simulations
     ledger_dir = ""            # default: "<store-dir>.privacy" beside the device store
+
+A device profile may also hold ``[privacy.floor]``: the least privacy the device accepts, whatever its
+fog asks (see :mod:`hyprstream.privacy.floor`; a missing section or key accepts anything)::
+
+    [privacy.floor]
+    secure_aggregation = true      # decline every train request that is not a secure round
+    min_threshold_fraction = 0.6   # secure rounds: Shamir threshold >= this fraction of the neighbours
+    min_cohort = 10                # secure rounds: the device and its neighbours, at least this many
+    max_clip = 1.0                 # secure rounds: the L2 clip of the device's delta, at most this (0: any)
+    min_noise_multiplier = 0.0     # secure rounds: the distributed noise the device adds, std / clip
+    allow_offload = false          # never send raw feature rows to the fog's inference offload
 """
 
 from __future__ import annotations
@@ -54,7 +65,8 @@ class Weighting(enum.Enum):
 class SecAggConfig(Checked):
     clip: float = setting(1.0, gt=0, doc="L2 bound of one client's layer-wise delta")
     field_bits: int = setting(32, doc="width of the modular field: 32 or 64")
-    threshold_fraction: float = setting(0.5, gt=0, le=1, doc="Shamir threshold as a fraction of the degree")
+    threshold_fraction: float = setting(0.5, gt=0, le=1, doc="Shamir threshold t = floor(fraction * degree) + 1 "
+                                        "(at least 0.5: a strict majority of the neighbours)")
     expected_dropout: float = setting(0.1, ge=0, lt=1, doc="client dropout the neighbour graph is sized for")
     degree: int = setting(0, ge=0, doc="neighbours per client; 0: planned from n and expected_dropout")
     weighting: Weighting = setting(Weighting.UNIFORM, doc="uniform mean or weighted by (masked) num_examples")
@@ -65,6 +77,11 @@ class SecAggConfig(Checked):
     def check(self) -> Iterator[tuple[str, str]]:
         if self.field_bits not in (32, 64):
             yield "field_bits", f"must be 32 or 64, got {self.field_bits}"
+        if self.threshold_fraction < 0.5:
+            yield "threshold_fraction", (f"must be at least 0.5, got {self.threshold_fraction}: the threshold must be "
+                                         "a strict majority of a client's neighbours, or a fog that tells some of "
+                                         "them the client survived and the others that it dropped collects both "
+                                         "its self-mask seed and its mask key")
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,27 @@ class DpSgdConfig(Checked):
 
 
 @dataclass(frozen=True)
+class FloorConfig(Checked):
+    """A device's privacy floor: the least it accepts from its fog (the defaults accept anything)."""
+
+    secure_aggregation: bool = setting(False, doc="decline every train request that is not a secure round")
+    min_threshold_fraction: float = setting(0.0, ge=0, le=1, doc="fewest Shamir shares t as a fraction of "
+                                            "the device's neighbours")
+    min_cohort: int = setting(0, ge=0, doc="fewest clients of the device's neighbourhood, itself included")
+    max_clip: float = setting(0.0, ge=0, doc="largest L2 clip of the device's delta (0: any)")
+    min_noise_multiplier: float = setting(0.0, ge=0, doc="least distributed noise the device adds, as "
+                                          "(its noise std) / clip; > 0 declines rounds without it")
+    allow_offload: bool = setting(True, doc="send raw feature rows to the fog's inference offload")
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.secure_aggregation:
+            return
+        for key in ("min_threshold_fraction", "min_cohort", "max_clip", "min_noise_multiplier"):
+            if getattr(self, key) > 0:
+                yield key, "needs secure_aggregation = true (a plain round has no such parameter to hold it to)"
+
+
+@dataclass(frozen=True)
 class PrivacyConfig(Checked):
     """The ``[privacy]`` table: each mechanism on when its section is present."""
 
@@ -134,4 +172,4 @@ def parse_privacy(data: dict, *, source: str | None = None) -> PrivacyConfig:
     return parse(PrivacyConfig, data.get("privacy", {}), source=source, key="privacy")
 
 
-__all__ = ["ClientDpConfig", "DpSgdConfig", "PrivacyConfig", "SecAggConfig", "Weighting", "parse_privacy"]
+__all__ = ["ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig", "Weighting", "parse_privacy"]
