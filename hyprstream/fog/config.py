@@ -226,6 +226,13 @@ class FogConfig(Checked):
         secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round
         if secagg is not None and self.fleet.enabled and 0 < chosen < secagg.min_clients:
             yield "fleet.clients_per_round", f"is below privacy.secagg.min_clients ({secagg.min_clients})"
+        dp = self.privacy.client_dp
+        if dp is not None and self.fleet.enabled and chosen > 0:
+            yield "fleet.clients_per_round", (
+                "must be 0 with [privacy.client_dp]: client-level DP is accounted for a Poisson sample in which "
+                "each agent takes part independently with probability client_sampling_rate, and a choice of "
+                "the best M lets one device displace another (twice the sensitivity); to train about M agents "
+                "a round, set client_sampling_rate = M / agents")
 
 
 def load_fog_config(path: str | Path) -> FogConfig:
