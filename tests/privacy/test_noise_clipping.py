@@ -144,3 +144,16 @@ def test_weighted_sums_refuse_dp_noise() -> None:
     q = Quantizer.for_clients(clip=1.0, max_clients=4, noise_std=0.1)
     with pytest.raises(ValueError, match="weighted"):
         InputSpec(Layout.of({"w": (3,)}), 1.0, q, noise_sigma=10.0, weighted=True)
+
+
+def test_the_noise_norm_of_a_release_is_checked_against_the_receivers_bound():
+    # the digits MLP (17,226 values), z = 1.1, C = 2, D = 6: the noise alone has norm ~48 on the mean
+    dp = ClientDP(clip=2.0, noise_multiplier=1.1, placement=NoisePlacement.CENTRAL, min_clients=1, denominator=6.0)
+    expected = 1.1 * 2.0 * math.sqrt(17_226) / 6.0
+    assert dp.noise_norm(17_226) == pytest.approx(expected)
+    released = dp.release(np.zeros(17_226), 6, SeededRandom(3))
+    assert np.linalg.norm(released) == pytest.approx(expected, rel=0.02)  # what core would measure
+    with pytest.raises(PrivacyViolation, match=r"max_update_norm 40 is below the noise of norm 48\.\d"):
+        dp.check_bound(40.0, 17_226, "round 1 of m")
+    dp.check_bound(50.0, 17_226, "round 1 of m")
+    dp.check_bound(None, 17_226, "round 1 of m")  # no bound at core: nothing to check
