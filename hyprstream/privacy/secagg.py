@@ -3,29 +3,40 @@
 Clients are numbered 1..n for the round (their *index*; Shamir shares are evaluated there). The fog
 (:class:`SecAggServer`) links them in a sparse random graph -- a Harary ring of even degree k over a
 random permutation, as in the paper -- and each client (:class:`SecAggClient`) only talks (through
-the fog) to its k neighbours. Four stages:
+the fog) to its k neighbours. Five stages:
 
 0. **advertise**: client u makes two X25519 key pairs, c_u (share channel) and s_u (pairwise masks),
-   and a 32-byte self-mask seed b_u; it sends the public keys and a SHA-256 commitment to b_u.
-1. **share**: u gets its neighbours' public keys, Shamir-shares b_u and s_u's private key among
-   them (threshold t) and sends each neighbour's two shares sealed (ChaCha20-Poly1305) under the
-   c-channel key; the fog only relays ciphertexts.
+   and a 32-byte self-mask seed b_u; it sends the public keys and a SHA-256 commitment to b_u,
+   signed with its device identity key, and its identity's credential (:mod:`~hyprstream.privacy.identity`).
+1. **share**: u gets its neighbours' signed adverts, checks each credential and signature (a key the
+   fog substituted is refused), Shamir-shares b_u and s_u's private key among them (threshold t)
+   and sends each neighbour's two shares sealed (ChaCha20-Poly1305) under the c-channel key; the
+   fog only relays ciphertexts.
 2. **mask**: u gets the sealed shares addressed to it; the senders are the neighbours it masks
    with. It sends ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` modulo
    2**bits, where s_uv = HKDF(ECDH(s_u, s_v)). The fog adds y_u into a running sum at once.
-3. **unmask**: each survivor gets, for its neighbours, who sent a masked input (survivors) and who
-   did not (dropped); it returns its share of b_v for survivors and of s_v's private key for the
-   dropped -- never both for one client. The fog rebuilds each survivor's b_v and removes PRG(b_v),
-   rebuilds each dropped client's s_v and removes the pairwise masks its survivors added for it.
+3. **consistency** (Bonawitz et al. 2017, "ConsistencyCheck"): the fog sends every survivor the set
+   U3 of clients whose masked input it holds; u signs (round, u, U3) with its identity key, once.
+4. **unmask**: the fog forwards to u its neighbours' signatures; u reveals only when at least t of
+   them are valid signatures on the very U3 it signed, and then derives what to reveal from U3
+   itself: its share of b_v for neighbours v in U3 and of s_v's private key for those not in U3 --
+   never both for one client. The fog rebuilds each survivor's b_v and removes PRG(b_v), rebuilds
+   each dropped client's s_v and removes the pairwise masks its survivors added for it.
 
 What remains is exactly the sum of the survivors' inputs: pairwise masks cancel between survivors.
 Clients dropping after their masked input (before or during unmasking) are recovered as long as t
 of each one's neighbours answer. A stage that cannot meet its threshold raises
 :class:`~hyprstream.privacy.errors.SecAggAborted` and releases nothing.
 
-Threat model (see docs/privacy.md): honest-but-curious fog, clients that follow the protocol; the
-fog may drop or delay any message. Bell et al.'s consistency-check round and the PKI that protect
-against an actively malicious fog are not implemented.
+Threshold: t is a strict majority of the k neighbours (t >= floor(k/2) + 1; client and server refuse
+less). A client's shares are held by its k neighbours only, each of which answers one unmask request
+and reveals one kind of share per peer; two disjoint sets of holders cannot both reach t when 2t > k,
+so a fog that tells some holders a client survived and others that it dropped never gets both its
+self-mask seed and its mask key.
+
+Threat model (see docs/privacy.md): clients follow the protocol; the fog may drop, delay, reorder or
+forge any message it relays. With certified identities (the deployment CA) the fog cannot substitute a
+neighbour's keys nor forge a signature on a survivor set.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import numpy as np
 from hyprstream.errors import ValidationError
 from hyprstream.privacy import masking, shamir
 from hyprstream.privacy.errors import SecAggAborted
+from hyprstream.privacy.identity import DeviceIdentity, verify
 from hyprstream.privacy.noise import RandomSource
 from hyprstream.privacy.quantize import field_add
 
@@ -57,7 +69,8 @@ def plan_graph(n: int, *, threshold_fraction: float = 0.5, expected_dropout: flo
                failure_probability: float = 1e-6, degree: int | None = None) -> tuple[int, int]:
     """(degree k, threshold t) for ``n`` clients.
 
-    ``t = ceil(threshold_fraction * k)`` (at least 1). Without ``degree``, k is the smallest even
+    ``t = min(k, floor(threshold_fraction * k) + 1)``: more than ``threshold_fraction`` of the k
+    neighbours, so with the fraction at least 0.5 a strict majority (:func:`majority`). Without ``degree``, k is the smallest even
     degree, at least ``2 * ceil(log2 n)`` (the paper's O(log n) connectivity), such that when each
     client independently drops with probability ``expected_dropout`` the chance that *any* client
     keeps fewer than t of its k neighbours is below ``failure_probability`` (binomial tail, union
@@ -65,13 +78,15 @@ def plan_graph(n: int, *, threshold_fraction: float = 0.5, expected_dropout: flo
     """
     if n < 2:
         raise ValidationError("secure aggregation needs at least 2 clients")
-    if not 0 < threshold_fraction <= 1:
-        raise ValidationError(f"threshold_fraction must lie in (0, 1], got {threshold_fraction}")
+    if not 0.5 <= threshold_fraction <= 1:
+        raise ValidationError(f"threshold_fraction must lie in [0.5, 1], got {threshold_fraction}: a threshold "
+                              "of half the neighbourhood or less lets a fog that lies about who dropped "
+                              "collect both kinds of a client's shares")
     if not 0 <= expected_dropout < 1:
         raise ValidationError(f"expected_dropout must lie in [0, 1), got {expected_dropout}")
 
     def threshold(k: int) -> int:
-        return max(1, math.ceil(threshold_fraction * k))
+        return min(k, math.floor(threshold_fraction * k) + 1)
 
     if degree is not None:
         if degree < 1:
@@ -88,6 +103,11 @@ def plan_graph(n: int, *, threshold_fraction: float = 0.5, expected_dropout: flo
             break
         k = min(n - 1, k + 2)
     return k, threshold(k)
+
+
+def majority(k: int) -> int:
+    """The smallest threshold two disjoint sets of a client's k share holders cannot both reach."""
+    return k // 2 + 1
 
 
 def harary_graph(n: int, degree: int, source: RandomSource) -> dict[int, tuple[int, ...]]:
@@ -118,6 +138,8 @@ class KeyAdvert:
     enc_key: bytes  # c_u public key (share channel)
     mask_key: bytes  # s_u public key (pairwise masks)
     commitment: bytes  # SHA-256 of the round, the index and b_u
+    signature: bytes = b""  # the identity key's signature of the round, the index and the three above
+    credential: bytes = b""  # the identity: a CA-issued certificate (DER) or, uncertified, the raw key
 
 
 @dataclass(frozen=True)
@@ -137,8 +159,7 @@ class MaskedInput:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    survivors: tuple[int, ...]  # neighbours whose masked input is in the sum
-    dropped: tuple[int, ...]  # neighbours that shared keys but sent no masked input
+    signatures: Mapping[int, bytes]  # neighbour index -> its signature on the survivor set
 
 
 @dataclass(frozen=True)
@@ -163,38 +184,55 @@ def _associated(round_id: bytes, src: int, dst: int) -> bytes:
     return masking.PROTOCOL + b"|share|" + round_id + _idx(src) + _idx(dst)
 
 
+def _advert_signed(round_id: bytes, index: int, enc_key: bytes, mask_key: bytes, commitment: bytes) -> bytes:
+    return masking.PROTOCOL + b"|advert|" + round_id + _idx(index) + enc_key + mask_key + commitment
+
+
+def _survivors_signed(round_id: bytes, index: int, survivors: Sequence[int]) -> bytes:
+    return masking.PROTOCOL + b"|survivors|" + round_id + _idx(index) + struct.pack(f">{len(survivors)}I", *survivors)
+
+
 # ------------------------------------------------------------------------------------------------
 # client
 
 
 class SecAggClient:
-    """One client's side of one round. Stages must be called in order, each once."""
+    """One client's side of one round. Stages must be called in order, each once.
 
-    STAGES = ("new", "advertised", "shared", "masked", "done")
+    ``identity`` signs this client's advert and its survivor set and vouches for its neighbours'
+    credentials (:class:`~hyprstream.privacy.identity.DeviceIdentity`); default: an uncertified
+    per-round key."""
+
+    STAGES = ("new", "advertised", "shared", "masked", "signed", "done")
 
     def __init__(self, round_id: bytes, index: int, neighbours: Sequence[int], threshold: int, dim: int,
-                 dtype: np.dtype) -> None:
+                 dtype: np.dtype, identity: DeviceIdentity | None = None) -> None:
         if len(round_id) != ROUND_ID_BYTES:
             raise ValidationError(f"round id must be {ROUND_ID_BYTES} bytes")
         nb = tuple(sorted(int(v) for v in neighbours))
         if index < 1 or index in nb or len(set(nb)) != len(nb) or any(v < 1 for v in nb):
             raise ValidationError("bad secure-aggregation neighbourhood")
-        if not 1 <= threshold <= len(nb):
-            raise ValidationError(f"threshold {threshold} impossible with {len(nb)} neighbours")
+        if not majority(len(nb)) <= threshold <= len(nb):
+            raise ValidationError(f"secure aggregation: threshold {threshold} with {len(nb)} neighbours is not a "
+                                  f"strict majority (at least {majority(len(nb))}): a fog could collect both kinds "
+                                  "of my shares")
         self.round_id = round_id
         self.index = index
         self.neighbours = nb
         self.threshold = threshold
         self.dim = dim
         self.dtype = np.dtype(dtype)
+        self.identity = identity or DeviceIdentity.uncertified()
         self.stage = "new"
         self._enc_sk: bytes = b""
         self._mask_sk: bytes = b""
         self._own_public: tuple[bytes, bytes] = (b"", b"")  # (enc, mask) public keys, as advertised
         self._seed: bytes = b""
         self._peer_mask_keys: dict[int, bytes] = {}  # neighbour -> its mask public key (from the share stage)
+        self._peer_identities: dict[int, bytes] = {}  # neighbour -> its verified identity public key
         self._channels: dict[int, bytes] = {}  # neighbour -> share-channel key (ECDH once per pair)
         self._masked_with: tuple[int, ...] = ()
+        self._survivors: tuple[int, ...] = ()  # the survivor set this client signed
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (share of b, share of s key)
 
     def _expect(self, stage: str) -> None:
@@ -208,7 +246,9 @@ class SecAggClient:
         self._own_public = (masking.public_bytes(enc), masking.public_bytes(mask))
         self._seed = os.urandom(shamir.SECRET_BYTES)
         self.stage = "advertised"
-        return KeyAdvert(*self._own_public, _commit(self.round_id, self.index, self._seed))
+        commitment = _commit(self.round_id, self.index, self._seed)
+        signature = self.identity.sign(_advert_signed(self.round_id, self.index, *self._own_public, commitment))
+        return KeyAdvert(*self._own_public, commitment, signature, self.identity.credential)
 
     def share(self, keys: NeighbourKeys) -> SealedShares:
         self._expect("advertised")
@@ -219,10 +259,20 @@ class SecAggClient:
             raise ValidationError(f"secure aggregation: {len(peers)} neighbour(s) left, threshold {self.threshold}")
         own = set(self._own_public)
         seen: set[bytes] = set()
-        for adv in keys.adverts.values():
+        identities = {self.identity.public}
+        for v in peers:
+            adv = keys.adverts[v]
             if adv.enc_key in own or adv.mask_key in own or adv.enc_key in seen or adv.mask_key in seen:
                 raise ValidationError("secure aggregation: repeated public keys")
             seen.update((adv.enc_key, adv.mask_key))
+            public = self.identity.verify_peer(adv.credential)
+            if public in identities:
+                raise ValidationError("secure aggregation: one identity advertised for two clients")
+            identities.add(public)
+            if not verify(public, adv.signature,
+                          _advert_signed(self.round_id, v, adv.enc_key, adv.mask_key, adv.commitment)):
+                raise ValidationError(f"secure aggregation: the keys of neighbour {v} are not signed by its identity")
+            self._peer_identities[v] = public
         b_shares = shamir.split(self._seed, self.threshold, peers)
         s_shares = shamir.split(self._mask_sk, self.threshold, peers)
         enc = masking.load_private(self._enc_sk)
@@ -271,62 +321,100 @@ class SecAggClient:
         self.stage = "masked"
         return MaskedInput(y)
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        """Shares for rebuilding survivors' self masks and dropped clients' mask keys, never both for one client."""
+    def sign_survivors(self, survivors: Sequence[int]) -> bytes:
+        """The consistency round: this client's signature on the survivor set U3 (once per round)."""
         self._expect("masked")
+        u3 = tuple(int(v) for v in survivors)
+        if list(u3) != sorted(set(u3)) or (u3 and u3[0] < 1):
+            self._refuse("a survivor set must list distinct client indices in order")
+        if self.index not in u3:
+            self._refuse("the survivor set leaves out this client, which sent its masked input")
+        if len(set(u3) & set(self._masked_with)) < self.threshold:
+            self._refuse(f"the survivor set keeps fewer than {self.threshold} of my neighbours")
+        self._survivors = u3
+        self.stage = "signed"
+        return self.identity.sign(_survivors_signed(self.round_id, self.index, u3))
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Shares of survivors' self-mask seeds and dropped neighbours' mask keys, as the signed survivor set
+        says (never both for one client), once at least t neighbours' signatures on that very set verify."""
+        self._expect("signed")
         self.stage = "done"  # one unmask request per round, answered or refused
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped or not (survivors | dropped) <= set(self._masked_with):
-            self._forget()
-            if survivors & dropped:
-                raise ValidationError("secure aggregation: a client cannot both survive and drop (refusing to unmask)")
-            raise ValidationError("secure aggregation: unmask request names clients I did not mask with")
-        out = UnmaskShares({v: self._held[v][0] for v in sorted(survivors)},
-                           {v: self._held[v][1] for v in sorted(dropped)})
+        valid = 0
+        u3 = set(self._survivors)
+        for v in sorted(request.signatures):
+            public = self._peer_identities.get(v)
+            if public is None or v not in u3:
+                self._refuse(f"unmask request carries a signature of client {v}, not a surviving neighbour")
+            if verify(public, request.signatures[v], _survivors_signed(self.round_id, v, self._survivors)):
+                valid += 1
+                if valid >= self.threshold:
+                    break
+        if valid < self.threshold:
+            self._refuse(f"{valid} valid neighbour signature(s) on the survivor set I signed, threshold {self.threshold}")
+        out = UnmaskShares({v: self._held[v][0] for v in self._masked_with if v in u3},
+                           {v: self._held[v][1] for v in self._masked_with if v not in u3})
         self._forget()
         return out
+
+    def _refuse(self, reason: str) -> None:
+        self.stage = "done"
+        self._forget()
+        raise ValidationError(f"secure aggregation: {reason} (refusing to unmask)")
 
     def _forget(self) -> None:
         self._enc_sk = self._mask_sk = self._seed = b""
         self._own_public = (b"", b"")
         self._held.clear()
         self._channels.clear()
+        self._peer_identities.clear()
 
     # -- state across processes (a deployed ClientApp is a fresh process per message)
+
+    def _sign_sk(self) -> bytes:
+        """The per-round signing key of an uncertified identity (a certified one is the device's, never stored)."""
+        if self.identity.ca is not None or self.stage == "done":
+            return b""
+        return self.identity.key.private_bytes_raw()
 
     def to_state(self) -> dict[str, object]:
         held = sorted(self._held)
         keys = sorted(self._peer_mask_keys)
+        ids = sorted(self._peer_identities)
         return {
             "round_id": self.round_id, "index": self.index, "neighbours": list(self.neighbours),
             "threshold": self.threshold, "dim": self.dim, "dtype": self.dtype.str, "stage": self.stage,
             "enc_sk": self._enc_sk, "mask_sk": self._mask_sk, "seed": self._seed,
-            "enc_pk": self._own_public[0], "mask_pk": self._own_public[1],
+            "enc_pk": self._own_public[0], "mask_pk": self._own_public[1], "sign_sk": self._sign_sk(),
             "keys": keys, "keys_mask": [self._peer_mask_keys[k] for k in keys],
             "channels": [self._channels[k] for k in keys] if self._channels else [],
             "masked_with": list(self._masked_with),
             "held": held, "held_b": [self._held[k][0] for k in held], "held_s": [self._held[k][1] for k in held],
+            "ids": ids, "ids_public": [self._peer_identities[k] for k in ids], "survivors": list(self._survivors),
         }
 
     # The state blob: a fixed header, the client's own secrets and keys (each a length byte and the
     # bytes: empty once forgotten), then index lists (u32 count, u32 each) and tables (u32 count, u32
     # item size, the items back to back), all little-endian. Every length is checked on reading.
-    _BLOB = b"hsa3"  # format tag of the state blob
+    _BLOB = b"hsa4"  # format tag of the state blob
     _HEAD = struct.Struct(f"<4s{ROUND_ID_BYTES}sqqqB")  # tag, round id, index, threshold, dim, stage
+    _RAW = ("dtype", "enc_sk", "mask_sk", "seed", "enc_pk", "mask_pk", "sign_sk")
+    _INTS = ("neighbours", "keys", "masked_with", "held", "ids", "survivors")
+    _TABLES = ("keys_mask", "channels", "held_b", "held_s", "ids_public")
 
     def to_bytes(self) -> bytes:
         """The state as one compact binary blob for a key-value store (length-prefixed fields)."""
-        keys = sorted(self._peer_mask_keys)
-        held = sorted(self._held)
-        channels = [self._channels[k] for k in keys] if self._channels else []
+        s = self.to_state()
+        s["dtype"] = str(s["dtype"]).encode()
         out = [self._HEAD.pack(self._BLOB, self.round_id, self.index, self.threshold, self.dim,
                                self.STAGES.index(self.stage))]
-        for raw in (self.dtype.str.encode(), self._enc_sk, self._mask_sk, self._seed, *self._own_public):
-            out += [bytes([len(raw)]), raw]
-        for ints in (self.neighbours, keys, self._masked_with, held):
+        for name in self._RAW:
+            out += [bytes([len(s[name])]), s[name]]
+        for name in self._INTS:
+            ints = s[name]
             out.append(struct.pack(f"<I{len(ints)}I", len(ints), *ints))
-        for items in ([self._peer_mask_keys[k] for k in keys], channels,
-                      [self._held[k][0] for k in held], [self._held[k][1] for k in held]):
+        for name in self._TABLES:
+            items = s[name]
             size = len(items[0]) if items else 0
             if any(len(x) != size for x in items):
                 raise ValueError("secure-aggregation state: items of one table differ in length")
@@ -334,54 +422,51 @@ class SecAggClient:
         return b"".join(out)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> SecAggClient:
+    def from_bytes(cls, blob: bytes, identity: DeviceIdentity | None = None) -> SecAggClient:
+        """The client from :meth:`to_bytes`; ``identity``: the device's certified identity, when it has one."""
         blob = bytes(blob)
         try:
             tag, round_id, index, threshold, dim, stage = cls._HEAD.unpack_from(blob)
             if tag != cls._BLOB:
                 raise ValueError("unknown format")
             pos = cls._HEAD.size
-            raw = []
-            for _ in range(6):  # dtype, enc_sk, mask_sk, seed, enc_pk, mask_pk
+            s: dict[str, object] = {"round_id": round_id, "index": index, "threshold": threshold, "dim": dim}
+            for name in cls._RAW:
                 end = pos + 1 + blob[pos]
                 if end > len(blob):
                     raise ValueError("truncated")
-                raw.append(blob[pos + 1:end])
+                s[name] = blob[pos + 1:end]
                 pos = end
-            ints = []
-            for _ in range(4):  # neighbours, keys, masked_with, held
+            for name in cls._INTS:
                 (n,) = struct.unpack_from("<I", blob, pos)
-                ints.append(struct.unpack_from(f"<{n}I", blob, pos + 4))
+                s[name] = struct.unpack_from(f"<{n}I", blob, pos + 4)
                 pos += 4 + 4 * n
-            tables = []
-            for _ in range(4):  # keys' mask keys, channels, held b shares, held s shares
+            for name in cls._TABLES:
                 n, size = struct.unpack_from("<II", blob, pos)
                 pos += 8
                 end = pos + n * size
                 if end > len(blob):
                     raise ValueError("truncated")
-                tables.append([blob[i:i + size] for i in range(pos, end, size)] if size else [b""] * n)
+                s[name] = [blob[i:i + size] for i in range(pos, end, size)] if size else [b""] * n
                 pos = end
             if pos != len(blob):
                 raise ValueError("trailing bytes")
             if stage >= len(cls.STAGES):
                 raise ValueError(f"unknown stage {stage}")
-            neighbours, keys, masked_with, held = ints
-            keys_mask, channels, held_b, held_s = tables
-            s = {"round_id": round_id, "index": index, "neighbours": neighbours, "threshold": threshold,
-                 "dim": dim, "dtype": raw[0].decode(), "stage": cls.STAGES[stage], "enc_sk": raw[1],
-                 "mask_sk": raw[2], "seed": raw[3], "enc_pk": raw[4], "mask_pk": raw[5], "keys": keys,
-                 "keys_mask": keys_mask, "channels": channels, "masked_with": masked_with, "held": held,
-                 "held_b": held_b, "held_s": held_s}
-            return cls.from_state(s)
+            s["dtype"] = bytes(s["dtype"]).decode()
+            s["stage"] = cls.STAGES[stage]
+            return cls.from_state(s, identity)
         except (ValueError, TypeError, IndexError, UnicodeDecodeError, struct.error) as exc:
             # (ValidationError, from the constructor's checks, is a ValueError too)
             raise ValidationError(f"corrupt secure-aggregation state: {exc}") from None
 
     @classmethod
-    def from_state(cls, s: Mapping[str, object]) -> SecAggClient:
+    def from_state(cls, s: Mapping[str, object], identity: DeviceIdentity | None = None) -> SecAggClient:
+        sign_sk = bytes(s.get("sign_sk", b""))
+        if identity is None and sign_sk:
+            identity = DeviceIdentity.from_raw(sign_sk)
         c = cls(bytes(s["round_id"]), int(s["index"]), list(s["neighbours"]), int(s["threshold"]),
-                int(s["dim"]), np.dtype(str(s["dtype"])))
+                int(s["dim"]), np.dtype(str(s["dtype"])), identity)
         c.stage = str(s["stage"])
         if c.stage not in cls.STAGES:
             raise ValidationError(f"unknown secure-aggregation stage {c.stage!r}")
@@ -393,6 +478,8 @@ class SecAggClient:
             c._channels = {int(k): bytes(ch) for k, ch in zip(s["keys"], channels, strict=True)}
         c._masked_with = tuple(int(v) for v in s["masked_with"])
         c._held = {int(k): (bytes(b), bytes(x)) for k, b, x in zip(s["held"], s["held_b"], s["held_s"], strict=True)}
+        c._peer_identities = dict(zip(map(int, s.get("ids", ())), map(bytes, s.get("ids_public", ())), strict=True))
+        c._survivors = tuple(int(v) for v in s.get("survivors", ()))
         return c
 
 
@@ -420,8 +507,9 @@ class SecAggServer:
         self.n = n
         self.graph = harary_graph(n, degree, source)
         self.degree = len(self.graph[1])
-        if not 1 <= threshold <= self.degree:
-            raise ValidationError(f"threshold {threshold} impossible with degree {self.degree}")
+        if not majority(self.degree) <= threshold <= self.degree:
+            raise ValidationError(f"threshold {threshold} with degree {self.degree} is not a strict majority "
+                                  f"(at least {majority(self.degree)})")
         self.threshold = threshold
         self.dim = dim
         self.dtype = np.dtype(dtype)
@@ -432,6 +520,7 @@ class SecAggServer:
         self.shared: set[int] = set()  # U2
         self._outbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.masked: set[int] = set()  # U3
+        self._signatures: dict[int, bytes] = {}  # U4: survivor -> its signature on U3
         self._sum: np.ndarray | None = None
 
     def neighbours(self, i: int) -> tuple[int, ...]:
@@ -510,10 +599,23 @@ class SecAggServer:
                                     f"rebuild its secrets, threshold {self.threshold}")
         return set(self.masked)
 
+    # stage 3: consistency
+    def survivor_set(self) -> tuple[int, ...]:
+        """U3, the same for every survivor: each signs it."""
+        return tuple(sorted(self.masked))
+
+    def collect_signatures(self, signatures: Mapping[int, bytes]) -> set[int]:
+        """Keep the survivors' signatures on U3 (the clients check them); returns who signed."""
+        self._signatures = {i: bytes(sig) for i, sig in signatures.items() if i in self.masked}
+        return set(self._signatures)
+
     def unmask_request_for(self, i: int) -> UnmaskRequest:
+        return UnmaskRequest({v: self._signatures[v] for v in self.graph[i] if v in self._signatures})
+
+    def _expected(self, i: int) -> tuple[set[int], set[int]]:
+        """Whose b shares and whose s-key shares client ``i`` reveals for U3."""
         masked_with = set(self._outbox[i])
-        return UnmaskRequest(tuple(sorted(masked_with & self.masked)),
-                             tuple(sorted(masked_with - self.masked)))
+        return masked_with & self.masked, masked_with - self.masked
 
     # stage 3 -> result
     def finish(self, replies: Mapping[int, UnmaskShares]) -> SecAggSum:
@@ -524,8 +626,8 @@ class SecAggServer:
         for i, r in replies.items():
             if i not in self.masked:
                 continue
-            req = self.unmask_request_for(i)
-            if set(r.self_mask) != set(req.survivors) or set(r.mask_key) != set(req.dropped):
+            survivors, dropped = self._expected(i)
+            if set(r.self_mask) != survivors or set(r.mask_key) != dropped:
                 continue  # not the shares asked for: ignore this reply
             for v, share in r.self_mask.items():
                 b_shares[v][i] = share
@@ -569,11 +671,12 @@ def new_round_id() -> bytes:
 
 def run_in_memory(inputs: Mapping[int, np.ndarray], *, degree: int, threshold: int, source: RandomSource,
                   drop_before_masking: Iterable[int] = (), drop_after_masking: Iterable[int] = (),
-                  round_id: bytes | None = None) -> SecAggSum:
+                  round_id: bytes | None = None, identities: Mapping[int, DeviceIdentity] | None = None) -> SecAggSum:
     """The whole protocol between one server and in-process clients (tests and benchmarks).
 
     ``inputs`` maps indices 1..n to encoded field vectors; the named clients drop right before
-    sending their masked input, or right after it (they never answer the unmask stage).
+    sending their masked input, or right after it (they never sign the survivor set nor unmask).
+    ``identities``: each client's, default uncertified.
     """
     n = len(inputs)
     if sorted(inputs) != list(range(1, n + 1)):
@@ -582,16 +685,23 @@ def run_in_memory(inputs: Mapping[int, np.ndarray], *, degree: int, threshold: i
     rid = round_id or new_round_id()
     server = SecAggServer(n, degree=degree, threshold=threshold, dim=first.shape[0], dtype=first.dtype,
                           round_id=rid, source=source)
-    clients = {i: SecAggClient(rid, i, server.neighbours(i), threshold, first.shape[0], first.dtype)
-               for i in inputs}
+    clients = {i: SecAggClient(rid, i, server.neighbours(i), threshold, first.shape[0], first.dtype,
+                               identities[i] if identities else None) for i in inputs}
     server.collect_adverts({i: c.advertise() for i, c in clients.items()})
     server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in sorted(server.advertised)})
     before, after = set(drop_before_masking), set(drop_after_masking)
     for i in sorted(server.shared - before):
         server.add_masked(i, clients[i].mask(server.inbox_for(i), inputs[i]))
     server.close_masking()
-    return server.finish({i: clients[i].unmask(server.unmask_request_for(i))
-                          for i in sorted(server.masked - after)})
+    u3 = server.survivor_set()
+    signed = server.collect_signatures({i: clients[i].sign_survivors(u3) for i in sorted(server.masked - after)})
+    replies = {}
+    for i in sorted(signed):
+        try:
+            replies[i] = clients[i].unmask(server.unmask_request_for(i))
+        except ValidationError:
+            continue  # a client refusing (too few of its neighbours signed) is silent, as over a grid
+    return server.finish(replies)
 
 
 __all__ = [
@@ -606,6 +716,7 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskShares",
     "harary_graph",
+    "majority",
     "new_round_id",
     "plan_graph",
     "run_in_memory",

@@ -2,7 +2,7 @@
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
 ``ConfigRecord`` under ``"secagg"`` with one bytes entry, ``"msg"``: a 40-byte header -- the schema
-``hyprstream.secagg/2`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
+``hyprstream.secagg/3`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
 bytes, the round id (16 bytes) -- and then the stage's fields packed in a compact binary layout
 (below); a reply that is not ``ok`` (``declined`` / ``refused``) carries its reason (UTF-8) there
 instead. One entry per message whatever the neighbourhood size: per-neighbour keys, ciphertexts and
@@ -16,14 +16,18 @@ a u32 item size ``s``, ``n`` u32 indices and then the ``n`` items of ``s`` bytes
 stage     fog -> client                                     client -> fog
 ========  ================================================  ============================================
 setup     the train request (``weights``, ``config``, as    enc key (32) | mask key (32) | commitment
-          in protocol.py) + body: index, threshold,         (32), or ``declined`` with the agent's
-          quantizer, clip, noise, weighting, neighbours     reason; no delta, metrics or
-          (``ints``), layout names, dims and ranks          ``num_examples`` ever
-share     neighbours' keys: ``ints`` peers, then per peer   ``table`` of sealed shares, indexed by
-          enc key | mask key | commitment (96 bytes)        recipient
+          in protocol.py) + body: index, threshold,         (32) | signature (64) | u32 length and
+          quantizer, clip, noise, weighting, neighbours     credential, or ``declined`` with the
+          (``ints``), layout names, dims and ranks          agent's reason; no delta, metrics or
+                                                            ``num_examples`` ever
+share     neighbours' adverts: ``ints`` peers, per peer     ``table`` of sealed shares, indexed by
+          enc key | mask key | commitment | signature       recipient
+          (160 bytes), then per peer a u32 length and its
+          credential
 mask      ``table`` of sealed shares, indexed by sender     the masked field vector: raw little-endian
                                                             elements of the round's dtype
-unmask    ``ints`` survivors, ``ints`` dropped              ``table`` of b shares by owner, then
+consist.  ``ints`` the survivor set U3                      the signature of U3 (64)
+unmask    ``table`` of neighbours' signatures on U3         ``table`` of b shares by owner, then
                                                             ``table`` of s-key shares by owner
 ========  ================================================  ============================================
 
@@ -61,11 +65,12 @@ from hyprstream.privacy.secagg import (
 
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"
-SCHEMA = "hyprstream.secagg/2"
+SCHEMA = "hyprstream.secagg/3"
 RECORD = "secagg"
 FIELD = "msg"
 KEY_BYTES = 32  # X25519 public keys and SHA-256 commitments
-_ADVERT = 3 * KEY_BYTES
+SIGNATURE_BYTES = 64  # Ed25519
+_ADVERT = 3 * KEY_BYTES + SIGNATURE_BYTES
 _SETUP = struct.Struct(">IIIdQQddBd")  # index, threshold, bits, scale, bound, max_terms, clip, sigma, weighted, max_weight
 
 
@@ -73,6 +78,7 @@ class Stage(enum.Enum):
     SETUP = "setup"
     SHARE = "share"
     MASK = "mask"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
 
 
@@ -266,15 +272,24 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
     return setup, train
 
 
-def advert_content(round_id: bytes, advert: KeyAdvert) -> RecordDict:
+def _check_advert(advert: KeyAdvert) -> None:
     if not len(advert.enc_key) == len(advert.mask_key) == len(advert.commitment) == KEY_BYTES:
         raise ValidationError("secure aggregation: public keys and commitments are 32 bytes")
-    return _content(Stage.SETUP, round_id, advert.enc_key, advert.mask_key, advert.commitment)
+    if len(advert.signature) != SIGNATURE_BYTES:
+        raise ValidationError("secure aggregation: an advert's signature is 64 bytes")
+
+
+def advert_content(round_id: bytes, advert: KeyAdvert) -> RecordDict:
+    _check_advert(advert)
+    return _content(Stage.SETUP, round_id, advert.enc_key, advert.mask_key, advert.commitment, advert.signature,
+                    struct.pack(">I", len(advert.credential)), advert.credential)
 
 
 def advert_from(content: RecordDict) -> KeyAdvert:
     r = _body(content, "key advert")
-    advert = KeyAdvert(*r.items(3, KEY_BYTES))
+    keys = r.items(3, KEY_BYTES)
+    signature = r.take(SIGNATURE_BYTES)
+    advert = KeyAdvert(*keys, signature, r.take(r.u32()))
     r.done()
     return advert
 
@@ -285,19 +300,23 @@ def advert_from(content: RecordDict) -> KeyAdvert:
 def keys_content(round_id: bytes, keys: NeighbourKeys) -> RecordDict:
     peers = sorted(keys.adverts)
     adverts = [keys.adverts[p] for p in peers]
-    if any(not len(a.enc_key) == len(a.mask_key) == len(a.commitment) == KEY_BYTES for a in adverts):
-        raise ValidationError("secure aggregation: public keys and commitments are 32 bytes")
-    return _content(Stage.SHARE, round_id, _ints(peers), *(a.enc_key + a.mask_key + a.commitment for a in adverts))
+    for a in adverts:
+        _check_advert(a)
+    return _content(Stage.SHARE, round_id, _ints(peers),
+                    *(a.enc_key + a.mask_key + a.commitment + a.signature for a in adverts),
+                    *(struct.pack(">I", len(a.credential)) + a.credential for a in adverts))
 
 
 def keys_from(content: RecordDict) -> NeighbourKeys:
     r = _body(content, "share request")
     peers = r.ints()
     raw = r.take(_ADVERT * len(peers))
+    credentials = [r.take(r.u32()) for _ in peers]
     r.done()
     k = KEY_BYTES
-    return NeighbourKeys({p: KeyAdvert(raw[o:o + k], raw[o + k:o + 2 * k], raw[o + 2 * k:o + _ADVERT])
-                          for p, o in zip(peers, range(0, len(raw), _ADVERT), strict=True)})
+    return NeighbourKeys({p: KeyAdvert(raw[o:o + k], raw[o + k:o + 2 * k], raw[o + 2 * k:o + 3 * k],
+                                       raw[o + 3 * k:o + _ADVERT], cred)
+                          for p, o, cred in zip(peers, range(0, len(raw), _ADVERT), credentials, strict=True)})
 
 
 def sealed_content(stage: Stage, round_id: bytes, shares: SealedShares, key: str = "") -> RecordDict:
@@ -333,18 +352,47 @@ def masked_from(content: RecordDict, dtype: np.dtype) -> MaskedInput:
     return MaskedInput(y.astype(dtype, copy=False))
 
 
+# -- consistency
+
+
+def survivors_content(round_id: bytes, survivors: Sequence[int]) -> RecordDict:
+    return _content(Stage.CONSISTENCY, round_id, _ints(survivors))
+
+
+def survivors_from(content: RecordDict) -> tuple[int, ...]:
+    r = _body(content, "survivor set")
+    survivors = tuple(r.ints())
+    r.done()
+    return survivors
+
+
+def signature_content(round_id: bytes, signature: bytes) -> RecordDict:
+    if len(signature) != SIGNATURE_BYTES:
+        raise ValidationError("secure aggregation: a signature is 64 bytes")
+    return _content(Stage.CONSISTENCY, round_id, signature)
+
+
+def signature_from(content: RecordDict) -> bytes:
+    r = _body(content, "survivor signature")
+    signature = r.take(SIGNATURE_BYTES)
+    r.done()
+    return signature
+
+
 # -- unmask
 
 
 def unmask_content(round_id: bytes, req: UnmaskRequest) -> RecordDict:
-    return _content(Stage.UNMASK, round_id, _ints(req.survivors), _ints(req.dropped))
+    return _content(Stage.UNMASK, round_id, _table(req.signatures))
 
 
 def unmask_from(content: RecordDict) -> UnmaskRequest:
     r = _body(content, "unmask request")
-    survivors, dropped = r.ints(), r.ints()
+    signatures = r.table()
     r.done()
-    return UnmaskRequest(tuple(survivors), tuple(dropped))
+    if any(len(s) != SIGNATURE_BYTES for s in signatures.values()):
+        raise r.fail("a signature is not 64 bytes")
+    return UnmaskRequest(signatures)
 
 
 def shares_content(round_id: bytes, shares: UnmaskShares) -> RecordDict:
@@ -381,6 +429,10 @@ __all__ = [
     "setup_from",
     "shares_content",
     "shares_from",
+    "signature_content",
+    "signature_from",
+    "survivors_content",
+    "survivors_from",
     "unmask_content",
     "unmask_from",
 ]

@@ -1,6 +1,6 @@
 """Client middleware: secure aggregation around the agent's unchanged train handler.
 
-``secagg_mod(msg, context, call_next)`` answers the four stages of ``train.secagg`` messages
+``secagg_mod(msg, context, call_next)`` answers the five stages of ``train.secagg`` messages
 (see :mod:`hyprstream.privacy.secagg_messages`); any other message passes straight to ``call_next``.
 
 * **setup**: passes the embedded train request to the wrapped handler (``call_next``), takes the
@@ -8,7 +8,12 @@
   makes the round's keys and answers with the public keys only. The delta, the loss and
   ``num_examples`` never leave the device in the clear. A ``declined`` train reply (budget, no data)
   becomes a ``declined`` setup reply with the same reason.
-* **share / mask / unmask**: one step each of :class:`~hyprstream.privacy.secagg.SecAggClient`.
+* **share / mask / consistency / unmask**: one step each of :class:`~hyprstream.privacy.secagg.SecAggClient`.
+
+The device's secure-aggregation identity (:mod:`~hyprstream.privacy.identity`) comes from
+``make_secagg_mod(identity=...)`` or from the node config: ``secagg-identity-key``,
+``secagg-identity-cert`` and ``secagg-ca`` (PEM paths, all three or none; a SuperNode's
+``--node-config``). Without one the client signs with a per-round key the fog relays (uncertified).
 
 Between messages the client's state (keys, self-mask seed, held shares, encoded input) lives in
 ``context.state`` -- in memory on a SuperNode, as Flower's own SecAgg+ mod keeps it -- and is
@@ -30,6 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.contribution import encode
+from hyprstream.privacy.identity import DeviceIdentity
 from hyprstream.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from hyprstream.privacy.secagg import SecAggClient
 from hyprstream.privacy.secagg_messages import Stage, Status
@@ -41,9 +47,13 @@ STATE = "hyprstream.secagg"
 INPUT = "hyprstream.secagg.input"
 
 
-def make_secagg_mod(*, secure: bool = True):
+IDENTITY_KEYS = ("secagg-identity-key", "secagg-identity-cert", "secagg-ca")  # node-config keys
+
+
+def make_secagg_mod(*, secure: bool = True, identity: DeviceIdentity | None = None):
     """The middleware. ``secure=False`` seeds stochastic rounding and distributed noise from the
-    request's seed (reproducible simulations only); keys and masks always come from the OS CSPRNG."""
+    request's seed (reproducible simulations only); keys and masks always come from the OS CSPRNG.
+    ``identity``: the device's certified identity (default: the node config's, if any)."""
 
     def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         if not wire.is_secagg(msg.content):
@@ -52,7 +62,8 @@ def make_secagg_mod(*, secure: bool = True):
         try:
             h = wire.header(msg.content)
             stage, round_id = h.stage, h.round_id
-            content = _STAGES[h.stage](msg, context, call_next, h.round_id, secure)
+            device = identity if identity is not None else _configured_identity(context)
+            content = _STAGES[h.stage](msg, context, call_next, h.round_id, secure, device)
         except HyprstreamError as exc:
             _clear(context)
             log.warning("secure aggregation %s refused: %s", stage.value, exc)
@@ -64,12 +75,26 @@ def make_secagg_mod(*, secure: bool = True):
 
 secagg_mod = make_secagg_mod()
 
+_loaded: dict[tuple[str, ...], DeviceIdentity] = {}
+
+
+def _configured_identity(context: Context) -> DeviceIdentity | None:
+    paths = tuple(str(context.node_config.get(k, "")) for k in IDENTITY_KEYS)
+    if not any(paths):
+        return None
+    if not all(paths):
+        raise ValidationError(f"node config: {', '.join(IDENTITY_KEYS)} are set together or not at all")
+    if paths not in _loaded:
+        _loaded[paths] = DeviceIdentity.load(*paths)
+    return _loaded[paths]
+
 
 def _source(secure: bool, seed: int, index: int) -> RandomSource:
     return SecureRandom() if secure else SeededRandom(seed * 1_000_003 + index)
 
 
-def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
+def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
+           identity: DeviceIdentity | None) -> RecordDict:
     _clear(context)  # a new round replaces any abandoned one
     setup, train_content = wire.setup_from(msg.content)
     reply = call_next(Message(content=train_content, metadata=copy(msg.metadata)), context)
@@ -90,7 +115,7 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
     seed = config.get("seed", 0)
     encoded = encode(train.delta, train.num_examples, setup.spec, _source(secure, int(seed), setup.index))
     client = SecAggClient(round_id, setup.index, setup.neighbours, setup.threshold, setup.spec.dim,
-                          setup.spec.quantizer.dtype)
+                          setup.spec.quantizer.dtype, identity)
     advert = client.advertise()
     _save(context, client)
     # the raw field elements (dtype and length are the client's): no npy framing to write and parse
@@ -98,11 +123,11 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
     return wire.advert_content(round_id, advert)
 
 
-def _load(context: Context, round_id: bytes) -> SecAggClient:
+def _load(context: Context, round_id: bytes, identity: DeviceIdentity | None) -> SecAggClient:
     state = context.state.get(STATE)
     if not isinstance(state, ConfigRecord) or not isinstance(state.get("client"), bytes):
         raise ValidationError("no secure-aggregation round in progress")
-    client = SecAggClient.from_bytes(state["client"])
+    client = SecAggClient.from_bytes(state["client"], identity)
     if client.round_id != round_id:
         raise ValidationError("message for another secure-aggregation round")
     return client
@@ -118,15 +143,17 @@ def _clear(context: Context) -> None:
             del context.state[key]
 
 
-def _share(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
-    client = _load(context, round_id)
+def _share(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
+           identity: DeviceIdentity | None) -> RecordDict:
+    client = _load(context, round_id, identity)
     sealed = client.share(wire.keys_from(msg.content))
     _save(context, client)
     return wire.sealed_content(Stage.SHARE, round_id, sealed, "dsts")
 
 
-def _mask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
-    client = _load(context, round_id)
+def _mask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
+          identity: DeviceIdentity | None) -> RecordDict:
+    client = _load(context, round_id, identity)
     stored = context.state.get(INPUT)
     raw = stored.get("x") if isinstance(stored, ConfigRecord) else None
     if not isinstance(raw, bytes) or len(raw) != client.dim * client.dtype.itemsize:
@@ -137,8 +164,17 @@ def _mask(msg: Message, context: Context, call_next, round_id: bytes, secure: bo
     return wire.masked_content(round_id, masked)
 
 
-def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool) -> RecordDict:
-    client = _load(context, round_id)
+def _consistency(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
+                 identity: DeviceIdentity | None) -> RecordDict:
+    client = _load(context, round_id, identity)
+    signature = client.sign_survivors(wire.survivors_from(msg.content))
+    _save(context, client)
+    return wire.signature_content(round_id, signature)
+
+
+def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
+            identity: DeviceIdentity | None) -> RecordDict:
+    client = _load(context, round_id, identity)
     try:
         shares = client.unmask(wire.unmask_from(msg.content))
     finally:
@@ -146,6 +182,7 @@ def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: 
     return wire.shares_content(round_id, shares)
 
 
-_STAGES = {Stage.SETUP: _setup, Stage.SHARE: _share, Stage.MASK: _mask, Stage.UNMASK: _unmask}
+_STAGES = {Stage.SETUP: _setup, Stage.SHARE: _share, Stage.MASK: _mask, Stage.CONSISTENCY: _consistency,
+           Stage.UNMASK: _unmask}
 
-__all__ = ["INPUT", "STATE", "make_secagg_mod", "secagg_mod"]
+__all__ = ["IDENTITY_KEYS", "INPUT", "STATE", "make_secagg_mod", "secagg_mod"]

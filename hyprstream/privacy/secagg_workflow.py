@@ -9,7 +9,7 @@ runs the SecAgg+ stages (:mod:`hyprstream.privacy.secagg`) instead of collecting
    neighbours, threshold and the encoding (quantizer sized from the clip bound and the client count,
    the round's layer layout, the distributed-noise scale).
 2. ``finish_round`` collects the public keys (the agents train meanwhile; the plan's timeout), then
-   runs *share*, *mask* and *unmask*, each under ``stage_timeout_s``: a client that is late or
+   runs *share*, *mask*, *consistency* and *unmask*, each under ``stage_timeout_s``: a client that is late or
    silent is treated as dropped, never waited on.
 3. The unmasked sum is decoded, turned into the round's mean -- with client-level DP: central noise,
    or checked distributed noise, over a fixed denominator (:class:`~hyprstream.privacy.client_dp.ClientDP`)
@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.privacy import secagg_messages as wire
-from hyprstream.privacy.accountant import GaussianEvent, RdpAccountant
+from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
@@ -99,7 +99,7 @@ class SecureFogAggregator:
         self.clock = clock
         self.last: SecureRoundInfo | None = None
         # without a ledger, client-level spend is still accounted and enforced, in memory only
-        self._memory = RdpAccountant() if client_dp is not None and ledger is None else None
+        self._memory = PldAccountant() if client_dp is not None and ledger is None else None
         # ledger entries of released rounds whose push core has not answered yet: push seq -> entry seq
         self._unbound: dict[int, int] = {}
         self._bound: dict[int, Entry] = {}  # bound while their push was being sent (read back by _push)
@@ -334,8 +334,14 @@ class SecureFogAggregator:
               lambda i, c: server.add_masked(i, wire.masked_from(c, server.dtype)))
         server.close_masking()
 
+        signatures = {}
+        u3 = wire.survivors_content(rid, server.survivor_set())  # one message for every survivor
+        stage(Stage.CONSISTENCY, {i: u3 for i in sorted(server.masked)},
+              lambda i, c: signatures.__setitem__(i, wire.signature_from(c)))
+        signed = server.collect_signatures(signatures)
+
         unmask = {}
-        stage(Stage.UNMASK, {i: wire.unmask_content(rid, server.unmask_request_for(i)) for i in sorted(server.masked)},
+        stage(Stage.UNMASK, {i: wire.unmask_content(rid, server.unmask_request_for(i)) for i in sorted(signed)},
               lambda i, c: unmask.__setitem__(i, wire.shares_from(c)))
         return server.finish(unmask)
 
@@ -376,7 +382,7 @@ class SecureFogAggregator:
                 entry = self.ledger.charge(
                     Scope.MODEL, self.model,
                     Charge(self._event(), model=self.model, base_version=pending.base.version,
-                           round=pending.group_id, mechanism=self._mechanism()),
+                           round=pending.group_id, mechanism=self._mechanism(), unit="device"),
                     self.client_dp.budget)
             else:
                 self._check_budget(f"round {pending.round} of {self.model}")

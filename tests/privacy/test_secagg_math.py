@@ -21,6 +21,7 @@ from hyprstream.privacy.secagg import (
     SecAggServer,
     UnmaskRequest,
     harary_graph,
+    majority,
     new_round_id,
     plan_graph,
     run_in_memory,
@@ -243,10 +244,10 @@ def test_plan_graph_grows_the_degree_with_the_expected_dropout() -> None:
     k0, t0 = plan_graph(100, expected_dropout=0.0)
     k1, t1 = plan_graph(100, expected_dropout=0.1)
     k3, t3 = plan_graph(100, expected_dropout=0.3)
-    assert k0 == 14 and t0 == 7  # the 2 * ceil(log2 n) floor
+    assert k0 == 14 and t0 == 8  # the 2 * ceil(log2 n) floor; t a strict majority of k
     assert k0 < k1 < k3 <= 99
-    assert t1 == math.ceil(k1 / 2)
-    assert plan_graph(5) == (4, 2)
+    assert t1 == k1 // 2 + 1
+    assert plan_graph(5) == (4, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,8 +289,8 @@ def test_secure_sum_equals_plain_sum_with_dropouts(n: int, dim: int, bits: int, 
     answering = survivors - after
     # the largest threshold the dropouts allow: every client keeps that many answering neighbours
     feasible = min(len(set(graph[i]) & answering) for i in range(1, n + 1))
-    assume(feasible >= 1 and survivors)
-    t = data.draw(st.integers(1, feasible))
+    assume(feasible >= majority(k) and survivors)
+    t = data.draw(st.integers(majority(k), feasible))
     result = run_in_memory(encoded, degree=k, threshold=t, source=SeededRandom(seed),
                            drop_before_masking=before, drop_after_masking=after)
     assert set(result.survivors) == survivors
@@ -333,7 +334,7 @@ def test_decoded_sum_is_the_sum_of_the_quantized_deltas() -> None:
     deltas = [{"a.weight": rng.normal(size=(3, 2)), "a.bias": rng.normal(size=3)} for _ in range(3)]
     examples = [10, 50, 400]  # the last is capped at max_weight
     encoded = {i + 1: encode(d, m, spec, SeededRandom(i)).vector for i, (d, m) in enumerate(zip(deltas, examples))}
-    result = run_in_memory(encoded, degree=2, threshold=1, source=SeededRandom(0))
+    result = run_in_memory(encoded, degree=2, threshold=2, source=SeededRandom(0))
     dec = decode(result.total, 3, spec)
     assert dec.weight == pytest.approx(0.1 + 0.5 + 1.0, abs=3 / q.bound)
     expected = sum(w * layout.flatten(d) for w, d in zip([0.1, 0.5, 1.0], deltas))
@@ -347,9 +348,16 @@ def test_decoded_sum_is_the_sum_of_the_quantized_deltas() -> None:
 def _stage_all(n: int, dim: int, seed: int):
     encoded, q, _ = _inputs(n, dim, 32, seed)
     rid = new_round_id()
-    server = SecAggServer(n, degree=n - 1, threshold=2, dim=dim, dtype=q.dtype, round_id=rid, source=SeededRandom(seed))
-    clients = {i: SecAggClient(rid, i, server.neighbours(i), 2, dim, q.dtype) for i in encoded}
+    t = majority(n - 1)
+    server = SecAggServer(n, degree=n - 1, threshold=t, dim=dim, dtype=q.dtype, round_id=rid, source=SeededRandom(seed))
+    clients = {i: SecAggClient(rid, i, server.neighbours(i), t, dim, q.dtype) for i in encoded}
     return encoded, server, clients
+
+
+def _sign(server: SecAggServer, clients) -> None:
+    """The consistency round, honest: every survivor signs U3."""
+    u3 = server.survivor_set()
+    server.collect_signatures({i: clients[i].sign_survivors(u3) for i in sorted(server.masked)})
 
 
 def _arrays_in(obj, seen=None):
@@ -391,6 +399,7 @@ def test_the_fog_only_ever_holds_uniformly_masked_inputs() -> None:
             for v in encoded.values():
                 assert not (arr.shape == v.shape and np.array_equal(arr, v))
     server.close_masking()
+    _sign(server, clients)
     result = server.finish({i: clients[i].unmask(server.unmask_request_for(i)) for i in clients})
     plain = np.zeros(dim, dtype=np.uint32)
     for v in encoded.values():
@@ -398,20 +407,43 @@ def test_the_fog_only_ever_holds_uniformly_masked_inputs() -> None:
     np.testing.assert_array_equal(result.total, plain)
 
 
-def test_a_client_never_reveals_both_secrets_of_one_neighbour() -> None:
-    encoded, server, clients = _stage_all(4, 16, 1)
+def test_a_client_reveals_only_what_the_survivor_set_it_signed_says() -> None:
+    """What a client reveals follows from the U3 it signed, never from the unmask request: its share of b
+    for neighbours in U3, of the mask key for those not in U3, never both; once, and only with t valid
+    neighbour signatures on that same U3."""
+    encoded, server, clients = _stage_all(6, 16, 1)  # k = 5, t = 3
     server.collect_adverts({i: c.advertise() for i, c in clients.items()})
     server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
     for i in clients:
         server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
-    with pytest.raises(ValidationError, match="both survive and drop"):
-        clients[1].unmask(UnmaskRequest(survivors=(2, 3), dropped=(2,)))
+    u3 = (1, 2, 3, 4, 5, 6)
+    sigs = {i: clients[i].sign_survivors(u3) for i in clients}
+    with pytest.raises(ValidationError, match="out of order"):  # one signature per round
+        clients[1].sign_survivors((1, 2, 3, 4, 5))
+    # a forged signature does not count: with one of three forged, fewer than t valid
+    forged = {2: bytes(64), 3: sigs[3], 4: sigs[4]}
+    with pytest.raises(ValidationError, match="2 valid neighbour signature"):
+        clients[1].unmask(UnmaskRequest(forged))
     with pytest.raises(ValidationError, match="out of order"):  # and it answers one unmask request only
-        clients[1].unmask(UnmaskRequest(survivors=(2,), dropped=()))
-    with pytest.raises(ValidationError, match="did not mask with"):
-        clients[2].unmask(UnmaskRequest(survivors=(9,), dropped=()))
-    with pytest.raises(ValidationError, match="out of order"):
-        clients[2].unmask(UnmaskRequest(survivors=(1,), dropped=()))
+        clients[1].unmask(UnmaskRequest({v: sigs[v] for v in (2, 3, 4)}))
+    # signatures on another survivor set (client 6 "dropped") do not verify against the U3 client 2 signed
+    other = {v: clients[v].identity.sign(b"x") for v in (3, 4, 5)}
+    with pytest.raises(ValidationError, match="0 valid"):
+        clients[2].unmask(UnmaskRequest(other))
+    out = clients[3].unmask(UnmaskRequest({v: sigs[v] for v in (1, 2, 4)}))
+    assert set(out.self_mask) == {1, 2, 4, 5, 6} and not out.mask_key
+
+
+def test_a_survivor_set_leaving_out_the_signer_is_refused() -> None:
+    encoded, server, clients = _stage_all(4, 8, 2)
+    server.collect_adverts({i: c.advertise() for i, c in clients.items()})
+    server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
+    for i in clients:
+        server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
+    with pytest.raises(ValidationError, match="leaves out this client"):
+        clients[1].sign_survivors((2, 3, 4))
+    with pytest.raises(ValidationError, match="fewer than 2 of my neighbours"):
+        clients[2].sign_survivors((2, 3))
 
 
 def test_the_fog_cannot_open_relayed_shares() -> None:
@@ -442,6 +474,8 @@ def test_client_state_survives_a_process_boundary() -> None:
         server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
     clients = {i: reload(c) for i, c in clients.items()}
     server.close_masking()
+    _sign(server, clients)
+    clients = {i: reload(c) for i, c in clients.items()}
     result = server.finish({i: clients[i].unmask(server.unmask_request_for(i)) for i in clients})
     plain = np.zeros(dim, dtype=np.uint32)
     for v in encoded.values():

@@ -125,7 +125,7 @@ def test_agents_answering_in_worker_processes_give_the_same_exact_mean(tmp_path:
         result = secure.finish_round(pending)
         assert result.version == 1 and result.participants == 6, result.reasons
         stages = Counter(node for node, _type, _seconds in grid.seconds)
-        assert stages == {node: 4 for node in pending.nodes}  # setup, share, mask, unmask: each in its worker
+        assert stages == {node: 5 for node in pending.nodes}  # setup, share, mask, consistency, unmask: each in its worker
         with one_torch_thread():  # as the workers train
             expected = expected_mean(secure, pending, store_of, set(pending.nodes))
         for name, value in expected.items():
@@ -164,7 +164,7 @@ def test_dropouts_at_every_stage_are_recovered_exactly(tmp_path: Path, core: Loo
         return msg.metadata.message_type == wire.SECAGG_MESSAGE_TYPE and silent.get(node) is wire.header(msg.content).stage
 
     secure, grid, store_of = setup_fog(tmp_path, core, 10, drop=drop,
-                                             secagg=SecAggConfig(clip=0.5, stage_timeout_s=0.3, degree=8,
+                                             secagg=SecAggConfig(clip=0.5, stage_timeout_s=0.3, degree=9,
                                                                  threshold_fraction=0.5))
     pending = secure.start_round(1)
     result = secure.finish_round(pending)
@@ -389,11 +389,13 @@ def _wire_messages():
     spec = InputSpec(Layout.of({"a.w": (3, 2), "b": (5,)}), 0.5, Quantizer.for_clients(clip=0.5, max_clients=7),
                      weighted=True, max_weight=50.0)
     setup = wire.Setup(rid, 3, (1, 2, 4, 7), 2, spec)
-    advert = KeyAdvert(key(1), key(2), key(3))
-    keys = NeighbourKeys({4: KeyAdvert(key(4), key(5), key(6)), 2: KeyAdvert(key(7), key(8), key(9))})
+    sig = lambda i: bytes([i]) * 64  # noqa: E731
+    advert = KeyAdvert(key(1), key(2), key(3), sig(1), b"certificate")
+    keys = NeighbourKeys({4: KeyAdvert(key(4), key(5), key(6), sig(2), b"c" * 300),
+                          2: KeyAdvert(key(7), key(8), key(9), sig(3), key(10))})
     sealed = SealedShares({7: b"x" * 168, 2: b"y" * 168})
     masked = MaskedInput(np.arange(2 ** 32 - 12, 2 ** 32, dtype=np.uint64).astype(np.uint32))
-    req = UnmaskRequest((1, 4), (2,))
+    req = UnmaskRequest({1: sig(4), 4: sig(5)})
     shares = UnmaskShares({1: b"s" * 66, 4: b"t" * 66}, {2: b"u" * 66})
     return rid, setup, advert, keys, sealed, masked, req, shares
 
@@ -413,7 +415,9 @@ def test_every_stage_message_round_trips() -> None:
         assert dict(wire.sealed_from(content).sealed) == dict(sealed.sealed)
     y = wire.masked_from(wire.masked_content(rid, masked), np.uint32).vector
     assert y.dtype == np.uint32 and np.array_equal(y, masked.vector)
-    assert wire.unmask_from(wire.unmask_content(rid, req)) == req
+    assert wire.survivors_from(wire.survivors_content(rid, (1, 3, 4))) == (1, 3, 4)
+    assert wire.signature_from(wire.signature_content(rid, bytes(64))) == bytes(64)
+    assert dict(wire.unmask_from(wire.unmask_content(rid, req)).signatures) == dict(req.signatures)
     back = wire.shares_from(wire.shares_content(rid, shares))
     assert dict(back.self_mask) == dict(shares.self_mask) and dict(back.mask_key) == dict(shares.mask_key)
     refused = wire.header(wire.reply_status(wire.Stage.MASK, rid, wire.Status.REFUSED, "out of order ü"))
@@ -434,6 +438,8 @@ def test_malformed_or_tampered_messages_are_refused_with_clear_errors() -> None:
         (wire.unmask_content(rid, req), wire.unmask_from),
         (wire.shares_content(rid, shares), wire.shares_from),
         (wire.advert_content(rid, advert), wire.advert_from),
+        (wire.survivors_content(rid, (1, 3, 4)), wire.survivors_from),
+        (wire.signature_content(rid, bytes(64)), wire.signature_from),
     ]
     for content, parse in cases:
         raw = content[wire.RECORD][wire.FIELD]

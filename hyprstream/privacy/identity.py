@@ -1,0 +1,181 @@
+"""Device identities for secure aggregation: what makes a client's signatures mean something to its peers.
+
+Against a fog that deviates, a client must know that a neighbour's key advert and its signature on the
+survivor set (the consistency round, Bonawitz et al. 2017) come from that neighbour, not from the fog that
+relays them. Keys the fog relays or registers prove nothing (the fog could make its own), so an identity is
+an Ed25519 signing key whose public key is certified by the **deployment CA** -- the CA of ``hyprstream
+certs init``, held by the operator, not by any fog -- in an X.509 certificate carrying the extended key
+usage :data:`SECAGG_DEVICE_USAGE` (so a fog's own TLS client certificate from the same CA is not a device
+identity). Each device holds its key, its certificate and the CA certificate; :func:`issue_identity` makes
+the key and the certificate (``hyprstream`` deployment tooling and tests).
+
+Without a configured identity a client runs the same protocol with a per-round key whose public half the
+fog relays (:meth:`DeviceIdentity.uncertified`): signatures then bind nothing the fog could not forge,
+and only the strict-majority threshold protects against a deviating fog (docs/privacy.md). A client with
+a CA accepts only neighbours certified by it, so a fog cannot downgrade it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hyprstream.errors import ConfigError, ValidationError
+
+# extended key usage of a device's secure-aggregation identity (an OID under the UUID arc 2.25, X.667)
+SECAGG_DEVICE_USAGE = x509.ObjectIdentifier("2.25.199538794004240797782994923213741189062")
+PUBLIC_BYTES = 32
+SIGNATURE_BYTES = 64
+_CACHE = 4096  # verified certificates kept per process (a device sees the same neighbours round after round)
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """A signing key and how peers learn its public half: a CA-issued certificate (``ca`` set), or the raw
+    public key (uncertified, ``ca`` None)."""
+
+    key: Ed25519PrivateKey
+    credential: bytes  # DER certificate, or the raw 32-byte public key when uncertified
+    ca: x509.Certificate | None = None
+
+    @classmethod
+    def uncertified(cls) -> DeviceIdentity:
+        key = Ed25519PrivateKey.generate()
+        return cls(key, key.public_key().public_bytes_raw())
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> DeviceIdentity:
+        """An uncertified identity from its 32-byte private key (a round's state)."""
+        key = Ed25519PrivateKey.from_private_bytes(raw)
+        return cls(key, key.public_key().public_bytes_raw())
+
+    @classmethod
+    def load(cls, key_path: Path, cert_path: Path, ca_path: Path) -> DeviceIdentity:
+        """A certified identity from PEM files; ConfigError naming the file when one is unusable."""
+        try:
+            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"secure-aggregation identity key: {exc}", source=str(key_path)) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError("secure-aggregation identity key must be Ed25519", source=str(key_path))
+        certs = {}
+        for what, path in (("certificate", cert_path), ("CA certificate", ca_path)):
+            try:
+                certs[what] = x509.load_pem_x509_certificate(Path(path).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"secure-aggregation {what}: {exc}", source=str(path)) from None
+        der = certs["certificate"].public_bytes(serialization.Encoding.DER)
+        identity = cls(key, der, certs["CA certificate"])
+        if identity.verify_peer(der) != key.public_key().public_bytes_raw():
+            raise ConfigError("secure-aggregation certificate is not for this key", source=str(cert_path))
+        return identity
+
+    @property
+    def public(self) -> bytes:
+        return self.key.public_key().public_bytes_raw()
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
+
+    def verify_peer(self, credential: bytes) -> bytes:
+        """A neighbour's raw public key from its credential; ValidationError when this identity's trust
+        anchor does not vouch for it (a certificate not issued by the CA, expired, or not a device
+        identity; with a CA, a bare key is refused)."""
+        if self.ca is None:
+            if len(credential) != PUBLIC_BYTES:
+                raise ValidationError("secure aggregation: a neighbour's identity is not a 32-byte key")
+            return bytes(credential)
+        return _certified_key(self.ca, bytes(credential))
+
+
+_verified: OrderedDict[tuple[bytes, bytes], tuple[bytes, dt.datetime]] = OrderedDict()
+
+
+def _certified_key(ca: x509.Certificate, der: bytes) -> bytes:
+    anchor = ca.fingerprint(hashes.SHA256())
+    hit = _verified.get((anchor, der))
+    now = dt.datetime.now(dt.timezone.utc)
+    if hit is not None and now <= hit[1]:
+        _verified.move_to_end((anchor, der))
+        return hit[0]
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ValidationError(f"secure aggregation: a neighbour's certificate is not from the deployment CA ({exc})") from None
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ValidationError("secure aggregation: a neighbour's certificate is not valid now")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = ()
+    if SECAGG_DEVICE_USAGE not in usage:
+        raise ValidationError("secure aggregation: a neighbour's certificate is not a device identity")
+    key = cert.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValidationError("secure aggregation: a neighbour's identity key is not Ed25519")
+    raw = key.public_bytes_raw()
+    _verified[(anchor, der)] = (raw, cert.not_valid_after_utc)
+    if len(_verified) > _CACHE:
+        _verified.popitem(last=False)
+    return raw
+
+
+def verify(public: bytes, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``data``."""
+    if len(signature) != SIGNATURE_BYTES or len(public) != PUBLIC_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def issue_identity(name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, *,
+                   days: int = 365) -> DeviceIdentity:
+    """A new device identity certified by the deployment CA (its key and certificate)."""
+    key = Ed25519PrivateKey.generate()
+    now = dt.datetime.now(dt.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hyprstream"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([SECAGG_DEVICE_USAGE, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return DeviceIdentity(key, cert.public_bytes(serialization.Encoding.DER), ca_cert)
+
+
+def deployment_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The deployment CA that ``hyprstream certs init`` made in ``directory`` (``ca.pem``, ``ca.key``)."""
+    directory = Path(directory)
+    try:
+        cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"deployment CA: {exc}", source=str(directory)) from None
+    return cert, key
+
+
+def write_identity(identity: DeviceIdentity, key_path: Path, cert_path: Path) -> None:
+    """The identity's key (mode 0600) and certificate as PEM files, for :meth:`DeviceIdentity.load`."""
+    key_path, cert_path = Path(key_path), Path(cert_path)
+    key_path.write_bytes(identity.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(x509.load_der_x509_certificate(identity.credential).public_bytes(serialization.Encoding.PEM))
+
+
+__all__ = ["SECAGG_DEVICE_USAGE", "DeviceIdentity", "deployment_ca", "issue_identity", "verify", "write_identity"]
