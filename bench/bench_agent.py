@@ -264,7 +264,6 @@ def telemetry_run(port: int, devices: int, total: int, subscribers: int) -> dict
     from hyprstream.agent.telemetry import (
         ModelState,
         PrivacyState,
-        StoreState,
         StrategyState,
         Telemetry,
         to_wire,
@@ -285,7 +284,7 @@ def telemetry_run(port: int, devices: int, total: int, subscribers: int) -> dict
         uptime_s=1.0, resources=ResourceSample(time.time(), 12.5, 40.1, 1600.0, 30.0, 51.2, None, None),
         strategy=StrategyState(Strategy.FULL, None, "readings clear the full thresholds by 5", True,
                                ExecutionProvider.CPU, ModelVariant.INT8),
-        store=StoreState(123456, 98765432), model=ModelState("digits", 42), privacy=PrivacyState(1.5, 8.0, 1e-5))
+        model=ModelState("digits", 42), privacy=PrivacyState(False, 8.0, 1e-5))
     per_device = total // devices
     payloads = [[to_wire(dataclasses.replace(base, device_id=f"dev-{d:03d}", seq=s + 1)) for s in range(per_device)]
                 for d in range(devices)]

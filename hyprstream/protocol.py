@@ -43,7 +43,7 @@ from hyprstream.errors import ValidationError
 
 TRAIN_MESSAGE_TYPE = "train.layerwise"
 DEVICE_QUERY_TYPE = "query.device"
-DEVICE_INFO_SCHEMA = "hyprstream.device-info/1"
+DEVICE_INFO_SCHEMA = "hyprstream.device-info/2"
 TRAIN_REQUEST_SCHEMA = "hyprstream.train/1"
 TRAIN_REPLY_SCHEMA = "hyprstream.train-reply/1"
 
@@ -175,23 +175,31 @@ class TrainReply:
         return sum(encoded_nbytes(np.shape(a), self.encoding) for a in self.delta.values())
 
 
+def data_bucket(rows: int) -> int:
+    """A device's data size as the fog may learn it: 0 without data, else b for 2^(b-1) <= rows < 2^b
+    (the size to within a factor of two, never the count)."""
+    if rows < 0:
+        raise ValidationError(f"a row count must be >= 0, got {rows}")
+    return int(rows).bit_length()
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
-    """An agent's answer to ``query.device``: who it is and how much local data it holds."""
+    """An agent's answer to ``query.device``: who it is, and its data size as a :func:`data_bucket`."""
 
     device_id: str
-    num_examples: int
+    data_bucket: int
 
     def to_content(self) -> RecordDict:
         return RecordDict({"config": ConfigRecord({"schema": DEVICE_INFO_SCHEMA, "device_id": self.device_id,
-                                                   "num_examples": self.num_examples})})
+                                                   "data_bucket": self.data_bucket})})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> DeviceInfo:
         cfg = _config(content, DEVICE_INFO_SCHEMA)
-        info = cls(_get(cfg, "device_id", str), _get(cfg, "num_examples", int))
-        if not info.device_id or info.num_examples < 0:
-            raise ValidationError("device info: empty device_id or negative num_examples")
+        info = cls(_get(cfg, "device_id", str), _get(cfg, "data_bucket", int))
+        if not info.device_id or not 0 <= info.data_bucket <= 64:
+            raise ValidationError("device info: empty device_id or a data bucket outside 0..64")
         return info
 
 

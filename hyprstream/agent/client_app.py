@@ -32,15 +32,17 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from hyprstream.agent.policy import BUDGET_DECLINE
 from hyprstream.errors import ConfigError, HyprstreamError
 from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.config import DpSgdConfig, FloorConfig
 from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, ledger_dir_for
+from hyprstream.privacy.errors import BudgetExceeded
 from hyprstream.privacy.floor import plain_round_shortfall, secure_round_shortfall
 from hyprstream.privacy.ledger import Budget
 from hyprstream.privacy.secagg_messages import SECAGG_ACTION, Stage, Status
 from hyprstream.privacy.secagg_mod import secagg_mod
-from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest
+from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest, data_bucket
 
 log = logging.getLogger("hyprstream.agent")
 
@@ -165,13 +167,14 @@ class PrivateTraining:
     def trainer(self) -> DpSgdTrainer:
         return DpSgdTrainer(self.settings, self.ledger_dir, self.device_id)
 
-    def spend(self, num_examples: int, batch_size: int, steps: int) -> tuple[float, float]:
-        """The device's epsilon so far and after a round of ``steps`` at ``batch_size`` (at the budget's delta)."""
+    def spend(self, num_examples: int, batch_size: int, steps: int, group: int = 1) -> tuple[float, float]:
+        """The device's epsilon so far and after a round of ``steps`` at ``batch_size`` (at the budget's delta),
+        for a task whose stored record enters ``group`` examples (``Task.examples_per_record``)."""
         from hyprstream.privacy.accountant import PldAccountant
         from hyprstream.privacy.ledger import PrivacyLedger, Scope
         from hyprstream.store import Store
 
-        event = self.settings.event(num_examples, batch_size, steps)
+        event = self.settings.event(num_examples, batch_size, steps, group)
         delta = self.settings.budget.delta
         if not self.ledger_dir.exists():
             acc = PldAccountant()
@@ -313,8 +316,15 @@ def plan_request(request: TrainRequest, state_dir: Path, *, now: float | None = 
                          batch_size=request.batch_size, gpu_usable=state.gpu_usable)
     if privacy is None or not plan.accept:
         return plan
-    spent, would_be = privacy.spend(num_examples, plan.batch_size, plan.local_steps)
-    return within_budget(plan, spent=spent, would_be=would_be, budget=privacy.settings.budget.epsilon)
+    from hyprstream.agent.task import get_task
+
+    spent, would_be = privacy.spend(num_examples, plan.batch_size, plan.local_steps,
+                                    get_task(request.task).examples_per_record)
+    budget = privacy.settings.budget.epsilon
+    if would_be > budget:  # the numbers stay in the device's log: the reply names no epsilon
+        log.info("privacy budget: this round would raise epsilon from %.4g to %.4g, over the budget of %.4g",
+                 spent, would_be, budget)
+    return within_budget(plan, spent=spent, would_be=would_be, budget=budget)
 
 
 def answer_train(content: RecordDict, context: Context, *, round: str = "") -> TrainReply:
@@ -343,6 +353,9 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
                 raise HyprstreamError(plan.reason)
             log.info("train request for %s: %s", list(request.layers), plan.reason)
         return handle_train(request, store, plan=plan, privacy=privacy, round=round)
+    except BudgetExceeded as exc:  # the trainer's own check as it charges: its epsilons stay here
+        log.warning("declined train request: %s", exc)
+        return _declined(content, BUDGET_DECLINE)
     except HyprstreamError as exc:
         log.warning("declined train request: %s", exc)
         return _declined(content, str(exc))
@@ -356,14 +369,15 @@ app.train(SECAGG_ACTION, mods=[floor_mod, secagg_mod])(train)
 
 @app.query("device")
 def query_device(msg: Message, context: Context) -> Message:
-    """Identify this device to its fog (the fog maps Flower node IDs to devices with it)."""
+    """Identify this device to its fog (the fog maps Flower node IDs to devices with it), with its data
+    size as a power-of-two bucket (:func:`~hyprstream.protocol.data_bucket`), never the row count."""
     from hyprstream.store import Store, load_key
 
     path = store_dir(context)
     with Store.open(path, readonly=True, key=load_key()) as store:
         rows = sum(store.num_rows(t) for t in store.tables())
     device_id = str(context.node_config.get("device-id") or path.name)
-    return Message(DeviceInfo(device_id, rows).to_content(), reply_to=msg)
+    return Message(DeviceInfo(device_id, data_bucket(rows)).to_content(), reply_to=msg)
 
 
 def _num_examples(store_path: Path, task) -> int:

@@ -48,7 +48,6 @@ from hyprstream.agent.telemetry import (
     IngestStats,
     ModelState,
     PrivacyState,
-    StoreState,
     StrategyState,
     Telemetry,
     check_topic_part,
@@ -280,7 +279,7 @@ class Agent:
         self._export_failed: set[int] = set()
         self.decision: Decision | None = None
         self.sample: ResourceSample | None = None
-        self._epsilon_spent = 0.0  # the last sample-level spend read from the privacy ledger
+        self._budget_spent = False  # the last answer read from the privacy ledger (see privacy_state)
 
     # .................................................................. run
 
@@ -389,11 +388,6 @@ class Agent:
         self._seq += 1
         plan = plan_inference(d.strategy, prof.inference, cuda_usable=prof.resources.has_gpu)
         es = self.engine.stats()
-        rows = nbytes = 0
-        for name in self.store.tables():
-            info = self.store.info(name)
-            rows += info.rows
-            nbytes += info.bytes
         records, rejected = self.pipeline.stats()
         return Telemetry(
             fleet=self.config.fleet, device_id=self.config.device_id, device_class=prof.device_class,
@@ -401,27 +395,36 @@ class Agent:
             resources=s,
             strategy=StrategyState(d.strategy, self.policy.since, d.reason, d.strategy is not Strategy.MINIMAL,
                                    es.provider or plan.provider, es.variant or plan.variant),
-            store=StoreState(rows, nbytes), model=ModelState(self.task.name, es.version),
+            model=ModelState(self.task.name, es.version),
             privacy=self.privacy_state(),
             inference=InferenceStats(es.requests, es.batches, es.errors),
             ingest=IngestStats(records, rejected),
         )
 
     def privacy_state(self) -> PrivacyState:
-        """The device's sample-level spend, read from its privacy ledger (the ClientApp charges it);
-        without ``[privacy.dpsgd]`` nothing spends it, and the profile's budget is reported untouched."""
+        """Whether the device's sample-level budget is spent: whether, by its privacy ledger (the ClientApp
+        charges it), it could not pay even for the cheapest round, one DP-SGD step at batch size 1 over its
+        data. The epsilon spent stays on the device (it is a function of the data size, through the
+        sampling rate). Without ``[privacy.dpsgd]`` nothing spends it, and the profile's budget is reported."""
+        from hyprstream.privacy.ledger import PrivacyLedger, Scope
+        from hyprstream.store import Store
+
         prof = self.profile
         settings = prof.dpsgd()
         if settings is None:
-            return PrivacyState(0.0, prof.training.privacy_epsilon, prof.training.privacy_delta)
-        from hyprstream.privacy.dpsgd import DpSgdTrainer
-
+            return PrivacyState(False, prof.training.privacy_epsilon, prof.training.privacy_delta)
         ledger = prof.privacy.ledger_dir(self.config.store_dir.resolve())  # as the SuperNode's node config names it
+        table = self.task.table
+        rows = self.store.num_rows(table) if table in self.store.tables() else 0
         try:
-            self._epsilon_spent = DpSgdTrainer(settings, ledger, self.config.device_id).spent()
+            if rows and ledger.exists():
+                with Store.open(ledger, readonly=True) as store:
+                    would_be = PrivacyLedger(store).would_spend(Scope.DEVICE, self.config.device_id,
+                                                                settings.event(rows, 1, 1), settings.budget.delta)
+                self._budget_spent = would_be > settings.budget.epsilon
         except HyprstreamError as exc:  # e.g. the ledger is being created: report the last value read
             log.warning("cannot read the privacy ledger %s: %s", ledger, exc)
-        return PrivacyState(self._epsilon_spent, settings.budget.epsilon, settings.budget.delta)
+        return PrivacyState(self._budget_spent, settings.budget.epsilon, settings.budget.delta)
 
     def health(self) -> dict:
         d = self.decision

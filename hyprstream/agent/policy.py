@@ -38,6 +38,7 @@ from hyprstream.agent.profile import (
 )
 
 __all__ = [
+    "BUDGET_DECLINE",
     "AdaptivePolicy",
     "Decision",
     "InferencePlan",
@@ -197,12 +198,16 @@ def plan_training(strategy: Strategy, caps: TrainingCaps, *, layers: tuple[str, 
 
 def within_budget(plan: TrainPlan, *, spent: float, would_be: float, budget: float) -> TrainPlan:
     """``plan`` when the device's sample-level epsilon after it (``would_be``, from its ledger's history
-    plus the round's DP-SGD event) stays within ``budget``; otherwise a decline that says so. A plan
-    already declined is returned unchanged."""
+    plus the round's DP-SGD event) stays within ``budget``; otherwise a decline that says so
+    (:data:`BUDGET_DECLINE`, without the epsilons). A plan already declined is returned unchanged."""
     if not plan.accept or would_be <= budget:
         return plan
-    return TrainPlan(False, f"privacy budget: this round would raise epsilon from {spent:.4g} to {would_be:.4g}, "
-                            f"over the budget of {budget:.4g}")
+    return TrainPlan(False, BUDGET_DECLINE)
+
+
+BUDGET_DECLINE = "privacy budget: this round would take the device's epsilon over its budget"
+"""The reason a device gives its fog for a round its budget cannot pay for: no epsilon in it, since an
+epsilon is a function of the device's data size (its sampling rate), which the fog is not told."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Topics (see ``docs/agent.md``)::
     hyprstream/v1/<fleet>/<device_id>/telemetry   Telemetry, QoS 1, every telemetry.interval_s
     hyprstream/v1/<fleet>/<device_id>/status      Status, retained; "offline" also as the Last Will
 
-Every payload is one UTF-8 JSON object whose ``schema`` is ``hyprstream.telemetry/1`` or
+Every payload is one UTF-8 JSON object whose ``schema`` is ``hyprstream.telemetry/2`` or
 ``hyprstream.status/1``. :data:`TELEMETRY_JSON_SCHEMA` and :data:`STATUS_JSON_SCHEMA` describe them
 as JSON Schema for consumers that do not use Python; :func:`to_wire` and :func:`from_wire` are the
 only places that turn records into bytes and back (``from_wire`` refuses anything off-schema with a
@@ -38,7 +38,6 @@ __all__ = [
     "ModelState",
     "PrivacyState",
     "Status",
-    "StoreState",
     "StrategyState",
     "Telemetry",
     "check_topic_part",
@@ -48,7 +47,10 @@ __all__ = [
     "to_wire",
 ]
 
-TELEMETRY_SCHEMA = "hyprstream.telemetry/1"
+TELEMETRY_SCHEMA = "hyprstream.telemetry/2"
+"""Version 2 carries no data size: version 1's ``store`` (row count, bytes) and ``privacy.epsilon_spent``
+(an epsilon is a function of the sampling rate, batch / rows) are gone; ``privacy.budget_spent`` says
+only whether the device's budget is used up."""
 STATUS_SCHEMA = "hyprstream.status/1"
 TOPIC_ROOT = "hyprstream/v1"
 
@@ -90,12 +92,6 @@ class StrategyState:
 
 
 @dataclass(frozen=True)
-class StoreState:
-    rows: int
-    bytes: int
-
-
-@dataclass(frozen=True)
 class ModelState:
     task: str
     version: int | None  # None: no global model received yet
@@ -103,7 +99,10 @@ class ModelState:
 
 @dataclass(frozen=True)
 class PrivacyState:
-    epsilon_spent: float
+    """The device's sample-level budget as the fog sees it: whether it is used up, never the epsilon spent
+    (a function of the device's data size)."""
+
+    budget_spent: bool
     epsilon_budget: float
     delta: float
 
@@ -127,7 +126,7 @@ class IngestStats:
 
 @dataclass(frozen=True)
 class Telemetry:
-    """One periodic telemetry message (``hyprstream.telemetry/1``)."""
+    """One periodic telemetry message (``hyprstream.telemetry/2``)."""
 
     fleet: str
     device_id: str
@@ -138,7 +137,6 @@ class Telemetry:
     uptime_s: float
     resources: ResourceSample
     strategy: StrategyState
-    store: StoreState
     model: ModelState
     privacy: PrivacyState
     inference: InferenceStats = InferenceStats()
@@ -200,9 +198,8 @@ def _to_dict(record: Telemetry | Status) -> dict[str, Any]:
         "strategy": {"current": s.current.value, "since": s.since, "reason": s.reason,
                      "accept_training": s.accept_training, "execution_provider": s.execution_provider.value,
                      "model_variant": s.model_variant.value},
-        "store": {"rows": record.store.rows, "bytes": record.store.bytes},
         "model": {"task": record.model.task, "version": record.model.version},
-        "privacy": {"epsilon_spent": record.privacy.epsilon_spent, "epsilon_budget": record.privacy.epsilon_budget,
+        "privacy": {"budget_spent": record.privacy.budget_spent, "epsilon_budget": record.privacy.epsilon_budget,
                     "delta": record.privacy.delta},
         "inference": {"requests": record.inference.requests, "batches": record.inference.batches,
                       "errors": record.inference.errors},
@@ -304,19 +301,18 @@ def _telemetry(r: _Reader) -> Telemetry:
                              execution_provider=ExecutionProvider(s.get("execution_provider", str)),
                              model_variant=ModelVariant(s.get("model_variant", str)))
     s.done()
-    st, m, p, i, n = (r.sub(k) for k in ("store", "model", "privacy", "inference", "ingest"))
-    store = StoreState(_count(st, "rows"), _count(st, "bytes"))
+    m, p, i, n = (r.sub(k) for k in ("model", "privacy", "inference", "ingest"))
     version = m.get("version", int, optional=True)
     model = ModelState(m.get("task", str), version)
-    privacy = PrivacyState(p.num("epsilon_spent"), p.num("epsilon_budget"), p.num("delta"))
+    privacy = PrivacyState(p.get("budget_spent", bool), p.num("epsilon_budget"), p.num("delta"))
     inference = InferenceStats(_count(i, "requests"), _count(i, "batches"), _count(i, "errors"))
     ingest = IngestStats(_count(n, "records"), _count(n, "rejected"))
-    for sub in (st, m, p, i, n):
+    for sub in (m, p, i, n):
         sub.done()
     record = Telemetry(
         fleet=r.get("fleet", str), device_id=r.get("device_id", str), device_class=r.get("device_class", str),
         session=r.get("session", str), seq=r.get("seq", int), time=r.num("time"), uptime_s=r.num("uptime_s"),
-        resources=resources, strategy=strategy, store=store, model=model, privacy=privacy, inference=inference,
+        resources=resources, strategy=strategy, model=model, privacy=privacy, inference=inference,
         ingest=ingest)
     r.done()
     return record
@@ -338,7 +334,7 @@ def _obj(props: dict[str, Any], *, nullable: bool = False) -> dict[str, Any]:
 
 TELEMETRY_JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://hyprstream.dev/schemas/hyprstream.telemetry-1.json",
+    "$id": "https://hyprstream.dev/schemas/hyprstream.telemetry-2.json",
     "title": TELEMETRY_SCHEMA,
     **_obj({
         "schema": {"const": TELEMETRY_SCHEMA}, "fleet": _ID, "device_id": _ID, "device_class": {"type": "string"},
@@ -357,14 +353,13 @@ TELEMETRY_JSON_SCHEMA: dict[str, Any] = {
             "execution_provider": {"enum": [ExecutionProvider.CPU.value, ExecutionProvider.CUDA.value]},
             "model_variant": {"enum": [v.value for v in ModelVariant]},
         }),
-        "store": _obj({"rows": _COUNT, "bytes": _COUNT}),
         "model": _obj({"task": {"type": "string"}, "version": {"type": ["integer", "null"]}}),
-        "privacy": _obj({"epsilon_spent": _NUM, "epsilon_budget": _NUM, "delta": _NUM}),
+        "privacy": _obj({"budget_spent": {"type": "boolean"}, "epsilon_budget": _NUM, "delta": _NUM}),
         "inference": _obj({"requests": _COUNT, "batches": _COUNT, "errors": _COUNT}),
         "ingest": _obj({"records": _COUNT, "rejected": _COUNT}),
     }),
 }
-"""JSON Schema (draft 2020-12) of ``hyprstream.telemetry/1`` payloads."""
+"""JSON Schema (draft 2020-12) of ``hyprstream.telemetry/2`` payloads."""
 
 STATUS_JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

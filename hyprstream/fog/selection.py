@@ -6,8 +6,8 @@ participation counts, and returns a :class:`Selection`: the chosen node IDs, bes
 reason for every agent left out.
 
 Excluded (never chosen): a device whose status is ``offline``; one in the ``minimal`` strategy (or
-whose policy does not accept training); one whose privacy budget is spent (``epsilon_spent >=
-epsilon_budget`` with a budget > 0); one on battery below ``min_battery_percent``.
+whose policy does not accept training); one whose privacy budget is spent (telemetry's
+``privacy.budget_spent``); one on battery below ``min_battery_percent``.
 
 The others are ranked by a weighted sum of scores in [0, 1] (:func:`score`):
 
@@ -16,7 +16,8 @@ The others are ranked by a weighted sum of scores in [0, 1] (:func:`score`):
 * ``fairness``: ``1 / (1 + n)`` for ``n`` participations in the recent rounds counted by the caller
   (:class:`Participation` keeps them over a window of rounds);
 * ``freshness``: ``1 - age / stale_after_s`` of the latest telemetry, 0 when older;
-* ``data``: the device's examples (from ``query.device``) relative to the most any candidate has.
+* ``data``: the device's data bucket (from ``query.device``: its size to within a factor of two)
+  relative to the largest any candidate has.
 
 A device without telemetry (or with telemetry older than ``stale_after_s``) is not excluded: it is
 ranked on what ``query.device`` told (its data) and fairness, with the neutral 0.5 for resources and
@@ -48,7 +49,7 @@ class SelectionWeights(Checked):
     battery: float = setting(1.0, ge=0.0, doc="weight of battery charge (AC power counts as full)")
     fairness: float = setting(2.0, ge=0.0, doc="weight of 1 / (1 + recent participations)")
     freshness: float = setting(0.5, ge=0.0, doc="weight of the telemetry's freshness")
-    data: float = setting(0.5, ge=0.0, doc="weight of the device's examples relative to the largest")
+    data: float = setting(0.5, ge=0.0, doc="weight of the device's data bucket relative to the largest")
 
     def check(self):
         if not any((self.resources, self.battery, self.fairness, self.freshness, self.data)):
@@ -87,8 +88,8 @@ def exclusion(view: DeviceView | None, rules: SelectionRules) -> str | None:
     if t.strategy.current is Strategy.MINIMAL or not t.strategy.accept_training:
         return f"strategy {t.strategy.current.value}: does not train"
     p = t.privacy
-    if p.epsilon_budget > 0 and p.epsilon_spent >= p.epsilon_budget:
-        return f"privacy budget spent (epsilon {p.epsilon_spent:.3g} of {p.epsilon_budget:.3g})"
+    if p.budget_spent:
+        return f"privacy budget spent (epsilon budget {p.epsilon_budget:.3g})"
     r = t.resources
     if r.on_ac_power is not True and r.battery_percent is not None and r.battery_percent < rules.min_battery_percent:
         return f"battery {r.battery_percent:.0f}% below {rules.min_battery_percent:.0f}%"
@@ -133,9 +134,9 @@ def select_agents(agents: Mapping[int, DeviceInfo], fleet: Mapping[str, DeviceVi
             eligible.append(node)
         else:
             excluded[node] = reason
-    most = max((agents[n].num_examples for n in eligible), default=0)
+    most = max((agents[n].data_bucket for n in eligible), default=0)
     scores = {n: score(fleet.get(agents[n].device_id), participations=participation.get(agents[n].device_id, 0),
-                       data_share=agents[n].num_examples / most if most else 0.0, now=now, rules=rules)
+                       data_share=agents[n].data_bucket / most if most else 0.0, now=now, rules=rules)
               for n in eligible}
     tiebreak = dict(zip(eligible, np.random.default_rng(seed).permutation(len(eligible)).tolist(), strict=True))
     ranked = sorted(eligible, key=lambda n: (-scores[n], tiebreak[n]))

@@ -12,7 +12,6 @@ from hyprstream.agent.telemetry import (
     IngestStats,
     ModelState,
     PrivacyState,
-    StoreState,
     StrategyState,
     Telemetry,
 )
@@ -26,8 +25,8 @@ def telemetry(seq: int = 1, *, fleet: str = "plant-7", device_id: str = "cam-01"
         resources=ResourceSample(1_760_000_000.0 + seq, 23.5, 51.0, 4100.0, 22.0, 48.5, None, None, g),
         strategy=StrategyState(Strategy.HYBRID, 1_759_999_990.0, "GPU 55.0% > 50%", True,
                                ExecutionProvider.CPU, ModelVariant.FP32),
-        store=StoreState(1234, 567_890), model=ModelState("digits", 7),
-        privacy=PrivacyState(0.75, 8.0, 1e-5), inference=InferenceStats(100, 13, 0), ingest=IngestStats(101, 1),
+        model=ModelState("digits", 7),
+        privacy=PrivacyState(False, 8.0, 1e-5), inference=InferenceStats(100, 13, 0), ingest=IngestStats(101, 1),
     )
 
 

@@ -91,7 +91,7 @@ def test_real_agent_telemetry_then_sigkill_leaves_offline(tmp_path, broker):
     telemetry = [rec for _, rec, _ in msgs if isinstance(rec, Telemetry)]
     for (_, payload, _) in sub.messages:
         data = json.loads(payload)
-        if data["schema"] == "hyprstream.telemetry/1":
+        if data["schema"] == "hyprstream.telemetry/2":
             jsonschema.validate(data, TELEMETRY_JSON_SCHEMA)
     assert [t.seq for t in telemetry] == list(range(1, len(telemetry) + 1))
     first = telemetry[0]
@@ -334,24 +334,33 @@ def test_trace_command_records_a_replayable_trace(tmp_path):
 
 
 @pytest.mark.integration
-def test_telemetry_reports_the_spend_in_the_devices_privacy_ledger(tmp_path):
-    """The daemon reads the sample-level spend the ClientApp charges to the device's ledger."""
+def test_telemetry_says_when_the_devices_budget_is_spent(tmp_path):
+    """The daemon reads the ledger the ClientApp charges: the budget is spent once it cannot pay even for
+    the cheapest round (one step at batch size 1 over the device's 100 readings); no epsilon is sent."""
+    from hyprstream.agent.task import Dataset, get_task
     from hyprstream.privacy.accountant import GaussianEvent, epsilon
     from hyprstream.privacy.dpsgd import MECHANISM
     from hyprstream.privacy.ledger import Budget, Charge, PrivacyLedger, Scope
 
+    event = GaussianEvent(1.1, 0.08, 20)
+    budget = epsilon([event] * 2, 1e-5) * (1 + 1e-9)  # two rounds fit, and then nothing more
     path = fast_profile(tmp_path, interval=0.5)
     path.write_text(path.read_text() + "\n[privacy.dpsgd]\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\n"
-                    "epsilon_budget = 6.0\n")
+                    f"epsilon_budget = {budget!r}\n")
     cfg = AgentConfig(profile_path=path, profile=load_profile(path), fleet="plant-7", device_id="pi-03",
                       store_dir=tmp_path / "store", state_dir=tmp_path / "state", store_key=os.urandom(32))
+    task = get_task("digits")
+    train, _ = task.load_reference_data(0)
+    with Store.open(cfg.store_dir, create=True, key=cfg.store_key) as store:
+        store.create_table(task.table, task.schema)
+        store.append(task.table, task.to_table(Dataset(train.x[:100], train.y[:100])))
     ledger_dir = cfg.profile.privacy.ledger_dir(cfg.store_dir.resolve())
-    event = GaussianEvent(1.1, 0.08, 20)
+    assert epsilon([event] * 2 + [GaussianEvent(1.1, 1 / 100, 1)], 1e-5) > budget > epsilon([event] * 2, 1e-5)
 
     def charge(version: int) -> None:  # what the ClientApp's DpSgdTrainer does before a round trains
         with Store.open(ledger_dir, create=True) as store:
             PrivacyLedger(store).charge(Scope.DEVICE, "pi-03", Charge(event, "digits", version, f"r{version}",
-                                                                       MECHANISM), Budget(6.0, 1e-5))
+                                                                       MECHANISM), Budget(budget, 1e-5))
 
     charge(1)
     pub = MemoryPublisher("plant-7", "pi-03", "s")
@@ -360,17 +369,17 @@ def test_telemetry_reports_the_spend_in_the_devices_privacy_ledger(tmp_path):
     runner = threading.Thread(target=agent.run, args=(stop_event,))
     runner.start()
 
-    def spent() -> float | None:
+    def spent() -> bool | None:
         sent = [from_wire(p) for t, p, _, _ in pub.messages if t.endswith("/telemetry")]
-        return sent[-1].privacy.epsilon_spent if sent else None
+        return sent[-1].privacy.budget_spent if sent else None
 
     try:
         assert wait_until(lambda: spent() is not None, 60)
-        assert spent() == pytest.approx(epsilon([event], 1e-5))
-        charge(2)  # a round while the daemon runs: the next telemetry carries the composed spend
-        assert wait_until(lambda: spent() == pytest.approx(epsilon([event] * 2, 1e-5)), 60), spent()
+        assert spent() is False
+        charge(2)  # a round while the daemon runs: now not even one more step fits
+        assert wait_until(lambda: spent() is True, 60), spent()
     finally:
         stop_event.set()
         runner.join(60)
     last = from_wire([p for t, p, _, _ in pub.messages if t.endswith("/telemetry")][-1])
-    assert (last.privacy.epsilon_budget, last.privacy.delta) == (6.0, 1e-5)  # delta from the profile's [training]
+    assert (last.privacy.epsilon_budget, last.privacy.delta) == (budget, 1e-5)  # delta from the profile's [training]

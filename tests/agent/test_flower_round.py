@@ -16,6 +16,7 @@ from test_daemon import agent_cli
 from test_supernode import superlink  # noqa: F401  (fixture)
 
 from hyprstream.agent.task import Dataset, get_task
+from hyprstream.protocol import data_bucket
 from hyprstream.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -64,7 +65,7 @@ def test_a_fog_round_reaches_the_agents_clientapp(tmp_path, superlink):  # noqa:
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)
     (reply,) = json.loads(out.read_text())
-    assert reply["device_id"] == "dev-a" and reply["num_examples_info"] >= 150
+    assert reply["device_id"] == "dev-a" and reply["data_bucket"] >= data_bucket(150)
     assert reply["status"] == "ok", reply["reason"]
     # full trains fc2 and head; so does hybrid (x86-gateway: up to 4 groups): the layers requested
     assert reply["layers"] == ["fc2", "head"] and reply["steps"] == 5 and reply["num_examples"] == 150

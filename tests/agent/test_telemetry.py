@@ -38,11 +38,12 @@ def test_round_trip_and_schema(record):
 
 def test_wire_format_is_the_documented_one():
     data = json.loads(to_wire(telemetry(3)))
-    assert data["schema"] == "hyprstream.telemetry/1"
+    assert data["schema"] == "hyprstream.telemetry/2"
     assert data["strategy"] == {"current": "hybrid", "since": 1_759_999_990.0, "reason": "GPU 55.0% > 50%",
                                 "accept_training": True, "execution_provider": "cpu", "model_variant": "fp32"}
     assert data["resources"]["gpu"]["util_percent"] == 35.0 and data["resources"]["battery_percent"] is None
-    assert data["privacy"] == {"epsilon_spent": 0.75, "epsilon_budget": 8.0, "delta": 1e-5}
+    assert data["privacy"] == {"budget_spent": False, "epsilon_budget": 8.0, "delta": 1e-5}
+    assert "store" not in data  # no row count or size of the device's data (docs/privacy.md)
     assert data["model"] == {"task": "digits", "version": 7}
     assert json.loads(to_wire(Status("f", "d", DeviceState.OFFLINE, "s", None, "x"))) == {
         "schema": "hyprstream.status/1", "fleet": "f", "device_id": "d", "state": "offline", "session": "s",
@@ -63,14 +64,16 @@ def mutate(path, value):
 
 
 @pytest.mark.parametrize("path, value, message", [
-    ("schema", "hyprstream.telemetry/2", "unknown payload schema"),
+    ("schema", "hyprstream.telemetry/1", "unknown payload schema"),  # v1 carried the store's row count
     ("seq", 0, "seq must be >= 1"),
     ("seq", "1", "'seq' must be int"),
     ("resources.cpu_percent", 130.0, "cpu_percent must be in"),
     ("resources.cpu_percent", True, "'resources.cpu_percent' must be float"),
     ("resources.gpu.util_percent", KeyError, "lacks 'resources.gpu.util_percent'"),
     ("strategy.current", "turbo", "'turbo' is not a valid Strategy"),
-    ("store.rows", -1, "'store.rows' must be >= 0"),
+    ("inference.requests", -1, "'inference.requests' must be >= 0"),
+    ("privacy.budget_spent", 0, "'privacy.budget_spent' must be bool"),
+    ("store", {"rows": 1234, "bytes": 567_890}, "unknown key(s) ['store']"),
     ("model.extra", 1, "unknown key(s) ['model.extra']"),
     ("device_id", "a/b", "device ID must be"),
     ("fleet", "+", "fleet must be"),

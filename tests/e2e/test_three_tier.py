@@ -112,7 +112,7 @@ def test_three_tiers_train_with_tls_auth_and_telemetry(tmp_path):
 
     def on_message(client, userdata, msg):
         data = json.loads(msg.payload)
-        if data.get("schema") == "hyprstream.telemetry/1":
+        if data.get("schema") == "hyprstream.telemetry/2":
             with lock:
                 telemetry.setdefault(data["device_id"], []).append(data)
 

@@ -11,7 +11,6 @@ from hyprstream.agent.telemetry import (
     ModelState,
     PrivacyState,
     Status,
-    StoreState,
     StrategyState,
     Telemetry,
 )
@@ -30,7 +29,7 @@ def telemetry(device_id: str = "cam-01", seq: int = 1, *, session: str = "s1", c
         resources=ResourceSample(1_760_000_000.0 + seq, cpu, memory, 2000.0, 30.0, 45.0, battery, ac, gpu),
         strategy=StrategyState(strategy, None, "test", strategy is not Strategy.MINIMAL, ExecutionProvider.CPU,
                                ModelVariant.FP32),
-        store=StoreState(100, 10_000), model=ModelState("digits", 1), privacy=PrivacyState(spent, budget, 1e-5),
+        model=ModelState("digits", 1), privacy=PrivacyState(spent >= budget, budget, 1e-5),
         inference=InferenceStats(), ingest=IngestStats(),
     )
 

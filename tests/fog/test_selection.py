@@ -50,7 +50,7 @@ def test_exclusions_ranking_and_fallback_by_hand():
     agents = {i: DeviceInfo(d, 100) for i, d in enumerate("abcdefg", start=1)}  # g: no telemetry at all
     sel = select_agents(agents, fleet, count=2, now=NOW, seed=0)
     assert sel.chosen == (1, 7)
-    assert sel.excluded == {3: "strategy minimal: does not train", 4: "privacy budget spent (epsilon 8 of 8)",
+    assert sel.excluded == {3: "strategy minimal: does not train", 4: "privacy budget spent (epsilon budget 8)",
                             5: "battery 10% below 20%", 6: "offline", 2: "not chosen: lower score"}
     w = SelectionWeights()
     # a: resources (0.9 + 0.8 + 0) / 3, battery 1, fairness 1, freshness 1 (age 0), data 1

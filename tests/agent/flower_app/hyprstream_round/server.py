@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
             timeout=180):
         r = TrainReply.from_content(reply.content)
         info = infos[reply.metadata.src_node_id]
-        out.append({"device_id": info.device_id, "num_examples_info": info.num_examples, "status": r.status.value,
+        out.append({"device_id": info.device_id, "data_bucket": info.data_bucket, "status": r.status.value,
                     "reason": r.reason, "layers": list(r.layers), "steps": r.steps, "num_examples": r.num_examples,
                     "delta_keys": sorted(r.delta),
                     "delta_norm": float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in r.delta.values())))})
