@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from hyprstream.config import to_dict
@@ -141,7 +142,7 @@ def plot_epsilon(metrics: MetricsLog, path: Path) -> None:
         ax.plot([x for x, _ in pts], [y for _, y in pts], "-", alpha=0.5, linewidth=1)
     client = [(r.round, r.client_epsilon) for r in metrics.global_rows() if r.client_epsilon is not None]
     if client:
-        ax.plot([x for x, _ in client], [y for _, y in client], "k o-", label="client-level (model)", linewidth=2)
+        ax.plot([x for x, _ in client], [y for _, y in client], "ko-", label="client-level (model)", linewidth=2)
         ax.legend(fontsize=8)
     ax.set_xlabel("global step")
     ax.set_ylabel("epsilon (one line per device)")
@@ -194,6 +195,7 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
         *filter(None, [describe(out)]),
         f"- Consistency: {exp.core.consistency.mode.value}; seed {exp.seed}",
         f"- Privacy: {privacy or 'none'}",
+        *_client_dp_lines(exp, g, baseline),
         *_buffered_lines(exp, baseline),
         "- Fleet mix: " + ", ".join(f"{name} {share:g}" for name, share in sorted(exp.fleet.profiles.items())),
         "- Simulated time (`sim s`): virtual seconds from each device profile's link and compute speed "
@@ -226,6 +228,18 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _client_dp_lines(exp: Experiment, rows: list, baseline: str | None) -> list[str]:
+    """The model's client-level epsilon after the last step (the fogs' ledgers), when the run used it."""
+    dp = exp.privacy.client_dp
+    spent = [r.client_epsilon for r in rows if r.client_epsilon is not None]
+    if baseline is not None or dp is None or not spent:
+        return []
+    budget = f"budget {dp.epsilon_budget:g}" if math.isfinite(dp.epsilon_budget) else "no budget"
+    return [f"- **Model's client-level epsilon: {spent[-1]:.3f}** at delta {dp.delta:g} ({budget}; noise "
+            f"multiplier {dp.noise_multiplier:g}, sampling rate {dp.client_sampling_rate:g}, clip "
+            f"{exp.privacy.secagg.clip:g}); per step in the `client eps` column"]
 
 
 def _buffered_lines(exp: Experiment, baseline: str | None) -> list[str]:
