@@ -13,8 +13,12 @@ A. One aggregation round of K clients whose layer-wise delta has n float32 param
    (plain)  ``FogAggregator.run_round``: train requests, plaintext delta replies, ``UpdateMatrix``
             mean, push to an in-memory core.
    (secure) ``SecureFogAggregator.run_round`` around the same fog: setup (the train request),
-            share, mask, unmask stages (SecAgg+ over a Harary graph of degree k, threshold t from
-            ``plan_graph(K, expected_dropout=0.1)``), decode, mean, push.
+            share, mask, consistency, unmask stages (SecAgg+ over a Harary graph of degree k,
+            threshold t from ``plan_graph(K, expected_dropout=0.1)``), decode, mean, push. Each
+            client has a secure-aggregation identity certified by a deployment CA made with
+            ``hyprstream certs init`` (node config ``secagg-identity-*``), as in a deployment that
+            defends against a deviating fog: it signs its keys and the survivor set and checks its
+            neighbours' certificates and signatures.
    (flower) Flower 1.42 ``SecAggPlusWorkflow(num_shares=k+1, reconstruction_threshold=t)`` (Flower
             counts the client itself among the share holders), one fit round with FedAvg and a
             ``LegacyContext``, clients ``ClientApp(client_fn, mods=[secaggplus_mod])`` returning the
@@ -80,6 +84,9 @@ class StubCore:
 
         return Snapshot(model, self.version, self.table, {LAYER: VectorClock()})
 
+    def head(self, model):
+        return {}  # the model's head: core sets no max_update_norm here
+
     def push_delta(self, model, delta, **kw):
         from hyprstream.core.repository import PushResult
         from hyprstream.store import layer_table as lt
@@ -109,12 +116,34 @@ def hyprstream_app(deltas):
     return app
 
 
-def make_grid(app_factory, nodes, workers: int):
+def make_grid(app_factory, nodes, workers: int, node_config=None):
     """The grid the K clients answer on: in this process one after another, or in ``workers`` processes at once
     (each builds its ClientApp from the picklable ``app_factory``)."""
     from hyprstream.fog.loopback import LoopbackGrid, ProcessLoopbackGrid
 
-    return ProcessLoopbackGrid(app_factory, nodes, workers=workers) if workers else LoopbackGrid(app_factory(), nodes)
+    if workers:
+        return ProcessLoopbackGrid(app_factory, nodes, workers=workers, node_config=node_config)
+    return LoopbackGrid(app_factory(), nodes, node_config=node_config)
+
+
+def certified_identities(root: str, nodes) -> dict[int, dict[str, str]]:
+    """A deployment CA (``hyprstream certs init``) and a secure-aggregation identity per node, as node config.
+    Without the identity module (older code) no node config."""
+    try:
+        from hyprstream.privacy.identity import deployment_ca, issue_identity, write_identity
+    except ImportError:
+        return {node: {} for node in nodes}
+    from hyprstream.core.certs import init_deployment
+
+    init_deployment(os.path.join(root, "deployment"))
+    ca, ca_key = deployment_ca(os.path.join(root, "deployment"))
+    out = {}
+    for node in nodes:
+        key, cert = os.path.join(root, f"{node}.key"), os.path.join(root, f"{node}.pem")
+        write_identity(issue_identity(f"device-{node}", ca, ca_key), key, cert)
+        out[node] = {"secagg-identity-key": key, "secagg-identity-cert": cert,
+                     "secagg-ca": os.path.join(root, "deployment", "ca.pem")}
+    return out
 
 
 def flower_client_fn(deltas, ctx):
@@ -188,7 +217,7 @@ def split_seconds(grid, total: float) -> dict[str, float]:
     return {"client_s": client, "fog_s": fog, "deployment_s": fog + sum(slowest.values()), "stages": len(slowest)}
 
 
-def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: int = 0) -> dict:
+def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: int = 0, flower: bool = True) -> dict:
     from hyprstream.fog.aggregator import FogAggregator, RoundPlan
     from hyprstream.privacy.config import SecAggConfig
     from hyprstream.privacy.noise import SeededRandom
@@ -210,11 +239,15 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
           + (f"in {workers} worker processes at once" if workers else "one after another in this process"))
 
     plan = RoundPlan(task="bench", layers=(LAYER,), local_steps=1, batch_size=1, lr=0.1, timeout_s=600.0)
-    grid = make_grid(functools.partial(hyprstream_app, deltas), nodes, workers)
+    import tempfile
+
+    identities_dir = tempfile.TemporaryDirectory(prefix="bench-secagg-")
+    identities = certified_identities(identities_dir.name, nodes)
+    grid = make_grid(functools.partial(hyprstream_app, deltas), nodes, workers, node_config=identities.__getitem__)
     core = StubCore(n)
     fog = FogAggregator("fog-bench", grid, nodes, core, MODEL, plan)
     secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0, stage_timeout_s=600.0), source=SeededRandom(seed))
-    fgrid, flower_round = flower_setup(deltas, n, degree + 1, threshold, workers)
+    fgrid, flower_round = flower_setup(deltas, n, degree + 1, threshold, workers) if flower else (None, None)
 
     # correctness first
     r = fog.run_round(1)
@@ -228,8 +261,7 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
 
     step = Quantizer.for_clients(clip=1.0, max_clients=k).resolution
     assert secure_err <= step + 1e-6 * np.abs(exact).max(), (secure_err, step)
-    flower_out = flower_round()
-    flower_err = float(np.abs(flower_out - exact).max())
+    flower_err = float(np.abs(flower_round() - exact).max()) if flower else float("nan")
     print(f"check:   plain max |err| {plain_err:.2e}; secure {secure_err:.2e} (quantization step {step:.2e}); "
           f"Flower SecAgg+ {flower_err:.2e} (of max |mean| {np.abs(exact).max():.2e})")
 
@@ -252,8 +284,9 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
     cases = {
         "plain": timed("plain", grid, lambda: fog.run_round(2)),
         "secure": timed("secure", grid, lambda: secure.run_round(2)),
-        "flower": timed("flower", fgrid, flower_round),
     }
+    if flower:
+        cases["flower"] = timed("flower", fgrid, flower_round)
     t = measure_interleaved(cases, repeats=repeats, warmup=warmup)
 
     def med(name, key):
@@ -270,12 +303,14 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
     print(f"{'case':34s} {'round s':>9s} {'min s':>8s} {'client s':>9s} {'fog s':>8s} {'deploy s':>9s}")
     for name, label in (("plain", "(plain) FogAggregator"), ("secure", "(secure) SecureFogAggregator"),
                         ("flower", "(flower) SecAggPlusWorkflow")):
+        if name not in t:
+            continue
         print(f"{label:34s} {t[name].median:9.3f} {t[name].min:8.3f} {split(name, 'client_s'):9.3f} "
               f"{split(name, 'fog_s'):8.3f} {split(name, 'deployment_s'):9.3f}")
     ratio_plain = t["secure"].median / t["plain"].median
     ratio_plain_deploy = split("secure", "deployment_s") / split("plain", "deployment_s")
-    speedup = t["flower"].median / t["secure"].median
-    speedup_deploy = split("flower", "deployment_s") / split("secure", "deployment_s")
+    speedup = t["flower"].median / t["secure"].median if flower else float("nan")
+    speedup_deploy = split("flower", "deployment_s") / split("secure", "deployment_s") if flower else float("nan")
 
     def verdict(value, ok):
         return "" if math.isnan(value) else ("met" if ok(value) else "NOT met")
@@ -284,11 +319,14 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
     print(f"secure / plain round: {ratio_plain:5.2f}x ({where}; target <= 3x: {verdict(ratio_plain, lambda v: v <= 3)})"
           + (f", {ratio_plain_deploy:5.2f}x deployment estimate ({verdict(ratio_plain_deploy, lambda v: v <= 3)})"
              if serial else ""))
-    print(f"speedup vs Flower SecAgg+: {speedup:5.2f}x ({where}; target >= 2x: {verdict(speedup, lambda v: v >= 2)})"
-          + (f", {speedup_deploy:5.2f}x deployment estimate ({verdict(speedup_deploy, lambda v: v >= 2)})"
-             if serial else ""))
+    if flower:
+        print(f"speedup vs Flower SecAgg+: {speedup:5.2f}x ({where}; target >= 2x: {verdict(speedup, lambda v: v >= 2)})"
+              + (f", {speedup_deploy:5.2f}x deployment estimate ({verdict(speedup_deploy, lambda v: v >= 2)})"
+                 if serial else ""))
     grid.close()
-    fgrid.close()
+    if fgrid is not None:
+        fgrid.close()
+    identities_dir.cleanup()
     return {"k": k, "n": n, "degree": degree, "threshold": threshold, "mask_threads": masking.THREADS,
             "workers": workers, "seconds": t,
             "split_medians": {c: {key: split(c, key) for key in ("client_s", "fog_s", "deployment_s")} for c in cases},
@@ -341,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="DP-SGD steps (default 100; --quick 20)")
     p.add_argument("--skip-secagg", action="store_true")
     p.add_argument("--skip-dpsgd", action="store_true")
+    p.add_argument("--skip-flower", action="store_true", help="A without Flower's SecAgg+ (plain and secure only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
                    help="answer the K clients in this many worker processes at once, as separate devices do "
@@ -367,12 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"benchmark": "privacy", "repeats": repeats, "warmup": args.warmup}
     if not args.skip_secagg:
         if args.workers is None:
-            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, 0)
+            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, 0, not args.skip_flower)
             print()
             workers = max(2, machine_info()["usable_cores"] or 2)
-            result["secagg_parallel"] = bench_secagg(k, n, repeats, args.warmup, args.seed, workers)
+            result["secagg_parallel"] = bench_secagg(k, n, repeats, args.warmup, args.seed, workers,
+                                                     not args.skip_flower)
         else:
-            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, args.workers)
+            result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, args.workers, not args.skip_flower)
     if not args.skip_dpsgd:
         result["dpsgd"] = bench_dpsgd(steps, repeats * 2 if not args.quick else repeats, args.warmup)
     result["peak_rss_bytes"] = peak_rss_bytes()
