@@ -172,4 +172,5 @@ def parse_privacy(data: dict, *, source: str | None = None) -> PrivacyConfig:
     return parse(PrivacyConfig, data.get("privacy", {}), source=source, key="privacy")
 
 
-__all__ = ["ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig", "Weighting", "parse_privacy"]
+__all__ = ["ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig", "Weighting",
+           "parse_privacy"]
