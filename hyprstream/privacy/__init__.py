@@ -6,7 +6,8 @@ What users import (see docs/privacy.md for the guarantees, assumptions and threa
 * fog: :class:`SecureFogAggregator` (secure aggregation and client-level DP around a ``FogAggregator``);
 * agent: :data:`secagg_mod` / :func:`make_secagg_mod` (client middleware for ``train.secagg``),
   :class:`DpSgdTrainer` (Opacus DP-SGD of the trained layers, charged to the device's ledger);
-* accounting: :class:`RdpAccountant`, :class:`GaussianEvent`, :class:`PrivacyLedger`, :class:`Budget`;
+* accounting: :class:`PldAccountant` (the ledger's), :class:`RdpAccountant`, :class:`GaussianEvent`,
+  :class:`PrivacyLedger`, :class:`Budget`;
 * errors: :class:`PrivacyViolation`, :class:`BudgetExceeded`, :class:`RangeOverflow`, :class:`SecAggAborted`.
 
 Heavy parts load lazily: Opacus only when DP-SGD trains, Flower's records only with the secure-aggregation
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hyprstream.privacy.accountant import GaussianEvent, RdpAccountant
+from hyprstream.privacy.accountant import GaussianEvent, PldAccountant, RdpAccountant
 from hyprstream.privacy.config import PrivacyConfig, parse_privacy
 from hyprstream.privacy.errors import BudgetExceeded, PrivacyViolation, RangeOverflow, SecAggAborted
 from hyprstream.privacy.ledger import Budget, PrivacyLedger
@@ -48,6 +49,7 @@ __all__ = [
     "BudgetExceeded",
     "DpSgdTrainer",
     "GaussianEvent",
+    "PldAccountant",
     "PrivacyConfig",
     "PrivacyLedger",
     "PrivacyViolation",

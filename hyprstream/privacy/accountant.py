@@ -1,6 +1,16 @@
-"""Renyi-DP accountant for the Poisson-subsampled Gaussian mechanism (pure math, no I/O).
+"""Accountants for the Poisson-subsampled Gaussian mechanism (pure math, no I/O).
 
-A mechanism history is a sequence of :class:`GaussianEvent`: ``steps`` applications of the Gaussian
+A mechanism history is a sequence of :class:`GaussianEvent`. Two accountants compose it:
+
+* :class:`PldAccountant` -- the one the ledger uses: privacy loss distributions (dp-accounting's
+  ``pld`` package, Koskela et al. / Doroshenko et al. "Connect the Dots"), discretized
+  *pessimistically* at :data:`VALUE_DISCRETIZATION_INTERVAL`, so its epsilon is an upper bound on the
+  mechanism's true epsilon. It is tighter than RDP: 7-11 % lower epsilon for the histories devices and
+  fogs run (see docs/privacy.md, "Accountant and ledger").
+* :class:`RdpAccountant` -- Renyi DP, below; kept as an independent implementation that tests
+  compare with dp-accounting.
+
+Renyi DP. A :class:`GaussianEvent` is ``steps`` applications of the Gaussian
 mechanism with noise multiplier z (noise std / L2 sensitivity) on a Poisson sample of rate q. Its
 RDP at order alpha is the sum over events of ``steps * RDP_q,z(alpha)``; epsilon at a given delta is
 the minimum over orders of the conversion of Balle et al. 2020 (Prop. 12; also Asoodeh et al.)::
@@ -16,19 +26,22 @@ Mechanism"):
 * fractional alpha: the two-sided series of their Section 3.3, summed until its terms are
   negligible.
 
-The same accountant serves the device (sample-level DP-SGD: q = batch / local examples, one event
-per round) and the fog (client-level: q = client sampling rate, one step per round). Tests compare
-it with Google's ``dp-accounting`` package.
+Both serve the device (sample-level DP-SGD: q = batch / local examples, one event per round) and
+the fog (client-level: q = client sampling rate, one step per round). Tests compare both with
+Google's ``dp-accounting`` package, its PLD and its RDP accountant.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from dp_accounting.pld import privacy_loss_distribution as pld
 from scipy import special
 
 # The order grid of dp-accounting's RdpAccountant (and Opacus'), so that figures are comparable; a
@@ -147,8 +160,8 @@ def epsilon_from_rdp(rdp: Sequence[float], delta: float, orders: Sequence[float]
     return max(0.0, best), best_order
 
 
-def epsilon(history: Iterable[GaussianEvent], delta: float, orders: Sequence[float] = DEFAULT_ORDERS) -> float:
-    """Epsilon at ``delta`` of a mechanism history (0 for an empty history)."""
+def rdp_epsilon(history: Iterable[GaussianEvent], delta: float, orders: Sequence[float] = DEFAULT_ORDERS) -> float:
+    """Epsilon at ``delta`` of a mechanism history by RDP (0 for an empty history)."""
     events = [e for e in history if e.steps and e.sample_rate > 0]
     if not events:
         return 0.0
@@ -183,12 +196,159 @@ class RdpAccountant:
         return epsilon_from_rdp(rdp, delta, self.orders)[0]
 
 
+# PLD: the width of the grid privacy losses are rounded to (pessimistically: up for the
+# remove-neighbour's losses, so epsilon stays an upper bound). 1e-3 gives epsilons within 2e-3 of
+# 1e-4's (measured at epsilon 7-25) at a tenth of the time and memory.
+VALUE_DISCRETIZATION_INTERVAL = 1e-3
+_PLD_CACHE_SIZE = 16  # composed histories kept per process (each ~0.5 MB at the interval above)
+_PREFIX_LOOKUPS = 8  # how many of a history's longest prefixes are looked up in that cache
+
+
+@lru_cache(maxsize=64)
+def _event_pld(noise_multiplier: float, sample_rate: float, steps: int, interval: float) -> pld.PrivacyLossDistribution:
+    """The PLD of one event: ``steps`` self-compositions of the Poisson-subsampled Gaussian
+    (add-or-remove-one neighbours, the relation Poisson sampling amplifies under)."""
+    one = pld.from_gaussian_mechanism(noise_multiplier, pessimistic_estimate=True,
+                                      value_discretization_interval=interval, sampling_prob=sample_rate)
+    return one.self_compose(steps) if steps > 1 else one
+
+
+class _ComposedCache:
+    """Composed PLDs of recent histories, shared by the accountants of one process: a ledger is
+    re-read from its store on every use, and re-composing a long history costs a convolution per
+    event. Keyed by (interval, history); the newest ``size`` are kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[float, tuple[GaussianEvent, ...]], pld.PrivacyLossDistribution] = OrderedDict()
+
+    def get(self, key: tuple[float, tuple[GaussianEvent, ...]]) -> pld.PrivacyLossDistribution | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[float, tuple[GaussianEvent, ...]], value: pld.PrivacyLossDistribution) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+_COMPOSED = _ComposedCache(_PLD_CACHE_SIZE)
+
+
+def _charged(events: Iterable[GaussianEvent]) -> tuple[GaussianEvent, ...]:
+    """The events that spend anything (steps > 0 and q > 0)."""
+    return tuple(e for e in events if e.steps and e.sample_rate > 0)
+
+
+def _history_pld(events: tuple[GaussianEvent, ...], interval: float) -> pld.PrivacyLossDistribution:
+    """The composed PLD of ``events`` (all charged): from the cache, or from its longest cached
+    recent prefix, composing the rest; a run of equal (z, q) events is composed as one
+    self-composition."""
+    start, composed = 0, pld.identity(value_discretization_interval=interval)
+    for k in range(len(events), max(0, len(events) - _PREFIX_LOOKUPS), -1):
+        hit = _COMPOSED.get((interval, events[:k]))
+        if hit is not None:
+            start, composed = k, hit
+            break
+    i = start
+    while i < len(events):
+        j, steps = i, 0
+        while j < len(events) and (events[j].noise_multiplier, events[j].sample_rate) == (
+                events[i].noise_multiplier, events[i].sample_rate):
+            steps += events[j].steps
+            j += 1
+        composed = composed.compose(_event_pld(events[i].noise_multiplier, events[i].sample_rate, steps, interval))
+        i = j
+    if start < len(events):
+        _COMPOSED.put((interval, events), composed)
+    return composed
+
+
+def _pld_epsilon(composed: pld.PrivacyLossDistribution, delta: float) -> float:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    return max(0.0, float(composed.get_epsilon_for_delta(delta)))
+
+
+def epsilon(history: Iterable[GaussianEvent], delta: float, interval: float = VALUE_DISCRETIZATION_INTERVAL) -> float:
+    """Epsilon at ``delta`` of a mechanism history as the ledger accounts it (PLD; 0 for an empty
+    history)."""
+    events = _charged(history)
+    if not events:
+        return 0.0
+    return _pld_epsilon(_history_pld(events, interval), delta)
+
+
+class PldAccountant:
+    """An append-only mechanism history accounted by PLD; the interface of :class:`RdpAccountant`.
+
+    The composed PLD is built on first use (from the process's cache of recent histories where it
+    can) and then kept up to date one convolution per composed event; ``epsilon_if`` keeps its
+    composition so that charging the same event next costs nothing more.
+    """
+
+    def __init__(self, history: Iterable[GaussianEvent] = (),
+                 interval: float = VALUE_DISCRETIZATION_INTERVAL) -> None:
+        if not 0 < interval < 1:
+            raise ValueError(f"value discretization interval must lie in (0, 1), got {interval}")
+        self.interval = interval
+        self.history: list[GaussianEvent] = list(history)
+        self._charged = list(_charged(self.history))
+        self._pld: pld.PrivacyLossDistribution | None = None
+        self._pending: tuple[GaussianEvent, pld.PrivacyLossDistribution] | None = None
+
+    def _composed(self) -> pld.PrivacyLossDistribution:
+        if self._pld is None:
+            self._pld = _history_pld(tuple(self._charged), self.interval)
+        return self._pld
+
+    def _with(self, event: GaussianEvent) -> pld.PrivacyLossDistribution:
+        if self._pending is not None and self._pending[0] == event:
+            return self._pending[1]
+        after = self._composed().compose(
+            _event_pld(event.noise_multiplier, event.sample_rate, event.steps, self.interval))
+        self._pending = (event, after)
+        return after
+
+    def compose(self, event: GaussianEvent) -> None:
+        self.history.append(event)
+        if not (event.steps and event.sample_rate > 0):
+            return
+        if self._pld is not None:
+            self._pld = self._with(event)
+            self._pending = None
+            self._charged.append(event)
+            _COMPOSED.put((self.interval, tuple(self._charged)), self._pld)
+        else:
+            self._charged.append(event)
+
+    def epsilon(self, delta: float) -> float:
+        if not self._charged:
+            return 0.0
+        return _pld_epsilon(self._composed(), delta)
+
+    def epsilon_if(self, event: GaussianEvent, delta: float) -> float:
+        """Epsilon after composing ``event``, without composing it."""
+        if not event.steps or event.sample_rate == 0:
+            return self.epsilon(delta)
+        return _pld_epsilon(self._with(event), delta)
+
+
 __all__ = [
     "DEFAULT_ORDERS",
+    "VALUE_DISCRETIZATION_INTERVAL",
     "GaussianEvent",
+    "PldAccountant",
     "RdpAccountant",
     "epsilon",
     "epsilon_from_rdp",
+    "rdp_epsilon",
     "rdp_of",
     "rdp_subsampled_gaussian",
 ]

@@ -15,7 +15,11 @@ A fog charges a round *before* it releases the aggregate (version -1 then: a cra
 over-count) and binds the entry to the version core committed afterwards (:meth:`PrivacyLedger.bind`,
 a second append-only table), so an entry is always bound to the model version it produced.
 
-The epsilon of a subject is the RDP accountant's over *all* its entries. :meth:`PrivacyLedger.charge`
+The epsilon of a subject is the PLD accountant's
+(:class:`~hyprstream.privacy.accountant.PldAccountant`, pessimistic: an upper bound) over *all* its
+entries, re-accounted from the stored events whenever the ledger is opened: an entry's ``epsilon``
+is the cumulative figure reported when it was charged (entries charged before the ledger accounted
+with PLD hold the larger RDP figure of their time). :meth:`PrivacyLedger.charge`
 checks the budget first and refuses, raising :class:`~hyprstream.privacy.errors.BudgetExceeded`
 with the reason, when the new epsilon would exceed it -- so spent never exceeds the budget. The
 check and the durable append happen under one lock; the store's single-writer lock keeps other
@@ -32,7 +36,7 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from hyprstream.privacy.accountant import DEFAULT_ORDERS, GaussianEvent, RdpAccountant
+from hyprstream.privacy.accountant import VALUE_DISCRETIZATION_INTERVAL, GaussianEvent, PldAccountant
 from hyprstream.privacy.errors import BudgetExceeded, PrivacyViolation
 
 TABLE = "privacy_ledger"
@@ -54,7 +58,11 @@ SCHEMA = pa.schema([
     pa.field("delta", pa.float64(), nullable=False),
     pa.field("epsilon", pa.float64(), nullable=False),
     pa.field("budget", pa.float64(), nullable=False),
+    pa.field("unit", pa.string(), nullable=False),
 ])
+# Ledgers written before the ``unit`` column stay in their schema: their entries read with the
+# default unit, and new entries are appended without it.
+LEGACY_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "unit"])
 
 
 class Scope(enum.Enum):
@@ -86,6 +94,7 @@ class Charge:
     round: str
     mechanism: str
     version: int = -1
+    unit: str = "example"  # what the spend protects: "example", "reading (group of 256 examples)", "device"
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,8 @@ class Entry:
                 "base_version": self.charge.base_version, "version": self.charge.version,
                 "round": self.charge.round, "mechanism": self.charge.mechanism,
                 "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps,
-                "delta": self.delta, "epsilon": self.epsilon, "budget": self.budget, "seq": self.seq}
+                "delta": self.delta, "epsilon": self.epsilon, "budget": self.budget, "seq": self.seq,
+                "unit": self.charge.unit}
 
 
 def check_budget(spent: float, would_be: float, budget: Budget, what: str) -> None:
@@ -121,19 +131,22 @@ def check_budget(spent: float, would_be: float, budget: Budget, what: str) -> No
 class PrivacyLedger:
     """The ledger table of one store. Not thread-safe across stores; one instance per store."""
 
-    def __init__(self, store, orders: tuple[float, ...] = DEFAULT_ORDERS) -> None:
+    def __init__(self, store, interval: float = VALUE_DISCRETIZATION_INTERVAL) -> None:
         from hyprstream.store import Retention
 
         self.store = store
-        self.orders = orders
+        self.interval = interval  # the PLD's value discretization interval
         self._lock = threading.Lock()
         for table in (TABLE, VERSIONS_TABLE):
             if table in store.tables() and store.retention(table) != Retention():
                 raise PrivacyViolation(f"the {table} table has a retention limit: spends may have been forgotten")
+        self._schema = store.schema(TABLE) if TABLE in store.tables() else SCHEMA
+        if not any(self._schema.equals(s, check_metadata=False) for s in (SCHEMA, LEGACY_SCHEMA)):
+            raise PrivacyViolation(f"the {TABLE} table has columns {self._schema.names}, not a privacy ledger's")
         if not store.readonly:
-            store.create_table(TABLE, SCHEMA, Retention())
+            store.create_table(TABLE, self._schema, Retention())
             store.create_table(VERSIONS_TABLE, VERSIONS_SCHEMA, Retention())
-        self._accountants: dict[tuple[Scope, str], RdpAccountant] = {}
+        self._accountants: dict[tuple[Scope, str], PldAccountant] = {}
         self._entries: list[Entry] = []
         if TABLE in store.tables():
             bound = {}
@@ -143,10 +156,10 @@ class PrivacyLedger:
         for e in self._entries:
             self._accountant(e.scope, e.subject).compose(e.charge.event)
 
-    def _accountant(self, scope: Scope, subject: str) -> RdpAccountant:
+    def _accountant(self, scope: Scope, subject: str) -> PldAccountant:
         key = (scope, subject)
         if key not in self._accountants:
-            self._accountants[key] = RdpAccountant(orders=self.orders)
+            self._accountants[key] = PldAccountant(interval=self.interval)
         return self._accountants[key]
 
     def entries(self, scope: Scope | None = None, subject: str | None = None) -> list[Entry]:
@@ -176,7 +189,7 @@ class PrivacyLedger:
                                   f"{charge.mechanism} for {charge.model} v{charge.base_version}")
             seq = (self._entries[-1].seq + 1) if self._entries else 1
             entry = Entry(seq, time.time(), scope, subject, charge, budget.delta, would_be, budget.epsilon)
-            self.store.append(TABLE, pa.Table.from_pylist([_row(entry)], schema=SCHEMA))
+            self.store.append(TABLE, pa.Table.from_pylist([_row(entry)], schema=self._schema))
             self._entries.append(entry)
             self._accountant(scope, subject).compose(charge.event)
             return entry
@@ -203,13 +216,14 @@ def _row(e: Entry) -> dict[str, object]:
             "base_version": e.charge.base_version, "version": e.charge.version, "round": e.charge.round,
             "mechanism": e.charge.mechanism, "noise_multiplier": ev.noise_multiplier,
             "sample_rate": ev.sample_rate, "steps": ev.steps, "delta": e.delta, "epsilon": e.epsilon,
-            "budget": e.budget}
+            "budget": e.budget, "unit": e.charge.unit}
 
 
 def _entry(r: dict[str, object], bound: dict[int, int]) -> Entry:
     event = GaussianEvent(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"]))
     version = int(r["version"]) if int(r["version"]) != -1 else int(bound.get(int(r["seq"]), -1))
-    charge = Charge(event, str(r["model"]), int(r["base_version"]), str(r["round"]), str(r["mechanism"]), version)
+    charge = Charge(event, str(r["model"]), int(r["base_version"]), str(r["round"]), str(r["mechanism"]), version,
+                    str(r.get("unit", Charge.unit)))
     return Entry(int(r["seq"]), float(r["time"]), Scope(r["scope"]), str(r["subject"]), charge,
                  float(r["delta"]), float(r["epsilon"]), float(r["budget"]))
 

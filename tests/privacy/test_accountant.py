@@ -1,4 +1,5 @@
-"""hyprstream.privacy.accountant against Google's dp-accounting (an independent implementation)."""
+"""hyprstream.privacy.accountant against Google's dp-accounting (an independent implementation): the PLD
+accountant the ledger uses, and the RDP one kept beside it."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ import logging
 
 import dp_accounting
 import pytest
+from dp_accounting.pld import PLDAccountant as ReferencePld
 from dp_accounting.rdp import RdpAccountant as ReferenceAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyprstream.privacy.accountant import GaussianEvent, RdpAccountant, epsilon, rdp_subsampled_gaussian
+from hyprstream.privacy.accountant import (
+    VALUE_DISCRETIZATION_INTERVAL,
+    GaussianEvent,
+    PldAccountant,
+    RdpAccountant,
+    epsilon,
+    rdp_epsilon,
+    rdp_subsampled_gaussian,
+)
 
 pytestmark = pytest.mark.unit
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's warnings about orders it drops
@@ -27,23 +37,23 @@ def reference_epsilon(history: list[GaussianEvent], delta: float) -> float:
 @pytest.mark.parametrize("z", [0.6, 1.0, 1.5, 4.0])
 @pytest.mark.parametrize("q", [0.001, 0.01, 0.1, 1.0])
 @pytest.mark.parametrize("steps", [1, 100, 3000])
-def test_epsilon_agrees_with_dp_accounting(z: float, q: float, steps: int) -> None:
+def test_rdp_epsilon_agrees_with_dp_accounting(z: float, q: float, steps: int) -> None:
     history = [GaussianEvent(z, q, steps)]
-    ours, ref = epsilon(history, 1e-5), reference_epsilon(history, 1e-5)
+    ours, ref = rdp_epsilon(history, 1e-5), reference_epsilon(history, 1e-5)
     assert ours == pytest.approx(ref, rel=0.01)
 
 
 @settings(max_examples=15, deadline=None)
 @given(events=st.lists(st.tuples(st.floats(0.5, 5.0), st.floats(1e-3, 1.0), st.integers(1, 500)), min_size=1, max_size=4),
        delta=st.sampled_from([1e-3, 1e-5, 1e-7]))
-def test_composed_histories_agree_with_dp_accounting(events: list[tuple[float, float, int]], delta: float) -> None:
+def test_rdp_composed_histories_agree_with_dp_accounting(events: list[tuple[float, float, int]], delta: float) -> None:
     history = [GaussianEvent(z, q, s) for z, q, s in events]
     acc = RdpAccountant()
     for e in history:
         acc.compose(e)
     ref = reference_epsilon(history, delta)
     assert acc.epsilon(delta) == pytest.approx(ref, rel=0.01)
-    assert epsilon(history, delta) == pytest.approx(ref, rel=0.01)
+    assert rdp_epsilon(history, delta) == pytest.approx(ref, rel=0.01)
 
 
 def test_hand_computed_values() -> None:
@@ -51,15 +61,15 @@ def test_hand_computed_values() -> None:
     assert rdp_subsampled_gaussian(1.0, 2.0, [2.0, 10.0]).tolist() == [0.25, 1.25]
     # Flower's measured RdpAccountant figures for z = 1, all 10 of 10 clients, delta = 1e-5 (FLOWER.md)
     for rounds, eps in [(1, 4.73), (2, 7.08), (3, 9.01)]:
-        assert epsilon([GaussianEvent(1.0, 1.0, rounds)], 1e-5) == pytest.approx(eps, abs=0.005)
+        assert rdp_epsilon([GaussianEvent(1.0, 1.0, rounds)], 1e-5) == pytest.approx(eps, abs=0.005)
 
 
-def test_epsilon_if_does_not_compose() -> None:
+def test_rdp_epsilon_if_does_not_compose() -> None:
     acc = RdpAccountant([GaussianEvent(1.0, 0.1, 10)])
     before = acc.epsilon(1e-5)
     after = acc.epsilon_if(GaussianEvent(1.0, 0.1, 10), 1e-5)
     assert after > before == acc.epsilon(1e-5)
-    assert after == pytest.approx(epsilon([GaussianEvent(1.0, 0.1, 20)], 1e-5))
+    assert after == pytest.approx(rdp_epsilon([GaussianEvent(1.0, 0.1, 20)], 1e-5))
     assert RdpAccountant().epsilon(1e-5) == 0.0
 
 
@@ -67,3 +77,60 @@ def test_events_are_validated() -> None:
     for bad in [(0.0, 0.1, 1), (1.0, 1.5, 1), (1.0, 0.1, -1), (float("nan"), 0.1, 1)]:
         with pytest.raises(ValueError):
             GaussianEvent(*bad)
+
+
+# ----------------------------------------------------------------------------------------- PLD
+
+
+def reference_pld(history: list[GaussianEvent], delta: float, interval: float = VALUE_DISCRETIZATION_INTERVAL) -> float:
+    acc = ReferencePld(value_discretization_interval=interval)
+    for e in history:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
+                    e.steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(("z", "q", "steps"), [(0.8, 1.0, 1), (1.0, 0.01, 1000), (1.1, 0.1, 50), (4.0, 1.0, 100)])
+def test_pld_epsilon_agrees_with_dp_accounting_and_is_below_rdp(z: float, q: float, steps: int) -> None:
+    history = [GaussianEvent(z, q, steps)]
+    ours = epsilon(history, 1e-5)
+    assert ours == pytest.approx(reference_pld(history, 1e-5), rel=1e-6)
+    assert ours < 0.95 * reference_epsilon(history, 1e-5)  # the point of PLD: at least 5 % below RDP here
+
+
+@settings(max_examples=5, deadline=None)
+@given(events=st.lists(st.tuples(st.floats(0.8, 3.0), st.sampled_from([0.02, 0.1, 0.5, 1.0]), st.integers(1, 50)),
+                       min_size=1, max_size=4),
+       delta=st.sampled_from([1e-3, 1e-5, 1e-7]))
+def test_pld_composed_histories_agree_with_dp_accounting(events: list[tuple[float, float, int]], delta: float) -> None:
+    history = [GaussianEvent(z, q, s) for z, q, s in events]
+    incremental = PldAccountant()
+    for e in history:
+        incremental.epsilon(delta)  # built, then kept up to date event by event
+        incremental.compose(e)
+    ref = reference_pld(history, delta)
+    assert incremental.epsilon(delta) == pytest.approx(ref, rel=1e-6)
+    assert PldAccountant(history).epsilon(delta) == pytest.approx(ref, rel=1e-6)  # built from the history at once
+    assert epsilon(history, delta) <= reference_epsilon(history, delta) * (1 + 1e-9)
+
+
+def test_pld_is_a_pessimistic_upper_bound_of_a_finer_grid() -> None:
+    # the coarser grid the ledger uses rounds privacy losses up: never below the finer grid's epsilon,
+    # and close to it
+    history = [GaussianEvent(1.1, 0.1, 100)]
+    fine = reference_pld(history, 1e-5, interval=1e-4)
+    ours = epsilon(history, 1e-5)
+    assert fine <= ours <= fine * 1.001
+
+
+def test_pld_epsilon_if_does_not_compose_and_empty_histories_spend_nothing() -> None:
+    acc = PldAccountant([GaussianEvent(1.0, 0.1, 10)])
+    before = acc.epsilon(1e-5)
+    after = acc.epsilon_if(GaussianEvent(1.0, 0.1, 10), 1e-5)
+    assert after > before == acc.epsilon(1e-5)
+    assert after == pytest.approx(reference_pld([GaussianEvent(1.0, 0.1, 20)], 1e-5), rel=1e-6)
+    acc.compose(GaussianEvent(1.0, 0.1, 10))
+    assert acc.epsilon(1e-5) == pytest.approx(after, rel=1e-9)
+    assert acc.history == [GaussianEvent(1.0, 0.1, 10)] * 2
+    assert PldAccountant().epsilon(1e-5) == 0.0 == epsilon([GaussianEvent(1.0, 0.0, 5), GaussianEvent(1.0, 0.5, 0)], 1e-5)
+    assert acc.epsilon_if(GaussianEvent(1.0, 0.1, 0), 1e-5) == acc.epsilon(1e-5)

@@ -12,6 +12,7 @@ pytest.importorskip("opacus")
 
 import dp_accounting  # noqa: E402
 import torch  # noqa: E402
+from dp_accounting.pld import PLDAccountant as ReferencePld  # noqa: E402
 from dp_accounting.rdp import RdpAccountant as ReferenceAccountant  # noqa: E402
 from opacus.accountants import RDPAccountant as OpacusAccountant  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
@@ -79,8 +80,8 @@ def test_empty_poisson_samples_take_noise_only_steps() -> None:
     assert np.abs(r.delta["head.weight"]).sum() > 0
 
 
-def reference_epsilon(history: list[GaussianEvent], delta: float) -> float:
-    acc = ReferenceAccountant()
+def reference_epsilon(history: list[GaussianEvent], delta: float, acc=None) -> float:
+    acc = acc if acc is not None else ReferenceAccountant()
     for e in history:
         acc.compose(dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
                     e.steps)
@@ -102,11 +103,14 @@ def test_spend_composes_across_rounds_and_restarts(tmp_path: Path) -> None:
         assert ledger.history(Scope.DEVICE, "device-0001") == history
         spent = ledger.spent(Scope.DEVICE, "device-0001", 1e-5)
     assert spent == pytest.approx(epsilon(history, 1e-5))
-    assert spent == pytest.approx(reference_epsilon(history, 1e-5), rel=0.01)
-    # Opacus' own accountant, given the persisted history, agrees too
+    # dp-accounting's PLD accountant agrees; its RDP accountant and Opacus' (RDP), given the persisted
+    # history, are looser
+    assert spent == pytest.approx(reference_epsilon(history, 1e-5, ReferencePld(value_discretization_interval=1e-3)),
+                                  rel=1e-6)
+    assert spent < reference_epsilon(history, 1e-5)
     opacus_acc = OpacusAccountant()
     opacus_acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
-    assert spent == pytest.approx(opacus_acc.get_epsilon(1e-5), rel=0.01)
+    assert spent < opacus_acc.get_epsilon(1e-5)
     assert trainer.status()["epsilon_spent"] == pytest.approx(spent)
 
 
