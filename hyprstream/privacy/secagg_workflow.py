@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.privacy import secagg_messages as wire
-from hyprstream.privacy.accountant import GaussianEvent, RdpAccountant
+from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
@@ -99,7 +99,7 @@ class SecureFogAggregator:
         self.clock = clock
         self.last: SecureRoundInfo | None = None
         # without a ledger, client-level spend is still accounted and enforced, in memory only
-        self._memory = RdpAccountant() if client_dp is not None and ledger is None else None
+        self._memory = PldAccountant() if client_dp is not None and ledger is None else None
         # ledger entries of released rounds whose push core has not answered yet: push seq -> entry seq
         self._unbound: dict[int, int] = {}
         self._bound: dict[int, Entry] = {}  # bound while their push was being sent (read back by _push)
@@ -382,7 +382,7 @@ class SecureFogAggregator:
                 entry = self.ledger.charge(
                     Scope.MODEL, self.model,
                     Charge(self._event(), model=self.model, base_version=pending.base.version,
-                           round=pending.group_id, mechanism=self._mechanism()),
+                           round=pending.group_id, mechanism=self._mechanism(), unit="device"),
                     self.client_dp.budget)
             else:
                 self._check_budget(f"round {pending.round} of {self.model}")
