@@ -404,8 +404,9 @@ class Agent:
     def privacy_state(self) -> PrivacyState:
         """Whether the device's sample-level budget is spent: whether, by its privacy ledger (the ClientApp
         charges it), it could not pay even for the cheapest round, one DP-SGD step at batch size 1 over its
-        data. The epsilon spent stays on the device (it is a function of the data size, through the
-        sampling rate). Without ``[privacy.dpsgd]`` nothing spends it, and the profile's budget is reported."""
+        data (for the task's unit of privacy). The epsilon spent stays on the device (it is a function of
+        the data size, through the sampling rate). Without ``[privacy.dpsgd]`` nothing spends it, and the
+        profile's budget is reported."""
         from hyprstream.privacy.ledger import PrivacyLedger, Scope
         from hyprstream.store import Store
 
@@ -419,8 +420,9 @@ class Agent:
         try:
             if rows and ledger.exists():
                 with Store.open(ledger, readonly=True) as store:
-                    would_be = PrivacyLedger(store).would_spend(Scope.DEVICE, self.config.device_id,
-                                                                settings.event(rows, 1, 1), settings.budget.delta)
+                    cheapest = settings.event(rows, 1, 1, group=self.task.examples_per_record)
+                    would_be = PrivacyLedger(store).would_spend(Scope.DEVICE, self.config.device_id, cheapest,
+                                                                settings.budget.delta)
                 self._budget_spent = would_be > settings.budget.epsilon
         except HyprstreamError as exc:  # e.g. the ledger is being created: report the last value read
             log.warning("cannot read the privacy ledger %s: %s", ledger, exc)
