@@ -36,7 +36,7 @@ from hyprstream.agent.policy import BUDGET_DECLINE
 from hyprstream.errors import ConfigError, HyprstreamError
 from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.config import DpSgdConfig, FloorConfig
-from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, ledger_dir_for
+from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, epsilon_floor, ledger_dir_for
 from hyprstream.privacy.errors import BudgetExceeded
 from hyprstream.privacy.floor import plain_round_shortfall, secure_round_shortfall
 from hyprstream.privacy.ledger import Budget
@@ -176,13 +176,15 @@ class PrivateTraining:
 
         event = self.settings.event(num_examples, batch_size, steps, group)
         delta = self.settings.budget.delta
+        floor = epsilon_floor(event, delta)  # over the budget alone: declined without the costly PLD
+        over = floor > self.settings.budget.epsilon
         if not self.ledger_dir.exists():
             acc = PldAccountant()
-            return acc.epsilon(delta), acc.epsilon_if(event, delta)
+            return acc.epsilon(delta), floor if over else acc.epsilon_if(event, delta)
         with Store.open(self.ledger_dir, readonly=True) as store:
             ledger = PrivacyLedger(store)
             return (ledger.spent(Scope.DEVICE, self.device_id, delta),
-                    ledger.would_spend(Scope.DEVICE, self.device_id, event, delta))
+                    floor if over else ledger.would_spend(Scope.DEVICE, self.device_id, event, delta))
 
 
 def configure_simulation(root: Path, dpsgd: DpSgdConfig | None) -> None:

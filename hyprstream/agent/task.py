@@ -50,6 +50,16 @@ class Task(abc.ABC):
     time_column: str | None = None  # a timestamp column of ``schema`` (age retention), if any
     context_key: str | None = None  # features of a row depend on the previous rows of this key ...
     context_rows: int = 0  # ... this many of them
+    class_weights: tuple[float, ...] | None = None  # loss weight of each class (a rare class weighted up), or None
+    examples_per_record: int = 1  # training examples one stored record can enter (a window's features: its length)
+
+    @property
+    def privacy_unit(self) -> str:
+        """What sample-level DP-SGD protects for this task (the ledger's ``unit``): one example, or one
+        stored record that enters a group of examples (accounted for the whole group)."""
+        if self.examples_per_record == 1:
+            return "example"
+        return f"record (group of {self.examples_per_record} examples)"
 
     @abc.abstractmethod
     def build_model(self, seed: int):
@@ -116,10 +126,17 @@ class Task(abc.ABC):
         pred = p.argmax(axis=1)
         return pred.astype(np.int32), p[np.arange(len(p)), pred].astype(np.float32)
 
-    def loss(self):
+    def loss(self, reduction: str = "mean"):
+        """Cross-entropy weighted by :attr:`class_weights`.
+
+        ``"mean"`` (plain training, evaluation): the weighted mean over the batch, which divides by
+        the batch's sum of weights. ``"none"``: each example's own weighted loss, independent of the
+        other examples of the batch, as DP-SGD's per-example clipping needs.
+        """
         import torch
 
-        return torch.nn.CrossEntropyLoss()
+        weight = None if self.class_weights is None else torch.tensor(self.class_weights)
+        return torch.nn.CrossEntropyLoss(weight=weight, reduction=reduction)
 
 
 def seeded(seed: int, make: Callable[[], Any]) -> Any:

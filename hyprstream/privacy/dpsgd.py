@@ -25,16 +25,21 @@ trains, the round's mechanism event (``GaussianEvent(z, q, steps)``) is checked 
 budget and charged durably; a round that would exceed the budget raises
 :class:`~hyprstream.privacy.errors.BudgetExceeded` (the agent declines with that reason) and trains
 nothing. The spend is charged *before* training: a crash mid-round over-counts, never under-counts.
+The event is that of the task's unit of privacy (:meth:`DpSgd.event`, ``Task.examples_per_record``),
+which the ledger entry names (``unit``).
 
-Randomness: the sampler and Opacus' noise use a ``torch.Generator`` passed in. Deployed devices seed
-it from ``os.urandom`` each round and run Opacus in ``secure_mode`` (its defence against
-floating-point attacks); simulations seed it from the request's seed.
+Randomness: the sampler and Opacus' noise follow from a CPU ``torch.Generator`` passed in: it draws
+the Poisson samples and seeds a generator on the model's device (CPU or CUDA) for the noise
+(:func:`noise_generator`). Deployed devices seed it from ``os.urandom`` each round and run Opacus
+in ``secure_mode`` (its defence against floating-point attacks); simulations seed it from the
+request's seed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import os
 import threading
 import time
@@ -47,7 +52,7 @@ from hyprstream.agent.task import Dataset, Task
 from hyprstream.agent.trainer import TrainResult, prepare_layers
 from hyprstream.errors import ValidationError
 from hyprstream.privacy.accountant import GaussianEvent
-from hyprstream.privacy.ledger import Budget, Charge, Entry, PrivacyLedger, Scope
+from hyprstream.privacy.ledger import Budget, Charge, Entry, PrivacyLedger, Scope, check_budget
 
 MECHANISM = "dpsgd"
 
@@ -65,11 +70,59 @@ class DpSgd:
         if not self.noise_multiplier > 0 or not self.max_grad_norm > 0:
             raise ValueError("noise_multiplier and max_grad_norm must be positive")
 
-    def event(self, num_examples: int, batch_size: int, steps: int) -> GaussianEvent:
-        """The mechanism event of one round: ``steps`` Poisson-sampled steps at rate batch / examples."""
+    def event(self, num_examples: int, batch_size: int, steps: int, group: int = 1) -> GaussianEvent:
+        """The mechanism event of one round for the privacy unit: ``steps`` Poisson-sampled steps at rate
+        batch / examples, for a unit that is one example (``group`` 1).
+
+        A unit (a stored record) that enters ``group`` examples is accounted as that group: adding or
+        removing it adds or removes one example and changes up to ``group - 1`` others, so one step's
+        clipped sum moves by at most ``(2 group - 1) C``; no amplification by sampling is claimed for
+        the group (its examples are sampled independently). Each step is then at least as private as
+        the Gaussian mechanism of sensitivity ``(2 group - 1) C`` and noise ``z C``: multiplier
+        ``z / (2 group - 1)``, rate 1.
+        """
         if num_examples < 1:
             raise ValidationError("no local training data")
+        if group < 1:
+            raise ValidationError(f"a privacy unit enters at least one example, got group {group}")
+        if group > 1:
+            return GaussianEvent(self.noise_multiplier / (2 * group - 1), 1.0, steps)
         return GaussianEvent(self.noise_multiplier, min(1.0, batch_size / num_examples), steps)
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon at ``delta`` of the Gaussian mechanism with ``mu`` = sensitivity / noise std (Balle and
+    Wang 2018): the least epsilon with ``Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu) <= delta``."""
+    from scipy.special import log_ndtr, ndtr
+
+    if not 0 < delta < 1 or not mu >= 0:
+        raise ValueError(f"need mu >= 0 and delta in (0, 1), got mu {mu}, delta {delta}")
+    if mu == 0:
+        return 0.0
+
+    def excess(eps: float) -> float:  # delta(eps) - delta, decreasing in eps
+        return float(ndtr(mu / 2 - eps / mu) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))) - delta
+
+    lo, hi = 0.0, mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / delta)) + 1.0  # delta(hi) < delta
+    if excess(lo) <= 0:
+        return 0.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if excess(mid) <= 0 else (mid, hi)
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi
+
+
+def epsilon_floor(event: GaussianEvent, delta: float) -> float:
+    """A lower bound, in closed form, of the epsilon of any history that holds ``event``: the exact epsilon
+    of ``event`` alone when it is not subsampled (``steps`` Gaussians of multiplier z compose to one of
+    ``mu = sqrt(steps) / z``), else 0. A group's event (:meth:`DpSgd.event`) can have a multiplier so
+    small that the ledger's PLD of it would take minutes and gigabytes; a round whose event alone is
+    over the budget is refused on this bound instead."""
+    if event.sample_rate < 1.0 or not event.steps:
+        return 0.0
+    return gaussian_epsilon(math.sqrt(event.steps) / event.noise_multiplier, delta)
 
 
 @dataclass(frozen=True)
@@ -104,7 +157,10 @@ def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, 
     With ``max_seconds`` it stops early (after at least one step); the caller has charged the planned
     ``steps``, so stopping early only over-counts the spend. ``engine`` picks how per-example
     gradients are clipped; both engines draw the same Poisson samples and the same noise (Opacus'
-    own noise function) from ``generator``.
+    own noise function).
+
+    ``generator`` is a CPU ``torch.Generator``: it draws the Poisson samples (the same on every
+    device) and seeds a generator on the model's device that draws the noise (:func:`noise_generator`).
 
     Per step, as ``DPOptimizer.step`` does: the clipped sum ``s`` of the sample (:func:`clipping`;
     zeros for an empty sample), then per parameter ``grad = (s + noise) / expected_batch_size`` with
@@ -123,6 +179,7 @@ def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, 
     opt = torch.optim.Adam(params, lr=lr)
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
+    noise_gen = noise_generator(generator, device)
     model.train()
     losses, done = [], 0
     with clipping(task, model, params, settings.max_grad_norm, engine) as clip:
@@ -138,7 +195,7 @@ def dp_train_layers(task: Task, model, layers: Sequence[str], data: Dataset, *, 
                 sums, loss = clip(x[chosen], y[chosen])
                 losses.append(loss)
             for p, s in zip(params, sums, strict=True):
-                noise = _generate_noise(std=std, reference=s, generator=generator, secure_mode=settings.secure)
+                noise = _generate_noise(std=std, reference=s, generator=noise_gen, secure_mode=settings.secure)
                 p.grad = (s + noise).view_as(p)
                 p.grad /= expected
             opt.step()
@@ -154,14 +211,27 @@ def clipping(task: Task, model, params: Sequence, max_grad_norm: float, engine: 
 
     ``sums`` are the clipped, un-noised per-example gradient sums ``sum_i min(1, C / (||g_i|| +
     1e-6)) g_i`` of ``params`` (trainable parameters of ``model``, in that order) over the batch ``x,
-    y``; ``loss`` is the batch's loss (detached). Hooks are removed on exit; the bare model stays as
+    y``, ``g_i`` the gradient of example i's own loss (``task.loss(reduction="none")``, its class
+    weight included), so adding or removing one example moves the sum by at most C; ``loss`` is
+    the batch's mean loss (detached). Hooks are removed on exit; the bare model stays as
     it was built.
     """
     from hyprstream.privacy.per_sample import LinearClipper
 
     if engine is ClipEngine.AUTO:
         engine = ClipEngine.LINEAR if LinearClipper.supports(model) else ClipEngine.OPACUS
-    loss_fn = task.loss().to(next(model.parameters()).device)
+    per_example = task.loss(reduction="none").to(next(model.parameters()).device)
+
+    def loss_fn(out, y):
+        # each example's own (weighted) loss, then the plain mean over the sample: both engines undo
+        # the 1 / len(sample), so example i's gradient is that of its own loss and depends on no other
+        # example (a weighted mean would divide by the sample's sum of weights)
+        losses = per_example(out, y)
+        if tuple(losses.shape) != (len(y),):
+            raise ValidationError(f"task {task.name!r}: loss(reduction='none') must give one loss per example, "
+                                  f"got shape {tuple(losses.shape)} for {len(y)} examples")
+        return losses.mean()
+
     if engine is ClipEngine.LINEAR:
         clipper = LinearClipper(model)
         try:
@@ -205,6 +275,21 @@ def clipping(task: Task, model, params: Sequence, max_grad_norm: float, engine: 
         opt.zero_grad(set_to_none=True)
     finally:
         gsm._close()  # removes the hooks and Opacus' attributes: the bare model stays as it was built
+
+
+def noise_generator(generator, device: str):
+    """A generator on ``device`` for the noise, seeded with 63 bits drawn from ``generator`` (CPU).
+
+    torch draws a tensor on a device only from a generator on that device, so the samples (CPU) and
+    the noise (the model's device) take one generator each; both follow from the one passed in (OS
+    randomness on a device, the request's seed in a simulation).
+    """
+    import torch
+
+    if generator.device.type != "cpu":
+        raise ValidationError(f"DP-SGD's generator must be a CPU generator, got one on {generator.device}")
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
 def _poisson(n: int, rate: float, generator, device: str):
@@ -263,11 +348,16 @@ class DpSgdTrainer:
         known = set(task.layer_groups(net))
         if not layers or any(layer not in known for layer in layers):
             raise ValidationError(f"unknown layer group(s) in {list(layers)} (model has {sorted(known)})")
-        event = self.settings.event(len(data), batch_size, steps)
+        event = self.settings.event(len(data), batch_size, steps, group=task.examples_per_record)
+        budget = self.settings.budget
+        floor = epsilon_floor(event, budget.delta)
+        if floor > budget.epsilon:
+            check_budget(self.spent(), floor, budget, f"this round (per {task.privacy_unit})")
         with self._lock, Store.open(self.ledger_dir, create=True) as store:
             entry = PrivacyLedger(store).charge(
                 Scope.DEVICE, self.device_id,
-                Charge(event, model=model, base_version=base_version, round=round, mechanism=MECHANISM),
+                Charge(event, model=model, base_version=base_version, round=round, mechanism=MECHANISM,
+                       unit=task.privacy_unit),
                 self.settings.budget)
         result = dp_train_layers(task, net, layers, data, steps=steps, batch_size=batch_size, lr=lr,
                                  settings=self.settings, generator=_generator(self.settings, seed), device=device,
@@ -293,5 +383,8 @@ __all__ = [
     "PrivateTrainResult",
     "clipping",
     "dp_train_layers",
+    "epsilon_floor",
+    "gaussian_epsilon",
     "ledger_dir_for",
+    "noise_generator",
 ]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import hypothesis
+from hypothesis import strategies as st
 
 pytest.importorskip("opacus")
 
@@ -18,8 +21,16 @@ from opacus.accountants import RDPAccountant as OpacusAccountant  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 
 from hyprstream.agent.task import Dataset, get_task  # noqa: E402
+from hyprstream.agent.tasks.sensor import WINDOW, window_features  # noqa: E402
 from hyprstream.privacy.accountant import GaussianEvent, epsilon  # noqa: E402
-from hyprstream.privacy.dpsgd import ClipEngine, DpSgd, DpSgdTrainer, dp_train_layers, ledger_dir_for  # noqa: E402
+from hyprstream.privacy.dpsgd import (  # noqa: E402
+    ClipEngine,
+    DpSgd,
+    DpSgdTrainer,
+    dp_train_layers,
+    gaussian_epsilon,
+    ledger_dir_for,
+)
 from hyprstream.privacy.errors import BudgetExceeded  # noqa: E402
 from hyprstream.privacy.ledger import Budget, PrivacyLedger, Scope  # noqa: E402
 from hyprstream.store import Store  # noqa: E402
@@ -30,6 +41,7 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 TASK = get_task("digits")
 TRAIN, _ = TASK.load_reference_data(seed=0)
 DATA = Dataset(TRAIN.x[:400], TRAIN.y[:400])
+SENSOR = get_task("sensor")
 
 
 def settings(**over) -> DpSgd:
@@ -136,3 +148,69 @@ def test_a_time_limit_stops_early_and_still_charges_the_planned_steps(tmp_path: 
         TASK, TASK.build_model(seed=0), ["head"], DATA, steps=50, batch_size=32, lr=0.05, seed=1, max_seconds=0.0)
     assert result.steps == 1  # at least one step, then the limit
     assert result.privacy.charge.event == GaussianEvent(1.1, 32 / len(DATA), 50)  # over-counts, never under
+
+
+# ------------------------------------------------------------------------------------ unit of privacy
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), motes=st.integers(1, 3), n=st.integers(2, 60), window=st.integers(2, 12),
+       data=st.data())
+def test_one_sensor_reading_enters_at_most_a_window_of_examples(seed, motes, n, window, data) -> None:
+    """Removing one stored reading removes its example and changes only examples of its mote among the next
+    ``window - 1`` readings: the group a reading is accounted as (``examples_per_record``) covers it."""
+    rng = np.random.default_rng(seed)
+    mote = rng.integers(0, motes, n)
+    time = np.arange(n) * 10
+    hum, temp = 40 + rng.normal(0, 5, n), 20 + rng.normal(0, 2, n)
+    gone = data.draw(st.integers(0, n - 1), label="removed reading")
+    keep = np.arange(n) != gone
+    full = window_features(mote, time, hum, temp, window=window)
+    less = window_features(mote[keep], time[keep], hum[keep], temp[keep], window=window)
+    changed = np.flatnonzero(np.any(full[keep] != less, axis=1))
+    same_mote_after = np.flatnonzero((mote[keep] == mote[gone]) & (np.arange(n)[keep] > gone))[:window - 1]
+    assert set(changed) <= set(same_mote_after)
+
+
+def sensor_data(n: int = 600) -> Dataset:
+    rng = np.random.default_rng(0)
+    return Dataset(np.abs(rng.normal(0, 2, (n, 4))).astype(np.float32), (rng.random(n) < 0.05).astype(np.int64))
+
+
+def test_a_sensor_round_is_accounted_for_one_reading(tmp_path: Path) -> None:
+    """The ledger entry names the unit, and its epsilon is that of the reading from first principles: one
+    reading enters WINDOW examples (one added or removed, WINDOW - 1 changed), so it moves a step's clipped
+    sum by at most (2 WINDOW - 1) C; noise z C; steps composed without amplification by sampling."""
+    assert SENSOR.examples_per_record == WINDOW and TASK.examples_per_record == 1
+    group = 2 * WINDOW - 1
+    z = 3.0 * group  # a per-reading noise multiplier of 3
+    trainer = DpSgdTrainer(settings(noise_multiplier=z), tmp_path / "ledger", "d")
+    result = trainer.bind(model="sensor", base_version=1, round="r1")(
+        SENSOR, SENSOR.build_model(seed=0), ["fc2", "head"], sensor_data(), steps=5, batch_size=32, lr=0.01, seed=1)
+    entry = result.privacy
+    assert entry.charge.unit == f"reading (group of {WINDOW} examples)"
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(dp_accounting.GaussianDpEvent(z / group), 5)
+    rdp = ReferenceAccountant()
+    rdp.compose(dp_accounting.GaussianDpEvent(z / group), 5)
+    assert entry.epsilon == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
+    assert entry.epsilon <= rdp.get_epsilon(1e-5)
+    assert entry.epsilon == pytest.approx(gaussian_epsilon(math.sqrt(5) * group / z, 1e-5), rel=0.01)
+    with Store.open(tmp_path / "ledger", readonly=True) as store:  # the unit is stored with the entry
+        assert [e.charge.unit for e in PrivacyLedger(store).entries()] == [entry.charge.unit]
+    digits = DpSgdTrainer(settings(), tmp_path / "digits-ledger", "d").bind(model="digits", base_version=1, round="r1")(
+        TASK, TASK.build_model(seed=0), ["head"], DATA, steps=2, batch_size=32, lr=0.01, seed=1)
+    assert digits.privacy.charge.unit == "example"
+    assert digits.privacy.to_dict()["unit"] == "example"
+
+
+def test_a_sensor_round_at_a_per_example_noise_is_declined_for_a_reading(tmp_path: Path) -> None:
+    """At z = 1.1 one reading's epsilon is in the hundreds of thousands: declined with the unit named,
+    nothing trained, nothing charged (and no PLD of a multiplier of 0.002 computed)."""
+    trainer = DpSgdTrainer(settings(noise_multiplier=1.1, budget=Budget(8.0, 1e-5)), tmp_path / "ledger", "d")
+    model = SENSOR.build_model(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetExceeded, match="per reading") as err:
+        trainer.bind(model="sensor", base_version=1, round="r1")(
+            SENSOR, model, ["head"], sensor_data(), steps=20, batch_size=32, lr=0.01, seed=1)
+    assert err.value.would_be > 1e4
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert trainer.spent() == 0.0

@@ -9,6 +9,9 @@ model serves an indoor mote (humidity within a few points) and an outdoor one (s
 The window needs the mote's earlier readings, so the task declares ``context_key = "mote_id"`` and
 ``context_rows = WINDOW - 1``: the agent keeps them and passes them in front of new readings.
 Anomalies are rare (under 1 % of the readings), so the loss weights the anomalous class up.
+One reading enters up to :data:`WINDOW` training examples (its own and, through the window and the
+change feature, the next ``WINDOW - 1`` of its mote): DP-SGD accounts a reading as that group
+(``examples_per_record``; docs/privacy.md, "The unit of privacy").
 
 Ingested records: ``{"mote_id": int, "timestamp": seconds since the epoch, "humidity": %,
 "temperature": C, "label": 0/1 (optional)}``. Store rows hold the raw readings; rows made from
@@ -96,6 +99,12 @@ class SensorAnomalyTask(Task):
     time_column = "timestamp"
     context_key = "mote_id"
     context_rows = WINDOW - 1
+    class_weights = (1.0, ANOMALY_WEIGHT)
+    examples_per_record = WINDOW  # a reading enters its own example and the window of the next WINDOW - 1
+
+    @property
+    def privacy_unit(self) -> str:
+        return f"reading (group of {WINDOW} examples)"
 
     def build_model(self, seed: int):
         import torch
@@ -114,11 +123,6 @@ class SensorAnomalyTask(Task):
                 return self.head(x)
 
         return seeded(seed, SensorMLP)
-
-    def loss(self):
-        import torch
-
-        return torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, ANOMALY_WEIGHT]))
 
     def load_reference_data(self, seed: int) -> tuple[Dataset, Dataset]:
         try:
