@@ -407,6 +407,7 @@ class Agent:
         data (for the task's unit of privacy). The epsilon spent stays on the device (it is a function of
         the data size, through the sampling rate). Without ``[privacy.dpsgd]`` nothing spends it, and the
         profile's budget is reported."""
+        from hyprstream.privacy.dpsgd import epsilon_floor
         from hyprstream.privacy.ledger import PrivacyLedger, Scope
         from hyprstream.store import Store
 
@@ -421,8 +422,10 @@ class Agent:
             if rows and ledger.exists():
                 with Store.open(ledger, readonly=True) as store:
                     cheapest = settings.event(rows, 1, 1, group=self.task.examples_per_record)
-                    would_be = PrivacyLedger(store).would_spend(Scope.DEVICE, self.config.device_id, cheapest,
-                                                                settings.budget.delta)
+                    # a group's event can be over the budget alone: then no PLD of its tiny multiplier
+                    floor = epsilon_floor(cheapest, settings.budget.delta)
+                    would_be = floor if floor > settings.budget.epsilon else PrivacyLedger(store).would_spend(
+                        Scope.DEVICE, self.config.device_id, cheapest, settings.budget.delta)
                 self._budget_spent = would_be > settings.budget.epsilon
         except HyprstreamError as exc:  # e.g. the ledger is being created: report the last value read
             log.warning("cannot read the privacy ledger %s: %s", ledger, exc)
