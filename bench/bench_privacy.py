@@ -3,6 +3,7 @@
     python bench/bench_privacy.py            # K = 100 clients, n = 100,000-parameter delta; DP-SGD 100 steps
     python bench/bench_privacy.py --quick    # K = 10, n = 2,000; DP-SGD 20 steps: a CI smoke run
     python bench/bench_privacy.py --workers 16 --skip-dpsgd   # A only, the K clients in 16 processes at once
+    python bench/bench_privacy.py --skip-secagg --device cuda  # B only, trained on the GPU
 
 A. One aggregation round of K clients whose layer-wise delta has n float32 parameters. The three
    cases run over the same in-process ``LoopbackGrid`` (every message protobuf-encoded and decoded
@@ -43,6 +44,8 @@ B. DP-SGD (``dp_train_layers``) against non-private training (``train_layers``, 
    all-``nn.Linear`` layers: ``LinearClipper``, per-example norms from layer inputs and output
    gradients); ``dp-opacus`` the same DP-SGD steps through Opacus' ``GradSampleModule`` +
    ``DPOptimizer`` (the same samples and noise draws; equal results, tested), for reference.
+   ``--device cuda`` trains on the GPU (the model, the data and the noise there; the Poisson
+   samples still drawn on the CPU); each timed call ends when its delta is back on the host.
 
 Cases are interleaved round by round after the warm-up (bench/README.md). Memory at peak: the K
 deltas, one round's messages (weights down, vectors up) and Flower's copies: a few times K * n * 4 bytes.
@@ -336,7 +339,7 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
 
 
 # ------------------------------------------------------------------------------------------ B
-def bench_dpsgd(steps: int, repeats: int, warmup: int) -> dict:
+def bench_dpsgd(steps: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
     import torch
 
     from hyprstream.agent.task import get_task
@@ -349,15 +352,18 @@ def bench_dpsgd(steps: int, repeats: int, warmup: int) -> dict:
     data, _ = task.load_reference_data(seed=0)
     settings = DpSgd(noise_multiplier=1.1, max_grad_norm=1.0, budget=Budget(1e9, 1e-5), secure=False)
     print()
-    print(f"B. DP-SGD vs plain training: digits MLP, {steps} steps of batch 64 on {len(data)} examples, 1 torch thread")
+    print(f"B. DP-SGD vs plain training: digits MLP, {steps} steps of batch 64 on {len(data)} examples, "
+          f"1 torch thread, on {device}")
     cases, groups = {}, {"head": ["head"], "fc2+head": ["fc2", "head"]}
     for label, layers in groups.items():
         cases[f"plain {label}"] = Case(run=lambda m, layers=layers: train_layers(
-            task, m, layers, data, steps=steps, batch_size=64, lr=0.01, seed=0), setup=lambda: task.build_model(seed=0))
+            task, m, layers, data, steps=steps, batch_size=64, lr=0.01, seed=0, device=device),
+            setup=lambda: task.build_model(seed=0))
         for name, engine in ((f"dp {label}", ClipEngine.AUTO), (f"dp-opacus {label}", ClipEngine.OPACUS)):
             cases[name] = Case(run=lambda m, layers=layers, engine=engine: dp_train_layers(
                 task, m, layers, data, steps=steps, batch_size=64, lr=0.01, settings=settings,
-                generator=torch.Generator().manual_seed(0), engine=engine), setup=lambda: task.build_model(seed=0))
+                generator=torch.Generator().manual_seed(0), device=device, engine=engine),
+                setup=lambda: task.build_model(seed=0))
     t = measure_interleaved(cases, repeats=repeats, warmup=warmup)
     print()
     print(f"{'case':20s} {'median s':>9s} {'min s':>8s} {'ms/step':>8s}")
@@ -369,7 +375,7 @@ def bench_dpsgd(steps: int, repeats: int, warmup: int) -> dict:
     for label, r in ratios.items():
         print(f"DP-SGD / plain, {label}: {r:5.2f}x (target <= 2x: {'met' if r <= 2 else 'NOT met'}); "
               f"through Opacus' per-sample gradients: {opacus[label]:5.2f}x")
-    return {"steps": steps, "seconds": t, "dp_over_plain": ratios, "dp_opacus_over_plain": opacus}
+    return {"steps": steps, "device": device, "seconds": t, "dp_over_plain": ratios, "dp_opacus_over_plain": opacus}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-dpsgd", action="store_true")
     p.add_argument("--skip-flower", action="store_true", help="A without Flower's SecAgg+ (plain and secure only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device DP-SGD (B) trains on: cpu (default) or cuda")
     p.add_argument("--workers", type=int, default=None,
                    help="answer the K clients in this many worker processes at once, as separate devices do "
                         "(hyprstream.fog.loopback.ProcessLoopbackGrid); 0: one after another in this process. "
@@ -390,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         p.error("--workers must be >= 0")
+    if args.device != "cpu" and not args.skip_dpsgd:
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: torch sees no CUDA device here")
     if args.mask_threads is not None:
         from hyprstream.privacy import masking
 
@@ -414,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, args.workers, not args.skip_flower)
     if not args.skip_dpsgd:
-        result["dpsgd"] = bench_dpsgd(steps, repeats * 2 if not args.quick else repeats, args.warmup)
+        result["dpsgd"] = bench_dpsgd(steps, repeats * 2 if not args.quick else repeats, args.warmup, args.device)
     result["peak_rss_bytes"] = peak_rss_bytes()
     print(f"\npeak RSS: {result['peak_rss_bytes'] / 1e6:.0f} MB")
     emit(result)
