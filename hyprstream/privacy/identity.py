@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -79,9 +80,14 @@ class DeviceIdentity:
             raise ConfigError("secure-aggregation certificate is not for this key", source=str(cert_path))
         return identity
 
-    @property
+    @cached_property
     def public(self) -> bytes:
         return self.key.public_key().public_bytes_raw()
+
+    @cached_property
+    def _anchor(self) -> bytes:
+        assert self.ca is not None
+        return self.ca.fingerprint(hashes.SHA256())
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data)
@@ -94,14 +100,13 @@ class DeviceIdentity:
             if len(credential) != PUBLIC_BYTES:
                 raise ValidationError("secure aggregation: a neighbour's identity is not a 32-byte key")
             return bytes(credential)
-        return _certified_key(self.ca, bytes(credential))
+        return _certified_key(self.ca, self._anchor, bytes(credential))
 
 
 _verified: OrderedDict[tuple[bytes, bytes], tuple[bytes, dt.datetime]] = OrderedDict()
 
 
-def _certified_key(ca: x509.Certificate, der: bytes) -> bytes:
-    anchor = ca.fingerprint(hashes.SHA256())
+def _certified_key(ca: x509.Certificate, anchor: bytes, der: bytes) -> bytes:
     hit = _verified.get((anchor, der))
     now = dt.datetime.now(dt.timezone.utc)
     if hit is not None and now <= hit[1]:
