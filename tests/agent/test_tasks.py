@@ -23,6 +23,22 @@ def test_builtin_tasks():
 
 
 # ---------------------------------------------------------------------------------------------- sensor
+def test_sensor_loss_weights_anomalies_in_both_reductions():
+    """Plain training keeps the class-weighted mean (sum of w_y l / sum of w_y); DP-SGD's per-example losses
+    are each example's own weighted loss, independent of the rest of the batch."""
+    import torch
+
+    task = get_task("sensor")
+    assert task.class_weights == (1.0, 20.0)
+    out = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-1.0, 3.0]])
+    y = torch.tensor([0, 1, 1])
+    plain = -torch.log_softmax(out, dim=1)[torch.arange(3), y]
+    w = torch.tensor([1.0, 20.0, 20.0])
+    torch.testing.assert_close(task.loss()(out, y), (w * plain).sum() / w.sum())
+    torch.testing.assert_close(task.loss(reduction="none")(out, y), w * plain)
+    torch.testing.assert_close(get_task("digits").loss(reduction="none")(out, y), plain)
+
+
 
 
 def test_window_features_by_hand():
