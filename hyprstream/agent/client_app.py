@@ -176,7 +176,7 @@ class PrivateTraining:
 
         event = self.settings.event(num_examples, batch_size, steps, group)
         delta = self.settings.budget.delta
-        floor = epsilon_floor(event, delta)  # over the budget alone: declined without the costly PLD
+        floor = epsilon_floor(event, delta)  # over the budget alone: declined without reading the ledger
         over = floor > self.settings.budget.epsilon
         if not self.ledger_dir.exists():
             acc = PldAccountant()

@@ -51,7 +51,7 @@ from pathlib import Path
 from hyprstream.agent.task import Dataset, Task
 from hyprstream.agent.trainer import TrainResult, prepare_layers
 from hyprstream.errors import ValidationError
-from hyprstream.privacy.accountant import GaussianEvent
+from hyprstream.privacy.accountant import GaussianEvent, gaussian_epsilon
 from hyprstream.privacy.ledger import Budget, Charge, Entry, PrivacyLedger, Scope, check_budget
 
 MECHANISM = "dpsgd"
@@ -90,36 +90,11 @@ class DpSgd:
         return GaussianEvent(self.noise_multiplier, min(1.0, batch_size / num_examples), steps)
 
 
-def gaussian_epsilon(mu: float, delta: float) -> float:
-    """Exact epsilon at ``delta`` of the Gaussian mechanism with ``mu`` = sensitivity / noise std (Balle and
-    Wang 2018): the least epsilon with ``Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu) <= delta``."""
-    from scipy.special import log_ndtr, ndtr
-
-    if not 0 < delta < 1 or not mu >= 0:
-        raise ValueError(f"need mu >= 0 and delta in (0, 1), got mu {mu}, delta {delta}")
-    if mu == 0:
-        return 0.0
-
-    def excess(eps: float) -> float:  # delta(eps) - delta, decreasing in eps
-        return float(ndtr(mu / 2 - eps / mu) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))) - delta
-
-    lo, hi = 0.0, mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / delta)) + 1.0  # delta(hi) < delta
-    if excess(lo) <= 0:
-        return 0.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if excess(mid) <= 0 else (mid, hi)
-        if hi - lo <= 1e-12 * hi:
-            break
-    return hi
-
-
 def epsilon_floor(event: GaussianEvent, delta: float) -> float:
     """A lower bound, in closed form, of the epsilon of any history that holds ``event``: the exact epsilon
     of ``event`` alone when it is not subsampled (``steps`` Gaussians of multiplier z compose to one of
-    ``mu = sqrt(steps) / z``), else 0. A group's event (:meth:`DpSgd.event`) can have a multiplier so
-    small that the ledger's PLD of it would take minutes and gigabytes; a round whose event alone is
-    over the budget is refused on this bound instead."""
+    ``mu = sqrt(steps) / z``), else 0. A round whose event alone is over the budget (a group's event,
+    :meth:`DpSgd.event`, with its tiny multiplier) is refused on this bound before the ledger is read."""
     if event.sample_rate < 1.0 or not event.steps:
         return 0.0
     return gaussian_epsilon(math.sqrt(event.steps) / event.noise_multiplier, delta)

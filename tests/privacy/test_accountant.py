@@ -18,6 +18,7 @@ from hyprstream.privacy.accountant import (
     PldAccountant,
     RdpAccountant,
     epsilon,
+    gaussian_epsilon,
     rdp_epsilon,
     rdp_subsampled_gaussian,
 )
@@ -134,3 +135,20 @@ def test_pld_epsilon_if_does_not_compose_and_empty_histories_spend_nothing() -> 
     assert acc.history == [GaussianEvent(1.0, 0.1, 10)] * 2
     assert PldAccountant().epsilon(1e-5) == 0.0 == epsilon([GaussianEvent(1.0, 0.0, 5), GaussianEvent(1.0, 0.5, 0)], 1e-5)
     assert acc.epsilon_if(GaussianEvent(1.0, 0.1, 0), 1e-5) == acc.epsilon(1e-5)
+
+
+def test_non_subsampled_events_compose_to_one_gaussian_in_closed_form() -> None:
+    # q = 1 events (client-level DP of every agent; a group's DP-SGD event): exact, and as dp-accounting's PLD
+    history = [GaussianEvent(1.3, 1.0, 1), GaussianEvent(0.9, 1.0, 2)]
+    mu = (1 / 1.3**2 + 2 / 0.9**2) ** 0.5
+    assert epsilon(history, 1e-5) == gaussian_epsilon(mu, 1e-5) == pytest.approx(reference_pld(history, 1e-5), rel=1e-6)
+    # a multiplier so small that a PLD grid would take gigabytes (z = 1.1 / 511, mu = 465): closed form
+    tiny = [GaussianEvent(1.1 / 511, 1.0, 1)]
+    mu = 511 / 1.1
+    assert mu * mu / 2 < epsilon(tiny, 1e-5) < rdp_epsilon(tiny, 1e-5)
+    acc = PldAccountant()
+    assert acc.epsilon_if(tiny[0], 1e-5) == epsilon(tiny, 1e-5)
+    # mixed with subsampled events beyond the PLD's range of mu: an upper bound, infinite
+    assert epsilon([*tiny, GaussianEvent(1.0, 0.1, 10)], 1e-5) == float("inf")
+    mixed = [GaussianEvent(1.0, 1.0, 3), GaussianEvent(1.1, 0.1, 50)]
+    assert epsilon(mixed, 1e-5) == pytest.approx(reference_pld(mixed, 1e-5), rel=1e-6)

@@ -137,3 +137,18 @@ def test_a_ledger_written_before_is_re_accounted_with_pld_and_allows_more_rounds
     with Store.open(tmp_path / "dev", readonly=True) as store:
         assert store.schema(TABLE).names == LEGACY_SCHEMA.names  # nothing on disk changed format
         assert [e.seq for e in PrivacyLedger(store).entries()] == [1, 2, 3, 4]
+
+
+def test_a_round_far_over_the_budget_is_refused_without_a_huge_pld(tmp_path: Path) -> None:
+    # a group's DP-SGD event (multiplier 1.1 / 511, no sampling: epsilon ~ 1e5) against a budget of 8
+    event = GaussianEvent(1.1 / 511, 1.0, 1)
+    with Store.open(tmp_path / "dev", create=True) as store:
+        ledger = PrivacyLedger(store)
+        ledger.charge(Scope.DEVICE, "d", charge(GaussianEvent(1.0, 0.05, 100)), Budget(8.0, 1e-5))
+        with pytest.raises(BudgetExceeded, match="over the budget") as err:
+            ledger.charge(Scope.DEVICE, "d", charge(event, 2), Budget(8.0, 1e-5))
+    assert err.value.would_be > 1e5  # (mixed with a subsampled round beyond the PLD's range: infinite)
+    rdp = ReferenceRdp()
+    rdp.compose(dp_accounting.GaussianDpEvent(1.1 / 511))
+    mu = 511 / 1.1
+    assert mu * mu / 2 < ledger.would_spend(Scope.DEVICE, "other", event, 1e-5) < rdp.get_epsilon(1e-5)
