@@ -144,7 +144,8 @@ def test_three_tiers_train_with_tls_auth_and_telemetry(tmp_path):
             monitor.disconnect()
         dep.close()
 
-    assert all(v["participants"] >= 2 for v in versions[1:])
+    # client-level DP: core gets the fixed denominator, never the realised count of participants
+    assert all(v["participants"] == 0 for v in versions[1:])
     assert {v["actor"] for v in versions[1:]} == set(FOGS)
     assert final > initial + 0.1, (initial, final)
     for device, msgs in telemetry.items():
@@ -155,6 +156,7 @@ def test_three_tiers_train_with_tls_auth_and_telemetry(tmp_path):
     for p in pushes:
         assert p["privacy"]["noise_multiplier"] == 0.01 and p["privacy"]["clip"] == 5.0, p["privacy"]
         assert p["privacy"]["epsilon"] > 0 and len(p["transcript_sha256"]) == 64
+        assert p["participants"] == 0 and p["privacy"]["expected_participants"] >= 2, p
     verify = dep.audit_verify()
     assert verify.returncode == 0 and "ok:" in verify.stdout, verify.stdout + verify.stderr
 
