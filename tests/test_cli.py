@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import assert_one_line_error, run_cli
 
 from hyprstream.cli import build_parser, main
 
@@ -66,21 +67,6 @@ def test_simulate_missing_experiment_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "not found" in proc.stderr
-
-
-def run_cli(*argv, cwd=None):
-    """The real ``hyprstream`` entry point in a process of its own."""
-    return subprocess.run([sys.executable, "-m", "hyprstream.cli", *map(str, argv)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
-
-
-def assert_one_line_error(proc, *fragments):
-    """Exit 2 and exactly one line on stderr, holding every fragment, and no traceback."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), proc.stderr
-    for fragment in fragments:
-        assert str(fragment) in proc.stderr, (fragment, proc.stderr)
 
 
 @pytest.mark.parametrize("argv", [("config", "validate"), ("core", "run", "--config"), ("fog", "run", "--config"),

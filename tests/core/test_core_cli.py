@@ -6,6 +6,7 @@ import stat
 
 import numpy as np
 import pytest
+from cli_run import assert_one_line_error, run_cli
 from coreproc import CoreProcess, make_deployment
 from cryptography import x509
 
@@ -230,33 +231,11 @@ def test_audit_verify_refuses_respelt_signatures(tmp_path, capsys):
                                             ("anonymous", "1h", "identity 'anonymous' is reserved"),
                                             ("fog-a", "36500d", "token lifetime must be at most 366 days")])
 def test_token_create_refuses_reserved_identities_and_long_lifetimes(tmp_path, sub, ttl, reason):
-    import subprocess
-    import sys
-
     key = tmp_path / "token.key"
     signing.write_private_key(key, signing.generate_key())
-    proc = subprocess.run([sys.executable, "-m", "hyprstream.cli", "token", "create", "--key", str(key),
-                           "--sub", sub, "--role", "admin", "--ttl", ttl], capture_output=True, text=True,
-                          timeout=120)
-    assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr.count("\n") == 1 and reason in proc.stderr and "Traceback" not in proc.stderr
-
-
-def run_cli(*argv):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "hyprstream.cli", *map(str, argv)], capture_output=True,
-                          text=True, timeout=120)
-
-
-def assert_one_line_error(proc, *fragments):
-    """Exit 2 and exactly one line on stderr, holding every fragment, and no traceback."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), proc.stderr
-    for fragment in fragments:
-        assert str(fragment) in proc.stderr, (fragment, proc.stderr)
+    proc = run_cli("token", "create", "--key", key, "--sub", sub, "--role", "admin", "--ttl", ttl)
+    assert proc.stdout == ""
+    assert_one_line_error(proc, reason)
 
 
 @pytest.mark.integration
