@@ -2,7 +2,7 @@
 
 :class:`FleetView` subscribes (paho-mqtt; TLS and user name/password optional) to
 ``hyprstream/v1/<fleet>/+/telemetry`` and ``hyprstream/v1/<fleet>/+/status`` (see
-:mod:`hyprstream.agent.telemetry` for the topics and the ``hyprstream.telemetry/1`` and
+:mod:`hyprstream.agent.telemetry` for the topics and the ``hyprstream.telemetry/2`` and
 ``hyprstream.status/1`` payloads) and keeps, per device, the latest telemetry record, when it arrived,
 and the device's online/offline state (an agent's Last Will sets its retained status to ``offline``
 when its connection is lost). :meth:`FleetView.devices` returns an immutable snapshot.
