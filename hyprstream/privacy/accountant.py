@@ -40,10 +40,13 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution as pld
 from scipy import special
+
+if TYPE_CHECKING:
+    from dp_accounting.pld import privacy_loss_distribution as pld
 
 # The order grid of dp-accounting's RdpAccountant (and Opacus'), so that figures are comparable; a
 # finer grid can only lower epsilon.
@@ -237,17 +240,25 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
 
 
 @lru_cache(maxsize=64)
+def _pld():
+    """dp-accounting's PLD module, imported on first use: it costs a second or more (scipy.stats), which
+    every process that merely imports this module (a ClientApp process per message) would pay."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution
+
+
 def _event_pld(noise_multiplier: float, sample_rate: float, steps: int, interval: float) -> pld.PrivacyLossDistribution:
     """The PLD of one subsampled event: ``steps`` self-compositions of the Poisson-subsampled Gaussian
     (add-or-remove-one neighbours, the relation Poisson sampling amplifies under)."""
-    one = pld.from_gaussian_mechanism(noise_multiplier, pessimistic_estimate=True,
+    one = _pld().from_gaussian_mechanism(noise_multiplier, pessimistic_estimate=True,
                                       value_discretization_interval=interval, sampling_prob=sample_rate)
     return one.self_compose(steps) if steps > 1 else one
 
 
 @lru_cache(maxsize=16)
 def _gaussian_pld(mu: float, interval: float) -> pld.PrivacyLossDistribution:
-    return pld.from_gaussian_mechanism(1.0 / mu, pessimistic_estimate=True, value_discretization_interval=interval)
+    return _pld().from_gaussian_mechanism(1.0 / mu, pessimistic_estimate=True, value_discretization_interval=interval)
 
 
 class _ComposedCache:
@@ -287,7 +298,7 @@ def _history_pld(events: tuple[GaussianEvent, ...], interval: float) -> pld.Priv
     """The composed PLD of ``events`` (all charged and subsampled): from the cache, or from its longest
     recent prefix there, composing the rest; a run of equal (z, q) events is composed as one
     self-composition."""
-    start, composed = 0, pld.identity(value_discretization_interval=interval)
+    start, composed = 0, _pld().identity(value_discretization_interval=interval)
     for k in range(len(events), max(0, len(events) - _PREFIX_LOOKUPS), -1):
         hit = _COMPOSED.get((interval, events[:k]))
         if hit is not None:

@@ -94,8 +94,11 @@ def reference_pld(history: list[GaussianEvent], delta: float, interval: float = 
 @pytest.mark.parametrize(("z", "q", "steps"), [(0.8, 1.0, 1), (1.0, 0.01, 1000), (1.1, 0.1, 50), (4.0, 1.0, 100)])
 def test_pld_epsilon_agrees_with_dp_accounting_and_is_below_rdp(z: float, q: float, steps: int) -> None:
     history = [GaussianEvent(z, q, steps)]
-    ours = epsilon(history, 1e-5)
-    assert ours == pytest.approx(reference_pld(history, 1e-5), rel=1e-6)
+    ours, reference = epsilon(history, 1e-5), reference_pld(history, 1e-5)
+    if q == 1.0:  # no subsampling: our closed form is exact, dp-accounting's discretized PLD a little above it
+        assert reference * (1 - 1e-5) <= ours <= reference
+    else:
+        assert ours == pytest.approx(reference, rel=1e-6)
     assert ours < 0.95 * reference_epsilon(history, 1e-5)  # the point of PLD: at least 5 % below RDP here
 
 
