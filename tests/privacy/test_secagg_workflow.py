@@ -199,8 +199,9 @@ def test_the_fog_receives_no_plaintext_update_and_no_num_examples(tmp_path: Path
             masked += 1
             y = wire.masked_from(content, np.uint32).vector
             assert y.dtype == np.uint32 and y.shape == (pending.spec.dim,)
-            # the masked vector's high bits are spread over the whole field, unlike a small quantized delta
-            assert np.mean(np.abs(y.view(np.int32).astype(np.int64)) > 2 ** 29) > 0.7
+            # the masked vector's high bits are spread over the whole field (3/4 of uniform values are beyond
+            # 2**29 in magnitude), unlike a small quantized delta (none are); 0.5 keeps random masks from failing
+            assert np.mean(np.abs(y.view(np.int32).astype(np.int64)) > 2 ** 29) > 0.5
     assert masked == 5
 
 
