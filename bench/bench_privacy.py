@@ -18,8 +18,8 @@ A. One aggregation round of K clients whose layer-wise delta has n float32 param
             threshold t from ``plan_graph(K, expected_dropout=0.1)``), decode, mean, push. Each
             client has a secure-aggregation identity certified by a deployment CA made with
             ``hyprstream certs init`` (node config ``secagg-identity-*``), as in a deployment that
-            defends against a deviating fog: it signs its keys and the survivor set and checks its
-            neighbours' certificates and signatures.
+            defends against a deviating fog: it checks its neighbours' certificates, agrees each
+            pair's keys with its static identity key, and confirms the survivor set with pairwise MACs.
    (flower) Flower 1.42 ``SecAggPlusWorkflow(num_shares=k+1, reconstruction_threshold=t)`` (Flower
             counts the client itself among the share holders), one fit round with FedAvg and a
             ``LegacyContext``, clients ``ClientApp(client_fn, mods=[secaggplus_mod])`` returning the

@@ -31,6 +31,7 @@ from hyprstream.errors import ValidationError
 PROTOCOL = b"hyprstream.secagg/1"
 MASK_PURPOSE = b"pairwise-mask"
 SHARE_PURPOSE = b"share-channel"
+CONFIRM_PURPOSE = b"survivor-confirmation"
 KEY_BYTES = 32
 _ZERO_IV = bytes(16)
 _HKDF_SALT = bytes(32)  # RFC 5869: no salt means HashLen zero bytes
@@ -68,13 +69,22 @@ def hkdf_sha256(secret: bytes, info: bytes) -> bytes:
     return hmac.digest(prk, info + b"\x01", "sha256")
 
 
-def agree(private: X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
-    """A 32-byte key shared by the two ends, bound to ``purpose`` and ``context``."""
+def exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The raw X25519 secret of ``private`` and ``peer_public``; ValidationError for a degenerate key."""
     try:
-        shared = private.exchange(load_public(peer_public))
+        return private.exchange(load_public(peer_public))
     except ValueError as exc:  # e.g. a low-order point
         raise ValidationError(f"key agreement failed: {exc}") from None
-    return hkdf_sha256(shared, PROTOCOL + b"|" + purpose + b"|" + context)
+
+
+def derive(secret: bytes, purpose: bytes, context: bytes) -> bytes:
+    """A 32-byte key from an agreed ``secret``, bound to ``purpose`` and ``context``."""
+    return hkdf_sha256(secret, PROTOCOL + b"|" + purpose + b"|" + context)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
+    """A 32-byte key shared by the two ends, bound to ``purpose`` and ``context``."""
+    return derive(exchange(private, peer_public), purpose, context)
 
 
 def _check_mask_args(seed: bytes, dtype: np.dtype) -> np.dtype:
@@ -236,6 +246,8 @@ __all__ = [
     "THREADS",
     "agree",
     "apply_masks",
+    "derive",
+    "exchange",
     "expand_mask",
     "hkdf_sha256",
     "load_private",

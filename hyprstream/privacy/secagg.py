@@ -6,22 +6,28 @@ random permutation, as in the paper -- and each client (:class:`SecAggClient`) o
 the fog) to its k neighbours. Five stages:
 
 0. **advertise**: client u makes two X25519 key pairs, c_u (share channel) and s_u (pairwise masks),
-   and a 32-byte self-mask seed b_u; it sends the public keys and a SHA-256 commitment to b_u,
-   signed with its device identity key, and its identity's credential (:mod:`~hyprstream.privacy.identity`).
-1. **share**: u gets its neighbours' signed adverts, checks each credential and signature (a key the
-   fog substituted is refused), Shamir-shares b_u and s_u's private key among them (threshold t)
-   and sends each neighbour's two shares sealed (ChaCha20-Poly1305) under the c-channel key; the
-   fog only relays ciphertexts.
+   and a 32-byte self-mask seed b_u; it sends the public keys, a SHA-256 commitment to b_u and its
+   identity's credential (:mod:`~hyprstream.privacy.identity`).
+1. **share**: u gets its neighbours' adverts and checks each credential (a certificate from the
+   deployment CA). For each neighbour v it agrees the pair's secret ``ECDH(c_u, c_v) ||
+   ECDH(id_u, id_v)``: the ephemeral half makes it new each round, the static identity half makes it
+   a secret of u and v alone, whatever keys the fog relays. From it come the share-channel key and
+   the confirmation key. u Shamir-shares b_u and s_u's private key among its neighbours (threshold t)
+   and sends each neighbour's two shares sealed (ChaCha20-Poly1305) under the channel key, with a
+   digest of u's own advert as associated data; the fog only relays ciphertexts.
 2. **mask**: u gets the sealed shares addressed to it; the senders are the neighbours it masks
-   with. It sends ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` modulo
-   2**bits, where s_uv = HKDF(ECDH(s_u, s_v)). The fog adds y_u into a running sum at once.
+   with. Each must open under the pair's channel key with the digest of the sender's advert *as
+   relayed to u*: a key the fog substituted in either direction fails here, before u masks. u sends
+   ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` modulo 2**bits, where
+   s_uv = HKDF(ECDH(s_u, s_v)). The fog adds y_u into a running sum at once.
 3. **consistency** (Bonawitz et al. 2017, "ConsistencyCheck"): the fog sends every survivor the set
-   U3 of clients whose masked input it holds; u signs (round, u, U3) with its identity key, once.
-4. **unmask**: the fog forwards to u its neighbours' signatures; u reveals only when at least t of
-   them are valid signatures on the very U3 it signed, and then derives what to reveal from U3
-   itself: its share of b_v for neighbours v in U3 and of s_v's private key for those not in U3 --
-   never both for one client. The fog rebuilds each survivor's b_v and removes PRG(b_v), rebuilds
-   each dropped client's s_v and removes the pairwise masks its survivors added for it.
+   U3 of clients whose masked input it holds; u answers, once, with one MAC of (round, u, U3) per
+   surviving neighbour, under that pair's confirmation key.
+4. **unmask**: the fog forwards to u its neighbours' MACs for u; u reveals only when at least t of
+   them are valid on the very U3 it confirmed, and then derives what to reveal from U3 itself: its
+   share of b_v for neighbours v in U3 and of s_v's private key for those not in U3 -- never both
+   for one client. The fog rebuilds each survivor's b_v and removes PRG(b_v), rebuilds each dropped
+   client's s_v and removes the pairwise masks its survivors added for it.
 
 What remains is exactly the sum of the survivors' inputs: pairwise masks cancel between survivors.
 Clients dropping after their masked input (before or during unmasking) are recovered as long as t
@@ -36,12 +42,14 @@ self-mask seed and its mask key.
 
 Threat model (see docs/privacy.md): clients follow the protocol; the fog may drop, delay, reorder or
 forge any message it relays. With certified identities (the deployment CA) the fog cannot substitute a
-neighbour's keys nor forge a signature on a survivor set.
+neighbour's keys nor forge a confirmation of a survivor set: both are authenticated by a secret only the
+two neighbours can compute (one X25519 agreement of their static keys per pair, no signatures).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import os
 import struct
@@ -53,12 +61,13 @@ import numpy as np
 from hyprstream.errors import ValidationError
 from hyprstream.privacy import masking, shamir
 from hyprstream.privacy.errors import SecAggAborted
-from hyprstream.privacy.identity import DeviceIdentity, verify
+from hyprstream.privacy.identity import DeviceIdentity
 from hyprstream.privacy.noise import RandomSource
 from hyprstream.privacy.quantize import field_add
 
 ROUND_ID_BYTES = 16
 _PLAIN = 8 + 2 * shamir.SHARE_BYTES  # src, dst (4 bytes each) and the two shares
+TAG_BYTES = 32  # HMAC-SHA256 of a survivor set
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +147,6 @@ class KeyAdvert:
     enc_key: bytes  # c_u public key (share channel)
     mask_key: bytes  # s_u public key (pairwise masks)
     commitment: bytes  # SHA-256 of the round, the index and b_u
-    signature: bytes = b""  # the identity key's signature of the round, the index and the three above
     credential: bytes = b""  # the identity: a CA-issued certificate (DER) or, uncertified, the raw key
 
 
@@ -159,7 +167,7 @@ class MaskedInput:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    signatures: Mapping[int, bytes]  # neighbour index -> its signature on the survivor set
+    tags: Mapping[int, bytes]  # neighbour index -> its MAC, for the recipient, on the survivor set
 
 
 @dataclass(frozen=True)
@@ -184,12 +192,15 @@ def _associated(round_id: bytes, src: int, dst: int) -> bytes:
     return masking.PROTOCOL + b"|share|" + round_id + _idx(src) + _idx(dst)
 
 
-def _advert_signed(round_id: bytes, index: int, enc_key: bytes, mask_key: bytes, commitment: bytes) -> bytes:
-    return masking.PROTOCOL + b"|advert|" + round_id + _idx(index) + enc_key + mask_key + commitment
+def _advert_digest(round_id: bytes, index: int, enc_key: bytes, mask_key: bytes, commitment: bytes) -> bytes:
+    return hashlib.sha256(masking.PROTOCOL + b"|advert|" + round_id + _idx(index) + enc_key + mask_key
+                          + commitment).digest()
 
 
-def _survivors_signed(round_id: bytes, index: int, survivors: Sequence[int]) -> bytes:
-    return masking.PROTOCOL + b"|survivors|" + round_id + _idx(index) + struct.pack(f">{len(survivors)}I", *survivors)
+def _survivors_tag(key: bytes, round_id: bytes, index: int, survivors: Sequence[int]) -> bytes:
+    """Client ``index``'s MAC of the survivor set under one pair's confirmation key."""
+    data = masking.PROTOCOL + b"|survivors|" + round_id + _idx(index) + struct.pack(f">{len(survivors)}I", *survivors)
+    return hmac.digest(key, data, "sha256")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,11 +210,11 @@ def _survivors_signed(round_id: bytes, index: int, survivors: Sequence[int]) -> 
 class SecAggClient:
     """One client's side of one round. Stages must be called in order, each once.
 
-    ``identity`` signs this client's advert and its survivor set and vouches for its neighbours'
-    credentials (:class:`~hyprstream.privacy.identity.DeviceIdentity`); default: an uncertified
-    per-round key."""
+    ``identity`` authenticates this client to its neighbours (its static key enters each pair's keys)
+    and vouches for their credentials (:class:`~hyprstream.privacy.identity.DeviceIdentity`); default:
+    an uncertified per-round key."""
 
-    STAGES = ("new", "advertised", "shared", "masked", "signed", "done")
+    STAGES = ("new", "advertised", "shared", "masked", "confirmed", "done")
 
     def __init__(self, round_id: bytes, index: int, neighbours: Sequence[int], threshold: int, dim: int,
                  dtype: np.dtype, identity: DeviceIdentity | None = None) -> None:
@@ -229,10 +240,11 @@ class SecAggClient:
         self._own_public: tuple[bytes, bytes] = (b"", b"")  # (enc, mask) public keys, as advertised
         self._seed: bytes = b""
         self._peer_mask_keys: dict[int, bytes] = {}  # neighbour -> its mask public key (from the share stage)
-        self._peer_identities: dict[int, bytes] = {}  # neighbour -> its verified identity public key
-        self._channels: dict[int, bytes] = {}  # neighbour -> share-channel key (ECDH once per pair)
+        self._peer_digests: dict[int, bytes] = {}  # neighbour -> digest of its advert as relayed to this client
+        self._channels: dict[int, bytes] = {}  # neighbour -> share-channel key (agreed once per pair)
+        self._confirm: dict[int, bytes] = {}  # neighbour -> confirmation key (agreed with the channel key)
         self._masked_with: tuple[int, ...] = ()
-        self._survivors: tuple[int, ...] = ()  # the survivor set this client signed
+        self._survivors: tuple[int, ...] = ()  # the survivor set this client confirmed
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (share of b, share of s key)
 
     def _expect(self, stage: str) -> None:
@@ -247,8 +259,7 @@ class SecAggClient:
         self._seed = os.urandom(shamir.SECRET_BYTES)
         self.stage = "advertised"
         commitment = _commit(self.round_id, self.index, self._seed)
-        signature = self.identity.sign(_advert_signed(self.round_id, self.index, *self._own_public, commitment))
-        return KeyAdvert(*self._own_public, commitment, signature, self.identity.credential)
+        return KeyAdvert(*self._own_public, commitment, self.identity.credential)
 
     def share(self, keys: NeighbourKeys) -> SealedShares:
         self._expect("advertised")
@@ -259,30 +270,31 @@ class SecAggClient:
             raise ValidationError(f"secure aggregation: {len(peers)} neighbour(s) left, threshold {self.threshold}")
         own = set(self._own_public)
         seen: set[bytes] = set()
-        identities = {self.identity.public}
+        identities: dict[int, bytes] = {self.index: self.identity.public}
         for v in peers:
             adv = keys.adverts[v]
             if adv.enc_key in own or adv.mask_key in own or adv.enc_key in seen or adv.mask_key in seen:
                 raise ValidationError("secure aggregation: repeated public keys")
             seen.update((adv.enc_key, adv.mask_key))
             public = self.identity.verify_peer(adv.credential)
-            if public in identities:
+            if public in identities.values():
                 raise ValidationError("secure aggregation: one identity advertised for two clients")
-            identities.add(public)
-            if not verify(public, adv.signature,
-                          _advert_signed(self.round_id, v, adv.enc_key, adv.mask_key, adv.commitment)):
-                raise ValidationError(f"secure aggregation: the keys of neighbour {v} are not signed by its identity")
-            self._peer_identities[v] = public
+            identities[v] = public
         b_shares = shamir.split(self._seed, self.threshold, peers)
         s_shares = shamir.split(self._mask_sk, self.threshold, peers)
         enc = masking.load_private(self._enc_sk)
+        own = _advert_digest(self.round_id, self.index, *self._own_public, _commit(self.round_id, self.index, self._seed))
         sealed = {}
         for v in peers:
-            key = masking.agree(enc, keys.adverts[v].enc_key, masking.SHARE_PURPOSE,
-                                _pair_context(self.round_id, self.index, v))
-            self._channels[v] = key
+            adv = keys.adverts[v]
+            # the pair's secret: new each round (ephemeral c keys), known to u and v alone (static identities)
+            secret = masking.exchange(enc, adv.enc_key) + self.identity.agree(identities[v])
+            context = _pair_context(self.round_id, self.index, v)
+            self._channels[v] = masking.derive(secret, masking.SHARE_PURPOSE, context)
+            self._confirm[v] = masking.derive(secret, masking.CONFIRM_PURPOSE, context)
+            self._peer_digests[v] = _advert_digest(self.round_id, v, adv.enc_key, adv.mask_key, adv.commitment)
             plain = _idx(self.index) + _idx(v) + b_shares[v] + s_shares[v]
-            sealed[v] = masking.seal(key, plain, _associated(self.round_id, self.index, v))
+            sealed[v] = masking.seal(self._channels[v], plain, _associated(self.round_id, self.index, v) + own)
         self._peer_mask_keys = {v: a.mask_key for v, a in keys.adverts.items()}
         self._enc_sk = b""  # the channel keys are derived: the private key is not needed any more
         self.stage = "shared"
@@ -300,7 +312,9 @@ class SecAggClient:
         if len(senders) < self.threshold:
             raise ValidationError(f"secure aggregation: {len(senders)} neighbour(s) left, threshold {self.threshold}")
         for v in senders:
-            plain = masking.open_sealed(self._channels[v], inbox.sealed[v], _associated(self.round_id, v, self.index))
+            # a sender's advert that the fog altered on its way to this client fails authentication here
+            plain = masking.open_sealed(self._channels[v], inbox.sealed[v],
+                                        _associated(self.round_id, v, self.index) + self._peer_digests[v])
             if len(plain) != _PLAIN or plain[:4] != _idx(v) or plain[4:8] != _idx(self.index):
                 raise ValidationError("secure aggregation: a share is addressed to someone else")
             self._held[v] = (plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:])
@@ -316,13 +330,15 @@ class SecAggClient:
         # unmasking needs only the held shares: the secrets that made the masks are not kept
         self._mask_sk = self._seed = b""
         self._channels.clear()
-        self._peer_mask_keys = {}
+        self._peer_mask_keys, self._peer_digests = {}, {}
+        self._confirm = {v: self._confirm[v] for v in senders}
         self._masked_with = tuple(senders)
         self.stage = "masked"
         return MaskedInput(y)
 
-    def sign_survivors(self, survivors: Sequence[int]) -> bytes:
-        """The consistency round: this client's signature on the survivor set U3 (once per round)."""
+    def confirm_survivors(self, survivors: Sequence[int]) -> dict[int, bytes]:
+        """The consistency round (once per round): this client's MAC of the survivor set U3 for each surviving
+        neighbour it masked with, under that pair's confirmation key."""
         self._expect("masked")
         u3 = tuple(int(v) for v in survivors)
         if list(u3) != sorted(set(u3)) or (u3 and u3[0] < 1):
@@ -332,26 +348,26 @@ class SecAggClient:
         if len(set(u3) & set(self._masked_with)) < self.threshold:
             self._refuse(f"the survivor set keeps fewer than {self.threshold} of my neighbours")
         self._survivors = u3
-        self.stage = "signed"
-        return self.identity.sign(_survivors_signed(self.round_id, self.index, u3))
+        self.stage = "confirmed"
+        return {v: _survivors_tag(self._confirm[v], self.round_id, self.index, u3)
+                for v in self._masked_with if v in set(u3)}
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        """Shares of survivors' self-mask seeds and dropped neighbours' mask keys, as the signed survivor set
-        says (never both for one client), once at least t neighbours' signatures on that very set verify."""
-        self._expect("signed")
+        """Shares of survivors' self-mask seeds and dropped neighbours' mask keys, as the confirmed survivor set
+        says (never both for one client), once at least t neighbours' MACs on that very set verify."""
+        self._expect("confirmed")
         self.stage = "done"  # one unmask request per round, answered or refused
         valid = 0
         u3 = set(self._survivors)
-        for v in sorted(request.signatures):
-            public = self._peer_identities.get(v)
-            if public is None or v not in u3:
-                self._refuse(f"unmask request carries a signature of client {v}, not a surviving neighbour")
-            if verify(public, request.signatures[v], _survivors_signed(self.round_id, v, self._survivors)):
+        for v in sorted(request.tags):
+            key = self._confirm.get(v)
+            if key is None or v not in u3:
+                self._refuse(f"unmask request carries a confirmation of client {v}, not a surviving neighbour")
+            if hmac.compare_digest(bytes(request.tags[v]), _survivors_tag(key, self.round_id, v, self._survivors)):
                 valid += 1
-                if valid >= self.threshold:
-                    break
         if valid < self.threshold:
-            self._refuse(f"{valid} valid neighbour signature(s) on the survivor set I signed, threshold {self.threshold}")
+            self._refuse(f"{valid} valid neighbour confirmation(s) of the survivor set I confirmed, "
+                         f"threshold {self.threshold}")
         out = UnmaskShares({v: self._held[v][0] for v in self._masked_with if v in u3},
                            {v: self._held[v][1] for v in self._masked_with if v not in u3})
         self._forget()
@@ -367,40 +383,43 @@ class SecAggClient:
         self._own_public = (b"", b"")
         self._held.clear()
         self._channels.clear()
-        self._peer_identities.clear()
+        self._confirm.clear()
+        self._peer_digests.clear()
 
     # -- state across processes (a deployed ClientApp is a fresh process per message)
 
-    def _sign_sk(self) -> bytes:
-        """The per-round signing key of an uncertified identity (a certified one is the device's, never stored)."""
-        if self.identity.ca is not None or self.stage == "done":
+    def _id_sk(self) -> bytes:
+        """The per-round key of an uncertified identity, until the pair keys are agreed (a certified one is
+        the device's, never stored)."""
+        if self.identity.ca is not None or self.stage not in ("new", "advertised"):
             return b""
         return self.identity.key.private_bytes_raw()
 
     def to_state(self) -> dict[str, object]:
         held = sorted(self._held)
         keys = sorted(self._peer_mask_keys)
-        ids = sorted(self._peer_identities)
+        confirm = sorted(self._confirm)
         return {
             "round_id": self.round_id, "index": self.index, "neighbours": list(self.neighbours),
             "threshold": self.threshold, "dim": self.dim, "dtype": self.dtype.str, "stage": self.stage,
             "enc_sk": self._enc_sk, "mask_sk": self._mask_sk, "seed": self._seed,
-            "enc_pk": self._own_public[0], "mask_pk": self._own_public[1], "sign_sk": self._sign_sk(),
+            "enc_pk": self._own_public[0], "mask_pk": self._own_public[1], "id_sk": self._id_sk(),
             "keys": keys, "keys_mask": [self._peer_mask_keys[k] for k in keys],
+            "keys_digest": [self._peer_digests[k] for k in keys] if self._peer_digests else [],
             "channels": [self._channels[k] for k in keys] if self._channels else [],
             "masked_with": list(self._masked_with),
             "held": held, "held_b": [self._held[k][0] for k in held], "held_s": [self._held[k][1] for k in held],
-            "ids": ids, "ids_public": [self._peer_identities[k] for k in ids], "survivors": list(self._survivors),
+            "confirm": confirm, "confirm_keys": [self._confirm[k] for k in confirm], "survivors": list(self._survivors),
         }
 
     # The state blob: a fixed header, the client's own secrets and keys (each a length byte and the
     # bytes: empty once forgotten), then index lists (u32 count, u32 each) and tables (u32 count, u32
     # item size, the items back to back), all little-endian. Every length is checked on reading.
-    _BLOB = b"hsa4"  # format tag of the state blob
+    _BLOB = b"hsa5"  # format tag of the state blob
     _HEAD = struct.Struct(f"<4s{ROUND_ID_BYTES}sqqqB")  # tag, round id, index, threshold, dim, stage
-    _RAW = ("dtype", "enc_sk", "mask_sk", "seed", "enc_pk", "mask_pk", "sign_sk")
-    _INTS = ("neighbours", "keys", "masked_with", "held", "ids", "survivors")
-    _TABLES = ("keys_mask", "channels", "held_b", "held_s", "ids_public")
+    _RAW = ("dtype", "enc_sk", "mask_sk", "seed", "enc_pk", "mask_pk", "id_sk")
+    _INTS = ("neighbours", "keys", "masked_with", "held", "confirm", "survivors")
+    _TABLES = ("keys_mask", "keys_digest", "channels", "held_b", "held_s", "confirm_keys")
 
     def to_bytes(self) -> bytes:
         """The state as one compact binary blob for a key-value store (length-prefixed fields)."""
@@ -462,9 +481,9 @@ class SecAggClient:
 
     @classmethod
     def from_state(cls, s: Mapping[str, object], identity: DeviceIdentity | None = None) -> SecAggClient:
-        sign_sk = bytes(s.get("sign_sk", b""))
-        if identity is None and sign_sk:
-            identity = DeviceIdentity.from_raw(sign_sk)
+        id_sk = bytes(s.get("id_sk", b""))
+        if identity is None and id_sk:
+            identity = DeviceIdentity.from_raw(id_sk)
         c = cls(bytes(s["round_id"]), int(s["index"]), list(s["neighbours"]), int(s["threshold"]),
                 int(s["dim"]), np.dtype(str(s["dtype"])), identity)
         c.stage = str(s["stage"])
@@ -473,12 +492,14 @@ class SecAggClient:
         c._enc_sk, c._mask_sk, c._seed = bytes(s["enc_sk"]), bytes(s["mask_sk"]), bytes(s["seed"])
         c._own_public = (bytes(s["enc_pk"]), bytes(s["mask_pk"]))
         c._peer_mask_keys = dict(zip(map(int, s["keys"]), map(bytes, s["keys_mask"]), strict=True))
-        channels = list(s["channels"])
+        channels, digests = list(s["channels"]), list(s.get("keys_digest", ()))
         if channels:
             c._channels = {int(k): bytes(ch) for k, ch in zip(s["keys"], channels, strict=True)}
+        if digests:
+            c._peer_digests = {int(k): bytes(d) for k, d in zip(s["keys"], digests, strict=True)}
         c._masked_with = tuple(int(v) for v in s["masked_with"])
         c._held = {int(k): (bytes(b), bytes(x)) for k, b, x in zip(s["held"], s["held_b"], s["held_s"], strict=True)}
-        c._peer_identities = dict(zip(map(int, s.get("ids", ())), map(bytes, s.get("ids_public", ())), strict=True))
+        c._confirm = dict(zip(map(int, s.get("confirm", ())), map(bytes, s.get("confirm_keys", ())), strict=True))
         c._survivors = tuple(int(v) for v in s.get("survivors", ()))
         return c
 
@@ -520,7 +541,7 @@ class SecAggServer:
         self.shared: set[int] = set()  # U2
         self._outbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.masked: set[int] = set()  # U3
-        self._signatures: dict[int, bytes] = {}  # U4: survivor -> its signature on U3
+        self._tags: dict[int, dict[int, bytes]] = {}  # U4: survivor -> neighbour -> its MAC on U3 for that neighbour
         self._sum: np.ndarray | None = None
 
     def neighbours(self, i: int) -> tuple[int, ...]:
@@ -601,16 +622,17 @@ class SecAggServer:
 
     # stage 3: consistency
     def survivor_set(self) -> tuple[int, ...]:
-        """U3, the same for every survivor: each signs it."""
+        """U3, the same for every survivor: each confirms it to its neighbours."""
         return tuple(sorted(self.masked))
 
-    def collect_signatures(self, signatures: Mapping[int, bytes]) -> set[int]:
-        """Keep the survivors' signatures on U3 (the clients check them); returns who signed."""
-        self._signatures = {i: bytes(sig) for i, sig in signatures.items() if i in self.masked}
-        return set(self._signatures)
+    def collect_confirmations(self, tags: Mapping[int, Mapping[int, bytes]]) -> set[int]:
+        """Keep the survivors' MACs on U3 (survivor -> neighbour -> MAC; the clients check them); returns who
+        confirmed."""
+        self._tags = {i: {int(v): bytes(t) for v, t in by.items()} for i, by in tags.items() if i in self.masked}
+        return set(self._tags)
 
     def unmask_request_for(self, i: int) -> UnmaskRequest:
-        return UnmaskRequest({v: self._signatures[v] for v in self.graph[i] if v in self._signatures})
+        return UnmaskRequest({v: self._tags[v][i] for v in self.graph[i] if i in self._tags.get(v, {})})
 
     def _expected(self, i: int) -> tuple[set[int], set[int]]:
         """Whose b shares and whose s-key shares client ``i`` reveals for U3."""
@@ -675,7 +697,7 @@ def run_in_memory(inputs: Mapping[int, np.ndarray], *, degree: int, threshold: i
     """The whole protocol between one server and in-process clients (tests and benchmarks).
 
     ``inputs`` maps indices 1..n to encoded field vectors; the named clients drop right before
-    sending their masked input, or right after it (they never sign the survivor set nor unmask).
+    sending their masked input, or right after it (they never confirm the survivor set nor unmask).
     ``identities``: each client's, default uncertified.
     """
     n = len(inputs)
@@ -694,13 +716,14 @@ def run_in_memory(inputs: Mapping[int, np.ndarray], *, degree: int, threshold: i
         server.add_masked(i, clients[i].mask(server.inbox_for(i), inputs[i]))
     server.close_masking()
     u3 = server.survivor_set()
-    signed = server.collect_signatures({i: clients[i].sign_survivors(u3) for i in sorted(server.masked - after)})
+    confirmed = server.collect_confirmations({i: clients[i].confirm_survivors(u3)
+                                              for i in sorted(server.masked - after)})
     replies = {}
-    for i in sorted(signed):
+    for i in sorted(confirmed):
         try:
             replies[i] = clients[i].unmask(server.unmask_request_for(i))
         except ValidationError:
-            continue  # a client refusing (too few of its neighbours signed) is silent, as over a grid
+            continue  # a client refusing (too few of its neighbours confirmed) is silent, as over a grid
     return server.finish(replies)
 
 

@@ -2,7 +2,7 @@
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
 ``ConfigRecord`` under ``"secagg"`` with one bytes entry, ``"msg"``: a 40-byte header -- the schema
-``hyprstream.secagg/3`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
+``hyprstream.secagg/4`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
 bytes, the round id (16 bytes) -- and then the stage's fields packed in a compact binary layout
 (below); a reply that is not ``ok`` (``declined`` / ``refused``) carries its reason (UTF-8) there
 instead. One entry per message whatever the neighbourhood size: per-neighbour keys, ciphertexts and
@@ -16,19 +16,18 @@ a u32 item size ``s``, ``n`` u32 indices and then the ``n`` items of ``s`` bytes
 stage     fog -> client                                     client -> fog
 ========  ================================================  ============================================
 setup     the train request (``weights``, ``config``, as    enc key (32) | mask key (32) | commitment
-          in protocol.py) + body: index, threshold,         (32) | signature (64) | u32 length and
-          quantizer, clip, noise, weighting, neighbours     credential, or ``declined`` with the
-          (``ints``), layout names, dims and ranks          agent's reason; no delta, metrics or
-                                                            ``num_examples`` ever
+          in protocol.py) + body: index, threshold,         (32) | u32 length and credential, or
+          quantizer, clip, noise, weighting, neighbours     ``declined`` with the agent's reason; no
+          (``ints``), layout names, dims and ranks          delta, metrics or ``num_examples`` ever
 share     neighbours' adverts: ``ints`` peers, per peer     ``table`` of sealed shares, indexed by
-          enc key | mask key | commitment | signature       recipient
-          (160 bytes), then per peer a u32 length and its
-          credential
+          enc key | mask key | commitment (96 bytes),       recipient
+          then per peer a u32 length and its credential
 mask      ``table`` of sealed shares, indexed by sender     the masked field vector: raw little-endian
                                                             elements of the round's dtype
-consist.  ``ints`` the survivor set U3                      the signature of U3 (64)
-unmask    ``table`` of neighbours' signatures on U3         ``table`` of b shares by owner, then
-                                                            ``table`` of s-key shares by owner
+consist.  ``ints`` the survivor set U3                      ``table`` of MACs of U3 (32 bytes each),
+                                                            indexed by the neighbour each is for
+unmask    ``table`` of neighbours' MACs of U3 for the       ``table`` of b shares by owner, then
+          recipient, indexed by neighbour                   ``table`` of s-key shares by owner
 ========  ================================================  ============================================
 
 Every parser checks lengths and counts exactly (truncated or trailing bytes, mismatched counts,
@@ -58,6 +57,7 @@ from hyprstream.privacy.secagg import (
     KeyAdvert,
     MaskedInput,
     NeighbourKeys,
+    TAG_BYTES,
     SealedShares,
     UnmaskRequest,
     UnmaskShares,
@@ -65,12 +65,11 @@ from hyprstream.privacy.secagg import (
 
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"
-SCHEMA = "hyprstream.secagg/3"
+SCHEMA = "hyprstream.secagg/4"
 RECORD = "secagg"
 FIELD = "msg"
 KEY_BYTES = 32  # X25519 public keys and SHA-256 commitments
-SIGNATURE_BYTES = 64  # Ed25519
-_ADVERT = 3 * KEY_BYTES + SIGNATURE_BYTES
+_ADVERT = 3 * KEY_BYTES
 _SETUP = struct.Struct(">IIIdQQddBd")  # index, threshold, bits, scale, bound, max_terms, clip, sigma, weighted, max_weight
 
 
@@ -275,21 +274,18 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
 def _check_advert(advert: KeyAdvert) -> None:
     if not len(advert.enc_key) == len(advert.mask_key) == len(advert.commitment) == KEY_BYTES:
         raise ValidationError("secure aggregation: public keys and commitments are 32 bytes")
-    if len(advert.signature) != SIGNATURE_BYTES:
-        raise ValidationError("secure aggregation: an advert's signature is 64 bytes")
 
 
 def advert_content(round_id: bytes, advert: KeyAdvert) -> RecordDict:
     _check_advert(advert)
-    return _content(Stage.SETUP, round_id, advert.enc_key, advert.mask_key, advert.commitment, advert.signature,
+    return _content(Stage.SETUP, round_id, advert.enc_key, advert.mask_key, advert.commitment,
                     struct.pack(">I", len(advert.credential)), advert.credential)
 
 
 def advert_from(content: RecordDict) -> KeyAdvert:
     r = _body(content, "key advert")
     keys = r.items(3, KEY_BYTES)
-    signature = r.take(SIGNATURE_BYTES)
-    advert = KeyAdvert(*keys, signature, r.take(r.u32()))
+    advert = KeyAdvert(*keys, r.take(r.u32()))
     r.done()
     return advert
 
@@ -303,7 +299,7 @@ def keys_content(round_id: bytes, keys: NeighbourKeys) -> RecordDict:
     for a in adverts:
         _check_advert(a)
     return _content(Stage.SHARE, round_id, _ints(peers),
-                    *(a.enc_key + a.mask_key + a.commitment + a.signature for a in adverts),
+                    *(a.enc_key + a.mask_key + a.commitment for a in adverts),
                     *(struct.pack(">I", len(a.credential)) + a.credential for a in adverts))
 
 
@@ -314,8 +310,7 @@ def keys_from(content: RecordDict) -> NeighbourKeys:
     credentials = [r.take(r.u32()) for _ in peers]
     r.done()
     k = KEY_BYTES
-    return NeighbourKeys({p: KeyAdvert(raw[o:o + k], raw[o + k:o + 2 * k], raw[o + 2 * k:o + 3 * k],
-                                       raw[o + 3 * k:o + _ADVERT], cred)
+    return NeighbourKeys({p: KeyAdvert(raw[o:o + k], raw[o + k:o + 2 * k], raw[o + 2 * k:o + _ADVERT], cred)
                           for p, o, cred in zip(peers, range(0, len(raw), _ADVERT), credentials, strict=True)})
 
 
@@ -366,33 +361,34 @@ def survivors_from(content: RecordDict) -> tuple[int, ...]:
     return survivors
 
 
-def signature_content(round_id: bytes, signature: bytes) -> RecordDict:
-    if len(signature) != SIGNATURE_BYTES:
-        raise ValidationError("secure aggregation: a signature is 64 bytes")
-    return _content(Stage.CONSISTENCY, round_id, signature)
-
-
-def signature_from(content: RecordDict) -> bytes:
-    r = _body(content, "survivor signature")
-    signature = r.take(SIGNATURE_BYTES)
+def _tags(r: _Reader) -> dict[int, bytes]:
+    tags = r.table()
     r.done()
-    return signature
+    if any(len(t) != TAG_BYTES for t in tags.values()):
+        raise r.fail(f"a MAC is not {TAG_BYTES} bytes")
+    return tags
+
+
+def confirmation_content(round_id: bytes, tags: Mapping[int, bytes]) -> RecordDict:
+    """A client's MACs of the survivor set, one per neighbour it is for."""
+    if any(len(t) != TAG_BYTES for t in tags.values()):
+        raise ValidationError(f"secure aggregation: a MAC is {TAG_BYTES} bytes")
+    return _content(Stage.CONSISTENCY, round_id, _table(tags))
+
+
+def confirmation_from(content: RecordDict) -> dict[int, bytes]:
+    return _tags(_body(content, "survivor confirmation"))
 
 
 # -- unmask
 
 
 def unmask_content(round_id: bytes, req: UnmaskRequest) -> RecordDict:
-    return _content(Stage.UNMASK, round_id, _table(req.signatures))
+    return _content(Stage.UNMASK, round_id, _table(req.tags))
 
 
 def unmask_from(content: RecordDict) -> UnmaskRequest:
-    r = _body(content, "unmask request")
-    signatures = r.table()
-    r.done()
-    if any(len(s) != SIGNATURE_BYTES for s in signatures.values()):
-        raise r.fail("a signature is not 64 bytes")
-    return UnmaskRequest(signatures)
+    return UnmaskRequest(_tags(_body(content, "unmask request")))
 
 
 def shares_content(round_id: bytes, shares: UnmaskShares) -> RecordDict:
@@ -416,6 +412,8 @@ __all__ = [
     "Status",
     "advert_content",
     "advert_from",
+    "confirmation_content",
+    "confirmation_from",
     "header",
     "is_secagg",
     "keys_content",
@@ -429,8 +427,6 @@ __all__ = [
     "setup_from",
     "shares_content",
     "shares_from",
-    "signature_content",
-    "signature_from",
     "survivors_content",
     "survivors_from",
     "unmask_content",

@@ -167,9 +167,9 @@ def _mask(msg: Message, context: Context, call_next, round_id: bytes, secure: bo
 def _consistency(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
                  identity: DeviceIdentity | None) -> RecordDict:
     client = _load(context, round_id, identity)
-    signature = client.sign_survivors(wire.survivors_from(msg.content))
+    tags = client.confirm_survivors(wire.survivors_from(msg.content))
     _save(context, client)
-    return wire.signature_content(round_id, signature)
+    return wire.confirmation_content(round_id, tags)
 
 
 def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,

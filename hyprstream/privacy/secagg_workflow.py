@@ -334,14 +334,14 @@ class SecureFogAggregator:
               lambda i, c: server.add_masked(i, wire.masked_from(c, server.dtype)))
         server.close_masking()
 
-        signatures = {}
+        tags = {}
         u3 = wire.survivors_content(rid, server.survivor_set())  # one message for every survivor
         stage(Stage.CONSISTENCY, {i: u3 for i in sorted(server.masked)},
-              lambda i, c: signatures.__setitem__(i, wire.signature_from(c)))
-        signed = server.collect_signatures(signatures)
+              lambda i, c: tags.__setitem__(i, wire.confirmation_from(c)))
+        confirmed = server.collect_confirmations(tags)
 
         unmask = {}
-        stage(Stage.UNMASK, {i: wire.unmask_content(rid, server.unmask_request_for(i)) for i in sorted(signed)},
+        stage(Stage.UNMASK, {i: wire.unmask_content(rid, server.unmask_request_for(i)) for i in sorted(confirmed)},
               lambda i, c: unmask.__setitem__(i, wire.shares_from(c)))
         return server.finish(unmask)
 

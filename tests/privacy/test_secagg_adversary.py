@@ -1,6 +1,7 @@
 """SecAgg+ against a fog that deviates, scripted as a malicious fog over the loopback grid with the project's
 own client code (the secagg middleware) answering: the split-request attack (some of a client's share holders
-told it survived, the others that it dropped), forged keys, forged signatures and forged survivor sets."""
+told it survived, the others that it dropped), forged keys and credentials, forged confirmations and forged
+survivor sets."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from hyprstream.privacy.config import SecAggConfig
 from hyprstream.privacy.contribution import InputSpec, encode
 from hyprstream.privacy.errors import SecAggAborted
 from hyprstream.core.certs import init_deployment
+from hyprstream.errors import ValidationError
 from hyprstream.privacy.identity import DeviceIdentity, deployment_ca, issue_identity, write_identity
 from hyprstream.privacy.noise import SeededRandom
 from hyprstream.privacy.quantize import Quantizer
@@ -126,14 +128,15 @@ class MaliciousFog:
         self.share()
         self.mask()
 
-    def sign(self, survivor_sets: dict[int, tuple[int, ...]]) -> dict[int, bytes]:
+    def confirm(self, survivor_sets: dict[int, tuple[int, ...]]) -> dict[int, dict[int, bytes]]:
+        """Each client's MACs of the set it was told, by the neighbour each is for."""
         replies = self.exchange({i: wire.survivors_content(self.rid, u3) for i, u3 in survivor_sets.items()})
-        return {i: wire.signature_from(c) for i, c in replies.items()}
+        return {i: wire.confirmation_from(c) for i, c in replies.items()}
 
     def unmask(self, requests: dict[int, dict[int, bytes]]) -> dict[int, object]:
         from hyprstream.privacy.secagg import UnmaskRequest
 
-        replies = self.exchange({i: wire.unmask_content(self.rid, UnmaskRequest(sigs)) for i, sigs in requests.items()})
+        replies = self.exchange({i: wire.unmask_content(self.rid, UnmaskRequest(tags)) for i, tags in requests.items()})
         return {i: wire.shares_from(c) for i, c in replies.items()}
 
     def target(self) -> int:
@@ -143,15 +146,15 @@ class MaliciousFog:
 
     def split_attack(self, v: int) -> tuple[dict[int, bytes], dict[int, bytes]]:
         """Tell t of v's live share holders the true survivor set U3 and the others U3 without v; each
-        signs what it was told and gets its neighbours' signatures on it; collect every share of v."""
+        confirms what it was told and gets its neighbours' confirmations of it; collect every share of v."""
         s = self.server
         u3 = s.survivor_set()
         holders = sorted(set(s._outbox[v]) & s.masked)
         told_dropped = set(holders[self.t:])
         lie = tuple(x for x in u3 if x != v)
         told = {w: lie if w in told_dropped else u3 for w in u3}
-        sigs = self.sign(told)
-        requests = {w: {x: sig for x, sig in sigs.items() if x in s.graph[w] and told[x] == told[w]} for w in sigs}
+        tags = self.confirm(told)
+        requests = {w: {x: by[w] for x, by in tags.items() if w in by and told[x] == told[w]} for w in tags}
         b_shares, s_shares = {}, {}
         for w, got in self.unmask(requests).items():
             if v in got.self_mask:
@@ -178,7 +181,7 @@ def test_a_fog_splitting_the_survivor_set_recovers_no_input(n: int, dropout: flo
     b_shares, s_shares = fog.split_attack(v)
     assert not fog.recovered(v, b_shares, s_shares)
     assert min(len(b_shares), len(s_shares)) < fog.t
-    # the clients told the lie reveal nothing of v's mask key: too few of their neighbours signed their set
+    # the clients told the lie reveal nothing of v's mask key: too few of their neighbours confirmed their set
     assert not s_shares and fog.refused
 
 
@@ -196,7 +199,7 @@ def test_no_plan_from_10_to_1000_clients_lets_two_disjoint_sets_of_holders_reach
 
 
 def test_a_threshold_fraction_below_one_half_is_refused() -> None:
-    from hyprstream.errors import ConfigError, ValidationError
+    from hyprstream.errors import ConfigError
     from hyprstream.privacy.config import parse_privacy
 
     with pytest.raises(ConfigError, match="threshold_fraction.*strict majority"):
@@ -215,9 +218,9 @@ def test_an_honest_round_with_certified_identities_is_exact(certified) -> None:
     fog.honest_until_masked()
     s = fog.server
     s.close_masking()
-    sigs = fog.sign({i: s.survivor_set() for i in sorted(s.masked)})
-    s.collect_signatures(sigs)
-    result = s.finish(fog.unmask({i: s.unmask_request_for(i).signatures for i in sorted(sigs)}))
+    tags = fog.confirm({i: s.survivor_set() for i in sorted(s.masked)})
+    s.collect_confirmations(tags)
+    result = s.finish(fog.unmask({i: s.unmask_request_for(i).tags for i in sorted(tags)}))
     assert not fog.refused
     expected = np.zeros(DIM, s.dtype)
     for node in fog.nodes:  # node i is client i; the middleware (secure=False) rounds with seed 0's source i
@@ -225,50 +228,88 @@ def test_an_honest_round_with_certified_identities_is_exact(certified) -> None:
     np.testing.assert_array_equal(result.total, expected)
 
 
-def test_a_fog_that_substitutes_a_neighbours_keys_is_refused(certified, tmp_path: Path) -> None:
-    """The fog swaps a neighbour's share-channel key for its own (to open the shares sent to it), or presents a
-    key of its own making, a device certificate from another CA, or its own client certificate from the
-    deployment CA: every client given it refuses."""
+def test_a_fog_that_presents_a_credential_not_issued_to_a_device_is_refused(certified, tmp_path: Path) -> None:
+    """In a neighbour's advert the fog presents a bare key of its own making, a device certificate from another
+    CA, or its own client certificate from the deployment CA: every client given it refuses."""
     fog = MaliciousFog(8, 0.0, seed=4, node_config=lambda node: certified[node])
     fog.advertise()
     s = fog.server
-    own = masking.public_bytes(masking.new_private_key())
     init_deployment(tmp_path / "other")
     outsider = issue_identity("device-x", *deployment_ca(tmp_path / "other"))
-    uncertified = DeviceIdentity.uncertified()
     deployment = Path(certified[1]["secagg-ca"]).parent
     fog_cert = x509.load_pem_x509_certificate((deployment / "client-fog-a.pem").read_bytes())
-    fog_der = fog_cert.public_bytes(serialization.Encoding.DER)
-    forged = {1: lambda a: dataclasses.replace(a, enc_key=own),
-              3: lambda a: dataclasses.replace(a, credential=uncertified.credential, signature=uncertified.sign(b"")),
-              4: lambda a: dataclasses.replace(a, credential=outsider.credential),
-              5: lambda a: dataclasses.replace(a, credential=fog_der)}
+    forged = {3: DeviceIdentity.uncertified().credential, 4: outsider.credential,
+              5: fog_cert.public_bytes(serialization.Encoding.DER)}
 
     def keys_for(i: int):  # client i's first neighbour is the one forged
         keys = s.keys_for(i)
         first = min(keys.adverts)
-        return type(keys)({v: forged[i](a) if i in forged and v == first else a for v, a in keys.adverts.items()})
+        return type(keys)({v: dataclasses.replace(a, credential=forged[i]) if i in forged and v == first else a
+                           for v, a in keys.adverts.items()})
 
-    with pytest.raises(SecAggAborted):  # four of eight refused: too few left for the threshold of 4 of 6
+    with pytest.raises(SecAggAborted):  # three of eight refused: too few left for the threshold of 4 of 6
         fog.share(keys_for)
-    assert "not signed by its identity" in fog.refused.get(1, ""), fog.refused
     assert "not from the deployment CA" in fog.refused[3]
     assert "not from the deployment CA" in fog.refused[4]
     assert "not a device identity" in fog.refused[5]
-    assert set(fog.refused) == {1, 3, 4, 5}
+    assert set(fog.refused) == {3, 4, 5}
 
 
-def test_a_fog_that_forges_signatures_or_the_survivor_set_is_refused(certified) -> None:
+def test_a_fog_that_substitutes_a_neighbours_keys_can_open_nothing_and_is_refused_before_masking(certified) -> None:
+    """The fog swaps client 1's view of a neighbour w's share-channel key for a key of its own (to open the shares 1
+    seals for w), and client 2's view of a neighbour x's mask key (to remove that pairwise mask from 2's input).
+    The shares stay sealed to the fog: the pair's key also needs the two devices' static secret. And the four
+    clients whose pair was tampered with refuse at the mask stage, before sending a masked input."""
+    fog = MaliciousFog(8, 0.0, seed=4, node_config=lambda node: certified[node])
+    fog.advertise()
+    s = fog.server
+    own = masking.new_private_key()
+    w, x = min(s.keys_for(1).adverts), min(s.keys_for(2).adverts)
+    swap = {1: (w, "enc_key"), 2: (x, "mask_key")}
+
+    def keys_for(i: int):
+        keys = s.keys_for(i)
+        if i not in swap:
+            return keys
+        v, field = swap[i]
+        adverts = dict(keys.adverts)
+        adverts[v] = dataclasses.replace(adverts[v], **{field: masking.public_bytes(own)})
+        return type(keys)(adverts)
+
+    fog.share(keys_for)
+    assert not fog.refused  # nothing is visible yet: every advert carries a valid certificate
+    from hyprstream.privacy.secagg import _associated, _pair_context
+
+    sealed = s._outbox[w][1]  # what client 1 sealed for w, under the key it agreed with the fog's c key
+    ephemeral_only = masking.agree(own, s.public_keys()[1].enc_key, masking.SHARE_PURPOSE, _pair_context(fog.rid, 1, w))
+    with pytest.raises(ValidationError, match="failed authentication"):
+        masking.open_sealed(ephemeral_only, sealed, _associated(fog.rid, 1, w))
+    with pytest.raises(ValidationError, match="failed authentication"):
+        masking.open_sealed(masking.derive(bytes(32), masking.SHARE_PURPOSE, _pair_context(fog.rid, 1, w)), sealed,
+                            _associated(fog.rid, 1, w))
+    fog.mask()
+    assert {1, w, 2}.issubset(fog.refused), fog.refused
+    assert all("failed authentication" in fog.refused[i] for i in (1, w, 2)), fog.refused
+    assert 1 not in s.masked and w not in s.masked and 2 not in s.masked
+
+
+def test_a_fog_that_forges_confirmations_or_the_survivor_set_is_refused(certified) -> None:
     fog = MaliciousFog(8, 0.0, seed=5, node_config=lambda node: certified[node])
     fog.honest_until_masked()
     s = fog.server
     u3 = s.survivor_set()
-    sigs = fog.sign({i: u3 for i in u3 if i != 8} | {8: u3[1:]})  # 8 is told client 1 dropped
-    forger = DeviceIdentity.uncertified()
+    assert u3 == tuple(fog.nodes)
+    tags = fog.confirm({i: u3 for i in u3 if i != 8} | {8: u3[1:]})  # 8 is told client 1 dropped
+    assert set(tags[8]) == set(s.graph[8]) - {1}
+
+    def meant_for_another(v: int, i: int) -> bytes:  # v's genuine MAC, made for a neighbour other than i
+        return tags[v][min(set(tags[v]) - {i})]
+
     requests = {
-        1: {v: bytes(64) for v in s.graph[1]},  # forged signatures
-        2: {v: forger.sign(b"anything") for v in s.graph[2]},  # signed by a key the fog made
-        8: {v: sigs[v] for v in s.graph[8] if v != 1},  # genuine signatures on the true U3: not what 8 signed
+        1: {v: bytes(32) for v in s.graph[1]},  # forged MACs
+        2: {v: masking.derive(bytes(32), b"x", b"y") for v in s.graph[2]},  # MACs under a key the fog made
+        3: {v: meant_for_another(v, 3) for v in s.graph[3]},  # genuine MACs, replayed to the wrong neighbour
+        8: {v: tags[v][8] for v in s.graph[8] if v != 1},  # genuine MACs of the true U3: not what 8 confirmed
     }
     assert fog.unmask(requests) == {}, fog.refused
-    assert all("valid neighbour signature" in fog.refused[i] for i in (1, 2, 8)), fog.refused
+    assert all("valid neighbour confirmation" in fog.refused[i] for i in requests), fog.refused

@@ -354,10 +354,10 @@ def _stage_all(n: int, dim: int, seed: int):
     return encoded, server, clients
 
 
-def _sign(server: SecAggServer, clients) -> None:
-    """The consistency round, honest: every survivor signs U3."""
+def _confirm(server: SecAggServer, clients) -> None:
+    """The consistency round, honest: every survivor confirms U3 to its neighbours."""
     u3 = server.survivor_set()
-    server.collect_signatures({i: clients[i].sign_survivors(u3) for i in sorted(server.masked)})
+    server.collect_confirmations({i: clients[i].confirm_survivors(u3) for i in sorted(server.masked)})
 
 
 def _arrays_in(obj, seen=None):
@@ -399,7 +399,7 @@ def test_the_fog_only_ever_holds_uniformly_masked_inputs() -> None:
             for v in encoded.values():
                 assert not (arr.shape == v.shape and np.array_equal(arr, v))
     server.close_masking()
-    _sign(server, clients)
+    _confirm(server, clients)
     result = server.finish({i: clients[i].unmask(server.unmask_request_for(i)) for i in clients})
     plain = np.zeros(dim, dtype=np.uint32)
     for v in encoded.values():
@@ -407,43 +407,44 @@ def test_the_fog_only_ever_holds_uniformly_masked_inputs() -> None:
     np.testing.assert_array_equal(result.total, plain)
 
 
-def test_a_client_reveals_only_what_the_survivor_set_it_signed_says() -> None:
-    """What a client reveals follows from the U3 it signed, never from the unmask request: its share of b
+def test_a_client_reveals_only_what_the_survivor_set_it_confirmed_says() -> None:
+    """What a client reveals follows from the U3 it confirmed, never from the unmask request: its share of b
     for neighbours in U3, of the mask key for those not in U3, never both; once, and only with t valid
-    neighbour signatures on that same U3."""
+    neighbour confirmations of that same U3."""
     encoded, server, clients = _stage_all(6, 16, 1)  # k = 5, t = 3
     server.collect_adverts({i: c.advertise() for i, c in clients.items()})
     server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
     for i in clients:
         server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
     u3 = (1, 2, 3, 4, 5, 6)
-    sigs = {i: clients[i].sign_survivors(u3) for i in clients}
-    with pytest.raises(ValidationError, match="out of order"):  # one signature per round
-        clients[1].sign_survivors((1, 2, 3, 4, 5))
-    # a forged signature does not count: with one of three forged, fewer than t valid
-    forged = {2: bytes(64), 3: sigs[3], 4: sigs[4]}
-    with pytest.raises(ValidationError, match="2 valid neighbour signature"):
+    tags = {i: clients[i].confirm_survivors(u3) for i in clients}
+    assert all(set(tags[i]) == set(server.neighbours(i)) for i in clients)
+    with pytest.raises(ValidationError, match="out of order"):  # one confirmation per round
+        clients[1].confirm_survivors((1, 2, 3, 4, 5))
+    # a forged MAC does not count: with one of three forged, fewer than t valid
+    forged = {2: bytes(32), 3: tags[3][1], 4: tags[4][1]}
+    with pytest.raises(ValidationError, match="2 valid neighbour confirmation"):
         clients[1].unmask(UnmaskRequest(forged))
     with pytest.raises(ValidationError, match="out of order"):  # and it answers one unmask request only
-        clients[1].unmask(UnmaskRequest({v: sigs[v] for v in (2, 3, 4)}))
-    # signatures on another survivor set (client 6 "dropped") do not verify against the U3 client 2 signed
-    other = {v: clients[v].identity.sign(b"x") for v in (3, 4, 5)}
+        clients[1].unmask(UnmaskRequest({v: tags[v][1] for v in (2, 3, 4)}))
+    # MACs made for another neighbour (here client 1) do not verify for client 2
+    other = {v: tags[v][1] for v in (3, 4, 5)}
     with pytest.raises(ValidationError, match="0 valid"):
         clients[2].unmask(UnmaskRequest(other))
-    out = clients[3].unmask(UnmaskRequest({v: sigs[v] for v in (1, 2, 4)}))
+    out = clients[3].unmask(UnmaskRequest({v: tags[v][3] for v in (1, 2, 4)}))
     assert set(out.self_mask) == {1, 2, 4, 5, 6} and not out.mask_key
 
 
-def test_a_survivor_set_leaving_out_the_signer_is_refused() -> None:
+def test_a_survivor_set_leaving_out_the_confirming_client_is_refused() -> None:
     encoded, server, clients = _stage_all(4, 8, 2)
     server.collect_adverts({i: c.advertise() for i, c in clients.items()})
     server.collect_shares({i: clients[i].share(server.keys_for(i)) for i in clients})
     for i in clients:
         server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
     with pytest.raises(ValidationError, match="leaves out this client"):
-        clients[1].sign_survivors((2, 3, 4))
+        clients[1].confirm_survivors((2, 3, 4))
     with pytest.raises(ValidationError, match="fewer than 2 of my neighbours"):
-        clients[2].sign_survivors((2, 3))
+        clients[2].confirm_survivors((2, 3))
 
 
 def test_the_fog_cannot_open_relayed_shares() -> None:
@@ -474,7 +475,7 @@ def test_client_state_survives_a_process_boundary() -> None:
         server.add_masked(i, clients[i].mask(server.inbox_for(i), encoded[i]))
     clients = {i: reload(c) for i, c in clients.items()}
     server.close_masking()
-    _sign(server, clients)
+    _confirm(server, clients)
     clients = {i: reload(c) for i, c in clients.items()}
     result = server.finish({i: clients[i].unmask(server.unmask_request_for(i)) for i in clients})
     plain = np.zeros(dim, dtype=np.uint32)

@@ -390,13 +390,12 @@ def _wire_messages():
     spec = InputSpec(Layout.of({"a.w": (3, 2), "b": (5,)}), 0.5, Quantizer.for_clients(clip=0.5, max_clients=7),
                      weighted=True, max_weight=50.0)
     setup = wire.Setup(rid, 3, (1, 2, 4, 7), 2, spec)
-    sig = lambda i: bytes([i]) * 64  # noqa: E731
-    advert = KeyAdvert(key(1), key(2), key(3), sig(1), b"certificate")
-    keys = NeighbourKeys({4: KeyAdvert(key(4), key(5), key(6), sig(2), b"c" * 300),
-                          2: KeyAdvert(key(7), key(8), key(9), sig(3), key(10))})
+    advert = KeyAdvert(key(1), key(2), key(3), b"certificate")
+    keys = NeighbourKeys({4: KeyAdvert(key(4), key(5), key(6), b"c" * 300),
+                          2: KeyAdvert(key(7), key(8), key(9), key(10))})
     sealed = SealedShares({7: b"x" * 168, 2: b"y" * 168})
     masked = MaskedInput(np.arange(2 ** 32 - 12, 2 ** 32, dtype=np.uint64).astype(np.uint32))
-    req = UnmaskRequest({1: sig(4), 4: sig(5)})
+    req = UnmaskRequest({1: key(11), 4: key(12)})
     shares = UnmaskShares({1: b"s" * 66, 4: b"t" * 66}, {2: b"u" * 66})
     return rid, setup, advert, keys, sealed, masked, req, shares
 
@@ -417,8 +416,9 @@ def test_every_stage_message_round_trips() -> None:
     y = wire.masked_from(wire.masked_content(rid, masked), np.uint32).vector
     assert y.dtype == np.uint32 and np.array_equal(y, masked.vector)
     assert wire.survivors_from(wire.survivors_content(rid, (1, 3, 4))) == (1, 3, 4)
-    assert wire.signature_from(wire.signature_content(rid, bytes(64))) == bytes(64)
-    assert dict(wire.unmask_from(wire.unmask_content(rid, req)).signatures) == dict(req.signatures)
+    tags = {2: bytes([13]) * 32, 4: bytes([14]) * 32}
+    assert wire.confirmation_from(wire.confirmation_content(rid, tags)) == tags
+    assert dict(wire.unmask_from(wire.unmask_content(rid, req)).tags) == dict(req.tags)
     back = wire.shares_from(wire.shares_content(rid, shares))
     assert dict(back.self_mask) == dict(shares.self_mask) and dict(back.mask_key) == dict(shares.mask_key)
     refused = wire.header(wire.reply_status(wire.Stage.MASK, rid, wire.Status.REFUSED, "out of order ü"))
@@ -440,7 +440,7 @@ def test_malformed_or_tampered_messages_are_refused_with_clear_errors() -> None:
         (wire.shares_content(rid, shares), wire.shares_from),
         (wire.advert_content(rid, advert), wire.advert_from),
         (wire.survivors_content(rid, (1, 3, 4)), wire.survivors_from),
-        (wire.signature_content(rid, bytes(64)), wire.signature_from),
+        (wire.confirmation_content(rid, {2: bytes(32), 5: bytes(32)}), wire.confirmation_from),
     ]
     for content, parse in cases:
         raw = content[wire.RECORD][wire.FIELD]
