@@ -82,7 +82,7 @@ class FogRound:
 
 class FogAggregator:
     def __init__(self, name: str, grid: Grid, node_ids: Sequence[int], core: CoreClient, model: str,
-                 plan: RoundPlan, *, seed: int = 0, outbox: Outbox | None = None) -> None:
+                 plan: RoundPlan, *, seed: int = 0, outbox: Outbox | None = None, poll_s: float = 0.05) -> None:
         if not node_ids:
             raise ValidationError(f"fog {name!r} has no agents")
         self.name = name
@@ -92,6 +92,7 @@ class FogAggregator:
         self.model = model
         self.plan = plan
         self.seed = seed
+        self.poll_s = poll_s  # how often the grid is asked for replies
         self.outbox = outbox if outbox is not None else Outbox()
         self._seq = max((p.seq for p in self.outbox.pending()), default=0)
         self._local: Snapshot | None = None  # last pulled version plus this fog's undelivered deltas
@@ -176,8 +177,10 @@ class FogAggregator:
                  self.name, round_no, list(layers), base.version, len(ids))
         return PendingRound(round_no, base, layers, ids, nodes, bytes_down, time.monotonic())
 
-    def collect(self, pending: PendingRound, poll_s: float = 0.05) -> list[Message]:
-        """Replies for ``pending`` until all have arrived or the round's timeout passes."""
+    def collect(self, pending: PendingRound, poll_s: float | None = None) -> list[Message]:
+        """Replies for ``pending`` until all have arrived or the round's timeout passes (asking the grid every
+        ``poll_s`` seconds, default :attr:`poll_s`)."""
+        poll_s = self.poll_s if poll_s is None else poll_s
         waiting = set(pending.message_ids)
         replies: list[Message] = []
         deadline = pending.started + self.plan.timeout_s

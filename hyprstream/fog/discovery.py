@@ -25,14 +25,19 @@ def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -
         time.sleep(poll_s)
 
 
-def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool = True) -> dict[int, DeviceInfo]:
+def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool = True,
+             poll_s: float | None = None) -> dict[int, DeviceInfo]:
     """Ask every node which device it is (``query.device``); returns the answers by node ID.
 
     With ``require_all`` (the simulator: every agent must be there) a node that fails or does not answer
-    is an error; without it (a deployed fog: agents come and go) it is left out and logged."""
+    is an error; without it (a deployed fog: agents come and go) it is left out and logged. ``poll_s``:
+    ask the grid for replies at this interval (default: the grid's own ``send_and_receive``, which Flower's
+    SuperLink grid polls every 3 s)."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY_TYPE) for n in node_ids]
     found: dict[int, DeviceInfo] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+    replies = (grid.send_and_receive(messages, timeout=timeout_s) if poll_s is None
+               else _send_and_receive(grid, messages, timeout_s, poll_s))
+    for reply in replies:
         node = reply.metadata.src_node_id
         try:
             if reply.has_error():
@@ -49,3 +54,18 @@ def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool =
     if len(found) != len(node_ids):
         raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query")
     return found
+
+
+def _send_and_receive(grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
+    """``grid.send_and_receive`` that asks for replies every ``poll_s`` seconds."""
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return replies

@@ -37,6 +37,10 @@ log = logging.getLogger("hyprstream.fog")
 FOG_CONFIG_KEY = "fog-config"
 STATE_DIR_KEY = "state-dir"
 STATUS_FILE = "status.json"  # the outcome of the last run of the ServerApp, in the state directory
+# How often the deployed fog asks its SuperLink for replies (and for connected nodes). Every ask is an HTTPS
+# request that the SuperLink serves; the in-memory intervals (20-50 ms) kept a SuperLink busy with a fifth
+# of a core per fog. SuperNodes themselves fetch messages every 3 s, so 0.25 s adds little to a round.
+SUPERLINK_POLL_S = 0.25
 
 app = ServerApp()
 
@@ -52,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_fog_config(str(path))
         metrics = FogMetrics(cfg.name)
-        rounds = run_fog(grid, cfg, state_dir=state, metrics=metrics)
+        rounds = run_fog(grid, cfg, state_dir=state, metrics=metrics, poll_s=SUPERLINK_POLL_S)
     except BaseException as exc:
         if state is not None:  # flwr run exits 0 whatever the ServerApp did: leave the outcome to read
             write_status(state, {"status": "failed", "error": str(exc)}, metrics)
@@ -79,10 +83,13 @@ def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
 
 
 def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: threading.Event | None = None,
-            on_round: Callable[[FogRound], None] | None = None, metrics: FogMetrics | None = None) -> list[FogRound]:
+            on_round: Callable[[FogRound], None] | None = None, metrics: FogMetrics | None = None,
+            poll_s: float | None = None) -> list[FogRound]:
     """Run rounds until ``max_rounds`` (or ``stop``); returns their outcomes. Pushes that core has not
     acknowledged wait in ``state_dir/outbox`` (kept across restarts); with client-level DP the model's
-    privacy ledger is ``state_dir/privacy`` (in memory without a state directory)."""
+    privacy ledger is ``state_dir/privacy`` (in memory without a state directory). ``poll_s``: how often
+    the grid is asked for replies and connected nodes (default: each component's own interval, made for
+    an in-memory grid; see :data:`SUPERLINK_POLL_S`)."""
     core = CoreClient(cfg.core.location, read_token(cfg.core.token_file), **cfg.core.flight_options())
     metrics = metrics if metrics is not None else FogMetrics(cfg.name)
     server = None
@@ -93,22 +100,25 @@ def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: 
                 server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port, token=token,
                                        stale_after_s=cfg.metrics.stale_after_s).start()
                 resources.callback(server.stop)
-            return _rounds(grid, cfg, core, metrics, state_dir, stop or threading.Event(), on_round, resources)
+            return _rounds(grid, cfg, core, metrics, state_dir, stop or threading.Event(), on_round, resources,
+                           poll_s)
     finally:
         core.close()
 
 
 def private_rounds(fog: FogAggregator, privacy: PrivacyConfig, state_dir: Path | None,
-                   resources: ExitStack) -> FogAggregator | SecureFogAggregator:
+                   resources: ExitStack, *, poll_s: float | None = None) -> FogAggregator | SecureFogAggregator:
     """What runs the fog's rounds: ``fog`` itself, or, with ``[privacy.secagg]``, ``fog`` wrapped in
     secure aggregation (and client-level DP with ``[privacy.client_dp]``, charged to the model's ledger
-    in ``state_dir/privacy``; the store stays open until ``resources`` close)."""
+    in ``state_dir/privacy``; the store stays open until ``resources`` close), asking the grid for each
+    stage's replies every ``poll_s`` seconds (default: the wrapper's own)."""
     if privacy.secagg is None:
         return fog
     ledger = None
     if privacy.client_dp is not None and state_dir is not None:
         ledger = PrivacyLedger(resources.enter_context(Store.open(state_dir / "privacy", create=True)))
-    return SecureFogAggregator(fog, privacy.secagg, privacy.client_dp, ledger=ledger)
+    options = {} if poll_s is None else {"poll_s": poll_s}
+    return SecureFogAggregator(fog, privacy.secagg, privacy.client_dp, ledger=ledger, **options)
 
 
 def _record_privacy(metrics: FogMetrics, runner, privacy: PrivacyConfig) -> None:
@@ -117,18 +127,19 @@ def _record_privacy(metrics: FogMetrics, runner, privacy: PrivacyConfig) -> None
         metrics.record_privacy(spent, privacy.client_dp.epsilon_budget, privacy.client_dp.delta)
 
 
-def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> list[FogRound]:
+def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll_s) -> list[FogRound]:
     r = cfg.rounds
     selector = _fleet_and_offload(cfg, resources)
     if r.mode is RoundMode.BUFFERED:
-        return _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round)
+        return _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s)
+    options = {} if poll_s is None else {"poll_s": poll_s}
     fog: FogAggregator | None = None
     runner: FogAggregator | SecureFogAggregator | None = None
     done: list[FogRound] = []
     round_no = 0
     while not stop.is_set() and (r.max_rounds == 0 or round_no < r.max_rounds):
         round_no += 1
-        devices = _agents(grid, cfg, stop)
+        devices = _agents(grid, cfg, stop, poll_s)
         if devices is None:
             break
         ordered = sorted(devices, key=lambda n: devices[n].device_id)
@@ -138,8 +149,8 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> l
                          trim_fraction=r.trim_fraction)
         if fog is None:
             outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
-            fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox)
-            runner = private_rounds(fog, cfg.privacy, state_dir, resources)
+            fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox, **options)
+            runner = private_rounds(fog, cfg.privacy, state_dir, resources, poll_s=poll_s)
             _record_privacy(metrics, runner, cfg.privacy)  # a restarted fog reports its ledger at once
         else:  # the fleet changes between rounds: keep the fog (and its push sequence), update the rest
             fog.node_ids, fog.plan = ordered, plan  # a privacy wrapper reads both from the wrapped fog
@@ -163,18 +174,19 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources) -> l
     return done
 
 
-def _agents(grid: Grid, cfg: FogConfig, stop: threading.Event):
+def _agents(grid: Grid, cfg: FogConfig, stop: threading.Event, poll_s: float | None = None):
     """The connected agents that answer the device query, once at least ``rounds.min_agents`` do; a
     fog keeps waiting for its fleet (agents join late, restart, miss a query) until it is stopped
     (then None)."""
     r = cfg.rounds
     while not stop.is_set():
         try:
-            nodes = wait_for_nodes(grid, r.min_agents, timeout_s=r.timeout_s)
+            nodes = wait_for_nodes(grid, r.min_agents, timeout_s=r.timeout_s,
+                                   **({} if poll_s is None else {"poll_s": poll_s}))
         except HyprstreamError as exc:
             log.warning("fog %s: %s; still waiting", cfg.name, exc)
             continue
-        devices = discover(grid, nodes, timeout_s=r.timeout_s, require_all=False)
+        devices = discover(grid, nodes, timeout_s=r.timeout_s, require_all=False, poll_s=poll_s)
         if len(devices) >= r.min_agents:
             return devices
         log.warning("fog %s: %d agent(s) answered, %d needed; asking again", cfg.name, len(devices), r.min_agents)
@@ -202,7 +214,7 @@ def _fleet_and_offload(cfg: FogConfig, resources: ExitStack):
                          warmup_s=cfg.fleet.warmup_s)
 
 
-def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> list[FogRound]:
+def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s) -> list[FogRound]:
     """``rounds.mode = "buffered"``: FedBuff over the agents connected at start; ``max_rounds`` counts
     pushes."""
     import sys
@@ -210,16 +222,17 @@ def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round) -> lis
     from hyprstream.fog.buffered import BufferedFog
 
     r = cfg.rounds
-    devices = _agents(grid, cfg, stop)
+    devices = _agents(grid, cfg, stop, poll_s)
     if devices is None:
         return []
     ordered = sorted(devices, key=lambda n: devices[n].device_id)
     plan = RoundPlan(task=r.task, layers=r.layers, local_steps=r.local_steps, batch_size=r.batch_size, lr=r.lr,
                      timeout_s=r.timeout_s, max_update_norm=r.max_update_norm)
     outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
-    fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox)
+    options = {} if poll_s is None else {"poll_s": poll_s}
+    fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox, **options)
     buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
-                           concurrency=min(r.concurrency or len(ordered), len(ordered)))
+                           concurrency=min(r.concurrency or len(ordered), len(ordered)), **options)
     done: list[FogRound] = []
 
     def record(push) -> None:
