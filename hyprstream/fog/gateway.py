@@ -7,7 +7,9 @@ authentication of its own. So the fog runs its SuperLink on loopback (``127.0.0.
 with a certificate made for loopback at each start, :func:`loopback_tls`) and listens on the configured
 ``superlink.host:port`` itself with :class:`FleetGateway`: ``POST /v1/fleet/<method>`` is passed on to
 the SuperLink, headers (SuperNode authentication signs each request in them) and body unchanged; any
-other method or path is answered ``403`` without reaching the SuperLink. The Control and Runtime APIs
+other method or path is answered ``403`` without reaching the SuperLink. Connections to the SuperLink are
+kept open and reused (each SuperNode asks for messages every few seconds; a TLS handshake per request cost
+both processes more than the request itself). The Control and Runtime APIs
 are thereby reachable only from the fog host, where ``flwr`` uses the connection that ``hyprstream fog
 run`` writes into ``<state_dir>/flwr-home/config.toml``.
 """
@@ -22,9 +24,11 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +49,13 @@ REFUSED = ("this port serves the Flower Fleet API only; the fog's Control and Se
 MAX_BODY_BYTES = (1 << 31) - 1  # Flower's own message limit
 MAX_DRAIN_BYTES = 64 << 20  # of a refused request's body, read and dropped before the answer
 CHUNK = 1 << 16
+# Upstream connections: one idle for less than POOL_IDLE_S is reused (the SuperLink's uvicorn closes idle ones
+# after 5 s); at most POOL_MAX idle ones are kept. A body of at most REPLAYABLE_BYTES is read whole before it
+# is sent, so that a request that finds its reused connection closed by the SuperLink goes again on a new one.
+POOL_IDLE_S = 2.0
+POOL_MAX = 8
+REPLAYABLE_BYTES = 1 << 20
+_CLOSED = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)  # what a connection closed by its peer raises
 # hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                             "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
@@ -114,6 +125,34 @@ class _ClientGone(Exception):
     """A client ended its connection before sending the body it announced."""
 
 
+def _still_open(sock: socket.socket | None) -> bool:
+    """Whether an idle connection's socket is still open: readable while idle means the peer closed it (or
+    sent something unasked for)."""
+    try:
+        return sock is not None and not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
+def _read_chunk(body, size: int) -> bytes:
+    try:
+        chunk = body.read(size)
+    except OSError as exc:
+        raise _ClientGone(f"reading the client's body failed: {exc}") from None
+    if not chunk:
+        raise _ClientGone("the client closed the connection before sending its whole body")
+    return chunk
+
+
+def _read_body(body, length: int) -> bytes:
+    parts, remaining = [], length
+    while remaining:
+        chunk = _read_chunk(body, min(CHUNK, remaining))
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     context: ssl.SSLContext | None = None
@@ -171,6 +210,8 @@ class FleetGateway:
             self._server.context = context
         self.host, self.port = self._server.server_address[:2]
         self._thread: threading.Thread | None = None
+        self._idle: list[tuple[http.client.HTTPSConnection, float]] = []  # (connection, monotonic time of last use)
+        self._pool_lock = threading.Lock()
 
     def start(self) -> FleetGateway:
         try:
@@ -189,31 +230,75 @@ class FleetGateway:
             self._thread.join(timeout=5)
             self._thread = None
         self._server.server_close()
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+    def _connect(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(LOOPBACK, self.upstream_port, context=self._upstream_context,
+                                           timeout=self.timeout_s)
+
+    def _reusable(self) -> http.client.HTTPSConnection | None:
+        """An idle upstream connection that is still open, if there is one (the most recently used)."""
+        while True:
+            with self._pool_lock:
+                if not self._idle:
+                    return None
+                conn, used = self._idle.pop()
+            if time.monotonic() - used < POOL_IDLE_S and _still_open(conn.sock):
+                return conn
+            conn.close()
+
+    def _release(self, conn: http.client.HTTPSConnection) -> None:
+        with self._pool_lock:
+            if len(self._idle) < POOL_MAX:
+                self._idle.append((conn, time.monotonic()))
+                return
+        conn.close()
 
     def _forward(self, method: str, path: str, headers: list[tuple[str, str]], length: int, body) -> tuple:
         """The SuperLink's answer: ``(status, reason, headers, body)``."""
-        conn = http.client.HTTPSConnection(LOOPBACK, self.upstream_port, context=self._upstream_context,
-                                           timeout=self.timeout_s)
+        if length > REPLAYABLE_BYTES:
+            return self._exchange(self._connect(), method, path, headers, length, body)
+        data = _read_body(body, length)
+        conn = self._reusable()
+        if conn is not None:
+            try:
+                return self._exchange(conn, method, path, headers, length, data)
+            except _CLOSED:  # closed by the SuperLink before it answered: again on a new connection
+                log.debug("gateway: a reused connection to the SuperLink was closed; sending %s again", path)
+        return self._exchange(self._connect(), method, path, headers, length, data)
+
+    def _exchange(self, conn: http.client.HTTPSConnection, method: str, path: str, headers: list[tuple[str, str]],
+                  length: int, body) -> tuple:
+        """One request on ``conn`` (``body``: bytes, or a file to read ``length`` bytes from); ``conn`` goes back
+        to the pool when the SuperLink keeps it open, else it is closed."""
+        keep = False
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
             for name, value in headers:
                 conn.putheader(name, value)
             conn.putheader("Content-Length", str(length))
             conn.endheaders()
-            remaining = length
-            while remaining:
-                try:
-                    chunk = body.read(min(CHUNK, remaining))
-                except OSError as exc:
-                    raise _ClientGone(f"reading the client's body failed: {exc}") from None
-                if not chunk:
-                    raise _ClientGone("the client closed the connection before sending its whole body")
-                conn.send(chunk)
-                remaining -= len(chunk)
+            if isinstance(body, bytes):
+                if body:
+                    conn.send(body)
+            else:
+                remaining = length
+                while remaining:
+                    chunk = _read_chunk(body, min(CHUNK, remaining))
+                    conn.send(chunk)
+                    remaining -= len(chunk)
             response = conn.getresponse()
-            return response.status, response.reason, response.getheaders(), response.read()
+            answer = response.status, response.reason, response.getheaders(), response.read()
+            keep = not response.will_close
+            return answer
         finally:
-            conn.close()
+            if keep:
+                self._release(conn)
+            else:
+                conn.close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         gateway = self
