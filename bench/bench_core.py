@@ -45,13 +45,13 @@ from hyprstream.core import signing, tokens  # noqa: E402
 from hyprstream.core.audit import AuditLog  # noqa: E402
 from hyprstream.core.auth import Authenticator, Role  # noqa: E402
 from hyprstream.core.client import CoreClient  # noqa: E402
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy  # noqa: E402
-from hyprstream.core.durable import fsync_dir  # noqa: E402
+from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy  # noqa: E402
+from hyprstream.durable import fsync_dir  # noqa: E402
 from hyprstream.core.ratelimit import RateLimitPolicy  # noqa: E402
 from hyprstream.core.repository import ModelRepository, ModelSettings  # noqa: E402
 from hyprstream.core.server import CoreFlightServer  # noqa: E402
 from hyprstream.core.storage import LocalStorage  # noqa: E402
-from hyprstream.core.vector_clock import VectorClock  # noqa: E402
+from hyprstream.vector_clock import VectorClock  # noqa: E402
 from hyprstream.store.layer_table import to_arrays, to_table  # noqa: E402
 
 TARGET = 2.0

@@ -83,7 +83,7 @@ class StubCore:
 
     def get_weights(self, model):
         from hyprstream.core.repository import Snapshot
-        from hyprstream.core.vector_clock import VectorClock
+        from hyprstream.vector_clock import VectorClock
 
         return Snapshot(model, self.version, self.table, {LAYER: VectorClock()})
 
@@ -225,7 +225,7 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
     from hyprstream.privacy.config import SecAggConfig
     from hyprstream.privacy.noise import SeededRandom
     from hyprstream.privacy.secagg import plan_graph
-    from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+    from hyprstream.fog.secure import SecureFogAggregator
 
     rng = np.random.default_rng(seed)
     nodes = list(range(1000, 1000 + k))

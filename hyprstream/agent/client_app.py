@@ -193,7 +193,7 @@ def configure_simulation(root: Path, dpsgd: DpSgdConfig | None) -> None:
     noise (``secure`` false: reproducible from the request's seed), each charging its ledger at
     ``<root>/<device-name>.privacy``. A simulation has no device profile to take the budget from:
     ``epsilon_budget`` and ``delta`` must be given."""
-    from hyprstream.core.durable import write_bytes_atomic
+    from hyprstream.durable import write_bytes_atomic
 
     path = Path(root) / SIM_PRIVACY_FILE
     if dpsgd is None:

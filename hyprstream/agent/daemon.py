@@ -110,7 +110,7 @@ class OffloadLink:
 
     def client(self):
         from hyprstream.agent.offload import OffloadClient
-        from hyprstream.fog.config import read_token
+        from hyprstream.config import read_token
 
         return OffloadClient(self.url, read_token(str(self.token_file)), self.ca_file)
 

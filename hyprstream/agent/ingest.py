@@ -285,7 +285,7 @@ class _ServedSource:
 
 def ingest_token(state_dir: Path) -> str:
     """The bearer token of the HTTP record endpoint: ``state_dir/ingest.token`` (created 0600 once)."""
-    from hyprstream.core.signing import write_private_file
+    from hyprstream.durable import write_private_file
 
     path = Path(state_dir) / "ingest.token"
     if not path.exists():

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hyprstream.core import signing
-from hyprstream.core.durable import write_bytes_atomic
+from hyprstream.durable import write_bytes_atomic
 from hyprstream.errors import ConfigError, HyprstreamError
 
 log = logging.getLogger("hyprstream.core.audit")

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hyprstream import durable
 from hyprstream.core import signing
 from hyprstream.core.repository import check_name
 from hyprstream.errors import ConfigError
@@ -108,11 +109,11 @@ def init_deployment(out: str | Path, *, server_names: Sequence[str] = ("localhos
     created: list[Created] = []
 
     def private(name: str, data: bytes, what: str) -> None:
-        signing.write_private_file(out / name, data)
+        durable.write_private_file(out / name, data)
         created.append(Created(out / name, what, True))
 
     def public(name: str, data: bytes, what: str) -> None:
-        signing.write_public_file(out / name, data)
+        durable.write_public_file(out / name, data)
         created.append(Created(out / name, what, False))
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

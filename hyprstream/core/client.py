@@ -12,7 +12,7 @@ import pyarrow.flight as flight
 from hyprstream.core import commands as cmd
 from hyprstream.core.repository import ModelSettings, PushResult, Snapshot
 from hyprstream.config import to_dict
-from hyprstream.core.vector_clock import VectorClock, clocks_from_json
+from hyprstream.vector_clock import VectorClock, clocks_from_json
 from hyprstream.errors import AuthError, HyprstreamError, TransportError, UpdateRejected, ValidationError
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hyprstream.core.repository import check_name, quote
-from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
+from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import ValidationError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

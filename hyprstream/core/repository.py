@@ -38,9 +38,9 @@ import pyarrow as pa
 
 from hyprstream.config import parse, to_dict
 from hyprstream.core.audit import AuditError, AuditLog, canonical, iter_entries
-from hyprstream.core.consistency import ConsistencyPolicy, plan_merge
+from hyprstream.consistency import ConsistencyPolicy, plan_merge
 from hyprstream.core.storage import LocalStorage, Storage, is_temporary, read_json
-from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
+from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import UpdateRejected, ValidationError
 from hyprstream.store import layer_table as lt
 

@@ -23,11 +23,11 @@ from hyprstream.core import commands as cmd
 from hyprstream.core.audit import AuditError, Outcome, iter_entries
 from hyprstream.core.auth import (Authenticator, BearerAuthFactory, Permission, Principal, Role, TokenRegistry,
                                   principal_of, revoked_tokens)
-from hyprstream.core.consistency import ConsistencyPolicy
+from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings, PushRecord
 from hyprstream.core.signing import Ed25519PrivateKey, fingerprint
-from hyprstream.core.vector_clock import clocks_to_json
+from hyprstream.vector_clock import clocks_to_json
 from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
 from hyprstream.store import layer_table as lt
 

@@ -16,12 +16,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from hyprstream import durable
 from hyprstream.errors import ConfigError
 
 __all__ = [
     "Ed25519PrivateKey", "Ed25519PublicKey", "b64decode", "b64encode", "fingerprint", "generate_key", "load_private_key",
-    "load_public_key", "public_key_from_text", "public_key_text", "verify", "write_private_file",
-    "write_private_key", "write_public_file", "write_public_key",
+    "load_public_key", "public_key_from_text", "public_key_text", "verify",
+    "write_private_key", "write_public_key",
 ]
 
 
@@ -82,43 +83,15 @@ def verify(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
     return True
 
 
-def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Create ``path`` with mode 0600 (never replacing a file), write ``data`` and fsync it."""
-    _write_new(path, data, 0o600)
-
-
-def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Create ``path`` with mode 0644 (never replacing a file), write ``data`` and fsync it."""
-    _write_new(path, data, 0o644)
-
-
-def _write_new(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise ConfigError("refusing to overwrite an existing file", source=str(p)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create: {exc.strerror or exc}", source=str(p)) from None
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed, never widened, the mode; be explicit
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_private_key(path: str | os.PathLike[str], key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    write_private_file(path, pem)
+    durable.write_private_file(path, pem)
 
 
 def write_public_key(path: str | os.PathLike[str], key: Ed25519PublicKey) -> None:
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    write_public_file(path, pem)
+    durable.write_public_file(path, pem)
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from hyprstream.core.durable import TMP_MARKER, is_temporary, write_atomic, write_many_atomic
+from hyprstream.durable import TMP_MARKER, is_temporary, write_atomic, write_many_atomic
 from hyprstream.errors import ConfigError
 
 _OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})

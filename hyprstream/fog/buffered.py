@@ -13,7 +13,7 @@ first idle agent gets the next request at once (with ``concurrency`` equal to th
 that is the agent that just finished).
 
 Staleness weight. ``1 / sqrt(1 + s)`` is FedBuff's choice (the polynomial discount of Xie et al.,
-FedAsync, with exponent 1/2, :func:`hyprstream.core.consistency.staleness_weight`): an update from
+FedAsync, with exponent 1/2, :func:`hyprstream.consistency.staleness_weight`): an update from
 one version ago still counts 71 %, from three versions ago 50 %, so stragglers contribute without
 letting an old model pull the current one back. Staleness counts every version core committed in
 between, including other fogs' versions.
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-from hyprstream.core.consistency import staleness_weight
+from hyprstream.consistency import staleness_weight
 from hyprstream.core.repository import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.fog.aggregate import UpdateMatrix

@@ -18,9 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from hyprstream.core.client import CoreClient
-from hyprstream.core.durable import write_atomic
+from hyprstream.durable import write_atomic
 from hyprstream.core.repository import PushResult
-from hyprstream.core.vector_clock import VectorClock, clocks_from_json, clocks_to_json
+from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import TransportError, UpdateRejected
 
 log = logging.getLogger("hyprstream.fog")

@@ -2,7 +2,7 @@
 
 It reads the fog's config file named by the run config key ``fog-config`` and runs rounds over the
 agents connected to this fog's SuperLink until ``rounds.max_rounds`` is reached or the run is stopped.
-With ``[privacy.secagg]`` the rounds run through :class:`~hyprstream.privacy.secagg_workflow.SecureFogAggregator`
+With ``[privacy.secagg]`` the rounds run through :class:`~hyprstream.fog.secure.SecureFogAggregator`
 wrapped around the fog (and ``[privacy.client_dp]`` adds client-level DP, see docs/privacy.md).
 """
 
@@ -20,7 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from hyprstream.core.client import CoreClient
-from hyprstream.core.durable import write_bytes_atomic
+from hyprstream.durable import write_bytes_atomic
 from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.config import FogConfig, LayerSchedule, RoundMode, load_fog_config, read_token
@@ -29,7 +29,7 @@ from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
 from hyprstream.privacy.config import PrivacyConfig
 from hyprstream.privacy.ledger import PrivacyLedger
-from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.store import Store
 
 log = logging.getLogger("hyprstream.fog")

@@ -1,9 +1,9 @@
-"""Privacy mechanisms as pure, testable pieces, and the thin wrappers that wire them in.
+"""Privacy mechanisms as pure, testable pieces, and the device-side wrappers that wire them in (the fog's
+side of secure aggregation and client-level DP is :mod:`hyprstream.fog.secure`).
 
 What users import (see docs/privacy.md for the guarantees, assumptions and threat model):
 
 * configuration: :class:`PrivacyConfig` (the ``[privacy]`` sections) and :func:`parse_privacy`;
-* fog: :class:`SecureFogAggregator` (secure aggregation and client-level DP around a ``FogAggregator``);
 * agent: :data:`secagg_mod` / :func:`make_secagg_mod` (client middleware for ``train.secagg``),
   :class:`DpSgdTrainer` (Opacus DP-SGD of the trained layers, charged to the device's ledger);
 * accounting: :class:`PldAccountant` (the ledger's), :class:`RdpAccountant`, :class:`GaussianEvent`,
@@ -26,10 +26,8 @@ from hyprstream.privacy.ledger import Budget, PrivacyLedger
 if TYPE_CHECKING:  # pragma: no cover
     from hyprstream.privacy.dpsgd import DpSgdTrainer
     from hyprstream.privacy.secagg_mod import make_secagg_mod, secagg_mod
-    from hyprstream.privacy.secagg_workflow import SecureFogAggregator
 
 _LAZY = {
-    "SecureFogAggregator": "hyprstream.privacy.secagg_workflow",
     "secagg_mod": "hyprstream.privacy.secagg_mod",
     "make_secagg_mod": "hyprstream.privacy.secagg_mod",
     "DpSgdTrainer": "hyprstream.privacy.dpsgd",

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from hyprstream.config import Checked, load, read_toml, setting
-from hyprstream.core.consistency import ConsistencyPolicy
+from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.errors import ConfigError
 from hyprstream.privacy.config import PrivacyConfig
 

@@ -137,7 +137,7 @@ class VirtualFleet:
         """Tell each simulated agent its strategy (:func:`~hyprstream.agent.client_app.strategy_file`, read by
         the agent's ClientApp), writing only the files of devices whose strategy changed."""
         from hyprstream.agent.client_app import SIM_STRATEGY_SCHEMA, device_name, strategy_file
-        from hyprstream.core.durable import write_bytes_atomic
+        from hyprstream.durable import write_bytes_atomic
 
         for i, strategy in enumerate(plan.strategies):
             if self._told.get(i) is strategy:

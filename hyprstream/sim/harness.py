@@ -190,7 +190,7 @@ def _secure(exp: Experiment, fog: FogAggregator, out: Path, j: int):
     secagg = replace(secagg, stage_timeout_s=max(secagg.stage_timeout_s, exp.runtime.round_timeout_s))
     from hyprstream.privacy.ledger import PrivacyLedger
     from hyprstream.privacy.noise import SeededRandom
-    from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+    from hyprstream.fog.secure import SecureFogAggregator
 
     ledger = None
     if exp.privacy.client_dp is not None:

@@ -3,8 +3,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hyprstream.config import ConfigError, parse
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy, decide, plan_merge, staleness_weight
-from hyprstream.core.vector_clock import VectorClock
+from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy, decide, plan_merge, staleness_weight
+from hyprstream.vector_clock import VectorClock
 
 pytestmark = pytest.mark.unit
 

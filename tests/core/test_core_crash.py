@@ -19,8 +19,8 @@ from hyprstream.core.audit import iter_entries, verify_file
 from hyprstream.core.auth import Role
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelSettings, update_digest
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy
-from hyprstream.core.vector_clock import VectorClock
+from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
+from hyprstream.vector_clock import VectorClock
 from hyprstream.errors import HyprstreamError, TransportError, UpdateRejected
 from hyprstream.store.layer_table import to_arrays, to_table
 

@@ -11,7 +11,7 @@ from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
-from hyprstream.core.vector_clock import VectorClock
+from hyprstream.vector_clock import VectorClock
 from hyprstream.errors import AuthError, UpdateRejected
 from hyprstream.store.layer_table import to_arrays, to_table
 
@@ -148,7 +148,7 @@ def test_actions(core):
 
 
 def test_stale_push_refused_under_strong_mode(tmp_path):
-    from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy
+    from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
     from hyprstream.core.repository import ModelSettings
 
     repo = ModelRepository(tmp_path)

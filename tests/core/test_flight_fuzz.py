@@ -24,7 +24,7 @@ from hyprstream.core.audit import AuditLog, parse_entry
 from hyprstream.core.auth import Authenticator, Role
 from hyprstream.core.client import CoreClient
 from hyprstream.core.commands import SCHEMA
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy
+from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer

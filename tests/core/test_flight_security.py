@@ -13,7 +13,7 @@ from hyprstream.core.audit import AuditError, AuditLog, iter_entries, verify_byt
 from hyprstream.core.auth import Authenticator, Role
 from hyprstream.core.certs import init_deployment
 from hyprstream.core.client import CoreClient
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy
+from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer

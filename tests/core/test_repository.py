@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditError, AuditLog, head_path, iter_entries, verify_file
-from hyprstream.core.consistency import ConsistencyMode, ConsistencyPolicy
+from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings, PushRecord, update_digest
 from hyprstream.core.storage import ArrowFsStorage, LocalStorage, open_storage
-from hyprstream.core.vector_clock import VectorClock
+from hyprstream.vector_clock import VectorClock
 from hyprstream.errors import UpdateRejected
 from hyprstream.store.layer_table import to_arrays, to_table
 

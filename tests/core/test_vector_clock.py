@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyprstream.core.vector_clock import Order, VectorClock, clocks_from_json, clocks_to_json
+from hyprstream.vector_clock import Order, VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import ValidationError
 
 pytestmark = pytest.mark.unit

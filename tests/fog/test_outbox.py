@@ -7,7 +7,7 @@ from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
-from hyprstream.core.vector_clock import VectorClock
+from hyprstream.vector_clock import VectorClock
 from hyprstream.fog.aggregator import _project
 from hyprstream.fog.outbox import Outbox, Outcome, Push
 from hyprstream.store import to_arrays, to_table

@@ -36,7 +36,7 @@ from hyprstream.privacy.dpsgd import DpSgd, DpSgdTrainer, ledger_dir_for  # noqa
 from hyprstream.privacy.errors import BudgetExceeded  # noqa: E402
 from hyprstream.privacy.ledger import Budget, PrivacyLedger, Scope  # noqa: E402
 from hyprstream.privacy.noise import SeededRandom  # noqa: E402
-from hyprstream.privacy.secagg_workflow import SecureFogAggregator  # noqa: E402
+from hyprstream.fog.secure import SecureFogAggregator  # noqa: E402
 from hyprstream.protocol import ReplyStatus, TrainRequest  # noqa: E402
 from hyprstream.store import Store  # noqa: E402
 

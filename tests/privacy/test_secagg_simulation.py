@@ -21,7 +21,7 @@ def test_secure_round_over_flower_simulation(tmp_path, monkeypatch) -> None:
     from hyprstream.fog.aggregator import FogAggregator
     from hyprstream.privacy.config import SecAggConfig
     from hyprstream.privacy.noise import SeededRandom
-    from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+    from hyprstream.fog.secure import SecureFogAggregator
     from hyprstream.sim.harness import discover, wait_for_nodes
 
     n = 4

@@ -25,7 +25,7 @@ from hyprstream.privacy.contribution import encode
 from hyprstream.privacy.ledger import PrivacyLedger, Scope
 from hyprstream.fog.loopback import LoopbackGrid, ProcessLoopbackGrid
 from hyprstream.privacy.noise import SeededRandom
-from hyprstream.privacy.secagg_workflow import SecureFogAggregator
+from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.protocol import TrainRequest
 from hyprstream.store import Store
 

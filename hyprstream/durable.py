@@ -1,4 +1,4 @@
-"""Crash-safe file writes: temp file, fsync, atomic rename, directory fsync."""
+"""Crash-safe file writes: temp file, fsync, atomic rename, directory fsync; new private files (mode 0600)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from hyprstream.errors import ConfigError
 
 TMP_MARKER = ".tmp-"
 
@@ -63,3 +65,31 @@ def write_bytes_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is a leftover of an interrupted :func:`write_atomic`."""
     return name.startswith(".") and TMP_MARKER in name
+
+
+def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create ``path`` with mode 0600 (never replacing a file), write ``data`` and fsync it."""
+    _write_new(path, data, 0o600)
+
+
+def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create ``path`` with mode 0644 (never replacing a file), write ``data`` and fsync it."""
+    _write_new(path, data, 0o644)
+
+
+def _write_new(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise ConfigError("refusing to overwrite an existing file", source=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create: {exc.strerror or exc}", source=str(p)) from None
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed, never widened, the mode; be explicit
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hyprstream.config import Checked, setting
-from hyprstream.core.vector_clock import Order, VectorClock
+from hyprstream.vector_clock import Order, VectorClock
 
 
 class ConsistencyMode(enum.Enum):
