@@ -43,7 +43,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import special
 
 if TYPE_CHECKING:
     from dp_accounting.pld import privacy_loss_distribution as pld
@@ -88,6 +87,8 @@ def _log_comb(n: float, k: float) -> float:
 
 def _log_erfc(x: float) -> float:
     # erfc(x) = 2 * Phi(-x * sqrt(2)); log_ndtr is accurate far into the tail
+    from scipy import special  # on first use: scipy.special costs every ClientApp process ~0.2 s at import
+
     return math.log(2.0) + float(special.log_ndtr(-x * math.sqrt(2.0)))
 
 
@@ -226,6 +227,8 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
         return 0.0
 
     def excess(eps: float) -> float:  # delta(eps) - delta, decreasing in eps
+        from scipy import special
+
         return float(special.ndtr(mu / 2 - eps / mu) - math.exp(eps + special.log_ndtr(-mu / 2 - eps / mu))) - delta
 
     lo, hi = 0.0, mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / delta)) + 1.0  # delta(hi) < delta
