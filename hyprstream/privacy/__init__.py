@@ -54,7 +54,6 @@ __all__ = [
     "RangeOverflow",
     "RdpAccountant",
     "SecAggAborted",
-    "SecureFogAggregator",
     "make_secagg_mod",
     "parse_privacy",
     "secagg_mod",
