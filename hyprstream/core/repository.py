@@ -140,6 +140,19 @@ def sum_of_squares(a: np.ndarray) -> float:
     return total
 
 
+def _known_base(base: VectorClock, history: set[VectorClock], fog: str, current: VectorClock | None) -> bool:
+    """Whether ``fog`` may name ``base``: a layer clock of some committed version, or one with only ``fog``'s own
+    entry advanced, no further than its pushes committed so far (a fog cut from core trains on from its own
+    buffered pushes; core may have merged them with other fogs' since, so that exact clock was never committed)."""
+    if base in history:
+        return True
+    own = base.as_dict().get(fog, 0)
+    if current is None or own > current.as_dict().get(fog, 0):
+        return False
+    rest = {k: v for k, v in base.as_dict().items() if k != fog}
+    return any({k: v for k, v in h.as_dict().items() if k != fog} == rest for h in history)
+
+
 def _replay_key(fog: str, base_clocks: Mapping[str, Any], digest: str | None) -> tuple[str, bytes, str] | None:
     return None if digest is None else (fog, canonical(base_clocks), digest)
 
@@ -314,9 +327,11 @@ class ModelRepository:
                 raise UpdateRejected(f"update norm {norm:.6g} exceeds the model's bound {settings.max_update_norm:.6g}")
             history = self._clock_history(model)
             for layer in touched:
-                if layer in base_clocks and base_clocks[layer] not in history.get(layer, ()):
+                if layer in base_clocks and not _known_base(base_clocks[layer], history.get(layer, set()), fog,
+                                                            current_clocks.get(layer)):
                     raise UpdateRejected(f"layer {layer!r}: base clock {base_clocks[layer].as_dict()} is not the "
-                                         f"clock of any committed version of model {model!r} (core's history)")
+                                         f"clock of any committed version of model {model!r} (core's history), "
+                                         f"nor one of them advanced by {fog!r}'s own committed pushes")
             plan = plan_merge(settings.consistency, current_clocks, base_clocks, touched, fog)
             if not plan.accept:
                 raise UpdateRejected(plan.reason)

@@ -222,3 +222,18 @@ def test_clocks_count_each_applied_update_exactly_once(tmp_path_factory, script)
     assert repo.head("m")["version"] == len(applied)
     versions = repo.versions("m")
     assert all(json.dumps(v.clocks) for v in versions)
+
+
+def test_a_fog_cut_from_core_may_chain_on_its_own_pushes_and_no_further(tmp_path):
+    """fog-b pushes from v0 after fog-a did: core merges them, so fog-b's own view {fog-b: 1} was never a committed
+    clock; fog-b's next push from that view is accepted, a base ahead of its committed pushes or mixing in
+    another fog's entry is not."""
+    repo, alog = open_repo(tmp_path)
+    repo.register("m", to_table(W0), EVENTUAL, actor="admin")
+    push(repo, "fog-a", 1, value=0.5)
+    push(repo, "fog-b", 1, value=0.25)  # from v0: committed with the merged clock {fog-a: 1, fog-b: 1}
+    assert push(repo, "fog-b", 2, value=0.125, base=VectorClock.of({"fog-b": 1})).version == 3
+    for fog, seq, base in (("fog-b", 3, {"fog-b": 3}), ("fog-a", 2, {"fog-a": 1, "fog-c": 1})):
+        with pytest.raises(UpdateRejected, match="is not the clock of any committed version"):
+            push(repo, fog, seq, value=0.0625, base=VectorClock.of(base))
+    alog.close()
