@@ -270,15 +270,17 @@ class SecAggClient:
             raise ValidationError(f"secure aggregation: {len(peers)} neighbour(s) left, threshold {self.threshold}")
         own = set(self._own_public)
         seen: set[bytes] = set()
-        identities: dict[int, bytes] = {self.index: self.identity.public}
+        identities: dict[int, bytes] = {}  # neighbour -> its verified identity public key
+        seen_ids = {self.identity.public}
         for v in peers:
             adv = keys.adverts[v]
             if adv.enc_key in own or adv.mask_key in own or adv.enc_key in seen or adv.mask_key in seen:
                 raise ValidationError("secure aggregation: repeated public keys")
             seen.update((adv.enc_key, adv.mask_key))
             public = self.identity.verify_peer(adv.credential)
-            if public in identities.values():
+            if public in seen_ids:
                 raise ValidationError("secure aggregation: one identity advertised for two clients")
+            seen_ids.add(public)
             identities[v] = public
         b_shares = shamir.split(self._seed, self.threshold, peers)
         s_shares = shamir.split(self._mask_sk, self.threshold, peers)

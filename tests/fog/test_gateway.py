@@ -45,7 +45,7 @@ class Upstream:
                 self.wfile.write(answer)
 
             def log_message(self, *args) -> None:
-                pass
+                """Quiet: the test reads ``requests``, not the server's access log."""
 
         self.server = ThreadingHTTPServer((gw.LOOPBACK, 0), Handler)
         self.server.daemon_threads = True
