@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flwr.app import Context
@@ -37,6 +38,9 @@ log = logging.getLogger("hyprstream.fog")
 FOG_CONFIG_KEY = "fog-config"
 STATE_DIR_KEY = "state-dir"
 STATUS_FILE = "status.json"  # the outcome of the last run of the ServerApp, in the state directory
+# The fog's own log, appended in the state directory. ``flwr run --stream`` shows the ServerApp's log only
+# as far as the SuperLink relayed it before the stream ended; this file keeps every line.
+LOG_FILE = "fog.log"
 # How often the deployed fog asks its SuperLink for replies (and for connected nodes). Every ask is an HTTPS
 # request that the SuperLink serves; the in-memory intervals (20-50 ms) kept a SuperLink busy with a fifth
 # of a core per fog. SuperNodes themselves fetch messages every 3 s, so 0.25 s adds little to a round.
@@ -52,17 +56,41 @@ def main(grid: Grid, context: Context) -> None:
         raise HyprstreamError(f"run config lacks {FOG_CONFIG_KEY!r} (the fog's TOML file)")
     logging.getLogger("hyprstream").setLevel(logging.INFO)
     state = Path(str(context.run_config[STATE_DIR_KEY])) if context.run_config.get(STATE_DIR_KEY) else None
+    with ExitStack() as stack:
+        if state is not None:
+            stack.enter_context(_logging_to(state / LOG_FILE))
+        _main(grid, path, state)
+
+
+def _main(grid: Grid, path: str, state: Path | None) -> None:
     metrics = None
     try:
         cfg = load_fog_config(str(path))
         metrics = FogMetrics(cfg.name)
         rounds = run_fog(grid, cfg, state_dir=state, metrics=metrics, poll_s=SUPERLINK_POLL_S)
     except BaseException as exc:
+        log.exception("the fog's round loop failed")
         if state is not None:  # flwr run exits 0 whatever the ServerApp did: leave the outcome to read
             write_status(state, {"status": "failed", "error": str(exc)}, metrics)
         raise
     if state is not None:
         write_status(state, {"status": "finished", "rounds": len(rounds)}, metrics)
+
+
+@contextmanager
+def _logging_to(path: Path) -> Iterator[None]:
+    """Append hyprstream's log records to ``path`` (owner-only) while the run lasts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hyprstream")
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def write_status(state_dir: Path, status: dict, metrics: FogMetrics | None) -> None:

@@ -223,7 +223,7 @@ def test_agent_killed_mid_round_and_fog_cut_from_core(tmp_path):
     a_after = [v for v in fogs["fog-a"] if v["version"] > killed_at]
     assert a_after and a_after[0]["participants"] == 2, fogs["fog-a"]  # the round of the kill ended without it
     assert any(v["participants"] == 3 for v in a_after[1:])  # and it is back after its restart
-    assert "core unreachable" in (fog_b.state / "run.log").read_text()
+    assert "core unreachable" in (fog_b.state / "fog.log").read_text()
     assert not list((fog_b.state / "outbox").glob("push-*.arrow"))  # everything delivered
     pushes = check_exactly_once(dep, versions)
     b_seqs = [s for f, s, _ in pushes if f == "fog-b"]

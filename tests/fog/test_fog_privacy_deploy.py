@@ -108,3 +108,10 @@ delta = 1e-5
     status = json.loads((state / "status.json").read_text())
     assert status["status"] == "finished" and status["rounds"] == ROUNDS
     assert status["privacy"] == {"epsilon": pytest.approx(expected[-1]), "epsilon_budget": 10.0, "delta": 1e-5}
+
+    # the fog's own log keeps every round's line, readable by its owner only
+    fog_log = state / "fog.log"
+    assert fog_log.stat().st_mode & 0o077 == 0
+    lines = fog_log.read_text().splitlines()
+    assert [n for n in range(1, ROUNDS + 1) if any(f"round {n}: secure round" in line for line in lines)] == \
+        list(range(1, ROUNDS + 1)), lines
