@@ -52,6 +52,7 @@ from hyprstream.agent.telemetry import (
     Telemetry,
     check_topic_part,
 )
+from hyprstream.durable import write_private_file
 from hyprstream.errors import ConfigError, HyprstreamError, StoreError
 
 __all__ = ["Agent", "AgentConfig", "FogLink", "IngestConfig", "SuperNodeProcess"]
@@ -86,8 +87,10 @@ class FogLink:
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"no such file: {path}", source=flag)
 
-    def command(self, executable: str, node_config: Mapping[str, str], runtime_port: int) -> list[str]:
-        """The ``flower-supernode`` command line (flwr 1.42)."""
+    def command(self, executable: str, node_config: Mapping[str, str], runtime_port: int,
+                secret_file: Path) -> list[str]:
+        """The ``flower-supernode`` command line (flwr 1.42): its tasks are taken by the warm executor
+        (:mod:`hyprstream.agent.executor`), which authenticates with ``secret_file``."""
         cmd = [executable, "--superlink", self.address]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", str(self.ca_file)]
         if self.auth_key is not None:
@@ -96,7 +99,8 @@ class FogLink:
             if '"' in value or "\\" in value:
                 raise ConfigError(f"node config {key}: quotes and backslashes are not allowed, got {value!r}")
         cmd += ["--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())]
-        cmd += ["--host", "127.0.0.1", "--port", str(runtime_port), "--isolation", "subprocess"]
+        cmd += ["--host", "127.0.0.1", "--port", str(runtime_port), "--isolation", "process",
+                "--superexec-auth-secret-file", str(secret_file)]
         return cmd
 
 
@@ -192,7 +196,8 @@ def _free_port() -> int:
 
 
 class SuperNodeProcess:
-    """A supervised ``flower-supernode`` child: restarted with backoff when it exits."""
+    """A supervised ``flower-supernode`` child and its warm executor (:mod:`hyprstream.agent.executor`),
+    which runs the SuperNode's ClientApp tasks: both restarted together, with backoff, when either exits."""
 
     def __init__(self, link: FogLink, *, node_config: Mapping[str, str], env: Mapping[str, str], log_path: Path,
                  clock: Callable[[], float] = time.monotonic, backoff_min_s: float = 2.0,
@@ -201,10 +206,12 @@ class SuperNodeProcess:
         self.node_config = dict(node_config)
         self.env = dict(env)
         self.log_path = log_path
+        self.secret_path = log_path.with_suffix(".secret")  # beside the log, the SuperNode's own
         self._clock = clock
         self._backoff_min, self._backoff_max = backoff_min_s, backoff_max_s
         self._backoff = backoff_min_s
         self._proc: subprocess.Popen | None = None
+        self._executor: subprocess.Popen | None = None
         self._restart_at: float | None = None
         self.starts = 0
         exe = Path(sys.executable).with_name("flower-supernode")
@@ -217,28 +224,45 @@ class SuperNodeProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
+    @property
+    def executor_pid(self) -> int | None:
+        return self._executor.pid if self._executor is not None and self._executor.poll() is None else None
+
     def start(self) -> None:
         port = self.link.runtime_port or _free_port()
-        cmd = self.link.command(self.executable, self.node_config, port)
+        self.secret_path.unlink(missing_ok=True)
+        write_private_file(self.secret_path, secrets.token_bytes(32))  # a new secret at every start
+        cmd = self.link.command(self.executable, self.node_config, port, self.secret_path)
         with self.log_path.open("ab") as out:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           env=self.env, preexec_fn=_die_with_parent(os.getpid()))
+            self._executor = subprocess.Popen(
+                [sys.executable, "-m", "hyprstream.agent.executor", "--runtime-api-address", f"127.0.0.1:{port}",
+                 "--secret-file", str(self.secret_path), "--parent-pid", str(self._proc.pid)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                preexec_fn=_die_with_parent(os.getpid()))
         self.starts += 1
         self._started_at = self._clock()
-        log.info("SuperNode started (pid %d) for fog %s; log: %s", self._proc.pid, self.link.address, self.log_path)
+        log.info("SuperNode started (pid %d, executor pid %d) for fog %s; log: %s", self._proc.pid,
+                 self._executor.pid, self.link.address, self.log_path)
 
     def poll(self) -> None:
-        """Restart the SuperNode (after a backoff) if it exited."""
+        """Restart the SuperNode and its executor (after a backoff) if either exited."""
         now = self._clock()
         if self._proc is not None:
             code = self._proc.poll()
-            if code is None:
+            executor_code = self._executor.poll() if self._executor is not None else None
+            if code is None and executor_code is None:
                 if now - self._started_at > 60:
                     self._backoff = self._backoff_min  # ran a while: the next failure starts afresh
                 return
-            hint = " (this node is not registered with the fog)" if code == 305 else ""
-            log.warning("SuperNode exited with code %d%s; restarting in %.0f s", code, hint, self._backoff)
-            self._proc = None
+            if code is not None:
+                hint = " (this node is not registered with the fog)" if code == 305 else ""
+                log.warning("SuperNode exited with code %d%s; restarting in %.0f s", code, hint, self._backoff)
+            else:
+                log.warning("the SuperNode's executor exited with code %d; restarting both in %.0f s",
+                            executor_code, self._backoff)
+            self._stop_all()
             self._restart_at = now + self._backoff
             self._backoff = min(self._backoff * 2, self._backoff_max)
         if self._restart_at is not None and now >= self._restart_at:
@@ -246,16 +270,20 @@ class SuperNodeProcess:
             self.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("SuperNode did not stop within %.0f s; killing it", timeout_s)
-            proc.kill()
-            proc.wait(timeout_s)
+        self._stop_all(timeout_s)
+
+    def _stop_all(self, timeout_s: float = 10.0) -> None:
+        procs = [p for p in (self._proc, self._executor) if p is not None and p.poll() is None]
+        self._proc = self._executor = None
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("process %d did not stop within %.0f s; killing it", proc.pid, timeout_s)
+                proc.kill()
+                proc.wait(timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------- the agent

@@ -267,12 +267,14 @@ def test_fog_link_command_lines(tmp_path):
     ca.write_text("x")
     key.write_text("x")
     node = {"store-dir": "/data/store", "state-dir": "/data/state"}
-    tls = FogLink("fog.local:9092", ca_file=ca, auth_key=key).command("flower-supernode", node, 9094)
+    secret = tmp_path / "superexec.secret"
+    tls = FogLink("fog.local:9092", ca_file=ca, auth_key=key).command("flower-supernode", node, 9094, secret)
     assert tls == ["flower-supernode", "--superlink", "fog.local:9092", "--root-certificates", str(ca),
                    "--auth-supernode-private-key", str(key),
                    "--node-config", 'store-dir="/data/store" state-dir="/data/state"',
-                   "--host", "127.0.0.1", "--port", "9094", "--isolation", "subprocess"]
-    plain = FogLink("127.0.0.1:9092", insecure=True).command("fs", node, 1)
+                   "--host", "127.0.0.1", "--port", "9094", "--isolation", "process",
+                   "--superexec-auth-secret-file", str(secret)]
+    plain = FogLink("127.0.0.1:9092", insecure=True).command("fs", node, 1, secret)
     assert plain[3] == "--insecure" and "--root-certificates" not in plain
     for bad in (dict(address="fog"), dict(address="fog:x", insecure=True), dict(address="fog:1"),
                 dict(address="fog:1", insecure=True, ca_file=ca), dict(address="fog:1", ca_file=tmp_path / "none")):

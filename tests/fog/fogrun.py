@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from hyprstream.agent.daemon import FogLink, SuperNodeProcess
 from hyprstream.agent.task import Dataset, get_task
-from hyprstream.fog.service import executable, stop_process
+from hyprstream.fog.service import stop_process
 from hyprstream.store import Store
 
-# SuperNodes start flwr-clientapp from PATH: this environment's
+# the Flower commands of this environment first
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
@@ -72,15 +73,16 @@ def run_fog_over_supernodes(config: Path, port: int, stores: list[Path], timeout
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.2)
-        supernode = executable("flower-supernode")
-        for path in stores:
-            nodes.append(subprocess.Popen(
-                [supernode, "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--node-config", f"store-dir='{path}'"],
-                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for path in stores:  # each device as the agent daemon runs it: a SuperNode and its warm executor
+            node = SuperNodeProcess(FogLink(f"127.0.0.1:{port}", insecure=True), node_config={"store-dir": str(path)},
+                                    env={**ENV, "FLWR_HOME": str(path.parent / f"{path.name}.flwr")},
+                                    log_path=path.parent / f"{path.name}.supernode.log")
+            node.start()
+            nodes.append(node)
         out, _ = fog.communicate(timeout=timeout_s)  # a loaded 2-core machine: minutes per round
         assert fog.returncode == 0, out
         return out
     finally:
-        for proc in [*nodes, fog]:
-            stop_process(proc)
+        for node in nodes:
+            node.stop()
+        stop_process(fog)
