@@ -1,4 +1,4 @@
-"""hyprstream.fog.aggregate: weighted_mean and UpdateMatrix (pure math, no I/O)."""
+"""hyprstream.fog.aggregate: weighted_mean, UpdateMatrix and UpdateSum (pure math, no I/O)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hyprstream.errors import ValidationError
-from hyprstream.fog.aggregate import UpdateMatrix, weighted_mean
+from hyprstream.fog.aggregate import UpdateMatrix, UpdateSum, weighted_mean
 
 pytestmark = pytest.mark.unit
 
@@ -102,7 +102,9 @@ def test_weighted_mean_matches_a_float64_reference(case: tuple[list[list[float]]
 
 
 # --------------------------------------------------------------------------------------------
-# UpdateMatrix
+# UpdateMatrix (rows) and UpdateSum (a running sum): the same checks, the same mean
+
+KINDS = pytest.mark.parametrize("kind", [UpdateMatrix, UpdateSum], ids=["rows", "sum"])
 
 SHAPES = {"conv.weight": (2, 3), "fc.bias": (4,)}
 
@@ -116,8 +118,9 @@ def l2(d: dict[str, np.ndarray]) -> float:
     return math.sqrt(math.fsum(float(v) ** 2 for a in d.values() for v in a.astype(np.float64).ravel()))
 
 
-def test_update_matrix_mean_norm_and_weights() -> None:
-    um = UpdateMatrix(SHAPES, capacity=3)
+@KINDS
+def test_update_matrix_mean_norm_and_weights(kind) -> None:
+    um = kind(SHAPES, capacity=3)
     deltas = [delta(1), delta(2), delta(3)]
     weights = [10.0, 30.0, 0.0]  # a zero weight is allowed: the delta counts, with no influence
     for d, w in zip(deltas, weights, strict=True):
@@ -134,16 +137,18 @@ def test_update_matrix_mean_norm_and_weights() -> None:
         np.testing.assert_allclose(mean[name], expected, rtol=0, atol=1e-6)
 
 
-def test_update_matrix_keeps_its_own_copy() -> None:
-    um = UpdateMatrix({"w": (3,)}, capacity=1)
+@KINDS
+def test_update_matrix_keeps_its_own_copy(kind) -> None:
+    um = kind({"w": (3,)}, capacity=1)
     d = np.array([1.0, 2.0, 3.0], dtype=np.float32)
     um.add({"w": d}, 1.0)
     d[:] = 99.0  # the client's buffer is reused for the next message
     np.testing.assert_array_equal(um.mean()["w"], [1.0, 2.0, 3.0])
 
 
-def test_update_matrix_accepts_other_float_dtypes_and_stores_its_own() -> None:
-    um = UpdateMatrix({"w": (2,)}, capacity=2)
+@KINDS
+def test_update_matrix_accepts_other_float_dtypes_and_stores_its_own(kind) -> None:
+    um = kind({"w": (2,)}, capacity=2)
     um.add({"w": np.array([1.0, 2.0], dtype=np.float64)}, 1.0)
     um.add({"w": np.array([3, 4], dtype=np.int64)}, 1.0)
     mean = um.mean()["w"]
@@ -176,9 +181,10 @@ BAD_UPDATES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_UPDATES), ids=list(BAD_UPDATES))
-def test_a_refused_update_changes_nothing(case: str) -> None:
+@KINDS
+def test_a_refused_update_changes_nothing(kind, case: str) -> None:
     make, weight, max_norm, match = BAD_UPDATES[case]
-    um = UpdateMatrix(SHAPES, capacity=3)
+    um = kind(SHAPES, capacity=3)
     good = [delta(1), delta(2)]
     for d in good:
         um.add(d, 2.0, max_norm=100.0)
@@ -200,8 +206,9 @@ def test_a_refused_update_changes_nothing(case: str) -> None:
         np.testing.assert_allclose(value.ravel(), reference_mean(rows, weights), rtol=0, atol=1e-6)
 
 
-def test_capacity_overflow_is_refused_and_changes_nothing() -> None:
-    um = UpdateMatrix(SHAPES, capacity=2)
+@KINDS
+def test_capacity_overflow_is_refused_and_changes_nothing(kind) -> None:
+    um = kind(SHAPES, capacity=2)
     um.add(delta(1), 1.0)
     um.add(delta(2), 3.0)
     before = um.mean()
@@ -212,12 +219,13 @@ def test_capacity_overflow_is_refused_and_changes_nothing() -> None:
         np.testing.assert_array_equal(value, before[name])
 
 
-def test_huge_finite_values_are_refused_by_the_norm_bound_not_as_nan() -> None:
+@KINDS
+def test_huge_finite_values_are_refused_by_the_norm_bound_not_as_nan(kind) -> None:
     huge = {"conv.weight": np.full((2, 3), 1e30, np.float32), "fc.bias": np.full(4, -1e30, np.float32)}
     flat = huge["conv.weight"].ravel()
     with np.errstate(over="ignore"):
         assert np.isinf(np.dot(flat, flat))  # the float32 sum of squares overflows
-    um = UpdateMatrix(SHAPES, capacity=2)
+    um = kind(SHAPES, capacity=2)
     um.add(delta(1), 1.0)
     with pytest.raises(ValidationError, match="exceeds the bound") as err:
         um.add(huge, 1.0, max_norm=1e3)
@@ -229,15 +237,17 @@ def test_huge_finite_values_are_refused_by_the_norm_bound_not_as_nan() -> None:
     assert all(np.isfinite(v).all() for v in um.mean().values())
 
 
-def test_float64_storage_with_overflowing_squares_is_refused_by_the_bound() -> None:
-    um = UpdateMatrix({"w": (3,)}, capacity=1, dtype=np.float64)
+@KINDS
+def test_float64_storage_with_overflowing_squares_is_refused_by_the_bound(kind) -> None:
+    um = kind({"w": (3,)}, capacity=1, dtype=np.float64)
     with pytest.raises(ValidationError, match="exceeds the bound"):
         um.add({"w": np.array([1e200, 1e200, 0.0])}, 1.0, max_norm=1e6)
     assert um.count == 0
 
 
-def test_empty_and_all_zero_weight_matrices_have_no_mean() -> None:
-    um = UpdateMatrix(SHAPES, capacity=2)
+@KINDS
+def test_empty_and_all_zero_weight_matrices_have_no_mean(kind) -> None:
+    um = kind(SHAPES, capacity=2)
     with pytest.raises(ValidationError, match="no updates"):
         um.mean()
     um.add(delta(1), 0.0)
@@ -245,11 +255,13 @@ def test_empty_and_all_zero_weight_matrices_have_no_mean() -> None:
         um.mean()
 
 
-def test_capacity_must_be_positive() -> None:
+@KINDS
+def test_capacity_must_be_positive(kind) -> None:
     with pytest.raises(ValueError):
-        UpdateMatrix(SHAPES, capacity=0)
+        kind(SHAPES, capacity=0)
 
 
+@KINDS
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
@@ -262,8 +274,8 @@ def test_capacity_must_be_positive() -> None:
         max_size=12,
     )
 )
-def test_update_matrix_mean_is_that_of_the_accepted_updates(updates: list[tuple[int, float, str]]) -> None:
-    um = UpdateMatrix(SHAPES, capacity=len(updates))
+def test_update_matrix_mean_is_that_of_the_accepted_updates(kind, updates: list[tuple[int, float, str]]) -> None:
+    um = kind(SHAPES, capacity=len(updates))
     accepted: list[tuple[dict[str, np.ndarray], float]] = []
     for seed, weight, kind in updates:
         d = delta(seed)
@@ -287,6 +299,37 @@ def test_update_matrix_mean_is_that_of_the_accepted_updates(updates: list[tuple[
         rows = [d[name].astype(np.float64).ravel().tolist() for d, _ in accepted]
         expected = reference_mean(rows, [w for _, w in accepted])
         np.testing.assert_allclose(value.ravel(), expected, rtol=0, atol=1e-5)
+
+
+def test_a_running_sum_keeps_the_mean_only_and_agrees_with_the_rows() -> None:
+    from hyprstream.fog.aggregate import Aggregation, updates_for
+
+    rng = np.random.default_rng(5)
+    k, n = 40, 1000
+    rows = (1e-2 * rng.standard_normal((k, n))).astype(np.float32)
+    weights = rng.integers(50, 5000, size=k).astype(float)
+    um, us = UpdateMatrix({"w": (n,)}, capacity=k), UpdateSum({"w": (n,)}, capacity=k)
+    for r, w in zip(rows, weights, strict=True):
+        um.add({"w": r}, w)
+        us.add({"w": r}, w)
+    exact = (weights @ rows.astype(np.float64)) / weights.sum()
+    atol = 2 * k * EPS32 * float(np.abs(rows).max())  # K float32 terms, each at most max|x|
+    np.testing.assert_allclose(us.mean()["w"], exact, rtol=0, atol=atol)
+    np.testing.assert_allclose(us.mean()["w"], um.mean()["w"], rtol=0, atol=atol)
+    assert us.total_weight == um.total_weight == weights.sum()
+    for rule in (Aggregation.MEDIAN, Aggregation.TRIMMED_MEAN):
+        with pytest.raises(ValidationError, match="needs every delta"):
+            us.aggregate(rule)
+        assert isinstance(updates_for(rule, {"w": (n,)}, 2), UpdateMatrix)
+    assert isinstance(updates_for(Aggregation.MEAN, {"w": (n,)}, 2), UpdateSum)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        UpdateSum({"w": (n,)}, capacity=2, dtype=np.float16)
+
+
+def test_a_running_sum_reads_strided_deltas() -> None:
+    us = UpdateSum({"w": (3,)}, capacity=1)
+    us.add({"w": np.arange(6, dtype=np.float32)[::2]}, 2.0)  # a non-contiguous view
+    np.testing.assert_array_equal(us.mean()["w"], [0.0, 2.0, 4.0])
 
 
 # ------------------------------------------------------------------------------ robust aggregation

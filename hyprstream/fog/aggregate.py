@@ -1,9 +1,11 @@
 """Layer-wise aggregation math: pure functions over arrays, no I/O.
 
-Client deltas for one parameter are written row by row into a preallocated ``(K, n)`` matrix as the
-replies arrive (:class:`UpdateMatrix`); the weighted mean is then a single matrix-vector product
-over that matrix, which streams each delta from memory exactly once. No per-client Python loop does
-arithmetic.
+For the weighted mean (FedAvg) each client's delta is checked and added to a running weighted sum as
+its reply arrives (:class:`UpdateSum`: one BLAS ``axpy`` per parameter while the delta is still in
+cache from its check), so a round reads each delta once more after its check and holds one model's
+worth of sums whatever the number of clients. A robust rule needs every delta of a coordinate: its
+deltas are written row by row into a preallocated ``(K, n)`` matrix (:class:`UpdateMatrix`), combined
+at the end. No per-client Python loop does arithmetic over the values.
 """
 
 from __future__ import annotations
@@ -58,12 +60,9 @@ def trimmed_mean(matrix: np.ndarray, trim: float) -> np.ndarray:
     return part[cut:k - cut].mean(axis=0, dtype=np.float64).astype(matrix.dtype, copy=False)
 
 
-class UpdateMatrix:
-    """Preallocated rows for up to ``capacity`` client deltas of a set of parameters.
-
-    ``add`` validates one client's delta (names, shapes, finiteness) and copies it into the next row;
-    ``mean`` returns the weighted mean per parameter. A refused delta leaves the matrix unchanged.
-    """
+class _Updates:
+    """Up to ``capacity`` client deltas of a set of parameters: ``add`` validates one client's delta
+    (names, shapes, dtype, finiteness, norm) and keeps it; a refused delta leaves everything unchanged."""
 
     def __init__(self, shapes: Mapping[str, Sequence[int]], capacity: int, dtype: np.dtype = np.float32) -> None:
         if capacity < 1:
@@ -72,8 +71,6 @@ class UpdateMatrix:
         self.dtype = np.dtype(dtype)
         self.capacity = capacity
         self._sizes = {k: int(np.prod(s, dtype=np.int64)) for k, s in self.shapes.items()}
-        self._rows = {k: np.empty((capacity, n), dtype=self.dtype) for k, n in self._sizes.items()}
-        self._weights = np.zeros(capacity, dtype=np.float64)
         self.count = 0
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float, *, max_norm: float | None = None) -> float:
@@ -125,6 +122,19 @@ class UpdateMatrix:
         return norm, flats
 
     def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
+        raise NotImplementedError
+
+
+class UpdateMatrix(_Updates):
+    """Preallocated rows for up to ``capacity`` client deltas: every rule (the weighted mean and the
+    robust ones, which need every delta of a coordinate) can combine them."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], capacity: int, dtype: np.dtype = np.float32) -> None:
+        super().__init__(shapes, capacity, dtype)
+        self._rows = {k: np.empty((capacity, n), dtype=self.dtype) for k, n in self._sizes.items()}
+        self._weights = np.zeros(capacity, dtype=np.float64)
+
+    def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
         """Copy arrays returned by :meth:`check` into the next row."""
         if self.count >= self.capacity:
             raise ValidationError(f"more than {self.capacity} updates for this round")
@@ -163,3 +173,53 @@ class UpdateMatrix:
     @property
     def total_weight(self) -> float:
         return float(self._weights[: self.count].sum())
+
+
+class UpdateSum(_Updates):
+    """The weighted mean of up to ``capacity`` client deltas kept as a running weighted sum: each delta
+    is added (one BLAS ``axpy``, while it is still in cache from its check) and dropped, so memory stays
+    at one model's size whatever the number of clients, and nothing is copied into rows. The mean only:
+    a robust rule needs every delta of a coordinate (:class:`UpdateMatrix`)."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], capacity: int, dtype: np.dtype = np.float32) -> None:
+        super().__init__(shapes, capacity, dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"a running sum is kept in float32 or float64, not {self.dtype}")
+        from scipy.linalg import blas
+
+        self._axpy = blas.saxpy if self.dtype == np.float32 else blas.daxpy
+        self._sums = {k: np.zeros(n, dtype=self.dtype) for k, n in self._sizes.items()}
+        self._total = 0.0
+
+    def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
+        """Add ``weight`` times the arrays returned by :meth:`check` to the sums."""
+        if self.count >= self.capacity:
+            raise ValidationError(f"more than {self.capacity} updates for this round")
+        if weight:
+            for name, flat in checked.items():
+                self._axpy(np.ascontiguousarray(flat), self._sums[name], a=weight)
+        self._total += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean per parameter over the deltas added so far."""
+        if self.count == 0:
+            raise ValidationError("no updates to aggregate")
+        if self._total <= 0:
+            raise ValidationError("weights sum to zero: nothing to aggregate")
+        scale = self.dtype.type(1.0 / self._total)
+        return {name: (acc * scale).reshape(self.shapes[name]) for name, acc in self._sums.items()}
+
+    def aggregate(self, rule: Aggregation = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
+        if rule is not Aggregation.MEAN:
+            raise ValidationError(f"{rule.value} needs every delta of a coordinate: use UpdateMatrix")
+        return self.mean()
+
+    @property
+    def total_weight(self) -> float:
+        return self._total
+
+
+def updates_for(rule: Aggregation, shapes: Mapping[str, Sequence[int]], capacity: int) -> UpdateMatrix | UpdateSum:
+    """What a round keeps its deltas in: a running sum for the weighted mean, rows for a robust rule."""
+    return UpdateSum(shapes, capacity) if rule is Aggregation.MEAN else UpdateMatrix(shapes, capacity)

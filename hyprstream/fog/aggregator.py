@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from hyprstream.core.client import CoreClient
 from hyprstream.core.repository import Snapshot
 from hyprstream.errors import TransportError, ValidationError
-from hyprstream.fog.aggregate import Aggregation, UpdateMatrix
+from hyprstream.fog.aggregate import Aggregation, UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.outbox import Delivery, Outbox, Outcome, Push
 from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
 from hyprstream.store import layer_table as lt
@@ -204,8 +204,8 @@ class FogAggregator:
         # One matrix per layer group: an agent may train only some of the requested groups (a device in
         # its hybrid strategy does, and says which in reply.layers); each group is averaged over the
         # agents that trained it.
-        matrices = {layer: UpdateMatrix(_shapes(lt.select_layers(trained, [layer])),
-                                        capacity=max(1, len(pending.nodes))) for layer in pending.layers}
+        matrices = {layer: updates_for(self.plan.aggregation, _shapes(lt.select_layers(trained, [layer])),
+                                       capacity=max(1, len(pending.nodes))) for layer in pending.layers}
         declined = refused = 0
         failed = len(pending.message_ids) - len(replies)
         bytes_up = 0
@@ -275,7 +275,8 @@ class FogAggregator:
             self._local = _project(base, push)
         return version
 
-    def _add(self, matrices: dict[str, UpdateMatrix], reply: TrainReply, weight: float | None = None) -> None:
+    def _add(self, matrices: dict[str, UpdateMatrix | UpdateSum], reply: TrainReply,
+             weight: float | None = None) -> None:
         """Check a whole reply (layers, names, shapes, finiteness, the norm bound over all its layers),
         then store each of its layer groups with ``weight`` (default: its ``num_examples``); a refused
         reply leaves every matrix unchanged."""

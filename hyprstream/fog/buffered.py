@@ -62,7 +62,7 @@ from flwr.app import Message
 from hyprstream.consistency import staleness_weight
 from hyprstream.core.repository import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.fog.aggregate import UpdateMatrix
+from hyprstream.fog.aggregate import UpdateSum
 from hyprstream.fog.aggregator import FogAggregator, FogRound, _shapes
 from hyprstream.protocol import ReplyStatus, TrainReply
 from hyprstream.store import layer_table as lt
@@ -247,11 +247,11 @@ class BufferedFog:
             self._reset_buffer()
 
     def _reset_buffer(self) -> None:
-        self._matrices: dict[str, UpdateMatrix] = {}
+        self._matrices: dict[str, UpdateSum] = {}
         if self._snapshot is not None:
             layers = self.fog.plan.layers or tuple(lt.layers_in(self._snapshot.table))
-            self._matrices = {layer: UpdateMatrix(_shapes(lt.select_layers(self._snapshot.table, [layer])),
-                                                  capacity=self.buffer_k) for layer in layers}
+            self._matrices = {layer: UpdateSum(_shapes(lt.select_layers(self._snapshot.table, [layer])),
+                                               capacity=self.buffer_k) for layer in layers}
         self._contributors: list[int] = []
         self._staleness: list[int] = []
         self._weights: list[float] = []
