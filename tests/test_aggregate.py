@@ -18,7 +18,10 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def reference_mean(rows: list[list[float]], weights: list[float]) -> list[float]:
-    """Plain Python, float64: sum_k w_k x_k / sum_k w_k, column by column."""
+    """Plain Python, float64: sum_k w_k x_k / sum_k w_k, column by column (the weights divided by the
+    largest first, so that a subnormal weight's products do not underflow)."""
+    top = max(weights)
+    weights = [w / top for w in weights] if top > 0 else weights
     total = math.fsum(weights)
     return [math.fsum(w * row[j] for w, row in zip(weights, rows, strict=True)) / total for j in range(len(rows[0]))]
 
@@ -324,6 +327,25 @@ def test_a_running_sum_keeps_the_mean_only_and_agrees_with_the_rows() -> None:
     assert isinstance(updates_for(Aggregation.MEAN, {"w": (n,)}, 2), UpdateSum)
     with pytest.raises(ValueError, match="float32 or float64"):
         UpdateSum({"w": (n,)}, capacity=2, dtype=np.float16)
+
+
+@settings(max_examples=80, deadline=None)
+@given(exponents=st.lists(st.floats(-300, 300), min_size=1, max_size=10), seed=st.integers(0, 2**31 - 1),
+       increasing=st.booleans())
+def test_a_running_sum_holds_for_weights_of_any_magnitude(exponents, seed, increasing) -> None:
+    """Weights from 1e-300 to 1e300, in any order (increasing ones rescale the sum at every add): the
+    mean stays finite and matches a float64 reference that normalises the weights first."""
+    weights = sorted(10.0 ** e for e in exponents) if increasing else [10.0 ** e for e in exponents]
+    rows = np.random.default_rng(seed).standard_normal((len(weights), 16)).astype(np.float32)
+    us = UpdateSum({"w": (16,)}, capacity=len(weights))
+    for r, w in zip(rows, weights, strict=True):
+        us.add({"w": r}, w)
+    top = max(weights)
+    rel = np.array([w / top for w in weights])
+    expected = (rel @ rows.astype(np.float64)) / rel.sum()
+    got = us.mean()["w"]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=4 * len(weights) * EPS32 * float(np.abs(rows).max()))
 
 
 def test_a_running_sum_reads_strided_deltas() -> None:

@@ -188,16 +188,31 @@ class UpdateSum(_Updates):
         from scipy.linalg import blas
 
         self._axpy = blas.saxpy if self.dtype == np.float32 else blas.daxpy
+        # sums = sum_i (w_i / scale) * x_i with scale the largest weight so far: every coefficient is in
+        # [0, 1] whatever the weights' magnitude (1e-200 or 1e30), so the sums neither overflow nor lose
+        # a lone tiny weight; a larger weight rescales the sums once (a factor in (0, 1)).
         self._sums = {k: np.zeros(n, dtype=self.dtype) for k, n in self._sizes.items()}
+        self._scale = 0.0
+        self._relative = 0.0  # sum_i w_i / scale
         self._total = 0.0
 
     def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
         """Add ``weight`` times the arrays returned by :meth:`check` to the sums."""
         if self.count >= self.capacity:
             raise ValidationError(f"more than {self.capacity} updates for this round")
-        if weight:
+        weight = float(weight)
+        if weight > self._scale:
+            if self._relative:
+                factor = self._scale / weight
+                for acc in self._sums.values():
+                    acc *= self.dtype.type(factor)
+                self._relative *= factor
+            self._scale = weight
+        coef = weight / self._scale if weight else 0.0
+        if coef:
             for name, flat in checked.items():
-                self._axpy(np.ascontiguousarray(flat), self._sums[name], a=weight)
+                self._axpy(np.ascontiguousarray(flat), self._sums[name], a=coef)
+        self._relative += coef
         self._total += weight
         self.count += 1
 
@@ -207,7 +222,7 @@ class UpdateSum(_Updates):
             raise ValidationError("no updates to aggregate")
         if self._total <= 0:
             raise ValidationError("weights sum to zero: nothing to aggregate")
-        scale = self.dtype.type(1.0 / self._total)
+        scale = self.dtype.type(1.0 / self._relative)  # relative >= 1: the largest weight counts 1
         return {name: (acc * scale).reshape(self.shapes[name]) for name, acc in self._sums.items()}
 
     def aggregate(self, rule: Aggregation = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
