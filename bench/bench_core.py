@@ -44,7 +44,7 @@ from _common import Case, base_parser, emit, gbps, header, measure_interleaved, 
 from hyprstream.core import signing, tokens  # noqa: E402
 from hyprstream.core.audit import AuditLog  # noqa: E402
 from hyprstream.core.auth import Authenticator, Role  # noqa: E402
-from hyprstream.core.client import CoreClient  # noqa: E402
+from hyprstream.coreapi.client import CoreClient  # noqa: E402
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy  # noqa: E402
 from hyprstream.durable import fsync_dir  # noqa: E402
 from hyprstream.core.ratelimit import RateLimitPolicy  # noqa: E402

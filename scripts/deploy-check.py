@@ -107,7 +107,7 @@ def stop_all(workdir: Path, since: float, timeout_s: float = 60.0) -> list[str]:
 
 
 def versions(workdir: Path, env: dict[str, str]) -> list[dict]:
-    from hyprstream.core.client import CoreClient
+    from hyprstream.coreapi.client import CoreClient
 
     location = f"grpc+tls://{env['CORE_HOST']}:{env['CORE_PORT']}"
     token = (workdir / "reader.token").read_text().strip()

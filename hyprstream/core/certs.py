@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hyprstream import durable
 from hyprstream.core import signing
-from hyprstream.core.repository import check_name
+from hyprstream.coreapi.records import check_name
 from hyprstream.errors import ConfigError
 
 

@@ -200,7 +200,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from hyprstream.core import commands, signing
+    from hyprstream.core import signing
+    from hyprstream.coreapi import commands
     from hyprstream.core.audit import AuditError, AuditLog, iter_entries
     from hyprstream.core.auth import revoked_tokens
 

@@ -25,11 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,17 @@ import numpy as np
 import pyarrow as pa
 
 from hyprstream.config import parse, to_dict
+from hyprstream.coreapi.records import (
+    NAME,
+    ModelSettings,
+    PushRecord,
+    PushResult,
+    Snapshot,
+    VersionInfo,
+    check_name,
+)
 from hyprstream.core.audit import AuditError, AuditLog, canonical, iter_entries
-from hyprstream.consistency import ConsistencyPolicy, plan_merge
+from hyprstream.consistency import plan_merge
 from hyprstream.core.storage import LocalStorage, Storage, is_temporary, read_json
 from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import UpdateRejected, ValidationError
@@ -46,71 +53,9 @@ from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.core")
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 MANIFEST_SCHEMA = "hyprstream.core.manifest/1"
 COMMIT_ACTIONS = ("model.register", "model.push")
 _NORM_CHUNK = 1 << 16  # elements per float64 block of the norm pass (512 KiB: stays in cache)
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    consistency: ConsistencyPolicy = field(default_factory=ConsistencyPolicy)
-    max_update_norm: float | None = None  # refuse deltas whose L2 norm exceeds this
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    version: int
-    parent: int | None
-    created: float
-    actor: str
-    layers: tuple[str, ...]  # layer groups this version changed
-    participants: int = 0
-    staleness: Mapping[str, int] = field(default_factory=dict)
-    weight: float = 1.0
-    update_norm: float = 0.0
-    fog: str | None = None  # the fog whose push made this version (None for version 0)
-    seq: int | None = None
-    clocks: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # every layer's clock at this version
-    update_sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A model version: its layer table (only the layers asked for) and the clocks of those layers."""
-
-    model: str
-    version: int
-    table: pa.Table
-    clocks: dict[str, VectorClock]
-
-
-@dataclass(frozen=True)
-class PushResult:
-    version: int
-    staleness: dict[str, int]
-    weight: float
-    update_norm: float
-
-
-@dataclass(frozen=True)
-class PushRecord:
-    """What a push claims beyond its delta: recorded in the lineage and the audit entry."""
-
-    privacy: Mapping[str, float] | None = None  # e.g. {"epsilon": 0.5, "delta": 1e-6}
-    transcript_sha256: str | None = None  # hash of the secure-aggregation transcript
-
-
-def quote(value: Any) -> str:
-    """``repr(value)`` cut to 64 characters: a refusal names what it got without echoing megabytes."""
-    text = repr(value)
-    return text if len(text) <= 64 else text[:60] + "...)"
-
-
-def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ValidationError(f"invalid {kind} name {quote(value)}: use 1-128 letters, digits, '_', '.', '-'")
-    return value
 
 
 def update_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -176,7 +121,7 @@ class ModelRepository:
     # --- reading ---------------------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        return [name for name in self.storage.list("") if _NAME.match(name)
+        return [name for name in self.storage.list("") if NAME.match(name)
                 and self.storage.exists(f"{name}/manifest.json")]
 
     def _manifest(self, model: str) -> dict[str, Any]:
@@ -435,7 +380,7 @@ class ModelRepository:
 
     def _recover(self) -> None:
         committed = self._committed_versions() if self.audit is not None else None
-        names = [n for n in self.storage.list("") if _NAME.match(n)]
+        names = [n for n in self.storage.list("") if NAME.match(n)]
         for model in names:
             for sub in ("", "layers"):
                 for name in self.storage.list(f"{model}/{sub}".rstrip("/")):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from hyprstream.config import parse
-from hyprstream.core import commands as cmd
+from hyprstream.coreapi import commands as cmd
 from hyprstream.core.audit import AuditError, Outcome, iter_entries
 from hyprstream.core.auth import (Authenticator, BearerAuthFactory, Permission, Principal, Role, TokenRegistry,
                                   principal_of, revoked_tokens)

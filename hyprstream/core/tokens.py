@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from hyprstream.core import signing
 from hyprstream.core.audit import RESERVED_ACTORS, canonical
 from hyprstream.core.auth import Principal, Role
-from hyprstream.core.commands import load_json
+from hyprstream.coreapi.commands import load_json
 from hyprstream.errors import AuthError, ValidationError
 
 PREFIX = "hst1"
@@ -60,7 +60,7 @@ def _unb64(text: str) -> bytes:
 
 def issue(key: signing.Ed25519PrivateKey, sub: str, role: Role, *, ttl_s: int, now: float) -> tuple[str, TokenClaims]:
     """A token for ``sub`` with ``role``, valid for ``ttl_s`` seconds from ``now``."""
-    from hyprstream.core.repository import check_name
+    from hyprstream.coreapi.records import check_name
 
     check_name("identity", sub)
     if (reason := _reserved(sub)) is not None:

@@ -17,8 +17,8 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from hyprstream.core.client import CoreClient
-from hyprstream.core.repository import Snapshot
+from hyprstream.coreapi.client import CoreClient
+from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import TransportError, ValidationError
 from hyprstream.fog.aggregate import Aggregation, UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.outbox import Delivery, Outbox, Outcome, Push

@@ -60,7 +60,7 @@ import numpy as np
 from flwr.app import Message
 
 from hyprstream.consistency import staleness_weight
-from hyprstream.core.repository import Snapshot
+from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.fog.aggregate import UpdateSum
 from hyprstream.fog.aggregator import FogAggregator, FogRound, _shapes

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from hyprstream.agent.offload import INFER_SCHEMA
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
 from hyprstream.store import layer_table as lt
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.durable import write_atomic
-from hyprstream.core.repository import PushResult
+from hyprstream.coreapi.records import PushResult
 from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import TransportError, UpdateRejected
 

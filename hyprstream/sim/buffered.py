@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from hyprstream.codec import Encoding, encoded_nbytes
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.fog.aggregator import FogAggregator, FogRound
 from hyprstream.fog.buffered import BufferedFog, BufferedPush, Dispatch
 from hyprstream.sim import clock

@@ -21,7 +21,7 @@ from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_nam
 from hyprstream.agent.task import Dataset, Task, get_task
 from hyprstream.agent.trainer import evaluate, load_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry, new_token
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.errors import ConfigError, HyprstreamError

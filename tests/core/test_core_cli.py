@@ -15,7 +15,7 @@ from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Role
 from hyprstream.cli import main
 from hyprstream.core.cli import add_parser
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.config import load_core_config
 from hyprstream.errors import ConfigError
 from hyprstream.store.layer_table import to_table

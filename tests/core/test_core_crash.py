@@ -17,7 +17,7 @@ from coreproc import CoreProcess, make_deployment
 
 from hyprstream.core.audit import iter_entries, verify_file
 from hyprstream.core.auth import Role
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelSettings, update_digest
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.vector_clock import VectorClock

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hyprstream.core import signing, tokens
 from hyprstream.core.audit import AuditLog, parse_entry
 from hyprstream.core.auth import Authenticator, Role
-from hyprstream.core.client import CoreClient
-from hyprstream.core.commands import SCHEMA
+from hyprstream.coreapi.client import CoreClient
+from hyprstream.coreapi.commands import SCHEMA
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings

@@ -12,7 +12,7 @@ from hyprstream.core import audit, signing, tokens
 from hyprstream.core.audit import AuditError, AuditLog, iter_entries, verify_bytes
 from hyprstream.core.auth import Authenticator, Role
 from hyprstream.core.certs import init_deployment
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings

@@ -29,7 +29,7 @@ import psutil
 from hyprstream.agent.task import get_task
 from hyprstream.agent.trainer import evaluate, load_weights, model_weights
 from hyprstream.core import audit
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.repository import ModelSettings
 from hyprstream.store import to_arrays, to_table

@@ -34,7 +34,7 @@ def site(tmp_path):
     from hyprstream.agent.task import Dataset, get_task
     from hyprstream.agent.trainer import model_weights
     from hyprstream.core.auth import Principal, Role, TokenRegistry
-    from hyprstream.core.client import CoreClient
+    from hyprstream.coreapi.client import CoreClient
     from hyprstream.core.repository import ModelRepository
     from hyprstream.core.server import CoreFlightServer
     from hyprstream.store import Store, to_table

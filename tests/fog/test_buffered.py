@@ -13,7 +13,7 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 
 from hyprstream.agent.client_app import answer_train
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan
 from hyprstream.fog.buffered import BufferedFog, async_versions_per_second, buffered_weight

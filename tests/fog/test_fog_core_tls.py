@@ -17,7 +17,7 @@ from hyprstream.agent.task import get_task
 from hyprstream.agent.trainer import model_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.certs import init_deployment
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.errors import ConfigError

@@ -17,7 +17,7 @@ from hyprstream.agent.trainer import model_weights
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Principal, Role, TokenRegistry
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.privacy.accountant import GaussianEvent, epsilon

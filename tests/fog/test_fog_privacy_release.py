@@ -15,7 +15,7 @@ from hyprstream.agent.trainer import model_weights
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Principal, Role, TokenRegistry
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.fog.config import load_fog_config

@@ -10,7 +10,7 @@ import pytest
 
 from hyprstream.agent.inference import TorchPredictor
 from hyprstream.agent.offload import OffloadClient
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import AuthError, ConfigError, TransportError, ValidationError
 from hyprstream.fog.offload import INFER_PATH, ModelSource, OffloadServer, read_tokens
 from hyprstream.store import to_arrays, to_table

@@ -13,7 +13,7 @@ from hyprstream.agent.offload import OffloadClient
 from hyprstream.agent.pipeline import PREDICTIONS_TABLE, Pipeline, create_tables
 from hyprstream.agent.policy import Strategy, plan_inference
 from hyprstream.agent.profile import InferenceSettings, StoreRetention
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import HyprstreamError
 from hyprstream.fog.offload import ModelSource, OffloadServer
 from hyprstream.store import Store, to_arrays

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hyprstream.core.auth import Principal, Role, TokenRegistry
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.vector_clock import VectorClock

@@ -204,7 +204,7 @@ def test_a_device_whose_floor_forbids_offload_sends_no_rows_to_the_fog(tmp_path)
     loopback); with ``allow_offload = false`` the same daemon sends it nothing."""
     from privacy_helpers import start_core
 
-    from hyprstream.core.client import CoreClient
+    from hyprstream.coreapi.client import CoreClient
     from hyprstream.fog.offload import ModelSource, OffloadServer
 
     task = get_task("digits")

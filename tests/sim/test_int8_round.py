@@ -9,7 +9,7 @@ from hyprstream.agent.task import Dataset, get_task
 from hyprstream.agent.trainer import model_weights
 from hyprstream.codec import Encoding
 from hyprstream.core.auth import Principal, Role, TokenRegistry
-from hyprstream.core.client import CoreClient
+from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hyprstream.core.repository import check_name, quote
+from hyprstream.coreapi.records import check_name, quote
 from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
 from hyprstream.errors import ValidationError
 

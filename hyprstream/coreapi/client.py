@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from hyprstream.core import commands as cmd
-from hyprstream.core.repository import ModelSettings, PushResult, Snapshot
+from hyprstream.coreapi import commands as cmd
+from hyprstream.coreapi.records import ModelSettings, PushResult, Snapshot
 from hyprstream.config import to_dict
 from hyprstream.vector_clock import VectorClock, clocks_from_json
 from hyprstream.errors import AuthError, HyprstreamError, TransportError, UpdateRejected, ValidationError
