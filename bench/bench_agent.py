@@ -261,7 +261,7 @@ def telemetry_run(port: int, devices: int, total: int, subscribers: int) -> dict
     from hyprstream.agent.monitor import ResourceSample
     from hyprstream.agent.profile import ExecutionProvider, ModelVariant, Strategy, TelemetrySettings
     from hyprstream.agent.publisher import BrokerConfig, MqttPublisher
-    from hyprstream.agent.telemetry import (
+    from hyprstream.telemetry.records import (
         ModelState,
         PrivacyState,
         StrategyState,

@@ -26,9 +26,9 @@ FLOORS: dict[str, int] = {
     # floor 1: shared records, configuration and durable files
     "__init__": 1, "_extras": 1, "errors": 1, "config": 1, "codec": 1, "protocol": 1, "durable": 1,
     "vector_clock": 1, "consistency": 1,
-    # floor 2: core's API (records, commands, client), local data and privacy (store below privacy and the
+    # floor 2: core's API (records, commands, client), telemetry records and broker settings, local data and privacy (store below privacy and the
     # datasets, which use its tables)
-    "coreapi": 2, "store": 2, "privacy": 3, "data": 3,
+    "coreapi": 2, "telemetry": 2, "store": 2, "privacy": 3, "data": 3,
     # floor 3: the tiers, side by side
     "agent": 4, "fog": 4, "core": 4,
     # floor 4: what drives the tiers
@@ -40,12 +40,6 @@ FLOOR_ONE_ORDER = ("errors", "_extras", "config", "codec", "durable", "vector_cl
 
 # crossings still to remove: (importing module, imported module) -> the concept that must move below both
 CROSSINGS: dict[tuple[str, str], str] = {
-    ("fog/config.py", "hyprstream.agent.publisher"): "broker settings (wire records)",
-    ("fog/config.py", "hyprstream.agent.telemetry"): "telemetry records",
-    ("fog/fleet.py", "hyprstream.agent.publisher"): "broker settings",
-    ("fog/fleet.py", "hyprstream.agent.telemetry"): "telemetry records",
-    ("fog/selection.py", "hyprstream.agent.profile"): "device profile records",
-    ("fog/selection.py", "hyprstream.agent.telemetry"): "telemetry records",
     ("fog/offload.py", "hyprstream.agent.offload"): "offload records",
     ("fog/offload.py", "hyprstream.agent.inference"): "the torch predictor (learning pieces)",
     ("fog/offload.py", "hyprstream.agent.task"): "the task registry (learning pieces)",

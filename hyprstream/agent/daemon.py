@@ -43,7 +43,7 @@ from hyprstream.agent.monitor import Monitor, ResourceMonitor, ResourceSample
 from hyprstream.agent.policy import AdaptivePolicy, Decision, plan_inference
 from hyprstream.agent.profile import DeviceProfile, Strategy
 from hyprstream.agent.publisher import BrokerConfig, MqttPublisher, TelemetryPublisher
-from hyprstream.agent.telemetry import (
+from hyprstream.telemetry.records import (
     InferenceStats,
     IngestStats,
     ModelState,

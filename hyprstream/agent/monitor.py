@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Protocol
 
 from hyprstream.errors import ValidationError
+from hyprstream.telemetry.records import GpuSample, ResourceSample
 
 __all__ = [
     "GpuSample",
@@ -43,47 +43,6 @@ log = logging.getLogger("hyprstream.agent.monitor")
 # psutil sensor names that report the SoC / CPU package temperature, most specific first.
 _SOC_SENSORS = ("cpu_thermal", "soc_thermal", "cpu-thermal", "coretemp", "k10temp", "zenpower",
                 "tegra_thermal", "thermal_zone0", "acpitz")
-
-
-@dataclass(frozen=True)
-class GpuSample:
-    """One NVIDIA GPU's state (NVML). Readings the GPU does not support are ``None``."""
-
-    name: str
-    util_percent: float
-    memory_used_mb: float
-    memory_total_mb: float
-    temp_c: float | None = None
-    power_w: float | None = None
-
-    @property
-    def memory_percent(self) -> float:
-        return 100.0 * self.memory_used_mb / self.memory_total_mb if self.memory_total_mb else 0.0
-
-
-@dataclass(frozen=True)
-class ResourceSample:
-    """The device's resources at one moment. ``None``: the device cannot tell (no sensor, no battery)."""
-
-    time: float  # seconds since the epoch (or since the start of a trace)
-    cpu_percent: float
-    memory_percent: float
-    memory_used_mb: float
-    disk_percent: float
-    soc_temp_c: float | None = None
-    battery_percent: float | None = None
-    on_ac_power: bool | None = None
-    gpu: GpuSample | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("cpu_percent", "memory_percent", "disk_percent"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 100):
-                raise ValidationError(f"resource sample: {name} must be in [0, 100], got {value!r}")
-        if self.battery_percent is not None and not 0 <= self.battery_percent <= 100:
-            raise ValidationError(f"resource sample: battery_percent must be in [0, 100], got {self.battery_percent}")
-        if self.gpu is not None and not 0 <= self.gpu.util_percent <= 100:
-            raise ValidationError(f"resource sample: gpu util_percent must be in [0, 100], got {self.gpu.util_percent}")
 
 
 class Monitor(Protocol):

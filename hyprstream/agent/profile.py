@@ -35,6 +35,7 @@ from pathlib import Path
 from hyprstream.config import Checked, parse, read_toml, setting
 from hyprstream.errors import ConfigError
 from hyprstream.privacy.config import DpSgdConfig, FloorConfig
+from hyprstream.telemetry.records import ExecutionProvider, ModelVariant, Strategy
 
 __all__ = [
     "PROFILE_KIND",
@@ -64,34 +65,6 @@ class Accelerator(enum.Enum):
     """The compute accelerator a device has besides its CPU."""
 
     NONE = "none"
-    CUDA = "cuda"
-
-
-class Strategy(enum.Enum):
-    """The adaptive compute strategy of an agent, from most to least demanding.
-
-    ``FULL``: inference and local training of every layer group a round asks for.
-    ``HYBRID``: inference and training of at most ``training.max_layer_groups_hybrid`` layer groups,
-    with ``training.batch_size_hybrid``. ``MINIMAL``: inference only; the device declines training.
-    """
-
-    FULL = "full"
-    HYBRID = "hybrid"
-    MINIMAL = "minimal"
-
-
-class ModelVariant(enum.Enum):
-    """Numeric format of the inference model."""
-
-    FP32 = "fp32"
-    INT8 = "int8"
-
-
-class ExecutionProvider(enum.Enum):
-    """ONNX Runtime execution provider; ``AUTO`` uses CUDA when present and usable, else the CPU."""
-
-    AUTO = "auto"
-    CPU = "cpu"
     CUDA = "cuda"
 
 

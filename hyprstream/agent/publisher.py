@@ -1,6 +1,6 @@
 """Telemetry transport: :class:`MqttPublisher` (paho-mqtt) and :class:`MemoryPublisher` (in memory).
 
-Both take :class:`~hyprstream.agent.telemetry.Telemetry` records; the simulator and tests use the
+Both take :class:`~hyprstream.telemetry.records.Telemetry` records; the simulator and tests use the
 in-memory one, devices the MQTT one. The MQTT publisher
 
 * connects with a Last Will that sets the retained status to ``offline`` when the broker loses the
@@ -25,12 +25,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from hyprstream._extras import require
 from hyprstream.agent.profile import TelemetrySettings
-from hyprstream.agent.telemetry import (
+from hyprstream.telemetry.records import (
     DeviceState,
     Status,
     Telemetry,
@@ -39,50 +38,13 @@ from hyprstream.agent.telemetry import (
     to_wire,
 )
 from hyprstream.errors import ConfigError, TransportError, ValidationError
+from hyprstream.telemetry.broker import BrokerConfig, parse_broker
 
 __all__ = ["BrokerConfig", "MemoryPublisher", "MqttPublisher", "PublisherStats", "TelemetryPublisher", "parse_broker"]
 
-log = logging.getLogger("hyprstream.agent.telemetry")
+log = logging.getLogger("hyprstream.telemetry.records")
 
 _WILL_REASON = "connection lost (last will)"
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where the MQTT broker is and how to log in. ``ca_file`` turns TLS on."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    ca_file: Path | None = None
-    cert_file: Path | None = None  # client certificate (mutual TLS), with key_file
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = 30
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"MQTT port must be in 1..65535, got {self.port}", source="--mqtt")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("a client certificate needs both the certificate and the key file", source="--mqtt-cert")
-        if self.keepalive_s < 5:
-            raise ConfigError(f"MQTT keepalive must be >= 5 s, got {self.keepalive_s}")
-
-
-def parse_broker(text: str, **options) -> BrokerConfig:
-    """``HOST[:PORT]`` (default port 1883, or 8883 with ``ca_file``) into a :class:`BrokerConfig`."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        host, port = text.strip(), ""
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ConfigError(f"expected HOST[:PORT], got {text!r}", source="--mqtt")
-    try:
-        number = int(port) if port else (8883 if options.get("ca_file") else 1883)
-    except ValueError:
-        raise ConfigError(f"port must be a number, got {port!r}", source="--mqtt") from None
-    return BrokerConfig(host=host, port=number, **options)
 
 
 @dataclass(frozen=True)

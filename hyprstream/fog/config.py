@@ -8,8 +8,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from hyprstream.agent.publisher import BrokerConfig
-from hyprstream.agent.telemetry import check_topic_part
+from hyprstream.telemetry.broker import BrokerConfig
+from hyprstream.telemetry.records import check_topic_part
 from hyprstream.config import (Checked, load, pem_certificate, pem_private_key, read_file, read_token, read_toml,
                                setting)
 from hyprstream.errors import ConfigError, ValidationError

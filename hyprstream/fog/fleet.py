@@ -2,12 +2,12 @@
 
 :class:`FleetView` subscribes (paho-mqtt; TLS and user name/password optional) to
 ``hyprstream/v1/<fleet>/+/telemetry`` and ``hyprstream/v1/<fleet>/+/status`` (see
-:mod:`hyprstream.agent.telemetry` for the topics and the ``hyprstream.telemetry/2`` and
+:mod:`hyprstream.telemetry.records` for the topics and the ``hyprstream.telemetry/2`` and
 ``hyprstream.status/1`` payloads) and keeps, per device, the latest telemetry record, when it arrived,
 and the device's online/offline state (an agent's Last Will sets its retained status to ``offline``
 when its connection is lost). :meth:`FleetView.devices` returns an immutable snapshot.
 
-Payloads are parsed by :func:`hyprstream.agent.telemetry.from_wire` only. A payload that is off-schema,
+Payloads are parsed by :func:`hyprstream.telemetry.records.from_wire` only. A payload that is off-schema,
 or whose fleet or device ID differ from its topic, is counted (:attr:`FleetView.malformed`) and
 dropped; its content is never logged (its reason only at DEBUG level).
 
@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from hyprstream._extras import require
-from hyprstream.agent.publisher import BrokerConfig
-from hyprstream.agent.telemetry import (
+from hyprstream.telemetry.broker import BrokerConfig
+from hyprstream.telemetry.records import (
     TOPIC_ROOT,
     DeviceState,
     Status,

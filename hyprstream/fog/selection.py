@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hyprstream.agent.profile import Strategy
-from hyprstream.agent.telemetry import DeviceState
+from hyprstream.telemetry.records import Strategy
+from hyprstream.telemetry.records import DeviceState
 from hyprstream.config import Checked, setting
 from hyprstream.errors import ValidationError
 from hyprstream.fog.fleet import DeviceView

@@ -7,7 +7,7 @@ import time
 
 from hyprstream.agent.monitor import GpuSample, ResourceSample
 from hyprstream.agent.profile import ExecutionProvider, ModelVariant, Strategy
-from hyprstream.agent.telemetry import (
+from hyprstream.telemetry.records import (
     InferenceStats,
     IngestStats,
     ModelState,

@@ -22,7 +22,7 @@ from hyprstream.agent.daemon import Agent, AgentConfig, FogLink, IngestConfig
 from hyprstream.agent.monitor import TraceMonitor, load_trace
 from hyprstream.agent.profile import Strategy, load_profile
 from hyprstream.agent.publisher import MemoryPublisher
-from hyprstream.agent.telemetry import TELEMETRY_JSON_SCHEMA, Status, Telemetry, from_wire
+from hyprstream.telemetry.records import TELEMETRY_JSON_SCHEMA, Status, Telemetry, from_wire
 from hyprstream.errors import ConfigError
 from hyprstream.store import Store
 

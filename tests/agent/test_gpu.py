@@ -119,7 +119,7 @@ def test_onnx_runtime_on_cuda_matches_the_cpu(tmp_path):
 def test_nvml_telemetry_reports_the_gpu(tmp_path):
     pytest.importorskip("pynvml")
     from hyprstream.agent.monitor import NvmlGpu, ResourceMonitor
-    from hyprstream.agent.telemetry import from_wire, to_wire
+    from hyprstream.telemetry.records import from_wire, to_wire
 
     gpu = NvmlGpu()
     if not gpu.available:

@@ -10,7 +10,7 @@ from agent_helpers import Subscriber, telemetry
 
 from hyprstream.agent.profile import TelemetrySettings
 from hyprstream.agent.publisher import BrokerConfig, MemoryPublisher, MqttPublisher, parse_broker
-from hyprstream.agent.telemetry import DeviceState, Status, Telemetry, from_wire
+from hyprstream.telemetry.records import DeviceState, Status, Telemetry, from_wire
 from hyprstream.errors import ConfigError, ValidationError
 
 FAST = TelemetrySettings(interval_s=1.0, qos=1, offline_buffer_max_messages=3,

@@ -7,7 +7,7 @@ import json
 import pytest
 from agent_helpers import telemetry
 
-from hyprstream.agent.telemetry import (
+from hyprstream.telemetry.records import (
     STATUS_JSON_SCHEMA,
     TELEMETRY_JSON_SCHEMA,
     DeviceState,

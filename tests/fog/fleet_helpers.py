@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hyprstream.agent.monitor import GpuSample, ResourceSample
 from hyprstream.agent.profile import ExecutionProvider, ModelVariant, Strategy
-from hyprstream.agent.telemetry import (
+from hyprstream.telemetry.records import (
     DeviceState,
     InferenceStats,
     IngestStats,

@@ -18,7 +18,7 @@ from fleet_helpers import FLEET, status, telemetry
 
 from hyprstream.agent.profile import TelemetrySettings
 from hyprstream.agent.publisher import BrokerConfig, MqttPublisher
-from hyprstream.agent.telemetry import DeviceState, telemetry_topic, to_wire
+from hyprstream.telemetry.records import DeviceState, telemetry_topic, to_wire
 from hyprstream.errors import ConfigError, TransportError
 from hyprstream.fog.fleet import MAX_PAYLOAD_BYTES, FleetView
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hyprstream.agent.profile import Strategy
-from hyprstream.agent.telemetry import DeviceState, telemetry_topic, to_wire
+from hyprstream.telemetry.records import DeviceState, telemetry_topic, to_wire
 from hyprstream.errors import ConfigError, ValidationError
 from hyprstream.fog.fleet import DeviceView, FleetView
 from hyprstream.fog.selection import (

@@ -1,4 +1,6 @@
-"""Telemetry and status records of an agent, and their one wire conversion (JSON over MQTT).
+"""Telemetry and status records of an agent (with the resource samples and the strategy, model variant
+and execution provider names they carry), and their one wire conversion (JSON over MQTT). The agent
+writes them, the fog's fleet view and selection read them: they stand below both.
 
 Topics (see ``docs/agent.md``)::
 
@@ -22,8 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hyprstream.agent.monitor import GpuSample, ResourceSample
-from hyprstream.agent.profile import ExecutionProvider, ModelVariant, Strategy
 from hyprstream.errors import ValidationError
 
 __all__ = [
@@ -33,11 +33,16 @@ __all__ = [
     "TELEMETRY_SCHEMA",
     "TOPIC_ROOT",
     "DeviceState",
+    "ExecutionProvider",
+    "GpuSample",
     "InferenceStats",
     "IngestStats",
     "ModelState",
+    "ModelVariant",
     "PrivacyState",
+    "ResourceSample",
     "Status",
+    "Strategy",
     "StrategyState",
     "Telemetry",
     "check_topic_part",
@@ -46,6 +51,76 @@ __all__ = [
     "telemetry_topic",
     "to_wire",
 ]
+
+
+class Strategy(enum.Enum):
+    """The adaptive compute strategy of an agent, from most to least demanding.
+
+    ``FULL``: inference and local training of every layer group a round asks for.
+    ``HYBRID``: inference and training of at most ``training.max_layer_groups_hybrid`` layer groups,
+    with ``training.batch_size_hybrid``. ``MINIMAL``: inference only; the device declines training.
+    """
+
+    FULL = "full"
+    HYBRID = "hybrid"
+    MINIMAL = "minimal"
+
+
+class ModelVariant(enum.Enum):
+    """Numeric format of the inference model."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
+class ExecutionProvider(enum.Enum):
+    """ONNX Runtime execution provider; ``AUTO`` uses CUDA when present and usable, else the CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One NVIDIA GPU's state (NVML). Readings the GPU does not support are ``None``."""
+
+    name: str
+    util_percent: float
+    memory_used_mb: float
+    memory_total_mb: float
+    temp_c: float | None = None
+    power_w: float | None = None
+
+    @property
+    def memory_percent(self) -> float:
+        return 100.0 * self.memory_used_mb / self.memory_total_mb if self.memory_total_mb else 0.0
+
+
+@dataclass(frozen=True)
+class ResourceSample:
+    """The device's resources at one moment. ``None``: the device cannot tell (no sensor, no battery)."""
+
+    time: float  # seconds since the epoch (or since the start of a trace)
+    cpu_percent: float
+    memory_percent: float
+    memory_used_mb: float
+    disk_percent: float
+    soc_temp_c: float | None = None
+    battery_percent: float | None = None
+    on_ac_power: bool | None = None
+    gpu: GpuSample | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_percent", "memory_percent", "disk_percent"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 100):
+                raise ValidationError(f"resource sample: {name} must be in [0, 100], got {value!r}")
+        if self.battery_percent is not None and not 0 <= self.battery_percent <= 100:
+            raise ValidationError(f"resource sample: battery_percent must be in [0, 100], got {self.battery_percent}")
+        if self.gpu is not None and not 0 <= self.gpu.util_percent <= 100:
+            raise ValidationError(f"resource sample: gpu util_percent must be in [0, 100], got {self.gpu.util_percent}")
+
 
 TELEMETRY_SCHEMA = "hyprstream.telemetry/2"
 """Version 2 carries no data size: version 1's ``store`` (row count, bytes) and ``privacy.epsilon_spent``
