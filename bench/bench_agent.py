@@ -171,8 +171,8 @@ def inference(workdir: Path, repeats: int, warmup: int, calls: int, text: bool) 
     from hyprstream.agent.export import export_version
     from hyprstream.agent.inference import OrtPredictor, TorchPredictor
     from hyprstream.agent.profile import ExecutionProvider, ModelVariant
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights, train_layers
 
     torch.set_num_threads(1)
     names = ["digits", "digits-cnn"] + (["text"] if text else [])

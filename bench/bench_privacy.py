@@ -342,8 +342,8 @@ def bench_secagg(k: int, n: int, repeats: int, warmup: int, seed: int, workers: 
 def bench_dpsgd(steps: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
     import torch
 
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import train_layers
     from hyprstream.privacy.dpsgd import ClipEngine, DpSgd, dp_train_layers
     from hyprstream.privacy.ledger import Budget
 

@@ -46,6 +46,7 @@ DEVICE_QUERY_TYPE = "query.device"
 DEVICE_INFO_SCHEMA = "hyprstream.device-info/2"
 TRAIN_REQUEST_SCHEMA = "hyprstream.train/1"
 TRAIN_REPLY_SCHEMA = "hyprstream.train-reply/1"
+INFER_SCHEMA = "hyprstream.infer/1"  # the answers of a fog's inference offload endpoint (hyprstream.fog.offload)
 
 
 class ReplyStatus(enum.Enum):

@@ -96,7 +96,7 @@ def build_config(args: argparse.Namespace):
     from hyprstream.agent.daemon import AgentConfig, FogLink, IngestConfig, OffloadLink
     from hyprstream.agent.profile import load_profile
     from hyprstream.agent.publisher import parse_broker
-    from hyprstream.agent.task import task_names
+    from hyprstream.learning.task import task_names
     from hyprstream.store import load_key
 
     profile = load_profile(args.config)

@@ -318,7 +318,7 @@ def plan_request(request: TrainRequest, state_dir: Path, *, now: float | None = 
                          batch_size=request.batch_size, gpu_usable=state.gpu_usable)
     if privacy is None or not plan.accept:
         return plan
-    from hyprstream.agent.task import get_task
+    from hyprstream.learning.task import get_task
 
     spent, would_be = privacy.spend(num_examples, plan.batch_size, plan.local_steps,
                                     get_task(request.task).examples_per_record)
@@ -340,7 +340,7 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
         plan = None
         if state is not None:
             from hyprstream.agent.handoff import save_model
-            from hyprstream.agent.task import get_task
+            from hyprstream.learning.task import get_task
             from hyprstream.store import load_key
 
             task = get_task(request.task)
@@ -401,8 +401,8 @@ def handle_train(request: TrainRequest, store_path: Path, plan=None, *, privacy:
     """
     import torch
 
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import load_weights, train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import load_weights, train_layers
     from hyprstream.store import Store, load_key
 
     threads = os.environ.get(THREADS_ENV)

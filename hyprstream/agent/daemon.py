@@ -315,7 +315,7 @@ class Agent:
         """Run until ``stop`` is set; then shut down cleanly (see the module docstring)."""
         from hyprstream.agent.inference import InferenceEngine
         from hyprstream.agent.pipeline import Pipeline, create_tables
-        from hyprstream.agent.task import get_task
+        from hyprstream.learning.task import get_task
         from hyprstream.store import Store, StoreConfig
 
         cfg, prof = self.config, self.profile

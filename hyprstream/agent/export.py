@@ -173,8 +173,8 @@ def export_version(task_name: str, version: int, weights: Mapping[str, np.ndarra
     inputs). ``key``: the store key; the model files are then sealed with it (see the module docstring).
     """
     from hyprstream.agent.handoff import write_private
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import load_weights
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import load_weights
 
     task = get_task(task_name)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from hyprstream.agent.export import ModelFiles
 from hyprstream.agent.policy import InferencePlan
 from hyprstream.agent.profile import ExecutionProvider, InferenceSettings, ModelVariant
 from hyprstream.errors import HyprstreamError, MissingExtraError, StoreError, ValidationError
+from hyprstream.learning.predictor import TorchPredictor
 
 __all__ = [
     "EngineStats",
@@ -104,31 +105,6 @@ class OrtPredictor:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=self._dtype)})[0]
-
-
-class TorchPredictor:
-    """The model in torch eager mode (the fallback, and the reference the ONNX paths are checked against)."""
-
-    backend = "torch"
-    variant = ModelVariant.FP32
-
-    def __init__(self, task, weights: dict[str, np.ndarray] | None = None, *, model=None, device: str = "cpu") -> None:
-        import torch
-
-        from hyprstream.agent.trainer import load_weights
-
-        if model is None:
-            model = task.build_model(seed=0)
-            if weights is not None:
-                load_weights(model, weights)
-        self._torch = torch
-        self.model = model.eval().to(device)
-        self.device = device
-        self.provider = ExecutionProvider.CUDA if device.startswith("cuda") else ExecutionProvider.CPU
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            return self.model(self._torch.as_tensor(x, device=self.device)).float().cpu().numpy()
 
 
 @dataclass(frozen=True)

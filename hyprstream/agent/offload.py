@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hyprstream.errors import AuthError, ConfigError, TransportError, ValidationError
-
-INFER_SCHEMA = "hyprstream.infer/1"
+from hyprstream.protocol import INFER_SCHEMA
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 batch of records it
 
 1. turns them into rows of the task's store table (``samples``; a missing label is stored as
-   :data:`~hyprstream.agent.task.UNLABELLED`) and appends them durably;
+   :data:`~hyprstream.learning.task.UNLABELLED`) and appends them durably;
 2. when a model is loaded, computes the model inputs (with each key's previous rows in front when the
    task needs context, e.g. a sensor's previous reading), runs the inference engine and appends one
    row per record to the ``predictions`` table: time, source, task, model version, prediction, score.

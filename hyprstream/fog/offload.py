@@ -18,7 +18,7 @@ or more than ``max_rows`` rows, 400 for a body that is not JSON, names another t
 are ragged, of the wrong shape or not finite numbers, 503 while no model could be pulled from core.
 
 The model is the task's torch model with the master weights pulled from core
-(:class:`~hyprstream.agent.inference.TorchPredictor`, the agent's own reference engine). The fog asks
+(:class:`~hyprstream.learning.predictor.TorchPredictor`, the agent's own reference engine). The fog asks
 core for the model's head version at most every ``refresh_s`` seconds and pulls the weights again
 when it changed; requests are answered with the version their predictions came from. Inputs and
 outputs are never logged.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyprstream.agent.offload import INFER_SCHEMA
+from hyprstream.protocol import INFER_SCHEMA
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
 from hyprstream.store import layer_table as lt
@@ -80,7 +80,7 @@ class ModelSource:
 
     def current(self) -> ServedModel:
         """The model to answer with; raises HyprstreamError while none could be pulled."""
-        from hyprstream.agent.inference import TorchPredictor
+        from hyprstream.learning.predictor import TorchPredictor
 
         with self._lock:  # one request pulls; the others wait for it and use its model
             if time.monotonic() - self._checked >= self.refresh_s or self._served is None:
@@ -289,7 +289,7 @@ class OffloadServer:
 def offload_server(cfg) -> OffloadServer:
     """The offload endpoint of a fog's config (``[offload]``), with its own core client (closed by
     :meth:`OffloadServer.stop`); not started."""
-    from hyprstream.agent.task import get_task
+    from hyprstream.learning.task import get_task
     from hyprstream.fog.config import read_token
 
     o = cfg.offload

@@ -1,6 +1,6 @@
 """Sample-level DP-SGD on the device with Opacus, for exactly the layers a round trains.
 
-:func:`dp_train_layers` is :func:`hyprstream.agent.trainer.train_layers` made private:
+:func:`dp_train_layers` is :func:`hyprstream.learning.trainer.train_layers` made private:
 
 * only the requested layers have ``requires_grad``; only the modules that own trainable parameters
   are hooked, so frozen layers cost no per-sample gradients (and no backward pass below the lowest
@@ -48,8 +48,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyprstream.agent.task import Dataset, Task
-from hyprstream.agent.trainer import TrainResult, prepare_layers
+from hyprstream.learning.task import Dataset, Task
+from hyprstream.learning.trainer import TrainResult, prepare_layers
 from hyprstream.errors import ValidationError
 from hyprstream.privacy.accountant import GaussianEvent, gaussian_epsilon
 from hyprstream.privacy.ledger import Budget, Charge, Entry, PrivacyLedger, Scope, check_budget
@@ -305,7 +305,7 @@ class DpSgdTrainer:
                 "delta": self.settings.budget.delta}
 
     def bind(self, *, model: str, base_version: int, round: str):
-        """A callable with :func:`~hyprstream.agent.trainer.train_layers`' signature for one request."""
+        """A callable with :func:`~hyprstream.learning.trainer.train_layers`' signature for one request."""
 
         def train(task: Task, net, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int, lr: float,
                   seed: int, device: str = "cpu", max_seconds: float | None = None) -> PrivateTrainResult:

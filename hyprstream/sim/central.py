@@ -2,7 +2,7 @@
 
 The training split that the federated runs partition across devices is kept in one place and the
 task's model (same seed, or the same pretrained start: ``[pretrain]``, hyprstream.sim.pretrain) is trained on it with the agents' own trainer
-(:func:`~hyprstream.agent.trainer.train_layers`: Adam, the experiment's batch size and learning
+(:func:`~hyprstream.learning.trainer.train_layers`: Adam, the experiment's batch size and learning
 rate, every layer group). Each of the ``global_steps`` rounds runs as many minibatch steps as the
 whole fleet runs in a federated round (``local_steps`` x number of agents), then the model is
 evaluated on the same held-out split. Rows have ``fog = "central"``; nothing is sent, so the byte
@@ -23,7 +23,7 @@ CENTRAL = "central"
 
 def run_central(exp, out: Path, *, on_step=None):
     """Train ``exp``'s model centrally; writes ``metrics.parquet`` into ``out``."""
-    from hyprstream.agent.trainer import load_weights, model_weights, train_layers
+    from hyprstream.learning.trainer import load_weights, model_weights, train_layers
     from hyprstream.sim.pretrain import initial_state, record
     from hyprstream.fog.aggregator import FogRound
     from hyprstream.sim.harness import SimulationResult
@@ -31,7 +31,7 @@ def run_central(exp, out: Path, *, on_step=None):
 
     import torch
 
-    from hyprstream.agent.task import get_task
+    from hyprstream.learning.task import get_task
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def run_central(exp, out: Path, *, on_step=None):
     steps = exp.training.local_steps * exp.num_agents
     metrics = MetricsLog()
     sim_s = 0.0
-    from hyprstream.agent.trainer import evaluate
+    from hyprstream.learning.trainer import evaluate
 
     for rnd in range(1, exp.training.global_steps + 1):
         result = train_layers(task, model, layers, train, steps=steps, batch_size=exp.training.batch_size,

@@ -32,7 +32,7 @@ class TrainingMode(enum.Enum):
 
 @dataclass(frozen=True)
 class TaskSection:
-    name: str = setting("digits", doc="task plugin name (hyprstream.agent.task.get_task)")
+    name: str = setting("digits", doc="task plugin name (hyprstream.learning.task.get_task)")
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Experiment(Checked):
         return self.fleet.fogs * self.fleet.agents_per_fog
 
     def check(self):
-        from hyprstream.agent.task import task_names
+        from hyprstream.learning.task import task_names
 
         if self.task.name not in task_names():
             yield "task.name", f"unknown task {self.task.name!r} (known: {', '.join(task_names())})"

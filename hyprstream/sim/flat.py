@@ -113,7 +113,7 @@ def run_flat(exp, out: Path, *, on_step=None):
     """Run ``exp`` as the flat FedAvg baseline and write its artefacts into ``out``."""
     from flwr.serverapp import ServerApp
 
-    from hyprstream.agent.task import get_task
+    from hyprstream.learning.task import get_task
     from hyprstream.fog.aggregator import FogRound
     from hyprstream.fog.discovery import discover, wait_for_nodes
     from hyprstream.sim.harness import SimulationResult, prepare_run, simulate

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_name
-from hyprstream.agent.task import Dataset, Task, get_task
-from hyprstream.agent.trainer import evaluate, load_weights
+from hyprstream.learning.task import Dataset, Task, get_task
+from hyprstream.learning.trainer import evaluate, load_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry, new_token
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository, ModelSettings
@@ -65,7 +65,7 @@ def natural_groups(task: Task, exp: Experiment, train: Dataset) -> np.ndarray:
                           "has: one mote per device)", key="partition.scheme")
     import pyarrow.compute as pc
 
-    from hyprstream.agent.task import UNLABELLED
+    from hyprstream.learning.task import UNLABELLED
     from hyprstream.data.sensors import load_motes
 
     table = task.normalise(load_motes())

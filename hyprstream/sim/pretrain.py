@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyprstream.agent.task import Dataset, Task
+from hyprstream.learning.task import Dataset, Task
 from hyprstream.errors import ConfigError
 
 PUBLIC_SEED = 0x5EED  # mixed into the experiment's seed: the public slice does not depend on the partition's draws
@@ -55,7 +55,7 @@ def initial_state(exp, task: Task, train: Dataset, test: Dataset | None = None) 
     ``train`` is the task's reference training split as loaded (``Task.load_reference_data``);
     ``test``, if given, is in model-input form (``Task.from_table``) and scores the start.
     """
-    from hyprstream.agent.trainer import evaluate, model_weights, train_layers
+    from hyprstream.learning.trainer import evaluate, model_weights, train_layers
 
     model = task.build_model(seed=exp.seed)
     pre = exp.pretrain

@@ -47,8 +47,8 @@ def trained():
     """digits-cnn (convolutions: its int8 variant is calibrated statically on device samples), trained briefly."""
     import torch
 
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights, train_layers
 
     torch.set_num_threads(1)
     task = get_task("digits-cnn")
@@ -111,8 +111,8 @@ def test_calibration_is_read_only_by_a_static_export_and_tampered_models_are_ref
     from hyprstream.agent.export import export_in_subprocess
     from hyprstream.agent.handoff import load_model, save_model
     from hyprstream.agent.inference import InferenceEngine, TorchPredictor
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights
 
     task, model, weights, train, test = trained
     key = os.urandom(32)
@@ -165,8 +165,8 @@ def test_models_sealed_under_another_key_are_refused_and_removed_for_the_next_ro
     """After a store key rotation the saved models no longer decrypt: the daemon refuses them, serves
     nothing from them, and removes them so that the next train request saves the version again."""
     from hyprstream.agent.handoff import save_model
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights
 
     cfg = config(tmp_path, task="digits")
     retired = os.urandom(32)

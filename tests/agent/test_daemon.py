@@ -135,7 +135,7 @@ def wait_until(predicate, timeout_s: float, step_s: float = 0.2) -> bool:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_real_agent_ingests_and_shuts_down_cleanly_on_sigterm(tmp_path, broker):
-    from hyprstream.agent.task import get_task
+    from hyprstream.learning.task import get_task
 
     port = free_port()
     inbox = tmp_path / "inbox"
@@ -220,8 +220,8 @@ def test_daemon_loop_follows_the_trace_and_serves_a_new_model(tmp_path):
     """The daemon on a recorded trace: telemetry follows the policy; a model a train request saved
     is exported (child process) and then serves the HTTP endpoint's predictions."""
     from hyprstream.agent.handoff import read_policy, save_model
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights, train_layers
 
     port = free_port()
     cfg = config(tmp_path, ingest=IngestConfig(listen_port=port))
@@ -314,7 +314,7 @@ def test_cli_errors_are_one_line(tmp_path):
 @pytest.mark.unit
 def test_the_daemons_modules_import_nothing_heavy():
     code = ("import sys, hyprstream.agent.cli, hyprstream.agent.daemon, hyprstream.agent.inference, "
-            "hyprstream.agent.pipeline, hyprstream.agent.ingest, hyprstream.agent.publisher, hyprstream.agent.task; "
+            "hyprstream.agent.pipeline, hyprstream.agent.ingest, hyprstream.agent.publisher, hyprstream.learning.task; "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'flwr', 'transformers', 'paho', 'sklearn') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -339,7 +339,7 @@ def test_trace_command_records_a_replayable_trace(tmp_path):
 def test_telemetry_says_when_the_devices_budget_is_spent(tmp_path):
     """The daemon reads the ledger the ClientApp charges: the budget is spent once it cannot pay even for
     the cheapest round (one step at batch size 1 over the device's 100 readings); no epsilon is sent."""
-    from hyprstream.agent.task import Dataset, get_task
+    from hyprstream.learning.task import Dataset, get_task
     from hyprstream.privacy.accountant import GaussianEvent, epsilon
     from hyprstream.privacy.dpsgd import MECHANISM
     from hyprstream.privacy.ledger import Budget, Charge, PrivacyLedger, Scope

@@ -19,8 +19,8 @@ from flwr.app import RecordDict
 from hyprstream.agent.client_app import app
 from hyprstream.agent.handoff import PolicyState, write_policy
 from hyprstream.agent.profile import Strategy, load_profile
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.fog.loopback import LoopbackGrid
 from hyprstream.privacy.accountant import GaussianEvent, epsilon
 from hyprstream.protocol import DEVICE_QUERY_TYPE, ReplyStatus, TrainReply, TrainRequest

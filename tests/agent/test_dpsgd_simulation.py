@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
 from hyprstream.store import Store
 

@@ -15,7 +15,7 @@ import pytest
 from test_daemon import agent_cli
 from test_supernode import superlink  # noqa: F401  (fixture)
 
-from hyprstream.agent.task import Dataset, get_task
+from hyprstream.learning.task import Dataset, get_task
 from hyprstream.protocol import data_bucket
 from hyprstream.store import Store
 

@@ -28,8 +28,8 @@ def _cuda_ort() -> bool:
 
 @pytest.mark.parametrize("name", ["digits", "digits-cnn", "sensor-synthetic"])
 def test_training_on_cuda_matches_the_cpu(name):
-    from hyprstream.agent.task import Dataset, get_task
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.learning.task import Dataset, get_task
+    from hyprstream.learning.trainer import model_weights, train_layers
 
     torch.backends.cudnn.allow_tf32 = False  # the comparison is of the arithmetic, not of TF32 rounding
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -44,7 +44,7 @@ def test_training_on_cuda_matches_the_cpu(name):
     deltas = {}
     for device in ("cpu", "cuda"):
         model = task.build_model(seed=3)
-        from hyprstream.agent.trainer import load_weights
+        from hyprstream.learning.trainer import load_weights
 
         load_weights(model, start)
         layers = task.layer_groups(model)[-2:]
@@ -59,8 +59,8 @@ def test_training_on_cuda_matches_the_cpu(name):
 def test_the_policy_sends_full_training_to_the_gpu():
     from hyprstream.agent.policy import plan_training
     from hyprstream.agent.profile import Strategy, load_profile
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import train_layers
 
     caps = load_profile(ROOT / "firmware-configs" / "jetson-orin-nano.toml").training
     plan = plan_training(Strategy.FULL, caps, layers=("fc2", "head"), local_steps=10, batch_size=32, gpu_usable=True)
@@ -79,7 +79,7 @@ def test_the_policy_sends_full_training_to_the_gpu():
 @pytest.mark.parametrize("name", ["digits", "digits-cnn"])
 def test_torch_inference_on_cuda_matches_the_cpu(name):
     from hyprstream.agent.inference import TorchPredictor
-    from hyprstream.agent.task import get_task
+    from hyprstream.learning.task import get_task
 
     torch.backends.cudnn.allow_tf32 = False
     task = get_task(name)
@@ -98,8 +98,8 @@ def test_onnx_runtime_on_cuda_matches_the_cpu(tmp_path):
     from hyprstream.agent.inference import InferenceEngine, OrtPredictor
     from hyprstream.agent.policy import InferencePlan
     from hyprstream.agent.profile import ExecutionProvider, ModelVariant, load_profile
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights
 
     task = get_task("digits-cnn")
     train, test = task.load_reference_data(0)

@@ -21,8 +21,8 @@ from hyprstream.agent.handoff import (
     write_policy,
 )
 from hyprstream.agent.profile import Strategy
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.errors import ValidationError
 from hyprstream.protocol import ReplyStatus, TrainRequest
 from hyprstream.store import Store

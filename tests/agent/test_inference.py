@@ -87,8 +87,8 @@ def exported(tmp_path_factory):
     import torch
 
     from hyprstream.agent.export import export_version
-    from hyprstream.agent.task import get_task
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import model_weights, train_layers
 
     torch.set_num_threads(1)
     out = {}

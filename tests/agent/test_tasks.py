@@ -10,8 +10,8 @@ import pytest
 
 from hyprstream.agent.pipeline import Pipeline, create_tables
 from hyprstream.agent.profile import StoreRetention
-from hyprstream.agent.task import UNLABELLED, Dataset, get_task, task_names
-from hyprstream.agent.tasks.sensor import window_features
+from hyprstream.learning.task import UNLABELLED, Dataset, get_task, task_names
+from hyprstream.learning.tasks.sensor import window_features
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.store import Store
 
@@ -137,7 +137,7 @@ def test_sensor_reference_data():
 def test_sensor_model_detects_synthetic_anomalies():
     import torch
 
-    from hyprstream.agent.trainer import train_layers
+    from hyprstream.learning.trainer import train_layers
 
     torch.set_num_threads(1)
     task = get_task("sensor")
@@ -226,7 +226,7 @@ def test_text_records_and_layer_groups(text_task):
 def test_text_task_fine_tunes_the_top_layer_and_head(text_task):
     import torch
 
-    from hyprstream.agent.trainer import evaluate, model_weights, train_layers
+    from hyprstream.learning.trainer import evaluate, model_weights, train_layers
 
     torch.set_num_threads(1)
     train, test = text_task.load_reference_data(0)
@@ -255,7 +255,7 @@ def test_text_model_on_onnx_runtime(text_task, tmp_path):
     from hyprstream.agent.export import export_version
     from hyprstream.agent.inference import OrtPredictor, TorchPredictor
     from hyprstream.agent.profile import ExecutionProvider, ModelVariant
-    from hyprstream.agent.trainer import model_weights, train_layers
+    from hyprstream.learning.trainer import model_weights, train_layers
 
     torch.set_num_threads(1)
     train, test = text_task.load_reference_data(0)

@@ -5,8 +5,8 @@ import pytest
 
 from hyprstream.agent.client_app import answer_train, handle_train
 from hyprstream.agent.policy import BUDGET_DECLINE
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.protocol import ReplyStatus, TrainReply, TrainRequest
 from hyprstream.store import Store
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 def device(tmp_path):
     task = get_task("digits")
     train_set, _ = task.load_reference_data(seed=0)
-    from hyprstream.agent.task import Dataset
+    from hyprstream.learning.task import Dataset
 
     path = tmp_path / "device-0000"
     with Store.open(path, create=True) as store:
@@ -186,7 +186,7 @@ def test_the_planner_declines_when_the_budget_left_cannot_pay_for_a_round(device
 def test_simulated_devices_train_with_the_experiments_dpsgd(tmp_path, monkeypatch):
     pytest.importorskip("opacus")
     from hyprstream.agent.client_app import SIM_DEVICES_ENV, SIM_PRIVACY_FILE, configure_simulation
-    from hyprstream.agent.task import Dataset
+    from hyprstream.learning.task import Dataset
     from hyprstream.errors import ConfigError
     from hyprstream.privacy.accountant import GaussianEvent, epsilon
     from hyprstream.privacy.config import DpSgdConfig

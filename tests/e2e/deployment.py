@@ -26,8 +26,8 @@ from pathlib import Path
 
 import psutil
 
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import evaluate, load_weights, model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import evaluate, load_weights, model_weights
 from hyprstream.core import audit
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy

@@ -31,8 +31,8 @@ class Site:
 def site(tmp_path):
     """A core server holding model ``m`` (digits, seed 0) and stores for agents 1-4 (tokens:
     ``admin``, ``fog`` for fog ``fog-a``, ``reader`` for an agent)."""
-    from hyprstream.agent.task import Dataset, get_task
-    from hyprstream.agent.trainer import model_weights
+    from hyprstream.learning.task import Dataset, get_task
+    from hyprstream.learning.trainer import model_weights
     from hyprstream.core.auth import Principal, Role, TokenRegistry
     from hyprstream.coreapi.client import CoreClient
     from hyprstream.core.repository import ModelRepository

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from hyprstream.agent.daemon import FogLink, SuperNodeProcess
-from hyprstream.agent.task import Dataset, get_task
+from hyprstream.learning.task import Dataset, get_task
 from hyprstream.fog.service import stop_process
 from hyprstream.store import Store
 

@@ -13,8 +13,8 @@ from fogrun import ENV, fog_toml
 from test_fog_privacy_rounds import devices
 
 from hyprstream.agent.client_app import app as agent_app
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.certs import init_deployment
 from hyprstream.coreapi.client import CoreClient

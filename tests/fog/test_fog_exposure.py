@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fogrun import ENV, digits_stores, fog_toml, free_port
 
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.core.certs import init_deployment
 from hyprstream.coreapi.client import CoreClient

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from fogrun import digits_stores, fog_toml, free_port, run_fog_over_supernodes
 
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Principal, Role, TokenRegistry

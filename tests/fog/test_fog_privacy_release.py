@@ -10,8 +10,8 @@ import pytest
 from test_fog_privacy_rounds import devices
 
 from hyprstream.agent.client_app import app as agent_app
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Principal, Role, TokenRegistry

@@ -6,7 +6,7 @@ import pytest
 from test_fog_privacy_deploy import core  # noqa: F401 - the core fixture (server, audit log, model)
 
 from hyprstream.agent.client_app import app as agent_app
-from hyprstream.agent.task import Dataset, get_task
+from hyprstream.learning.task import Dataset, get_task
 from hyprstream.core.audit import iter_entries
 from hyprstream.errors import ConfigError
 from hyprstream.fog.config import load_fog_config

@@ -9,8 +9,8 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 
 from hyprstream.agent.client_app import answer_train, handle_train, store_dir
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from flwr.clientapp import ClientApp
 
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog, iter_entries
 from hyprstream.core.auth import Principal, Role, TokenRegistry

@@ -19,8 +19,8 @@ from privacy_helpers import make_devices
 from hyprstream.agent.client_app import app
 from hyprstream.agent.handoff import PolicyState, write_policy
 from hyprstream.agent.profile import Strategy, load_profile
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.errors import ConfigError
 from hyprstream.fog.loopback import LoopbackGrid
 from hyprstream.privacy import secagg_messages as wire

@@ -20,8 +20,8 @@ from dp_accounting.rdp import RdpAccountant as ReferenceAccountant  # noqa: E402
 from opacus.accountants import RDPAccountant as OpacusAccountant  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 
-from hyprstream.agent.task import Dataset, get_task  # noqa: E402
-from hyprstream.agent.tasks.sensor import WINDOW, window_features  # noqa: E402
+from hyprstream.learning.task import Dataset, get_task  # noqa: E402
+from hyprstream.learning.tasks.sensor import WINDOW, window_features  # noqa: E402
 from hyprstream.privacy.accountant import GaussianEvent, epsilon  # noqa: E402
 from hyprstream.privacy.dpsgd import (  # noqa: E402
     ClipEngine,

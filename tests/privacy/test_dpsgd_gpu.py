@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("opacus")
 
-from hyprstream.agent.task import Dataset, get_task  # noqa: E402
-from hyprstream.agent.trainer import load_weights, model_weights  # noqa: E402
+from hyprstream.learning.task import Dataset, get_task  # noqa: E402
+from hyprstream.learning.trainer import load_weights, model_weights  # noqa: E402
 from hyprstream.privacy.dpsgd import ClipEngine, DpSgd, DpSgdTrainer, clipping, dp_train_layers, noise_generator  # noqa: E402
 from hyprstream.privacy.ledger import Budget  # noqa: E402
 

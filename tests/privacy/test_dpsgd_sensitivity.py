@@ -19,7 +19,7 @@ pytest.importorskip("opacus")
 
 import torch  # noqa: E402
 
-from hyprstream.agent.task import get_task, task_names  # noqa: E402
+from hyprstream.learning.task import get_task, task_names  # noqa: E402
 from hyprstream.privacy.dpsgd import ClipEngine, clipping  # noqa: E402
 from hyprstream.privacy.per_sample import LinearClipper  # noqa: E402
 

@@ -26,8 +26,8 @@ pytest.importorskip("opacus")
 from privacy_helpers import LoopbackCore, agent_app, make_devices, start_core  # noqa: E402
 
 from hyprstream.agent.client_app import PrivateTraining, handle_train  # noqa: E402
-from hyprstream.agent.task import Dataset, get_task  # noqa: E402
-from hyprstream.agent.trainer import model_weights  # noqa: E402
+from hyprstream.learning.task import Dataset, get_task  # noqa: E402
+from hyprstream.learning.trainer import model_weights  # noqa: E402
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan  # noqa: E402
 from hyprstream.fog.loopback import LoopbackGrid  # noqa: E402
 from hyprstream.privacy.client_dp import NoisePlacement  # noqa: E402

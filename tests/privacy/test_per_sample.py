@@ -12,7 +12,7 @@ from opacus import GradSampleModule  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hyprstream.agent.task import Dataset, get_task  # noqa: E402
+from hyprstream.learning.task import Dataset, get_task  # noqa: E402
 from hyprstream.privacy.dpsgd import ClipEngine, DpSgd, dp_train_layers  # noqa: E402
 from hyprstream.privacy.ledger import Budget  # noqa: E402
 from hyprstream.privacy.per_sample import LinearClipper  # noqa: E402

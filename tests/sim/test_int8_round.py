@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from hyprstream.agent.client_app import app, handle_train
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.codec import Encoding
 from hyprstream.core.auth import Principal, Role, TokenRegistry
 from hyprstream.coreapi.client import CoreClient

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyprstream.agent.task import Dataset, get_task
-from hyprstream.agent.trainer import evaluate, load_weights, model_weights
+from hyprstream.learning.task import Dataset, get_task
+from hyprstream.learning.trainer import evaluate, load_weights, model_weights
 from hyprstream.errors import ConfigError
 from hyprstream.sim.experiment import load_experiment
 from hyprstream.sim.harness import prepare_run

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hyprstream.agent.task import get_task
+from hyprstream.learning.task import get_task
 from hyprstream.config import parse
 from hyprstream.errors import ConfigError
 from hyprstream.fog.aggregator import FogRound
@@ -107,7 +107,7 @@ def test_metrics_tables(tmp_path):
 
 @pytest.mark.integration
 def test_central_reference(tmp_path):
-    from hyprstream.agent.trainer import evaluate
+    from hyprstream.learning.trainer import evaluate
     from hyprstream.sim import clock
     from hyprstream.sim.central import CENTRAL, run_central
 

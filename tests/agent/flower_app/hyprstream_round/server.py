@@ -7,8 +7,8 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from hyprstream.agent.task import get_task
-from hyprstream.agent.trainer import model_weights
+from hyprstream.learning.task import get_task
+from hyprstream.learning.trainer import model_weights
 from hyprstream.protocol import DEVICE_QUERY_TYPE, TRAIN_MESSAGE_TYPE, DeviceInfo, TrainReply, TrainRequest
 
 app = ServerApp()

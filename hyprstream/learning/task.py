@@ -164,7 +164,7 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
 
 
 def get_task(name: str) -> Task:
-    from hyprstream.agent import tasks  # noqa: F401  (registers the built-in tasks)
+    from hyprstream.learning import tasks  # noqa: F401  (registers the built-in tasks)
 
     if name not in _REGISTRY:
         raise ValidationError(f"unknown task {name!r} (known: {', '.join(sorted(_REGISTRY))})")
@@ -172,6 +172,6 @@ def get_task(name: str) -> Task:
 
 
 def task_names() -> list[str]:
-    from hyprstream.agent import tasks  # noqa: F401
+    from hyprstream.learning import tasks  # noqa: F401
 
     return sorted(_REGISTRY)

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from hyprstream._extras import require
-from hyprstream.agent.task import Dataset, Task, register
-from hyprstream.agent.tasks._records import label_column, text
+from hyprstream.learning.task import Dataset, Task, register
+from hyprstream.learning.tasks._records import label_column, text
 from hyprstream.errors import ValidationError
 
 MAX_TOKENS = 32

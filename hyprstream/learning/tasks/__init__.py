@@ -1,4 +1,4 @@
 """Built-in tasks (importing this package registers them): ``digits``, ``digits-cnn``, ``fashion_mnist``,
 ``sensor``, ``text``."""
 
-from hyprstream.agent.tasks import digits, fashion, sensor, text  # noqa: F401
+from hyprstream.learning.tasks import digits, fashion, sensor, text  # noqa: F401

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hyprstream.agent.task import Dataset, Task, register, seeded
-from hyprstream.agent.tasks._records import label_column, number_list
+from hyprstream.learning.task import Dataset, Task, register, seeded
+from hyprstream.learning.tasks._records import label_column, number_list
 from hyprstream.errors import ValidationError
 
 SIDE = 28

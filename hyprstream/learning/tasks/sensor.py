@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hyprstream.agent.task import UNLABELLED, Dataset, Task, register, seeded
-from hyprstream.agent.tasks._records import integer, label_column, number
+from hyprstream.learning.task import UNLABELLED, Dataset, Task, register, seeded
+from hyprstream.learning.tasks._records import integer, label_column, number
 from hyprstream.errors import HyprstreamError, ValidationError
 
 N_FEATURES = 4

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hyprstream.agent.task import Dataset, Task
+from hyprstream.learning.task import Dataset, Task
 from hyprstream.errors import ValidationError
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hyprstream.agent.task import UNLABELLED
+from hyprstream.learning.task import UNLABELLED
 from hyprstream.errors import ValidationError
 
 
