@@ -16,6 +16,8 @@ caller can catch ``HyprstreamError`` and know the failure is described in Hyprst
 
 from __future__ import annotations
 
+import enum
+
 
 class HyprstreamError(Exception):
     """Base class of every error raised by Hyprstream."""
@@ -51,8 +53,29 @@ class ValidationError(HyprstreamError, ValueError):
     """An input was refused; the state it was meant to change is unchanged."""
 
 
+class Refusal(enum.Enum):
+    """Why core refused a push: a code a caller can act on, carried across the wire apart from the message."""
+
+    INVALID = "invalid"  # the delta is not a layer table, or another malformed input
+    EMPTY = "empty"  # the delta has no parameter
+    REPLAY = "replay"  # a sequence number or a (base clocks, delta) pair core already committed
+    UNKNOWN_PARAMETER = "unknown_parameter"
+    WRONG_LAYER = "wrong_layer"  # a parameter named under another layer group than the model's
+    SHAPE = "shape"
+    DTYPE = "dtype"
+    NOT_FINITE = "not_finite"  # NaN, Inf, or a norm that overflows
+    NORM = "norm"  # above the model's max_update_norm
+    UNKNOWN_BASE = "unknown_base"  # base clocks of no committed version
+    CONSISTENCY = "consistency"  # the model's consistency mode refuses the merge (conflict, too stale)
+
+
 class UpdateRejected(ValidationError):
-    """Core refused a weight delta (unknown layer, wrong shape or dtype, NaN/Inf, stale base, ...)."""
+    """Core refused a weight delta (unknown layer, wrong shape or dtype, NaN/Inf, stale base, ...);
+    ``code`` says which kind of refusal it is."""
+
+    def __init__(self, message: str, code: Refusal = Refusal.INVALID) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AuthError(HyprstreamError):

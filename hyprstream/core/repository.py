@@ -48,7 +48,7 @@ from hyprstream.core.audit import AuditError, AuditLog, canonical, iter_entries
 from hyprstream.consistency import plan_merge
 from hyprstream.core.storage import LocalStorage, Storage, is_temporary, read_json
 from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
-from hyprstream.errors import UpdateRejected, ValidationError
+from hyprstream.errors import Refusal, UpdateRejected, ValidationError
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.core")
@@ -230,15 +230,15 @@ class ModelRepository:
             delta = lt.normalize(delta)
             arrays = lt.to_arrays(delta)
         except ValidationError as exc:
-            raise UpdateRejected(str(exc)) from None
+            raise UpdateRejected(str(exc), Refusal.INVALID) from None
         if not arrays:
-            raise UpdateRejected("empty delta")
+            raise UpdateRejected("empty delta", Refusal.EMPTY)
         with self._lock:
             m = self._manifest(model)
             settings = self.settings(model)
             last_seq = m["fog_seq"].get(fog, 0)
             if seq <= last_seq:
-                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed seq {last_seq}, got {seq}")
+                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed seq {last_seq}, got {seq}", Refusal.REPLAY)
             head = m["versions"][-1]["version"]
             current_clocks = clocks_from_json(m["clocks"][str(head)])
             master: dict[str, np.ndarray] = {}
@@ -252,39 +252,45 @@ class ModelRepository:
             sq = 0.0
             for name, d in arrays.items():
                 if name not in master:
-                    raise UpdateRejected(f"unknown parameter {name!r}")
+                    raise UpdateRejected(f"unknown parameter {name!r}", Refusal.UNKNOWN_PARAMETER)
                 if delta_layers[name] != layer_of[name]:
-                    raise UpdateRejected(f"parameter {name!r} belongs to layer {layer_of[name]!r}, not {delta_layers[name]!r}")
+                    raise UpdateRejected(f"parameter {name!r} belongs to layer {layer_of[name]!r}, not {delta_layers[name]!r}",
+                                         Refusal.WRONG_LAYER)
                 if d.shape != master[name].shape:
-                    raise UpdateRejected(f"{name}: shape {list(d.shape)} differs from the model's {list(master[name].shape)}")
+                    raise UpdateRejected(f"{name}: shape {list(d.shape)} differs from the model's {list(master[name].shape)}",
+                                         Refusal.SHAPE)
                 if d.dtype != master[name].dtype:
-                    raise UpdateRejected(f"{name}: dtype {d.dtype} differs from the model's {master[name].dtype}")
+                    raise UpdateRejected(f"{name}: dtype {d.dtype} differs from the model's {master[name].dtype}",
+                                         Refusal.DTYPE)
                 s = sum_of_squares(d)
                 if not np.isfinite(s):
                     if not np.isfinite(d).all():
-                        raise UpdateRejected(f"{name}: delta contains NaN or Inf")
-                    raise UpdateRejected(f"{name}: delta norm overflows")
+                        raise UpdateRejected(f"{name}: delta contains NaN or Inf", Refusal.NOT_FINITE)
+                    raise UpdateRejected(f"{name}: delta norm overflows", Refusal.NOT_FINITE)
                 sq += s
                 if layer_of[name] not in touched:
                     touched.append(layer_of[name])
             norm = float(np.sqrt(sq))
             if settings.max_update_norm is not None and norm > settings.max_update_norm:
-                raise UpdateRejected(f"update norm {norm:.6g} exceeds the model's bound {settings.max_update_norm:.6g}")
+                raise UpdateRejected(f"update norm {norm:.6g} exceeds the model's bound {settings.max_update_norm:.6g}",
+                                     Refusal.NORM)
             history = self._clock_history(model)
             for layer in touched:
                 if layer in base_clocks and not _known_base(base_clocks[layer], history.get(layer, set()), fog,
                                                             current_clocks.get(layer)):
                     raise UpdateRejected(f"layer {layer!r}: base clock {base_clocks[layer].as_dict()} is not the "
                                          f"clock of any committed version of model {model!r} (core's history), "
-                                         f"nor one of them advanced by {fog!r}'s own committed pushes")
+                                         f"nor one of them advanced by {fog!r}'s own committed pushes",
+                                         Refusal.UNKNOWN_BASE)
             plan = plan_merge(settings.consistency, current_clocks, base_clocks, touched, fog)
             if not plan.accept:
-                raise UpdateRejected(plan.reason)
+                raise UpdateRejected(plan.reason, Refusal.CONSISTENCY)
             base_json = clocks_to_json({layer: base_clocks[layer] for layer in touched})
             digest = update_digest(arrays)
             key = _replay_key(fog, base_json, digest)
             if key in self._applied_keys(model):
-                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed this delta from the same base clocks")
+                raise UpdateRejected(f"replayed push: fog {fog!r} already pushed this delta from the same base clocks",
+                                     Refusal.REPLAY)
             new_version = head + 1
             files = dict(m["layer_files"][str(head)])
             clocks = dict(m["clocks"][str(head)])

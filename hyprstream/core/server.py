@@ -28,7 +28,7 @@ from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings, PushRecord
 from hyprstream.core.signing import Ed25519PrivateKey, fingerprint
 from hyprstream.vector_clock import clocks_to_json
-from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
+from hyprstream.errors import ConfigError, HyprstreamError, UpdateRejected, ValidationError
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.core")
@@ -185,8 +185,11 @@ class CoreFlightServer(flight.FlightServerBase):
             return fn(*args, **kwargs)
         except (ValidationError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             log.warning("refused %s: %s", action, exc)
-            self._refused(context, action, subject, str(exc), **(details or {}))
-            raise flight.FlightServerError(f"invalid argument: {exc}") from None
+            code = {"code": exc.code.value} if isinstance(exc, UpdateRejected) else {}
+            self._refused(context, action, subject, str(exc), **code, **(details or {}))
+            # the refusal's code travels beside the message (Flight's extra_info), for callers to act on
+            raise flight.FlightServerError(f"invalid argument: {exc}",
+                                           extra_info=json.dumps(code).encode() if code else b"") from None
         except AuditError as exc:
             raise flight.FlightServerError(f"core cannot record this call in its audit log: {exc}") from None
         except (HyprstreamError, OSError) as exc:

@@ -13,7 +13,7 @@ from hyprstream.coreapi import commands as cmd
 from hyprstream.coreapi.records import ModelSettings, PushResult, Snapshot
 from hyprstream.config import to_dict
 from hyprstream.vector_clock import VectorClock, clocks_from_json
-from hyprstream.errors import AuthError, HyprstreamError, TransportError, UpdateRejected, ValidationError
+from hyprstream.errors import AuthError, HyprstreamError, Refusal, TransportError, UpdateRejected, ValidationError
 
 
 class CoreClient:
@@ -125,9 +125,19 @@ class _translated:
         if isinstance(exc, (flight.FlightError, pa.ArrowException)):
             if message.startswith("invalid argument: "):
                 reason = message.removeprefix("invalid argument: ")
-                raise (UpdateRejected if self.update else ValidationError)(reason) from None
+                if self.update:
+                    raise UpdateRejected(reason, _refusal(exc)) from None
+                raise ValidationError(reason) from None
             raise TransportError(message) from None
         return False
+
+
+def _refusal(exc: BaseException) -> Refusal:
+    """The refusal code core sent beside its message (``extra_info``); INVALID when there is none."""
+    try:
+        return Refusal(json.loads(getattr(exc, "extra_info", b"") or b"{}").get("code"))
+    except (ValueError, TypeError, AttributeError):
+        return Refusal.INVALID
 
 
 def _server_message(exc: BaseException) -> str:

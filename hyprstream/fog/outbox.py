@@ -21,7 +21,7 @@ from hyprstream.coreapi.client import CoreClient
 from hyprstream.durable import write_atomic
 from hyprstream.coreapi.records import PushResult
 from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
-from hyprstream.errors import TransportError, UpdateRejected
+from hyprstream.errors import Refusal, TransportError, UpdateRejected
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -108,7 +108,7 @@ class Outbox:
                                          privacy=push.privacy, transcript_sha256=push.transcript_sha256)
                 done.append(Delivery(push, Outcome.COMMITTED, result))
             except UpdateRejected as exc:
-                replay = "replayed push" in str(exc)
+                replay = exc.code is Refusal.REPLAY
                 outcome = Outcome.ALREADY_APPLIED if replay else Outcome.REFUSED
                 if not replay:
                     log.warning("core refused push %d of fog %s: %s", push.seq, push.fog, exc)

@@ -12,7 +12,7 @@ from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.vector_clock import VectorClock
-from hyprstream.errors import AuthError, UpdateRejected
+from hyprstream.errors import AuthError, Refusal, UpdateRejected
 from hyprstream.store.layer_table import to_arrays, to_table
 
 pytestmark = pytest.mark.integration
@@ -84,18 +84,19 @@ def test_plain_client_reads_and_pushes(core):
     assert subset.column("name").to_pylist() == ["head.weight"]
 
 
-@pytest.mark.parametrize("delta, reason", [
-    ({"fc1.weight": np.ones((3, 2), np.float32)}, "shape"),
-    ({"fc1.bias": np.array([np.nan, 0], np.float32)}, "NaN"),
-    ({"fc1.bias": np.array([np.inf, 0], np.float32)}, "NaN or Inf"),
-    ({"fc9.weight": np.ones(2, np.float32)}, "unknown parameter"),
-    ({"fc1.bias": np.ones(2, np.float64)}, "dtype"),
+@pytest.mark.parametrize("delta, reason, code", [
+    ({"fc1.weight": np.ones((3, 2), np.float32)}, "shape", Refusal.SHAPE),
+    ({"fc1.bias": np.array([np.nan, 0], np.float32)}, "NaN", Refusal.NOT_FINITE),
+    ({"fc1.bias": np.array([np.inf, 0], np.float32)}, "NaN or Inf", Refusal.NOT_FINITE),
+    ({"fc9.weight": np.ones(2, np.float32)}, "unknown parameter", Refusal.UNKNOWN_PARAMETER),
+    ({"fc1.bias": np.ones(2, np.float64)}, "dtype", Refusal.DTYPE),
 ])
-def test_malformed_update_refused_version_unchanged(core, delta, reason):
+def test_malformed_update_refused_version_unchanged(core, delta, reason, code):
     with CoreClient(core, "fog-secret") as fog:
-        with pytest.raises(UpdateRejected, match=reason):
+        with pytest.raises(UpdateRejected, match=reason) as refused:
             fog.push_delta("m", to_table(delta), fog="fog-a", seq=1, base_clocks={"fc1": VectorClock()},
                            participants=1)
+        assert refused.value.code is code  # the code crossed the wire beside the message
         head = fog.head("m")
         assert head["version"] == 0
         np.testing.assert_array_equal(to_arrays(fog.get_weights("m").table)["fc1.weight"], W0["fc1.weight"])
@@ -109,8 +110,16 @@ def test_replay_and_identity(core):
     with CoreClient(core, "fog-secret") as fog:
         d = to_table({"fc1.bias": np.ones(2, np.float32)})
         fog.push_delta("m", d, fog="fog-a", seq=1, base_clocks={"fc1": VectorClock()}, participants=1)
-        with pytest.raises(UpdateRejected, match="replayed"):
+        with pytest.raises(UpdateRejected, match="replayed") as refused:
             fog.push_delta("m", d, fog="fog-a", seq=1, base_clocks={"fc1": VectorClock()}, participants=1)
+        assert refused.value.code is Refusal.REPLAY
+        with pytest.raises(UpdateRejected, match="same base clocks") as refused:  # same delta, new seq
+            fog.push_delta("m", d, fog="fog-a", seq=2, base_clocks={"fc1": VectorClock()}, participants=1)
+        assert refused.value.code is Refusal.REPLAY
+        with pytest.raises(UpdateRejected, match="base clock") as refused:
+            fog.push_delta("m", to_table({"fc1.bias": np.full(2, 2.0, np.float32)}), fog="fog-a", seq=3,
+                           base_clocks={"fc1": VectorClock({"fog-z": 7})}, participants=1)
+        assert refused.value.code is Refusal.UNKNOWN_BASE
         with pytest.raises(AuthError, match="may not push as fog"):
             fog.push_delta("m", d, fog="fog-b", seq=1, base_clocks={"fc1": VectorClock()}, participants=1)
         assert fog.head("m")["version"] == 1
@@ -165,3 +174,22 @@ def test_stale_push_refused_under_strong_mode(tmp_path):
     again = ModelRepository(tmp_path)
     assert again.head("m")["version"] == 2
     assert again.head("m")["clocks"] == {"fc1": {"fog-a": 1}, "head": {"fog-b": 1}}
+
+
+def test_a_refusal_code_is_read_from_its_own_field_never_from_the_message(core):
+    """The code travels in Flight's extra_info; a plain client sees it there, and a message that merely
+    mentions a replay is not one."""
+    with pytest.raises(flight.FlightError) as err:
+        plain_push(core, "fog-secret", {"fc1.bias": np.array([np.nan, 0], np.float32)}, model="m", fog="fog-a",
+                   seq=1, base_clocks={"fc1": {}}, participants=1)
+    assert json.loads(err.value.extra_info) == {"code": "not_finite"}
+    from hyprstream.coreapi.client import _refusal
+
+    class Crafted(Exception):
+        def __init__(self, extra_info):
+            super().__init__("invalid argument: replayed push (says the message)")
+            self.extra_info = extra_info
+
+    for extra, code in ((b"", Refusal.INVALID), (b"not json", Refusal.INVALID), (b'{"code": "nope"}', Refusal.INVALID),
+                        (b'["replay"]', Refusal.INVALID), (b'{"code": "replay"}', Refusal.REPLAY)):
+        assert _refusal(Crafted(extra)) is code
