@@ -49,6 +49,13 @@ TRAIN_REPLY_SCHEMA = "hyprstream.train-reply/1"
 INFER_SCHEMA = "hyprstream.infer/1"  # the answers of a fog's inference offload endpoint (hyprstream.fog.offload)
 
 
+def train_seed(seed: int, round_no: int = 0, index: int = 0) -> int:
+    """The one seed formula: the ``seed`` of the train request a fog seeded ``seed`` sends its agent number
+    ``index`` in round ``round_no`` (the simulator and the flat baseline give a device the same seed the
+    deployed fog would). Distinct for distinct (round, index) while ``index < 1009``."""
+    return seed * 1_000_003 + round_no * 1009 + index
+
+
 class ReplyStatus(enum.Enum):
     OK = "ok"
     DECLINED = "declined"

@@ -22,7 +22,7 @@ from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import TransportError, ValidationError
 from hyprstream.fog.aggregate import Aggregation, UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.outbox import Delivery, Outbox, Outcome, Push
-from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest
+from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest, train_seed
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.fog")
@@ -160,7 +160,7 @@ class FogAggregator:
             request = TrainRequest(
                 model=self.model, model_version=base.version, task=self.plan.task, layers=layers,
                 local_steps=self.plan.local_steps, batch_size=self.plan.batch_size, lr=self.plan.lr,
-                seed=self.seed * 1_000_003 + round_no * 1009 + i, weights=weights,
+                seed=train_seed(self.seed, round_no, i), weights=weights,
                 update_encoding=self.plan.update_encoding,
             )
             if shared is None:

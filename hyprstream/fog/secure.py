@@ -45,7 +45,7 @@ from hyprstream.privacy.noise import RandomSource, SecureRandom
 from hyprstream.privacy.quantize import Quantizer
 from hyprstream.privacy.secagg import SecAggServer, SecAggSum, new_round_id, plan_graph
 from hyprstream.privacy.secagg_messages import Stage, Status
-from hyprstream.protocol import TrainRequest
+from hyprstream.protocol import TrainRequest, train_seed
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.privacy")
@@ -208,7 +208,7 @@ class SecureFogAggregator:
             request = TrainRequest(
                 model=fog.model, model_version=base.version, task=fog.plan.task, layers=layers,
                 local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
-                seed=fog.seed * 1_000_003 + round_no * 1009 + index[node], weights=weights)
+                seed=train_seed(fog.seed, round_no, index[node]), weights=weights)
             pending.bytes_down += request.payload_bytes()
             setup = wire.Setup(pending.round_id, i, pending.server.neighbours(i), pending.server.threshold, spec)
             messages.append(Message(wire.setup_content(request.to_content(), setup), dst_node_id=node,

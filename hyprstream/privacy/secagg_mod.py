@@ -39,7 +39,7 @@ from hyprstream.privacy.identity import DeviceIdentity
 from hyprstream.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from hyprstream.privacy.secagg import SecAggClient
 from hyprstream.privacy.secagg_messages import Stage, Status
-from hyprstream.protocol import ReplyStatus, TrainReply
+from hyprstream.protocol import ReplyStatus, TrainReply, train_seed
 
 log = logging.getLogger("hyprstream.privacy")
 
@@ -90,7 +90,7 @@ def _configured_identity(context: Context) -> DeviceIdentity | None:
 
 
 def _source(secure: bool, seed: int, index: int) -> RandomSource:
-    return SecureRandom() if secure else SeededRandom(seed * 1_000_003 + index)
+    return SecureRandom() if secure else SeededRandom(train_seed(seed, 0, index))
 
 
 def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,

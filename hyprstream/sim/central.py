@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from hyprstream.protocol import train_seed
 from hyprstream.sim import clock
 
 CENTRAL = "central"
@@ -56,7 +57,7 @@ def run_central(exp, out: Path, *, on_step=None):
 
     for rnd in range(1, exp.training.global_steps + 1):
         result = train_layers(task, model, layers, train, steps=steps, batch_size=exp.training.batch_size,
-                              lr=exp.training.lr, seed=exp.seed * 1_000_003 + rnd * 1009)
+                              lr=exp.training.lr, seed=train_seed(exp.seed, rnd))
         sim_s += clock.compute_s(clock.training_flops(n_params, n_params, steps * exp.training.batch_size), 1.0)
         loss, acc = evaluate(task, model, test)
         r = FogRound(fog=CENTRAL, round=rnd, base_version=rnd - 1, version=rnd, layers=layers, participants=1,

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from hyprstream.agent.client_app import ModuleClientApp, handle_train, query_device, store_dir
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.protocol import TrainRequest, arrays_to_record, record_to_arrays
+from hyprstream.protocol import TrainRequest, arrays_to_record, record_to_arrays, train_seed
 
 log = logging.getLogger("hyprstream.sim")
 
@@ -145,7 +145,7 @@ def run_flat(exp, out: Path, *, on_step=None):
             def seed_of(rnd: int, node: int) -> int:
                 # the seed the hierarchical run gives this device (its fog's seed and its index there)
                 d = device_of[node]
-                return (exp.seed + d // per_fog) * 1_000_003 + rnd * 1009 + d % per_fog
+                return train_seed(exp.seed + d // per_fog, rnd, d % per_fog)
 
             def online_of(rnd: int) -> set[int]:
                 # the hierarchical run's fleet model: online and not in the minimal strategy (FedAvg has

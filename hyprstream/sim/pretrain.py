@@ -23,6 +23,7 @@ import numpy as np
 
 from hyprstream.learning.task import Dataset, Task
 from hyprstream.errors import ConfigError
+from hyprstream.protocol import train_seed
 
 PUBLIC_SEED = 0x5EED  # mixed into the experiment's seed: the public slice does not depend on the partition's draws
 START_FILE = "pretrain.json"
@@ -69,7 +70,7 @@ def initial_state(exp, task: Task, train: Dataset, test: Dataset | None = None) 
     torch.set_num_threads(exp.runtime.torch_threads)  # as the agents train: same results on any machine
     try:
         train_layers(task, model, tuple(task.layer_groups(model)), public, steps=pre.steps,
-                     batch_size=pre.batch_size, lr=pre.lr, seed=exp.seed * 1_000_003 + PUBLIC_SEED)
+                     batch_size=pre.batch_size, lr=pre.lr, seed=train_seed(exp.seed, 0, PUBLIC_SEED))
     finally:
         torch.set_num_threads(threads)
     accuracy = evaluate(task, model, test)[1] if test is not None else None
