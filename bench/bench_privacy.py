@@ -11,8 +11,8 @@ A. One aggregation round of K clients whose layer-wise delta has n float32 param
    and aggregate the same deltas: each client's train handler returns a fixed delta (norm 0.5,
    below the clip bound 1.0), no training happens.
 
-   (plain)  ``FogAggregator.run_round``: train requests, plaintext delta replies, ``UpdateMatrix``
-            mean, push to an in-memory core.
+   (plain)  ``FogAggregator.run_round``: train requests, plaintext delta replies, the weighted
+            mean (``UpdateSum``), push to an in-memory core.
    (secure) ``SecureFogAggregator.run_round`` around the same fog: setup (the train request),
             share, mask, consistency, unmask stages (SecAgg+ over a Harary graph of degree k,
             threshold t from ``plan_graph(K, expected_dropout=0.1)``), decode, mean, push. Each
