@@ -153,6 +153,11 @@ def seeded(seed: int, make: Callable[[], Any]) -> Any:
 
 _REGISTRY: dict[str, Callable[[], Task]] = {}
 
+ENTRY_POINT_GROUP = "hyprstream.tasks"
+"""Installed packages offer tasks under this entry-point group: ``name = "package.module:TaskClass"``
+(docs/agent.md, "Your own task"). A device runs only tasks its operator installed: a train request
+names a task, never a module to import."""
+
 
 def register(name: str) -> Callable[[type[Task]], type[Task]]:
     def deco(cls: type[Task]) -> type[Task]:
@@ -164,14 +169,51 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
 
 
 def get_task(name: str) -> Task:
+    """The task called ``name``: a built-in one, or one an installed package offers (entry point group
+    ``hyprstream.tasks``), loaded and checked at its first use. Raises ValidationError naming what is
+    wrong (unknown name, a plugin that does not load, or that is not a complete :class:`Task`)."""
     from hyprstream.learning import tasks  # noqa: F401  (registers the built-in tasks)
 
     if name not in _REGISTRY:
-        raise ValidationError(f"unknown task {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+        plugin = _plugins().get(name)
+        if plugin is None:
+            raise ValidationError(f"unknown task {name!r} (known: {', '.join(task_names())})")
+        _REGISTRY[name] = _load_plugin(name, plugin)
     return _REGISTRY[name]()
 
 
 def task_names() -> list[str]:
+    """Every task name: the built-in ones and those of installed plugins."""
     from hyprstream.learning import tasks  # noqa: F401
 
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_plugins()))
+
+
+def _plugins() -> dict[str, Any]:
+    """The entry points of group ``hyprstream.tasks`` on the path now (a built-in name is never
+    replaced by a plugin's)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load_plugin(name: str, entry_point) -> type[Task]:
+    where = f"task plugin {name!r} ({entry_point.value}"
+    dist = getattr(entry_point, "dist", None)
+    where += f", from {dist.name} {dist.version})" if dist is not None else ")"
+    try:
+        cls = entry_point.load()
+    except Exception as exc:  # noqa: BLE001 -- whatever the plugin raised, said with its name
+        raise ValidationError(f"{where} does not load: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValidationError(f"{where} is {cls!r}, not a subclass of hyprstream.learning.task.Task")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise ValidationError(f"{where} does not implement {', '.join(missing)}")
+    for attr in ("schema", "n_classes"):
+        if not hasattr(cls, attr):
+            raise ValidationError(f"{where} does not set {attr}")
+    if not isinstance(cls.schema, pa.Schema):
+        raise ValidationError(f"{where}: schema must be a pyarrow.Schema, got {type(cls.schema).__name__}")
+    cls.name = name
+    return cls

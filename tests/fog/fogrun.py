@@ -60,11 +60,13 @@ model = "{model}"
     return path
 
 
-def run_fog_over_supernodes(config: Path, port: int, stores: list[Path], timeout_s: float = 540.0) -> str:
+def run_fog_over_supernodes(config: Path, port: int, stores: list[Path], timeout_s: float = 540.0,
+                            env: dict[str, str] | None = None) -> str:
     """``hyprstream fog run --config config`` (its SuperLink on ``port``, insecure) with one SuperNode per
     store; waits for the fog to exit after its ``max_rounds``, asserts exit code 0, returns its output."""
+    env = ENV if env is None else env
     fog = subprocess.Popen([sys.executable, "-m", "hyprstream.cli", "fog", "run", "--config", str(config)],
-                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     nodes = []
     try:
         deadline = time.monotonic() + 60
@@ -75,7 +77,7 @@ def run_fog_over_supernodes(config: Path, port: int, stores: list[Path], timeout
             time.sleep(0.2)
         for path in stores:  # each device as the agent daemon runs it: a SuperNode and its warm executor
             node = SuperNodeProcess(FogLink(f"127.0.0.1:{port}", insecure=True), node_config={"store-dir": str(path)},
-                                    env={**ENV, "FLWR_HOME": str(path.parent / f"{path.name}.flwr")},
+                                    env={**env, "FLWR_HOME": str(path.parent / f"{path.name}.flwr")},
                                     log_path=path.parent / f"{path.name}.supernode.log")
             node.start()
             nodes.append(node)
