@@ -7,7 +7,8 @@ messages, so on a small device the imports cost more than the work. Here the Sup
 ``--isolation process`` and this process takes its place: it asks the SuperNode's Runtime API (loopback)
 for a task every ``poll_s`` and forks a child that runs Flower's ``run_clientapp`` with the task's token.
 Each task still runs in its own process (a crash or a leak ends with it; nothing a task changes reaches the
-next), only the imports are shared, copy-on-write.
+next), only the imports are shared, copy-on-write. This process starts no thread and never touches CUDA
+(importing torch does not initialise it), so every fork starts consistent and may use the GPU itself.
 
 The Runtime API's ``AcquireTask`` (which hands out the tokens) is authenticated with a secret shared by the
 SuperNode and this process (Flower's SuperExec HMAC): another local process cannot take the device's tasks.
@@ -75,6 +76,9 @@ class WarmExecutor:
         if threading.active_count() != 1:  # a fork keeps only the forking thread: locks others hold stay held
             raise RuntimeError(f"the executor forks its tasks and must run single-threaded; "
                                f"{threading.active_count()} threads are running")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():  # a fork cannot use a CUDA context it inherits
+            raise RuntimeError("CUDA was initialised in the executor: its forks could not use the GPU")
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("executor ready: ClientApp tasks of %s run in forks of pid %d", self.runtime_address, os.getpid())
         try:
