@@ -273,7 +273,8 @@ class SuperNodeProcess:
         self._stop_all(timeout_s)
 
     def _stop_all(self, timeout_s: float = 10.0) -> None:
-        procs = [p for p in (self._proc, self._executor) if p is not None and p.poll() is None]
+        # the executor first: it ends the task it is running, then the SuperNode it talks to
+        procs = [p for p in (self._executor, self._proc) if p is not None and p.poll() is None]
         self._proc = self._executor = None
         for proc in procs:
             proc.terminate()

@@ -33,6 +33,10 @@ ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 DEFAULT_POLL_S = 0.2
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached the executor."""
+
+
 def preload(modules: tuple[str, ...] = PRELOAD) -> None:
     """Import what every task would import. Nothing here may start a thread: the forks inherit none."""
     for name in modules:
@@ -67,11 +71,10 @@ class WarmExecutor:
     def serve(self, stop_after: int | None = None) -> None:
         """Run until SIGTERM/SIGINT, until the SuperNode (``parent_pid``) is gone, or after ``stop_after``
         tasks have been started and have ended."""
-        stopping = False
-
         def on_signal(signum, _frame) -> None:
-            nonlocal stopping
-            stopping = True
+            # raised wherever the loop is, even inside Flower's retries of a SuperNode that is gone;
+            # launch() blocks these signals around its fork, so no child goes untracked
+            raise _Stop
 
         if threading.active_count() != 1:  # a fork keeps only the forking thread: locks others hold stay held
             raise RuntimeError(f"the executor forks its tasks and must run single-threaded; "
@@ -82,7 +85,7 @@ class WarmExecutor:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("executor ready: ClientApp tasks of %s run in forks of pid %d", self.runtime_address, os.getpid())
         try:
-            while not stopping and self._parent_alive() and (stop_after is None or self.tasks < stop_after):
+            while self._parent_alive() and (stop_after is None or self.tasks < stop_after):
                 self.reap()
                 token = self.acquire()
                 if token is not None:
@@ -91,6 +94,8 @@ class WarmExecutor:
                     time.sleep(self.poll_s)
             if stop_after is not None:
                 self.wait()
+        except _Stop:
+            log.info("executor stopping (signal)")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -108,12 +113,18 @@ class WarmExecutor:
         """Fork a child that runs the task of ``token``; returns its PID."""
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:  # the child: never returns into the loop
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
                 run_clientapp(runtime_api_address=self.runtime_address, token=token, insecure=True,
@@ -129,6 +140,7 @@ class WarmExecutor:
                 os._exit(code)
         self.children.add(pid)
         self.tasks += 1
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is delivered now
         return pid
 
     def reap(self) -> None:

@@ -89,6 +89,8 @@ def test_supernode_registers_and_dies_with_the_agent(tmp_path, superlink, how):
         config = cmd[cmd.index("--node-config") + 1]
         assert f'store-dir="{(tmp_path / f"node-{how}" / "store").resolve()}"' in config and "state-dir=" in config
         if how == "sigterm":
+            node_log = tmp_path / f"node-{how}" / "store.state" / "supernode.log"
+            assert wait_until(lambda: "executor ready" in node_log.read_text(errors="replace"), 120)
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(60) == 0
         else:
@@ -103,6 +105,9 @@ def test_supernode_registers_and_dies_with_the_agent(tmp_path, superlink, how):
     if how == "sigterm":
         log = (tmp_path / f"node-{how}.log").read_text()
         assert "SuperNode started" in log and "agent stopped" in log
+        # the executor ended on its SIGTERM (not killed after the agent's grace period)
+        node_log = tmp_path / f"node-{how}" / "store.state" / "supernode.log"
+        assert "executor stopping (signal)" in node_log.read_text(errors="replace")
 
 
 def test_supernode_restarts_when_it_or_its_executor_dies(tmp_path, superlink):
