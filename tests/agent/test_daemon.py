@@ -385,3 +385,22 @@ def test_telemetry_says_when_the_devices_budget_is_spent(tmp_path):
         runner.join(60)
     last = from_wire([p for t, p, _, _ in pub.messages if t.endswith("/telemetry")][-1])
     assert (last.privacy.epsilon_budget, last.privacy.delta) == (budget, 1e-5)  # delta from the profile's [training]
+
+
+@pytest.mark.unit
+def test_the_executor_serves_only_a_loopback_runtime_api_with_a_secret(tmp_path, capsys):
+    from hyprstream.agent.executor import WarmExecutor, main, read_secret
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"")
+    for argv, said in ((["--runtime-api-address", "10.0.0.5:9094", "--secret-file", str(secret)], "loopback"),
+                       (["--runtime-api-address", "127.0.0.1:x", "--secret-file", str(secret)], "loopback"),
+                       (["--runtime-api-address", "127.0.0.1:9094", "--secret-file", str(secret), "--poll-s", "0"],
+                        "--poll-s")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must not be empty"):
+        read_secret(str(secret))
+    with pytest.raises(ValueError, match="must not be empty"):
+        WarmExecutor("127.0.0.1:9094", b"")
