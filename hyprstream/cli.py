@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hyprstream import __version__
 from hyprstream.errors import ConfigError, HyprstreamError
+from hyprstream.runtime import LOG_FORMAT
 
 DEFAULT_EXPERIMENT = "quickstart"
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     # Flower's logger has its own handler and propagates to root: keep one copy, at our level.
     flwr = logging.getLogger("flwr")
     flwr.setLevel(logging.ERROR if verbose == 0 else level)

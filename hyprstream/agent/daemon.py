@@ -54,6 +54,7 @@ from hyprstream.telemetry.records import (
 )
 from hyprstream.durable import write_private_file
 from hyprstream.errors import ConfigError, HyprstreamError, StoreError
+from hyprstream.runtime import executable, stop_process
 
 __all__ = ["Agent", "AgentConfig", "FogLink", "IngestConfig", "SuperNodeProcess"]
 
@@ -214,19 +215,14 @@ class SuperNodeProcess:
         self._executor: subprocess.Popen | None = None
         self._restart_at: float | None = None
         self.starts = 0
-        exe = Path(sys.executable).with_name("flower-supernode")
-        found = str(exe) if exe.exists() else shutil.which("flower-supernode")
-        if found is None:
-            raise ConfigError("flower-supernode is not installed (it comes with flwr)", source="--fog")
-        self.executable = found
+        try:
+            self.executable = executable("flower-supernode")
+        except HyprstreamError as exc:
+            raise ConfigError(str(exc), source="--fog") from None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    @property
-    def executor_pid(self) -> int | None:
-        return self._executor.pid if self._executor is not None and self._executor.poll() is None else None
 
     def start(self) -> None:
         port = self.link.runtime_port or _free_port()
@@ -250,8 +246,7 @@ class SuperNodeProcess:
         """Restart the SuperNode and its executor (after a backoff) if either exited."""
         now = self._clock()
         if self._proc is not None:
-            code = self._proc.poll()
-            executor_code = self._executor.poll() if self._executor is not None else None
+            code, executor_code = self._proc.poll(), self._executor.poll()
             if code is None and executor_code is None:
                 if now - self._started_at > 60:
                     self._backoff = self._backoff_min  # ran a while: the next failure starts afresh
@@ -262,7 +257,7 @@ class SuperNodeProcess:
             else:
                 log.warning("the SuperNode's executor exited with code %d; restarting both in %.0f s",
                             executor_code, self._backoff)
-            self._stop_all()
+            self.stop()
             self._restart_at = now + self._backoff
             self._backoff = min(self._backoff * 2, self._backoff_max)
         if self._restart_at is not None and now >= self._restart_at:
@@ -270,21 +265,10 @@ class SuperNodeProcess:
             self.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop_all(timeout_s)
-
-    def _stop_all(self, timeout_s: float = 10.0) -> None:
-        # the executor first: it ends the task it is running, then the SuperNode it talks to
-        procs = [p for p in (self._executor, self._proc) if p is not None and p.poll() is None]
-        self._proc = self._executor = None
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("process %d did not stop within %.0f s; killing it", proc.pid, timeout_s)
-                proc.kill()
-                proc.wait(timeout_s)
+        """The executor first (it ends the task it is running), then the SuperNode it talks to."""
+        executor, supernode, self._executor, self._proc = self._executor, self._proc, None, None
+        stop_process(executor, timeout_s)
+        stop_process(supernode, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------- the agent

@@ -18,6 +18,7 @@ Started by :class:`hyprstream.agent.daemon.SuperNodeProcess`; ``python -m hyprst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -25,6 +26,10 @@ import signal
 import sys
 import threading
 import time
+
+import psutil
+
+from hyprstream.runtime import LOG_FORMAT
 
 log = logging.getLogger("hyprstream.agent.executor")
 
@@ -35,12 +40,6 @@ DEFAULT_POLL_S = 0.2
 
 class _Stop(Exception):
     """SIGTERM or SIGINT reached the executor."""
-
-
-def preload(modules: tuple[str, ...] = PRELOAD) -> None:
-    """Import what every task would import. Nothing here may start a thread: the forks inherit none."""
-    for name in modules:
-        importlib.import_module(name)
 
 
 class WarmExecutor:
@@ -58,7 +57,6 @@ class WarmExecutor:
         self.parent_pid = parent_pid
         self.poll_s = poll_s
         self.children: set[int] = set()
-        self.tasks = 0
         # Flower's invoker retries with backoff, and on a refused secret (401) stops this process (SIGINT)
         invoker = make_simple_http_retry_invoker() if retry else None
         self._client = RuntimeHttpClient.from_server_address(
@@ -68,9 +66,8 @@ class WarmExecutor:
                                                        protected_methods=frozenset({ACQUIRE_METHOD}))],
             retry_invoker=invoker)
 
-    def serve(self, stop_after: int | None = None) -> None:
-        """Run until SIGTERM/SIGINT, until the SuperNode (``parent_pid``) is gone, or after ``stop_after``
-        tasks have been started and have ended."""
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT or until the SuperNode (``parent_pid``) is gone."""
         def on_signal(signum, _frame) -> None:
             # raised wherever the loop is, even inside Flower's retries of a SuperNode that is gone;
             # launch() blocks these signals around its fork, so no child goes untracked
@@ -85,15 +82,13 @@ class WarmExecutor:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("executor ready: ClientApp tasks of %s run in forks of pid %d", self.runtime_address, os.getpid())
         try:
-            while self._parent_alive() and (stop_after is None or self.tasks < stop_after):
+            while self.parent_pid is None or psutil.pid_exists(self.parent_pid):
                 self.reap()
                 token = self.acquire()
                 if token is not None:
                     self.launch(token)
                 else:
                     time.sleep(self.poll_s)
-            if stop_after is not None:
-                self.wait()
         except _Stop:
             log.info("executor stopping (signal)")
         finally:
@@ -139,7 +134,6 @@ class WarmExecutor:
                 sys.stderr.flush()
                 os._exit(code)
         self.children.add(pid)
-        self.tasks += 1
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is delivered now
         return pid
 
@@ -149,53 +143,25 @@ class WarmExecutor:
             if done:
                 self.children.discard(pid)
                 code = os.waitstatus_to_exitcode(status)
-                if code not in (0,):
+                if code != 0:
                     log.warning("ClientApp task (pid %d) ended with code %d", pid, code)
-
-    def wait(self) -> None:
-        for pid in list(self.children):
-            os.waitpid(pid, 0)
-            self.children.discard(pid)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the tasks still running (SIGTERM: each pushes its status) and wait for them."""
         for pid in self.children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + timeout_s
         while self.children and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.05)
         for pid in list(self.children):
-            try:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
             self.children.discard(pid)
         self._client.close()
 
-    def _parent_alive(self) -> bool:
-        if self.parent_pid is None:
-            return True
-        try:
-            os.kill(self.parent_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def read_secret(path: str) -> bytes:
-    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
-
-    secret = load_superexec_auth_secret(path)
-    if not secret:
-        raise ValueError(f"no SuperExec secret in {path}")
-    return secret
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.01 <= args.poll_s <= 60:
         parser.error(f"--poll-s must be between 0.01 and 60, got {args.poll_s}")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger("hyprstream").addHandler(handler)
     logging.getLogger("hyprstream").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
-    secret = read_secret(args.secret_file)
-    preload()
+    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+
+    secret = load_superexec_auth_secret(args.secret_file)  # raises ValueError for an empty or unreadable file
+    for name in PRELOAD:  # what every task would import (none of them starts a thread)
+        importlib.import_module(name)
     WarmExecutor(args.runtime_api_address, secret, parent_pid=args.parent_pid, poll_s=args.poll_s).serve()
     return 0
 

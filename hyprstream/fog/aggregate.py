@@ -10,6 +10,7 @@ at the end. No per-client Python loop does arithmetic over the values.
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Mapping, Sequence
 
@@ -60,9 +61,10 @@ def trimmed_mean(matrix: np.ndarray, trim: float) -> np.ndarray:
     return part[cut:k - cut].mean(axis=0, dtype=np.float64).astype(matrix.dtype, copy=False)
 
 
-class _Updates:
+class _Updates(abc.ABC):
     """Up to ``capacity`` client deltas of a set of parameters: ``add`` validates one client's delta
-    (names, shapes, dtype, finiteness, norm) and keeps it; a refused delta leaves everything unchanged."""
+    (names, shapes, dtype, finiteness, norm) and keeps it; a refused delta leaves everything unchanged.
+    Subclasses say how a checked delta is kept (:meth:`_keep`) and combined."""
 
     def __init__(self, shapes: Mapping[str, Sequence[int]], capacity: int, dtype: np.dtype = np.float32) -> None:
         if capacity < 1:
@@ -74,7 +76,7 @@ class _Updates:
         self.count = 0
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float, *, max_norm: float | None = None) -> float:
-        """Copy one client's delta into the next row; returns its L2 norm. Raises ValidationError."""
+        """Check one client's delta and keep it; returns its L2 norm. Raises ValidationError."""
         norm, checked = self.check(delta, weight, max_norm=max_norm)
         self.store(checked, weight)
         return norm
@@ -122,7 +124,15 @@ class _Updates:
         return norm, flats
 
     def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
-        raise NotImplementedError
+        """Keep arrays returned by :meth:`check` as the next delta, with ``weight``."""
+        if self.count >= self.capacity:
+            raise ValidationError(f"more than {self.capacity} updates for this round")
+        self._keep(checked, float(weight))
+        self.count += 1
+
+    @abc.abstractmethod
+    def _keep(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
+        """Keep one checked delta (its index is ``count``)."""
 
 
 class UpdateMatrix(_Updates):
@@ -134,15 +144,10 @@ class UpdateMatrix(_Updates):
         self._rows = {k: np.empty((capacity, n), dtype=self.dtype) for k, n in self._sizes.items()}
         self._weights = np.zeros(capacity, dtype=np.float64)
 
-    def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
-        """Copy arrays returned by :meth:`check` into the next row."""
-        if self.count >= self.capacity:
-            raise ValidationError(f"more than {self.capacity} updates for this round")
-        i = self.count
+    def _keep(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
         for name, flat in checked.items():
-            np.copyto(self._rows[name][i], flat)
-        self._weights[i] = weight
-        self.count += 1
+            np.copyto(self._rows[name][self.count], flat)
+        self._weights[self.count] = weight
 
     def mean(self) -> dict[str, np.ndarray]:
         """Weighted mean per parameter over the rows added so far."""
@@ -196,11 +201,7 @@ class UpdateSum(_Updates):
         self._relative = 0.0  # sum_i w_i / scale
         self._total = 0.0
 
-    def store(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
-        """Add ``weight`` times the arrays returned by :meth:`check` to the sums."""
-        if self.count >= self.capacity:
-            raise ValidationError(f"more than {self.capacity} updates for this round")
-        weight = float(weight)
+    def _keep(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
         if weight > self._scale:
             if self._relative:
                 factor = self._scale / weight
@@ -214,7 +215,6 @@ class UpdateSum(_Updates):
                 self._axpy(np.ascontiguousarray(flat), self._sums[name], a=coef)
         self._relative += coef
         self._total += weight
-        self.count += 1
 
     def mean(self) -> dict[str, np.ndarray]:
         """The weighted mean per parameter over the deltas added so far."""

@@ -14,7 +14,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 from flwr.app import Context
@@ -30,6 +30,7 @@ from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
 from hyprstream.privacy.config import PrivacyConfig
 from hyprstream.privacy.ledger import PrivacyLedger
+from hyprstream.runtime import LOG_FORMAT
 from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.store import Store
 
@@ -56,9 +57,7 @@ def main(grid: Grid, context: Context) -> None:
         raise HyprstreamError(f"run config lacks {FOG_CONFIG_KEY!r} (the fog's TOML file)")
     logging.getLogger("hyprstream").setLevel(logging.INFO)
     state = Path(str(context.run_config[STATE_DIR_KEY])) if context.run_config.get(STATE_DIR_KEY) else None
-    with ExitStack() as stack:
-        if state is not None:
-            stack.enter_context(_logging_to(state / LOG_FILE))
+    with _logging_to(state / LOG_FILE) if state is not None else nullcontext():
         _main(grid, path, state)
 
 
@@ -83,7 +82,7 @@ def _logging_to(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger("hyprstream")
     root.addHandler(handler)
     try:

@@ -13,8 +13,6 @@ import http.client
 import json
 import logging
 import os
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -30,6 +28,7 @@ from hyprstream.fog.config import CoreLink, FogConfig
 from hyprstream.fog.gateway import (LOOPBACK, FleetGateway, LoopbackTLS, free_loopback_port, listen_error,
                                   loopback_tls)
 from hyprstream.fog.server_app import FOG_CONFIG_KEY, STATE_DIR_KEY, STATUS_FILE
+from hyprstream.runtime import executable, stop_process
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -66,15 +65,6 @@ clientapp = "hyprstream.agent.client_app:app"
 """
 
 
-def executable(name: str) -> str:
-    """A Flower command: beside this Python (its virtual environment) first, then on PATH."""
-    beside = Path(sys.executable).parent / name
-    path = str(beside) if beside.is_file() else shutil.which(name)
-    if path is None:
-        raise HyprstreamError(f"{name!r} not found on PATH (it comes with flwr, a dependency of hyprstream)")
-    return path
-
-
 def wait_for_superlink(port: int, tls: LoopbackTLS, proc: subprocess.Popen, timeout_s: float, logs: Path) -> None:
     """Wait until the SuperLink ``proc`` answers ``/health`` on ``127.0.0.1:port`` over TLS with the certificate
     made for it at this start (so it is this fog's SuperLink, not another process on the port)."""
@@ -106,18 +96,6 @@ def check_port_free(host: str, port: int, *, source: str, key: str) -> None:
             s.bind((host, port))
         except OSError as exc:
             raise listen_error(host, port, exc, source=source, key=key) from None
-
-
-def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``; by PID, the process we started."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout_s)
 
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

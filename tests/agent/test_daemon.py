@@ -389,7 +389,7 @@ def test_telemetry_says_when_the_devices_budget_is_spent(tmp_path):
 
 @pytest.mark.unit
 def test_the_executor_serves_only_a_loopback_runtime_api_with_a_secret(tmp_path, capsys):
-    from hyprstream.agent.executor import WarmExecutor, main, read_secret
+    from hyprstream.agent.executor import WarmExecutor, main
 
     secret = tmp_path / "secret"
     secret.write_bytes(b"")
@@ -400,7 +400,7 @@ def test_the_executor_serves_only_a_loopback_runtime_api_with_a_secret(tmp_path,
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and said in capsys.readouterr().err
-    with pytest.raises(ValueError, match="must not be empty"):
-        read_secret(str(secret))
+    with pytest.raises(ValueError, match="must not be empty"):  # an empty secret file
+        main(["--runtime-api-address", "127.0.0.1:9094", "--secret-file", str(secret)])
     with pytest.raises(ValueError, match="must not be empty"):
         WarmExecutor("127.0.0.1:9094", b"")

@@ -49,7 +49,7 @@ def site(tmp_path_factory) -> Path:
     target = root / "site"
     install(EXAMPLE, target)
     broken = root / "broken"
-    (broken).mkdir()
+    broken.mkdir()
     (broken / "pyproject.toml").write_text(textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=61"]
