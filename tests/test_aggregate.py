@@ -400,6 +400,7 @@ def test_robust_rules_stay_within_the_updates_and_match_numpy(k, n, trim, seed):
 
 def test_robust_aggregation_is_refused_with_secure_aggregation(tmp_path):
     from hyprstream.errors import ConfigError
+    from hyprstream.fog.aggregate import Aggregation
     from hyprstream.fog.config import load_fog_config
 
     path = tmp_path / "fog.toml"
@@ -408,4 +409,4 @@ def test_robust_aggregation_is_refused_with_secure_aggregation(tmp_path):
     with pytest.raises(ConfigError, match="robust aggregation needs each update"):
         load_fog_config(path)
     path.write_text(path.read_text().replace("[privacy.secagg]\nclip = 1.0\n", ""))
-    assert load_fog_config(path).rounds.aggregation.value == "median"
+    assert load_fog_config(path).rounds.rule is Aggregation.MEDIAN

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from hyprstream import plugins
 from hyprstream.errors import ValidationError
 
 
@@ -46,6 +48,82 @@ class Aggregation(enum.Enum):
     MEAN = "mean"  # weighted by num_examples (FedAvg)
     TRIMMED_MEAN = "trimmed_mean"  # per coordinate: drop the trim fraction of smallest and largest values
     MEDIAN = "median"  # per coordinate
+
+
+AGGREGATOR_GROUP = "hyprstream.aggregators"
+"""Installed packages offer aggregation rules under this entry-point group: ``name = "package.module:rule"``
+(docs/fog.md, "Your own aggregation rule")."""
+
+
+@dataclass(frozen=True)
+class PluginRule:
+    """An aggregation rule from outside the package. ``combine(rows, weights)`` gets one layer group's
+    deltas, each parameter as the rows of a read-only ``(K, n)`` float32 matrix (``rows`` maps the
+    parameter's name to it; row i of every matrix is client i), and the clients' weights (their example
+    counts, float64, ``(K,)``), and returns each parameter's combined ``n`` values by name. It sees every
+    delta, like the robust rules, so it runs where those do (plain synchronous rounds)."""
+
+    value: str  # as the config names it: an entry-point name or ``package.module:attribute``
+    combine: Callable[[Mapping[str, np.ndarray], np.ndarray], Mapping[str, np.ndarray]] = \
+        field(repr=False, compare=False)
+
+    def __call__(self, rows: Mapping[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+        shown = {}
+        for name, matrix in rows.items():
+            shown[name] = matrix.view()
+            shown[name].flags.writeable = False  # the rule must not change the deltas it is shown
+        try:
+            out = self.combine(shown, weights.copy())
+        except Exception as exc:  # noqa: BLE001 -- the rule's own failure, named
+            raise ValidationError(f"aggregation rule {self.value!r} failed: {type(exc).__name__}: {exc}") from None
+        if not isinstance(out, Mapping) or set(out) != set(rows):
+            got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+            raise ValidationError(f"aggregation rule {self.value!r} returned {got}, expected {sorted(rows)}")
+        combined = {}
+        for name, matrix in rows.items():
+            try:
+                arr = np.asarray(out[name], dtype=matrix.dtype)
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(f"aggregation rule {self.value!r}, {name}: {exc}") from None
+            if arr.shape != (matrix.shape[1],):
+                raise ValidationError(f"aggregation rule {self.value!r}, {name}: shape {arr.shape}, "
+                                      f"expected ({matrix.shape[1]},)")
+            if not np.isfinite(arr).all():
+                raise ValidationError(f"aggregation rule {self.value!r}, {name}: NaN or Inf")
+            combined[name] = arr
+        return combined
+
+
+Rule = Aggregation | PluginRule
+
+
+def resolve_rule(name: str | Aggregation | PluginRule) -> Rule:
+    """The rule called ``name``: a built-in one (:class:`Aggregation`), one an installed package offers
+    (entry-point group ``hyprstream.aggregators``), or ``package.module:attribute``. A built-in name is
+    never replaced by a plugin's. Raises ValidationError naming what is wrong."""
+    if isinstance(name, Aggregation | PluginRule):
+        return name
+    try:
+        return Aggregation(name)
+    except ValueError:
+        pass
+    if plugins.is_reference(name):
+        combine, where = plugins.load_reference("aggregation rule", name)
+    else:
+        installed = plugins.entry_points(AGGREGATOR_GROUP)
+        if name not in installed:
+            known = [a.value for a in Aggregation] + sorted(installed)
+            raise ValidationError(f"unknown aggregation rule {name!r} (known: {', '.join(known)}; or "
+                                  "package.module:attribute)")
+        combine, where = plugins.load_entry_point("aggregation rule", name, installed[name])
+    if not callable(combine):
+        raise ValidationError(f"{where} is {combine!r}, not a callable combine(rows, weights)")
+    return PluginRule(name, combine)
+
+
+def needs_rows(rule: Rule) -> bool:
+    """Whether ``rule`` needs every client's delta (a robust or plugin rule), not only their weighted sum."""
+    return rule is not Aggregation.MEAN
 
 
 def trimmed_mean(matrix: np.ndarray, trim: float) -> np.ndarray:
@@ -159,13 +237,17 @@ class UpdateMatrix(_Updates):
             for name, rows in self._rows.items()
         }
 
-    def aggregate(self, rule: Aggregation = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
-        """The rows added so far combined by ``rule`` (the weighted mean, or an unweighted robust rule)."""
+    def aggregate(self, rule: Rule = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
+        """The rows added so far combined by ``rule`` (the weighted mean, an unweighted robust rule, or a
+        plugin's rule, which gets the weights too)."""
         if rule is Aggregation.MEAN:
             return self.mean()
         if self.count == 0:
             raise ValidationError("no updates to aggregate")
         k = self.count
+        if isinstance(rule, PluginRule):
+            combined = rule({name: rows[:k] for name, rows in self._rows.items()}, self._weights[:k])
+            return {name: values.reshape(self.shapes[name]) for name, values in combined.items()}
         out = {}
         for name, rows in self._rows.items():
             if rule is Aggregation.MEDIAN:
@@ -225,8 +307,8 @@ class UpdateSum(_Updates):
         scale = self.dtype.type(1.0 / self._relative)  # relative >= 1: the largest weight counts 1
         return {name: (acc * scale).reshape(self.shapes[name]) for name, acc in self._sums.items()}
 
-    def aggregate(self, rule: Aggregation = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
-        if rule is not Aggregation.MEAN:
+    def aggregate(self, rule: Rule = Aggregation.MEAN, trim: float = 0.1) -> dict[str, np.ndarray]:
+        if needs_rows(rule):
             raise ValidationError(f"{rule.value} needs every delta of a coordinate: use UpdateMatrix")
         return self.mean()
 
@@ -235,6 +317,6 @@ class UpdateSum(_Updates):
         return self._total
 
 
-def updates_for(rule: Aggregation, shapes: Mapping[str, Sequence[int]], capacity: int) -> UpdateMatrix | UpdateSum:
-    """What a round keeps its deltas in: a running sum for the weighted mean, rows for a robust rule."""
-    return UpdateSum(shapes, capacity) if rule is Aggregation.MEAN else UpdateMatrix(shapes, capacity)
+def updates_for(rule: Rule, shapes: Mapping[str, Sequence[int]], capacity: int) -> UpdateMatrix | UpdateSum:
+    """What a round keeps its deltas in: a running sum for the weighted mean, rows for any other rule."""
+    return UpdateMatrix(shapes, capacity) if needs_rows(rule) else UpdateSum(shapes, capacity)

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import TransportError, ValidationError
-from hyprstream.fog.aggregate import Aggregation, UpdateMatrix, UpdateSum, updates_for
+from hyprstream.fog.aggregate import Aggregation, Rule, UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.outbox import Delivery, Outbox, Outcome, Push
 from hyprstream.protocol import TRAIN_MESSAGE_TYPE, ReplyStatus, TrainReply, TrainRequest, train_seed
 from hyprstream.store import layer_table as lt
@@ -41,7 +41,7 @@ class RoundPlan:
     timeout_s: float = 120.0
     max_update_norm: float | None = None
     update_encoding: str = "fp32"  # how agents encode their deltas ("int8": hyprstream.codec)
-    aggregation: Aggregation = Aggregation.MEAN  # robust rules: plain rounds only (the fog sees each delta)
+    aggregation: Rule = Aggregation.MEAN  # robust and installed rules: plain rounds only (the fog sees each delta)
     trim_fraction: float = 0.1  # trimmed_mean: share of values dropped at each end, per coordinate
 
 
@@ -238,11 +238,16 @@ class FogAggregator:
         version = None
         delta: dict[str, np.ndarray] = {}
         ready = [layer for layer, m in matrices.items() if m.count >= max(1, self.plan.min_replies)]
-        if ready:
+        try:
             for layer in ready:
                 delta.update(matrices[layer].aggregate(self.plan.aggregation, self.plan.trim_fraction))
+        except ValidationError as exc:  # an installed rule that failed or returned a wrong or non-finite value
+            log.error("fog %s round %d: aggregation failed, nothing pushed: %s", self.name, pending.round, exc)
+            reasons.append(f"aggregation: {exc}")
+            delta = {}
+        if delta:
             version = self.push(base, delta, ready, len(contributors), reasons)
-        else:
+        elif not ready:
             log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",
                         self.name, pending.round, len(contributors), self.plan.min_replies)
         loss = (sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))) if losses else float("nan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -13,7 +14,7 @@ from hyprstream.telemetry.records import check_topic_part
 from hyprstream.config import (Checked, load, pem_certificate, pem_private_key, read_file, read_token, read_toml,
                                setting)
 from hyprstream.errors import ConfigError, ValidationError
-from hyprstream.fog.aggregate import Aggregation
+from hyprstream.fog.aggregate import Aggregation, Rule, needs_rows, resolve_rule
 from hyprstream.fog.selection import SelectionRules, SelectionWeights
 from hyprstream.privacy.config import PrivacyConfig
 
@@ -101,15 +102,26 @@ class RoundSettings(Checked):
     max_rounds: int = setting(0, ge=0, doc="stop after this many rounds; 0: run until stopped")
     pause_s: float = setting(0.0, ge=0.0, doc="wait between rounds")
     max_update_norm: float | None = setting(None, gt=0.0)
-    aggregation: Aggregation = setting(Aggregation.MEAN, doc="mean (FedAvg), trimmed_mean or median (robust, "
-                                       "coordinate-wise; not with secure aggregation)")
+    aggregation: str = setting("mean", doc="mean (FedAvg), trimmed_mean or median (robust, coordinate-wise), or "
+                               "an installed rule: an entry point of group hyprstream.aggregators or "
+                               "package.module:attribute (robust and installed rules: not with secure "
+                               "aggregation or buffered rounds)")
     trim_fraction: float = setting(0.1, ge=0.0, lt=0.5, doc="trimmed_mean: share dropped at each end")
     mode: RoundMode = setting(RoundMode.SYNC, doc="sync rounds or buffered asynchronous aggregation (FedBuff)")
     buffer_k: int = setting(3, ge=1, doc="buffered: updates per push")
     max_staleness: int = setting(4, ge=0, doc="buffered: refuse updates trained this many versions ago or more")
     concurrency: int = setting(0, ge=0, doc="buffered: agents training at once (at most all); 0: every agent")
 
+    @cached_property
+    def rule(self) -> Rule:
+        """The aggregation rule ``aggregation`` names, loaded (ValidationError when it does not load)."""
+        return resolve_rule(self.aggregation)
+
     def check(self):
+        try:
+            _ = self.rule  # loads an installed rule now, so that a broken one is reported with the config
+        except ValidationError as exc:
+            yield "aggregation", str(exc)
         if self.min_replies > self.min_agents:
             yield "min_replies", "is larger than min_agents"
         if self.schedule is LayerSchedule.ROUND_ROBIN and not self.layers:
@@ -214,12 +226,20 @@ class FogConfig(Checked):
     offload: OffloadSettings = field(default_factory=OffloadSettings)
     state_dir: str = setting("", doc="where the fog keeps its Flower home and logs (default: a temp dir)")
 
+    @property
+    def _robust(self) -> bool:
+        """Whether the aggregation rule needs each update in the clear (a robust or installed rule)."""
+        try:
+            return needs_rows(self.rounds.rule)
+        except ValidationError:  # reported by the rounds' own check
+            return self.rounds.aggregation != Aggregation.MEAN.value
+
     def check(self):
-        if self.rounds.aggregation is not Aggregation.MEAN and self.privacy.secagg is not None:
+        if self._robust and self.privacy.secagg is not None:
             yield "rounds.aggregation", ("robust aggregation needs each update in the clear; with secure aggregation "
                                          "the fog sees only the sum: use aggregation = 'mean' (clipping bounds "
                                          "each agent's influence)")
-        if self.rounds.aggregation is not Aggregation.MEAN and self.rounds.mode is RoundMode.BUFFERED:
+        if self._robust and self.rounds.mode is RoundMode.BUFFERED:
             yield "rounds.aggregation", "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'"
         if self.rounds.mode is RoundMode.BUFFERED and self.privacy.secagg is not None:
             yield "rounds.mode", "secure aggregation ([privacy.secagg]) needs synchronous rounds: use mode = 'sync'"

@@ -172,7 +172,7 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
         ordered = sorted(devices, key=lambda n: devices[n].device_id)
         plan = RoundPlan(task=r.task, layers=layers_for(cfg, round_no), local_steps=r.local_steps,
                          batch_size=r.batch_size, lr=r.lr, min_replies=r.min_replies, timeout_s=r.timeout_s,
-                         max_update_norm=r.max_update_norm, aggregation=r.aggregation,
+                         max_update_norm=r.max_update_norm, aggregation=r.rule,
                          trim_fraction=r.trim_fraction)
         if fog is None:
             outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hyprstream import plugins
 from hyprstream.errors import ValidationError
 from hyprstream.store.layer_table import layer_of
 
@@ -192,19 +193,11 @@ def task_names() -> list[str]:
 def _plugins() -> dict[str, Any]:
     """The entry points of group ``hyprstream.tasks`` on the path now (a built-in name is never
     replaced by a plugin's)."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return plugins.entry_points(ENTRY_POINT_GROUP)
 
 
 def _load_plugin(name: str, entry_point) -> type[Task]:
-    where = f"task plugin {name!r} ({entry_point.value}"
-    dist = getattr(entry_point, "dist", None)
-    where += f", from {dist.name} {dist.version})" if dist is not None else ")"
-    try:
-        cls = entry_point.load()
-    except Exception as exc:  # noqa: BLE001 -- whatever the plugin raised, said with its name
-        raise ValidationError(f"{where} does not load: {type(exc).__name__}: {exc}") from None
+    cls, where = plugins.load_entry_point("task plugin", name, entry_point)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ValidationError(f"{where} is {cls!r}, not a subclass of hyprstream.learning.task.Task")
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
