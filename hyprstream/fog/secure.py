@@ -38,7 +38,7 @@ from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
-from hyprstream.privacy.contribution import InputSpec, decode
+from hyprstream.privacy.contribution import InputSpec, decode, group_means
 from hyprstream.privacy.errors import PrivacyViolation, SecAggAborted
 from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
 from hyprstream.privacy.noise import RandomSource, SecureRandom
@@ -177,15 +177,20 @@ class SecureFogAggregator:
             if len(nodes) < self.secagg.min_clients:
                 raise SecAggAborted(f"{len(nodes)} agent(s) selected, at least {self.secagg.min_clients} needed")
             trained = lt.select_layers(base.table, layers)
-            layout = Layout.of(dict(zip(trained.column("name").to_pylist(),
-                                        (tuple(s) for s in trained.column("shape").to_pylist()), strict=True)))
+            names = trained.column("name").to_pylist()
+            layout = Layout.of(dict(zip(names, (tuple(s) for s in trained.column("shape").to_pylist()), strict=True)))
+            # each parameter's layer group, as an index into the request's layers: a device that trains
+            # only some groups (hybrid) sends zeros and a zero weight for the others
+            group = dict(zip(names, (layers.index(g) for g in trained.column("layer").to_pylist()), strict=True))
+            groups = tuple(group[n] for n in layout.names) if len(layers) > 1 else ()
             if dp is not None:  # before any noise is drawn or charged: a release core would refuse is not made
                 dp.check_bound(fog.core_bound, layout.size, f"round {round_no} of {fog.model}")
             quantizer = Quantizer.for_clients(clip=self.secagg.clip, max_clients=len(nodes), bits=self.secagg.field_bits,
                                               noise_std=dp.local_std() if dp else 0.0)
             spec = InputSpec(layout, self.secagg.clip, quantizer,
                              noise_sigma=dp.local_sigma(quantizer, layout.size) if dp else 0.0,
-                             weighted=self.secagg.weighting is Weighting.EXAMPLES, max_weight=self.secagg.max_weight)
+                             weighted=self.secagg.weighting is Weighting.EXAMPLES, max_weight=self.secagg.max_weight,
+                             groups=groups, fixed_denominator=dp is not None)
             degree, threshold = plan_graph(len(nodes), threshold_fraction=self.secagg.threshold_fraction,
                                            expected_dropout=self.secagg.expected_dropout,
                                            degree=self.secagg.degree or None)
@@ -374,7 +379,7 @@ class SecureFogAggregator:
         n = len(result.survivors)
         dec = decode(result.total, n, spec)
         dp = self._dp(len(self.fog.node_ids))
-        entry = None
+        entry, kept = None, None
         if dp is not None:
             mean = dp.release(dec.total, n, self.source)
             # charged before the release leaves the fog: a crash from here on can only over-count
@@ -387,14 +392,16 @@ class SecureFogAggregator:
             else:
                 self._check_budget(f"round {pending.round} of {self.model}")
                 self._memory.compose(self._event())
-        elif spec.weighted:
-            if not dec.weight or dec.weight <= 0:
+        elif spec.carries_weights:
+            mean, kept = group_means(dec, spec)
+            if not kept:
                 raise SecAggAborted("the survivors' weights sum to zero")
-            mean = dec.total / dec.weight
         else:
             mean = dec.total / n
-        transcript = _transcript(pending, result)
-        return spec.layout.unflatten(mean, np.float32), entry, transcript
+        delta = spec.layout.unflatten(mean, np.float32)
+        if kept is not None and len(kept) < spec.n_groups:  # a group no survivor trained is not pushed
+            delta = {name: v for name, v in delta.items() if spec.group_of(name) in kept}
+        return delta, entry, _transcript(pending, result)
 
     def _push(self, pending: PendingSecureRound, delta: dict[str, np.ndarray], participants: int,
               entry: Entry | None, transcript: str, reasons: list[str]) -> tuple[int | None, Entry | None]:
@@ -415,7 +422,10 @@ class SecureFogAggregator:
             self._unbound[seq] = entry.seq
         self._sending = seq
         try:
-            version = self.fog.push(pending.base, delta, pending.layers, participants, reasons, privacy=privacy,
+            spec = pending.spec
+            layers = tuple(layer for g, layer in enumerate(pending.layers)
+                           if not spec.groups or any(spec.group_of(name) == g for name in delta))
+            version = self.fog.push(pending.base, delta, layers, participants, reasons, privacy=privacy,
                                     transcript_sha256=transcript, seq=seq)
         finally:
             self._sending = None
@@ -457,7 +467,8 @@ def _transcript(pending: PendingSecureRound, result: SecAggSum) -> str:
     q = spec.quantizer
     h.update(f"{wire.SCHEMA}|{pending.group_id}|v{pending.base.version}|{','.join(pending.layers)}|"
              f"n={server.n}|k={server.degree}|t={server.threshold}|bits={q.bits}|scale={q.scale!r}|"
-             f"bound={q.bound}|clip={spec.clip!r}|noise={spec.noise_sigma!r}|weighted={spec.weighted}".encode())
+             f"bound={q.bound}|clip={spec.clip!r}|noise={spec.noise_sigma!r}|weighted={spec.weighted}|"
+             f"fixed={spec.fixed_denominator}|groups={','.join(map(str, spec.groups))}".encode())
     h.update(pending.round_id)
     for i, a in sorted(server.public_keys().items()):
         h.update(i.to_bytes(4, "big") + a.enc_key + a.mask_key + a.commitment)

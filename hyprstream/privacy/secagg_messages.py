@@ -2,7 +2,7 @@
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
 ``ConfigRecord`` under ``"secagg"`` with one bytes entry, ``"msg"``: a 40-byte header -- the schema
-``hyprstream.secagg/4`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
+``hyprstream.secagg/5`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
 bytes, the round id (16 bytes) -- and then the stage's fields packed in a compact binary layout
 (below); a reply that is not ``ok`` (``declined`` / ``refused``) carries its reason (UTF-8) there
 instead. One entry per message whatever the neighbourhood size: per-neighbour keys, ciphertexts and
@@ -18,7 +18,8 @@ stage     fog -> client                                     client -> fog
 setup     the train request (``weights``, ``config``, as    enc key (32) | mask key (32) | commitment
           in protocol.py) + body: index, threshold,         (32) | u32 length and credential, or
           quantizer, clip, noise, weighting, neighbours     ``declined`` with the agent's reason; no
-          (``ints``), layout names, dims and ranks          delta, metrics or ``num_examples`` ever
+          (``ints``), layout names, dims, ranks and each    delta, metrics or ``num_examples`` ever
+          parameter's layer group (``ints``)
 share     neighbours' adverts: ``ints`` peers, per peer     ``table`` of sealed shares, indexed by
           enc key | mask key | commitment (96 bytes),       recipient
           then per peer a u32 length and its credential
@@ -65,7 +66,7 @@ from hyprstream.privacy.secagg import (
 
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"
-SCHEMA = "hyprstream.secagg/4"
+SCHEMA = "hyprstream.secagg/5"
 RECORD = "secagg"
 FIELD = "msg"
 KEY_BYTES = 32  # X25519 public keys and SHA-256 commitments
@@ -236,10 +237,10 @@ def setup_content(train_content: RecordDict, setup: Setup) -> RecordDict:
     names = [n.encode() for n in spec.layout.names]
     body = b"".join([
         _SETUP.pack(setup.index, setup.threshold, q.bits, q.scale, q.bound, q.max_terms, spec.clip,
-                    spec.noise_sigma, spec.weighted, spec.max_weight),
+                    spec.noise_sigma, spec.weighted | spec.fixed_denominator << 1, spec.max_weight),
         _ints(setup.neighbours), struct.pack(">I", len(names)),
         *(struct.pack(">I", len(n)) + n for n in names),
-        struct.pack(f">I{len(dims)}Q", len(dims), *dims), _ints(ranks)])
+        struct.pack(f">I{len(dims)}Q", len(dims), *dims), _ints(ranks), _ints(spec.groups)])
     content = RecordDict(dict(train_content.items()))
     content[RECORD] = _message(Stage.SETUP, setup.round_id, [body])
     return content
@@ -257,13 +258,15 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
     n = r.u32()
     dims = list(struct.unpack(f">{n}Q", r.take(8 * n)))
     ranks = r.ints(unique=False)
+    groups = tuple(r.ints(unique=False))
     r.done()
-    if weighted not in (0, 1):
+    if weighted not in (0, 1, 2):  # bit 0: weighted by examples; bit 1: a fixed denominator (client-level DP)
         raise r.fail("bad weighting flag")
     try:
         q = Quantizer(bits=bits, scale=scale, bound=bound, max_terms=max_terms)
         layout = Layout.from_wire(tuple(names), dims, ranks)
-        spec = InputSpec(layout, clip, q, noise_sigma=sigma, weighted=bool(weighted), max_weight=max_weight)
+        spec = InputSpec(layout, clip, q, noise_sigma=sigma, weighted=bool(weighted & 1), max_weight=max_weight,
+                         groups=groups, fixed_denominator=bool(weighted & 2))
     except ValueError as exc:
         raise ValidationError(f"secure aggregation setup: {exc}") from None
     setup = Setup(h.round_id, index, neighbours, threshold, spec)

@@ -108,12 +108,18 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
     if train.model_version != requested:
         raise ValidationError(f"trained version {train.model_version}, requested {requested}")
     asked = tuple(config.get("layers", ())) if isinstance(config, ConfigRecord) else ()
+    trained = None
     if tuple(train.layers) != asked:  # a device in its hybrid strategy trains fewer layer groups
-        return wire.reply_status(Stage.SETUP, round_id, Status.DECLINED,
-                                 f"a secure round sums every requested layer group {list(asked)}; "
-                                 f"this device trained {list(train.layers)}")
+        if not train.layers or not set(train.layers) <= set(asked):
+            raise ValidationError(f"this device trained {list(train.layers)}, the round asked for {list(asked)}")
+        if setup.spec.n_groups != len(asked):
+            return wire.reply_status(Stage.SETUP, round_id, Status.DECLINED,
+                                     f"this round sums the layer groups {list(asked)} as one; "
+                                     f"this device trained {list(train.layers)}")
+        trained = [asked.index(layer) for layer in train.layers]  # zeros for the others, weight 0 there
     seed = config.get("seed", 0)
-    encoded = encode(train.delta, train.num_examples, setup.spec, _source(secure, int(seed), setup.index))
+    encoded = encode(train.delta, train.num_examples, setup.spec, _source(secure, int(seed), setup.index),
+                     trained)
     client = SecAggClient(round_id, setup.index, setup.neighbours, setup.threshold, setup.spec.dim,
                           setup.spec.quantizer.dtype, identity)
     advert = client.advertise()

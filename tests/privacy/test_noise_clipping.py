@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout, clip_l2
-from hyprstream.privacy.contribution import InputSpec, decode, encode
+from hyprstream.privacy.contribution import InputSpec, decode, encode, group_means
 from hyprstream.privacy.errors import PrivacyViolation
 from hyprstream.privacy.noise import SecureRandom, SeededRandom, discrete_gaussian, gaussian
 from hyprstream.privacy.quantize import Quantizer
@@ -157,3 +157,57 @@ def test_the_noise_norm_of_a_release_is_checked_against_the_receivers_bound():
         dp.check_bound(40.0, 17_226, "round 1 of m")
     dp.check_bound(50.0, 17_226, "round 1 of m")
     dp.check_bound(None, 17_226, "round 1 of m")  # no bound at core: nothing to check
+
+
+def test_per_group_weights_give_each_group_the_mean_of_the_devices_that_trained_it() -> None:
+    """Two layer groups ("a": parameter a.w, "b": b.w); device 1 trains both, device 2 only "b" (hybrid).
+    Hand-computed: a's mean is device 1's value alone, b's the mean of both; the weights ride masked."""
+    layout = Layout.of({"a.w": (2,), "b.w": (1,)})
+    q = Quantizer.for_clients(clip=10.0, max_clients=2)
+    spec = InputSpec(layout, 10.0, q, groups=(0, 1))
+    assert spec.carries_weights and spec.dim == 3 + 2
+    one = encode({"a.w": np.array([1.0, 2.0]), "b.w": np.array([4.0])}, 5, spec, SeededRandom(1)).vector
+    two = encode({"b.w": np.array([2.0])}, 7, spec, SeededRandom(2), trained=[1]).vector
+    result = run_in_memory({1: one, 2: two}, degree=1, threshold=1, source=SeededRandom(0))
+    dec = decode(result.total, 2, spec)
+    np.testing.assert_array_equal(dec.weights, [1.0, 2.0])
+    mean, kept = group_means(dec, spec)
+    assert kept == (0, 1)
+    np.testing.assert_allclose(mean, [1.0, 2.0, 3.0], atol=2 * q.scale)
+    # weighted by examples (capped at max_weight = 10): b = (0.5 * 4 + 0.7 * 2) / 1.2
+    weighted = InputSpec(layout, 10.0, q, weighted=True, max_weight=10.0, groups=(0, 1))
+    one = encode({"a.w": np.array([1.0, 2.0]), "b.w": np.array([4.0])}, 5, weighted, SeededRandom(1)).vector
+    two = encode({"b.w": np.array([2.0])}, 7, weighted, SeededRandom(2), trained=[1]).vector
+    mean, kept = group_means(decode(one + two, 2, weighted), weighted)
+    np.testing.assert_allclose(mean, [1.0, 2.0, (0.5 * 4 + 0.7 * 2) / 1.2], atol=1e-6)
+    # nobody trained "a": no mean for it
+    dec = decode(two, 1, spec)
+    assert group_means(dec, spec)[1] == (1,)
+
+
+def test_a_device_must_send_whole_groups_it_trained() -> None:
+    from hyprstream.errors import ValidationError
+
+    layout = Layout.of({"a.w": (2,), "a.b": (1,), "b.w": (1,)})
+    spec = InputSpec(layout, 10.0, Quantizer.for_clients(clip=10.0, max_clients=2), groups=(0, 0, 1))
+    with pytest.raises(ValidationError, match=r"missing \['a.b'\]"):
+        encode({"a.w": np.ones(2), "b.w": np.ones(1)}, 1, spec, SeededRandom(0), trained=[0, 1])
+    with pytest.raises(ValidationError, match=r"unexpected \['b.w'\]"):
+        encode({"a.w": np.ones(2), "a.b": np.ones(1), "b.w": np.ones(1)}, 1, spec, SeededRandom(0), trained=[0])
+    with pytest.raises(ValidationError, match="not among the round's"):
+        encode({"b.w": np.ones(1)}, 1, spec, SeededRandom(0), trained=[2])
+    for groups in ((0, 2, 2), (0, 1)):  # a group number skipped; a parameter without a group
+        with pytest.raises(ValueError, match="every layout parameter"):
+            InputSpec(layout, 10.0, spec.quantizer, groups=groups)
+
+
+def test_a_noised_round_carries_no_weights_and_a_skipped_group_counts_zeros() -> None:
+    """With distributed DP noise no weight rides along (its sensitivity would need noise too): the fixed
+    denominator divides every group, and a hybrid device adds exact zeros to the group it skipped."""
+    layout = Layout.of({"a.w": (1,), "b.w": (1,)})
+    dp = ClientDP(clip=1.0, noise_multiplier=1e-6, placement=NoisePlacement.DISTRIBUTED, min_clients=2, denominator=2)
+    q = Quantizer.for_clients(clip=1.0, max_clients=2, noise_std=dp.local_std())
+    spec = InputSpec(layout, 1.0, q, noise_sigma=dp.local_sigma(q, 2), groups=(0, 1))
+    assert not spec.carries_weights and spec.dim == 2
+    two = encode({"b.w": np.array([0.5])}, 3, spec, SeededRandom(2), trained=[1])
+    assert decode(two.vector, 1, spec).total[0] == pytest.approx(0.0, abs=5 * q.scale)

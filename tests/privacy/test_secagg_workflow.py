@@ -3,6 +3,7 @@ pushing to a real core Flight server on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -229,12 +230,10 @@ def test_declining_agents_are_left_out(tmp_path: Path, core: LoopbackCore) -> No
     assert any("declined" in r and "no store" in r for r in result.reasons)
 
 
-def test_a_device_training_fewer_layer_groups_declines_a_secure_round(tmp_path: Path, core: LoopbackCore) -> None:
-    """A device in its hybrid strategy trains only some requested layer groups; a secure round sums one
-    vector over every requested group, so the middleware declines for it (with the reason) instead of
-    failing the round or sending zeros for the groups it did not train."""
+def hybrid_app(hybrid: tuple[str, ...] = ("device-0000",)) -> ClientApp:
+    """The agent's train handler; the devices of the stores named in ``hybrid`` are in their hybrid
+    strategy (they train the last requested layer group only)."""
     from hyprstream.agent.client_app import query_device
-    from hyprstream.agent.policy import TrainPlan
     from hyprstream.privacy.secagg_messages import SECAGG_ACTION
     from hyprstream.privacy.secagg_mod import make_secagg_mod
     from hyprstream.protocol import ReplyStatus
@@ -242,11 +241,7 @@ def test_a_device_training_fewer_layer_groups_declines_a_secure_round(tmp_path: 
     def train(msg, context):
         request = TrainRequest.from_content(msg.content)
         store = Path(context.node_config["store-dir"])
-        plan = None
-        if store.name == "device-0000":  # hybrid: the last requested group only
-            plan = TrainPlan(True, "hybrid", request.layers[-1:], request.local_steps, request.batch_size,
-                             "cpu", math.inf)
-        reply = handle_train(request, store, plan=plan)
+        reply = handle_train(request, store, plan=hybrid_plan(request) if store.name in hybrid else None)
         assert reply.status is ReplyStatus.OK
         from flwr.app import Message
 
@@ -255,17 +250,71 @@ def test_a_device_training_fewer_layer_groups_declines_a_secure_round(tmp_path: 
     app = ClientApp()
     app.query("device")(query_device)
     app.train(SECAGG_ACTION, mods=[make_secagg_mod(secure=False)])(train)
-    paths = make_devices(tmp_path, 4)
-    nodes = [101, 102, 103, 104]
-    grid = RecordingGrid(app, nodes, node_config=lambda node: {"store-dir": str(paths[node - 101])})
-    plan = RoundPlan(task="digits", layers=("fc2", "head"), local_steps=2, batch_size=16, lr=0.05, timeout_s=1.0)
-    fog = FogAggregator("fog-a", grid, nodes, core.client, "digits", plan, seed=0)
-    secure = SecureFogAggregator(fog, SecAggConfig(clip=0.5, stage_timeout_s=0.3), None, source=SeededRandom(0))
+    return app
+
+
+def hybrid_plan(request: TrainRequest):
+    from hyprstream.agent.policy import TrainPlan
+
+    return TrainPlan(True, "hybrid", request.layers[-1:], request.local_steps, request.batch_size, "cpu", math.inf)
+
+
+@pytest.mark.parametrize("weighting", [Weighting.UNIFORM, Weighting.EXAMPLES])
+def test_a_device_training_fewer_layer_groups_takes_part_in_a_secure_round(tmp_path: Path, core: LoopbackCore,
+                                                                            weighting) -> None:
+    """A device in its hybrid strategy trains only some requested layer groups: it sends zeros and a zero
+    weight (masked) for the others, so each group's mean is over the devices that trained it -- exactly the
+    plain fog's per-group mean of the same quantized deltas -- and the fog never learns who skipped what."""
+    from hyprstream.store import layer_table as lt
+
+    n = 4
+    secure, _grid, store_of = setup_fog(tmp_path, core, n, app=hybrid_app(),
+                                       secagg=SecAggConfig(clip=0.5, stage_timeout_s=0.3, weighting=weighting,
+                                                           max_weight=100.0))
+    secure.fog.plan = dataclasses.replace(PLAN, layers=("fc2", "head"))
+    pending = secure.start_round(1)
+    result = secure.finish_round(pending)
+    assert result.version == 1 and result.participants == n and result.declined == 0, result.reasons
+    spec = pending.spec
+    assert spec.n_groups == 2 and spec.carries_weights
+
+    # the same requests answered by hand, encoded with the groups each device trained, summed in the field
+    total = np.zeros(spec.dim, dtype=np.int64)
+    index = {node: i for i, node in enumerate(secure.node_ids)}
+    for pos, node in enumerate(pending.nodes, start=1):
+        seed = secure.fog.seed * 1_000_003 + pending.round * 1009 + index[node]
+        req = TrainRequest("digits", pending.base.version, "digits", pending.layers, PLAN.local_steps,
+                           PLAN.batch_size, PLAN.lr, seed, lt.to_arrays(pending.base.table))
+        hybrid = store_of[node].name == "device-0000"
+        reply = handle_train(req, store_of[node], plan=hybrid_plan(req) if hybrid else None)
+        trained = [pending.layers.index(layer) for layer in reply.layers]
+        assert len(trained) == (1 if hybrid else 2)
+        enc = encode(reply.delta, reply.num_examples, spec, SeededRandom(seed * 1_000_003 + pos), trained)
+        total += spec.quantizer.decode_sum(enc.vector, 1)
+    d = spec.layout.size
+    weights = total[d:] / spec.quantizer.bound
+    if weighting is Weighting.UNIFORM:
+        assert weights.tolist() == [n - 1, n]  # fc2 from three devices, head from all four
+    sums = spec.quantizer.dequantize(total[:d])
+    expected = spec.layout.unflatten(
+        np.concatenate([sums[a:a + size] / weights[spec.group_of(name)] for name, a, size in
+                        zip(spec.layout.names, np.cumsum((0, *spec.layout.sizes[:-1])), spec.layout.sizes,
+                            strict=True)]))
+    pushed = core.pushes[0]["delta"]
+    assert set(pushed) == {"fc2.weight", "fc2.bias", "head.weight", "head.bias"}
+    for name, value in expected.items():
+        np.testing.assert_allclose(pushed[name], value, rtol=1e-6, atol=1e-9)
+    # the hybrid device's setup reply carried no plaintext and the fog saw only masked vectors
+    assert all("delta" not in str(r) for r in result.reasons)
+
+
+def test_a_secure_round_no_survivor_trained_a_group_of_pushes_the_others(tmp_path: Path, core: LoopbackCore) -> None:
+    """When every device skipped a layer group, that group has no mean: the push carries the others only."""
+    secure, _, _ = setup_fog(tmp_path, core, 2, app=hybrid_app(("device-0000", "device-0001")))
+    secure.fog.plan = dataclasses.replace(PLAN, layers=("fc2", "head"))
     result = secure.run_round(1)
-    assert result.version == 1 and result.declined == 1 and result.participants == 3 and result.failed == 0
-    assert any("secure round sums every requested layer group ['fc2', 'head']" in r and "trained ['head']" in r
-               for r in result.reasons)
-    assert set(core.pushes[0]["delta"]) == {"fc2.weight", "fc2.bias", "head.weight", "head.bias"}
+    assert result.version == 1, result.reasons
+    assert set(core.pushes[0]["delta"]) == {"head.weight", "head.bias"}
 
 
 def test_weighted_rounds_reveal_only_the_sum_of_weights(tmp_path: Path, core: LoopbackCore) -> None:
