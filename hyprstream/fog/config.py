@@ -234,25 +234,29 @@ class FogConfig(Checked):
         except ValidationError:  # reported by the rounds' own check
             return self.rounds.aggregation != Aggregation.MEAN.value
 
+    def cells(self):
+        """The feature combinations (:mod:`hyprstream.fog.composition`) this configuration asks for: for
+        agents in the ``full`` strategy (a device's strategy is its own, at run time) sending fp32 deltas
+        (the fog asks for no other encoding); one cell per DP mechanism configured."""
+        from hyprstream.fog.composition import Aggregate, Cell, Participants, dp_values
+
+        secure, robust = self.privacy.secagg is not None, self._robust
+        aggregation = Aggregate.SECAGG if secure else Aggregate.ROBUST if robust else Aggregate.MEAN
+        chosen = self.fleet.enabled and self.fleet.clients_per_round > 0
+        participants = Participants.SELECTED if chosen else Participants.ALL
+        return tuple(Cell(self.rounds.mode, aggregation, dp, participants)
+                     for dp in dp_values(self.privacy, devices=False))
+
     def check(self):
-        if self._robust and self.privacy.secagg is not None:
-            yield "rounds.aggregation", ("robust aggregation needs each update in the clear; with secure aggregation "
-                                         "the fog sees only the sum: use aggregation = 'mean' (clipping bounds "
-                                         "each agent's influence)")
-        if self._robust and self.rounds.mode is RoundMode.BUFFERED:
-            yield "rounds.aggregation", "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'"
-        if self.rounds.mode is RoundMode.BUFFERED and self.privacy.secagg is not None:
-            yield "rounds.mode", "secure aggregation ([privacy.secagg]) needs synchronous rounds: use mode = 'sync'"
+        from hyprstream.fog.composition import ROBUST_WITH_SECAGG, Where, refusals
+
+        if self._robust and self.privacy.secagg is not None:  # two values of one axis: no cell holds both
+            yield "rounds.aggregation", ROBUST_WITH_SECAGG
+        else:
+            yield from refusals(self.cells(), Where.FOG)
         secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round
         if secagg is not None and self.fleet.enabled and 0 < chosen < secagg.min_clients:
             yield "fleet.clients_per_round", f"is below privacy.secagg.min_clients ({secagg.min_clients})"
-        dp = self.privacy.client_dp
-        if dp is not None and self.fleet.enabled and chosen > 0:
-            yield "fleet.clients_per_round", (
-                "must be 0 with [privacy.client_dp]: client-level DP is accounted for a Poisson sample in which "
-                "each agent takes part independently with probability client_sampling_rate, and a choice of "
-                "the best M lets one device displace another (twice the sensitivity); to train about M agents "
-                "a round, set client_sampling_rate = M / agents")
 
 
 def load_fog_config(path: str | Path) -> FogConfig:

@@ -144,6 +144,12 @@ class FloorConfig(Checked):
                 yield key, "needs secure_aggregation = true (a plain round has no such parameter to hold it to)"
 
 
+CLIENT_DP_NEEDS_SECAGG = ("client-level DP needs [privacy.secagg]: clients clip (and, distributed, noise) their "
+                          "own deltas, and the fog must never see one unmasked")
+"""Why ``[privacy.client_dp]`` is refused without ``[privacy.secagg]`` (also a rule of
+:mod:`hyprstream.fog.composition`)."""
+
+
 @dataclass(frozen=True)
 class PrivacyConfig(Checked):
     """The ``[privacy]`` table: each mechanism on when its section is present."""
@@ -154,8 +160,7 @@ class PrivacyConfig(Checked):
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.client_dp is not None and self.secagg is None:
-            yield "client_dp", ("client-level DP needs [privacy.secagg]: clients clip (and, distributed, noise) "
-                                "their own deltas, and the fog must never see one unmasked")
+            yield "client_dp", CLIENT_DP_NEEDS_SECAGG
         if (self.client_dp is not None and self.secagg is not None
                 and self.secagg.weighting is Weighting.EXAMPLES):
             yield "secagg.weighting", "client-level DP needs uniform weighting (a client's weight is sensitive too)"
@@ -172,5 +177,5 @@ def parse_privacy(data: dict, *, source: str | None = None) -> PrivacyConfig:
     return parse(PrivacyConfig, data.get("privacy", {}), source=source, key="privacy")
 
 
-__all__ = ["ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig", "Weighting",
-           "parse_privacy"]
+__all__ = ["CLIENT_DP_NEEDS_SECAGG", "ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig",
+           "Weighting", "parse_privacy"]

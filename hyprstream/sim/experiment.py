@@ -134,14 +134,26 @@ class Experiment(Checked):
     def num_agents(self) -> int:
         return self.fleet.fogs * self.fleet.agents_per_fog
 
+    def cells(self):
+        """The feature combinations (:mod:`hyprstream.fog.composition`) this experiment asks for: for agents
+        in the ``full`` strategy (a simulated device's strategy follows its battery, at run time) and every
+        agent asked (the simulator has no telemetry selection); one cell per DP mechanism configured."""
+        from hyprstream.codec import Encoding
+        from hyprstream.fog.composition import Aggregate, Cell, dp_values
+        from hyprstream.fog.config import RoundMode
+
+        aggregation = Aggregate.SECAGG if self.privacy.secagg is not None else Aggregate.MEAN
+        encoding = Encoding(self.training.update_encoding.value)
+        return tuple(Cell(RoundMode(self.training.mode.value), aggregation, dp, encoding=encoding)
+                     for dp in dp_values(self.privacy, devices=True))
+
     def check(self):
+        from hyprstream.fog.composition import Where, refusals
         from hyprstream.learning.task import task_names
 
         if self.task.name not in task_names():
             yield "task.name", f"unknown task {self.task.name!r} (known: {', '.join(task_names())})"
-        if self.privacy.secagg is not None and self.training.update_encoding is not UpdateEncoding.FP32:
-            yield "training.update_encoding", ("secure aggregation quantizes the deltas itself: leave "
-                                               "update_encoding at fp32")
+        yield from refusals(self.cells(), Where.SIM)
         if self.training.min_replies > self.fleet.agents_per_fog:
             yield "training.min_replies", "is larger than fleet.agents_per_fog"
         if self.training.mode is TrainingMode.BUFFERED:
@@ -155,13 +167,6 @@ class Experiment(Checked):
                 yield f"fleet.profiles.{name}", exc.reason
 
     def _check_buffered(self):
-        if self.privacy.secagg is not None or self.privacy.client_dp is not None:
-            yield "training.mode", ("buffered mode cannot use [privacy.secagg] or [privacy.client_dp]: secure "
-                                    "aggregation masks the replies of one round together, a buffered fog "
-                                    "aggregates replies one at a time as they arrive")
-        if self.privacy.dpsgd is not None:
-            yield "training.mode", ("buffered mode does not support [privacy.dpsgd] yet: the simulator reports "
-                                    "device epsilon per global step of the sync mode")
         for key in ("buffer_k", "concurrency"):
             value = getattr(self.buffered, key)
             if value is not None and value > self.fleet.agents_per_fog:

@@ -160,7 +160,7 @@ def test_fog_config_sections_are_validated(tmp_path):
     pw.write_text("s3cret\n")
     cfg = parse(FogConfig, {**base, "rounds": {"mode": "buffered", "buffer_k": 2, "max_staleness": 3},
                             "fleet": {"fleet": "plant-7", "mqtt_host": "127.0.0.1", "username": "fog-a",
-                                      "password_file": str(pw), "clients_per_round": 3, "weights": {"battery": 2.0}},
+                                      "password_file": str(pw), "weights": {"battery": 2.0}},
                             "offload": {"port": 8443, "token_file": "tokens"}}, source="fog.toml")
     assert cfg.rounds.mode is RoundMode.BUFFERED and (cfg.rounds.buffer_k, cfg.rounds.max_staleness) == (2, 3)
     broker = cfg.fleet.broker()
@@ -171,6 +171,8 @@ def test_fog_config_sections_are_validated(tmp_path):
         ({"rounds": {"mode": "async"}}, "rounds.mode: must be one of 'sync', 'buffered'"),
         ({"rounds": {"mode": "buffered", "schedule": "round_robin", "layers": ["fc1"]}}, "rounds.schedule: buffered"),
         ({"rounds": {"buffer_k": 0}}, "rounds.buffer_k"),
+        ({"rounds": {"mode": "buffered"}, "fleet": {"fleet": "f", "mqtt_host": "h", "clients_per_round": 3}},
+         "fleet.clients_per_round: must be 0 in buffered mode"),
         ({"fleet": {"mqtt_host": "h", "fleet": "a/#"}}, "fleet.fleet"),
         ({"fleet": {"username": "u"}}, "fleet.password_file: username and password_file go together"),
         ({"fleet": {"mqtt_cert_file": "c", "mqtt_key_file": "k"}}, "fleet.mqtt_ca_file"),

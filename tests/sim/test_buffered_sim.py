@@ -31,7 +31,7 @@ def _exp(**sections) -> Experiment:
 
 @pytest.mark.unit
 def test_buffered_mode_refuses_secure_aggregation():
-    with pytest.raises(ConfigError, match=r"buffered mode cannot use \[privacy.secagg\]"):
+    with pytest.raises(ConfigError, match=r"training.mode: secure aggregation \(\[privacy.secagg\].* needs synchronous"):
         _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}})
     # the same section is fine in sync mode
     parse(Experiment, {"name": "t", "privacy": {"secagg": {"clip": 50.0, "min_clients": 2}}})

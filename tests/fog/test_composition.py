@@ -1,0 +1,398 @@
+"""Which features combine (hyprstream.fog.composition): the rule set answers for every combination, the
+table in docs/fog.md is its output, every family that runs names the tests that cover it, and
+`config validate` refuses every combination a fog config or an experiment can ask for that does not
+run, in one line under the key to change. The last tests cover families no other test ran: real fog
+rounds over an in-process grid whose agents send fixed deltas, at a real core."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from flwr.clientapp import ClientApp
+
+from hyprstream.cli import main
+from hyprstream.codec import Encoding, encoded_nbytes
+from hyprstream.fog.composition import (
+    CLIENT_DP,
+    FAMILIES,
+    ROBUST_WITH_SECAGG,
+    Aggregate,
+    Cell,
+    Dp,
+    Participants,
+    Where,
+    all_cells,
+    conflict,
+    family_of,
+    refusal,
+    table,
+)
+from hyprstream.fog.config import RoundMode
+from hyprstream.privacy.secagg_messages import SECAGG_ACTION
+from hyprstream.privacy.secagg_mod import make_secagg_mod
+from hyprstream.protocol import ReplyStatus, TrainReply, TrainRequest
+from hyprstream.store.layer_table import layer_of
+from hyprstream.telemetry.records import Strategy
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "fog.md"
+BEGIN, END = "<!-- composition:begin -->", "<!-- composition:end -->"
+
+# The tests that cover each family that runs (Family.id). A family's cells differ in features the tests
+# name one by one: DP-SGD lives on the device (the fog is handed an ordinary delta), a telemetry choice
+# only narrows the agents a round is sent to.
+TESTS: dict[str, tuple[str, ...]] = {
+    "fog: plain rounds": (
+        "tests/fog/test_partial_updates.py::test_partial_updates_are_averaged_per_layer_group",
+        "tests/fog/test_composition.py::test_a_robust_round_takes_each_groups_median_over_the_agents_that_trained_it",
+        "tests/test_aggregate.py::test_robust_rules_by_hand",
+        "tests/fog/test_fleet.py::test_fog_rounds_choose_from_the_fleet_view_and_serve_offload",
+        "tests/fog/test_selection.py::test_never_selects_an_excluded_device_and_is_deterministic",
+        "tests/agent/test_train.py::test_dpsgd_rounds_charge_the_ledger_and_compose_across_restarts",
+    ),
+    "fog: hybrid devices in plain rounds": (
+        "tests/fog/test_partial_updates.py::test_partial_updates_are_averaged_per_layer_group",
+        "tests/fog/test_composition.py::test_a_robust_round_takes_each_groups_median_over_the_agents_that_trained_it",
+    ),
+    "fog: secure rounds": (
+        "tests/privacy/test_secagg_workflow.py::test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas",
+        "tests/fog/test_composition.py::test_a_secure_round_over_the_agents_a_selection_chose",
+        "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-private]",  # + DP-SGD
+    ),
+    "fog: hybrid devices in secure rounds": (
+        "tests/privacy/test_secagg_workflow.py::test_a_device_training_fewer_layer_groups_takes_part_in_a_secure_round",
+        "tests/privacy/test_secagg_workflow.py::test_a_secure_round_no_survivor_trained_a_group_of_pushes_the_others",
+    ),
+    "fog: client-level DP": (
+        "tests/privacy/test_secagg_workflow.py::test_central_client_dp_charges_the_model_ledger_and_binds_the_version",
+        "tests/privacy/test_secagg_workflow.py::test_distributed_noise_is_not_released_below_its_client_count",
+        "tests/fog/test_fog_privacy_rounds.py::test_private_rounds_follow_the_fleet_and_the_budget_survives_a_restart",
+        ("tests/fog/test_fog_privacy_deploy.py::"
+         "test_fog_runs_round_robin_rounds_over_supernodes_with_secure_aggregation_and_client_dp"),
+        "tests/fog/test_composition.py::test_a_hybrid_device_takes_part_in_a_client_level_dp_round",
+    ),
+    "fog: buffered": (
+        "tests/fog/test_buffered.py::test_pushes_every_k_updates_with_staleness_weighted_mean",
+        "tests/fog/test_buffered.py::test_run_fog_in_buffered_mode_pushes_every_k_updates",
+        "tests/fog/test_composition.py::test_a_buffered_fog_averages_each_group_over_the_agents_that_trained_it",
+        "tests/agent/test_train.py::test_dpsgd_rounds_charge_the_ledger_and_compose_across_restarts",
+    ),
+    "sim: sync steps": (
+        "tests/sim/test_simulate.py::test_accuracy_and_versions",
+        "tests/sim/test_simulate.py::test_only_online_devices_outside_minimal_are_asked_to_train",
+        "tests/sim/test_strategies.py::test_a_simulated_agent_serves_requests_as_its_strategy_allows",
+        "tests/sim/test_int8_round.py::test_int8_round",
+        "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-int8]",
+        "tests/agent/test_train.py::test_simulated_devices_train_with_the_experiments_dpsgd",
+    ),
+    "sim: secure steps": (
+        "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-secagg]",
+        "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-private]",
+        "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[digits-client-dp]",
+        # the simulator's fogs are the same SecureFogAggregator
+        "tests/privacy/test_secagg_workflow.py::test_distributed_noise_is_not_released_below_its_client_count",
+        "tests/privacy/test_secagg_workflow.py::test_a_device_training_fewer_layer_groups_takes_part_in_a_secure_round",
+        "tests/sim/test_strategies.py::test_a_simulated_agent_serves_requests_as_its_strategy_allows",
+    ),
+    "sim: buffered": (
+        "tests/sim/test_buffered_sim.py::test_buffered_run_writes_metrics",
+        "tests/sim/test_buffered_sim.py::test_job_duration_by_hand",
+        "tests/fog/test_composition.py::test_a_buffered_fog_asks_for_and_decodes_int8_updates",
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------ the rule set
+@pytest.mark.unit
+def test_the_cells_are_the_full_product_of_the_axes():
+    cells = all_cells()
+    assert len(cells) == len(set(cells)) == 2 * 3 * 4 * 2 * 2 * 2
+    with pytest.raises(ValueError, match="full or hybrid"):
+        Cell(devices=Strategy.MINIMAL)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where", list(Where), ids=lambda w: w.value)
+def test_the_families_hold_exactly_the_cells_that_run(where):
+    for cell in all_cells():
+        holding = [f for f in FAMILIES if f.at is where and cell in f.when]
+        assert len(holding) == (1 if conflict(cell, where) is None else 0), (cell, holding, conflict(cell, where))
+        assert family_of(cell, where.value) == (holding[0] if holding else None)
+
+
+@pytest.mark.unit
+def test_what_the_fog_and_the_simulator_run():
+    fog, sim = Where.FOG, Where.SIM
+    assert conflict(Cell(), fog) is None and conflict(Cell(), sim) is None  # plain sync rounds
+    assert conflict(Cell(RoundMode.BUFFERED, dp=Dp.DPSGD), fog) is None  # DP-SGD is the devices' own
+    assert "[privacy.dpsgd]" in conflict(Cell(RoundMode.BUFFERED, dp=Dp.DPSGD), sim)
+    assert conflict(Cell(encoding=Encoding.INT8), sim) is None
+    assert "update_encoding" in conflict(Cell(encoding=Encoding.INT8), fog)
+    assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.DISTRIBUTED), sim) is None
+    assert conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), fog) is None
+    assert "device strategies" in conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), sim)
+    for where in Where:
+        assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.CENTRAL, devices=Strategy.HYBRID), where) is None
+        assert "[privacy.secagg]" in conflict(Cell(dp=Dp.CENTRAL), where)
+
+
+@pytest.mark.unit
+def test_docs_hold_the_generated_table():
+    text = DOCS.read_text()
+    assert text.count(BEGIN) == text.count(END) == 1
+    between = text.split(BEGIN)[1].split(END)[0]
+    assert between.strip("\n") == table().strip("\n"), "run: python -m hyprstream.fog.composition"
+
+
+@pytest.mark.unit
+def test_every_family_that_runs_names_tests_that_exist():
+    assert set(TESTS) == {f.id for f in FAMILIES}
+    for family, ids in TESTS.items():
+        assert ids, family
+        for node_id in ids:
+            assert _exists(node_id), f"{family}: no test {node_id}"
+
+
+def _exists(node_id: str) -> bool:
+    """Whether ``path::function[param]`` names a test function in that file; a parameter id must be a
+    literal of the file or a shipped experiment's name (simulations/<id>.toml)."""
+    path, _, name = node_id.partition("::")
+    name, _, param = name.partition("[")
+    file = ROOT / path
+    if not file.is_file():
+        return False
+    functions = {n.name for n in ast.parse(file.read_text()).body if isinstance(n, ast.FunctionDef)}
+    param = param.rstrip("]")
+    return name in functions and (not param or param in file.read_text()
+                                  or (ROOT / "simulations" / f"{param}.toml").is_file())
+
+
+# ------------------------------------------------------------------------------------ config validate
+def fog_toml(cell: Cell, path: Path) -> Path:
+    """A fog config that asks for ``cell`` (full devices and fp32: nothing else can be asked)."""
+    token = path.parent / "fog.token"
+    token.write_text("fog\n")
+    lines = ['kind = "fog"', 'name = "fog-a"', "[core]", 'location = "grpc://127.0.0.1:1"',
+             f'token_file = "{token}"', 'model = "m"', "[rounds]", f'mode = "{cell.schedule.value}"',
+             f'aggregation = "{"median" if cell.aggregation is Aggregate.ROBUST else "mean"}"']
+    if cell.participants is Participants.SELECTED:
+        lines += ["[fleet]", 'fleet = "plant-7"', 'mqtt_host = "127.0.0.1"', "clients_per_round = 2"]
+    lines += _privacy(cell)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def experiment_toml(cell: Cell, path: Path) -> Path:
+    """An experiment that asks for ``cell`` (the mean or SecAgg+, every agent, full devices)."""
+    lines = ['kind = "experiment"', 'name = "x"', "[training]", f'mode = "{cell.schedule.value}"',
+             f'update_encoding = "{cell.encoding.value}"', *_privacy(cell)]
+    if cell.dp is Dp.DPSGD:
+        lines += ["[privacy.dpsgd]", "noise_multiplier = 1.0", "max_grad_norm = 1.0", "epsilon_budget = 8.0",
+                  "delta = 1e-5"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _privacy(cell: Cell) -> list[str]:
+    lines = ["[privacy.secagg]", "clip = 1.0"] if cell.aggregation is Aggregate.SECAGG else []
+    if cell.dp in CLIENT_DP:
+        lines += ["[privacy.client_dp]", "noise_multiplier = 1.0", f'placement = "{cell.dp.value}"']
+    return lines
+
+
+FOG_CELLS = [c for c in all_cells() if c.devices is Strategy.FULL and c.encoding is Encoding.FP32
+             and c.dp is not Dp.DPSGD]
+SIM_CELLS = [c for c in all_cells() if c.devices is Strategy.FULL and c.participants is Participants.ALL
+             and c.aggregation is not Aggregate.ROBUST]
+
+
+def _id(cell: Cell) -> str:
+    return "-".join(getattr(cell, axis).value for axis in ("schedule", "aggregation", "dp", "participants",
+                                                            "encoding"))
+
+
+def validate(path: Path, capsys) -> tuple[int, list[str], list[str]]:
+    rc = main(["config", "validate", str(path)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err.splitlines()
+
+
+def _check_validate(cell: Cell, where: Where, path: Path, capsys) -> None:
+    rc, out, err = validate(path, capsys)
+    rule = refusal(cell, where)
+    if rule is None:
+        assert (rc, err) == (0, []), err
+        return
+    assert rule.key(where), f"{rule.name}: a config asks for it, so it needs a key"
+    assert (rc, out) == (2, []) and err == [f"invalid {path}: {rule.key(where)}: {rule.reason}"], err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cell", FOG_CELLS, ids=_id)
+def test_config_validate_of_a_fog_config_answers_as_the_rules(cell, tmp_path, capsys):
+    _check_validate(cell, Where.FOG, fog_toml(cell, tmp_path / "fog.toml"), capsys)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cell", SIM_CELLS, ids=_id)
+def test_config_validate_of_an_experiment_answers_as_the_rules(cell, tmp_path, capsys):
+    _check_validate(cell, Where.SIM, experiment_toml(cell, tmp_path / "experiment.toml"), capsys)
+
+
+@pytest.mark.unit
+def test_a_robust_rule_with_secure_aggregation_is_one_conflict(tmp_path, capsys):
+    for mode in ("sync", "buffered"):
+        path = fog_toml(Cell(RoundMode(mode), Aggregate.SECAGG), tmp_path / f"{mode}.toml")
+        path.write_text(path.read_text().replace('aggregation = "mean"', 'aggregation = "trimmed_mean"'))
+        assert validate(path, capsys)[1:] == ([], [f"invalid {path}: rounds.aggregation: {ROBUST_WITH_SECAGG}"])
+
+
+@pytest.mark.unit
+def test_dp_sgd_and_client_dp_together_are_checked_each(tmp_path, capsys):
+    sync = experiment_toml(Cell(aggregation=Aggregate.SECAGG, dp=Dp.DPSGD), tmp_path / "sync.toml")
+    sync.write_text(sync.read_text() + '[privacy.client_dp]\nnoise_multiplier = 1.0\n')
+    assert validate(sync, capsys)[0] == 0
+    buffered = tmp_path / "buffered.toml"
+    buffered.write_text(sync.read_text().replace('mode = "sync"', 'mode = "buffered"'))
+    reason = conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.DPSGD), Where.SIM)
+    assert validate(buffered, capsys)[1:] == ([], [f"invalid {buffered}: training.mode: {reason}"])
+
+
+# ------------------------------------------------------------------------------------ covering rounds
+app = ClientApp()
+
+
+def fixed_reply(request: TrainRequest, context) -> TrainReply:
+    """Every entry of the delta is the node's ``value``; a ``hybrid`` node trains the last group only."""
+    cfg = context.node_config
+    layers = request.layers[-1:] if cfg.get("hybrid") else request.layers
+    delta = {name: np.full(np.shape(w), float(cfg["value"]), np.float32) for name, w in request.weights.items()
+             if layer_of(name) in layers}
+    return TrainReply(ReplyStatus.OK, request.model_version, tuple(layers), delta, num_examples=int(cfg["examples"]),
+                      encoding=request.update_encoding, encoding_seed=request.seed)
+
+
+@app.train("layerwise")
+def _train(msg: Message, context) -> Message:
+    return Message(fixed_reply(TrainRequest.from_content(msg.content), context).to_content(), reply_to=msg)
+
+
+secure_app = ClientApp()  # the same handler behind the secure-aggregation middleware, as the agent wires it
+secure_app.train(SECAGG_ACTION, mods=[make_secagg_mod(secure=False)])(_train)
+
+
+def _fog(site, nodes: dict[int, dict], client_app=app, **plan):
+    from hyprstream.coreapi.client import CoreClient
+    from hyprstream.fog.aggregator import FogAggregator, RoundPlan
+    from hyprstream.fog.loopback import LoopbackGrid
+
+    grid = LoopbackGrid(client_app, list(nodes), node_config=nodes.__getitem__)
+    core = CoreClient(site.location, "fog")
+    plan = RoundPlan(task="digits", local_steps=1, batch_size=1, lr=0.1, timeout_s=5.0, **plan)
+    return FogAggregator("fog-a", grid, list(nodes), core, "m", plan), core
+
+
+def _moved(core, base) -> dict[str, np.ndarray]:
+    """How far each parameter of the master moved from ``base`` (one value per parameter, checked uniform)."""
+    from hyprstream.store import to_arrays
+
+    before, after = to_arrays(base.table), to_arrays(core.get_weights("m").table)
+    moved = {}
+    for name in before:
+        step = after[name].astype(np.float64) - before[name]
+        np.testing.assert_allclose(step, step.flat[0], atol=1e-6)
+        moved[name] = float(step.flat[0])
+    return moved
+
+
+HYBRID_SITE = {1: {"value": 0.1, "examples": 10}, 2: {"value": 0.2, "examples": 30},
+               3: {"value": 0.6, "examples": 20, "hybrid": 1}}
+
+
+@pytest.mark.integration
+def test_a_robust_round_takes_each_groups_median_over_the_agents_that_trained_it(site):
+    from hyprstream.fog.aggregate import Aggregation
+
+    fog, core = _fog(site, HYBRID_SITE, layers=("fc2", "head"), aggregation=Aggregation.MEDIAN)
+    with core:
+        base = fog.pull()
+        result = fog.run_round(1, base)
+        moved = _moved(core, base)
+    assert (result.participants, result.refused, result.version) == (3, 0, 1)
+    assert moved["fc2.weight"] == pytest.approx(0.15, abs=1e-6)  # nodes 1 and 2: the hybrid one trained head only
+    assert moved["head.bias"] == pytest.approx(0.2, abs=1e-6)  # the median of 0.1, 0.2 and 0.6, not a mean
+    assert moved["fc1.weight"] == 0.0
+
+
+@pytest.mark.integration
+def test_a_buffered_fog_averages_each_group_over_the_agents_that_trained_it(site):
+    from hyprstream.fog.buffered import BufferedFog
+
+    fog, core = _fog(site, HYBRID_SITE, layers=("fc2", "head"))
+    with core:
+        base = fog.pull()
+        (push,) = BufferedFog(fog, buffer_k=3, max_staleness=0, concurrency=3).run(max_pushes=1)
+        moved = _moved(core, base)
+    assert push.contributors == (1, 2, 3) and push.layers == ("fc2", "head") and push.version == 1
+    assert moved["fc2.weight"] == pytest.approx((10 * 0.1 + 30 * 0.2) / 40, abs=1e-6)
+    assert moved["head.weight"] == pytest.approx((10 * 0.1 + 30 * 0.2 + 20 * 0.6) / 60, abs=1e-6)
+
+
+@pytest.mark.integration
+def test_a_buffered_fog_asks_for_and_decodes_int8_updates(site):
+    from hyprstream.fog.buffered import BufferedFog
+
+    nodes = {1: {"value": 0.1, "examples": 10}, 2: {"value": 0.3, "examples": 30}}
+    fog, core = _fog(site, nodes, layers=("head",), update_encoding="int8")
+    with core:
+        base = fog.pull()
+        (push,) = BufferedFog(fog, buffer_k=2, max_staleness=0).run(max_pushes=1)
+        moved = _moved(core, base)
+    int8 = sum(encoded_nbytes(shape, Encoding.INT8) for shape in ((10, 64), (10,)))
+    assert push.bytes_up == 2 * int8  # int8 values and a scale per tensor, not float32
+    assert moved["head.weight"] == pytest.approx((10 * 0.1 + 30 * 0.3) / 40, abs=1e-3)
+
+
+@pytest.mark.integration
+def test_a_secure_round_over_the_agents_a_selection_chose(site):
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.config import SecAggConfig
+    from hyprstream.privacy.noise import SeededRandom
+
+    nodes = {1: {"value": 0.001, "examples": 1}, 2: {"value": 0.05, "examples": 1},
+             3: {"value": 0.003, "examples": 1}}
+    fog, core = _fog(site, nodes, secure_app, layers=("head",))
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0), source=SeededRandom(0))
+    with core:
+        base = fog.pull()
+        result = secure.run_round(1, nodes=[1, 3])  # what the fog's selector chose
+        moved = _moved(core, base)
+    assert result.nodes == (1, 3) and result.contributors == (1, 3) and result.version == 1
+    assert moved["head.weight"] == pytest.approx((0.001 + 0.003) / 2, abs=1e-5)  # node 2 was never asked
+    assert re.fullmatch(r"[0-9a-f]{64}", secure.last.transcript_sha256)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_a_hybrid_device_takes_part_in_a_client_level_dp_round(site, placement):
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.client_dp import NoisePlacement
+    from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
+    from hyprstream.privacy.noise import SeededRandom
+
+    nodes = {1: {"value": 0.001, "examples": 1}, 2: {"value": 0.002, "examples": 1},
+             3: {"value": 0.003, "examples": 1, "hybrid": 1}}
+    fog, core = _fog(site, nodes, secure_app, layers=("fc2", "head"))
+    dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement(placement))
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0), dp, source=SeededRandom(0))
+    with core:
+        base = fog.pull()
+        result = secure.run_round(1)
+        after = core.get_weights("m")
+    assert (result.version, result.declined, result.contributors) == (1, 0, (1, 2, 3)), result.reasons
+    assert secure.spent() > 0 and after.version == 1 and after.table.num_rows == base.table.num_rows
