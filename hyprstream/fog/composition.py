@@ -166,9 +166,6 @@ NO_DP, DPSGD = Dp.NONE, Dp.DPSGD
 # In order: the first rule that matches a cell decides. A rule that a config can ask for comes after
 # every rule that parsing reports first ([privacy] is checked before the config as a whole).
 RULES: tuple[Rule, ...] = (
-    Rule("fp32 only", when(encoding=Encoding.INT8),
-         "the deployed fog has no update_encoding setting: its agents send fp32 deltas (int8 is the "
-         "simulator's training.update_encoding)", at=(Where.FOG,)),
     Rule("mean only", when(aggregation=ROBUST),
          "experiments have no aggregation setting: the simulator's fogs take the weighted mean", at=(Where.SIM,)),
     Rule("no telemetry selection", when(participants=SELECTED),
@@ -178,7 +175,7 @@ RULES: tuple[Rule, ...] = (
          fog_key="privacy.client_dp", sim_key="privacy.client_dp"),
     Rule("SecAgg+ quantizes", when(aggregation=SECAGG, encoding=Encoding.INT8),
          "secure aggregation quantizes the deltas itself: leave update_encoding at fp32",
-         sim_key="training.update_encoding"),
+         fog_key="rounds.update_encoding", sim_key="training.update_encoding"),
     Rule("buffered takes the mean", when(schedule=BUFFERED, aggregation=ROBUST),
          "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'", fog_key="rounds.aggregation"),
     Rule("buffered is not secure", when(schedule=BUFFERED, aggregation=SECAGG),
@@ -200,18 +197,16 @@ RULES: tuple[Rule, ...] = (
 
 FAMILIES: tuple[Family, ...] = (
     Family("plain rounds", Where.FOG, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
-                                           devices=FULL, encoding=Encoding.FP32)),
+                                           devices=FULL)),
     Family("hybrid devices in plain rounds", Where.FOG,
-           when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD), devices=HYBRID,
-                encoding=Encoding.FP32)),
+           when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD), devices=HYBRID)),
     Family("secure rounds", Where.FOG, when(schedule=SYNC, aggregation=SECAGG, dp=(NO_DP, DPSGD), devices=FULL,
                                             encoding=Encoding.FP32)),
     Family("hybrid devices in secure rounds", Where.FOG,
            when(schedule=SYNC, aggregation=SECAGG, dp=(NO_DP, DPSGD), devices=HYBRID, encoding=Encoding.FP32)),
     Family("client-level DP", Where.FOG, when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=ALL,
                                               encoding=Encoding.FP32)),
-    Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL,
-                                       encoding=Encoding.FP32)),
+    Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL,
                                            encoding=Encoding.FP32)),

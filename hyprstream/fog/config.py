@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from hyprstream.codec import Encoding
 from hyprstream.telemetry.broker import BrokerConfig
 from hyprstream.telemetry.records import check_topic_part
 from hyprstream.config import (Checked, load, pem_certificate, pem_private_key, read_file, read_token, read_toml,
@@ -107,6 +108,9 @@ class RoundSettings(Checked):
                                "package.module:attribute (robust and installed rules: not with secure "
                                "aggregation or buffered rounds)")
     trim_fraction: float = setting(0.1, ge=0.0, lt=0.5, doc="trimmed_mean: share dropped at each end")
+    update_encoding: Encoding = setting(Encoding.FP32, doc="how agents send their deltas: fp32, or int8 (per "
+                                        "tensor, stochastic rounding: about 4x less uplink; not with secure "
+                                        "aggregation, which quantizes the deltas itself)")
     mode: RoundMode = setting(RoundMode.SYNC, doc="sync rounds or buffered asynchronous aggregation (FedBuff)")
     buffer_k: int = setting(3, ge=1, doc="buffered: updates per push")
     max_staleness: int = setting(4, ge=0, doc="buffered: refuse updates trained this many versions ago or more")
@@ -236,15 +240,15 @@ class FogConfig(Checked):
 
     def cells(self):
         """The feature combinations (:mod:`hyprstream.fog.composition`) this configuration asks for: for
-        agents in the ``full`` strategy (a device's strategy is its own, at run time) sending fp32 deltas
-        (the fog asks for no other encoding); one cell per DP mechanism configured."""
+        agents in the ``full`` strategy (a device's strategy is its own, at run time); one cell per DP
+        mechanism configured."""
         from hyprstream.fog.composition import Aggregate, Cell, Participants, dp_values
 
         secure, robust = self.privacy.secagg is not None, self._robust
         aggregation = Aggregate.SECAGG if secure else Aggregate.ROBUST if robust else Aggregate.MEAN
         chosen = self.fleet.enabled and self.fleet.clients_per_round > 0
         participants = Participants.SELECTED if chosen else Participants.ALL
-        return tuple(Cell(self.rounds.mode, aggregation, dp, participants)
+        return tuple(Cell(self.rounds.mode, aggregation, dp, participants, encoding=self.rounds.update_encoding)
                      for dp in dp_values(self.privacy, devices=False))
 
     def check(self):

@@ -102,6 +102,14 @@ def write_status(state_dir: Path, status: dict, metrics: FogMetrics | None) -> N
     write_bytes_atomic(state_dir / STATUS_FILE, json.dumps(status).encode())
 
 
+def round_plan(cfg: FogConfig, layers: tuple[str, ...]) -> RoundPlan:
+    """What the fog's ``[rounds]`` asks of a round over ``layers`` (sync and buffered rounds alike)."""
+    r = cfg.rounds
+    return RoundPlan(task=r.task, layers=tuple(layers), local_steps=r.local_steps, batch_size=r.batch_size, lr=r.lr,
+                     min_replies=r.min_replies, timeout_s=r.timeout_s, max_update_norm=r.max_update_norm,
+                     update_encoding=r.update_encoding.value, aggregation=r.rule, trim_fraction=r.trim_fraction)
+
+
 def layers_for(cfg: FogConfig, round_no: int) -> tuple[str, ...]:
     r = cfg.rounds
     if r.schedule is LayerSchedule.ROUND_ROBIN:
@@ -170,10 +178,7 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
         if devices is None:
             break
         ordered = sorted(devices, key=lambda n: devices[n].device_id)
-        plan = RoundPlan(task=r.task, layers=layers_for(cfg, round_no), local_steps=r.local_steps,
-                         batch_size=r.batch_size, lr=r.lr, min_replies=r.min_replies, timeout_s=r.timeout_s,
-                         max_update_norm=r.max_update_norm, aggregation=r.rule,
-                         trim_fraction=r.trim_fraction)
+        plan = round_plan(cfg, layers_for(cfg, round_no))
         if fog is None:
             outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
             fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox, **options)
@@ -253,8 +258,7 @@ def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s
     if devices is None:
         return []
     ordered = sorted(devices, key=lambda n: devices[n].device_id)
-    plan = RoundPlan(task=r.task, layers=r.layers, local_steps=r.local_steps, batch_size=r.batch_size, lr=r.lr,
-                     timeout_s=r.timeout_s, max_update_norm=r.max_update_norm)
+    plan = round_plan(cfg, r.layers)
     outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
     options = {} if poll_s is None else {"poll_s": poll_s}
     fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox, **options)

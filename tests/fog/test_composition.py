@@ -49,6 +49,8 @@ BEGIN, END = "<!-- composition:begin -->", "<!-- composition:end -->"
 TESTS: dict[str, tuple[str, ...]] = {
     "fog: plain rounds": (
         "tests/fog/test_partial_updates.py::test_partial_updates_are_averaged_per_layer_group",
+        "tests/sim/test_int8_round.py::test_int8_round",  # the fog's aggregator asks for and decodes int8
+        "tests/fog/test_composition.py::test_the_fog_config_asks_its_rounds_for_its_update_encoding",
         "tests/fog/test_composition.py::test_a_robust_round_takes_each_groups_median_over_the_agents_that_trained_it",
         "tests/test_aggregate.py::test_robust_rules_by_hand",
         "tests/fog/test_fleet.py::test_fog_rounds_choose_from_the_fleet_view_and_serve_offload",
@@ -80,6 +82,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/fog/test_buffered.py::test_pushes_every_k_updates_with_staleness_weighted_mean",
         "tests/fog/test_buffered.py::test_run_fog_in_buffered_mode_pushes_every_k_updates",
         "tests/fog/test_composition.py::test_a_buffered_fog_averages_each_group_over_the_agents_that_trained_it",
+        "tests/fog/test_composition.py::test_a_buffered_fog_asks_for_and_decodes_int8_updates",
         "tests/agent/test_train.py::test_dpsgd_rounds_charge_the_ledger_and_compose_across_restarts",
     ),
     "sim: sync steps": (
@@ -131,8 +134,9 @@ def test_what_the_fog_and_the_simulator_run():
     assert conflict(Cell(), fog) is None and conflict(Cell(), sim) is None  # plain sync rounds
     assert conflict(Cell(RoundMode.BUFFERED, dp=Dp.DPSGD), fog) is None  # DP-SGD is the devices' own
     assert "[privacy.dpsgd]" in conflict(Cell(RoundMode.BUFFERED, dp=Dp.DPSGD), sim)
-    assert conflict(Cell(encoding=Encoding.INT8), sim) is None
-    assert "update_encoding" in conflict(Cell(encoding=Encoding.INT8), fog)
+    for where in Where:
+        assert conflict(Cell(encoding=Encoding.INT8), where) is None
+        assert "update_encoding" in conflict(Cell(aggregation=Aggregate.SECAGG, encoding=Encoding.INT8), where)
     assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.DISTRIBUTED), sim) is None
     assert conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), fog) is None
     assert "device strategies" in conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), sim)
@@ -174,12 +178,13 @@ def _exists(node_id: str) -> bool:
 
 # ------------------------------------------------------------------------------------ config validate
 def fog_toml(cell: Cell, path: Path) -> Path:
-    """A fog config that asks for ``cell`` (full devices and fp32: nothing else can be asked)."""
+    """A fog config that asks for ``cell`` (full devices: a device's strategy is its own)."""
     token = path.parent / "fog.token"
     token.write_text("fog\n")
     lines = ['kind = "fog"', 'name = "fog-a"', "[core]", 'location = "grpc://127.0.0.1:1"',
              f'token_file = "{token}"', 'model = "m"', "[rounds]", f'mode = "{cell.schedule.value}"',
-             f'aggregation = "{"median" if cell.aggregation is Aggregate.ROBUST else "mean"}"']
+             f'aggregation = "{"median" if cell.aggregation is Aggregate.ROBUST else "mean"}"',
+             f'update_encoding = "{cell.encoding.value}"']
     if cell.participants is Participants.SELECTED:
         lines += ["[fleet]", 'fleet = "plant-7"', 'mqtt_host = "127.0.0.1"', "clients_per_round = 2"]
     lines += _privacy(cell)
@@ -205,8 +210,7 @@ def _privacy(cell: Cell) -> list[str]:
     return lines
 
 
-FOG_CELLS = [c for c in all_cells() if c.devices is Strategy.FULL and c.encoding is Encoding.FP32
-             and c.dp is not Dp.DPSGD]
+FOG_CELLS = [c for c in all_cells() if c.devices is Strategy.FULL and c.dp is not Dp.DPSGD]
 SIM_CELLS = [c for c in all_cells() if c.devices is Strategy.FULL and c.participants is Participants.ALL
              and c.aggregation is not Aggregate.ROBUST]
 
@@ -396,3 +400,18 @@ def test_a_hybrid_device_takes_part_in_a_client_level_dp_round(site, placement):
         after = core.get_weights("m")
     assert (result.version, result.declined, result.contributors) == (1, 0, (1, 2, 3)), result.reasons
     assert secure.spent() > 0 and after.version == 1 and after.table.num_rows == base.table.num_rows
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("schedule", [RoundMode.SYNC, RoundMode.BUFFERED])
+def test_the_fog_config_asks_its_rounds_for_its_update_encoding(schedule, tmp_path):
+    """``rounds.update_encoding`` reaches the plan of sync and buffered rounds alike (the plan's request
+    asks each agent for it; the aggregator decodes it: tests/sim/test_int8_round.py)."""
+    from hyprstream.fog.config import load_fog_config
+    from hyprstream.fog.server_app import round_plan
+
+    cell = Cell(schedule, encoding=Encoding.INT8)
+    cfg = load_fog_config(fog_toml(cell, tmp_path / "fog.toml"))
+    plan = round_plan(cfg, ("fc2",))
+    assert plan.update_encoding == "int8" and plan.layers == ("fc2",)
+    assert cfg.cells() == (cell,)
