@@ -116,13 +116,27 @@ def idle(workdir: Path, window_s: float) -> dict:
         extra = ["--fog", f"127.0.0.1:{link_port}", "--fog-insecure"]
     key = workdir / "store.key"
     key.write_bytes(os.urandom(32))
-    cmd = [sys.executable, "-m", "hyprstream.agent.cli", "run", "--config", str(ROOT / "firmware-configs/rpi4.toml"),
+    listen = free_port()
+    cmd = [sys.executable, "-m", "hyprstream.cli", "agent", "run", "--config", str(ROOT / "firmware-configs/rpi4.toml"),
            "--mqtt", f"127.0.0.1:{broker.port}", "--fleet", "bench", "--device-id", "idle-01",
-           "--store", str(workdir / "store"), "--store-key", str(key), "--listen", str(free_port()),
+           "--store", str(workdir / "store"), "--store-key", str(key), "--listen", str(listen),
            "--watch", str(workdir / "inbox"), "--log-level", "warning", *extra]
-    agent = subprocess.Popen(cmd, stdout=(workdir / "agent.log").open("wb"), stderr=subprocess.STDOUT)
+    log_path = workdir / "agent.log"
+    agent = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+
+    def alive(when: str) -> None:
+        """Fail loudly unless the agent runs (and its SuperNode with it, when a SuperLink is up)."""
+        problem = None if agent.poll() is None else f"the agent exited with code {agent.returncode}"
+        if problem is None and link is not None and not psutil.Process(agent.pid).children(recursive=True):
+            problem = "the agent has no SuperNode child"
+        if problem:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"idle agent {when}: {problem}; its log ends:\n{tail}")
+
     try:
+        wait_port(listen, 60)  # the daemon is up: its HTTP record endpoint listens
         time.sleep(10.0)  # warm-up: imports, store open, first ticks, SuperNode start
+        alive("after the warm-up")
         proc = psutil.Process(agent.pid)
         kids = [k for k in proc.children(recursive=True)]
         t0, c0 = time.monotonic(), proc.cpu_times()
@@ -132,16 +146,20 @@ def idle(workdir: Path, window_s: float) -> dict:
         wall = t1 - t0
         cpu_pct = 100.0 * ((c1.user - c0.user) + (c1.system - c0.system)) / wall
         rss_mb = proc.memory_info().rss / 1e6
+        alive("at the end of the window")
         maps = Path(f"/proc/{agent.pid}/maps").read_text() if Path(f"/proc/{agent.pid}/maps").exists() else ""
-        child = {"rss_mb": 0.0, "cpu_pct": 0.0, "processes": 0}
+        child = {"rss_mb": 0.0, "cpu_pct": 0.0, "processes": 0, "each": {}}
         for k in kids:
             try:
                 ct = k.cpu_times()
-                child["rss_mb"] += k.memory_info().rss / 1e6
-                child["cpu_pct"] += 100.0 * ((ct.user - k0[k.pid].user) + (ct.system - k0[k.pid].system)) / wall
-                child["processes"] += 1
+                rss, cpu = k.memory_info().rss / 1e6, 100.0 * ((ct.user - k0[k.pid].user) + (ct.system - k0[k.pid].system)) / wall
+                name = "executor" if "hyprstream.agent.executor" in " ".join(k.cmdline()) else k.name()
             except psutil.Error:
-                pass
+                continue
+            child["rss_mb"] += rss
+            child["cpu_pct"] += cpu
+            child["processes"] += 1
+            child["each"][f"{name} ({k.pid})"] = {"rss_mb": rss, "cpu_pct": cpu}
         result = {"window_s": round(wall, 1), "rss_mb": rss_mb, "cpu_pct": cpu_pct,
                   "torch_loaded": "libtorch" in maps, "onnxruntime_loaded": "onnxruntime" in maps,
                   "supernode": link is not None, "children": child}
@@ -157,8 +175,10 @@ def idle(workdir: Path, window_s: float) -> dict:
           f"(target <= {CPU_TARGET_PCT:.0f}: {'met' if cpu_pct <= CPU_TARGET_PCT else 'NOT met'}); "
           f"torch loaded: {result['torch_loaded']}, onnxruntime loaded: {result['onnxruntime_loaded']}")
     if child["processes"]:
-        print(f"SuperNode (Flower's process, {child['processes']} process(es)): RSS {child['rss_mb']:.1f} MB, "
+        print(f"SuperNode and its ClientApp executor ({child['processes']} process(es)): RSS {child['rss_mb']:.1f} MB, "
               f"CPU {child['cpu_pct']:.2f} %")
+        for name, figures in child["each"].items():
+            print(f"  {name}: RSS {figures['rss_mb']:.1f} MB, CPU {figures['cpu_pct']:.2f} %")
     return result
 
 

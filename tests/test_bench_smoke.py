@@ -13,9 +13,15 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
 
 
+# MiniLM's export and quantization are the smoke run's longest part; its ONNX path is tested on its own
+# (tests/agent/test_tasks.py::test_text_model_on_onnx_runtime)
+EXTRA = {"bench_agent.py": ["--no-text"]}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_quick_run(script):
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *EXTRA.get(script, [])],
+                          capture_output=True, text=True,
                           timeout=600 if script == "bench_sim.py" else 300, cwd=BENCH.parent)  # two Ray start-ups
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

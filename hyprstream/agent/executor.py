@@ -5,7 +5,10 @@ Flower's own SuperExec starts a fresh ``flwr-clientapp`` for every message; that
 importing Flower, hyprstream and torch before it reads its message. A secure round sends each device five
 messages, so on a small device the imports cost more than the work. Here the SuperNode runs with
 ``--isolation process`` and this process takes its place: it asks the SuperNode's Runtime API (loopback)
-for a task every ``poll_s`` and forks a child that runs Flower's ``run_clientapp`` with the task's token.
+for a task and forks a child that runs Flower's ``run_clientapp`` with the task's token. It asks every
+``poll_s`` while tasks come (the stages of a round follow each other), and less often the longer none
+came, up to every ``idle_poll_s``: an idle device pays little for a warm executor, and the first message
+of a round waits at most ``idle_poll_s``.
 Each task still runs in its own process (a crash or a leak ends with it; nothing a task changes reaches the
 next), only the imports are shared, copy-on-write. This process starts no thread and never touches CUDA
 (importing torch does not initialise it), so every fork starts consistent and may use the GPU itself.
@@ -36,6 +39,12 @@ log = logging.getLogger("hyprstream.agent.executor")
 PRELOAD = ("flwr.supernode.runtime.run_clientapp", "hyprstream.agent.client_app", "torch")
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 DEFAULT_POLL_S = 0.2
+DEFAULT_IDLE_POLL_S = 1.0
+
+
+def next_poll(interval: float, got_task: bool, poll_s: float, idle_poll_s: float) -> float:
+    """The wait before the next ``AcquireTask``: ``poll_s`` after a task, then doubling up to ``idle_poll_s``."""
+    return poll_s if got_task else min(idle_poll_s, max(interval, poll_s) * 2)
 
 
 class _Stop(Exception):
@@ -46,7 +55,7 @@ class WarmExecutor:
     """Acquire the SuperNode's ClientApp tasks and run each in a fork of this process."""
 
     def __init__(self, runtime_address: str, secret: bytes, *, parent_pid: int | None = None,
-                 poll_s: float = DEFAULT_POLL_S, retry: bool = True) -> None:
+                 poll_s: float = DEFAULT_POLL_S, idle_poll_s: float = DEFAULT_IDLE_POLL_S, retry: bool = True) -> None:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -55,7 +64,9 @@ class WarmExecutor:
             raise ValueError("the SuperExec secret must not be empty")
         self.runtime_address = runtime_address
         self.parent_pid = parent_pid
-        self.poll_s = poll_s
+        if not 0 < poll_s <= idle_poll_s:
+            raise ValueError(f"poll intervals must satisfy 0 < poll_s <= idle_poll_s, got {poll_s}, {idle_poll_s}")
+        self.poll_s, self.idle_poll_s = poll_s, idle_poll_s
         self.children: set[int] = set()
         # Flower's invoker retries with backoff, and on a refused secret (401) stops this process (SIGINT)
         invoker = make_simple_http_retry_invoker() if retry else None
@@ -81,14 +92,16 @@ class WarmExecutor:
             raise RuntimeError("CUDA was initialised in the executor: its forks could not use the GPU")
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("executor ready: ClientApp tasks of %s run in forks of pid %d", self.runtime_address, os.getpid())
+        interval = self.poll_s
         try:
             while self.parent_pid is None or psutil.pid_exists(self.parent_pid):
                 self.reap()
                 token = self.acquire()
+                interval = next_poll(interval, token is not None, self.poll_s, self.idle_poll_s)
                 if token is not None:
                     self.launch(token)
                 else:
-                    time.sleep(self.poll_s)
+                    time.sleep(interval)
         except _Stop:
             log.info("executor stopping (signal)")
         finally:
@@ -169,13 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, 127.0.0.1:PORT")
     parser.add_argument("--secret-file", required=True, help="the SuperExec secret the SuperNode was given")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) is gone")
-    parser.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S, help="how often to ask for a task")
+    parser.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S, help="how often to ask for a task while "
+                        "tasks come")
+    parser.add_argument("--idle-poll-s", type=float, default=DEFAULT_IDLE_POLL_S,
+                        help="how often to ask at the most when none came for a while")
     args = parser.parse_args(argv)
     host, _, port = args.runtime_api_address.rpartition(":")
     if host not in ("127.0.0.1", "localhost") or not port.isdigit():
         parser.error(f"--runtime-api-address must be a loopback HOST:PORT, got {args.runtime_api_address!r}")
-    if not 0.01 <= args.poll_s <= 60:
-        parser.error(f"--poll-s must be between 0.01 and 60, got {args.poll_s}")
+    if not 0.01 <= args.poll_s <= args.idle_poll_s <= 60:
+        parser.error(f"--poll-s and --idle-poll-s must satisfy 0.01 <= poll <= idle poll <= 60, got "
+                     f"{args.poll_s} and {args.idle_poll_s}")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger("hyprstream").addHandler(handler)
@@ -186,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     secret = load_superexec_auth_secret(args.secret_file)  # raises ValueError for an empty or unreadable file
     for name in PRELOAD:  # what every task would import (none of them starts a thread)
         importlib.import_module(name)
-    WarmExecutor(args.runtime_api_address, secret, parent_pid=args.parent_pid, poll_s=args.poll_s).serve()
+    WarmExecutor(args.runtime_api_address, secret, parent_pid=args.parent_pid, poll_s=args.poll_s,
+                 idle_poll_s=args.idle_poll_s).serve()
     return 0
 
 

@@ -396,7 +396,9 @@ def test_the_executor_serves_only_a_loopback_runtime_api_with_a_secret(tmp_path,
     for argv, said in ((["--runtime-api-address", "10.0.0.5:9094", "--secret-file", str(secret)], "loopback"),
                        (["--runtime-api-address", "127.0.0.1:x", "--secret-file", str(secret)], "loopback"),
                        (["--runtime-api-address", "127.0.0.1:9094", "--secret-file", str(secret), "--poll-s", "0"],
-                        "--poll-s")):
+                        "--poll-s"),
+                       (["--runtime-api-address", "127.0.0.1:9094", "--secret-file", str(secret), "--poll-s", "2",
+                         "--idle-poll-s", "1"], "--idle-poll-s")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and said in capsys.readouterr().err
@@ -404,3 +406,16 @@ def test_the_executor_serves_only_a_loopback_runtime_api_with_a_secret(tmp_path,
         main(["--runtime-api-address", "127.0.0.1:9094", "--secret-file", str(secret)])
     with pytest.raises(ValueError, match="must not be empty"):
         WarmExecutor("127.0.0.1:9094", b"")
+    with pytest.raises(ValueError, match="poll_s <= idle_poll_s"):
+        WarmExecutor("127.0.0.1:9094", b"x" * 32, poll_s=2.0, idle_poll_s=1.0)
+
+
+@pytest.mark.unit
+def test_the_executor_polls_fast_while_tasks_come_and_backs_off_when_idle():
+    from hyprstream.agent.executor import next_poll
+
+    waits, interval = [], 0.2
+    for got in (False, False, False, False, True, False):
+        interval = next_poll(interval, got, 0.2, 1.0)
+        waits.append(interval)
+    assert waits == [0.4, 0.8, 1.0, 1.0, 0.2, 0.4]

@@ -3,6 +3,7 @@ loopback with a registered ``digits`` model and one local store per agent."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +28,32 @@ class Site:
     tmp: Path
 
 
+@contextlib.contextmanager
+def core_server(root: Path):
+    """A core Flight server on loopback over a repository in ``root``, with tokens ``admin`` and ``fog``
+    (fog ``fog-a``); yields its location and stops it."""
+    from hyprstream.core.auth import Principal, Role, TokenRegistry
+    from hyprstream.core.repository import ModelRepository
+    from hyprstream.core.server import CoreFlightServer
+
+    tokens = TokenRegistry()
+    tokens.add("admin", Principal("admin", Role.ADMIN))
+    tokens.add("fog", Principal("fog-a", Role.FOG))
+    server = CoreFlightServer(ModelRepository(root), tokens)
+    location = server.start_background()
+    try:
+        yield location
+    finally:
+        server.stop()
+
+
 @pytest.fixture()
 def site(tmp_path):
     """A core server holding model ``m`` (digits, seed 0) and stores for agents 1-4 (tokens:
     ``admin``, ``fog`` for fog ``fog-a``, ``reader`` for an agent)."""
     from hyprstream.learning.task import Dataset, get_task
     from hyprstream.learning.trainer import model_weights
-    from hyprstream.core.auth import Principal, Role, TokenRegistry
     from hyprstream.coreapi.client import CoreClient
-    from hyprstream.core.repository import ModelRepository
-    from hyprstream.core.server import CoreFlightServer
     from hyprstream.store import Store, to_table
 
     task = get_task("digits")
@@ -49,14 +66,7 @@ def site(tmp_path):
             idx = np.arange(node * 100, node * 100 + 40 + 10 * node)  # different sizes: different weights
             store.append(task.table, task.to_table(Dataset(train_set.x[idx], train_set.y[idx])))
         stores[node] = path
-    tokens = TokenRegistry()
-    tokens.add("admin", Principal("admin", Role.ADMIN))
-    tokens.add("fog", Principal("fog-a", Role.FOG))
-    server = CoreFlightServer(ModelRepository(tmp_path / "core"), tokens)
-    location = server.start_background()
-    try:
+    with core_server(tmp_path / "core") as location:
         with CoreClient(location, "admin") as admin:
             admin.register_model("m", to_table(model_weights(task.build_model(seed=0)), layer=task.layer_of))
         yield Site(location, stores, task, tmp_path)
-    finally:
-        server.stop()

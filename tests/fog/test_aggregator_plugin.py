@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 from flwr.app import Message
 from flwr.clientapp import ClientApp
+from conftest import core_server
 from test_task_plugin import install
 
-from hyprstream.core.auth import Principal, Role, TokenRegistry
-from hyprstream.core.repository import ModelRepository
-from hyprstream.core.server import CoreFlightServer
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import ConfigError, ValidationError
 from hyprstream.fog.aggregate import Aggregation, PluginRule, UpdateMatrix, resolve_rule
@@ -172,12 +170,7 @@ def fixed_delta(msg: Message, context) -> Message:
 
 def test_a_fog_round_with_an_installed_rule_commits_its_aggregate(on_path, tmp_path):
     nodes = sorted({**HONEST, **BYZANTINE})
-    tokens = TokenRegistry()
-    tokens.add("admin", Principal("admin", Role.ADMIN))
-    tokens.add("fog", Principal("fog-a", Role.FOG))
-    server = CoreFlightServer(ModelRepository(tmp_path / "core"), tokens)
-    location = server.start_background()
-    try:
+    with core_server(tmp_path / "core") as location:
         with CoreClient(location, "admin") as admin:
             admin.register_model("m", to_table(BASE, layer=lambda name: name.split(".")[0]))
         grid = LoopbackGrid(app, nodes, node_config=lambda n: {"node": n})
@@ -189,8 +182,6 @@ def test_a_fog_round_with_an_installed_rule_commits_its_aggregate(on_path, tmp_p
                 fog = FogAggregator("fog-a", grid, nodes, core, "m", plan, seed=1)
                 results[rule] = fog.run_round(round_no, fog.pull())
             after = to_arrays(core.get_weights("m").table)
-    finally:
-        server.stop()
     krum, broken = results["krum"], results["nan"]
     assert krum.version == 1 and krum.participants == len(nodes)
     assert after["fc.bias"][0] in [np.float32(v) for v in HONEST.values()]  # one honest delta, whole
