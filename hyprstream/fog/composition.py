@@ -152,10 +152,6 @@ class Family:
 
 ROBUST_WITH_SECAGG = ("robust aggregation needs each update in the clear; with secure aggregation the fog sees "
                       "only the sum: use aggregation = 'mean' (clipping bounds each agent's influence)")
-CLIENT_DP_POISSON = ("must be 0 with [privacy.client_dp]: client-level DP is accounted for a Poisson sample in "
-                     "which each agent takes part independently with probability client_sampling_rate, and a "
-                     "choice of the best M lets one device displace another (twice the sensitivity); to train "
-                     "about M agents a round, set client_sampling_rate = M / agents")
 
 BUFFERED, SYNC = RoundMode.BUFFERED, RoundMode.SYNC
 MEAN, ROBUST, SECAGG = Aggregate.MEAN, Aggregate.ROBUST, Aggregate.SECAGG
@@ -188,8 +184,6 @@ RULES: tuple[Rule, ...] = (
     Rule("buffered does not select", when(schedule=BUFFERED, participants=SELECTED),
          "must be 0 in buffered mode: a buffered fog chooses no agents, every connected agent takes its turn "
          "(rounds.concurrency bounds how many train at once)", fog_key="fleet.clients_per_round"),
-    Rule("client DP samples", when(dp=CLIENT_DP, participants=SELECTED), CLIENT_DP_POISSON,
-         fog_key="fleet.clients_per_round"),
     Rule("buffered simulates full devices", when(schedule=BUFFERED, devices=HYBRID),
          "the simulator's buffered mode does not model device strategies: every agent trains in full",
          at=(Where.SIM,)),
@@ -206,6 +200,8 @@ FAMILIES: tuple[Family, ...] = (
            when(schedule=SYNC, aggregation=SECAGG, dp=(NO_DP, DPSGD), devices=HYBRID, encoding=Encoding.FP32)),
     Family("client-level DP", Where.FOG, when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=ALL,
                                               encoding=Encoding.FP32)),
+    Family("client-level DP over a telemetry-weighted sample", Where.FOG,
+           when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=SELECTED, encoding=Encoding.FP32)),
     Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL,
@@ -297,7 +293,7 @@ def table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AXES", "CLIENT_DP", "CLIENT_DP_POISSON", "DEVICES", "FAMILIES", "ROBUST_WITH_SECAGG", "RULES", "Aggregate",
+__all__ = ["AXES", "CLIENT_DP", "DEVICES", "FAMILIES", "ROBUST_WITH_SECAGG", "RULES", "Aggregate",
            "Cell", "Dp", "Family", "Participants", "Pattern", "Rule", "Where", "all_cells", "conflict", "dp_values",
            "family_of", "refusal", "refusals", "table", "when"]
 

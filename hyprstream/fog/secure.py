@@ -33,6 +33,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.selection import Sampling
 from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
@@ -65,6 +66,7 @@ class PendingSecureRound:
     message_ids: set[str] = field(default_factory=set)
     bytes_down: int = 0
     aborted: str = ""  # why the round did not start
+    expected: float = 0.0  # client-level DP: the expected participants, the mean's fixed denominator
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,34 @@ class SecureFogAggregator:
         return self.fog.pull()
 
     # ---------------------------------------------------------------------------------------- dp
-    def _dp(self, population: int) -> ClientDP | None:
+    def _dp(self, expected: float) -> ClientDP | None:
+        """Client-level DP of a round whose mean divides by ``expected`` (the expected number of participants,
+        fixed before the sample is drawn), None without client-level DP."""
         c = self.client_dp
         if c is None:
             return None
         return ClientDP(clip=self.secagg.clip, noise_multiplier=c.noise_multiplier, placement=c.placement,
-                        min_clients=c.min_clients, denominator=max(1.0, c.client_sampling_rate * population))
+                        min_clients=c.min_clients, denominator=max(1.0, expected))
+
+    def _sample(self, nodes: tuple[int, ...], sampling: Sampling | None) -> tuple[tuple[int, ...], float]:
+        """Client-level DP's Poisson sample of ``nodes`` and the mean's denominator: each agent with rate q
+        (``client_sampling_rate``) over the fog's agents, or with its own rate from a telemetry selection
+        (``sampling``: every rate at most q, the rate charged)."""
+        c = self.client_dp
+        if c is None:
+            return nodes, float(len(nodes))
+        q = c.client_sampling_rate
+        if sampling is None:
+            rates, expected = dict.fromkeys(nodes, q), q * len(self.fog.node_ids)
+            if q >= 1:
+                return nodes, expected
+        else:
+            rates, expected = sampling.rates, sampling.expected
+            over = {n: p for n, p in rates.items() if not 0 <= p <= q}
+            if over:
+                raise PrivacyViolation(f"inclusion rates above the charged rate {q}: {over}")
+        draws = self.source.uniform(len(nodes))
+        return tuple(n for n, u in zip(nodes, draws, strict=True) if u < rates.get(n, 0.0)), expected
 
     def _event(self) -> GaussianEvent:
         c = self.client_dp
@@ -158,19 +182,22 @@ class SecureFogAggregator:
         return f"client-gaussian-{self.client_dp.placement.value}"
 
     # ------------------------------------------------------------------------------------ round
-    def start_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None) -> PendingSecureRound:
+    def start_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
+                    sampling: Sampling | None = None) -> PendingSecureRound:
+        """Start round ``round_no`` over ``nodes`` (default: all the fog's agents); with client-level DP
+        they are Poisson-sampled first, at ``client_sampling_rate`` or at the rates of a telemetry
+        ``sampling`` (:func:`~hyprstream.fog.selection.inclusion_rates`, ``nodes`` then its agents)."""
         fog = self.fog
         base = base if base is not None else fog.pull()
         nodes = tuple(fog.node_ids if nodes is None else nodes)
         unknown = set(nodes) - set(fog.node_ids)
         if unknown:
             raise ValidationError(f"fog {fog.name!r} has no agents {sorted(unknown)}")
-        if self.client_dp is not None and self.client_dp.client_sampling_rate < 1:
-            keep = self.source.uniform(len(nodes)) < self.client_dp.client_sampling_rate
-            nodes = tuple(n for n, k in zip(nodes, keep, strict=True) if k)
+        nodes, expected = self._sample(nodes, sampling)
         layers = fog.plan.layers or tuple(lt.layers_in(base.table))
-        pending = PendingSecureRound(round_no, base, layers, nodes, f"{fog.name}/round-{round_no}", self.clock())
-        dp = self._dp(len(fog.node_ids))
+        pending = PendingSecureRound(round_no, base, layers, nodes, f"{fog.name}/round-{round_no}", self.clock(),
+                                     expected=expected)
+        dp = self._dp(expected)
         try:
             if self.client_dp is not None:
                 self._check_budget(f"round {round_no} of {fog.model}")
@@ -297,8 +324,9 @@ class SecureFogAggregator:
             seconds=self.clock() - pending.started, delta=delta, reasons=tuple(reasons), nodes=pending.nodes,
             contributors=survivors if version is not None else (), uplink=uplink)
 
-    def run_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None):
-        return self.finish_round(self.start_round(round_no, base, nodes))
+    def run_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
+                  sampling: Sampling | None = None):
+        return self.finish_round(self.start_round(round_no, base, nodes, sampling))
 
     # -------------------------------------------------------------------------------- internals
     def _run_stages(self, pending: PendingSecureRound, counts: dict[str, int], reasons: list[str],
@@ -378,7 +406,7 @@ class SecureFogAggregator:
         assert spec is not None
         n = len(result.survivors)
         dec = decode(result.total, n, spec)
-        dp = self._dp(len(self.fog.node_ids))
+        dp = self._dp(pending.expected)
         entry, kept = None, None
         if dp is not None:
             mean = dp.release(dec.total, n, self.source)
@@ -415,7 +443,7 @@ class SecureFogAggregator:
             privacy = {"epsilon": spent, "delta": self.client_dp.delta,
                        "noise_multiplier": self.client_dp.noise_multiplier,
                        "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip,
-                       "expected_participants": self._dp(len(self.fog.node_ids)).denominator}
+                       "expected_participants": self._dp(pending.expected).denominator}
             participants = 0
         seq = self.fog.next_seq()
         if entry is not None and self.ledger is not None:

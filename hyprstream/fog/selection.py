@@ -146,6 +146,53 @@ def select_agents(agents: Mapping[int, DeviceInfo], fleet: Mapping[str, DeviceVi
     return Selection(tuple(chosen), excluded, scores)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Per-agent inclusion probabilities of a client-level DP round (:func:`inclusion_rates`)."""
+
+    rates: dict[int, float]  # node -> probability of taking part, in [0, rate]; 0 for an excluded agent
+    expected: float  # the mean's fixed denominator: the sum of every agent's rate before exclusions
+    excluded: dict[int, str]
+
+
+def telemetry_score(view: DeviceView | None, *, participations: int, now: float, rules: SelectionRules) -> float:
+    """A device's score in [0, 1] from its own telemetry and participation only (never its data size):
+    :func:`score` without the data term, over the sum of the other weights."""
+    w = rules.weights
+    total = w.resources + w.battery + w.fairness + w.freshness
+    if total <= 0:
+        return 1.0
+    return score(view, participations=participations, data_share=0.0, now=now, rules=rules) / total
+
+
+def inclusion_rates(agents: Mapping[int, DeviceInfo], fleet: Mapping[str, DeviceView], *, rate: float,
+                    participation: Mapping[str, int] | None = None, now: float,
+                    rules: SelectionRules = SelectionRules()) -> Sampling:
+    """Telemetry selection under client-level DP: each agent takes part independently (Poisson) with
+    probability ``rate * s_i``, ``s_i`` in [0, 1] its own :func:`telemetry_score`, or 0 when its own
+    record excludes it (offline, ``minimal``, budget spent, low battery).
+
+    A device's probability is a function of its own record only, so adding, removing or changing one
+    device changes no other device's probability: the round is a Poisson sample whose largest rate is
+    ``rate``, the rate charged. The mean's denominator (``expected``, ``rate`` times the sum of every
+    agent's score before exclusions) comes from telemetry, never from training data: a device whose own
+    sample-level budget is spent (a function of its data) only lowers its own probability."""
+    if not 0 < rate <= 1:
+        raise ValidationError(f"rate must be in (0, 1], got {rate}")
+    participation = participation or {}
+    rates = {n: rate * telemetry_score(fleet.get(info.device_id),
+                                       participations=participation.get(info.device_id, 0), now=now, rules=rules)
+             for n, info in agents.items()}
+    expected = sum(rates.values())
+    excluded: dict[int, str] = {}
+    for node in sorted(agents):
+        reason = exclusion(fleet.get(agents[node].device_id), rules)
+        if reason is not None:
+            excluded[node] = reason
+            rates[node] = 0.0
+    return Sampling(rates, expected, excluded)
+
+
 class Participation:
     """How often each device took part in the last ``window`` rounds."""
 
@@ -179,6 +226,27 @@ class RoundSelector:
     def choose(self, agents: Mapping[int, DeviceInfo], round_no: int) -> tuple[int, ...]:
         """The node IDs to train in round ``round_no`` (seeded by it); records them as participants.
         The first time, waits up to ``warmup_s`` until the view has telemetry of every agent."""
+        self._warm_up(agents)
+        self.last = select_agents(agents, self.fleet.devices(), count=self.count,
+                                  participation=self.participation.counts(), now=self.clock(), seed=round_no,
+                                  rules=self.rules)
+        self.participation.record([agents[n].device_id for n in self.last.chosen])
+        return self.last.chosen
+
+    def rates(self, agents: Mapping[int, DeviceInfo], rate: float) -> Sampling:
+        """Client-level DP: each agent's inclusion probability (:func:`inclusion_rates`); the caller draws
+        the sample and records who took part (:meth:`record`)."""
+        self._warm_up(agents)
+        sampling = inclusion_rates(agents, self.fleet.devices(), rate=rate,
+                                   participation=self.participation.counts(), now=self.clock(), rules=self.rules)
+        self.last = Selection(tuple(n for n, p in sampling.rates.items() if p > 0), sampling.excluded,
+                              dict(sampling.rates))
+        return sampling
+
+    def record(self, agents: Mapping[int, DeviceInfo], nodes: Sequence[int]) -> None:
+        self.participation.record([agents[n].device_id for n in nodes if n in agents])
+
+    def _warm_up(self, agents: Mapping[int, DeviceInfo]) -> None:
         if self.warmup_s:
             import time
 
@@ -190,12 +258,8 @@ class RoundSelector:
                     break
                 time.sleep(0.05)
             self.warmup_s = 0.0
-        self.last = select_agents(agents, self.fleet.devices(), count=self.count,
-                                  participation=self.participation.counts(), now=self.clock(), seed=round_no,
-                                  rules=self.rules)
-        self.participation.record([agents[n].device_id for n in self.last.chosen])
-        return self.last.chosen
 
 
-__all__ = ["NEUTRAL", "Participation", "RoundSelector", "Selection", "SelectionRules", "SelectionWeights", "exclusion",
+__all__ = ["NEUTRAL", "Participation", "RoundSelector", "Sampling", "Selection", "SelectionRules", "SelectionWeights",
+           "exclusion", "inclusion_rates", "telemetry_score",
            "score", "select_agents"]

@@ -186,14 +186,25 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
             _record_privacy(metrics, runner, cfg.privacy)  # a restarted fog reports its ledger at once
         else:  # the fleet changes between rounds: keep the fog (and its push sequence), update the rest
             fog.node_ids, fog.plan = ordered, plan  # a privacy wrapper reads both from the wrapped fog
-        chosen = selector.choose(devices, round_no) if selector is not None else None
+        chosen, sampling = None, None
+        dp = cfg.privacy.client_dp
+        if selector is not None and dp is not None and selector.count > 0:
+            # client-level DP: a Poisson sample at per-agent rates from telemetry, not a top-M choice
+            sampling = selector.rates(devices, dp.client_sampling_rate)
+            chosen = tuple(n for n, p in sampling.rates.items() if p > 0)
+        elif selector is not None:
+            chosen = selector.choose(devices, round_no)
         if chosen == ():  # no agent may train now (offline, minimal strategy, budget, battery): wait
             log.warning("fog %s: no eligible agent for round %d (%s)", cfg.name, round_no,
                         "; ".join(sorted(set(selector.last.excluded.values()))))
             round_no -= 1
             stop.wait(max(r.pause_s, 1.0))
             continue
-        result = runner.run_round(round_no, nodes=chosen)
+        if sampling is not None:
+            result = runner.run_round(round_no, nodes=chosen, sampling=sampling)
+            selector.record(devices, result.nodes)
+        else:
+            result = runner.run_round(round_no, nodes=chosen)
         log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, round_no, result.participants,
                  len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "")
         done.append(result)

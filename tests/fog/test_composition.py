@@ -78,6 +78,13 @@ TESTS: dict[str, tuple[str, ...]] = {
          "test_fog_runs_round_robin_rounds_over_supernodes_with_secure_aggregation_and_client_dp"),
         "tests/fog/test_composition.py::test_a_hybrid_device_takes_part_in_a_client_level_dp_round",
     ),
+    "fog: client-level DP over a telemetry-weighted sample": (
+        "tests/fog/test_fleet.py::test_with_client_dp_the_fleet_weights_a_poisson_sample_instead_of_choosing",
+        "tests/fog/test_fog_privacy_selection.py::"
+        "test_telemetry_rates_are_each_devices_own_and_never_above_the_charged_rate",
+        "tests/fog/test_fog_privacy_selection.py::"
+        "test_a_client_dp_round_samples_at_the_telemetry_rates_and_divides_by_their_sum",
+    ),
     "fog: buffered": (
         "tests/fog/test_buffered.py::test_pushes_every_k_updates_with_staleness_weighted_mean",
         "tests/fog/test_buffered.py::test_run_fog_in_buffered_mode_pushes_every_k_updates",

@@ -182,22 +182,17 @@ def test_sessions_states_and_order_without_a_broker():
 
 @pytest.mark.mqtt
 @pytest.mark.integration
-def test_fog_rounds_choose_from_the_fleet_view_and_serve_offload(broker, site):
-    """``run_fog`` with ``[fleet]`` and ``[offload]``: agents publish telemetry through their real
-    publisher; the minimal one is never asked to train, the others take turns (one per round), and
-    the offload endpoint answers with each round's new version while the fog runs."""
+def run_fleet_fog(broker, site, devices: dict, config: str, count: int, on_round=None):
+    """``run_fog`` over the loopback grid of the real agent ClientApp (one agent per entry of ``devices``,
+    device id -> strategy), each device publishing telemetry through its real publisher every 0.1 s;
+    ``config`` is the fog TOML's other tables, ``count`` its ``fleet.clients_per_round``."""
     import threading
 
-    from conftest import free_port
-
     from hyprstream.agent.client_app import app as agent_app
-    from hyprstream.agent.offload import OffloadClient
-    from hyprstream.agent.profile import Strategy
     from hyprstream.fog.config import load_fog_config
     from hyprstream.fog.loopback import LoopbackGrid
     from hyprstream.fog.server_app import run_fog
 
-    devices = {"device-1": Strategy.FULL, "device-2": Strategy.MINIMAL, "device-3": Strategy.FULL}
     pubs = [MqttPublisher(BrokerConfig(broker.host, broker.port), fleet=FLEET, device_id=d, session="s1",
                           settings=FAST) for d in devices]
     stop = threading.Event()
@@ -210,40 +205,24 @@ def test_fog_rounds_choose_from_the_fleet_view_and_serve_offload(broker, site):
                 pub.publish(telemetry(device, seq, strategy=strategy, ac=True))
 
     (site.tmp / "fog.token").write_text("fog\n")
-    (site.tmp / "offload.tokens").write_text("agent-token\n")
-    port = free_port()
-    config = site.tmp / "fog.toml"
-    config.write_text(f"""
+    path = site.tmp / "fog.toml"
+    path.write_text(f"""
 kind = "fog"
 name = "fog-a"
 [core]
 location = "{site.location}"
 token_file = "{site.tmp / 'fog.token'}"
 model = "m"
-[rounds]
-layers = ["head"]
-local_steps = 2
-min_agents = 3
-max_rounds = 4
+{config}
 [fleet]
 fleet = "{FLEET}"
 mqtt_host = "{broker.host}"
 mqtt_port = {broker.port}
-clients_per_round = 1
-[offload]
-port = {port}
-token_file = "{site.tmp / 'offload.tokens'}"
-refresh_s = 0.0
+clients_per_round = {count}
 """)
-    cfg = load_fog_config(config)
-    grid = LoopbackGrid(agent_app, [1, 2, 3], node_config=lambda n: {"store-dir": str(site.stores[n])})
-    client = OffloadClient(f"http://127.0.0.1:{port}/v1/infer", "agent-token")
-    row = site.task.example_input(1)[0].tolist()
-    served = []
-
-    def on_round(result) -> None:
-        served.append(client.infer("digits", [row]).version)
-
+    cfg = load_fog_config(path)
+    grid = LoopbackGrid(agent_app, list(range(1, len(devices) + 1)),
+                        node_config=lambda n: {"store-dir": str(site.stores[n])})
     for pub in pubs:
         pub.start()
     thread = threading.Thread(target=agents, daemon=True)
@@ -252,12 +231,36 @@ refresh_s = 0.0
         for pub in pubs:
             assert pub.wait_connected(10)
         # the first round waits (fleet.warmup_s) until the view holds every agent's telemetry
-        rounds = run_fog(grid, cfg, on_round=on_round)
+        return run_fog(grid, cfg, on_round=on_round, state_dir=site.tmp / "fog-state")
     finally:
         stop.set()
         thread.join(10)
         for pub in pubs:
             pub.close()
+
+
+def test_fog_rounds_choose_from_the_fleet_view_and_serve_offload(broker, site):
+    """``run_fog`` with ``[fleet]`` and ``[offload]``: agents publish telemetry through their real
+    publisher; the minimal one is never asked to train, the others take turns (one per round), and
+    the offload endpoint answers with each round's new version while the fog runs."""
+    from conftest import free_port
+
+    from hyprstream.agent.offload import OffloadClient
+    from hyprstream.agent.profile import Strategy
+
+    devices = {"device-1": Strategy.FULL, "device-2": Strategy.MINIMAL, "device-3": Strategy.FULL}
+    (site.tmp / "offload.tokens").write_text("agent-token\n")
+    port = free_port()
+    client = OffloadClient(f"http://127.0.0.1:{port}/v1/infer", "agent-token")
+    row = site.task.example_input(1)[0].tolist()
+    served = []
+
+    def on_round(result) -> None:
+        served.append(client.infer("digits", [row]).version)
+
+    config = ('[rounds]\nlayers = ["head"]\nlocal_steps = 2\nmin_agents = 3\nmax_rounds = 4\n'
+              f'[offload]\nport = {port}\ntoken_file = "{site.tmp / "offload.tokens"}"\nrefresh_s = 0.0\n')
+    rounds = run_fleet_fog(broker, site, devices, config, 1, on_round)
     assert [r.version for r in rounds] == [1, 2, 3, 4]
     asked = [r.nodes for r in rounds]
     assert all(len(n) == 1 and 2 not in n for n in asked)
@@ -265,3 +268,30 @@ refresh_s = 0.0
     assert served == [1, 2, 3, 4]
     with pytest.raises(TransportError, match="unreachable"):  # the endpoint stops with the fog
         client.infer("digits", [row])
+
+
+def test_with_client_dp_the_fleet_weights_a_poisson_sample_instead_of_choosing(broker, site):
+    """``clients_per_round > 0`` with ``[privacy.client_dp]``: no top-M choice; each eligible agent takes part
+    with probability q times its own telemetry score (the minimal one never), every round is charged at q,
+    and core gets the fixed denominator those rates give, never the count."""
+    from hyprstream.agent.profile import Strategy
+    from hyprstream.privacy.accountant import GaussianEvent, epsilon
+
+    devices = {"device-1": Strategy.FULL, "device-2": Strategy.MINIMAL, "device-3": Strategy.FULL,
+               "device-4": Strategy.FULL}
+    config = ('[rounds]\nlayers = ["head"]\nlocal_steps = 2\nmin_agents = 4\nmax_rounds = 3\n'
+              "[privacy.secagg]\nclip = 1.0\nstage_timeout_s = 20.0\nmin_clients = 2\n"
+              "[privacy.client_dp]\nnoise_multiplier = 0.01\nclient_sampling_rate = 1.0\n")
+    rounds = run_fleet_fog(broker, site, devices, config, 2)
+    assert len(rounds) == 3 and all(2 not in r.nodes for r in rounds), [r.nodes for r in rounds]
+    released = [r for r in rounds if r.version is not None]
+    assert released, [r.reasons for r in rounds]
+    manifest = json.loads((site.tmp / "core" / "m" / "manifest.json").read_text())  # core's lineage
+    pushes = [v for v in manifest["versions"] if v["version"] > 0]
+    assert len(pushes) == len(released)
+    for push in pushes:
+        privacy = push["privacy"]
+        assert push["participants"] == 0 and privacy["sample_rate"] == 1.0
+        assert 0 < privacy["expected_participants"] < 4.0  # q times the 4 agents' scores (each below 1)
+    charged = epsilon([GaussianEvent(0.01, 1.0, 1)] * len(released), 1e-5)
+    assert pushes[-1]["privacy"]["epsilon"] == pytest.approx(charged)
