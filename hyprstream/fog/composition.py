@@ -178,9 +178,6 @@ RULES: tuple[Rule, ...] = (
          "secure aggregation ([privacy.secagg], and client-level DP with it) needs synchronous rounds: it masks "
          "the replies of one round together, a buffered fog aggregates replies one at a time as they arrive",
          fog_key="rounds.mode", sim_key="training.mode"),
-    Rule("buffered without DP-SGD", when(schedule=BUFFERED, dp=DPSGD),
-         "buffered mode does not support [privacy.dpsgd] yet: the simulator reports device epsilon per global "
-         "step of the sync mode", at=(Where.SIM,), sim_key="training.mode"),
     Rule("buffered does not select", when(schedule=BUFFERED, participants=SELECTED),
          "must be 0 in buffered mode: a buffered fog chooses no agents, every connected agent takes its turn "
          "(rounds.concurrency bounds how many train at once)", fog_key="fleet.clients_per_round"),
@@ -206,7 +203,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL,
                                            encoding=Encoding.FP32)),
-    Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=MEAN, dp=NO_DP, participants=ALL,
+    Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL,
                                        devices=FULL)),
 )
 

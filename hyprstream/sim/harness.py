@@ -28,7 +28,7 @@ from hyprstream.errors import ConfigError, HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.sim import partition
-from hyprstream.sim.experiment import Experiment, PartitionScheme
+from hyprstream.sim.experiment import Experiment, PartitionScheme, TrainingMode
 from hyprstream.sim.fleet import VirtualFleet
 from hyprstream.sim.metrics import MetricsLog, Row
 from hyprstream.sim.pretrain import initial_state, record
@@ -315,7 +315,8 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     finally:
         admin.close()
         server.stop()
-    metrics.read_device_privacy(out / "devices", step_of=metrics.step_of_base)
+    buffered = exp.training.mode is TrainingMode.BUFFERED  # agents train from many versions, not a step's base
+    metrics.read_device_privacy(out / "devices", step_of=metrics.step_of_version if buffered else metrics.step_of_base)
     metrics.write_run(out)
     return SimulationResult(out, metrics, final.version, accuracy, final_weights)
 

@@ -141,6 +141,16 @@ class MetricsLog:
                 return step
         return None
 
+    def step_of_version(self, version: int) -> int | None:
+        """Buffered mode, where agents train from many versions: the first global step by whose end
+        ``version`` existed (the earliest step its training can fall in, so a spend is never shown late),
+        the last step for a version after every row (an update the run's end cut off: its spend is real)."""
+        rows = sorted(self.global_rows(), key=lambda r: r.round)
+        for row in rows:
+            if row.version is not None and row.version >= version:
+                return row.round
+        return rows[-1].round if rows else None
+
     def read_device_privacy(self, devices: Path, *, step_of: Callable[[int], int | None]) -> None:
         """Each device's DP-SGD spend from its privacy ledger (``device-NNNN.privacy`` beside its store):
         one :data:`PRIVACY_SCHEMA` row per charge; global rows get the largest device epsilon so far."""

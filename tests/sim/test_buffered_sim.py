@@ -4,6 +4,7 @@ agent job, and seeded runs through Flower's simulation engine against the sync m
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from pathlib import Path
 from types import MappingProxyType
 
@@ -81,12 +82,22 @@ def small(mode: str) -> Experiment:
         buffered=dataclasses.replace(exp.buffered, buffer_k=2, sim_seconds=0.12))
 
 
+def small_dpsgd() -> Experiment:
+    """The buffered run with DP-SGD on every device (seeded noise, a budget no device reaches here)."""
+    from hyprstream.privacy.config import DpSgdConfig
+
+    exp = small("buffered")
+    dpsgd = DpSgdConfig(noise_multiplier=1.0, max_grad_norm=1.0, epsilon_budget=50.0, delta=1e-5, secure=False)
+    return dataclasses.replace(exp, name="small-async-dpsgd", privacy=dataclasses.replace(exp.privacy, dpsgd=dpsgd))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {}
-    for name, mode in (("sync", "sync"), ("async", "buffered"), ("async-again", "buffered")):
+    for name, mode in (("sync", "sync"), ("async", "buffered"), ("async-again", "buffered"),
+                       ("async-dpsgd", "dpsgd")):
         path = tmp_path_factory.mktemp(name)
-        exp = small(mode)
+        exp = small_dpsgd() if mode == "dpsgd" else small(mode)
         result = harness.run(exp, path)
         write_report(exp, result.metrics, path, final_accuracy=result.final_accuracy,
                      final_version=result.final_version)
@@ -145,3 +156,42 @@ def test_async_reaches_the_sync_accuracy_sooner_under_a_straggler(runs):
     assert t_async < t_sync
     text = compare_runs(runs["sync"][1], runs["async"][1])
     assert f"sim s to reach A's final accuracy {target:.4f}: A {t_sync:.3f}, B {t_async:.3f}" in text
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_step(runs):
+    """Buffered mode with DP-SGD on the devices: every job a device trained is charged to its ledger, each
+    charge is its own Poisson-subsampled Gaussian (rate batch / its samples, z, the local steps of every job
+    so far) composed from first principles with dp_accounting, and each global row carries the largest device
+    epsilon by then (agents train from many versions: a charge counts from the step its base version existed)."""
+    import dp_accounting
+
+    from hyprstream.learning.task import get_task
+    from hyprstream.store import Store
+
+    exp, path, result = runs["async-dpsgd"]
+    dp = exp.privacy.dpsgd
+    task = get_task(exp.task.name)
+    charges = pq.read_table(path / "privacy.parquet").to_pylist()
+    assert charges and result.final_version >= 1
+    sizes = {}
+    for store in sorted((path / "devices").glob("device-[0-9][0-9][0-9][0-9]")):
+        with Store.open(store, readonly=True) as s:
+            sizes[int(store.name.removeprefix("device-"))] = s.num_rows(task.table)
+    jobs: dict[int, int] = {}
+    for c in sorted(charges, key=lambda c: (c["device"], c["epsilon"])):
+        jobs[c["device"]] = jobs.get(c["device"], 0) + 1
+        q = min(1.0, exp.training.batch_size / sizes[c["device"]])
+        event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(dp.noise_multiplier)), exp.training.local_steps * jobs[c["device"]])
+        pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3).compose(event).get_epsilon(dp.delta)
+        assert c["epsilon"] == pytest.approx(pld, rel=5e-3)
+    # every update a device contributed to a push was trained, hence charged
+    contributed = Counter(p["device"] for p in pq.read_table(path / "participation.parquet").to_pylist()
+                          if p["contributed"])
+    assert all(jobs.get(d, 0) >= n for d, n in contributed.items()), (jobs, contributed)
+    rows = [r for r in _rows(path) if r["kind"] == "global"]
+    shown = [r["device_epsilon"] for r in rows]
+    assert all(e is not None for e in shown) and shown == sorted(shown)
+    assert shown[-1] == pytest.approx(max(c["epsilon"] for c in charges))
