@@ -4,6 +4,7 @@ agent job, and seeded runs through Flower's simulation engine against the sync m
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import Counter
 from pathlib import Path
 from types import MappingProxyType
@@ -162,8 +163,9 @@ def test_async_reaches_the_sync_accuracy_sooner_under_a_straggler(runs):
 @pytest.mark.slow
 def test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_step(runs):
     """Buffered mode with DP-SGD on the devices: every job a device trained is charged to its ledger, each
-    charge is its own Poisson-subsampled Gaussian (rate batch / its samples, z, the local steps of every job
-    so far) composed from first principles with dp_accounting, and each global row carries the largest device
+    job adds to the device's spend, and its first charge and its total are its own Poisson-subsampled
+    Gaussian (rate batch / its samples, z, the local steps of its jobs) composed from first principles with
+    dp_accounting, and each global row carries the largest device
     epsilon by then (agents train from many versions: a charge counts from the step its base version existed)."""
     import dp_accounting
 
@@ -179,14 +181,23 @@ def test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_s
     for store in sorted((path / "devices").glob("device-[0-9][0-9][0-9][0-9]")):
         with Store.open(store, readonly=True) as s:
             sizes[int(store.name.removeprefix("device-"))] = s.num_rows(task.table)
+    def event(device: int, jobs: int):
+        q = min(1.0, exp.training.batch_size / sizes[device])
+        return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(dp.noise_multiplier)), exp.training.local_steps * jobs)
+
+    def pld(device: int, jobs: int) -> float:
+        return dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3).compose(
+            event(device, jobs)).get_epsilon(dp.delta)
+
     jobs: dict[int, int] = {}
-    for c in sorted(charges, key=lambda c: (c["device"], c["epsilon"])):
-        jobs[c["device"]] = jobs.get(c["device"], 0) + 1
-        q = min(1.0, exp.training.batch_size / sizes[c["device"]])
-        event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-            q, dp_accounting.GaussianDpEvent(dp.noise_multiplier)), exp.training.local_steps * jobs[c["device"]])
-        pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3).compose(event).get_epsilon(dp.delta)
-        assert c["epsilon"] == pytest.approx(pld, rel=5e-3)
+    for device in {c["device"] for c in charges}:
+        spent = sorted(c["epsilon"] for c in charges if c["device"] == device)
+        jobs[device] = len(spent)
+        assert all(a < b for a, b in itertools.pairwise(spent))  # no two jobs at one spend: each adds to it
+        # the first job's charge and the device's total, each PLD (the ledger's accountant) from first principles
+        assert spent[0] == pytest.approx(pld(device, 1), rel=5e-3)
+        assert spent[-1] == pytest.approx(pld(device, len(spent)), rel=5e-3)
     # every update a device contributed to a push was trained, hence charged
     contributed = Counter(p["device"] for p in pq.read_table(path / "participation.parquet").to_pylist()
                           if p["contributed"])
