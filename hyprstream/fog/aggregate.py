@@ -103,10 +103,8 @@ def resolve_rule(name: str | Aggregation | PluginRule) -> Rule:
     never replaced by a plugin's. Raises ValidationError naming what is wrong."""
     if isinstance(name, Aggregation | PluginRule):
         return name
-    try:
+    if name in {a.value for a in Aggregation}:
         return Aggregation(name)
-    except ValueError:
-        pass
     if plugins.is_reference(name):
         combine, where = plugins.load_reference("aggregation rule", name)
     else:

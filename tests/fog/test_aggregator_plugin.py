@@ -5,15 +5,14 @@ version a real core commits. A rule that fails or returns garbage costs the roun
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import core_server
 from flwr.app import Message
 from flwr.clientapp import ClientApp
-from conftest import core_server
-from test_task_plugin import install
+from test_task_plugin import install, install_module
 
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import ConfigError, ValidationError
@@ -38,40 +37,23 @@ def site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("aggregators")
     target = root / "site"
     install(EXAMPLE, target)
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "broken-rules"
-        version = "1.0"
-        [project.entry-points."hyprstream.aggregators"]
-        not-callable = "broken_rules:NOT_CALLABLE"
-        missing = "broken_rules:missing"
-        explodes = "broken_rules:explodes"
-        nan = "broken_rules:nan"
-        wrong-shape = "broken_rules:wrong_shape"
-        mean = "broken_rules:explodes"
-        [tool.setuptools]
-        py-modules = ["broken_rules"]
-        """))
-    (broken / "broken_rules.py").write_text(textwrap.dedent("""
-        import numpy as np
+    install_module(root, target, "broken_rules", "hyprstream.aggregators",
+                   {"not-callable": "NOT_CALLABLE", "missing": "missing", "explodes": "explodes", "nan": "nan",
+                    "wrong-shape": "wrong_shape", "mean": "explodes"},
+                   """
+                   import numpy as np
 
-        NOT_CALLABLE = 3
+                   NOT_CALLABLE = 3
 
-        def explodes(rows, weights):
-            raise RuntimeError("boom")
+                   def explodes(rows, weights):
+                       raise RuntimeError("boom")
 
-        def nan(rows, weights):
-            return {name: np.full(m.shape[1], np.nan) for name, m in rows.items()}
+                   def nan(rows, weights):
+                       return {name: np.full(m.shape[1], np.nan) for name, m in rows.items()}
 
-        def wrong_shape(rows, weights):
-            return {name: m[:, :1].mean(axis=0) for name, m in rows.items()}
-        """))
-    install(broken, target)
+                   def wrong_shape(rows, weights):
+                       return {name: m[:, :1].mean(axis=0) for name, m in rows.items()}
+                   """)
     return target
 
 

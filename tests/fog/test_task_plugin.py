@@ -37,6 +37,20 @@ def install(package: Path, target: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def install_module(root: Path, target: Path, module: str, group: str, entries: dict[str, str], code: str) -> None:
+    """Write and install (into ``target``) a one-module package ``module`` offering ``entries`` (name ->
+    attribute of the module) under the entry-point group ``group``."""
+    package = root / module
+    package.mkdir()
+    points = "\n".join(f'{name} = "{module}:{attribute}"' for name, attribute in entries.items())
+    (package / "pyproject.toml").write_text(
+        f'[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{module.replace("_", "-")}"\nversion = "1.0"\n'
+        f'[project.entry-points."{group}"]\n{points}\n[tool.setuptools]\npy-modules = ["{module}"]\n')
+    (package / f"{module}.py").write_text(textwrap.dedent(code))
+    install(package, target)
+
+
 def run_python(code: str, site: Path) -> subprocess.CompletedProcess:
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
@@ -48,33 +62,17 @@ def site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plugins")
     target = root / "site"
     install(EXAMPLE, target)
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "broken-tasks"
-        version = "1.0"
-        [project.entry-points."hyprstream.tasks"]
-        not-a-task = "broken_tasks:NotATask"
-        half-a-task = "broken_tasks:HalfATask"
-        missing = "broken_tasks:Missing"
-        digits = "broken_tasks:NotATask"
-        [tool.setuptools]
-        py-modules = ["broken_tasks"]
-        """))
-    (broken / "broken_tasks.py").write_text(textwrap.dedent("""
-        from hyprstream.learning.task import Task
+    install_module(root, target, "broken_tasks", "hyprstream.tasks",
+                   {"not-a-task": "NotATask", "half-a-task": "HalfATask", "missing": "Missing", "digits": "NotATask"},
+                   """
+                   from hyprstream.learning.task import Task
 
-        class NotATask:
-            pass
+                   class NotATask:
+                       pass
 
-        class HalfATask(Task):
-            n_classes = 2
-        """))
-    install(broken, target)
+                   class HalfATask(Task):
+                       n_classes = 2
+                   """)
     return target
 
 
