@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +43,7 @@ from hyprstream.errors import ConfigError, ValidationError
 SECAGG_DEVICE_USAGE = x509.ObjectIdentifier("2.25.199538794004240797782994923213741189062")
 PUBLIC_BYTES = 32
 _CACHE = 4096  # verified certificates kept per process (a device sees the same neighbours round after round)
+PAIRS_KEPT = 1024  # static agreements a device remembers across rounds (see :func:`pairs_to_bytes`)
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,26 @@ class DeviceIdentity:
         assert self.ca is not None
         return self.ca.fingerprint(hashes.SHA256())
 
-    def agree(self, peer_public: bytes) -> bytes:
+    def agree(self, peer_public: bytes, known: MutableMapping[bytes, bytes] | None = None) -> bytes:
         """The 32-byte X25519 secret of this identity and a peer's (verified) public key; ValidationError for a
-        degenerate key."""
+        degenerate key. ``known`` (peer public key -> secret) remembers the agreements of a certified identity
+        across rounds: both keys are static, so the secret is too, and a device meets the same neighbours
+        round after round (:func:`pairs_to_bytes` keeps them on the device between messages). An uncertified
+        identity is new each round and remembers nothing."""
+        if self.ca is None:
+            known = None
+        if known is not None and (hit := known.pop(peer_public, None)) is not None:
+            known[peer_public] = hit  # the most recently used last
+            return hit
         try:
-            return self.key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+            secret = self.key.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:  # a wrong length or a low-order point
             raise ValidationError(f"secure aggregation: key agreement with a neighbour's identity failed: {exc}") from None
+        if known is not None:
+            known[peer_public] = secret
+            while len(known) > PAIRS_KEPT:
+                del known[next(iter(known))]
+        return secret
 
     def verify_peer(self, credential: bytes) -> bytes:
         """A neighbour's raw public key from its credential; ValidationError when this identity's trust
@@ -112,6 +127,23 @@ class DeviceIdentity:
                 raise ValidationError("secure aggregation: a neighbour's identity is not a 32-byte key")
             return bytes(credential)
         return _certified_key(self.ca, self._anchor, bytes(credential))
+
+
+def pairs_to_bytes(identity: DeviceIdentity, known: MutableMapping[bytes, bytes]) -> bytes:
+    """The remembered agreements of ``identity`` as one blob: its public key, then (peer key, secret) pairs,
+    the most recently used last. Device-local state, as secret as the identity key it derives from."""
+    kept = list(known.items())[-PAIRS_KEPT:]
+    return identity.public + b"".join(peer + secret for peer, secret in kept)
+
+
+def pairs_from_bytes(identity: DeviceIdentity, blob: bytes) -> dict[bytes, bytes]:
+    """The agreements :func:`pairs_to_bytes` kept for this very identity; none when the blob belongs to another
+    key (a rotated identity starts afresh) or is malformed."""
+    size = 2 * PUBLIC_BYTES
+    body = blob[PUBLIC_BYTES:]
+    if identity.ca is None or blob[:PUBLIC_BYTES] != identity.public or len(body) % size:
+        return {}
+    return {body[i:i + PUBLIC_BYTES]: body[i + PUBLIC_BYTES:i + size] for i in range(0, len(body), size)}
 
 
 _verified: OrderedDict[tuple[bytes, bytes], tuple[bytes, dt.datetime]] = OrderedDict()
@@ -183,4 +215,5 @@ def write_identity(identity: DeviceIdentity, key_path: Path, cert_path: Path) ->
     cert_path.write_bytes(x509.load_der_x509_certificate(identity.credential).public_bytes(serialization.Encoding.PEM))
 
 
-__all__ = ["SECAGG_DEVICE_USAGE", "DeviceIdentity", "deployment_ca", "issue_identity", "write_identity"]
+__all__ = ["PAIRS_KEPT", "SECAGG_DEVICE_USAGE", "DeviceIdentity", "deployment_ca", "issue_identity", "pairs_from_bytes",
+           "pairs_to_bytes", "write_identity"]

@@ -53,7 +53,7 @@ import hmac
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -261,7 +261,9 @@ class SecAggClient:
         commitment = _commit(self.round_id, self.index, self._seed)
         return KeyAdvert(*self._own_public, commitment, self.identity.credential)
 
-    def share(self, keys: NeighbourKeys) -> SealedShares:
+    def share(self, keys: NeighbourKeys, known: MutableMapping[bytes, bytes] | None = None) -> SealedShares:
+        """Shares of this client's secrets, sealed for each neighbour. ``known``: the identity's static
+        agreements remembered from earlier rounds (:meth:`DeviceIdentity.agree`), updated in place."""
         self._expect("advertised")
         peers = sorted(keys.adverts)
         if not set(peers) <= set(self.neighbours):
@@ -290,7 +292,7 @@ class SecAggClient:
         for v in peers:
             adv = keys.adverts[v]
             # the pair's secret: new each round (ephemeral c keys), known to u and v alone (static identities)
-            secret = masking.exchange(enc, adv.enc_key) + self.identity.agree(identities[v])
+            secret = masking.exchange(enc, adv.enc_key) + self.identity.agree(identities[v], known)
             context = _pair_context(self.round_id, self.index, v)
             self._channels[v] = masking.derive(secret, masking.SHARE_PURPOSE, context)
             self._confirm[v] = masking.derive(secret, masking.CONFIRM_PURPOSE, context)

@@ -17,7 +17,10 @@ The device's secure-aggregation identity (:mod:`~hyprstream.privacy.identity`) c
 
 Between messages the client's state (keys, self-mask seed, held shares, encoded input) lives in
 ``context.state`` -- in memory on a SuperNode, as Flower's own SecAgg+ mod keeps it -- and is
-erased after the unmask stage or when a step is refused.
+erased after the unmask stage or when a step is refused. A certified identity's static X25519
+agreements with its neighbours (fixed while both keys are) stay there across the rounds of a run
+(``hyprstream.secagg.pairs``, at most ``PAIRS_KEPT``), so a device agrees with each neighbour's
+identity once, not once per round.
 
 Wiring (the agent's ClientApp)::
 
@@ -35,7 +38,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.contribution import encode
-from hyprstream.privacy.identity import DeviceIdentity
+from hyprstream.privacy.identity import DeviceIdentity, pairs_from_bytes, pairs_to_bytes
 from hyprstream.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from hyprstream.privacy.secagg import SecAggClient
 from hyprstream.privacy.secagg_messages import Stage, Status
@@ -45,6 +48,7 @@ log = logging.getLogger("hyprstream.privacy")
 
 STATE = "hyprstream.secagg"
 INPUT = "hyprstream.secagg.input"
+PAIRS = "hyprstream.secagg.pairs"  # the device identity's static agreements, kept across rounds
 
 
 IDENTITY_KEYS = ("secagg-identity-key", "secagg-identity-cert", "secagg-ca")  # node-config keys
@@ -152,8 +156,13 @@ def _clear(context: Context) -> None:
 def _share(msg: Message, context: Context, call_next, round_id: bytes, secure: bool,
            identity: DeviceIdentity | None) -> RecordDict:
     client = _load(context, round_id, identity)
-    sealed = client.share(wire.keys_from(msg.content))
+    stored = context.state.get(PAIRS)
+    blob = stored.get("pairs") if isinstance(stored, ConfigRecord) else None
+    known = pairs_from_bytes(client.identity, blob) if isinstance(blob, bytes) else {}
+    sealed = client.share(wire.keys_from(msg.content), known)
     _save(context, client)
+    if known:  # a certified identity's static agreements, for the next rounds (they outlive this round's state)
+        context.state[PAIRS] = ConfigRecord({"pairs": pairs_to_bytes(client.identity, known)})
     return wire.sealed_content(Stage.SHARE, round_id, sealed, "dsts")
 
 
@@ -191,4 +200,4 @@ def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: 
 _STAGES = {Stage.SETUP: _setup, Stage.SHARE: _share, Stage.MASK: _mask, Stage.CONSISTENCY: _consistency,
            Stage.UNMASK: _unmask}
 
-__all__ = ["IDENTITY_KEYS", "INPUT", "STATE", "make_secagg_mod", "secagg_mod"]
+__all__ = ["IDENTITY_KEYS", "INPUT", "PAIRS", "STATE", "make_secagg_mod", "secagg_mod"]

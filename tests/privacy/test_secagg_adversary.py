@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 from hypothesis import given, settings
@@ -226,6 +227,67 @@ def test_an_honest_round_with_certified_identities_is_exact(certified) -> None:
     for node in fog.nodes:  # node i is client i; the middleware (secure=False) rounds with seed 0's source i
         expected += encode({PARAM: delta_of(node)}, 10, fog.spec, SeededRandom(node)).vector
     np.testing.assert_array_equal(result.total, expected)
+
+
+def honest_round(fog: MaliciousFog) -> np.ndarray:
+    fog.honest_until_masked()
+    s = fog.server
+    s.close_masking()
+    tags = fog.confirm({i: s.survivor_set() for i in sorted(s.masked)})
+    s.collect_confirmations(tags)
+    return s.finish(fog.unmask({i: s.unmask_request_for(i).tags for i in sorted(tags)})).total
+
+
+def test_static_agreements_are_remembered_across_rounds_and_stay_exact(certified, monkeypatch) -> None:
+    """A device keeps its certified identity's agreements with its neighbours in its own state across rounds: a
+    second round over the same devices agrees only with neighbours not met before, and sums exactly."""
+    from hyprstream.privacy.identity import pairs_from_bytes
+    from hyprstream.privacy.secagg_mod import PAIRS
+
+    fog = MaliciousFog(8, 0.0, seed=6, node_config=lambda node: certified[node])
+    first = honest_round(fog)
+    identities = {node: DeviceIdentity.load(*(certified[node][k] for k in
+                                              ("secagg-identity-key", "secagg-identity-cert", "secagg-ca")))
+                  for node in fog.nodes}
+    for node, ctx in fog.grid.contexts.items():
+        known = pairs_from_bytes(identities[node], ctx.state[PAIRS]["pairs"])
+        neighbours = {identities[v].public for v in fog.server.neighbours(node)}
+        assert set(known) == neighbours  # exactly this round's neighbours, each with the true static secret
+        assert all(known[p] == identities[node].key.exchange(x25519.X25519PublicKey.from_public_bytes(p))
+                   for p in known)
+    calls = []
+    real = DeviceIdentity.agree
+
+    def counting(self, peer, known=None):
+        calls.append(known is not None and peer in known)
+        return real(self, peer, known)
+
+    monkeypatch.setattr(DeviceIdentity, "agree", counting)
+    again = MaliciousFog(8, 0.0, seed=6, node_config=lambda node: certified[node])
+    again.grid = fog.grid  # the same devices, with their state
+    second = honest_round(again)
+    assert all(calls) and len(calls) == sum(len(again.server.neighbours(i)) for i in again.nodes)
+    np.testing.assert_array_equal(second, first)  # the same deltas and seeded rounding: the same sum
+
+
+def test_remembered_agreements_belong_to_one_identity_and_are_bounded(certified) -> None:
+    from hyprstream.privacy.identity import PAIRS_KEPT, pairs_from_bytes, pairs_to_bytes
+
+    a, b, c = (DeviceIdentity.load(*(certified[n][k] for k in ("secagg-identity-key", "secagg-identity-cert",
+                                                                 "secagg-ca"))) for n in (1, 2, 3))
+    known: dict[bytes, bytes] = {}
+    assert a.agree(b.public, known) == b.agree(a.public) == known[b.public]
+    blob = pairs_to_bytes(a, known)
+    assert pairs_from_bytes(a, blob) == known
+    assert pairs_from_bytes(c, blob) == {}  # another (or a rotated) identity starts afresh
+    assert pairs_from_bytes(a, blob[:-1]) == {}  # a damaged blob is dropped, not half-read
+    fresh = DeviceIdentity.uncertified()  # a per-round key remembers nothing
+    mine: dict[bytes, bytes] = {}
+    fresh.agree(b.public, mine)
+    assert mine == {} and pairs_from_bytes(fresh, pairs_to_bytes(fresh, {b.public: bytes(32)})) == {}
+    many = {i.to_bytes(32, "big"): bytes(32) for i in range(PAIRS_KEPT + 5)}
+    a.agree(b.public, many)
+    assert len(many) == PAIRS_KEPT and b.public in many  # the least recently used go first
 
 
 def test_a_fog_that_presents_a_credential_not_issued_to_a_device_is_refused(certified, tmp_path: Path) -> None:
