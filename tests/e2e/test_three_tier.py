@@ -1,13 +1,16 @@
 """Core, two fogs and three agents per fog as real processes on loopback, with TLS and authentication
 on every link: core (`hyprstream core run`, TLS, signed tokens), fogs (`hyprstream fog run`, SuperLink
 TLS and SuperNode authentication), agents (`hyprstream agent run`, each with its own encrypted store of
-digits data), telemetry to mosquitto over TLS with passwords.
+digits data), telemetry to mosquitto over TLS with passwords. fog-a runs plain rounds; fog-b runs
+secure aggregation with client-level DP and reaches core through a TCP forwarder the tests can cut.
 
-1. The model improves: global versions from both fogs, the final model's test accuracy (fetched with
-   a reader token) above the initial one, the audit log intact.
-2. Failures: an agent SIGKILLed in the middle of a round, and a fog cut from core (a TCP forwarder
-   between them is closed, then reopened): rounds go on, the cut fog's buffered pushes reach core after
-   the link is back, and every push is applied exactly once (checked against the audit log).
+One deployment serves the module, in two steps:
+
+1. The model improves: global versions from both fogs, the current model's test accuracy (fetched with
+   a reader token) above the initial one, telemetry from every device, the broker refusing strangers.
+2. Failures: an agent of fog-a SIGKILLed in the middle of a round, and fog-b cut from core (the
+   forwarder closed, then reopened): rounds go on, fog-b's buffered pushes reach core after the link is
+   back, and every push is applied exactly once (checked against the audit log, which verifies).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 
@@ -28,8 +32,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.mqtt, pytes
 FOGS = {"fog-a": ["a-1", "a-2", "a-3"], "fog-b": ["b-1", "b-2", "b-3"]}
 DEVICES = [d for ds in FOGS.values() for d in ds]
 WAIT_S = 480.0
-# Secure aggregation of the agents' deltas and client-level DP at each fog of the first test; the noise is
-# small enough (std 0.01 * clip of the sum) that the model still improves.
+# Secure aggregation of the agents' deltas and client-level DP at fog-b; the noise is small enough (std
+# 0.01 * clip of the sum) that the model still improves.
 PRIVACY = """
 [privacy.secagg]
 clip = 5.0
@@ -105,8 +109,18 @@ def stop_edge(dep: Deployment) -> None:
         fog.service.stop()
 
 
-def test_three_tiers_train_with_tls_auth_and_telemetry(tmp_path):
-    dep = Deployment(tmp_path)
+@dataclass
+class Federation:
+    dep: Deployment
+    forwarder: Forwarder
+    telemetry: dict[str, list[dict]]
+    initial_accuracy: float
+    started: float
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    dep = Deployment(tmp_path_factory.mktemp("e2e"))
     telemetry: dict[str, list[dict]] = {}
     lock = threading.Lock()
 
@@ -116,108 +130,96 @@ def test_three_tiers_train_with_tls_auth_and_telemetry(tmp_path):
             with lock:
                 telemetry.setdefault(data["device_id"], []).append(data)
 
-    monitor = None
+    monitor = forwarder = None
     try:
-        start = time.monotonic()
+        started = time.monotonic()
         start_core_and_broker(dep)
-        start_fogs(dep, fog_args={name: {"extra": PRIVACY} for name in FOGS})
-        # the broker refuses anonymous clients and wrong passwords; the monitor user reads every device
-        anon, code = dep.mqtt_connect(None, None)
-        anon.loop_stop()
-        wrong, wrong_code = dep.mqtt_connect("monitor", "not-the-password")
-        wrong.loop_stop()
-        assert code not in (None, 0) and wrong_code not in (None, 0), (code, wrong_code)
+        forwarder = Forwarder(("127.0.0.1", dep.core_port))
+        start_fogs(dep, {"fog-b": f"grpc+tls://127.0.0.1:{forwarder.port}"},
+                   fog_args={"fog-a": {"min_agents": 2, "timeout_s": 150.0}, "fog-b": {"extra": PRIVACY}})
         monitor, code = dep.mqtt_connect("monitor", dep.mqtt_passwords["monitor"], on_message)
         assert code == 0
         monitor.subscribe("hyprstream/v1/e2e/+/telemetry", qos=1)
-        initial = dep.accuracy(0)
-
-        versions = wait_for_versions(dep, lambda vs: len(vs) - 1 >= 3 and len(by_fog(vs)) == 2)
-        assert wait_until(lambda: set(telemetry) == set(DEVICES), 60), sorted(telemetry)
-        stop_edge(dep)
-        versions = dep.versions()
-        final = dep.accuracy()
-        print(f"{len(versions) - 1} versions in {time.monotonic() - start:.0f} s; accuracy {initial:.3f} -> {final:.3f}")
+        yield Federation(dep, forwarder, telemetry, dep.accuracy(0), started)
     finally:
         if monitor is not None:
             monitor.loop_stop()
             monitor.disconnect()
-        dep.close()
-
-    # client-level DP: core gets the fixed denominator, never the realised count of participants
-    assert all(v["participants"] == 0 for v in versions[1:])
-    assert {v["actor"] for v in versions[1:]} == set(FOGS)
-    assert final > initial + 0.1, (initial, final)
-    for device, msgs in telemetry.items():
-        assert all(m["fleet"] == "e2e" and m["device_id"] == device for m in msgs)
-    check_exactly_once(dep, versions)
-    # every commit carries the fog's client-level DP spend and its secure aggregation transcript
-    pushes = [e.details for e in dep.audit_entries() if e.action == "model.push" and e.outcome == "ok"]
-    for p in pushes:
-        assert p["privacy"]["noise_multiplier"] == 0.01 and p["privacy"]["clip"] == 5.0, p["privacy"]
-        assert p["privacy"]["epsilon"] > 0 and len(p["transcript_sha256"]) == 64
-        assert p["participants"] == 0 and p["privacy"]["expected_participants"] >= 2, p
-    verify = dep.audit_verify()
-    assert verify.returncode == 0 and "ok:" in verify.stdout, verify.stdout + verify.stderr
-
-
-def test_agent_killed_mid_round_and_fog_cut_from_core(tmp_path):
-    dep = Deployment(tmp_path)
-    forwarder = None
-    try:
-        start = time.monotonic()
-        start_core_and_broker(dep)
-        forwarder = Forwarder(("127.0.0.1", dep.core_port))
-        start_fogs(dep, {"fog-b": f"grpc+tls://127.0.0.1:{forwarder.port}"},
-                    fog_args={"fog-a": {"min_agents": 2, "timeout_s": 150.0}})
-        fog_a, fog_b = dep.fogs["fog-a"], dep.fogs["fog-b"]
-
-        # --- an agent of fog-a killed while it trains: after fog-a's first version, the next request
-        first_a = wait_for_versions(dep, lambda vs: "fog-a" in by_fog(vs))
-        base = by_fog(first_a)["fog-a"][0]["version"]
-        victim = None
-
-        def training_on_new_base() -> bool:
-            nonlocal victim
-            victim = next((d for d in FOGS["fog-a"] if any(v >= base for v in dep.models_received(d))), None)
-            return victim is not None
-
-        assert wait_until(training_on_new_base, WAIT_S, 0.1), dep.logs()
-        fog_a.agents[victim].kill()
-        killed_at = dep.versions()[-1]["version"]
-        dep.start_agent(fog_a, victim)  # the device comes back (same store, same node key)
-
-        # --- fog-b cut from core after its first version; back once a push waits in its outbox
-        wait_for_versions(dep, lambda vs: "fog-b" in by_fog(vs))
-        forwarder.close()
-        outbox = fog_b.state / "outbox"
-        buffered: set[int] = set()
-
-        def push_buffered() -> bool:
-            buffered.update(int(p.stem.removeprefix("push-")) for p in outbox.glob("push-*.arrow"))
-            return bool(buffered)
-
-        assert wait_until(push_buffered, WAIT_S, 0.2), dep.logs()
-        time.sleep(5)
-        push_buffered()
-        forwarder.open()
-
-        def done(vs) -> bool:
-            fogs = by_fog(vs)
-            a_after = [v for v in fogs.get("fog-a", []) if v["version"] > killed_at]
-            b_seqs = {v["seq"] for v in fogs.get("fog-b", [])}
-            return (buffered <= b_seqs and any(v["seq"] > max(buffered) for v in fogs.get("fog-b", []))
-                    and any(v["participants"] == 3 for v in a_after[1:]))
-
-        wait_for_versions(dep, done)
-        stop_edge(dep)
-        versions = dep.versions()
-        print(f"{len(versions) - 1} versions in {time.monotonic() - start:.0f} s; killed {victim} after "
-              f"v{killed_at}; fog-b buffered seqs {sorted(buffered)}")
-    finally:
         if forwarder is not None:
             forwarder.close()
         dep.close()
+
+
+def test_three_tiers_train_with_tls_auth_and_telemetry(federation):
+    dep = federation.dep
+    # the broker refuses anonymous clients and wrong passwords; the monitor user reads every device
+    anon, code = dep.mqtt_connect(None, None)
+    anon.loop_stop()
+    wrong, wrong_code = dep.mqtt_connect("monitor", "not-the-password")
+    wrong.loop_stop()
+    assert code not in (None, 0) and wrong_code not in (None, 0), (code, wrong_code)
+
+    versions = wait_for_versions(dep, lambda vs: len(vs) - 1 >= 3 and len(by_fog(vs)) == 2)
+    assert wait_until(lambda: set(federation.telemetry) == set(DEVICES), 60), sorted(federation.telemetry)
+    accuracy = dep.accuracy(versions[-1]["version"])
+    print(f"{len(versions) - 1} versions in {time.monotonic() - federation.started:.0f} s; accuracy "
+          f"{federation.initial_accuracy:.3f} -> {accuracy:.3f}")
+    assert accuracy > federation.initial_accuracy + 0.1, (federation.initial_accuracy, accuracy)
+    assert {v["actor"] for v in versions[1:]} == set(FOGS)
+    fogs = by_fog(versions)
+    # client-level DP at fog-b: core gets the fixed denominator, never the realised count of participants
+    assert all(v["participants"] == 0 for v in fogs["fog-b"])
+    assert all(v["participants"] >= 2 for v in fogs["fog-a"])
+    for device, msgs in federation.telemetry.items():
+        assert all(m["fleet"] == "e2e" and m["device_id"] == device for m in msgs)
+
+
+def test_agent_killed_mid_round_and_fog_cut_from_core(federation):
+    dep, forwarder = federation.dep, federation.forwarder
+    fog_a, fog_b = dep.fogs["fog-a"], dep.fogs["fog-b"]
+
+    # --- an agent of fog-a killed while it trains: as soon as one of them receives a new request
+    wait_for_versions(dep, lambda vs: "fog-a" in by_fog(vs))
+    seen = {d: set(dep.models_received(d)) for d in FOGS["fog-a"]}
+    victim = None
+
+    def training_on_new_base() -> bool:
+        nonlocal victim
+        victim = next((d for d in FOGS["fog-a"] if set(dep.models_received(d)) - seen[d]), None)
+        return victim is not None
+
+    assert wait_until(training_on_new_base, WAIT_S, 0.1), dep.logs()
+    fog_a.agents[victim].kill()
+    killed_at = dep.versions()[-1]["version"]
+    dep.start_agent(fog_a, victim)  # the device comes back (same store, same node key)
+
+    # --- fog-b cut from core once it has a version; back once a push waits in its outbox
+    wait_for_versions(dep, lambda vs: "fog-b" in by_fog(vs))
+    forwarder.close()
+    outbox = fog_b.state / "outbox"
+    buffered: set[int] = set()
+
+    def push_buffered() -> bool:
+        buffered.update(int(p.stem.removeprefix("push-")) for p in outbox.glob("push-*.arrow"))
+        return bool(buffered)
+
+    assert wait_until(push_buffered, WAIT_S, 0.2), dep.logs()
+    time.sleep(5)
+    push_buffered()
+    forwarder.open()
+
+    def done(vs) -> bool:
+        fogs = by_fog(vs)
+        a_after = [v for v in fogs.get("fog-a", []) if v["version"] > killed_at]
+        b_seqs = {v["seq"] for v in fogs.get("fog-b", [])}
+        return (buffered <= b_seqs and any(v["seq"] > max(buffered) for v in fogs.get("fog-b", []))
+                and any(v["participants"] == 3 for v in a_after[1:]))
+
+    wait_for_versions(dep, done)
+    stop_edge(dep)
+    versions = dep.versions()
+    print(f"{len(versions) - 1} versions in {time.monotonic() - federation.started:.0f} s; killed {victim} after "
+          f"v{killed_at}; fog-b buffered seqs {sorted(buffered)}")
 
     fogs = by_fog(versions)
     a_after = [v for v in fogs["fog-a"] if v["version"] > killed_at]
@@ -229,5 +231,13 @@ def test_agent_killed_mid_round_and_fog_cut_from_core(tmp_path):
     b_seqs = [s for f, s, _ in pushes if f == "fog-b"]
     assert all(b_seqs.count(s) == 1 for s in buffered)
     assert b_seqs == sorted(b_seqs)  # delivered in order
+    # every fog-b commit carries its client-level DP spend and its secure aggregation transcript; fog-a's none
+    for p in (e.details for e in dep.audit_entries() if e.action == "model.push" and e.outcome == "ok"):
+        if p["fog"] == "fog-a":
+            assert p["privacy"] is None and p["participants"] >= 2, p
+            continue
+        assert p["privacy"]["noise_multiplier"] == 0.01 and p["privacy"]["clip"] == 5.0, p["privacy"]
+        assert p["privacy"]["epsilon"] > 0 and len(p["transcript_sha256"]) == 64
+        assert p["participants"] == 0 and p["privacy"]["expected_participants"] >= 2, p
     verify = dep.audit_verify()
     assert verify.returncode == 0 and "ok:" in verify.stdout, verify.stdout + verify.stderr
