@@ -41,6 +41,7 @@ import numpy as np
 
 from hyprstream._extras import require
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.learning.export import INPUT, export_onnx
 from hyprstream.store.crypto import KEY_ENV_VAR, load_key
 
 __all__ = ["ModelFiles", "export_in_subprocess", "export_onnx", "export_version", "quantize_int8"]
@@ -48,8 +49,6 @@ __all__ = ["ModelFiles", "export_in_subprocess", "export_onnx", "export_version"
 log = logging.getLogger("hyprstream.agent.inference")
 
 MANIFEST = "manifest.json"
-OPSET = 17
-INPUT, OUTPUT = "input", "output"
 CALIBRATION_REQUEST = b"calibration"
 SCRATCH_ROOT = Path("/dev/shm")
 
@@ -100,24 +99,6 @@ def scratch_bytes(weights: Mapping[str, np.ndarray]) -> int:
     """Room the export of ``weights`` needs: the fp32 model, its pre-processed copy, the quantizer's
     augmented model and the int8 model, with margin."""
     return 4 * sum(np.asarray(w).nbytes for w in weights.values()) + (64 << 20)
-
-
-def export_onnx(task, model, path: Path) -> Path:
-    """Write ``model`` (a torch module of ``task``) as ONNX with a dynamic batch dimension."""
-    import warnings
-
-    import torch
-
-    model = model.eval().cpu()
-    example = torch.as_tensor(task.example_input(2))
-    # the TorchScript exporter on purpose: the torch.export one needs onnxscript, which is not a
-    # dependency; its deprecation and tracer warnings say nothing about this export
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-    return path
 
 
 def _has_convolutions(path: Path) -> bool:

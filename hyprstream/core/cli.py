@@ -1,4 +1,4 @@
-"""Command line of core: ``core run``, ``audit verify|report``, ``certs init``, ``token create|revoke``.
+"""Command line of core: ``core run|versions|pull``, ``audit verify|report``, ``certs init``, ``token create|revoke``.
 
 :func:`add_parser` registers them on the ``hyprstream`` parser. Handlers take the parsed
 ``argparse.Namespace`` and return an exit code; errors are raised as HyprstreamError subclasses
@@ -38,6 +38,18 @@ def _when(text: str) -> dt.datetime:
         raise argparse.ArgumentTypeError(f"expected an ISO 8601 date or date-time, got {text!r}") from None
 
 
+def _core_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--core", required=True, metavar="LOCATION",
+                   help="core's Flight location, e.g. grpc+tls://core.example.org:8815")
+    p.add_argument("--ca", type=Path, default=None, metavar="PEM",
+                   help="the CA certificate core's TLS certificate comes from (the deployment's ca.pem)")
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help=f"a file holding the bearer token (default: the {TOKEN_ENV} environment variable)")
+
+
+TOKEN_ENV = "HYPRSTREAM_TOKEN"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``core``, ``audit``, ``certs`` and ``token`` on the ``hyprstream`` parser."""
     p = subparsers.add_parser("core", help="run the core service",
@@ -50,6 +62,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    "serving on <location>' when ready.")
     r.add_argument("--config", required=True, type=Path, metavar="CORE_TOML", help="the core.toml to run")
     r.set_defaults(func=cmd_core_run)
+    ls = sub.add_parser("versions", help="list a model's versions at a running core",
+                        description="The lineage of MODEL: each version with when it was committed, the fog and "
+                                    "push that made it, the layer groups it changed, participants, the weight core "
+                                    "applied (mixing and staleness), the update's norm and the privacy its round "
+                                    "spent. Needs a token of role reader (or fog, admin).")
+    ls.add_argument("model", metavar="MODEL")
+    ls.add_argument("--format", choices=("table", "json"), default="table", help="default: %(default)s")
+    _core_client_args(ls)
+    ls.set_defaults(func=cmd_core_versions)
+    pl = sub.add_parser("pull", help="write one version of a model to a file",
+                        description="Fetch a version of MODEL (default: the current one) from a running core and "
+                                    "write it to --out: the layer table as an Arrow IPC file (the model, version "
+                                    "and layer clocks in its schema metadata), or with --onnx TASK the task's "
+                                    "model with these weights as ONNX. Needs a token of role reader (or fog, "
+                                    "admin).")
+    pl.add_argument("model", metavar="MODEL")
+    pl.add_argument("--version", type=int, default=None, help="the version (default: the current one)")
+    pl.add_argument("--out", required=True, type=Path, help="the file to write (replaced atomically)")
+    pl.add_argument("--onnx", metavar="TASK", default=None,
+                    help="write ONNX: build TASK's model (e.g. digits) and load the weights into it")
+    _core_client_args(pl)
+    pl.set_defaults(func=cmd_core_pull)
 
     p = subparsers.add_parser("audit", help="check and summarise core's audit log",
                               description="Work with core's audit log (JSON Lines, hash-chained, Ed25519-signed).")
@@ -129,6 +163,99 @@ def cmd_core_run(args: argparse.Namespace) -> int:
     check_files(config, source=str(args.config))
     logging.getLogger("hyprstream").setLevel(config.log_level.upper())
     return run(config, config_path=str(args.config))
+
+
+def _core_client(args: argparse.Namespace):
+    import os
+
+    from hyprstream.config import read_file, read_token
+    from hyprstream.coreapi.client import CoreClient
+
+    if args.token_file is not None:
+        token = read_token(args.token_file)
+    elif os.environ.get(TOKEN_ENV, "").strip():
+        token = os.environ[TOKEN_ENV].strip()
+    else:
+        raise ConfigError(f"no token: pass --token-file FILE or set {TOKEN_ENV}", source="core")
+    kwargs = {"tls_root_certs": read_file(args.ca)} if args.ca is not None else {}
+    if args.core.startswith("grpc+tls://") and args.ca is None:
+        print("note: core's certificate is checked against the system's CAs; pass --ca with the deployment's "
+              "ca.pem", file=sys.stderr)
+    return CoreClient(args.core, token, **kwargs)
+
+
+def version_rows(versions: list[dict]) -> list[dict]:
+    """One flat row per version for ``core versions``: the lineage fields a person compares."""
+    from hyprstream.core.audit import format_time
+
+    rows = []
+    for v in versions:
+        privacy = v.get("privacy") or {}
+        rows.append({"version": v["version"], "created": format_time(v["created"]), "fog": v.get("fog") or "-",
+                     "seq": v.get("seq") if v.get("seq") is not None else "-", "layers": ",".join(v["layers"]) or "-",
+                     "participants": v["participants"], "weight": f"{v['weight']:.4g}",
+                     "staleness": max(v.get("staleness", {}).values(), default=0),
+                     "update_norm": f"{v['update_norm']:.4g}",
+                     "epsilon": f"{privacy['epsilon']:.4g}" if "epsilon" in privacy else "-"})
+    return rows
+
+
+def cmd_core_versions(args: argparse.Namespace) -> int:
+    with _core_client(args) as core:
+        versions = core.list_versions(args.model)
+    if args.format == "json":
+        print(json.dumps(versions, indent=1))
+        return 0
+    rows = version_rows(versions)
+    cols = list(rows[0]) if rows else []
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(widths[c]) if c not in ("created", "fog", "layers") else str(r[c]).ljust(widths[c])
+                        for c in cols))
+    return 0
+
+
+def cmd_core_pull(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from hyprstream.durable import write_atomic
+
+    if args.version is not None and args.version < 0:
+        raise ConfigError("--version must be >= 0", source="core pull")
+    with _core_client(args) as core:
+        snapshot = core.get_weights(args.model, args.version)
+    if args.onnx:
+        from hyprstream.learning.export import export_onnx
+        from hyprstream.learning.task import get_task
+        from hyprstream.learning.trainer import load_weights
+        from hyprstream.store import to_arrays
+
+        task = get_task(args.onnx)
+        model = task.build_model(seed=0)
+        try:
+            load_weights(model, to_arrays(snapshot.table))
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ValidationError(f"version {snapshot.version} of {args.model!r} does not fit task "
+                                  f"{args.onnx!r}'s model: {exc}") from None
+        tmp = args.out.with_name(f".{args.out.name}.onnx-tmp")
+        try:
+            export_onnx(task, model, tmp)
+            tmp.replace(args.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        meta = {b"hyprstream.model": args.model.encode(), b"hyprstream.version": str(snapshot.version).encode(),
+                b"hyprstream.clocks": json.dumps({k: c.as_dict() for k, c in snapshot.clocks.items()}).encode()}
+        table = snapshot.table.replace_schema_metadata({**(snapshot.table.schema.metadata or {}), **meta})
+
+        def write(fh) -> None:
+            with pa.ipc.new_file(fh, table.schema) as writer:
+                writer.write_table(table)
+
+        write_atomic(args.out, write)
+    print(f"{args.model} version {snapshot.version} -> {args.out}", file=sys.stderr)
+    return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

@@ -345,4 +345,5 @@ def _version_json(v) -> dict:
     out["layers"] = list(v.layers)
     out["staleness"] = dict(v.staleness)
     out["clocks"] = {k: dict(c) for k, c in v.clocks.items()}
+    out["privacy"] = None if v.privacy is None else dict(v.privacy)
     return out

@@ -39,6 +39,7 @@ class VersionInfo:
     seq: int | None = None
     clocks: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # every layer's clock at this version
     update_sha256: str | None = None
+    privacy: Mapping[str, float] | None = None  # the privacy the push's round spent (e.g. epsilon, delta), if any
 
 
 @dataclass(frozen=True)

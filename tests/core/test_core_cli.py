@@ -25,7 +25,8 @@ KEY = signing.generate_key()
 
 @pytest.mark.unit
 @pytest.mark.parametrize("argv", [["core", "run"], ["audit", "verify"], ["audit", "report"], ["certs", "init"],
-                                  ["token", "create"], ["core"], ["audit"]])
+                                  ["token", "create"], ["core"], ["audit"], ["core", "versions"],
+                                  ["core", "pull"]])
 def test_every_command_has_help(argv, capsys):
     parser = argparse.ArgumentParser(prog="hyprstream")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -314,3 +315,85 @@ def test_audit_verify_on_a_deeply_nested_line_names_its_seq(tmp_path, capsys):
         fh.write(b"[" * 100_000 + b"\n")
     assert main(["audit", "verify", str(path), "--key", str(pub)]) == 1
     assert "NOT INTACT: seq 7: unreadable entry: not JSON" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_core_versions_and_pull_with_the_deployments_credentials(tmp_path, capsys, monkeypatch):
+    """`core versions` lists the lineage (with the privacy a round spent) and `core pull` writes a version as
+    an Arrow file or, for a task, as ONNX whose outputs are the task model's with those weights; a reader token
+    is enough, a missing or wrong one is refused with a one-line error."""
+    import onnxruntime as ort
+    import pyarrow as pa
+    import torch
+
+    from hyprstream.core.certs import init_deployment
+    from hyprstream.learning.task import get_task
+    from hyprstream.learning.trainer import load_weights, model_weights
+    from hyprstream.store.layer_table import to_arrays
+    from hyprstream.vector_clock import VectorClock
+
+    init_deployment(tmp_path / "pki")
+    dep = make_deployment(tmp_path, tls={"cert": "pki/server.pem", "key": "pki/server.key"})
+    core = CoreProcess(dep.config)
+    task = get_task("digits")
+    weights = model_weights(task.build_model(seed=0))
+    try:
+        ca = tmp_path / "pki" / "ca.pem"
+        with CoreClient(core.location, dep.token("admin", Role.ADMIN), tls_root_certs=ca.read_bytes()) as admin:
+            admin.register_model("m", to_table(weights, layer=task.layer_of))
+        with CoreClient(core.location, dep.token("fog-a", Role.FOG), tls_root_certs=ca.read_bytes()) as fog:
+            delta = {"head.bias": np.full(weights["head.bias"].shape, 0.5, np.float32)}
+            fog.push_delta("m", to_table(delta, layer=task.layer_of), fog="fog-a", seq=1,
+                           base_clocks={"head": VectorClock()}, participants=3)
+            fog.push_delta("m", to_table(delta, layer=task.layer_of), fog="fog-a", seq=2,
+                           base_clocks={"head": VectorClock.of({"fog-a": 1})}, participants=0,
+                           privacy={"epsilon": 1.25, "delta": 1e-5})
+        reader = tmp_path / "reader.token"
+        reader.write_text(dep.token("dashboard", Role.READER) + "\n")
+        client = ["--core", core.location, "--ca", str(ca), "--token-file", str(reader)]
+
+        assert main(["core", "versions", "m", *client]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split() == ["version", "created", "fog", "seq", "layers", "participants", "weight",
+                                    "staleness", "update_norm", "epsilon"]
+        assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
+        assert lines[2].split()[2:6] == ["fog-a", "1", "head", "3"] and lines[3].split()[-1] == "1.25"
+        monkeypatch.setenv("HYPRSTREAM_TOKEN", reader.read_text().strip())  # the environment instead of a file
+        assert main(["core", "versions", "m", "--core", core.location, "--ca", str(ca), "--format", "json"]) == 0
+        lineage = json.loads(capsys.readouterr().out)
+        assert lineage[2]["privacy"] == {"epsilon": 1.25, "delta": 1e-5} and lineage[1]["privacy"] is None
+
+        assert main(["core", "pull", "m", "--version", "1", "--out", str(tmp_path / "v1.arrow"), *client]) == 0
+        with pa.ipc.open_file(tmp_path / "v1.arrow") as f:
+            table = f.read_all()
+        meta = table.schema.metadata
+        assert meta[b"hyprstream.model"] == b"m" and meta[b"hyprstream.version"] == b"1"
+        assert json.loads(meta[b"hyprstream.clocks"])["head"] == {"fog-a": 1}
+        pulled = to_arrays(table)
+        np.testing.assert_array_equal(pulled["head.bias"], weights["head.bias"] + 0.5)
+        np.testing.assert_array_equal(pulled["fc1.weight"], weights["fc1.weight"])
+
+        assert main(["core", "pull", "m", "--onnx", "digits", "--out", str(tmp_path / "m.onnx"), *client]) == 0
+        model = task.build_model(seed=0)
+        load_weights(model, {**weights, "head.bias": weights["head.bias"] + 1.0})  # version 2: two pushes
+        x = np.asarray(task.example_input(5), np.float32)
+        expected = model.eval()(torch.as_tensor(x)).detach().numpy()
+        got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        capsys.readouterr()
+
+        # bad credentials and bad requests: one line each, nothing written
+        monkeypatch.delenv("HYPRSTREAM_TOKEN")
+        assert main(["core", "versions", "m", "--core", core.location, "--ca", str(ca)]) == 2
+        assert "no token: pass --token-file FILE or set HYPRSTREAM_TOKEN" in capsys.readouterr().err
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("not-a-token\n")
+        assert main(["core", "versions", "m", "--core", core.location, "--ca", str(ca), "--token-file", str(wrong)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "hyprstream: error:" in err, err
+        assert main(["core", "pull", "nope", "--out", str(tmp_path / "x.arrow"), *client]) == 1
+        assert main(["core", "pull", "m", "--onnx", "sensor", "--out", str(tmp_path / "x.onnx"), *client]) == 1
+        assert "does not fit task 'sensor'" in capsys.readouterr().err
+        assert not (tmp_path / "x.arrow").exists() and not (tmp_path / "x.onnx").exists()
+    finally:
+        assert core.terminate() == 0, "".join(core.stderr)
