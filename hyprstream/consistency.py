@@ -1,9 +1,11 @@
 """Consistency modes: whether core merges a delta computed from a given base, and with what weight.
 
 The weight is ``mixing * (1 + staleness) ** -staleness_exponent``: ``mixing`` is FedAsync's alpha
-(Xie et al. 2019), the server learning rate every push is scaled by. With the default 1 each fog's
-push moves the model by its whole delta; ``1 / number of fogs`` makes concurrent pushes from the
-same base add up to their mean (hierarchical FedAvg) instead of their sum.
+(Xie et al. 2019), the server learning rate every push is scaled by. Unset, it is ``1 / N`` for the N
+fogs whose pushes the model has taken (the pushing fog included): N fogs' concurrent pushes from the
+same base then add up to about their mean (hierarchical FedAvg) instead of their sum, which with
+two or more fogs under one model overshoots and, in eventual mode, can undo what the model learned.
+One fog keeps the whole step. A set ``mixing`` applies as is, whatever the number of fogs.
 
 Pure decisions over vector clocks. Staleness is the number of updates the current layer value
 includes that the update's base did not. Updates to different layers never conflict because each
@@ -31,8 +33,13 @@ class ConsistencyPolicy(Checked):
     mode: ConsistencyMode = setting(ConsistencyMode.BOUNDED)
     max_staleness: int = setting(4, ge=0, doc="bounded mode: largest accepted staleness")
     staleness_exponent: float = setting(0.5, ge=0.0, le=4.0, doc="weight = mixing * (1 + staleness) ** -exponent")
-    mixing: float = setting(1.0, gt=0.0, le=1.0, doc="server learning rate: every merged delta is scaled by it "
-                                                      "(FedAsync's alpha; 1 / fogs averages concurrent pushes)")
+    mixing: float | None = setting(None, gt=0.0, le=1.0, doc="server learning rate: every merged delta is scaled "
+                                   "by it (FedAsync's alpha); default: 1 / the number of fogs that have pushed "
+                                   "to the model, so that concurrent pushes average")
+
+    def mixing_for(self, fogs: int) -> float:
+        """The server learning rate of a push when ``fogs`` fogs (this one included) push to the model."""
+        return self.mixing if self.mixing is not None else 1.0 / max(1, fogs)
 
     def check(self):
         if self.mode is ConsistencyMode.STRONG and self.max_staleness:
@@ -52,8 +59,10 @@ def staleness_weight(staleness: int, exponent: float) -> float:
     return float((1 + staleness) ** -exponent)
 
 
-def decide(policy: ConsistencyPolicy, base: VectorClock, current: VectorClock) -> Decision:
-    """Whether a delta computed on ``base`` may be merged into a layer whose clock is ``current``."""
+def decide(policy: ConsistencyPolicy, base: VectorClock, current: VectorClock, fogs: int = 1) -> Decision:
+    """Whether a delta computed on ``base`` may be merged into a layer whose clock is ``current``; ``fogs``: how
+    many fogs push to the model (for the default mixing)."""
+    mixing = policy.mixing_for(fogs)
     order = base.compare(current)
     if order in (Order.AFTER, Order.CONCURRENT):
         return Decision(False, 0, 0.0, f"base clock {base.as_dict()} is not in core's history {current.as_dict()}")
@@ -61,13 +70,13 @@ def decide(policy: ConsistencyPolicy, base: VectorClock, current: VectorClock) -
     if policy.mode is ConsistencyMode.STRONG:
         if staleness:
             return Decision(False, staleness, 0.0, f"strong consistency: base is {staleness} update(s) behind")
-        return Decision(True, 0, policy.mixing)
+        return Decision(True, 0, mixing)
     if policy.mode is ConsistencyMode.BOUNDED and staleness > policy.max_staleness:
         return Decision(
             False, staleness, 0.0,
             f"bounded consistency: staleness {staleness} exceeds max_staleness {policy.max_staleness}",
         )
-    return Decision(True, staleness, policy.mixing * staleness_weight(staleness, policy.staleness_exponent))
+    return Decision(True, staleness, mixing * staleness_weight(staleness, policy.staleness_exponent))
 
 
 @dataclass(frozen=True)
@@ -82,8 +91,9 @@ class MergePlan:
 
 
 def plan_merge(policy: ConsistencyPolicy, current: Mapping[str, VectorClock], base: Mapping[str, VectorClock],
-               touched: Iterable[str], fog: str) -> MergePlan:
-    """Decide a push from ``fog`` that changes ``touched`` layers, computed from ``base`` clocks.
+               touched: Iterable[str], fog: str, fogs: int = 1) -> MergePlan:
+    """Decide a push from ``fog`` that changes ``touched`` layers, computed from ``base`` clocks; ``fogs``: the
+    number of fogs pushing to the model, ``fog`` included (the default mixing is ``1 / fogs``).
 
     Each touched layer is decided on its own clock (layers the push does not touch are never
     consulted, so pushes to disjoint layers never conflict). Accepted, every touched layer's clock
@@ -99,7 +109,7 @@ def plan_merge(policy: ConsistencyPolicy, current: Mapping[str, VectorClock], ba
             return MergePlan(False, f"unknown layer {layer!r}", {}, 0.0, {})
         if layer not in base:
             return MergePlan(False, f"push lacks the base clock of layer {layer!r}", {}, 0.0, {})
-        decision = decide(policy, base[layer], current[layer])
+        decision = decide(policy, base[layer], current[layer], fogs)
         if not decision.accept:
             return MergePlan(False, f"layer {layer!r}: {decision.reason}", {}, 0.0, {})
         staleness[layer] = decision.staleness

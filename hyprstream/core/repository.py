@@ -159,6 +159,7 @@ class ModelRepository:
                     staleness=v.get("staleness", {}), weight=v.get("weight", 1.0),
                     update_norm=v.get("update_norm", 0.0), fog=v.get("fog"), seq=v.get("seq"),
                     clocks=m["clocks"][str(v["version"])], update_sha256=v.get("update_sha256"),
+                    privacy=v.get("privacy"),
                 )
                 for v in m["versions"]
             ]
@@ -282,7 +283,8 @@ class ModelRepository:
                                          f"clock of any committed version of model {model!r} (core's history), "
                                          f"nor one of them advanced by {fog!r}'s own committed pushes",
                                          Refusal.UNKNOWN_BASE)
-            plan = plan_merge(settings.consistency, current_clocks, base_clocks, touched, fog)
+            plan = plan_merge(settings.consistency, current_clocks, base_clocks, touched, fog,
+                              fogs=len(set(m["fog_seq"]) | {fog}))
             if not plan.accept:
                 raise UpdateRejected(plan.reason, Refusal.CONSISTENCY)
             base_json = clocks_to_json({layer: base_clocks[layer] for layer in touched})

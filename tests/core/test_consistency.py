@@ -49,6 +49,16 @@ def test_mixing_scales_every_merge(mode):
 
 
 @pytest.mark.parametrize("mode", list(ConsistencyMode))
+def test_unset_mixing_is_one_over_the_number_of_fogs_and_a_set_one_applies_as_is(mode):
+    p = ConsistencyPolicy(mode, max_staleness=0 if mode is ConsistencyMode.STRONG else 4, staleness_exponent=0.0)
+    assert p.mixing is None
+    assert [decide(p, base, base, fogs).weight for fogs in (1, 2, 4, 10)] == [1.0, 0.5, 0.25, 0.1]
+    assert plan_merge(p, {"l1": base}, {"l1": base}, ["l1"], "fog-a", fogs=3).weight == pytest.approx(1 / 3)
+    fixed = ConsistencyPolicy(mode, max_staleness=p.max_staleness, staleness_exponent=0.0, mixing=0.8)
+    assert decide(fixed, base, base, 4).weight == 0.8
+
+
+@pytest.mark.parametrize("mode", list(ConsistencyMode))
 def test_base_from_outside_history_is_refused(mode):
     p = ConsistencyPolicy(mode, max_staleness=0 if mode is ConsistencyMode.STRONG else 4)
     future = VectorClock.of({"fog-a": 9})

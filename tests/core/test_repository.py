@@ -237,3 +237,24 @@ def test_a_fog_cut_from_core_may_chain_on_its_own_pushes_and_no_further(tmp_path
         with pytest.raises(UpdateRejected, match="is not the clock of any committed version"):
             push(repo, fog, seq, value=0.0625, base=VectorClock.of(base))
     alog.close()
+
+
+def test_unset_mixing_averages_the_fogs_pushing_to_a_model(tmp_path):
+    """With mixing unset each push is scaled by 1 / (the fogs that have pushed to the model): a lone fog takes whole
+    steps, and once two fogs push, their pushes from one base add up to their mean, not their sum."""
+    repo, alog = open_repo(tmp_path)
+    repo.register("m", to_table(W0), ModelSettings(ConsistencyPolicy(ConsistencyMode.EVENTUAL, staleness_exponent=0.0)),
+                  actor="admin")
+    assert push(repo, "fog-a", 1, value=1.0).weight == 1.0  # one fog: the whole delta
+    assert push(repo, "fog-b", 1, value=3.0).weight == 0.5  # a second fog: each push counts half
+    head = repo.head("m")["clocks"]["fc1"]
+    base = VectorClock.of(head)
+    before = to_arrays(repo.get("m").table)["fc1.bias"].copy()
+    a = push(repo, "fog-a", 2, value=2.0, base=base)
+    b = push(repo, "fog-b", 2, value=4.0, base=base)  # concurrent: from the same base
+    assert (a.weight, b.weight) == (0.5, 0.5)
+    np.testing.assert_allclose(to_arrays(repo.get("m").table)["fc1.bias"] - before, 3.0)  # the mean of 2 and 4
+    assert push(repo, "fog-c", 1, value=1.0, base=VectorClock.of(repo.head("m")["clocks"]["fc1"])).weight == \
+        pytest.approx(1 / 3)
+    assert [v.weight for v in repo.versions("m")[1:]] == pytest.approx([1.0, 0.5, 0.5, 0.5, 1 / 3])
+    alog.close()
