@@ -115,6 +115,7 @@ class BufferedPush:
     seconds: float  # real seconds since the previous push (the first: since the first dispatch)
     delta: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     reasons: tuple[str, ...] = ()
+    uplink: dict[int, int] = field(default_factory=dict)  # payload bytes received since the last push, per agent
 
     @property
     def max_staleness(self) -> int:
@@ -132,7 +133,7 @@ class BufferedPush:
             layers=self.layers, participants=self.participants, declined=self.declined, refused=self.refused,
             failed=self.failed, bytes_up=self.bytes_up, bytes_down=self.bytes_down, train_loss=self.train_loss,
             seconds=self.seconds, delta=self.delta, reasons=self.reasons, nodes=self.contributors,
-            contributors=self.contributors)
+            contributors=self.contributors, uplink=dict(self.uplink))
 
 
 @dataclass
@@ -259,6 +260,7 @@ class BufferedFog:
         self._losses: list[tuple[float, int]] = []
         self._reasons: list[str] = []
         self._counts = {"declined": 0, "refused": 0, "failed": 0, "bytes_up": 0, "bytes_down": 0}
+        self._uplink: dict[int, int] = {}
 
     def _fill(self) -> None:
         """Send requests to idle agents until ``concurrency`` are training."""
@@ -306,6 +308,7 @@ class BufferedFog:
             try:
                 reply = TrainReply.from_content(msg.content)
                 counts["bytes_up"] += reply.payload_bytes()
+                self._uplink[node] = self._uplink.get(node, 0) + reply.payload_bytes()
                 if reply.status is ReplyStatus.DECLINED:
                     counts["declined"] += 1
                     self._reasons.append(f"declined: {reply.reason}")
@@ -358,7 +361,7 @@ class BufferedFog:
             refused=counts["refused"], failed=counts["failed"], bytes_up=counts["bytes_up"],
             bytes_down=counts["bytes_down"], train_loss=loss,
             sim_time=self._now if self.duration is not None else None,
-            seconds=time.monotonic() - self._since, delta=delta, reasons=tuple(reasons))
+            seconds=time.monotonic() - self._since, delta=delta, reasons=tuple(reasons), uplink=dict(self._uplink))
         self._since = time.monotonic()
         self.pushes.append(record)
         log.info("fog %s: buffered push %d of %d update(s) (staleness max %d), version %s", self.fog.name,

@@ -258,6 +258,9 @@ class FogConfig(Checked):
             yield "rounds.aggregation", ROBUST_WITH_SECAGG
         else:
             yield from refusals(self.cells(), Where.FOG)
+        if self.privacy.dpsgd is not None:
+            yield "privacy.dpsgd", ("sample-level DP-SGD runs on the devices: put [privacy.dpsgd] in each device's "
+                                    "profile (docs/agent.md); a fog has nothing to apply it to")
         secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round
         if secagg is not None and self.fleet.enabled and 0 < chosen < secagg.min_clients:
             yield "fleet.clients_per_round", f"is below privacy.secagg.min_clients ({secagg.min_clients})"

@@ -78,6 +78,9 @@ def test_pushes_every_k_updates_with_staleness_weighted_mean(site):
     assert [p.refused for p in pushes] == [0, 0, 1]
     assert "staleness 2 exceeds max_staleness 1" in pushes[2].reasons[0]
     assert 3 not in sum((p.contributors for p in pushes), ())
+    # uplink bytes per agent: the contributors' replies (and agent 3's refused one), adding up to bytes_up
+    assert all(set(p.contributors) <= set(p.uplink) and sum(p.uplink.values()) == p.bytes_up > 0 for p in pushes)
+    assert set(pushes[2].uplink) == {1, 2, 3} and pushes[2].as_round().uplink == pushes[2].uplink
 
     for j, push in enumerate(pushes):
         replies = [agents.replies[seed_of(fog, d, n)] for d, n in zip(push.dispatches, push.contributors, strict=True)]

@@ -265,6 +265,17 @@ def test_a_robust_rule_with_secure_aggregation_is_one_conflict(tmp_path, capsys)
 
 
 @pytest.mark.unit
+def test_dp_sgd_in_a_fog_config_is_refused_not_ignored(tmp_path, capsys):
+    """DP-SGD is the devices' (their profiles); a fog config asking for it would otherwise promise a guarantee
+    nothing applies."""
+    path = fog_toml(Cell(), tmp_path / "fog.toml")
+    path.write_text(path.read_text() + "[privacy.dpsgd]\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\n")
+    rc, out, err = validate(path, capsys)
+    assert (rc, out) == (2, []) and len(err) == 1, err
+    assert err[0].startswith(f"invalid {path}: privacy.dpsgd: sample-level DP-SGD runs on the devices"), err
+
+
+@pytest.mark.unit
 def test_dp_sgd_and_client_dp_together_are_checked_each(tmp_path, capsys):
     sync = experiment_toml(Cell(aggregation=Aggregate.SECAGG, dp=Dp.DPSGD), tmp_path / "sync.toml")
     sync.write_text(sync.read_text() + '[privacy.client_dp]\nnoise_multiplier = 1.0\n')

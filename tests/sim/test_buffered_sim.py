@@ -199,9 +199,11 @@ def test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_s
         assert spent[0] == pytest.approx(pld(device, 1), rel=5e-3)
         assert spent[-1] == pytest.approx(pld(device, len(spent)), rel=5e-3)
     # every update a device contributed to a push was trained, hence charged
-    contributed = Counter(p["device"] for p in pq.read_table(path / "participation.parquet").to_pylist()
-                          if p["contributed"])
+    participation = pq.read_table(path / "participation.parquet").to_pylist()
+    contributed = Counter(p["device"] for p in participation if p["contributed"])
     assert all(jobs.get(d, 0) >= n for d, n in contributed.items()), (jobs, contributed)
+    # each contribution's uplink bytes are its own (a buffered push records them per agent, as a round does)
+    assert all(p["bytes_up"] > 0 for p in participation if p["contributed"]), participation
     rows = [r for r in _rows(path) if r["kind"] == "global"]
     shown = [r["device_epsilon"] for r in rows]
     assert all(e is not None for e in shown) and shown == sorted(shown)
