@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hyprstream"
 FLOORS: dict[str, int] = {
     # floor 1: shared records, configuration and durable files
     "__init__": 1, "_extras": 1, "errors": 1, "plugins": 1, "config": 1, "codec": 1, "protocol": 1, "durable": 1,
-    "vector_clock": 1, "consistency": 1, "runtime": 1,
+    "vector_clock": 1, "consistency": 1, "runtime": 1, "observe": 1,
     # floor 2: core's API (records, commands, client), telemetry records and broker settings, the local store
     "coreapi": 2, "telemetry": 2, "store": 2,
     # floor 3, each over the ones before it: the data sets (on the store's tables), the learning pieces
@@ -36,7 +36,7 @@ FLOORS: dict[str, int] = {
     "sim": 7, "cli": 7,
 }
 # floor 1's modules build on each other in this order (a module imports only earlier ones)
-FLOOR_ONE_ORDER = ("errors", "plugins", "runtime", "_extras", "config", "codec", "durable", "vector_clock", "consistency", "protocol",
+FLOOR_ONE_ORDER = ("errors", "observe", "plugins", "runtime", "_extras", "config", "codec", "durable", "vector_clock", "consistency", "protocol",
                    "__init__")
 
 

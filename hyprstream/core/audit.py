@@ -418,6 +418,8 @@ class AuditLog:
         self._clock = clock
         self._sync = sync
         self._lock = threading.Lock()
+        # called with each entry once it is durable, under the log's lock (keep them cheap; errors are logged)
+        self.listeners: list[Callable[[AuditEntry], None]] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -524,7 +526,17 @@ class AuditLog:
             self._fail(exc)
         self._last = entry
         self._write_checkpoint(entry, now)
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception:  # noqa: BLE001 - a listener (metrics) must never fail the append it watches
+                log.exception("audit listener %r failed", listener)
         return entry
+
+    @property
+    def writable(self) -> bool:
+        """Whether appends can still succeed (False once a write failed or the log was closed)."""
+        return self._fh is not None
 
     def _write_checkpoint(self, entry: AuditEntry, now: float) -> None:
         cp = sign_checkpoint(entry, self._key, time_s=now)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyprstream.config import Checked, parse, pem_certificate, pem_private_key, read_toml, setting
+from hyprstream.config import Checked, parse, pem_certificate, pem_private_key, read_token, read_toml, setting
 from hyprstream.core import signing
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.errors import ConfigError
@@ -59,6 +59,25 @@ class TlsSection(Checked):
 
 
 @dataclass(frozen=True)
+class MetricsSection(Checked):
+    """Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP (:mod:`hyprstream.core.metrics`)."""
+
+    listen: str = setting("127.0.0.1:9465", doc="host:port of the metrics endpoint (port 0: any free port; "
+                                                "empty: no endpoint)")
+    token_file: str | None = setting(None, doc="a file holding a bearer token every request must carry "
+                                               "(needed to listen beyond loopback)", file=read_token)
+
+    def check(self):
+        if not self.listen:
+            return
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            yield "listen", f"expected host:port or \"\" (off), got {self.listen!r}"
+        elif self.token_file is None and host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+            yield "token_file", f"metrics on {self.listen} beyond loopback need a token_file"
+
+
+@dataclass(frozen=True)
 class AuthSection(Checked):
     token_key: str | None = setting(None, doc="Ed25519 private key: verifies tokens and signs issue_token answers",
                                     file=signing.load_private_key)
@@ -78,11 +97,12 @@ class CoreConfig(Checked):
     storage: StorageSection = field(default_factory=StorageSection)
     tls: TlsSection = field(default_factory=TlsSection)
     rate_limit: RateLimitPolicy = field(default_factory=RateLimitPolicy)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     log_level: str = setting("info", doc="debug, info, warning or error")
 
     def check(self):
         # sections left out take their defaults without being parsed: check their rules here too
-        for name in ("server", "tls", "auth"):
+        for name in ("server", "tls", "auth", "metrics"):
             for key, reason in getattr(self, name).check():
                 yield f"{name}.{key}", reason
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -105,6 +125,7 @@ class CoreConfig(Checked):
             storage=dataclasses.replace(self.storage, uri=p(self.storage.uri)),
             tls=dataclasses.replace(self.tls, cert=p(self.tls.cert), key=p(self.tls.key),
                                     client_ca=p(self.tls.client_ca)),
+            metrics=dataclasses.replace(self.metrics, token_file=p(self.metrics.token_file)),
         )
 
 

@@ -13,15 +13,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from hyprstream import __version__
-from hyprstream.config import to_dict
+from hyprstream.config import read_token, to_dict
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog
 from hyprstream.core.auth import Authenticator
 from hyprstream.core.config import CoreConfig
+from hyprstream.core.metrics import CoreMetrics
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.core.storage import open_storage
 from hyprstream.errors import ConfigError, HyprstreamError, TransportError
+from hyprstream.observe import MetricsEndpoint, split_listen
 
 log = logging.getLogger("hyprstream.core")
 
@@ -92,14 +94,32 @@ class CoreService:
                                  f"TLS certificate and key do not load): {exc}") from None
         host = config.server.listen.rpartition(":")[0]
         self.location = f"{scheme}://{host}:{self.server.port}"
+        self.metrics = self.endpoint = None
+        if config.metrics.listen:
+            self.metrics = CoreMetrics(self.repository, self.audit)
+            token = read_token(config.metrics.token_file) if config.metrics.token_file else None
+            try:
+                self.endpoint = MetricsEndpoint(self.metrics.registry, *split_listen(config.metrics.listen),
+                                                health=self._health, token=token).start()
+            except BaseException:
+                self.server.stop()
+                raise
         self.audit.append("core", "core.start", "core", details={
             "version": __version__, "location": self.location, "tls": config.tls.enabled,
             "mutual_tls": bool(config.tls.client_ca), "storage": storage.description,
             "models": self.repository.models(), "recovered": self.repository.recovered,
             "rate_limit": to_dict(config.rate_limit),
+            "metrics": f"http://{self.endpoint.address}" if self.endpoint else None,
         })
 
+    def _health(self) -> tuple[bool, str]:
+        if not self.audit.writable:
+            return False, "the audit log cannot be written: core refuses every call"
+        return True, f"ok: serving on {self.location}"
+
     def stop(self, reason: str = "stopped") -> None:
+        if self.endpoint is not None:
+            self.endpoint.stop()
         self.server.stop()
         try:
             self.audit.append("core", "core.stop", "core", details={"reason": reason})
@@ -125,6 +145,8 @@ def run(config: CoreConfig, *, config_path: str | None = None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(f"hyprstream core: serving on {service.location}", flush=True)
+        if service.endpoint is not None:
+            print(f"hyprstream core: metrics on http://{service.endpoint.address}/metrics", flush=True)
         for line in service.repository.recovered:
             print(f"hyprstream core: recovered: {line}", file=sys.stderr, flush=True)
         while not stop.wait(0.5):  # short waits keep the main thread free to run signal handlers

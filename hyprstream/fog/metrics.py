@@ -1,21 +1,23 @@
 """The fog's Prometheus metrics and health check, served over HTTP on a configured address.
 
-``GET /metrics`` (Prometheus text format 0.0.4) and ``GET /healthz`` (``ok`` while the fog loop has
-made progress within ``stale_after_s``). Requests must carry ``Authorization: Bearer <token>`` when a
-token is configured; the endpoint binds to loopback unless told otherwise.
+``GET /metrics`` (the Prometheus text format, written by ``prometheus_client``: full-precision values,
+``_total`` counters), ``GET /healthz`` and ``/readyz`` (``ok`` while the fog loop has made progress
+within ``stale_after_s``). Requests must carry ``Authorization: Bearer <token>`` when a token is
+configured; the endpoint binds to loopback unless told otherwise.
 """
 
 from __future__ import annotations
 
-import hmac
-import math
 import threading
 import time
-from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from hyprstream.fog.aggregator import FogRound
 from hyprstream.fog.gateway import listen_error
+from hyprstream.observe import MetricsEndpoint
 
 _HELP = {
     "hyprstream_fog_rounds_total": ("counter", "Fog rounds finished."),
@@ -86,75 +88,53 @@ class FogMetrics:
         with self._lock:
             return {**self._values, **self._privacy}
 
-    def render(self) -> str:
-        """Prometheus text exposition format."""
-        lines = []
-        label = self.fog.replace("\\", "\\\\").replace('"', '\\"')
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The values as metric families (``prometheus_client``'s Collector protocol), labelled with the fog."""
         for name, value in self.snapshot().items():
             kind, text = _HELP.get(name) or _PRIVACY_HELP[name]
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f'{name}{{fog="{label}"}} {_number(value)}']
-        return "\n".join(lines) + "\n"
+            if kind == "counter":  # prometheus_client writes the _total suffix itself
+                family = CounterMetricFamily(name.removesuffix("_total"), text, labels=["fog"])
+            else:
+                family = GaugeMetricFamily(name, text, labels=["fog"])
+            family.add_metric([self.fog], value)
+            yield family
+
+    def render(self) -> str:
+        """The Prometheus text exposition of these metrics (what ``/metrics`` answers)."""
+        registry = CollectorRegistry()
+        registry.register(self)
+        return generate_latest(registry).decode()
 
     def healthy(self, stale_after_s: float) -> bool:
         return time.time() - self.snapshot()["hyprstream_fog_last_progress_timestamp_seconds"] <= stale_after_s
 
 
-def _number(value: float) -> str:
-    """A sample value in the exposition format (infinities as +Inf / -Inf)."""
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return f"{value:g}"
-
-
 class MetricsServer:
-    """``/metrics`` and ``/healthz`` on ``host:port`` in a daemon thread."""
+    """``/metrics``, ``/healthz`` and ``/readyz`` of a fog on ``host:port`` in a daemon thread
+    (:class:`~hyprstream.observe.MetricsEndpoint`)."""
 
     def __init__(self, metrics: FogMetrics, host: str, port: int, *, token: str | None = None,
                  stale_after_s: float = 600.0) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if outer.token is not None:
-                    got = self.headers.get("Authorization", "")
-                    if not hmac.compare_digest(got.encode(), f"Bearer {outer.token}".encode()):
-                        return self._send(401, "missing or invalid bearer token\n")
-                if self.path == "/metrics":
-                    return self._send(200, metrics.render(), "text/plain; version=0.0.4")
-                if self.path == "/healthz":
-                    ok = metrics.healthy(outer.stale_after_s)
-                    return self._send(200 if ok else 503, "ok\n" if ok else "stalled\n")
-                self._send(404, "not found\n")
-
-            def _send(self, code: int, body: str, ctype: str = "text/plain") -> None:
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:  # requests are not logged (no secrets, no noise)
-                return
-
-        self.token = token
         self.stale_after_s = stale_after_s
-        try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            raise listen_error(host, port, exc, source=None, key="metrics.port") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hyprstream-fog-metrics",
-                                        daemon=True)
+        registry = CollectorRegistry()
+        registry.register(metrics)
+
+        def health() -> tuple[bool, str]:
+            if metrics.healthy(self.stale_after_s):
+                return True, "ok"
+            return False, f"stalled: no round finished in the last {self.stale_after_s:g} s"
+
+        self._endpoint = MetricsEndpoint(registry, host, port, health=health, token=token,
+                                         bind_error=lambda h, p, exc: listen_error(h, p, exc, source=None,
+                                                                                   key="metrics.port"))
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return int(self._endpoint.address.rpartition(":")[2])
 
     def start(self) -> MetricsServer:
-        self._thread.start()
+        self._endpoint.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._endpoint.stop()

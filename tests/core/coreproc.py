@@ -28,7 +28,7 @@ class Deployment:
 
 
 def make_deployment(root: Path, *, rate: float = 10_000.0, burst: int = 10_000, tls: dict[str, str] | None = None,
-                    sync: bool = True) -> Deployment:
+                    sync: bool = True, metrics: str = "") -> Deployment:
     """Keys and a core.toml (loopback, any free port) under ``root``."""
     keys = root / "keys"
     keys.mkdir(parents=True)
@@ -55,7 +55,10 @@ token_key = "keys/token.key"
 [rate_limit]
 requests_per_s = {rate}
 burst = {burst}
-{tls_section}""")
+{tls_section}
+[metrics]
+listen = "127.0.0.1:0"
+{metrics}""")
     return Deployment(root, config, root / "audit" / "audit.jsonl", audit_key, token_key)
 
 
@@ -84,6 +87,11 @@ class CoreProcess:
                 raise RuntimeError(f"core exited with {self.proc.returncode}: {''.join(self.stderr)[-2000:]}")
             if line.startswith("hyprstream core: serving on "):
                 self.location = line.removeprefix("hyprstream core: serving on ").strip()
+        self.metrics = None  # the metrics endpoint's base URL, when core serves one
+        if "\n[metrics]\n" not in config.read_text() or 'listen = ""' not in config.read_text():
+            line = self._lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line and line.startswith("hyprstream core: metrics on "):
+                self.metrics = line.removeprefix("hyprstream core: metrics on ").strip().removesuffix("/metrics")
 
     @staticmethod
     def _pump(stream, q) -> None:

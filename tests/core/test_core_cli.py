@@ -397,3 +397,76 @@ def test_core_versions_and_pull_with_the_deployments_credentials(tmp_path, capsy
         assert not (tmp_path / "x.arrow").exists() and not (tmp_path / "x.onnx").exists()
     finally:
         assert core.terminate() == 0, "".join(core.stderr)
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, str, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+@pytest.mark.integration
+def test_core_serves_metrics_and_health_counted_from_its_audit_log(tmp_path):
+    """`core run` serves /metrics (Prometheus text format, conventional names, full precision), /healthz and
+    /readyz; with a token file every request needs the token. Pushes are counted by outcome and refusal code,
+    and each model's version is read at the scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hyprstream.vector_clock import VectorClock
+
+    (tmp_path / "metrics.token").write_text("scrape-secret\n")
+    dep = make_deployment(tmp_path, metrics='token_file = "metrics.token"')
+    core = CoreProcess(dep.config)
+    try:
+        assert core.metrics and core.metrics.startswith("http://127.0.0.1:")
+        assert _get(core.metrics + "/metrics")[0] == 401
+        assert _get(core.metrics + "/metrics", "wrong")[0] == 401
+        assert _get(core.metrics + "/healthz", "scrape-secret")[::2] == (200, f"ok: serving on {core.location}\n")
+        assert _get(core.metrics + "/readyz", "scrape-secret")[0] == 200
+        assert _get(core.metrics + "/admin", "scrape-secret")[0] == 404
+        with CoreClient(core.location, dep.token("admin", Role.ADMIN)) as admin:
+            admin.register_model("m", to_table({"fc1.weight": np.zeros(3, np.float32)}))
+        with CoreClient(core.location, dep.token("fog-a", Role.FOG)) as fog:
+            for seq in (1, 2):
+                fog.push_delta("m", to_table({"fc1.weight": np.full(3, seq, np.float32)}), fog="fog-a", seq=seq,
+                               base_clocks={"fc1": VectorClock()}, participants=2)
+            with pytest.raises(Exception, match="replay"):
+                fog.push_delta("m", to_table({"fc1.weight": np.ones(3, np.float32)}), fog="fog-a", seq=2,
+                               base_clocks={"fc1": VectorClock()}, participants=2)
+        status, ctype, text = _get(core.metrics + "/metrics", "scrape-secret")
+        assert status == 200 and ctype.startswith("text/plain; version=")  # the text exposition format
+    finally:
+        assert core.terminate() == 0, "".join(core.stderr)
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    for f in families.values():  # the exposition's conventions: a prefix, counters as _total, seconds
+        assert f.name.startswith("hyprstream_core_") and f.documentation, f.name
+        if f.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in f.samples), f.name
+    assert samples[("hyprstream_core_pushes_total", (("code", ""), ("fog", "fog-a"), ("model", "m"),
+                                                     ("outcome", "ok")))] == 2
+    assert samples[("hyprstream_core_pushes_total", (("code", "replay"), ("fog", "fog-a"), ("model", "m"),
+                                                     ("outcome", "refused")))] == 1
+    assert samples[("hyprstream_core_model_version", (("model", "m"),))] == 2
+    assert samples[("hyprstream_core_audit_entries_total", (("action", "model.register"), ("outcome", "ok")))] == 1
+    entries = list(iter_entries(dep.audit_log))
+    assert samples[("hyprstream_core_audit_last_seq", ())] == entries[-2].seq  # the last: core.stop, after it
+    committed = max(e for (name, _), e in samples.items() if name == "hyprstream_core_model_last_commit_timestamp_seconds")
+    assert committed > 1.7e9 and committed != round(committed)  # a Unix time in full precision, not 1.79e+09
+
+
+@pytest.mark.unit
+def test_metrics_settings_are_checked(tmp_path):
+    dep = make_deployment(tmp_path)
+    text = dep.config.read_text()
+    for listen, reason in (('"0.0.0.0:9465"', "beyond loopback need a token_file"), ('"9465"', "expected host:port")):
+        dep.config.write_text(text.replace('listen = "127.0.0.1:0"\n', f"listen = {listen}\n"))
+        with pytest.raises(ConfigError, match=reason):
+            load_core_config(dep.config)

@@ -21,6 +21,13 @@ def get(url, token=None):
         return resp.status, resp.read().decode()
 
 
+def samples(text: str) -> dict[tuple[str, str], float]:
+    """(sample name, fog label) -> value, parsed by prometheus_client (the exposition format is checked too)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, s.labels["fog"]): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def test_metrics_and_health_over_http():
     metrics = FogMetrics('fog-"a"')
     metrics.record(fog_round(5, 3), outbox=0)
@@ -35,15 +42,21 @@ def test_metrics_and_health_over_http():
             get(f"{base}/metrics", token="wrong")
         status, text = get(f"{base}/metrics", token="scrape-secret")
         assert status == 200
-        assert 'hyprstream_fog_rounds_total{fog="fog-\\"a\\""} 2' in text
-        assert 'hyprstream_fog_pushes_total{fog="fog-\\"a\\""} 1' in text
-        assert 'hyprstream_fog_participants_total{fog="fog-\\"a\\""} 5' in text
-        assert 'hyprstream_fog_refused_total{fog="fog-\\"a\\""} 1' in text
-        assert 'hyprstream_fog_bytes_down_total{fog="fog-\\"a\\""} 6000' in text
-        assert 'hyprstream_fog_outbox_pushes{fog="fog-\\"a\\""} 1' in text
-        assert 'hyprstream_fog_master_version{fog="fog-\\"a\\""} 4' in text  # nothing pushed: the base
+        got = samples(text)
+        fog = 'fog-"a"'  # label values are escaped in the text and read back as they were
+        assert got[("hyprstream_fog_rounds_total", fog)] == 2
+        assert got[("hyprstream_fog_pushes_total", fog)] == 1
+        assert got[("hyprstream_fog_participants_total", fog)] == 5
+        assert got[("hyprstream_fog_refused_total", fog)] == 1
+        assert got[("hyprstream_fog_bytes_down_total", fog)] == 6000
+        assert got[("hyprstream_fog_outbox_pushes", fog)] == 1
+        assert got[("hyprstream_fog_master_version", fog)] == 4  # nothing pushed: the base
         assert "# TYPE hyprstream_fog_rounds_total counter" in text
+        # full precision: a Unix time keeps its fraction of a second (the old "%g" wrote 1.79619e+09)
+        stamp = got[("hyprstream_fog_last_progress_timestamp_seconds", fog)]
+        assert stamp == metrics.snapshot()["hyprstream_fog_last_progress_timestamp_seconds"] and stamp % 1
         assert get(f"{base}/healthz", token="scrape-secret") == (200, "ok\n")
+        assert get(f"{base}/readyz", token="scrape-secret") == (200, "ok\n")
         server.stale_after_s = 1e-9
         with pytest.raises(urllib.error.HTTPError) as info:
             get(f"{base}/healthz", token="scrape-secret")
@@ -58,9 +71,10 @@ def test_client_level_privacy_gauges_appear_only_with_client_dp():
     assert "privacy" not in metrics.render() and metrics.privacy() is None
     metrics.record_privacy(4.73, float("inf"), 1e-5)
     text = metrics.render()
-    assert 'hyprstream_fog_privacy_epsilon{fog="fog-a"} 4.73' in text
+    got = samples(text)
+    assert got[("hyprstream_fog_privacy_epsilon", "fog-a")] == 4.73
     assert 'hyprstream_fog_privacy_epsilon_budget{fog="fog-a"} +Inf' in text  # unlimited: Prometheus' +Inf
-    assert 'hyprstream_fog_privacy_delta{fog="fog-a"} 1e-05' in text
+    assert got[("hyprstream_fog_privacy_delta", "fog-a")] == 1e-5
     assert "# TYPE hyprstream_fog_privacy_epsilon gauge" in text
     metrics.record_privacy(7.08, 10.0, 1e-5)
     assert metrics.privacy() == {"epsilon": 7.08, "epsilon_budget": 10.0, "delta": 1e-5}

@@ -1,0 +1,102 @@
+"""Prometheus metrics and health checks over HTTP, for any tier: ``GET /metrics``, ``/healthz``, ``/readyz``.
+
+:class:`MetricsEndpoint` serves one ``prometheus_client`` registry in the Prometheus text format (what
+``prometheus_client.generate_latest`` writes: full-precision values, ``_total`` counters, ``# HELP`` and
+``# TYPE`` lines) and answers ``/healthz`` (is the service alive and able to do its work) and
+``/readyz`` (may it take requests; the health check where none is given) with 200 or 503 and a short
+reason. With a token, every request must carry ``Authorization: Bearer <token>`` (compared in constant
+time); without one, bind it to loopback. Nothing else is served and nothing is logged per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from hyprstream.errors import ConfigError, TransportError
+
+log = logging.getLogger("hyprstream.observe")
+
+Check = Callable[[], tuple[bool, str]]
+"""A health or readiness check: ``(ok, reason)``; the reason is the response body."""
+
+
+def split_listen(listen: str, *, key: str = "listen") -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) as ``(host, port)``; ConfigError naming ``key`` otherwise."""
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected host:port, got {listen!r}", key=key)
+    return host, int(port)
+
+
+class MetricsEndpoint:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: any free one) in a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, *, health: Check,
+                 ready: Check | None = None, token: str | None = None,
+                 bind_error: Callable[[str, int, OSError], Exception] | None = None) -> None:
+        self.registry = registry
+        checks = {"/healthz": health, "/readyz": ready or health}
+        expected = f"Bearer {token}".encode() if token is not None else None
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "hyprstream"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if expected is not None and not hmac.compare_digest(
+                        self.headers.get("Authorization", "").encode(), expected):
+                    return self._send(401, b"missing or invalid bearer token\n", "text/plain; charset=utf-8")
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    return self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                if path in checks:
+                    try:
+                        ok, reason = checks[path]()
+                    except Exception as exc:  # noqa: BLE001 - a failing check is an unhealthy answer, not a crash
+                        ok, reason = False, f"check failed: {type(exc).__name__}"
+                    return self._send(200 if ok else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
+                self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain; charset=utf-8")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args) -> None:  # requests are not logged (a scraper calls every few s)
+                return
+
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # the caller may name the setting to change (bind_error)
+            if bind_error is not None:
+                raise bind_error(host, port, exc) from None
+            raise TransportError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def start(self) -> MetricsEndpoint:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="hyprstream-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+__all__ = ["Check", "MetricsEndpoint", "split_listen"]
