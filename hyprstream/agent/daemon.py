@@ -293,6 +293,8 @@ class Agent:
         self.decision: Decision | None = None
         self.sample: ResourceSample | None = None
         self._budget_spent = False  # the last answer read from the privacy ledger (see privacy_state)
+        self.last_tick: float | None = None  # wall time of the loop's last step (the health check reads it)
+        self.supernode: SuperNodeProcess | None = None
 
     # .................................................................. run
 
@@ -338,6 +340,7 @@ class Agent:
                 cleanups.append(supernode.stop)
             else:
                 supernode = None
+            self.supernode = supernode
             cleanups.append(self._stop_export)
             log.info("agent %s/%s running (profile %s, task %s, session %s)", cfg.fleet, cfg.device_id,
                      prof.device_class, self.task.name, self.session)
@@ -385,6 +388,7 @@ class Agent:
         elif decision.held:
             log.debug("strategy stays %s: %s", decision.strategy.value, decision.reason)
         self.sample, self.decision = sample, decision
+        self.last_tick = time.time()
         gpu_usable = prof.resources.has_gpu and prof.training.allow_gpu
         write_policy(self.config.state_dir, PolicyState(
             decision.strategy, self._clock(), valid_s=3 * self.config.tick_s + 30, gpu_usable=gpu_usable,
@@ -455,13 +459,17 @@ class Agent:
     def _sources(self) -> list:
         from hyprstream.agent.ingest import DirectoryWatcher, HttpSource, MqttSource, UnixSocketSource, ingest_token
 
+        from hyprstream.agent.metrics import AgentMetrics
+
         ing, sink = self.config.ingest, self.pipeline
         sources: list = [DirectoryWatcher(d, sink) for d in ing.watch]
+        metrics = AgentMetrics(self)  # /metrics and /healthz beside the record API
+        served = dict(health=self.health, metrics=metrics.registry, check=metrics.health)
         if ing.listen_port is not None:
             token = ingest_token(self.config.state_dir)  # apps on the device read it from there
-            sources.append(HttpSource(sink, token=token, port=ing.listen_port, health=self.health))
+            sources.append(HttpSource(sink, token=token, port=ing.listen_port, **served))
         if ing.socket is not None:
-            sources.append(UnixSocketSource(ing.socket, sink, health=self.health))
+            sources.append(UnixSocketSource(ing.socket, sink, **served))
         if ing.topics:
             sources.append(MqttSource(self.config.mqtt, ing.topics, sink,
                                       client_id=f"hyprstream-{self.config.fleet}-{self.config.device_id}-ingest"))

@@ -10,7 +10,8 @@ for digits); a sink is ``sink(source_name, records) -> result`` (the agent's
   starting with ``.`` and rename it). Taken files move to ``done/``, refused ones to ``failed/``
   with a ``.error`` note beside them.
 * :class:`HttpSource`: HTTP on loopback for apps on the device (``POST /v1/records`` with a JSON
-  object, a list or JSON lines; ``GET /v1/health``). :class:`UnixSocketSource`: the same HTTP API on
+  object, a list or JSON lines; ``GET /v1/health``; and, given by the agent, ``GET /metrics``,
+  ``/healthz`` and ``/readyz``: :mod:`hyprstream.agent.metrics`). :class:`UnixSocketSource`: the same HTTP API on
   a Unix-domain socket (``curl --unix-socket PATH http://agent/v1/records``), for apps that should
   not need a port.
 * :class:`MqttSource`: JSON payloads (an object or a list) on MQTT topics.
@@ -37,8 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
 from hyprstream._extras import require
 from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
+from hyprstream.observe import Check
 
 __all__ = [
     "DirectoryWatcher",
@@ -198,6 +202,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _authorized(self) -> bool:
         """With a token configured (TCP), every request must carry ``Authorization: Bearer <token>``."""
         token = getattr(self.server, "token", None)
@@ -213,8 +224,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         if not self._authorized():
             return
-        if self.path.rstrip("/") == "/v1/health":
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/v1/health":
             self._reply(200, self.server.health())
+        elif path == "/metrics" and self.server.metrics is not None:
+            self._send(200, generate_latest(self.server.metrics), CONTENT_TYPE_LATEST)
+        elif path in ("/healthz", "/readyz") and self.server.check is not None:
+            ok, reason = self.server.check()
+            self._send(200 if ok else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
         else:
             self._reply(404, {"error": f"no such endpoint {self.path!r}"})
 
@@ -262,10 +279,13 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 class _ServedSource:
-    def __init__(self, server, name: str, sink: Sink, health: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, server, name: str, sink: Sink, health: Callable[[], Mapping[str, Any]],
+                 metrics: CollectorRegistry | None = None, check: Check | None = None) -> None:
         server.sink = sink
         server.source_name = name
         server.health = health
+        server.metrics = metrics
+        server.check = check
         self.server = server
         self.name = name
         self._thread: threading.Thread | None = None
@@ -302,7 +322,8 @@ class HttpSource(_ServedSource):
     must carry ``Authorization: Bearer <token>``: other local users and processes cannot write."""
 
     def __init__(self, sink: Sink, *, token: str, host: str = "127.0.0.1", port: int = 0,
-                 health: Callable[[], Mapping[str, Any]] = _default_health) -> None:
+                 health: Callable[[], Mapping[str, Any]] = _default_health, metrics: CollectorRegistry | None = None,
+                 check: Check | None = None) -> None:
         if not token:
             raise ConfigError("the record endpoint needs a bearer token", source="--listen")
         try:
@@ -318,13 +339,14 @@ class HttpSource(_ServedSource):
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", source="--listen") from None
         server.token = token
         self.port = server.server_address[1]
-        super().__init__(server, f"http://{host}:{self.port}", sink, health)
+        super().__init__(server, f"http://{host}:{self.port}", sink, health, metrics, check)
 
 
 class UnixSocketSource(_ServedSource):
     """The record API over HTTP on a Unix-domain socket (mode 0660)."""
 
-    def __init__(self, path: Path, sink: Sink, *, health: Callable[[], Mapping[str, Any]] = _default_health) -> None:
+    def __init__(self, path: Path, sink: Sink, *, health: Callable[[], Mapping[str, Any]] = _default_health,
+                 metrics: CollectorRegistry | None = None, check: Check | None = None) -> None:
         self.path = Path(path)
         if self.path.exists() or self.path.is_symlink():
             if not self.path.is_socket():
@@ -335,7 +357,7 @@ class UnixSocketSource(_ServedSource):
             os.chmod(self.path, 0o660)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.path}: {exc.strerror}", source="--socket") from None
-        super().__init__(server, f"unix:{self.path}", sink, health)
+        super().__init__(server, f"unix:{self.path}", sink, health, metrics, check)
 
     def stop(self) -> None:
         super().stop()

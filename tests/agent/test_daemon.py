@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -245,6 +246,24 @@ def test_daemon_loop_follows_the_trace_and_serves_a_new_model(tmp_path):
         ref = model(__import__("torch").as_tensor(test.x[:40])).argmax(1).numpy()
         # rpi4 runs int8 (profile) or fp32: either way the classes match the torch model almost always
         assert np.mean(np.asarray(body["predictions"]) == ref) >= 0.95
+        # /metrics and /healthz beside the record API, behind the same token
+        from prometheus_client.parser import text_string_to_metric_families
+
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(metrics_url, timeout=5)
+        assert refused.value.code == 401
+        with urllib.request.urlopen(urllib.request.Request(metrics_url, headers=_auth(cfg.state_dir)), timeout=5) as r:
+            got = {(s.name, tuple(s.labels.items())): s.value
+                   for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+        assert got[("hyprstream_agent_model_version", ())] == 5
+        assert got[("hyprstream_agent_records_ingested_total", ())] == 40
+        assert got[("hyprstream_agent_inference_requests_total", ())] >= 1
+        assert sum(v for (name, _), v in got.items() if name == "hyprstream_agent_strategy") == 1
+        assert 0 <= got[("hyprstream_agent_cpu_ratio", ())] <= 1
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
+                                                           headers=_auth(cfg.state_dir)), timeout=5) as r:
+            assert (r.status, r.read()) == (200, b"ok\n")
         state = read_policy(cfg.state_dir)
         assert state is not None and state.fresh() and Path(state.profile) == cfg.profile_path.resolve()
         assert wait_until(lambda: from_wire(pub.messages[-1][1]).inference.requests >= 1, 20)
