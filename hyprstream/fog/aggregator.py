@@ -191,9 +191,15 @@ class FogAggregator:
             if waiting:
                 time.sleep(poll_s)
         if waiting:
-            log.warning("fog %s round %d: %d agent(s) did not answer within %.0f s",
-                        self.name, pending.round, len(waiting), self.plan.timeout_s)
+            log.warning("fog %s round %d: %s", self.name, pending.round, self.silence(pending, replies))
         return replies
+
+    def silence(self, pending: PendingRound, replies: Sequence[Message]) -> str:
+        """Which agents of ``pending`` did not answer in time, and the setting that gives them longer."""
+        answered = {m.metadata.src_node_id for m in replies}
+        silent = [n for n in pending.nodes if n not in answered]
+        return (f"agent(s) {', '.join(map(str, silent))} did not answer within {self.plan.timeout_s:g} s "
+                f"(raise rounds.timeout_s; in a simulation, [runtime] round_timeout_s)")
 
     def finish_round(self, pending: PendingRound) -> FogRound:
         order = {node: i for i, node in enumerate(self.node_ids)}
@@ -210,7 +216,7 @@ class FogAggregator:
         failed = len(pending.message_ids) - len(replies)
         bytes_up = 0
         losses: list[tuple[float, int]] = []
-        reasons: list[str] = []
+        reasons: list[str] = [self.silence(pending, replies)] if failed else []
         contributors: list[int] = []
         uplink: dict[int, int] = {}
         for msg in replies:

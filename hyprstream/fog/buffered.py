@@ -299,8 +299,10 @@ class BufferedFog:
         usable = False
         if msg is None:
             counts["failed"] += 1
-            self._reasons.append(f"agent {node}: no reply within {self.fog.plan.timeout_s:.0f} s")
-            log.warning("fog %s: agent %d did not answer within %.0f s", self.fog.name, node, self.fog.plan.timeout_s)
+            reason = (f"agent {node} did not answer within {self.fog.plan.timeout_s:g} s (raise rounds.timeout_s; "
+                      f"in a simulation, [runtime] round_timeout_s)")
+            self._reasons.append(reason)
+            log.warning("fog %s: %s", self.fog.name, reason)
         elif msg.has_error():
             counts["failed"] += 1
             self._reasons.append(f"error: {msg.error.reason}")

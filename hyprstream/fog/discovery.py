@@ -21,7 +21,8 @@ def wait_for_nodes(grid, count: int, *, timeout_s: float, poll_s: float = 0.1) -
         if len(ids) >= count:
             return ids
         if time.monotonic() > deadline:
-            raise HyprstreamError(f"only {len(ids)} of {count} agents connected in {timeout_s:.0f} s")
+            raise HyprstreamError(f"only {len(ids)} of {count} agents connected in {timeout_s:g} s (raise "
+                                  f"rounds.timeout_s; in a simulation, [runtime] round_timeout_s)")
         time.sleep(poll_s)
 
 
@@ -52,7 +53,10 @@ def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool =
             log.warning("%d of %d agents answered the device query", len(found), len(node_ids))
         return found
     if len(found) != len(node_ids):
-        raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query")
+        silent = ", ".join(str(n) for n in node_ids if n not in found)
+        raise HyprstreamError(f"only {len(found)} of {len(node_ids)} agents answered the device query within "
+                              f"{timeout_s:g} s; silent: node(s) {silent} (raise rounds.timeout_s; in a "
+                              f"simulation, [runtime] round_timeout_s)")
     return found
 
 

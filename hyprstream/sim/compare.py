@@ -48,7 +48,7 @@ def compare_runs(a: Path, b: Path, *, out: Path | None = None) -> str:
             return format(value, fmt) if value is not None else ""
 
         lines.append(f"| {step} | {cell(x, 'accuracy', '.4f')} | {cell(y, 'accuracy', '.4f')} | "
-                     f"{cell(x, 'sim_s', '.1f')} | {cell(y, 'sim_s', '.1f')} | "
+                     f"{cell(x, 'sim_s', '.4g')} | {cell(y, 'sim_s', '.4g')} | "
                      f"{cell(x, 'bytes_up', ',')} | {cell(y, 'bytes_up', ',')} |")
     total = [sum(r["bytes_up"] for r in rows) for rows in (ra, rb)]
     lines += ["", f"- final accuracy: A {ra[-1]['accuracy']:.4f}, B {rb[-1]['accuracy']:.4f}"

@@ -33,7 +33,7 @@ def run_with_console(exp: Experiment, out: Path, *, source: Path, quiet: bool = 
         def on_step(step, rounds, row, core) -> None:
             progress.console.print(
                 f"{step:>4} {row.version:>7} {row.accuracy:>8.4f} {row.loss:>7.4f} {row.participants:>6} "
-                f"{row.bytes_up / 1024:>9.1f} {row.bytes_down / 1024:>9.1f} {row.sim_s:>8.1f} {row.wall_s:>7.1f}")
+                f"{row.bytes_up / 1024:>9.1f} {row.bytes_down / 1024:>9.1f} {row.sim_s:>8.4g} {row.wall_s:>7.1f}")
             for r in rounds:
                 if r.reasons:
                     progress.console.print(f"     {r.fog}: {len(r.reasons)} problem(s), first: {r.reasons[0]}")

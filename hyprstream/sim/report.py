@@ -19,10 +19,15 @@ def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     g = metrics.global_rows()
-    ax1.plot([r.round for r in g], [r.accuracy for r in g], "o-", label="global (core)", linewidth=2)
-    for fog in sorted({r.fog for r in metrics.rows if r.kind == "fog_round"}):
+    fogs = sorted({r.fog for r in metrics.rows if r.kind == "fog_round"})
+    for j, fog in enumerate(fogs):  # each fog's points shifted a little sideways, so none hides another
         rows = [r for r in metrics.rows if r.fog == fog]
-        ax1.plot([r.round for r in rows], [r.accuracy for r in rows], ".--", alpha=0.7, label=f"{fog} (after its round)")
+        shift = (j - (len(fogs) - 1) / 2) * min(0.08, 0.4 / max(1, len(fogs)))
+        ax1.plot([r.round + shift for r in rows], [r.accuracy for r in rows], "x--", alpha=0.7, markersize=5,
+                 linewidth=1, label=f"{fog} (after its round)")
+    ax1.plot([r.round for r in g], [r.accuracy for r in g], "o-", label="global (core)", linewidth=2, zorder=3,
+             markerfacecolor="none")
+    _integer_steps(ax1)
     ax1.set_xlabel("global step")
     ax1.set_ylabel("held-out accuracy")
     ax1.set_ylim(0, 1)
@@ -34,6 +39,20 @@ def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
     _save(plt, fig, path)
+
+
+def _integer_steps(ax, y: bool = False) -> None:
+    """Whole-number ticks on the x axis (global steps, counts), and on the y axis too with ``y``."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _seconds(x: float) -> str:
+    """Simulated seconds with four significant digits (a fast fleet's steps take fractions of a second)."""
+    return f"{x:.4g}"
 
 
 def _save(plt, fig, path: Path) -> None:
@@ -62,6 +81,7 @@ def plot_bytes(metrics: MetricsLog, path: Path) -> None:
                                          ("fog -> agents (down)", [r.bytes_down for r in g]),
                                          ("fog -> core (push)", [r.bytes_core for r in g]))):
         ax.bar([s + (k - 1) * width for s in steps], [v / 1e6 for v in values], width, label=label)
+    _integer_steps(ax)
     ax.set_xlabel("global step")
     ax.set_ylabel("MB")
     ax.grid(alpha=0.3, axis="y")
@@ -78,6 +98,7 @@ def plot_participation(metrics: MetricsLog, path: Path) -> None:
     ax1.plot(steps, [sum(1 for p in rows if p["round"] == s) for s in steps], "o-", label="asked")
     ax1.plot(steps, [sum(1 for p in rows if p["round"] == s and p["contributed"]) for s in steps], "o-",
              label="contributed")
+    _integer_steps(ax1, y=True)
     ax1.set_xlabel("global step")
     ax1.set_ylabel("agents")
     ax1.grid(alpha=0.3)
@@ -86,6 +107,7 @@ def plot_participation(metrics: MetricsLog, path: Path) -> None:
     for p in rows:
         per_device[p["device"]] = per_device.get(p["device"], 0) + int(p["contributed"])
     ax2.hist(list(per_device.values()), bins=range(0, max(per_device.values(), default=0) + 2), align="left")
+    _integer_steps(ax2, y=True)
     ax2.set_xlabel("rounds a device contributed to")
     ax2.set_ylabel("devices")
     ax2.grid(alpha=0.3)
@@ -117,6 +139,7 @@ def plot_strategy(metrics: MetricsLog, path: Path) -> None:
     for name, colour in STRATEGY_COLOURS.items():
         ax1.bar(steps, mix[name], bottom=bottom, color=colour, label=name)
         bottom = [b + v for b, v in zip(bottom, mix[name], strict=True)]
+    _integer_steps(ax1, y=True)
     ax1.set_xlabel("global step")
     ax1.set_ylabel("devices")
     ax1.set_title("strategy mix at the start of each step", fontsize=9)
@@ -126,6 +149,7 @@ def plot_strategy(metrics: MetricsLog, path: Path) -> None:
         for device in batteries:
             pts = sorted((f["round"], f["battery_percent"]) for f in metrics.fleet if f["device"] == device)
             ax2.plot([x for x, _ in pts], [y for _, y in pts], "-", alpha=0.6, linewidth=1)
+        _integer_steps(ax2)
         ax2.set_xlabel("global step")
         ax2.set_ylabel("battery % (one line per battery device)")
         ax2.set_ylim(0, 100)
@@ -144,6 +168,7 @@ def plot_epsilon(metrics: MetricsLog, path: Path) -> None:
     if client:
         ax.plot([x for x, _ in client], [y for _, y in client], "ko-", label="client-level (model)", linewidth=2)
         ax.legend(fontsize=8)
+    _integer_steps(ax)
     ax.set_xlabel("global step")
     ax.set_ylabel("epsilon (one line per device)")
     ax.grid(alpha=0.3)
@@ -211,7 +236,7 @@ def write_report(exp: Experiment, metrics: MetricsLog, out: Path, *, final_accur
     for r in g:
         lines.append(f"| {r.round} | {r.version} | {r.accuracy:.4f} | {r.loss:.4f} | {r.train_loss:.4f} | "
                      f"{r.participants} | {r.bytes_up:,} | {r.bytes_down:,} | {r.bytes_core:,} | "
-                     f"{_opt(r.client_epsilon)} | {_opt(r.device_epsilon)} | {r.sim_s:.1f} | {r.wall_s:.1f} |")
+                     f"{_opt(r.client_epsilon)} | {_opt(r.device_epsilon)} | {_seconds(r.sim_s)} | {r.wall_s:.1f} |")
     lines += ["", "![accuracy](accuracy.png)", "", "![bytes per tier](bytes.png)", "",
               "![participation](participation.png)", ""]
     if metrics.fleet:

@@ -109,7 +109,9 @@ def test_failing_and_silent_agents_do_not_stall_the_fog(site):
     # push, and are asked again on the new version.
     assert pushes[0].failed == 0 and pushes[1].failed == 2
     reasons = " | ".join(pushes[1].reasons)
-    assert "device fault" in reasons and "no reply within" in reasons
+    assert "device fault" in reasons
+    assert "agent 4 did not answer within 0.5 s (raise rounds.timeout_s; in a simulation, [runtime] " \
+           "round_timeout_s)" in reasons  # who, and the setting that gives it longer
     assert pushes[2].failed == 0  # asked again at t=2.4, they fail after push 3
 
 
@@ -252,3 +254,13 @@ max_rounds = 2
     assert [v["actor"] for v in versions[1:]] == ["fog-a", "fog-a"]
     assert [v["layers"] for v in versions[1:]] == [["head"], ["head"]]
     assert [v["participants"] for v in versions[1:]] == [2, 2]
+
+
+def test_a_synchronous_round_names_the_agents_that_did_not_answer(site):
+    agents = Agents()
+    fog, core = make_fog(site, agents, [1, 2, 3], drop={3}, timeout_s=0.5)
+    with core:
+        r = fog.run_round(1)
+    assert (r.participants, r.failed, r.version) == (2, 1, 1)
+    assert r.reasons[0] == ("agent(s) 3 did not answer within 0.5 s (raise rounds.timeout_s; in a simulation, "
+                            "[runtime] round_timeout_s)")

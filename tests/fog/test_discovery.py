@@ -22,3 +22,13 @@ def test_an_agent_that_does_not_answer_is_left_out_only_when_tolerated(site):
         discover(grid, nodes, timeout_s=0.5)
     found = discover(grid, nodes, timeout_s=0.5, require_all=False)
     assert sorted(found) == [1] and found[1].device_id == site.stores[1].name and found[1].data_bucket > 0
+
+
+def test_a_silent_agent_is_named_with_the_setting_to_raise(site):
+    nodes = [1, 2]
+    config = {n: {"store-dir": str(site.stores[n])} for n in nodes}
+    grid = LoopbackGrid(agent_app, nodes, node_config=config.__getitem__, drop=lambda node, msg: node == 2)
+    with pytest.raises(HyprstreamError, match=r"only 1 of 2 agents answered the device query within 0.5 s; "
+                                              r"silent: node\(s\) 2 \(raise rounds.timeout_s; in a simulation, "
+                                              r"\[runtime\] round_timeout_s\)"):
+        discover(grid, nodes, timeout_s=0.5)

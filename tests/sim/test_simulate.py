@@ -122,7 +122,10 @@ def test_cli_quick_run_report_and_compare(quickstart, tmp_path):
     rows = pq.read_table(quick / "metrics.parquet").to_pylist()
     assert [r["round"] for r in rows if r["kind"] == "global"] == [1, 2]
     assert max(r["participants"] for r in rows if r["kind"] == "fog_round") <= 3
-    assert (quick / "report.md").read_text().startswith("# Simulation report: quickstart")
+    report = (quick / "report.md").read_text()
+    assert report.startswith("# Simulation report: quickstart")
+    # the file's description is of the full experiment: the report says what this run was
+    assert f"Reduced run (`--quick`): {exp.fleet.fogs} fog(s) x 3 agent(s), 2 global step(s) of" in report
     assert (quick / "accuracy.png").stat().st_size > 1000
     assert (quick / "strategy.png").stat().st_size > 1000
     assert "![strategy mix](strategy.png)" in (quick / "report.md").read_text()
