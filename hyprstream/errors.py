@@ -67,6 +67,7 @@ class Refusal(enum.Enum):
     NORM = "norm"  # above the model's max_update_norm
     UNKNOWN_BASE = "unknown_base"  # base clocks of no committed version
     CONSISTENCY = "consistency"  # the model's consistency mode refuses the merge (conflict, too stale)
+    REGRESSION = "regression"  # the version would score worse than the model's best by more than its guard allows
 
 
 class UpdateRejected(ValidationError):

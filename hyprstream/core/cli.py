@@ -196,7 +196,8 @@ def version_rows(versions: list[dict]) -> list[dict]:
                      "participants": v["participants"], "weight": f"{v['weight']:.4g}",
                      "staleness": max(v.get("staleness", {}).values(), default=0),
                      "update_norm": f"{v['update_norm']:.4g}",
-                     "epsilon": f"{privacy['epsilon']:.4g}" if "epsilon" in privacy else "-"})
+                     "epsilon": f"{privacy['epsilon']:.4g}" if "epsilon" in privacy else "-",
+                     "accuracy": f"{v['accuracy']:.4f}" if v.get("accuracy") is not None else "-"})
     return rows
 
 

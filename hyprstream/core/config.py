@@ -7,11 +7,15 @@ Relative paths are resolved against the directory of the file. TLS is on unless 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from hyprstream.config import Checked, parse, pem_certificate, pem_private_key, read_token, read_toml, setting
 from hyprstream.core import signing
+from hyprstream.core.evaluation import EvaluationSection
+from hyprstream.coreapi.records import NAME
 from hyprstream.core.ratelimit import RateLimitPolicy
 from hyprstream.errors import ConfigError
 
@@ -98,6 +102,8 @@ class CoreConfig(Checked):
     tls: TlsSection = field(default_factory=TlsSection)
     rate_limit: RateLimitPolicy = field(default_factory=RateLimitPolicy)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    # [evaluation.<model>]: score every version of that model on validation rows, with a regression guard
+    evaluation: Mapping[str, EvaluationSection] = setting(MappingProxyType({}))
     log_level: str = setting("info", doc="debug, info, warning or error")
 
     def check(self):
@@ -105,6 +111,9 @@ class CoreConfig(Checked):
         for name in ("server", "tls", "auth", "metrics"):
             for key, reason in getattr(self, name).check():
                 yield f"{name}.{key}", reason
+        for model in self.evaluation:
+            if not NAME.match(model):
+                yield f"evaluation.{model}", "is not a model name"
         if self.log_level not in ("debug", "info", "warning", "error"):
             yield "log_level", "must be one of 'debug', 'info', 'warning', 'error'"
 
@@ -126,6 +135,8 @@ class CoreConfig(Checked):
             tls=dataclasses.replace(self.tls, cert=p(self.tls.cert), key=p(self.tls.key),
                                     client_ca=p(self.tls.client_ca)),
             metrics=dataclasses.replace(self.metrics, token_file=p(self.metrics.token_file)),
+            evaluation=MappingProxyType({model: dataclasses.replace(e, validation=p(e.validation))
+                                         for model, e in self.evaluation.items()}),
         )
 
 

@@ -36,12 +36,18 @@ class _Models(Collector):
         committed = GaugeMetricFamily("hyprstream_core_model_last_commit_timestamp_seconds",
                                       "Unix time at which each model's current version was committed.",
                                       labels=["model"])
+        accuracy = GaugeMetricFamily("hyprstream_core_model_accuracy_ratio", "Accuracy of each model's current "
+                                     "version on core's validation rows (models with an evaluation).",
+                                     labels=["model"])
         for model in self.repository.models():
             last = self.repository.versions(model)[-1]
             version.add_metric([model], last.version)
             committed.add_metric([model], last.created)
+            if last.accuracy is not None:
+                accuracy.add_metric([model], last.accuracy)
         yield version
         yield committed
+        yield accuracy
 
 
 class CoreMetrics:

@@ -45,6 +45,7 @@ from hyprstream.coreapi.records import (
     check_name,
 )
 from hyprstream.core.audit import AuditError, AuditLog, canonical, iter_entries
+from hyprstream.core.evaluation import Evaluator, Guard, Score
 from hyprstream.consistency import plan_merge
 from hyprstream.core.storage import LocalStorage, Storage, is_temporary, read_json
 from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
@@ -106,8 +107,9 @@ class ModelRepository:
     """Thread-safe store of versioned models. Every public method either commits fully or changes nothing."""
 
     def __init__(self, root: str | Path | Storage, *, audit: AuditLog | None = None,
-                 actor: str = "core") -> None:
+                 actor: str = "core", evaluators: Mapping[str, Evaluator] | None = None) -> None:
         self.storage: Storage = LocalStorage(root) if isinstance(root, (str, Path)) else root
+        self.evaluators = dict(evaluators or {})  # model -> its validation rows and guard (core/evaluation.py)
         self.root = getattr(self.storage, "root", None)
         self.audit = audit
         self.actor = actor
@@ -159,7 +161,7 @@ class ModelRepository:
                     staleness=v.get("staleness", {}), weight=v.get("weight", 1.0),
                     update_norm=v.get("update_norm", 0.0), fog=v.get("fog"), seq=v.get("seq"),
                     clocks=m["clocks"][str(v["version"])], update_sha256=v.get("update_sha256"),
-                    privacy=v.get("privacy"),
+                    privacy=v.get("privacy"), accuracy=v.get("accuracy"), loss=v.get("loss"),
                 )
                 for v in m["versions"]
             ]
@@ -202,6 +204,8 @@ class ModelRepository:
             if self.storage.exists(f"{model}/manifest.json"):
                 raise ValidationError(f"model {model!r} already exists")
             self.storage.makedirs(f"{model}/layers")
+            evaluator = self.evaluators.get(model)
+            score = evaluator.score(arrays) if evaluator is not None else None
             files = self._write_layers(model, 0, {layer: lt.select_layers(table, [layer])
                                                   for layer in lt.layers_in(table)})
             manifest = {
@@ -209,7 +213,7 @@ class ModelRepository:
                 "model": model,
                 "settings": to_dict(settings),
                 "versions": [{"version": 0, "parent": None, "created": time.time(), "actor": actor,
-                              "layers": sorted(files), "participants": 0}],
+                              "layers": sorted(files), "participants": 0, **_scored(score)}],
                 "layer_files": {"0": files},
                 "clocks": {"0": {layer: {} for layer in files}},
                 "fog_seq": {},
@@ -298,6 +302,7 @@ class ModelRepository:
             clocks = dict(m["clocks"][str(head)])
             tables = {layer: _updated_layer(layer, [n for n, lay in layer_of.items() if lay == layer], master,
                                             arrays, plan.weight) for layer in touched}
+            score, regression = self._guard(model, m, master, tables)
             files.update(self._write_layers(model, new_version, tables))
             for layer in touched:
                 clocks[layer] = plan.new_clocks[layer].as_dict()
@@ -308,6 +313,7 @@ class ModelRepository:
                 "fog": fog, "layers": touched, "participants": participants, "staleness": plan.staleness,
                 "weight": plan.weight, "update_norm": norm, "seq": seq, "base_clocks": base_json,
                 "update_sha256": digest, "privacy": privacy, "transcript_sha256": record.transcript_sha256,
+                **_scored(score),
             })
             manifest["layer_files"][str(new_version)] = files
             manifest["clocks"][str(new_version)] = clocks
@@ -319,6 +325,7 @@ class ModelRepository:
                 "new_clocks": {layer: clocks[layer] for layer in touched}, "staleness": plan.staleness,
                 "weight": plan.weight, "update_norm": norm, "update_sha256": digest, "privacy": privacy,
                 "transcript_sha256": record.transcript_sha256, "consistency": settings.consistency.mode.value,
+                **_scored(score), **({"regression": True} if regression else {}),
             }
             self._commit_audit(model, m, actor or fog, "model.push", details)
             self._applied_keys(model).add(key)
@@ -327,6 +334,28 @@ class ModelRepository:
             log.info("model %s: version %d from %s (layers %s, staleness %s)", model, new_version, fog, touched,
                      plan.staleness)
             return PushResult(new_version, plan.staleness, plan.weight, norm)
+
+    def _guard(self, model: str, m: Mapping[str, Any], master: Mapping[str, np.ndarray],
+               tables: Mapping[str, pa.Table]) -> tuple[Score | None, bool]:
+        """The candidate version's score on the model's validation rows (None without an evaluation), and whether
+        it is a regression the guard lets through (warn); UpdateRejected when the guard refuses it."""
+        evaluator = self.evaluators.get(model)
+        if evaluator is None:
+            return None, False
+        candidate = dict(master)
+        for table in tables.values():
+            candidate.update(lt.to_arrays(table))
+        score = evaluator.score(candidate)
+        best = max((v["accuracy"] for v in m["versions"] if v.get("accuracy") is not None), default=None)
+        if not evaluator.regression(score, best):
+            return score, False
+        what = (f"the version would score accuracy {score.accuracy:.4f} on core's validation rows, more than "
+                f"{evaluator.margin:g} below the model's best {best:.4f}")
+        if evaluator.guard is Guard.REFUSE:
+            raise UpdateRejected(what, Refusal.REGRESSION)
+        if evaluator.guard is Guard.WARN:
+            log.warning("model %s: %s (committed: the guard warns)", model, what)
+        return score, evaluator.guard is Guard.WARN
 
     def _clock_history(self, model: str) -> dict[str, set[VectorClock]]:
         """Every clock each layer of ``model`` has had in a committed version (the bases a push may name)."""
@@ -444,6 +473,11 @@ class ModelRepository:
         if self.audit is not None and version is not None:
             self.audit.append(self.actor, "recovery.rollback", f"model/{model}",
                               details={"version": version, "reason": what})
+
+
+def _scored(score: Score | None) -> dict[str, float]:
+    """A lineage entry's evaluation fields (none without an evaluation)."""
+    return {} if score is None else {"accuracy": score.accuracy, "loss": score.loss}
 
 
 def _updated_layer(layer: str, names: list[str], master: Mapping[str, np.ndarray],

@@ -18,6 +18,7 @@ from hyprstream.core import signing
 from hyprstream.core.audit import AuditLog
 from hyprstream.core.auth import Authenticator
 from hyprstream.core.config import CoreConfig
+from hyprstream.core.evaluation import Evaluator
 from hyprstream.core.metrics import CoreMetrics
 from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
@@ -84,7 +85,8 @@ class CoreService:
         for purpose, fp, path in key_load:
             self.audit.append("core", "key.load", f"key/{fp}", details={"purpose": purpose, "path": path})
         storage = open_storage(config.storage.uri, sync=config.storage.sync)
-        self.repository = ModelRepository(storage, audit=self.audit)
+        evaluators = {model: Evaluator(model, section) for model, section in config.evaluation.items()}
+        self.repository = ModelRepository(storage, audit=self.audit, evaluators=evaluators)
         try:
             self.server = CoreFlightServer(self.repository, Authenticator(None, public_keys),
                                            f"{scheme}://{config.server.listen}", rate_limit=config.rate_limit,

@@ -40,6 +40,8 @@ class VersionInfo:
     clocks: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # every layer's clock at this version
     update_sha256: str | None = None
     privacy: Mapping[str, float] | None = None  # the privacy the push's round spent (e.g. epsilon, delta), if any
+    accuracy: float | None = None  # on core's validation rows, when the model has an evaluation
+    loss: float | None = None
 
 
 @dataclass(frozen=True)

@@ -355,9 +355,9 @@ def test_core_versions_and_pull_with_the_deployments_credentials(tmp_path, capsy
         assert main(["core", "versions", "m", *client]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].split() == ["version", "created", "fog", "seq", "layers", "participants", "weight",
-                                    "staleness", "update_norm", "epsilon"]
+                                    "staleness", "update_norm", "epsilon", "accuracy"]
         assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
-        assert lines[2].split()[2:6] == ["fog-a", "1", "head", "3"] and lines[3].split()[-1] == "1.25"
+        assert lines[2].split()[2:6] == ["fog-a", "1", "head", "3"] and lines[3].split()[-2:] == ["1.25", "-"]
         monkeypatch.setenv("HYPRSTREAM_TOKEN", reader.read_text().strip())  # the environment instead of a file
         assert main(["core", "versions", "m", "--core", core.location, "--ca", str(ca), "--format", "json"]) == 0
         lineage = json.loads(capsys.readouterr().out)
