@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -24,6 +24,32 @@ log = logging.getLogger("hyprstream.observe")
 
 Check = Callable[[], tuple[bool, str]]
 """A health or readiness check: ``(ok, reason)``; the reason is the response body."""
+
+
+def send(handler: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str) -> None:
+    """One complete HTTP answer on ``handler``."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def answer(handler: BaseHTTPRequestHandler, path: str, registry: CollectorRegistry | None,
+           checks: Mapping[str, Check]) -> bool:
+    """Answer ``GET /metrics`` (``registry``) or a check in ``checks`` (``/healthz``, ``/readyz``) on ``handler``;
+    False, having sent nothing, for any other path. A check that raises is an unhealthy answer, not a crash."""
+    if path == "/metrics" and registry is not None:
+        send(handler, 200, generate_latest(registry), CONTENT_TYPE_LATEST)
+        return True
+    if path not in checks:
+        return False
+    try:
+        ok, reason = checks[path]()
+    except Exception as exc:  # noqa: BLE001 - whatever the check hit, the scraper gets a 503 and its kind
+        ok, reason = False, f"check failed: {type(exc).__name__}"
+    send(handler, 200 if ok else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
+    return True
 
 
 def split_listen(listen: str, *, key: str = "listen") -> tuple[str, int]:
@@ -51,24 +77,9 @@ class MetricsEndpoint:
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 if expected is not None and not hmac.compare_digest(
                         self.headers.get("Authorization", "").encode(), expected):
-                    return self._send(401, b"missing or invalid bearer token\n", "text/plain; charset=utf-8")
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    return self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                if path in checks:
-                    try:
-                        ok, reason = checks[path]()
-                    except Exception as exc:  # noqa: BLE001 - a failing check is an unhealthy answer, not a crash
-                        ok, reason = False, f"check failed: {type(exc).__name__}"
-                    return self._send(200 if ok else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
-                self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain; charset=utf-8")
-
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                    return send(self, 401, b"missing or invalid bearer token\n", "text/plain; charset=utf-8")
+                if not answer(self, self.path.split("?", 1)[0], registry, checks):
+                    send(self, 404, b"not found: /metrics, /healthz, /readyz\n", "text/plain; charset=utf-8")
 
             def log_message(self, fmt, *args) -> None:  # requests are not logged (a scraper calls every few s)
                 return
@@ -99,4 +110,4 @@ class MetricsEndpoint:
             self._thread.join(timeout=5)
 
 
-__all__ = ["Check", "MetricsEndpoint", "split_listen"]
+__all__ = ["Check", "MetricsEndpoint", "answer", "send", "split_listen"]

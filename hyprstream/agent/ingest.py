@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from hyprstream._extras import require
 from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
-from hyprstream.observe import Check
+from hyprstream.observe import Check, answer, send
 
 __all__ = [
     "DirectoryWatcher",
@@ -195,19 +195,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("http: " + fmt, *args)
 
     def _reply(self, code: int, body: Mapping[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send(self, code, json.dumps(body).encode(), "application/json")
 
     def _authorized(self) -> bool:
         """With a token configured (TCP), every request must carry ``Authorization: Bearer <token>``."""
@@ -227,12 +215,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/v1/health":
             self._reply(200, self.server.health())
-        elif path == "/metrics" and self.server.metrics is not None:
-            self._send(200, generate_latest(self.server.metrics), CONTENT_TYPE_LATEST)
-        elif path in ("/healthz", "/readyz") and self.server.check is not None:
-            ok, reason = self.server.check()
-            self._send(200 if ok else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
-        else:
+            return
+        check = self.server.check
+        if not answer(self, path, self.server.metrics, {"/healthz": check, "/readyz": check} if check else {}):
             self._reply(404, {"error": f"no such endpoint {self.path!r}"})
 
     def do_POST(self) -> None:  # noqa: N802

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 
 from hyprstream.learning.task import get_task
 from hyprstream.learning.trainer import evaluate, load_weights, model_weights
@@ -265,7 +266,13 @@ class Deployment:
                    "--ttl", "2h", cwd=self.root).strip()
 
     def start_core(self) -> None:
-        self.core_port = free_port()
+        """Core with TLS, its metrics endpoint on a free port, and every version of the model scored on the
+        digits test split (the regression guard warns)."""
+        self.core_port, self.metrics_port = free_port(), free_port()
+        validation = self.task.to_table(self.test)
+        with pa.OSFile(str(self.root / "core/validation.arrow"), "wb") as f, \
+                pa.ipc.new_file(f, validation.schema) as writer:
+            writer.write_table(validation)
         (self.root / "core/core.toml").write_text(f"""kind = "core"
 [server]
 listen = "127.0.0.1:{self.core_port}"
@@ -280,6 +287,13 @@ token_key = "pki/token-signing.key"
 enabled = true
 cert = "pki/server.pem"
 key = "pki/server.key"
+[metrics]
+listen = "127.0.0.1:{self.metrics_port}"
+[evaluation.{MODEL}]
+task = "digits"
+validation = "validation.arrow"
+guard = "warn"
+margin = 0.05
 """)
         self.core = self._start("core", [sys.executable, "-m", "hyprstream.cli", "core", "run", "--config",
                                          "core/core.toml"], self.root / "core/core.log")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 
@@ -172,6 +173,14 @@ def test_three_tiers_train_with_tls_auth_and_telemetry(federation):
     assert all(v["participants"] >= 2 for v in fogs["fog-a"])
     for device, msgs in federation.telemetry.items():
         assert all(m["fleet"] == "e2e" and m["device_id"] == device for m in msgs)
+    # core scores every version on its validation rows, and serves its metrics and health
+    assert all(v["accuracy"] is not None for v in versions), versions
+    assert versions[0]["accuracy"] == pytest.approx(federation.initial_accuracy)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{dep.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'hyprstream_core_model_accuracy_ratio{model="digits-model"}' in metrics
+    assert 'hyprstream_core_pushes_total{code="",fog="fog-b",model="digits-model",outcome="ok"}' in metrics
+    with urllib.request.urlopen(f"http://127.0.0.1:{dep.metrics_port}/healthz", timeout=10) as health:
+        assert health.status == 200 and health.read().startswith(b"ok: serving on grpc+tls://")
 
 
 def test_agent_killed_mid_round_and_fog_cut_from_core(federation):
@@ -239,5 +248,10 @@ def test_agent_killed_mid_round_and_fog_cut_from_core(federation):
         assert p["privacy"]["noise_multiplier"] == 0.01 and p["privacy"]["clip"] == 5.0, p["privacy"]
         assert p["privacy"]["epsilon"] > 0 and len(p["transcript_sha256"]) == 64
         assert p["participants"] == 0 and p["privacy"]["expected_participants"] >= 2, p
+    # every version scored; with mixing 1/2 (two fogs) the model holds: no version 0.05 below the best
+    accuracy = [v["accuracy"] for v in versions]
+    print("accuracy per version:", [round(a, 3) for a in accuracy])
+    assert all(a is not None for a in accuracy) and max(accuracy) - accuracy[-1] <= 0.05, accuracy
+    assert not [e for e in dep.audit_entries() if e.details.get("regression")]
     verify = dep.audit_verify()
     assert verify.returncode == 0 and "ok:" in verify.stdout, verify.stdout + verify.stderr
