@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from hyprstream import __version__
 from hyprstream.errors import ConfigError, HyprstreamError
-from hyprstream.runtime import LOG_FORMAT
+from hyprstream.runtime import LOG_FORMAT, LOG_FORMAT_ENV, log_formatter
 
 DEFAULT_EXPERIMENT = "quickstart"
 
@@ -19,6 +20,8 @@ DEFAULT_EXPERIMENT = "quickstart"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_format is not None:
+        os.environ[LOG_FORMAT_ENV] = args.log_format  # the fog's ServerApp, the agent's SuperNode tasks: the same
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
@@ -39,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated edge/fog learning: device agents, fog aggregators, a versioned core.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log lines as text (default) or as JSON objects with the round, model version and "
+                             "fog / device as fields, for machines (also HYPRSTREAM_LOG_FORMAT; inherited by "
+                             "the processes a command starts)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("version", help="print the version", description="Print Hyprstream's version.")
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(log_formatter())
     # Flower's logger has its own handler and propagates to root: keep one copy, at our level.
     flwr = logging.getLogger("flwr")
     flwr.setLevel(logging.ERROR if verbose == 0 else level)

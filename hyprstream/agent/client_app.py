@@ -353,7 +353,8 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
         if plan is not None:
             if not plan.accept:
                 raise HyprstreamError(plan.reason)
-            log.info("train request for %s: %s", list(request.layers), plan.reason)
+            log.info("train request for %s: %s", list(request.layers), plan.reason,
+                     extra={"model": request.model, "model_version": request.model_version})
         return handle_train(request, store, plan=plan, privacy=privacy, round=round)
     except BudgetExceeded as exc:  # the trainer's own check as it charges: its epsilons stay here
         log.warning("declined train request: %s", exc)

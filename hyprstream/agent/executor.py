@@ -32,7 +32,7 @@ import time
 
 import psutil
 
-from hyprstream.runtime import LOG_FORMAT
+from hyprstream.runtime import log_formatter
 
 log = logging.getLogger("hyprstream.agent.executor")
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--poll-s and --idle-poll-s must satisfy 0.01 <= poll <= idle poll <= 60, got "
                      f"{args.poll_s} and {args.idle_poll_s}")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(log_formatter())
     logging.getLogger("hyprstream").addHandler(handler)
     logging.getLogger("hyprstream").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll

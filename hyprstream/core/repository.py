@@ -332,7 +332,8 @@ class ModelRepository:
             for layer in touched:
                 history[layer].add(plan.new_clocks[layer])
             log.info("model %s: version %d from %s (layers %s, staleness %s)", model, new_version, fog, touched,
-                     plan.staleness)
+                     plan.staleness, extra={"model": model, "model_version": new_version, "fog": fog, "seq": seq,
+                                            "participants": participants})
             return PushResult(new_version, plan.staleness, plan.weight, norm)
 
     def _guard(self, model: str, m: Mapping[str, Any], master: Mapping[str, np.ndarray],

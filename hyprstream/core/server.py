@@ -184,8 +184,9 @@ class CoreFlightServer(flight.FlightServerBase):
         try:
             return fn(*args, **kwargs)
         except (ValidationError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            log.warning("refused %s: %s", action, exc)
             code = {"code": exc.code.value} if isinstance(exc, UpdateRejected) else {}
+            log.warning("refused %s: %s", action, exc, extra={**code, **{k: v for k, v in (details or {}).items()
+                                                                          if k in ("fog", "seq")}})
             self._refused(context, action, subject, str(exc), **code, **(details or {}))
             # the refusal's code travels beside the message (Flight's extra_info), for callers to act on
             raise flight.FlightServerError(f"invalid argument: {exc}",

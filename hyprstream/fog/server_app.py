@@ -30,7 +30,7 @@ from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
 from hyprstream.privacy.config import PrivacyConfig
 from hyprstream.privacy.ledger import PrivacyLedger
-from hyprstream.runtime import LOG_FORMAT
+from hyprstream.runtime import log_formatter
 from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.store import Store
 
@@ -82,7 +82,7 @@ def _logging_to(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(log_formatter())
     root = logging.getLogger("hyprstream")
     root.addHandler(handler)
     try:
@@ -206,7 +206,9 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
         else:
             result = runner.run_round(round_no, nodes=chosen)
         log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, round_no, result.participants,
-                 len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "")
+                 len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "",
+                 extra={"fog": cfg.name, "round": round_no, "model": cfg.core.model, "model_version": result.version,
+                        "participants": result.participants})
         done.append(result)
         metrics.record(result, len(fog.outbox), fog.last_staleness)
         _record_privacy(metrics, runner, cfg.privacy)
@@ -280,7 +282,9 @@ def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s
     def record(push) -> None:
         result = push.as_round()
         log.info("fog %s push %d: %d update(s), staleness max %d, version %s", cfg.name, push.index,
-                 push.participants, push.max_staleness, push.version)
+                 push.participants, push.max_staleness, push.version,
+                 extra={"fog": cfg.name, "round": push.index, "model": cfg.core.model, "model_version": push.version,
+                        "participants": push.participants})
         done.append(result)
         metrics.record(result, len(fog.outbox), fog.last_staleness)
         if on_round is not None:

@@ -258,3 +258,36 @@ def test_unset_mixing_averages_the_fogs_pushing_to_a_model(tmp_path):
         pytest.approx(1 / 3)
     assert [v.weight for v in repo.versions("m")[1:]] == pytest.approx([1.0, 0.5, 0.5, 0.5, 1 / 3])
     alog.close()
+
+
+def test_a_commit_logs_its_model_version_and_fog_as_json_fields(tmp_path):
+    """`--log-format json` (HYPRSTREAM_LOG_FORMAT=json): one object per line, with the fields that let one
+    update be followed across tiers (the fog's round line carries the same model_version)."""
+    import io
+    import logging
+
+    from hyprstream.runtime import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("hyprstream.core")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    repo, alog = open_repo(tmp_path)
+    try:
+        repo.register("m", to_table(W0), EVENTUAL, actor="admin")
+        push(repo, "fog-a", 1, value=0.5)
+        with pytest.raises(UpdateRejected):
+            push(repo, "fog-a", 1, value=0.5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        alog.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    commit = next(e for e in lines if e["message"].startswith("model m: version 1"))
+    assert {k: commit[k] for k in ("level", "logger", "model", "model_version", "fog", "seq", "participants")} == {
+        "level": "INFO", "logger": "hyprstream.core", "model": "m", "model_version": 1, "fog": "fog-a", "seq": 1,
+        "participants": 2}
+    assert commit["time"].endswith("Z") and "T" in commit["time"]
