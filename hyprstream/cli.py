@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_fog_parser(sub)
     add_store_parser(sub)
 
+    p = sub.add_parser("deploy", help="stand up a local federation to try Hyprstream",
+                       description="Deployments made for you. 'deploy poc' starts a whole federation on this host "
+                                   "(CA and certificates, tokens, core, N fogs, M agents per fog with their data, "
+                                   "mosquitto; TLS and authentication on every link), prints where each piece "
+                                   "listens and how to watch it, and returns; 'deploy poc --stop' stops it.")
+    dsub = p.add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
+    poc = dsub.add_parser("poc", help="a proof-of-concept federation on this host",
+                          description="Start (or with --stop, stop) a federation on 127.0.0.1 under --dir: core, "
+                                      "--fogs fogs and --agents agents per fog training the digits model. Needs "
+                                      "mosquitto, mosquitto_passwd and ssh-keygen.")
+    poc.add_argument("--dir", type=Path, default=Path("hyprstream-poc"), help="where its files go (default: %(default)s)")
+    poc.add_argument("--fogs", type=int, default=2, help="fogs (default: %(default)s)")
+    poc.add_argument("--agents", type=int, default=3, help="agents per fog (default: %(default)s)")
+    poc.add_argument("--local-steps", type=int, default=15, help="local steps per round (default: %(default)s)")
+    poc.add_argument("--stop", action="store_true", help="stop the federation under --dir")
+    poc.set_defaults(func=_cmd_deploy_poc)
+
     p = sub.add_parser("simulate", help="run a simulated fleet experiment, or compare two runs",
                        description="Run an experiment on Flower's simulation engine with a real core Flight "
                                    "server and fog loops in this process. Writes metrics.parquet, report.md "
@@ -103,6 +120,25 @@ def _configure_logging(verbose: int) -> None:
     flwr = logging.getLogger("flwr")
     flwr.setLevel(logging.ERROR if verbose == 0 else level)
     flwr.propagate = False
+
+
+def _cmd_deploy_poc(args: argparse.Namespace) -> int:
+    from hyprstream import poc
+
+    root = args.dir.resolve()
+    if args.stop:
+        stopped = poc.stop(root)
+        print(f"hyprstream poc: stopped {len(stopped)} process(es): {', '.join(stopped) or 'none was running'}")
+        return 0
+    federation = poc.Poc(root, fogs=args.fogs, agents=args.agents, local_steps=args.local_steps)
+    try:
+        endpoints = federation.up()
+    except BaseException:
+        if (root / poc.STATE).exists():
+            poc.stop(root)  # nothing half-started is left running
+        raise
+    print(poc.summary(root, endpoints))
+    return 0
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

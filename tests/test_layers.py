@@ -33,7 +33,7 @@ FLOORS: dict[str, int] = {
     # floor 4: the tiers, side by side
     "agent": 6, "fog": 6, "core": 6,
     # floor 5: what drives the tiers
-    "sim": 7, "cli": 7,
+    "sim": 7, "cli": 7, "poc": 7,
 }
 # floor 1's modules build on each other in this order (a module imports only earlier ones)
 FLOOR_ONE_ORDER = ("errors", "observe", "plugins", "runtime", "_extras", "config", "codec", "durable", "vector_clock", "consistency", "protocol",
