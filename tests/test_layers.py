@@ -32,8 +32,10 @@ FLOORS: dict[str, int] = {
     "data": 3, "learning": 4, "privacy": 5,
     # floor 4: the tiers, side by side
     "agent": 6, "fog": 6, "core": 6,
+    # beside them: the local deployment, which runs the tiers as processes and imports none of them
+    "poc": 6,
     # floor 5: what drives the tiers
-    "sim": 7, "cli": 7, "poc": 7,
+    "sim": 7, "cli": 7,
 }
 # floor 1's modules build on each other in this order (a module imports only earlier ones)
 FLOOR_ONE_ORDER = ("errors", "observe", "plugins", "runtime", "_extras", "config", "codec", "durable", "vector_clock", "consistency", "protocol",
