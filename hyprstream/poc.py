@@ -67,6 +67,7 @@ max_layer_groups_hybrid = 3
 max_mb = 1000
 [telemetry]
 interval_s = 5.0
+reconnect_backoff_min_s = 0.2
 [simulation]
 compute_speed_factor = 1.0
 uplink_mbps = 100.0
@@ -95,6 +96,60 @@ def _tool(name: str) -> str:
         raise ConfigError(f"{name} is not installed (Debian: apt-get install "
                           f"{'openssh-client' if name == 'ssh-keygen' else 'mosquitto'})", source="deploy poc")
     return path
+
+
+def write_core_config(core: Path, *, port: int, metrics_port: int, validation, guard: str = "warn",
+                      margin: float = 0.02) -> Path:
+    """``core/core.toml`` for a loopback core with TLS (``core/pki`` from ``certs init``), its metrics endpoint,
+    and :data:`MODEL` scored on ``validation`` (a table of digits rows, written to ``core/validation.arrow``)."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(core / "validation.arrow"), "wb") as f, pa.ipc.new_file(f, validation.schema) as writer:
+        writer.write_table(validation)
+    path = core / "core.toml"
+    path.write_text(f"""kind = "core"
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+uri = "models"
+[audit]
+path = "audit/audit.jsonl"
+signing_key = "pki/audit-signing.key"
+[auth]
+token_key = "pki/token-signing.key"
+[tls]
+cert = "pki/server.pem"
+key = "pki/server.key"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[evaluation.{MODEL}]
+task = "digits"
+validation = "validation.arrow"
+guard = "{guard}"
+margin = {margin}
+""")
+    return path
+
+
+def write_broker_config(broker: Path, passwords: dict[str, str], port: int) -> Path:
+    """The password file (``mosquitto_passwd``) and ``mosquitto.conf`` of a loopback broker with TLS
+    (``broker/pki`` from ``certs init``) that refuses anonymous clients."""
+    passwd = broker / "passwd"
+    passwd.touch(mode=0o600)
+    for user, password in passwords.items():
+        subprocess.run([_tool("mosquitto_passwd"), "-b", str(passwd), user, password], check=True, capture_output=True)
+    conf = broker / "mosquitto.conf"
+    conf.write_text(f"""user {getpass.getuser()}
+per_listener_settings false
+allow_anonymous false
+password_file {passwd}
+persistence false
+listener {port} 127.0.0.1
+cafile {broker / 'pki/ca.pem'}
+certfile {broker / 'pki/server.pem'}
+keyfile {broker / 'pki/server.key'}
+""")
+    return conf
 
 
 class Poc:
@@ -171,33 +226,8 @@ class Poc:
         self._cli("certs", "init", "--out", "core/pki", "--server-name", "127.0.0.1")
         task = get_task("digits")
         self.train, test = task.load_reference_data(seed=0)
-        validation = task.to_table(test)
-        import pyarrow as pa
-
-        with pa.OSFile(str(self.root / "core/validation.arrow"), "wb") as f, \
-                pa.ipc.new_file(f, validation.schema) as writer:
-            writer.write_table(validation)
         port, metrics = _free_port(), _free_port()
-        (self.root / "core/core.toml").write_text(f"""kind = "core"
-[server]
-listen = "127.0.0.1:{port}"
-[storage]
-uri = "models"
-[audit]
-path = "audit/audit.jsonl"
-signing_key = "pki/audit-signing.key"
-[auth]
-token_key = "pki/token-signing.key"
-[tls]
-cert = "pki/server.pem"
-key = "pki/server.key"
-[metrics]
-listen = "127.0.0.1:{metrics}"
-[evaluation.{MODEL}]
-task = "digits"
-validation = "validation.arrow"
-guard = "warn"
-""")
+        write_core_config(self.root / "core", port=port, metrics_port=metrics, validation=task.to_table(test))
         self._start("core", "core", [sys.executable, "-m", "hyprstream.cli", "core", "run", "--config",
                                      "core/core.toml"], self.root / "core/core.log", ready="serving on")
         self.location = f"grpc+tls://127.0.0.1:{port}"
@@ -219,24 +249,10 @@ guard = "warn"
         broker.mkdir(exist_ok=True)
         self._cli("certs", "init", "--out", "broker/pki", "--server-name", "127.0.0.1")
         self.passwords = {name: secrets.token_urlsafe(16) for name in [*devices, "monitor"]}
-        passwd = broker / "passwd"
-        passwd.touch(mode=0o600)
-        for user, password in self.passwords.items():
-            subprocess.run([_tool("mosquitto_passwd"), "-b", str(passwd), user, password], check=True,
-                           capture_output=True)
         (broker / "monitor.password").write_text(self.passwords["monitor"] + "\n")
         (broker / "monitor.password").chmod(0o600)
         self.mqtt_port = _free_port()
-        (broker / "mosquitto.conf").write_text(f"""user {getpass.getuser()}
-per_listener_settings false
-allow_anonymous false
-password_file {passwd}
-persistence false
-listener {self.mqtt_port} 127.0.0.1
-cafile {broker / 'pki/ca.pem'}
-certfile {broker / 'pki/server.pem'}
-keyfile {broker / 'pki/server.key'}
-""")
+        write_broker_config(broker, self.passwords, self.mqtt_port)
         self._start("mosquitto", "broker", [_tool("mosquitto"), "-c", str(broker / "mosquitto.conf")],
                     broker / "mosquitto.log", ready=" running", timeout_s=30)
         self.endpoints["mqtt"] = f"mqtts://127.0.0.1:{self.mqtt_port} (user monitor, password in " \
@@ -301,7 +317,8 @@ port = {metrics}
         (d / "profile.toml").write_text(PROFILE)
         shards = self.fogs * self.agents
         x, y = self.train.x[shard::shards][:300], self.train.y[shard::shards][:300]
-        lines = [json.dumps({"features": [float(v) for v in row], "label": int(label)}) for row, label in zip(x, y)]
+        lines = [json.dumps({"features": [float(v) for v in row], "label": int(label)})
+                 for row, label in zip(x, y, strict=True)]
         (d / "inbox/.digits.jsonl").write_text("\n".join(lines) + "\n")
         (d / "inbox/.digits.jsonl").rename(d / "inbox/digits.jsonl")
         listen = _free_port()
@@ -336,7 +353,7 @@ def stop(root: Path, *, timeout_s: float = 60.0) -> list[str]:
     for kind in ORDER:
         group = [(p, proc) for p in state["processes"] if p["kind"] == kind and (proc := _alive(p)) is not None]
         kids = [k for _, proc in group for k in _children(proc)]
-        for p, proc in group:
+        for _, proc in group:
             proc.send_signal(signal.SIGTERM)
         _, late = psutil.wait_procs([proc for _, proc in group], timeout=timeout_s)
         for proc in late:
@@ -379,4 +396,4 @@ def summary(root: Path, endpoints: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MODEL", "Poc", "stop", "summary"]
+__all__ = ["MODEL", "PROFILE", "Poc", "stop", "summary", "write_broker_config", "write_core_config"]

@@ -9,7 +9,6 @@ broker over TLS with a password). Every process is started and stopped by its PI
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import secrets
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
 
 from hyprstream.learning.task import get_task
 from hyprstream.learning.trainer import evaluate, load_weights, model_weights
@@ -33,6 +31,7 @@ from hyprstream.core import audit
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
 from hyprstream.core.repository import ModelSettings
+from hyprstream.poc import PROFILE, write_broker_config, write_core_config
 from hyprstream.store import to_arrays, to_table
 
 BIN = str(Path(sys.executable).parent)
@@ -43,40 +42,7 @@ ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
        "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
 MODEL = "digits-model"
 
-DEVICE_PROFILE = """\
-kind = "device"
-name = "Test x86 box"
-device_class = "x86-test"
-[resources]
-cpu_cores = 2
-cpu_max_mhz = 3000
-memory_mb = 4096
-storage_mb = 10000
-tdp_watts = 30.0
-[policy]
-full_max_cpu_percent = 90.0
-hybrid_max_cpu_percent = 100.0
-max_memory_percent = 100.0
-max_soc_temp_c = 125.0
-min_dwell_s = 0.0
-initial_strategy = "full"
-[training]
-privacy_epsilon = 8.0
-privacy_delta = 1e-5
-max_local_steps = 100
-batch_size_full = 32
-batch_size_hybrid = 32
-max_layer_groups_hybrid = 3
-[store]
-max_mb = 1000
-[telemetry]
-interval_s = 5.0
-reconnect_backoff_min_s = 0.2
-[simulation]
-compute_speed_factor = 1.0
-uplink_mbps = 100.0
-downlink_mbps = 100.0
-"""
+DEVICE_PROFILE = PROFILE  # a device on a shared test host that trains whenever asked
 
 
 def free_port() -> int:
@@ -269,32 +235,8 @@ class Deployment:
         """Core with TLS, its metrics endpoint on a free port, and every version of the model scored on the
         digits test split (the regression guard warns)."""
         self.core_port, self.metrics_port = free_port(), free_port()
-        validation = self.task.to_table(self.test)
-        with pa.OSFile(str(self.root / "core/validation.arrow"), "wb") as f, \
-                pa.ipc.new_file(f, validation.schema) as writer:
-            writer.write_table(validation)
-        (self.root / "core/core.toml").write_text(f"""kind = "core"
-[server]
-listen = "127.0.0.1:{self.core_port}"
-[storage]
-uri = "models"
-[audit]
-path = "audit/audit.jsonl"
-signing_key = "pki/audit-signing.key"
-[auth]
-token_key = "pki/token-signing.key"
-[tls]
-enabled = true
-cert = "pki/server.pem"
-key = "pki/server.key"
-[metrics]
-listen = "127.0.0.1:{self.metrics_port}"
-[evaluation.{MODEL}]
-task = "digits"
-validation = "validation.arrow"
-guard = "warn"
-margin = 0.05
-""")
+        write_core_config(self.root / "core", port=self.core_port, metrics_port=self.metrics_port,
+                          validation=self.task.to_table(self.test), guard="warn", margin=0.05)
         self.core = self._start("core", [sys.executable, "-m", "hyprstream.cli", "core", "run", "--config",
                                          "core/core.toml"], self.root / "core/core.log")
         self.core.wait_for("serving on grpc+tls://127.0.0.1:")
@@ -336,21 +278,8 @@ margin = 0.05
         broker.mkdir()
         cli("certs", "init", "--out", "broker/pki", "--server-name", "127.0.0.1", cwd=self.root)
         self.mqtt_passwords = {name: secrets.token_urlsafe(16) for name in [*devices, "monitor"]}
-        passwd = broker / "passwd"
-        passwd.touch(mode=0o600)
-        for user, password in self.mqtt_passwords.items():
-            subprocess.run([MOSQUITTO_PASSWD, "-b", str(passwd), user, password], check=True, capture_output=True)
         self.mqtt_port = free_port()
-        (broker / "mosquitto.conf").write_text(f"""user {getpass.getuser()}
-per_listener_settings false
-allow_anonymous false
-password_file {passwd}
-persistence false
-listener {self.mqtt_port} 127.0.0.1
-cafile {broker / 'pki/ca.pem'}
-certfile {broker / 'pki/server.pem'}
-keyfile {broker / 'pki/server.key'}
-""")
+        write_broker_config(broker, self.mqtt_passwords, self.mqtt_port)
         self.broker = self._start("mosquitto", [MOSQUITTO, "-c", str(broker / "mosquitto.conf")],
                                   broker / "mosquitto.log")
         self.broker.wait_for(" running", 30)
