@@ -29,15 +29,14 @@ when the earliest completion is agent i's, it waits for i's real reply (leaving 
 the grid). Each push records its simulated time, so a run is deterministic and nothing sleeps. Ties
 go to the earlier dispatch.
 
-API (for the simulation harness and the fog's ServerApp)::
+API: the round engine's buffered scheduler drives it, for the fog's ServerApp (one fog, real time) and
+the simulation harness (several fogs on one simulated clock)::
 
     fog = FogAggregator(name, grid, node_ids, core, model, plan, seed=...)
     buffered = BufferedFog(fog, buffer_k=3, max_staleness=4, concurrency=8, duration=None)
-    pushes = buffered.run(max_pushes=10)          # list[BufferedPush], one per push
-    # or interleave several fogs on one simulated clock:
-    while ...:
-        fog_next = min(fogs, key=lambda f: f.next_time)   # earliest pending completion
-        pushes = fog_next.step()                          # handles that completion
+    pushes = hyprstream.fog.engine.run_buffered([buffered], max_pushes=10)   # list[BufferedPush]
+    # one step by hand: the fog's next completion (virtual clock) or, in real time, replies until a push
+    buffered.next_time; buffered.step()
 
 ``BufferedFog.now`` is the current simulated time (seconds since the first dispatch; real seconds
 without a virtual clock). The layer groups trained are the plan's ``layers`` (all groups when empty),
@@ -192,22 +191,6 @@ class BufferedFog:
     @property
     def in_flight(self) -> tuple[int, ...]:
         return tuple(job.dispatch.node for job in self._jobs.values())
-
-    def run(self, max_pushes: int, *, sim_until: float | None = None, stop: threading.Event | None = None,
-            on_push: Callable[[BufferedPush], None] | None = None) -> list[BufferedPush]:
-        """Handle completions until ``max_pushes`` more pushes were made, simulated time passes
-        ``sim_until`` or ``stop`` is set; returns those pushes."""
-        if max_pushes < 1:
-            raise ValidationError(f"max_pushes must be >= 1, got {max_pushes}")
-        done: list[BufferedPush] = []
-        while len(done) < max_pushes and not (stop is not None and stop.is_set()):
-            if sim_until is not None and self.next_time > sim_until:
-                break
-            for push in self.step(stop):
-                done.append(push)
-                if on_push is not None:
-                    on_push(push)
-        return done
 
     def step(self, stop: threading.Event | None = None) -> list[BufferedPush]:
         """Handle the next completion (virtual clock) or, in real time, replies until a push was made

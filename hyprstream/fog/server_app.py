@@ -2,8 +2,9 @@
 
 It reads the fog's config file named by the run config key ``fog-config`` and runs rounds over the
 agents connected to this fog's SuperLink until ``rounds.max_rounds`` is reached or the run is stopped.
-With ``[privacy.secagg]`` the rounds run through :class:`~hyprstream.fog.secure.SecureFogAggregator`
-wrapped around the fog (and ``[privacy.client_dp]`` adds client-level DP, see docs/privacy.md).
+The rounds run on the round engine (:mod:`hyprstream.fog.engine`), the simulator's too: with
+``[privacy.secagg]`` through :class:`~hyprstream.fog.secure.SecureFogAggregator` wrapped around the fog
+(and ``[privacy.client_dp]`` adds client-level DP, see docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.config import FogConfig, LayerSchedule, RoundMode, load_fog_config, read_token
 from hyprstream.fog.discovery import discover, wait_for_nodes
+from hyprstream.fog.engine import Lane, Runner, open_ledger, round_runner, run_buffered, run_sync
 from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
 from hyprstream.privacy.config import PrivacyConfig
-from hyprstream.privacy.ledger import PrivacyLedger
 from hyprstream.runtime import log_formatter
-from hyprstream.fog.secure import SecureFogAggregator
-from hyprstream.store import Store
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -142,81 +141,67 @@ def run_fog(grid: Grid, cfg: FogConfig, *, state_dir: Path | None = None, stop: 
 
 
 def private_rounds(fog: FogAggregator, privacy: PrivacyConfig, state_dir: Path | None,
-                   resources: ExitStack, *, poll_s: float | None = None) -> FogAggregator | SecureFogAggregator:
-    """What runs the fog's rounds: ``fog`` itself, or, with ``[privacy.secagg]``, ``fog`` wrapped in
-    secure aggregation (and client-level DP with ``[privacy.client_dp]``, charged to the model's ledger
-    in ``state_dir/privacy``; the store stays open until ``resources`` close), asking the grid for each
-    stage's replies every ``poll_s`` seconds (default: the wrapper's own)."""
-    if privacy.secagg is None:
-        return fog
+                   resources: ExitStack, *, poll_s: float | None = None) -> Runner:
+    """:func:`~hyprstream.fog.engine.round_runner` for a deployed fog: with client-level DP the model's
+    ledger is the store ``state_dir/privacy``, open until ``resources`` close (in memory without a state
+    directory)."""
     ledger = None
-    if privacy.client_dp is not None and state_dir is not None:
-        ledger = PrivacyLedger(resources.enter_context(Store.open(state_dir / "privacy", create=True)))
-    options = {} if poll_s is None else {"poll_s": poll_s}
-    return SecureFogAggregator(fog, privacy.secagg, privacy.client_dp, ledger=ledger, **options)
+    if privacy.secagg is not None and privacy.client_dp is not None and state_dir is not None:
+        ledger = open_ledger(state_dir / "privacy")
+        resources.callback(ledger.store.close)
+    return round_runner(fog, privacy.secagg, privacy.client_dp, ledger=ledger, poll_s=poll_s)
 
 
-def _record_privacy(metrics: FogMetrics, runner, privacy: PrivacyConfig) -> None:
-    spent = runner.spent() if isinstance(runner, SecureFogAggregator) else None
-    if spent is not None and privacy.client_dp is not None:
-        metrics.record_privacy(spent, privacy.client_dp.epsilon_budget, privacy.client_dp.delta)
+def _record_privacy(metrics: FogMetrics, lane: Lane) -> None:
+    spent = lane.spent()
+    dp = lane.client_dp
+    if spent is not None and dp is not None:
+        metrics.record_privacy(spent, dp.epsilon_budget, dp.delta)
 
 
 def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll_s) -> list[FogRound]:
+    """The deployed fog: one lane of the round engine (:mod:`hyprstream.fog.engine`) over the agents connected
+    to this fog's SuperLink, asked again before every round (the fleet changes between rounds)."""
     r = cfg.rounds
     selector = _fleet_and_offload(cfg, resources)
-    if r.mode is RoundMode.BUFFERED:
-        return _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s)
+    devices = _agents(grid, cfg, stop, poll_s)
+    if devices is None:
+        return []
+    outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
     options = {} if poll_s is None else {"poll_s": poll_s}
-    fog: FogAggregator | None = None
-    runner: FogAggregator | SecureFogAggregator | None = None
-    done: list[FogRound] = []
-    round_no = 0
-    while not stop.is_set() and (r.max_rounds == 0 or round_no < r.max_rounds):
-        round_no += 1
-        devices = _agents(grid, cfg, stop, poll_s)
-        if devices is None:
-            break
-        ordered = sorted(devices, key=lambda n: devices[n].device_id)
-        plan = round_plan(cfg, layers_for(cfg, round_no))
-        if fog is None:
-            outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
-            fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox, **options)
-            runner = private_rounds(fog, cfg.privacy, state_dir, resources, poll_s=poll_s)
-            _record_privacy(metrics, runner, cfg.privacy)  # a restarted fog reports its ledger at once
-        else:  # the fleet changes between rounds: keep the fog (and its push sequence), update the rest
-            fog.node_ids, fog.plan = ordered, plan  # a privacy wrapper reads both from the wrapped fog
-        chosen, sampling = None, None
-        dp = cfg.privacy.client_dp
-        if selector is not None and dp is not None and selector.count > 0:
-            # client-level DP: a Poisson sample at per-agent rates from telemetry, not a top-M choice
-            sampling = selector.rates(devices, dp.client_sampling_rate)
-            chosen = tuple(n for n, p in sampling.rates.items() if p > 0)
-        elif selector is not None:
-            chosen = selector.choose(devices, round_no)
-        if chosen == ():  # no agent may train now (offline, minimal strategy, budget, battery): wait
-            log.warning("fog %s: no eligible agent for round %d (%s)", cfg.name, round_no,
-                        "; ".join(sorted(set(selector.last.excluded.values()))))
-            round_no -= 1
-            stop.wait(max(r.pause_s, 1.0))
-            continue
-        if sampling is not None:
-            result = runner.run_round(round_no, nodes=chosen, sampling=sampling)
-            selector.record(devices, result.nodes)
-        else:
-            result = runner.run_round(round_no, nodes=chosen)
-        log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, round_no, result.participants,
-                 len(ordered), result.version, f" ({result.reasons[0]})" if result.reasons else "",
-                 extra={"fog": cfg.name, "round": round_no, "model": cfg.core.model, "model_version": result.version,
-                        "participants": result.participants})
-        done.append(result)
+    fog = FogAggregator(cfg.name, grid, _ordered(devices), core, cfg.core.model, round_plan(cfg, layers_for(cfg, 1)),
+                        outbox=outbox, **options)
+    if r.mode is RoundMode.BUFFERED:
+        return _buffered_rounds(fog, cfg, metrics, stop, on_round, poll_s)
+    lane = Lane(private_rounds(fog, cfg.privacy, state_dir, resources, poll_s=poll_s), selector, devices)
+    _record_privacy(metrics, lane)  # a restarted fog reports its ledger at once
+    known = {1: devices}
+
+    def prepare(round_no: int):
+        found = known.pop(round_no, None) or _agents(grid, cfg, stop, poll_s)
+        if found is None:
+            return None
+        # the fleet changes between rounds: keep the fog (and its push sequence), update the rest
+        fog.node_ids, fog.plan, lane.devices = _ordered(found), round_plan(cfg, layers_for(cfg, round_no)), found
+        return [None]
+
+    def record(_: int, __, result: FogRound) -> None:
+        log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, result.round, result.participants,
+                 len(fog.node_ids), result.version, f" ({result.reasons[0]})" if result.reasons else "",
+                 extra={"fog": cfg.name, "round": result.round, "model": cfg.core.model,
+                        "model_version": result.version, "participants": result.participants})
         metrics.record(result, len(fog.outbox), fog.last_staleness)
-        _record_privacy(metrics, runner, cfg.privacy)
+        _record_privacy(metrics, lane)
         if on_round is not None:
             on_round(result)
-        if r.pause_s:
-            stop.wait(r.pause_s)
-    return done
+
+    return run_sync([lane], rounds=r.max_rounds, prepare=prepare, on_round=record, stop=stop, pause_s=r.pause_s,
+                    idle_wait_s=max(r.pause_s, 1.0))
+
+
+def _ordered(devices) -> list[int]:
+    """Node IDs in device order (Flower's node IDs are random; rounds are reproducible in this order)."""
+    return sorted(devices, key=lambda n: devices[n].device_id)
 
 
 def _agents(grid: Grid, cfg: FogConfig, stop: threading.Event, poll_s: float | None = None):
@@ -259,24 +244,19 @@ def _fleet_and_offload(cfg: FogConfig, resources: ExitStack):
                          warmup_s=cfg.fleet.warmup_s)
 
 
-def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s) -> list[FogRound]:
-    """``rounds.mode = "buffered"``: FedBuff over the agents connected at start; ``max_rounds`` counts
-    pushes."""
+def _buffered_rounds(fog: FogAggregator, cfg: FogConfig, metrics: FogMetrics, stop: threading.Event,
+                     on_round, poll_s) -> list[FogRound]:
+    """``rounds.mode = "buffered"``: FedBuff (:func:`~hyprstream.fog.engine.run_buffered`) over the agents
+    connected at start; ``max_rounds`` counts pushes."""
     import sys
 
     from hyprstream.fog.buffered import BufferedFog
 
     r = cfg.rounds
-    devices = _agents(grid, cfg, stop, poll_s)
-    if devices is None:
-        return []
-    ordered = sorted(devices, key=lambda n: devices[n].device_id)
-    plan = round_plan(cfg, r.layers)
-    outbox = Outbox(state_dir / "outbox") if state_dir is not None else Outbox()
+    fog.plan = round_plan(cfg, r.layers)
     options = {} if poll_s is None else {"poll_s": poll_s}
-    fog = FogAggregator(cfg.name, grid, ordered, core, cfg.core.model, plan, outbox=outbox, **options)
     buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
-                           concurrency=min(r.concurrency or len(ordered), len(ordered)), **options)
+                           concurrency=min(r.concurrency or len(fog.node_ids), len(fog.node_ids)), **options)
     done: list[FogRound] = []
 
     def record(push) -> None:
@@ -290,7 +270,7 @@ def _buffered_rounds(grid, cfg, core, metrics, state_dir, stop, on_round, poll_s
         if on_round is not None:
             on_round(result)
 
-    buffered.run(r.max_rounds or sys.maxsize, stop=stop, on_push=record)
+    run_buffered([buffered], max_pushes=r.max_rounds or sys.maxsize, stop=stop, on_push=record)
     return done
 
 

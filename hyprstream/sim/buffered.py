@@ -2,11 +2,13 @@
 simulated clock.
 
 Each fog the harness built (a real :class:`~hyprstream.fog.aggregator.FogAggregator` on the Flower
-simulation grid) is wrapped in a :class:`~hyprstream.fog.buffered.BufferedFog` with a virtual clock:
+simulation grid) is wrapped in a :class:`~hyprstream.fog.buffered.BufferedFog` with a virtual clock and
+driven by the round engine's buffered scheduler (:func:`hyprstream.fog.engine.run_buffered`, the deployed
+fog's too):
 an agent job lasts what :meth:`VirtualFleet.agent_job_seconds` says for that device (the request's
 bytes down, the reply's bytes up in the experiment's update encoding, the training FLOPs of the
 plan's layers, each from the device profile's link and compute speed). All fogs share one simulated
-clock: the loop always steps the fog whose next completion is earliest (ties: the lower fog index),
+clock: the scheduler always steps the fog whose next completion is earliest (ties: the lower fog index),
 so versions reach core in simulated-time order. A push is committed at its completion time plus the
 fog -> core transfer of its delta; that is the ``sim_s`` of its metrics row. Agents that finish are
 sent the next request at once (the push's transfer does not delay them).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -40,6 +43,7 @@ import numpy as np
 
 from hyprstream.codec import Encoding, encoded_nbytes
 from hyprstream.coreapi.client import CoreClient
+from hyprstream.fog import engine
 from hyprstream.fog.aggregator import FogAggregator, FogRound
 from hyprstream.fog.buffered import BufferedFog, BufferedPush, Dispatch
 from hyprstream.sim import clock
@@ -96,33 +100,32 @@ def run_buffered(exp: Experiment, fogs: Sequence[FogAggregator], *, fleet: Virtu
     cfg = exp.buffered
     buffered = [BufferedFog(fog, buffer_k=cfg.buffer_k, max_staleness=cfg.max_staleness,
                             concurrency=cfg.concurrency, duration=duration) for fog in fogs]
-    budget = push_budget(exp)
-    done = 0
-    step, rounds = 1, []
-    master, acc, loss, sim_s = None, float("nan"), float("nan"), 0.0
-    while cfg.sim_seconds is not None or done < budget:
-        fog = min(buffered, key=lambda b: b.next_time)  # min keeps the first of equal times
-        if cfg.sim_seconds is not None and fog.next_time > cfg.sim_seconds:
-            break
-        for push in fog.step():
-            done += 1
-            r = dataclasses.replace(push.as_round(), round=step)
-            sim_s = push.sim_time + push_seconds(fleet, push)
-            master = admin.get_weights(model)
-            loss, acc = score(lt.to_arrays(master.table))
-            pushed = sum(int(d.nbytes) for d in r.delta.values()) if r.version is not None else 0
-            metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started, sim_s=sim_s,
-                                  bytes_core=pushed)
-            metrics.add_participation(r, device_of)
-            if not rounds:
-                metrics.base_versions[step] = push.base_version
-            rounds.append(r)
-            if len(rounds) == len(fogs):
-                row = metrics.add_global(step, master.version, accuracy=acc, loss=loss, rounds=rounds,
-                                         wall_s=time.monotonic() - started, sim_s=sim_s)
-                if on_step is not None:
-                    on_step(step, rounds, row)
-                step, rounds = step + 1, []
+    state = {"step": 1, "rounds": [], "master": None, "acc": float("nan"), "loss": float("nan"), "sim_s": 0.0}
+
+    def on_push(push: BufferedPush) -> None:
+        step, rounds = state["step"], state["rounds"]
+        r = dataclasses.replace(push.as_round(), round=step)
+        state["sim_s"] = push.sim_time + push_seconds(fleet, push)
+        state["master"] = master = admin.get_weights(model)
+        state["loss"], state["acc"] = loss, acc = score(lt.to_arrays(master.table))
+        pushed = sum(int(d.nbytes) for d in r.delta.values()) if r.version is not None else 0
+        metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started, sim_s=state["sim_s"],
+                              bytes_core=pushed)
+        metrics.add_participation(r, device_of)
+        if not rounds:
+            metrics.base_versions[step] = push.base_version
+        rounds.append(r)
+        if len(rounds) == len(fogs):
+            row = metrics.add_global(step, master.version, accuracy=acc, loss=loss, rounds=rounds,
+                                     wall_s=time.monotonic() - started, sim_s=state["sim_s"])
+            if on_step is not None:
+                on_step(step, rounds, row)
+            state["step"], state["rounds"] = step + 1, []
+
+    engine.run_buffered(buffered, max_pushes=sys.maxsize if cfg.sim_seconds is not None else push_budget(exp),
+                        sim_until=cfg.sim_seconds, on_push=on_push)
+    step, rounds, master = state["step"], state["rounds"], state["master"]
+    acc, loss, sim_s = state["acc"], state["loss"], state["sim_s"]
     if rounds:  # a sim_seconds budget ended the run within a global step
         row = metrics.add_global(step, master.version, accuracy=acc, loss=loss, rounds=rounds,
                                  wall_s=time.monotonic() - started, sim_s=sim_s)

@@ -27,6 +27,7 @@ from hyprstream.core.server import CoreFlightServer
 from hyprstream.errors import ConfigError, HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.discovery import discover, wait_for_nodes
+from hyprstream.fog.engine import Lane, open_ledger, round_runner, run_sync
 from hyprstream.sim import partition
 from hyprstream.sim.experiment import Experiment, PartitionScheme, TrainingMode
 from hyprstream.sim.fleet import VirtualFleet
@@ -177,36 +178,32 @@ def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[B
 StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint | None], None]
 
 
-def _secure(exp: Experiment, fog: FogAggregator, out: Path, j: int):
-    """``fog`` wrapped for secure aggregation (and client-level DP) when the experiment configures it."""
-    secagg = exp.privacy.secagg
-    if secagg is None:
-        return fog
-    from dataclasses import replace
+def _lane(exp: Experiment, fog: FogAggregator, out: Path, j: int) -> Lane:
+    """Fog ``j``'s lane of the round engine: its rounds secure (and with client-level DP) when the
+    experiment configures it, with seeded randomness (a simulation must be reproducible; a deployed fog
+    never seeds it)."""
+    secagg, ledger, source = exp.privacy.secagg, None, None
+    if secagg is not None:
+        from dataclasses import replace
 
-    # The simulated agents share one pool of Ray workers, so one fog's later stages queue behind the other
-    # fogs' training: a wall-clock stage timeout would drop clients depending on the machine's load. Every
-    # stage gets at least the round's timeout (results must not depend on load).
-    secagg = replace(secagg, stage_timeout_s=max(secagg.stage_timeout_s, exp.runtime.round_timeout_s))
-    from hyprstream.privacy.ledger import PrivacyLedger
-    from hyprstream.privacy.noise import SeededRandom
-    from hyprstream.fog.secure import SecureFogAggregator
+        from hyprstream.privacy.noise import SeededRandom
 
-    ledger = None
-    if exp.privacy.client_dp is not None:
-        store = Store.open(out / "fogs" / fog.name / "privacy", create=True)
-        ledger = PrivacyLedger(store)
-    # seeded randomness: a simulation must be reproducible (never for a deployed fog)
-    return SecureFogAggregator(fog, secagg, exp.privacy.client_dp, ledger=ledger,
-                               source=SeededRandom(exp.seed * 7919 + j))
+        # The simulated agents share one pool of Ray workers, so one fog's later stages queue behind the other
+        # fogs' training: a wall-clock stage timeout would drop clients depending on the machine's load. Every
+        # stage gets at least the round's timeout (results must not depend on load).
+        secagg = replace(secagg, stage_timeout_s=max(secagg.stage_timeout_s, exp.runtime.round_timeout_s))
+        source = SeededRandom(exp.seed * 7919 + j)
+        if exp.privacy.client_dp is not None:
+            ledger = open_ledger(out / "fogs" / fog.name / "privacy")
+    return Lane(round_runner(fog, secagg, exp.privacy.client_dp, ledger=ledger, source=source))
 
 
-def _fog_extra(fog, r: FogRound) -> dict:
+def _fog_extra(lane: Lane, r: FogRound) -> dict:
     """Per-round figures beyond ``FogRound``: client-level epsilon and bytes pushed to core."""
     epsilon = None
-    if getattr(fog, "client_dp", None) is not None:
-        last = fog.last
-        epsilon = last.privacy.epsilon if last is not None and last.privacy is not None else fog.spent()
+    if lane.client_dp is not None:
+        last = lane.runner.last
+        epsilon = last.privacy.epsilon if last is not None and last.privacy is not None else lane.spent()
     pushed = sum(int(d.nbytes) for d in r.delta.values()) if r.version is not None else 0
     return {"client_epsilon": epsilon, "bytes_core": pushed}
 
@@ -257,52 +254,57 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
             node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
             device_of = {node: i for i, node in enumerate(node_ids)}
             per_fog = exp.fleet.agents_per_fog
-            fogs = [_secure(exp, FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
-                                               CoreClient(location, fog_tokens[name]), model_name, plan,
-                                               seed=exp.seed + j), out, j)
-                    for j, name in enumerate(fog_names)]
+            lanes = [_lane(exp, FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
+                                              CoreClient(location, fog_tokens[name]), model_name, plan,
+                                              seed=exp.seed + j), out, j)
+                     for j, name in enumerate(fog_names)]
             if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
                 from hyprstream.sim.buffered import run_buffered
 
-                run_buffered(exp, fogs, fleet=fleet, device_of=device_of, admin=admin, model=model_name,
-                             metrics=metrics, score=score, started=started,
+                run_buffered(exp, [lane.fog for lane in lanes], fleet=fleet, device_of=device_of, admin=admin,
+                             model=model_name, metrics=metrics, score=score, started=started,
                              on_step=on_step and (lambda s, rounds, row: on_step(s, rounds, row, endpoint)))
                 return
-            sim_s = 0.0
-            for step in range(1, exp.training.global_steps + 1):
-                fleet_now = fleet.plan_step(step, sim_s)
+            clock = {"sim_s": 0.0, "durations": [], "busy": {}}
+
+            def prepare(step: int) -> list[list[int]]:
+                # the simulated fleet of this step: who is online, in which strategy, with what battery
+                fleet_now = fleet.plan_step(step, clock["sim_s"])
                 fleet.write_strategies(out / "devices", fleet_now)
                 metrics.add_fleet(fleet_now, fleet.names)
-                # Every fog starts from the version current at the start of the step (they run concurrently).
-                pending = [fog.start_round(step, fog.pull(), [n for n in fog.node_ids if fleet_now.trains(device_of[n])])
-                           for fog in fogs]
-                rounds = []
-                durations = []
-                busy: dict[int, float] = {}
-                for fog, p in zip(fogs, pending, strict=True):
-                    r = fog.finish_round(p)
-                    rounds.append(r)
-                    base = lt.to_arrays(p.base.table, copy=True)
-                    for name, d in r.delta.items():
-                        base[name] = base[name] + d
-                    loss, acc = score(base)
-                    n_params = sum(a.size for a in base.values())
-                    agents = fleet.agent_seconds(r, device_of, base_params=n_params)
-                    busy.update(agents)
-                    seconds = fleet.round_seconds(r, device_of, base_params=n_params, agents=agents)
-                    durations.append(seconds)
-                    metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
-                                          sim_s=sim_s + seconds, **_fog_extra(fog, r))
-                    metrics.add_participation(r, device_of)
-                sim_s += max(durations, default=0.0)
-                fleet.finish_step(busy, max(durations, default=0.0))
+                clock["durations"], clock["busy"] = [], {}
+                return [[n for n in lane.fog.node_ids if fleet_now.trains(device_of[n])] for lane in lanes]
+
+            def on_round(j: int, pending, r: FogRound) -> None:
+                # the fog's own round, scored on its base plus its delta; its simulated duration
+                base = lt.to_arrays(pending.base.table, copy=True)
+                for name, d in r.delta.items():
+                    base[name] = base[name] + d
+                loss, acc = score(base)
+                n_params = sum(a.size for a in base.values())
+                agents = fleet.agent_seconds(r, device_of, base_params=n_params)
+                clock["busy"].update(agents)
+                seconds = fleet.round_seconds(r, device_of, base_params=n_params, agents=agents)
+                clock["durations"].append(seconds)
+                metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
+                                      sim_s=clock["sim_s"] + seconds, **_fog_extra(lanes[j], r))
+                metrics.add_participation(r, device_of)
+
+            def on_global(step: int, rounds: list[FogRound]) -> None:
+                longest = max(clock["durations"], default=0.0)
+                clock["sim_s"] += longest
+                fleet.finish_step(clock["busy"], longest)
                 current = admin.get_weights(model_name)
-                metrics.base_versions[step] = pending[0].base.version
+                metrics.base_versions[step] = rounds[0].base_version
                 loss, acc = score(lt.to_arrays(current.table))
                 row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
-                                         wall_s=time.monotonic() - started, sim_s=sim_s)
+                                         wall_s=time.monotonic() - started, sim_s=clock["sim_s"])
                 if on_step is not None:
                     on_step(step, rounds, row, endpoint)
+
+            # every fog's round of a step starts from the version current at the step's start (they run
+            # concurrently on the shared grid)
+            run_sync(lanes, rounds=exp.training.global_steps, prepare=prepare, on_round=on_round, on_step=on_global)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             failure.append(exc)
             raise

@@ -17,6 +17,7 @@ from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import HyprstreamError, ValidationError
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan
 from hyprstream.fog.buffered import BufferedFog, async_versions_per_second, buffered_weight
+from hyprstream.fog.engine import run_buffered
 from hyprstream.fog.loopback import LoopbackGrid
 from hyprstream.protocol import TrainReply
 from hyprstream.store import to_arrays
@@ -63,7 +64,7 @@ def test_pushes_every_k_updates_with_staleness_weighted_mean(site):
     with core:
         buffered = BufferedFog(fog, buffer_k=2, max_staleness=1, concurrency=3,
                                duration=lambda node, dispatch: durations[node])
-        pushes = buffered.run(max_pushes=3)
+        pushes = run_buffered([buffered], max_pushes=3)
         snapshots = [to_arrays(core.get_weights("m", version=v).table) for v in range(4)]
 
     # By hand: at t=1 agents 1 and 2 finish (version 0) -> push 1; agent 1 was sent version 0 again
@@ -102,7 +103,7 @@ def test_failing_and_silent_agents_do_not_stall_the_fog(site):
     fog, core = make_fog(site, agents, [1, 2, 3, 4], drop={4}, timeout_s=0.5)
     with core:
         buffered = BufferedFog(fog, buffer_k=2, max_staleness=3, duration=lambda node, d: 1.0 + 0.1 * node)
-        pushes = buffered.run(max_pushes=3)
+        pushes = run_buffered([buffered], max_pushes=3)
     assert [p.version for p in pushes] == [1, 2, 3]
     assert all(set(p.contributors) == {1, 2} for p in pushes)
     # Agents 3 (error) and 4 (silent past the timeout) fail at t=1.3 and t=1.4, rest until the next
@@ -120,9 +121,9 @@ def test_real_time_mode_pushes_every_k_updates(site):
     fog, core = make_fog(site, agents, [1, 2, 3])
     with core:
         buffered = BufferedFog(fog, buffer_k=3, max_staleness=5, concurrency=2)
-        pushes = buffered.run(max_pushes=2)
+        pushes = run_buffered([buffered], max_pushes=2)
         stop = threading.Event()
-        more = buffered.run(max_pushes=5, stop=stop, on_push=lambda push: stop.set())
+        more = run_buffered([buffered], max_pushes=5, stop=stop, on_push=lambda push: stop.set())
         head = core.head("m")
     assert [p.version for p in pushes] == [1, 2] and [p.version for p in more] == [3]
     assert [p.participants for p in pushes] == [3, 3]
@@ -144,7 +145,7 @@ def test_async_commits_more_versions_per_simulated_second_than_sync_with_a_strag
             sync_time += max(durations[n] for n in result.nodes)
         buffered = BufferedFog(fog, buffer_k=2, max_staleness=100,
                                duration=lambda node, dispatch: durations[node])
-        pushes = buffered.run(max_pushes=100, sim_until=10.0)
+        pushes = run_buffered([buffered], max_pushes=100, sim_until=10.0)
     assert sync_versions == 2 and sync_time == 20.0
     sync_rate = sync_versions / sync_time
     async_rate = async_versions_per_second(pushes)
@@ -163,7 +164,7 @@ def test_every_agent_failing_is_an_error_not_a_hang(site):
     agents = Agents(failing={1, 2})
     fog, core = make_fog(site, agents, [1, 2])
     with core, pytest.raises(HyprstreamError, match="every agent declined or failed"):
-        BufferedFog(fog, buffer_k=1, max_staleness=0).run(max_pushes=1)
+        run_buffered([BufferedFog(fog, buffer_k=1, max_staleness=0)], max_pushes=1)
 
 
 @pytest.mark.unit

@@ -33,6 +33,7 @@ from hyprstream.fog.composition import (
     table,
 )
 from hyprstream.fog.config import RoundMode
+from hyprstream.fog.engine import run_buffered
 from hyprstream.privacy.secagg_messages import SECAGG_ACTION
 from hyprstream.privacy.secagg_mod import make_secagg_mod
 from hyprstream.protocol import ReplyStatus, TrainReply, TrainRequest
@@ -359,7 +360,7 @@ def test_a_buffered_fog_averages_each_group_over_the_agents_that_trained_it(site
     fog, core = _fog(site, HYBRID_SITE, layers=("fc2", "head"))
     with core:
         base = fog.pull()
-        (push,) = BufferedFog(fog, buffer_k=3, max_staleness=0, concurrency=3).run(max_pushes=1)
+        (push,) = run_buffered([BufferedFog(fog, buffer_k=3, max_staleness=0, concurrency=3)], max_pushes=1)
         moved = _moved(core, base)
     assert push.contributors == (1, 2, 3) and push.layers == ("fc2", "head") and push.version == 1
     assert moved["fc2.weight"] == pytest.approx((10 * 0.1 + 30 * 0.2) / 40, abs=1e-6)
@@ -374,7 +375,7 @@ def test_a_buffered_fog_asks_for_and_decodes_int8_updates(site):
     fog, core = _fog(site, nodes, layers=("head",), update_encoding="int8")
     with core:
         base = fog.pull()
-        (push,) = BufferedFog(fog, buffer_k=2, max_staleness=0).run(max_pushes=1)
+        (push,) = run_buffered([BufferedFog(fog, buffer_k=2, max_staleness=0)], max_pushes=1)
         moved = _moved(core, base)
     int8 = sum(encoded_nbytes(shape, Encoding.INT8) for shape in ((10, 64), (10,)))
     assert push.bytes_up == 2 * int8  # int8 values and a scale per tensor, not float32
