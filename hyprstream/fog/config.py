@@ -109,8 +109,8 @@ class RoundSettings(Checked):
                                "aggregation or buffered rounds)")
     trim_fraction: float = setting(0.1, ge=0.0, lt=0.5, doc="trimmed_mean: share dropped at each end")
     update_encoding: Encoding = setting(Encoding.FP32, doc="how agents send their deltas: fp32, or int8 (per "
-                                        "tensor, stochastic rounding: about 4x less uplink; not with secure "
-                                        "aggregation, which quantizes the deltas itself)")
+                                        "tensor, stochastic rounding: about 4x less uplink; with secure "
+                                        "aggregation: a 16-bit field, half the 32-bit field's uplink)")
     mode: RoundMode = setting(RoundMode.SYNC, doc="sync rounds or buffered asynchronous aggregation (FedBuff)")
     buffer_k: int = setting(3, ge=1, doc="buffered: updates per push")
     max_staleness: int = setting(4, ge=0, doc="buffered: refuse updates trained this many versions ago or more")

@@ -51,6 +51,8 @@ from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.privacy")
 
+INT8_FIELD_BITS = 16  # the field of a secure round whose fog asks for int8 updates
+
 
 @dataclass
 class PendingSecureRound:
@@ -121,6 +123,15 @@ class SecureFogAggregator:
 
     def pull(self):
         return self.fog.pull()
+
+    @property
+    def field_bits(self) -> int:
+        """The width of the round's field: ``[privacy.secagg] field_bits``, or 16 when the fog's rounds ask for
+        int8 updates. A masked vector then travels as 16-bit field elements (half the 32-bit field's bytes);
+        each input gets ``(2**15 - 1) // n`` levels per sign for ``n`` clients (at least 8 bits of range for
+        up to 128 clients per round), and a round whose layers are too many for that resolution under the clip
+        does not start (the reason names it)."""
+        return INT8_FIELD_BITS if self.fog.plan.update_encoding == "int8" else self.secagg.field_bits
 
     # ---------------------------------------------------------------------------------------- dp
     def _dp(self, expected: float) -> ClientDP | None:
@@ -212,7 +223,7 @@ class SecureFogAggregator:
             groups = tuple(group[n] for n in layout.names) if len(layers) > 1 else ()
             if dp is not None:  # before any noise is drawn or charged: a release core would refuse is not made
                 dp.check_bound(fog.core_bound, layout.size, f"round {round_no} of {fog.model}")
-            quantizer = Quantizer.for_clients(clip=self.secagg.clip, max_clients=len(nodes), bits=self.secagg.field_bits,
+            quantizer = Quantizer.for_clients(clip=self.secagg.clip, max_clients=len(nodes), bits=self.field_bits,
                                               noise_std=dp.local_std() if dp else 0.0)
             spec = InputSpec(layout, self.secagg.clip, quantizer,
                              noise_sigma=dp.local_sigma(quantizer, layout.size) if dp else 0.0,

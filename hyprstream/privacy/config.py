@@ -64,7 +64,8 @@ class Weighting(enum.Enum):
 @dataclass(frozen=True)
 class SecAggConfig(Checked):
     clip: float = setting(1.0, gt=0, doc="L2 bound of one client's layer-wise delta")
-    field_bits: int = setting(32, doc="width of the modular field: 32 or 64")
+    field_bits: int = setting(32, doc="width of the modular field of fp32 updates: 16, 32 or 64 (int8 updates: "
+                                      "always 16)")
     threshold_fraction: float = setting(0.5, gt=0, le=1, doc="Shamir threshold t = floor(fraction * degree) + 1 "
                                         "(at least 0.5: a strict majority of the neighbours)")
     expected_dropout: float = setting(0.1, ge=0, lt=1, doc="client dropout the neighbour graph is sized for")
@@ -75,8 +76,8 @@ class SecAggConfig(Checked):
     min_clients: int = setting(2, ge=2, doc="fewest clients whose sum may be released")
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.field_bits not in (32, 64):
-            yield "field_bits", f"must be 32 or 64, got {self.field_bits}"
+        if self.field_bits not in (16, 32, 64):
+            yield "field_bits", f"must be 16, 32 or 64, got {self.field_bits}"
         if self.threshold_fraction < 0.5:
             yield "threshold_fraction", (f"must be at least 0.5, got {self.threshold_fraction}: the threshold must be "
                                          "a strict majority of a client's neighbours, or a fog that tells some of "

@@ -91,13 +91,14 @@ def _check_mask_args(seed: bytes, dtype: np.dtype) -> np.dtype:
     if len(seed) != KEY_BYTES:
         raise ValueError("a mask seed is 32 bytes")
     dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
-        raise ValueError(f"masks are uint32 or uint64, not {dtype}")
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64)):
+        raise ValueError(f"masks are uint16, uint32 or uint64, not {dtype}")
     return dtype
 
 
 def expand_mask(seed: bytes, n: int, dtype: np.dtype) -> np.ndarray:
-    """``n`` uniform field elements of ``dtype`` (uint32 or uint64) from the AES-256-CTR keystream of ``seed``."""
+    """``n`` uniform field elements of ``dtype`` (uint16, uint32 or uint64) from the AES-256-CTR keystream of
+    ``seed``."""
     dtype = _check_mask_args(seed, dtype)
     # Encrypt a zeroed buffer in place: the keystream lands in the array without a copy. update_into
     # wants room for one block more than the input, hence the spare elements (dropped by the slice).

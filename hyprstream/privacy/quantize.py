@@ -28,10 +28,10 @@ import numpy as np
 from hyprstream.privacy.errors import RangeOverflow
 from hyprstream.privacy.noise import RandomSource
 
-FIELD_BITS = (32, 64)
+FIELD_BITS = (16, 32, 64)
 DEFAULT_TAIL = 10.0  # standard deviations of distributed noise budgeted per coordinate
-_SIGNED = {32: np.int32, 64: np.int64}
-_UNSIGNED = {32: np.uint32, 64: np.uint64}
+_SIGNED = {16: np.int16, 32: np.int32, 64: np.int64}
+_UNSIGNED = {16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 
 @dataclass(frozen=True)

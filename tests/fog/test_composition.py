@@ -64,11 +64,14 @@ TESTS: dict[str, tuple[str, ...]] = {
     ),
     "fog: secure rounds": (
         "tests/privacy/test_secagg_workflow.py::test_secure_round_pushes_exactly_the_mean_of_the_quantized_deltas",
+        "tests/fog/test_composition.py::test_an_int8_secure_round_sums_in_a_16_bit_field_with_half_the_masked_uplink",
         "tests/fog/test_composition.py::test_a_secure_round_over_the_agents_a_selection_chose",
         "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-private]",  # + DP-SGD
     ),
     "fog: hybrid devices in secure rounds": (
         "tests/privacy/test_secagg_workflow.py::test_a_device_training_fewer_layer_groups_takes_part_in_a_secure_round",
+        # a hybrid device in an int8 secure round (the test's int8 cases, with client-level DP on top)
+        "tests/fog/test_composition.py::test_a_hybrid_device_takes_part_in_a_client_level_dp_round",
         "tests/privacy/test_secagg_workflow.py::test_a_secure_round_no_survivor_trained_a_group_of_pushes_the_others",
     ),
     "fog: client-level DP": (
@@ -102,6 +105,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/agent/test_train.py::test_simulated_devices_train_with_the_experiments_dpsgd",
     ),
     "sim: secure steps": (
+        "tests/fog/test_composition.py::test_an_int8_secure_round_sums_in_a_16_bit_field_with_half_the_masked_uplink",
         "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-secagg]",
         "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-private]",
         "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[digits-client-dp]",
@@ -145,7 +149,8 @@ def test_what_the_fog_and_the_simulator_run():
         assert conflict(Cell(RoundMode.BUFFERED, dp=Dp.DPSGD), where) is None
     for where in Where:
         assert conflict(Cell(encoding=Encoding.INT8), where) is None
-        assert "update_encoding" in conflict(Cell(aggregation=Aggregate.SECAGG, encoding=Encoding.INT8), where)
+        for dp in (Dp.NONE, Dp.CENTRAL, Dp.DISTRIBUTED):  # int8 + SecAgg+: a 16-bit field
+            assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=dp, encoding=Encoding.INT8), where) is None
     assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.DISTRIBUTED), sim) is None
     assert conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), fog) is None
     assert "device strategies" in conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), sim)
@@ -402,8 +407,49 @@ def test_a_secure_round_over_the_agents_a_selection_chose(site):
 
 
 @pytest.mark.integration
+def test_an_int8_secure_round_sums_in_a_16_bit_field_with_half_the_masked_uplink(site):
+    """int8 + SecAgg+: the clients quantize their clipped deltas into a 16-bit field, the fog unmasks the
+    exact sum of those integers, and each masked vector is 2 bytes per parameter instead of 4."""
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.config import SecAggConfig
+    from hyprstream.privacy.noise import SeededRandom
+    from hyprstream.store import to_arrays
+
+    nodes = {1: {"value": 0.001, "examples": 1}, 2: {"value": 0.002, "examples": 1},
+             3: {"value": 0.006, "examples": 1}}
+    runs = {}
+    for encoding in ("fp32", "int8"):
+        fog, core = _fog(site, nodes, secure_app, layers=(), update_encoding=encoding)
+        secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0), source=SeededRandom(0))
+        with core:
+            base = fog.pull()
+            result = secure.run_round(1)
+            after = core.get_weights("m")
+        assert result.version == after.version and result.contributors == (1, 2, 3), result.reasons
+        before, now = to_arrays(base.table), to_arrays(after.table)
+        runs[encoding] = (secure.field_bits, result, {n: now[n].astype(np.float64) - before[n] for n in before})
+
+    dim = sum(d.size for d in runs["fp32"][2].values())
+    assert (runs["fp32"][0], runs["int8"][0]) == (32, 16)
+    resolution = 1.0 / (32767 // 3)  # clip / per-client bound of a 16-bit field over 3 clients
+    for step in runs["int8"][2].values():
+        # the mean of three stochastically rounded inputs: within one grid step of the true mean (0.003)
+        np.testing.assert_allclose(step, 0.003, atol=resolution + 1e-6)
+        assert np.ptp(step) > 0  # the grid is visible: a 16-bit field, not the 32-bit one
+    for step in runs["fp32"][2].values():
+        np.testing.assert_allclose(step, 0.003, atol=1e-6)
+    # the masked vectors are the only messages whose size depends on the field: 2 bytes less per parameter
+    # (and a few bytes less of padding, which aligns the vector to its element size)
+    for node in nodes:
+        saved = runs["fp32"][1].uplink[node] - runs["int8"][1].uplink[node]
+        assert 2 * dim <= saved <= 2 * dim + 8, (saved, dim)
+    assert runs["int8"][1].bytes_up < 0.51 * runs["fp32"][1].bytes_up
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("encoding", ["fp32", "int8"])
 @pytest.mark.parametrize("placement", ["central", "distributed"])
-def test_a_hybrid_device_takes_part_in_a_client_level_dp_round(site, placement):
+def test_a_hybrid_device_takes_part_in_a_client_level_dp_round(site, placement, encoding):
     from hyprstream.fog.secure import SecureFogAggregator
     from hyprstream.privacy.client_dp import NoisePlacement
     from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
@@ -411,7 +457,7 @@ def test_a_hybrid_device_takes_part_in_a_client_level_dp_round(site, placement):
 
     nodes = {1: {"value": 0.001, "examples": 1}, 2: {"value": 0.002, "examples": 1},
              3: {"value": 0.003, "examples": 1, "hybrid": 1}}
-    fog, core = _fog(site, nodes, secure_app, layers=("fc2", "head"))
+    fog, core = _fog(site, nodes, secure_app, layers=("fc2", "head"), update_encoding=encoding)
     dp = ClientDpConfig(noise_multiplier=1.0, placement=NoisePlacement(placement))
     secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0), dp, source=SeededRandom(0))
     with core:
