@@ -141,11 +141,13 @@ class _Job:
     message_id: str
     deadline: float  # monotonic seconds: no reply by then means the agent failed
     done: float  # simulated completion time (virtual clock), else 0
+    hold_id: bytes = b""  # secure: the dispatch's hold id (the agent keeps its delta under it)
 
 
 class BufferedFog:
     def __init__(self, fog: FogAggregator, *, buffer_k: int, max_staleness: int, concurrency: int | None = None,
-                 duration: Callable[[int, Dispatch], float] | None = None, poll_s: float = 0.05) -> None:
+                 duration: Callable[[int, Dispatch], float] | None = None, poll_s: float = 0.05,
+                 secure=None) -> None:
         if not isinstance(buffer_k, int) or buffer_k < 1:
             raise ValidationError(f"buffer_k must be an integer >= 1, got {buffer_k!r}")
         if not isinstance(max_staleness, int) or max_staleness < 0:
@@ -154,7 +156,13 @@ class BufferedFog:
         if not isinstance(concurrency, int) or not 1 <= concurrency <= len(fog.node_ids):
             raise ValidationError(f"concurrency must be between 1 and the fog's {len(fog.node_ids)} agents, "
                                   f"got {concurrency!r}")
+        if secure is not None and secure.fog is not fog:
+            raise ValidationError("the secure runner must wrap this buffered fog's FogAggregator")
+        if secure is not None and buffer_k < secure.secagg.min_clients:
+            raise ValidationError(f"buffer_k {buffer_k} is below the {secure.secagg.min_clients} clients a secure "
+                                  "sum needs ([privacy.secagg] min_clients)")
         self.fog = fog
+        self.secure = secure  # a SecureFogAggregator around ``fog``: each buffer is one secure cohort round
         self.buffer_k = buffer_k
         self.max_staleness = max_staleness
         self.concurrency = concurrency
@@ -240,6 +248,7 @@ class BufferedFog:
         self._staleness: list[int] = []
         self._weights: list[float] = []
         self._buffered: list[int] = []
+        self._holds: list[bytes] = []  # secure: each buffered agent's hold id
         self._losses: list[tuple[float, int]] = []
         self._reasons: list[str] = []
         self._counts = {"declined": 0, "refused": 0, "failed": 0, "bytes_up": 0, "bytes_down": 0}
@@ -253,10 +262,15 @@ class BufferedFog:
     def _dispatch(self, node: int) -> None:
         assert self._snapshot is not None
         index = next(self._dispatches)
-        pending = self.fog.start_round(index, base=self._snapshot, nodes=[node])
-        (message_id,) = pending.message_ids
-        dispatch = Dispatch(index, node, self._snapshot.version, pending.layers, pending.bytes_down, self.now)
-        self._counts["bytes_down"] += pending.bytes_down
+        hold_id = b""
+        if self.secure is not None:  # the agent trains and holds its delta for the cohort it will be in
+            message_id, hold_id, bytes_down = self.secure.start_hold(index, self._snapshot, node)
+            layers = self.fog.plan.layers or tuple(lt.layers_in(self._snapshot.table))
+        else:
+            pending = self.fog.start_round(index, base=self._snapshot, nodes=[node])
+            (message_id,), layers, bytes_down = pending.message_ids, pending.layers, pending.bytes_down
+        dispatch = Dispatch(index, node, self._snapshot.version, layers, bytes_down, self.now)
+        self._counts["bytes_down"] += bytes_down
         done = 0.0
         if self.duration is not None:
             seconds = float(self.duration(node, dispatch))
@@ -264,7 +278,7 @@ class BufferedFog:
                 raise ValidationError(f"duration for agent {node} must be finite and >= 0, got {seconds}")
             done = self._now + seconds
             heapq.heappush(self._events, (done, index, message_id))
-        self._jobs[message_id] = _Job(dispatch, message_id, time.monotonic() + self.fog.plan.timeout_s, done)
+        self._jobs[message_id] = _Job(dispatch, message_id, time.monotonic() + self.fog.plan.timeout_s, done, hold_id)
 
     def _wait_for(self, job: _Job) -> Message | None:
         """The real reply to ``job`` (None when none came before its deadline); others stay on the grid."""
@@ -286,6 +300,8 @@ class BufferedFog:
                       f"in a simulation, [runtime] round_timeout_s)")
             self._reasons.append(reason)
             log.warning("fog %s: %s", self.fog.name, reason)
+        elif self.secure is not None:
+            usable = self._held(job, msg)
         elif msg.has_error():
             counts["failed"] += 1
             self._reasons.append(f"error: {msg.error.reason}")
@@ -304,20 +320,47 @@ class BufferedFog:
                 counts["refused"] += 1
                 self._reasons.append(f"refused: {exc}")
                 log.warning("fog %s: refused an update of agent %d: %s", self.fog.name, node, exc)
-        (self._idle if usable else self._resting).append(node)
+        if not (usable and self.secure is not None):  # a secure cohort's agents wait for its round
+            (self._idle if usable else self._resting).append(node)
         pushes = []
         if len(self._contributors) >= self.buffer_k:
-            pushes.append(self._push())
+            pushes.append(self._push() if self.secure is None else self._push_cohort())
         self._fill()
         return pushes
+
+    def _held(self, job: _Job, msg: Message) -> bool:
+        """Secure: whether the agent trained and holds the delta of ``job`` (then it joins the next cohort)."""
+        counts, node = self._counts, job.dispatch.node
+        try:
+            reason = self.secure.held_reply(msg, job.hold_id)
+            if reason is None:
+                staleness = self._staleness_of(job.dispatch)
+                self._contributors.append(node)
+                self._staleness.append(staleness)
+                self._weights.append(buffered_weight(1, staleness))
+                self._buffered.append(job.dispatch.index)
+                self._holds.append(job.hold_id)
+                return True
+            counts["declined" if reason.startswith("declined") else "failed"] += 1
+            self._reasons.append(reason)
+        except ValidationError as exc:
+            counts["refused"] += 1
+            self._reasons.append(f"refused: {exc}")
+            log.warning("fog %s: refused a reply of agent %d: %s", self.fog.name, node, exc)
+        return False
+
+    def _staleness_of(self, dispatch: Dispatch) -> int:
+        assert self._snapshot is not None
+        staleness = self._snapshot.version - dispatch.version
+        if staleness > self.max_staleness:
+            raise ValidationError(f"staleness {staleness} exceeds max_staleness {self.max_staleness}")
+        return staleness
 
     def _accept(self, dispatch: Dispatch, reply: TrainReply) -> None:
         assert self._snapshot is not None
         if reply.model_version != dispatch.version:
             raise ValidationError(f"reply for version {reply.model_version}, expected {dispatch.version}")
-        staleness = self._snapshot.version - dispatch.version
-        if staleness > self.max_staleness:
-            raise ValidationError(f"staleness {staleness} exceeds max_staleness {self.max_staleness}")
+        staleness = self._staleness_of(dispatch)
         weight = buffered_weight(reply.num_examples, staleness)
         self.fog._add(self._matrices, reply, weight=weight)
         self._contributors.append(dispatch.node)
@@ -337,10 +380,36 @@ class BufferedFog:
         version = self.fog.push(base, delta, ready, len(self._contributors), reasons)
         losses = self._losses
         loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
+        return self._pushed(base, version, tuple(ready), delta, reasons, loss, tuple(self._contributors))
+
+    def _push_cohort(self) -> BufferedPush:
+        """Secure: one SecAgg+ round among the buffered agents, each encoding the delta it holds times its
+        public staleness weight; the mean divides by the survivors' sum of weights. Loss and example counts
+        stay on the devices."""
+        assert self._snapshot is not None and self.secure is not None
+        base = self._snapshot
+        held = {node: (hold_id, weight) for node, hold_id, weight
+                in zip(self._contributors, self._holds, self._weights, strict=True)}
+        result = self.secure.finish_round(self.secure.start_cohort(len(self.pushes) + 1, base, held))
+        counts = self._counts
+        counts["declined"] += result.declined
+        counts["refused"] += result.refused
+        counts["failed"] += result.failed
+        counts["bytes_up"] += result.bytes_up
+        counts["bytes_down"] += result.bytes_down
+        for node, nbytes in result.uplink.items():
+            self._uplink[node] = self._uplink.get(node, 0) + nbytes
+        self._idle.extend(self._contributors)  # every agent of the cohort is free again, dropped or not
+        return self._pushed(base, result.version, result.layers if result.version is not None else (),
+                            result.delta, [*self._reasons, *result.reasons], float("nan"), result.contributors)
+
+    def _pushed(self, base: Snapshot, version: int | None, layers: tuple[str, ...], delta: dict[str, np.ndarray],
+                reasons: list[str], loss: float, contributors: tuple[int, ...]) -> BufferedPush:
+        """Record a push, pull the new version and start an empty buffer."""
         counts = self._counts
         record = BufferedPush(
             fog=self.fog.name, index=len(self.pushes) + 1, base_version=base.version, version=version,
-            layers=tuple(ready), participants=len(self._contributors), contributors=tuple(self._contributors),
+            layers=layers, participants=len(contributors), contributors=contributors,
             staleness=tuple(self._staleness), weights=tuple(self._weights),
             dispatches=tuple(self._buffered), declined=counts["declined"],
             refused=counts["refused"], failed=counts["failed"], bytes_up=counts["bytes_up"],

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from hyprstream.codec import Encoding
 from hyprstream.fog.config import RoundMode
 from hyprstream.privacy.client_dp import NoisePlacement
-from hyprstream.privacy.config import CLIENT_DP_NEEDS_SECAGG, PrivacyConfig
+from hyprstream.privacy.config import BUFFERED_CLIENT_DP, CLIENT_DP_NEEDS_SECAGG, PrivacyConfig
 from hyprstream.telemetry.records import Strategy
 
 
@@ -171,9 +171,7 @@ RULES: tuple[Rule, ...] = (
          fog_key="privacy.client_dp", sim_key="privacy.client_dp"),
     Rule("buffered takes the mean", when(schedule=BUFFERED, aggregation=ROBUST),
          "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'", fog_key="rounds.aggregation"),
-    Rule("buffered is not secure", when(schedule=BUFFERED, aggregation=SECAGG),
-         "secure aggregation ([privacy.secagg], and client-level DP with it) needs synchronous rounds: it masks "
-         "the replies of one round together, a buffered fog aggregates replies one at a time as they arrive",
+    Rule("buffered client DP", when(schedule=BUFFERED, dp=CLIENT_DP), BUFFERED_CLIENT_DP,
          fog_key="rounds.mode", sim_key="training.mode"),
     Rule("buffered does not select", when(schedule=BUFFERED, participants=SELECTED),
          "must be 0 in buffered mode: a buffered fog chooses no agents, every connected agent takes its turn "
@@ -195,10 +193,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("client-level DP over a telemetry-weighted sample", Where.FOG,
            when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=SELECTED)),
     Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
+    Family("secure buffered cohorts", Where.FOG,
+           when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL)),
     Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL,
                                        devices=FULL)),
+    Family("secure buffered cohorts", Where.SIM, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD),
+                                                      participants=ALL, devices=FULL)),
 )
 
 

@@ -38,7 +38,7 @@ from hyprstream.privacy import secagg_messages as wire
 from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout
-from hyprstream.privacy.config import ClientDpConfig, SecAggConfig, Weighting
+from hyprstream.privacy.config import BUFFERED_CLIENT_DP, ClientDpConfig, SecAggConfig, Weighting
 from hyprstream.privacy.contribution import InputSpec, decode, group_means
 from hyprstream.privacy.errors import PrivacyViolation, SecAggAborted
 from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
@@ -69,6 +69,7 @@ class PendingSecureRound:
     bytes_down: int = 0
     aborted: str = ""  # why the round did not start
     expected: float = 0.0  # client-level DP: the expected participants, the mean's fixed denominator
+    weights: dict[int, float] = field(default_factory=dict)  # a buffered cohort: each index's public weight
 
 
 @dataclass(frozen=True)
@@ -201,10 +202,88 @@ class SecureFogAggregator:
         fog = self.fog
         base = base if base is not None else fog.pull()
         nodes = tuple(fog.node_ids if nodes is None else nodes)
-        unknown = set(nodes) - set(fog.node_ids)
-        if unknown:
-            raise ValidationError(f"fog {fog.name!r} has no agents {sorted(unknown)}")
+        self._known(nodes)
         nodes, expected = self._sample(nodes, sampling)
+        pending = self._plan(round_no, base, nodes, expected)
+        if pending.aborted:
+            return pending
+        weights = lt.to_arrays(base.table)
+        index = {node: i for i, node in enumerate(fog.node_ids)}
+        messages = []
+        for i, node in enumerate(nodes, start=1):
+            request = TrainRequest(
+                model=fog.model, model_version=base.version, task=fog.plan.task, layers=pending.layers,
+                local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
+                seed=train_seed(fog.seed, round_no, index[node]), weights=weights)
+            pending.bytes_down += request.payload_bytes()
+            setup = wire.Setup(pending.round_id, i, pending.server.neighbours(i), pending.server.threshold,
+                               pending.spec)
+            messages.append(Message(wire.setup_content(request.to_content(), setup), dst_node_id=node,
+                                    message_type=wire.SECAGG_MESSAGE_TYPE, group_id=pending.group_id))
+        return self._send(pending, messages)
+
+    def start_cohort(self, round_no: int, base, held: Mapping[int, tuple[bytes, float]]) -> PendingSecureRound:
+        """A buffered fog's secure round over the agents that trained and hold a delta: ``held`` maps each
+        agent to its hold id (:meth:`start_hold`) and the public weight of its input (its staleness weight, in
+        (0, 1]); the released mean divides by the survivors' sum of weights. No train request is sent: each
+        agent encodes the delta it holds. ``base``: the version the mean is pushed onto."""
+        if self.client_dp is not None:
+            raise ValidationError(BUFFERED_CLIENT_DP)
+        nodes = tuple(held)
+        self._known(nodes)
+        pending = self._plan(round_no, base, nodes, float(len(nodes)))
+        if pending.aborted:
+            return pending
+        pending.weights = {i: float(held[node][1]) for i, node in enumerate(nodes, start=1)}
+        messages = []
+        for i, node in enumerate(nodes, start=1):
+            hold_id, weight = held[node]
+            setup = wire.Setup(pending.round_id, i, pending.server.neighbours(i), pending.server.threshold,
+                               pending.spec, weight=weight, hold_id=hold_id)
+            messages.append(Message(wire.setup_content(RecordDict(), setup), dst_node_id=node,
+                                    message_type=wire.SECAGG_MESSAGE_TYPE, group_id=pending.group_id))
+        return self._send(pending, messages)
+
+    def start_hold(self, index: int, base, node: int) -> tuple[str, bytes, int]:
+        """A buffered fog's dispatch ``index`` to ``node``: train on ``base`` and hold the delta for a later
+        cohort (:meth:`start_cohort`). Returns the message id, the hold id and the request's payload bytes."""
+        fog = self.fog
+        self._known((node,))
+        layers = fog.plan.layers or tuple(lt.layers_in(base.table))
+        request = TrainRequest(
+            model=fog.model, model_version=base.version, task=fog.plan.task, layers=layers,
+            local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
+            seed=train_seed(fog.seed, index, fog.node_ids.index(node)), weights=lt.to_arrays(base.table))
+        hold_id = new_round_id()
+        message = Message(wire.hold_content(request.to_content(), hold_id), dst_node_id=node,
+                          message_type=wire.SECAGG_MESSAGE_TYPE, group_id=f"{fog.name}/dispatch-{index}")
+        (message_id,) = self.grid.push_messages([message])
+        return message_id, hold_id, request.payload_bytes()
+
+    @staticmethod
+    def held_reply(msg: Message, hold_id: bytes) -> str | None:
+        """None when ``msg`` says the agent trained and holds the delta of ``hold_id``; else why it does not
+        (an error, a decline with the agent's reason). ValidationError for a reply that is not one."""
+        if msg.has_error():
+            return f"error: {msg.error.reason}"
+        h = wire.header(msg.content)
+        if h.stage is not Stage.HOLD or h.round_id != hold_id:
+            raise ValidationError(f"reply for another dispatch or stage ({h.stage.value})")
+        if h.status is Status.DECLINED:
+            return f"declined: {h.reason}"
+        if h.status is Status.REFUSED:
+            raise ValidationError(f"client refused the hold: {h.reason}")
+        return None
+
+    def _known(self, nodes: Sequence[int]) -> None:
+        unknown = set(nodes) - set(self.fog.node_ids)
+        if unknown:
+            raise ValidationError(f"fog {self.fog.name!r} has no agents {sorted(unknown)}")
+
+    def _plan(self, round_no: int, base, nodes: tuple[int, ...], expected: float) -> PendingSecureRound:
+        """The round's encoding (layout, quantizer, noise) and its SecAgg+ server; ``aborted`` says why a
+        round cannot start (budget, too few agents, a grid too coarse, a release core would refuse)."""
+        fog = self.fog
         layers = fog.plan.layers or tuple(lt.layers_in(base.table))
         pending = PendingSecureRound(round_no, base, layers, nodes, f"{fog.name}/round-{round_no}", self.clock(),
                                      expected=expected)
@@ -243,22 +322,13 @@ class SecureFogAggregator:
         except (PrivacyViolation, SecAggAborted, ValueError) as exc:  # BudgetExceeded among them
             pending.aborted = str(exc)
             log.warning("fog %s round %d: secure round not started: %s", fog.name, round_no, exc)
-            return pending
-        weights = lt.to_arrays(base.table)
-        index = {node: i for i, node in enumerate(fog.node_ids)}
-        messages = []
-        for i, node in enumerate(nodes, start=1):
-            request = TrainRequest(
-                model=fog.model, model_version=base.version, task=fog.plan.task, layers=layers,
-                local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
-                seed=train_seed(fog.seed, round_no, index[node]), weights=weights)
-            pending.bytes_down += request.payload_bytes()
-            setup = wire.Setup(pending.round_id, i, pending.server.neighbours(i), pending.server.threshold, spec)
-            messages.append(Message(wire.setup_content(request.to_content(), setup), dst_node_id=node,
-                                    message_type=wire.SECAGG_MESSAGE_TYPE, group_id=pending.group_id))
+        return pending
+
+    def _send(self, pending: PendingSecureRound, messages: list[Message]) -> PendingSecureRound:
         pending.message_ids = set(self.grid.push_messages(messages))
-        log.info("fog %s round %d: secure round %s over %d agents (degree %d, threshold %d)", fog.name, round_no,
-                 pending.round_id.hex()[:8], len(nodes), pending.server.degree, pending.server.threshold)
+        log.info("fog %s round %d: secure round %s over %d agents (degree %d, threshold %d)", self.fog.name,
+                 pending.round, pending.round_id.hex()[:8], len(pending.nodes), pending.server.degree,
+                 pending.server.threshold)
         return pending
 
     def _collect(self, ids: set[str], nodes: set[int], deadline: float,
@@ -435,8 +505,8 @@ class SecureFogAggregator:
             mean, kept = group_means(dec, spec)
             if not kept:
                 raise SecAggAborted("the survivors' weights sum to zero")
-        else:
-            mean = dec.total / n
+        else:  # uniform: over the survivors, each counted with its public weight (1 outside a buffered cohort)
+            mean = dec.total / sum(pending.weights.get(i, 1.0) for i in result.survivors)
         delta = spec.layout.unflatten(mean, np.float32)
         if kept is not None and len(kept) < spec.n_groups:  # a group no survivor trained is not pushed
             delta = {name: v for name, v in delta.items() if spec.group_of(name) in kept}

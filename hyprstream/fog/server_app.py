@@ -171,9 +171,9 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
     options = {} if poll_s is None else {"poll_s": poll_s}
     fog = FogAggregator(cfg.name, grid, _ordered(devices), core, cfg.core.model, round_plan(cfg, layers_for(cfg, 1)),
                         outbox=outbox, **options)
-    if r.mode is RoundMode.BUFFERED:
-        return _buffered_rounds(fog, cfg, metrics, stop, on_round, poll_s)
     lane = Lane(private_rounds(fog, cfg.privacy, state_dir, resources, poll_s=poll_s), selector, devices)
+    if r.mode is RoundMode.BUFFERED:
+        return _buffered_rounds(lane, cfg, metrics, stop, on_round, poll_s)
     _record_privacy(metrics, lane)  # a restarted fog reports its ledger at once
     known = {1: devices}
 
@@ -244,19 +244,21 @@ def _fleet_and_offload(cfg: FogConfig, resources: ExitStack):
                          warmup_s=cfg.fleet.warmup_s)
 
 
-def _buffered_rounds(fog: FogAggregator, cfg: FogConfig, metrics: FogMetrics, stop: threading.Event,
+def _buffered_rounds(lane: Lane, cfg: FogConfig, metrics: FogMetrics, stop: threading.Event,
                      on_round, poll_s) -> list[FogRound]:
     """``rounds.mode = "buffered"``: FedBuff (:func:`~hyprstream.fog.engine.run_buffered`) over the agents
-    connected at start; ``max_rounds`` counts pushes."""
+    connected at start, each buffer one secure cohort round with ``[privacy.secagg]``; ``max_rounds`` counts
+    pushes."""
     import sys
 
     from hyprstream.fog.buffered import BufferedFog
 
-    r = cfg.rounds
+    r, fog = cfg.rounds, lane.fog
     fog.plan = round_plan(cfg, r.layers)
     options = {} if poll_s is None else {"poll_s": poll_s}
     buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
-                           concurrency=min(r.concurrency or len(fog.node_ids), len(fog.node_ids)), **options)
+                           concurrency=min(r.concurrency or len(fog.node_ids), len(fog.node_ids)),
+                           secure=lane.runner if lane.runner is not fog else None, **options)
     done: list[FogRound] = []
 
     def record(push) -> None:

@@ -150,6 +150,10 @@ CLIENT_DP_NEEDS_SECAGG = ("client-level DP needs [privacy.secagg]: clients clip 
 """Why ``[privacy.client_dp]`` is refused without ``[privacy.secagg]`` (also a rule of
 :mod:`hyprstream.fog.composition`)."""
 
+BUFFERED_CLIENT_DP = ("client-level DP accounts each round as a Poisson sample of the fog's agents; a buffered "
+                      "cohort is whichever agents finished first, which is not a sample: use synchronous rounds")
+"""Why client-level DP is refused in buffered rounds (a rule of :mod:`hyprstream.fog.composition`)."""
+
 
 @dataclass(frozen=True)
 class PrivacyConfig(Checked):

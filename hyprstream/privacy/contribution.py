@@ -13,6 +13,8 @@ The vector a client masks is, in field elements::
   several layer groups without noise) the device's weight for each group rides along, masked like the
   rest: ``q_w(g) = round(w * bound)`` for a group it trained, 0 for one it did not. The fog learns only
   each group's sum of weights, never one client's ``num_examples`` or which groups it trained.
+* A buffered cohort's input carries a public factor ``s`` in (0, 1] (its staleness weight): the clipped
+  delta and the carried weights are multiplied by it, and the fog divides by the survivors' sum of them.
 * ``z`` is the discrete Gaussian noise of distributed DP (integer units), when configured. Rounds under
   client-level DP (central or distributed) carry no weights (a weight's sensitivity would need noise
   too): the fixed denominator divides every group, and a group a device skipped counts its zeros.
@@ -106,16 +108,21 @@ class Encoded:
 
 
 def encode(delta: Mapping[str, np.ndarray], num_examples: int, spec: InputSpec, source: RandomSource,
-           trained: Sequence[int] | None = None) -> Encoded:
+           trained: Sequence[int] | None = None, scale: float = 1.0) -> Encoded:
     """The field vector client-side code masks; ``trained``: the layer groups the device trained (default
-    all; ``delta`` then holds exactly their parameters). Raises ValidationError / RangeOverflow, never
-    clips silently beyond C."""
+    all; ``delta`` then holds exactly their parameters). ``scale``: a public factor in (0, 1] of the input
+    and of its carried weights (a buffered cohort's staleness weight; the fog divides by the survivors'
+    sum of them). Raises ValidationError / RangeOverflow, never clips silently beyond C."""
+    if not 0 < scale <= 1:
+        raise ValidationError(f"an input's scale must be in (0, 1], got {scale}")
     trained = tuple(range(spec.n_groups)) if trained is None else tuple(trained)
     if len(trained) < spec.n_groups:
         delta = spec.complete(delta, trained)
     x = spec.layout.flatten(delta)  # a fresh float64 vector: clipped and quantized in place below
     c = clip_l2(x, spec.quantizer.inner_clip(spec.clip, spec.layout.size), copy=False)
     v = c.vector
+    if scale != 1.0:
+        v *= scale  # after clipping: the input's norm is at most scale * C
     if not spec.carries_weights and spec.noise_sigma <= 0:
         return Encoded(spec.quantizer.to_field(v, source, overwrite=True), c.norm, c.factor < 1.0)
     q_w = None
@@ -123,6 +130,7 @@ def encode(delta: Mapping[str, np.ndarray], num_examples: int, spec: InputSpec, 
         w = min(float(num_examples), spec.max_weight) / spec.max_weight if spec.weighted else 1.0
         if spec.weighted:
             v = v * w
+        w *= scale
         q_w = np.zeros(spec.n_groups, dtype=np.int64)
         q_w[list(trained)] = round(w * spec.quantizer.bound)
     q = spec.quantizer.quantize(v, source)

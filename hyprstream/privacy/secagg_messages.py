@@ -2,7 +2,7 @@
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
 ``ConfigRecord`` under ``"secagg"`` with one bytes entry, ``"msg"``: a 40-byte header -- the schema
-``hyprstream.secagg/5`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
+``hyprstream.secagg/6`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
 bytes, the round id (16 bytes) -- and then the stage's fields packed in a compact binary layout
 (below); a reply that is not ``ok`` (``declined`` / ``refused``) carries its reason (UTF-8) there
 instead. One entry per message whatever the neighbourhood size: per-neighbour keys, ciphertexts and
@@ -15,11 +15,15 @@ a u32 item size ``s``, ``n`` u32 indices and then the ``n`` items of ``s`` bytes
 ========  ================================================  ============================================
 stage     fog -> client                                     client -> fog
 ========  ================================================  ============================================
+hold      buffered rounds: the train request (as in         ``ok`` with no body (the delta stays on the
+          protocol.py); the header's round id is the        device under the hold id), or ``declined``
+          hold id of this dispatch                          with the agent's reason
 setup     the train request (``weights``, ``config``, as    enc key (32) | mask key (32) | commitment
-          in protocol.py) + body: index, threshold,         (32) | u32 length and credential, or
-          quantizer, clip, noise, weighting, neighbours     ``declined`` with the agent's reason; no
-          (``ints``), layout names, dims, ranks and each    delta, metrics or ``num_examples`` ever
-          parameter's layer group (``ints``)
+          in protocol.py; none for a held delta) + body:    (32) | u32 length and credential, or
+          index, threshold, quantizer, clip, noise,         ``declined`` with the agent's reason; no
+          flags, the input's public weight and the hold     delta, metrics or ``num_examples`` ever
+          id, neighbours (``ints``), layout names, dims,
+          ranks and each parameter's layer group (``ints``)
 share     neighbours' adverts: ``ints`` peers, per peer     ``table`` of sealed shares, indexed by
           enc key | mask key | commitment (96 bytes),       recipient
           then per peer a u32 length and its credential
@@ -66,12 +70,14 @@ from hyprstream.privacy.secagg import (
 
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"
-SCHEMA = "hyprstream.secagg/5"
+SCHEMA = "hyprstream.secagg/6"
 RECORD = "secagg"
 FIELD = "msg"
 KEY_BYTES = 32  # X25519 public keys and SHA-256 commitments
 _ADVERT = 3 * KEY_BYTES
-_SETUP = struct.Struct(">IIIdQQddBd")  # index, threshold, bits, scale, bound, max_terms, clip, sigma, weighted, max_weight
+# index, threshold, bits, scale, bound, max_terms, clip, sigma, flags, max_weight, weight, hold id
+_SETUP = struct.Struct(f">IIIdQQddBdd{ROUND_ID_BYTES}s")
+_WEIGHTED, _FIXED, _HELD = 1, 2, 4  # setup flags: weighted by examples, fixed denominator, a held delta
 
 
 class Stage(enum.Enum):
@@ -80,6 +86,7 @@ class Stage(enum.Enum):
     MASK = "mask"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
+    HOLD = "hold"  # buffered rounds: train now, keep the delta on the device for a later cohort's setup
 
 
 class Status(enum.Enum):
@@ -95,6 +102,18 @@ class Setup:
     neighbours: tuple[int, ...]
     threshold: int
     spec: InputSpec
+    weight: float = 1.0  # the public factor of this client's input (a buffered cohort's staleness weight)
+    hold_id: bytes = b""  # a buffered cohort: the dispatch whose held delta is the input (no train request)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.weight <= 1):
+            raise ValidationError(f"secure aggregation setup: the input's weight must be in (0, 1], got {self.weight}")
+        if self.hold_id and len(self.hold_id) != ROUND_ID_BYTES:
+            raise ValidationError("secure aggregation setup: bad hold id")
+
+    @property
+    def held(self) -> bool:
+        return bool(self.hold_id)
 
 
 @dataclass(frozen=True)
@@ -232,12 +251,17 @@ def reply_status(stage: Stage, round_id: bytes, status: Status, reason: str) -> 
 
 
 def setup_content(train_content: RecordDict, setup: Setup) -> RecordDict:
+    """A setup message: with the train request's content, or (``setup.held``, ``train_content`` empty) for the
+    delta the client trained and held for a buffered cohort."""
     spec, q = setup.spec, setup.spec.quantizer
     dims, ranks = spec.layout.wire_shapes()
     names = [n.encode() for n in spec.layout.names]
+    flags = (_WEIGHTED if spec.weighted else 0) | (_FIXED if spec.fixed_denominator else 0) | \
+        (_HELD if setup.held else 0)
     body = b"".join([
         _SETUP.pack(setup.index, setup.threshold, q.bits, q.scale, q.bound, q.max_terms, spec.clip,
-                    spec.noise_sigma, spec.weighted | spec.fixed_denominator << 1, spec.max_weight),
+                    spec.noise_sigma, flags, spec.max_weight, setup.weight,
+                    setup.hold_id or bytes(ROUND_ID_BYTES)),
         _ints(setup.neighbours), struct.pack(">I", len(names)),
         *(struct.pack(">I", len(n)) + n for n in names),
         struct.pack(f">I{len(dims)}Q", len(dims), *dims), _ints(ranks), _ints(spec.groups)])
@@ -252,7 +276,8 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
     if h.stage is not Stage.SETUP:
         raise ValidationError(f"expected a setup message, got {h.stage.value}")
     r = _body(content, "setup")
-    index, threshold, bits, scale, bound, max_terms, clip, sigma, weighted, max_weight = r.unpack(_SETUP)
+    index, threshold, bits, scale, bound, max_terms, clip, sigma, flags, max_weight, weight, hold_id = \
+        r.unpack(_SETUP)
     neighbours = tuple(r.ints())
     names = [r.text() for _ in range(r.u32())]
     n = r.u32()
@@ -260,18 +285,48 @@ def setup_from(content: RecordDict) -> tuple[Setup, RecordDict]:
     ranks = r.ints(unique=False)
     groups = tuple(r.ints(unique=False))
     r.done()
-    if weighted not in (0, 1, 2):  # bit 0: weighted by examples; bit 1: a fixed denominator (client-level DP)
-        raise r.fail("bad weighting flag")
+    # bit 0: weighted by examples; bit 1: a fixed denominator (client-level DP); bit 2: a held delta
+    if flags & ~(_WEIGHTED | _FIXED | _HELD) or flags & (_WEIGHTED | _FIXED) == _WEIGHTED | _FIXED:
+        raise r.fail("bad flags")
     try:
         q = Quantizer(bits=bits, scale=scale, bound=bound, max_terms=max_terms)
         layout = Layout.from_wire(tuple(names), dims, ranks)
-        spec = InputSpec(layout, clip, q, noise_sigma=sigma, weighted=bool(weighted & 1), max_weight=max_weight,
-                         groups=groups, fixed_denominator=bool(weighted & 2))
+        spec = InputSpec(layout, clip, q, noise_sigma=sigma, weighted=bool(flags & _WEIGHTED), max_weight=max_weight,
+                         groups=groups, fixed_denominator=bool(flags & _FIXED))
     except ValueError as exc:
         raise ValidationError(f"secure aggregation setup: {exc}") from None
-    setup = Setup(h.round_id, index, neighbours, threshold, spec)
+    setup = Setup(h.round_id, index, neighbours, threshold, spec, weight,
+                  hold_id if flags & _HELD else b"")
     train = RecordDict({k: v for k, v in content.items() if k != RECORD})
+    if setup.held and train:
+        raise r.fail("a setup for a held delta carries no train request")
     return setup, train
+
+
+# -- hold (buffered rounds)
+
+
+def hold_content(train_content: RecordDict, hold_id: bytes) -> RecordDict:
+    """A buffered dispatch: the train request, whose delta the client keeps (under ``hold_id``) for the
+    setup of the cohort it will be aggregated in."""
+    content = RecordDict(dict(train_content.items()))
+    content[RECORD] = _message(Stage.HOLD, hold_id, [])
+    return content
+
+
+def hold_from(content: RecordDict) -> tuple[bytes, RecordDict]:
+    """The hold id and the train request's content of a hold message."""
+    h = header(content)
+    if h.stage is not Stage.HOLD:
+        raise ValidationError(f"expected a hold message, got {h.stage.value}")
+    _body(content, "hold").done()
+    return h.round_id, RecordDict({k: v for k, v in content.items() if k != RECORD})
+
+
+def held_content(hold_id: bytes) -> RecordDict:
+    """The client's answer to a hold message: trained, the delta kept (nothing of it, its loss or its
+    ``num_examples`` is sent)."""
+    return _content(Stage.HOLD, hold_id)
 
 
 def _check_advert(advert: KeyAdvert) -> None:
@@ -418,6 +473,9 @@ __all__ = [
     "confirmation_content",
     "confirmation_from",
     "header",
+    "held_content",
+    "hold_content",
+    "hold_from",
     "is_secagg",
     "keys_content",
     "keys_from",

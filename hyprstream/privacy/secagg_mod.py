@@ -8,6 +8,10 @@
   makes the round's keys and answers with the public keys only. The delta, the loss and
   ``num_examples`` never leave the device in the clear. A ``declined`` train reply (budget, no data)
   becomes a ``declined`` setup reply with the same reason.
+* **hold** (buffered rounds): passes the embedded train request to the wrapped handler and keeps the
+  reply in ``context.state`` under the dispatch's hold id (``hyprstream.secagg.held``, one at a time),
+  answering only that it is ready. A later **setup** that names the hold id encodes that delta, times
+  the setup's public weight, instead of training.
 * **share / mask / consistency / unmask**: one step each of :class:`~hyprstream.privacy.secagg.SecAggClient`.
 
 The device's secure-aggregation identity (:mod:`~hyprstream.privacy.identity`) comes from
@@ -48,6 +52,7 @@ log = logging.getLogger("hyprstream.privacy")
 
 STATE = "hyprstream.secagg"
 INPUT = "hyprstream.secagg.input"
+HELD = "hyprstream.secagg.held"  # buffered rounds: the delta trained for a dispatch, until its cohort's setup
 PAIRS = "hyprstream.secagg.pairs"  # the device identity's static agreements, kept across rounds
 
 
@@ -101,17 +106,13 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
            identity: DeviceIdentity | None) -> RecordDict:
     _clear(context)  # a new round replaces any abandoned one
     setup, train_content = wire.setup_from(msg.content)
-    reply = call_next(Message(content=train_content, metadata=copy(msg.metadata)), context)
-    if reply.has_error():
-        raise ValidationError(f"training failed: {reply.error.reason}")
-    train = TrainReply.from_content(reply.content)
-    if train.status is ReplyStatus.DECLINED:
-        return wire.reply_status(Stage.SETUP, round_id, Status.DECLINED, train.reason)
-    config = train_content.get("config")
-    requested = config.get("model_version") if isinstance(config, ConfigRecord) else None
-    if train.model_version != requested:
-        raise ValidationError(f"trained version {train.model_version}, requested {requested}")
-    asked = tuple(config.get("layers", ())) if isinstance(config, ConfigRecord) else ()
+    if setup.held:  # a buffered cohort: the delta this device trained and held for it
+        train, config = _take_held(context, setup.hold_id)
+    else:
+        train, config = _train(msg, context, call_next, train_content)
+        if train.status is ReplyStatus.DECLINED:
+            return wire.reply_status(Stage.SETUP, round_id, Status.DECLINED, train.reason)
+    asked = tuple(config.get("layers", ()))
     trained = None
     if tuple(train.layers) != asked:  # a device in its hybrid strategy trains fewer layer groups
         if not train.layers or not set(train.layers) <= set(asked):
@@ -123,7 +124,7 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
         trained = [asked.index(layer) for layer in train.layers]  # zeros for the others, weight 0 there
     seed = config.get("seed", 0)
     encoded = encode(train.delta, train.num_examples, setup.spec, _source(secure, int(seed), setup.index),
-                     trained)
+                     trained, scale=setup.weight)
     client = SecAggClient(round_id, setup.index, setup.neighbours, setup.threshold, setup.spec.dim,
                           setup.spec.quantizer.dtype, identity)
     advert = client.advertise()
@@ -131,6 +132,54 @@ def _setup(msg: Message, context: Context, call_next, round_id: bytes, secure: b
     # the raw field elements (dtype and length are the client's): no npy framing to write and parse
     context.state[INPUT] = ConfigRecord({"x": encoded.vector.tobytes()})
     return wire.advert_content(round_id, advert)
+
+
+def _train(msg: Message, context: Context, call_next, train_content: RecordDict) -> tuple[TrainReply, ConfigRecord]:
+    """The agent's train handler's reply to the embedded request, checked against it, and the request's config."""
+    reply = call_next(Message(content=train_content, metadata=copy(msg.metadata)), context)
+    if reply.has_error():
+        raise ValidationError(f"training failed: {reply.error.reason}")
+    train = TrainReply.from_content(reply.content)
+    config = train_content.get("config")
+    config = config if isinstance(config, ConfigRecord) else ConfigRecord()
+    if train.status is not ReplyStatus.DECLINED and train.model_version != config.get("model_version"):
+        raise ValidationError(f"trained version {train.model_version}, requested {config.get('model_version')}")
+    return train, config
+
+
+def _hold(msg: Message, context: Context, call_next, hold_id: bytes, secure: bool,
+          identity: DeviceIdentity | None) -> RecordDict:
+    """Buffered rounds: train now and keep the delta on the device (one at a time, under ``hold_id``) for
+    the setup of the cohort it will be aggregated in; answer only that it is ready."""
+    _, train_content = wire.hold_from(msg.content)
+    train, config = _train(msg, context, call_next, train_content)
+    if train.status is ReplyStatus.DECLINED:
+        return wire.reply_status(Stage.HOLD, hold_id, Status.DECLINED, train.reason)
+    _drop_held(context)
+    reply = train.to_content()
+    for key, record in reply.items():
+        context.state[f"{HELD}.reply.{key}"] = record
+    context.state[f"{HELD}.request"] = config
+    context.state[HELD] = ConfigRecord({"id": hold_id, "records": list(reply.keys())})
+    return wire.held_content(hold_id)
+
+
+def _take_held(context: Context, hold_id: bytes) -> tuple[TrainReply, ConfigRecord]:
+    """The held delta of dispatch ``hold_id``, taken off the device's state (it is encoded once)."""
+    held = context.state.get(HELD)
+    if not isinstance(held, ConfigRecord) or held.get("id") != hold_id:
+        raise ValidationError("no delta held for this cohort's dispatch")
+    try:
+        reply = RecordDict({key: context.state[f"{HELD}.reply.{key}"] for key in held["records"]})
+        config = context.state[f"{HELD}.request"]
+    finally:
+        _drop_held(context)
+    return TrainReply.from_content(reply), config
+
+
+def _drop_held(context: Context) -> None:
+    for key in [k for k in context.state.keys() if k == HELD or k.startswith(f"{HELD}.")]:
+        del context.state[key]
 
 
 def _load(context: Context, round_id: bytes, identity: DeviceIdentity | None) -> SecAggClient:
@@ -198,6 +247,6 @@ def _unmask(msg: Message, context: Context, call_next, round_id: bytes, secure: 
 
 
 _STAGES = {Stage.SETUP: _setup, Stage.SHARE: _share, Stage.MASK: _mask, Stage.CONSISTENCY: _consistency,
-           Stage.UNMASK: _unmask}
+           Stage.UNMASK: _unmask, Stage.HOLD: _hold}
 
-__all__ = ["IDENTITY_KEYS", "INPUT", "PAIRS", "STATE", "make_secagg_mod", "secagg_mod"]
+__all__ = ["HELD", "IDENTITY_KEYS", "INPUT", "PAIRS", "STATE", "make_secagg_mod", "secagg_mod"]

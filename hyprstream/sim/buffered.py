@@ -46,6 +46,7 @@ from hyprstream.coreapi.client import CoreClient
 from hyprstream.fog import engine
 from hyprstream.fog.aggregator import FogAggregator, FogRound
 from hyprstream.fog.buffered import BufferedFog, BufferedPush, Dispatch
+from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.sim import clock
 from hyprstream.sim.experiment import Experiment
 from hyprstream.sim.fleet import VirtualFleet
@@ -86,7 +87,7 @@ def push_seconds(fleet: VirtualFleet, push: BufferedPush) -> float:
     return clock.transfer_s(nbytes, fleet.fog_core.uplink_mbps, fleet.fog_core.latency_ms)
 
 
-def run_buffered(exp: Experiment, fogs: Sequence[FogAggregator], *, fleet: VirtualFleet,
+def run_buffered(exp: Experiment, fogs: Sequence[FogAggregator | SecureFogAggregator], *, fleet: VirtualFleet,
                  device_of: Mapping[int, int], admin: CoreClient, model: str, metrics: MetricsLog,
                  score: Score, started: float,
                  on_step: Callable[[int, list[FogRound], Row], None] | None = None) -> None:
@@ -98,8 +99,11 @@ def run_buffered(exp: Experiment, fogs: Sequence[FogAggregator], *, fleet: Virtu
     params = {n: (layer, s) for n, layer, s in zip(names, layers, shapes, strict=True)}
     duration = job_duration(exp, fleet, device_of, params)
     cfg = exp.buffered
-    buffered = [BufferedFog(fog, buffer_k=cfg.buffer_k, max_staleness=cfg.max_staleness,
-                            concurrency=cfg.concurrency, duration=duration) for fog in fogs]
+    # a secure runner: every buffer is one SecAgg+ round among the agents that filled it
+    buffered = [BufferedFog(fog.fog if isinstance(fog, SecureFogAggregator) else fog, buffer_k=cfg.buffer_k,
+                            max_staleness=cfg.max_staleness,
+                            concurrency=cfg.concurrency, duration=duration,
+                            secure=fog if isinstance(fog, SecureFogAggregator) else None) for fog in fogs]
     state = {"step": 1, "rounds": [], "master": None, "acc": float("nan"), "loss": float("nan"), "sim_s": 0.0}
 
     def on_push(push: BufferedPush) -> None:

@@ -89,6 +89,11 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/fog/test_fog_privacy_selection.py::"
         "test_a_client_dp_round_samples_at_the_telemetry_rates_and_divides_by_their_sum",
     ),
+    "fog: secure buffered cohorts": (
+        "tests/fog/test_composition.py::"
+        "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
+        "tests/fog/test_fog_privacy_rounds.py::test_buffered_rounds_with_secure_aggregation_push_cohort_means",
+    ),
     "fog: buffered": (
         "tests/fog/test_buffered.py::test_pushes_every_k_updates_with_staleness_weighted_mean",
         "tests/fog/test_buffered.py::test_run_fog_in_buffered_mode_pushes_every_k_updates",
@@ -113,6 +118,11 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/privacy/test_secagg_workflow.py::test_distributed_noise_is_not_released_below_its_client_count",
         "tests/privacy/test_secagg_workflow.py::test_a_device_training_fewer_layer_groups_takes_part_in_a_secure_round",
         "tests/sim/test_strategies.py::test_a_simulated_agent_serves_requests_as_its_strategy_allows",
+    ),
+    "sim: secure buffered cohorts": (
+        # the simulator's buffered fogs are the same BufferedFog around the same SecureFogAggregator
+        "tests/fog/test_composition.py::"
+        "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
     ),
     "sim: buffered": (
         "tests/sim/test_buffered_sim.py::test_buffered_run_writes_metrics",
@@ -288,7 +298,10 @@ def test_dp_sgd_and_client_dp_together_are_checked_each(tmp_path, capsys):
     assert validate(sync, capsys)[0] == 0
     buffered = tmp_path / "buffered.toml"
     buffered.write_text(sync.read_text().replace('mode = "sync"', 'mode = "buffered"'))
-    reason = conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.DPSGD), Where.SIM)
+    # DP-SGD with secure buffered cohorts runs; client-level DP's cell in buffered mode does not
+    assert conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.DPSGD), Where.SIM) is None
+    reason = conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.CENTRAL), Where.SIM)
+    assert "not a sample" in reason
     assert validate(buffered, capsys)[1:] == ([], [f"invalid {buffered}: training.mode: {reason}"])
 
 
@@ -444,6 +457,47 @@ def test_an_int8_secure_round_sums_in_a_16_bit_field_with_half_the_masked_uplink
         saved = runs["fp32"][1].uplink[node] - runs["int8"][1].uplink[node]
         assert 2 * dim <= saved <= 2 * dim + 8, (saved, dim)
     assert runs["int8"][1].bytes_up < 0.51 * runs["fp32"][1].bytes_up
+
+
+@pytest.mark.integration
+def test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights(site):
+    """buffered + SecAgg+: agents train and hold their deltas; each buffer of K is one secure round among
+    them, each input scaled by its public staleness weight inside the protocol, the mean divided by the
+    survivors' sum of weights. The fog never receives a delta in the clear."""
+    from hyprstream.fog.buffered import BufferedFog
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.config import SecAggConfig
+    from hyprstream.privacy.noise import SeededRandom
+
+    nodes = {1: {"value": 0.001, "examples": 5}, 2: {"value": 0.002, "examples": 7},
+             3: {"value": 0.004, "examples": 9}, 4: {"value": 0.008, "examples": 11}}
+    fog, core = _fog(site, nodes, secure_app, layers=("head",))
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0), source=SeededRandom(0))
+    durations = {1: 1.0, 2: 1.0, 3: 1.5, 4: 5.0}  # simulated seconds of every job of each agent
+    with core:
+        base = fog.pull()
+        buffered = BufferedFog(fog, buffer_k=2, max_staleness=3, concurrency=4, secure=secure,
+                               duration=lambda node, dispatch: durations[node])
+        first, second = run_buffered([buffered], max_pushes=2)
+        v1 = core.get_weights("m", version=1)
+        moved = [_moved_between(base, v1), _moved(core, v1)]
+
+    # t=1: agents 1 and 2 (version 0) fill the first buffer; t=1.5: agent 3 (version 0, one version stale);
+    # t=2: agent 1 again (version 1) completes the second
+    assert (first.contributors, first.staleness, first.version) == ((1, 2), (0, 0), 1)
+    assert (second.contributors, second.staleness, second.version) == ((3, 1), (1, 0), 2)
+    assert second.weights == pytest.approx((2 ** -0.5, 1.0))
+    assert moved[0]["head.weight"] == pytest.approx((0.001 + 0.002) / 2, abs=1e-6)  # uniform: no example counts
+    expected = (0.004 * 2 ** -0.5 + 0.001) / (2 ** -0.5 + 1.0)
+    assert moved[1]["head.weight"] == pytest.approx(expected, abs=1e-6)
+    assert first.train_loss != first.train_loss  # NaN: no loss leaves the devices either
+
+
+def _moved_between(base, after) -> dict[str, float]:
+    from hyprstream.store import to_arrays
+
+    before, now = to_arrays(base.table), to_arrays(after.table)
+    return {name: float((now[name].astype(np.float64) - before[name]).flat[0]) for name in before}
 
 
 @pytest.mark.integration

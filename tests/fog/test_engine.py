@@ -127,7 +127,8 @@ def test_only_the_engine_drives_rounds():
         for method in ("finish_round", "step"):
             for line in _calls(path, method):
                 outside.setdefault(rel, []).append((method, line))
-    # run_round of the two runners: start_round + finish_round of a single round
+    # run_round of the two runners: start_round + finish_round of a single round; a secure buffered fog's
+    # aggregate stage: one SecAgg+ round over the cohort that filled the buffer
     assert {rel: [m for m, _ in calls] for rel, calls in outside.items()} == {
-        "fog/aggregator.py": ["finish_round"], "fog/secure.py": ["finish_round"]}
+        "fog/aggregator.py": ["finish_round"], "fog/secure.py": ["finish_round"], "fog/buffered.py": ["finish_round"]}
     assert _calls(PACKAGE / "fog" / "engine.py", "finish_round") and _calls(PACKAGE / "fog" / "engine.py", "step")

@@ -20,7 +20,7 @@ from hyprstream.store import Store
 pytestmark = pytest.mark.integration
 
 
-def fog_config(tmp_path, location, *, max_rounds, mode="sync"):
+def fog_config(tmp_path, location, *, max_rounds, mode="sync", client_dp=True, extra=""):
     (tmp_path / "fog.token").write_text("fog-token\n")
     path = tmp_path / "fog.toml"
     path.write_text(f"""
@@ -39,14 +39,15 @@ min_agents = 2
 timeout_s = 30
 max_rounds = {max_rounds}
 mode = "{mode}"
+{extra}
 [privacy.secagg]
 clip = 0.5
 stage_timeout_s = 5.0
-[privacy.client_dp]
+""" + ("""[privacy.client_dp]
 noise_multiplier = 1.0
 epsilon_budget = 8.0
 delta = 1e-5
-""")
+""" if client_dp else ""))
     return load_fog_config(path)
 
 
@@ -102,7 +103,21 @@ def test_private_rounds_follow_the_fleet_and_the_budget_survives_a_restart(core,
     assert len([e for e in iter_entries(audit_path) if e.action == "model.push"]) == 2
 
 
-def test_buffered_rounds_refuse_secure_aggregation(core, tmp_path):  # noqa: F811
+def test_buffered_rounds_refuse_client_level_dp(core, tmp_path):  # noqa: F811
     location, _ = core
-    with pytest.raises(ConfigError, match="rounds.mode"):  # never the private settings silently dropped
+    with pytest.raises(ConfigError, match="rounds.mode.*not a sample"):  # never the private settings dropped
         fog_config(tmp_path, location, max_rounds=1, mode="buffered")
+
+
+def test_buffered_rounds_with_secure_aggregation_push_cohort_means(core, tmp_path):  # noqa: F811
+    """``run_fog`` with ``mode = "buffered"`` and ``[privacy.secagg]``: the agents' real ClientApp trains and
+    holds; every ``buffer_k`` of them are one secure cohort round, and core commits each mean."""
+    location, _ = core
+    cfg = fog_config(tmp_path, location, max_rounds=3, mode="buffered", client_dp=False,
+                     extra="buffer_k = 2\nmax_staleness = 4")
+    stores = devices(tmp_path, 3)
+    grid = LoopbackGrid(agent_app, list(stores), node_config=lambda n: {"store-dir": str(stores[n])})
+    rounds = run_fog(grid, cfg, state_dir=tmp_path / "state", metrics=FogMetrics("fog-west"))
+    assert [r.version for r in rounds] == [1, 2, 3], [r.reasons for r in rounds]
+    assert [r.participants for r in rounds] == [2, 2, 2]
+    assert all(r.train_loss != r.train_loss for r in rounds)  # NaN: nothing of a device's training is sent

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -375,3 +375,52 @@ def test_a_fog_that_forges_confirmations_or_the_survivor_set_is_refused(certifie
     }
     assert fog.unmask(requests) == {}, fog.refused
     assert all("valid neighbour confirmation" in fog.refused[i] for i in requests), fog.refused
+
+
+def _held_setup(rid: bytes, spec: InputSpec, hold_id: bytes, *, weight: float = 1.0):
+    return wire.setup_content(RecordDict(), wire.Setup(rid, 1, (2, 3), 2, spec, weight=weight, hold_id=hold_id))
+
+
+def test_a_held_delta_is_encoded_once_for_its_own_dispatch_and_with_a_weight_of_at_most_one() -> None:
+    """Buffered secure rounds: a fog that replays a hold id (to have one delta in two cohorts' sums, whose
+    difference would expose it), names another dispatch's, inflates a weight beyond 1 (to scale one input
+    past the clip) or sends a train request with a held setup, is refused by the device."""
+    from hyprstream.privacy.secagg_mod import HELD
+
+    grid = LoopbackGrid(fixed_delta_app(), [1])
+    spec = InputSpec(Layout.of({PARAM: (DIM,)}), 1.0, Quantizer.for_clients(clip=1.0, max_clients=3))
+    request = TrainRequest(model="m", model_version=0, task="digits", layers=("head",), local_steps=1,
+                           batch_size=1, lr=0.1, seed=0, weights={PARAM: np.zeros(DIM, np.float32)})
+
+    def send(content) -> wire.Header:
+        (reply,) = grid.pull_messages(grid.push_messages([Message(content, dst_node_id=1,
+                                                                  message_type=wire.SECAGG_MESSAGE_TYPE)]))
+        return wire.header(reply.content)
+
+    hold_id, other = new_round_id(), new_round_id()
+    held = send(wire.hold_content(request.to_content(), hold_id))
+    assert (held.stage, held.status, held.round_id) == (Stage.HOLD, Status.OK, hold_id)
+    assert HELD in grid.contexts[1].state
+
+    wrong = send(_held_setup(new_round_id(), spec, other))
+    assert wrong.status is Status.REFUSED and "no delta held" in wrong.reason
+
+    raw = wire._raw(_held_setup(new_round_id(), spec, hold_id))  # a weight of 4 packed by hand
+    fields = list(wire._SETUP.unpack_from(raw, wire._HEAD.size))
+    fields[-2] = 4.0
+    inflated = raw[:wire._HEAD.size] + wire._SETUP.pack(*fields) + raw[wire._HEAD.size + wire._SETUP.size:]
+    refused = send(RecordDict({wire.RECORD: ConfigRecord({wire.FIELD: inflated})}))
+    assert refused.status is Status.REFUSED and "weight must be in (0, 1]" in refused.reason
+
+    with_request = _held_setup(new_round_id(), spec, hold_id)
+    for key, record in request.to_content().items():
+        with_request[key] = record
+    refused = send(with_request)
+    assert refused.status is Status.REFUSED and "carries no train request" in refused.reason
+
+    rid = new_round_id()
+    first = send(_held_setup(rid, spec, hold_id, weight=0.5))
+    assert (first.stage, first.status) == (Stage.SETUP, Status.OK)  # the held delta, encoded once
+    assert HELD not in grid.contexts[1].state
+    replay = send(_held_setup(new_round_id(), spec, hold_id))
+    assert replay.status is Status.REFUSED and "no delta held" in replay.reason
