@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 
 from hyprstream.config import parse, to_dict
+from hyprstream.coreapi.commands import PushDelta, claims
 from hyprstream.coreapi.records import (
     NAME,
     ModelSettings,
-    PushRecord,
     PushResult,
     Snapshot,
     VersionInfo,
@@ -228,8 +228,15 @@ class ModelRepository:
 
     def push_delta(self, model: str, delta: pa.Table, *, fog: str, seq: int,
                    base_clocks: Mapping[str, VectorClock], participants: int, actor: str | None = None,
-                   record: PushRecord = PushRecord()) -> PushResult:
-        """Validate and merge a layer-wise delta; commit a new version. Raises UpdateRejected."""
+                   privacy: Mapping[str, float] | None = None, transcript_sha256: str | None = None) -> PushResult:
+        """:meth:`push` of the record these fields make."""
+        return self.push(PushDelta(model, fog, seq, dict(base_clocks), participants,
+                                   None if privacy is None else dict(privacy), transcript_sha256), delta, actor=actor)
+
+    def push(self, push: PushDelta, delta: pa.Table, *, actor: str | None = None) -> PushResult:
+        """Validate and merge ``delta``, which ``push`` describes; commit a new version whose lineage entry and
+        audit entry record :func:`~hyprstream.coreapi.commands.claims` of ``push``. Raises UpdateRejected."""
+        model, fog, seq, base_clocks = push.model, push.fog, push.seq, push.base_clocks
         check_name("fog", fog)
         try:
             delta = lt.normalize(delta)
@@ -307,24 +314,21 @@ class ModelRepository:
             for layer in touched:
                 clocks[layer] = plan.new_clocks[layer].as_dict()
             manifest = json.loads(json.dumps(m))
-            privacy = None if record.privacy is None else {k: float(v) for k, v in record.privacy.items()}
+            recorded = {**claims(push), "base_clocks": base_json}  # the base clocks of the layers it changed
             manifest["versions"].append({
                 "version": new_version, "parent": head, "created": time.time(), "actor": actor or fog,
-                "fog": fog, "layers": touched, "participants": participants, "staleness": plan.staleness,
-                "weight": plan.weight, "update_norm": norm, "seq": seq, "base_clocks": base_json,
-                "update_sha256": digest, "privacy": privacy, "transcript_sha256": record.transcript_sha256,
-                **_scored(score),
+                "layers": touched, "staleness": plan.staleness, "weight": plan.weight, "update_norm": norm,
+                "update_sha256": digest, **recorded, **_scored(score),
             })
             manifest["layer_files"][str(new_version)] = files
             manifest["clocks"][str(new_version)] = clocks
             manifest["fog_seq"][fog] = seq
             self._write_manifest(model, manifest)
             details = {
-                "version": new_version, "parent": head, "fog": fog, "seq": seq, "layers": touched,
-                "participants": participants, "base_clocks": base_json,
+                "version": new_version, "parent": head, "layers": touched,
                 "new_clocks": {layer: clocks[layer] for layer in touched}, "staleness": plan.staleness,
-                "weight": plan.weight, "update_norm": norm, "update_sha256": digest, "privacy": privacy,
-                "transcript_sha256": record.transcript_sha256, "consistency": settings.consistency.mode.value,
+                "weight": plan.weight, "update_norm": norm, "update_sha256": digest, **recorded,
+                "consistency": settings.consistency.mode.value,
                 **_scored(score), **({"regression": True} if regression else {}),
             }
             self._commit_audit(model, m, actor or fog, "model.push", details)
@@ -333,7 +337,7 @@ class ModelRepository:
                 history[layer].add(plan.new_clocks[layer])
             log.info("model %s: version %d from %s (layers %s, staleness %s)", model, new_version, fog, touched,
                      plan.staleness, extra={"model": model, "model_version": new_version, "fog": fog, "seq": seq,
-                                            "participants": participants})
+                                            "participants": push.participants})
             return PushResult(new_version, plan.staleness, plan.weight, norm)
 
     def _guard(self, model: str, m: Mapping[str, Any], master: Mapping[str, np.ndarray],

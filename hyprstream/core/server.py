@@ -25,7 +25,7 @@ from hyprstream.core.auth import (Authenticator, BearerAuthFactory, Permission, 
                                   principal_of, revoked_tokens)
 from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
-from hyprstream.core.repository import ModelRepository, ModelSettings, PushRecord
+from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.signing import Ed25519PrivateKey, fingerprint
 from hyprstream.vector_clock import clocks_to_json
 from hyprstream.errors import ConfigError, HyprstreamError, UpdateRejected, ValidationError
@@ -250,18 +250,15 @@ class CoreFlightServer(flight.FlightServerBase):
             result = {"model": request.model, "version": version}
         else:
             principal = self._authorize(context, Permission.PUSH, "model.push", subject)
-            details = {"fog": request.fog, "seq": request.seq, "participants": request.participants,
-                       "base_clocks": clocks_to_json(request.base_clocks)}
+            details = cmd.claims(request)
             if request.fog != principal.identity and principal.role is not Role.ADMIN:
                 reason = f"identity {principal.identity!r} may not push as fog {request.fog!r}"
                 self._audit(principal, "access.refused", subject, Outcome.REFUSED, reason=reason,
                             request="model.push")
                 raise flight.FlightUnauthorizedError(reason)
             table = self._read_table(context, reader, "model.push", subject)
-            res = self._call(context, "model.push", subject, self.repository.push_delta, request.model, table,
-                             fog=request.fog, seq=request.seq, base_clocks=request.base_clocks,
-                             participants=request.participants, actor=principal.identity,
-                             record=PushRecord(request.privacy, request.transcript_sha256), details=details)
+            res = self._call(context, "model.push", subject, self.repository.push, request, table,
+                             actor=principal.identity, details=details)
             result = {"model": request.model, "version": res.version, "staleness": res.staleness,
                       "weight": res.weight, "update_norm": res.update_norm}
         writer.write(pa.py_buffer(json.dumps(result).encode()))

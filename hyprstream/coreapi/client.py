@@ -54,9 +54,13 @@ class CoreClient:
     def push_delta(self, model: str, delta: pa.Table, *, fog: str, seq: int,
                    base_clocks: Mapping[str, VectorClock], participants: int,
                    privacy: Mapping[str, float] | None = None, transcript_sha256: str | None = None) -> PushResult:
-        request = cmd.PushDelta(model, fog, seq, dict(base_clocks), participants,
-                                None if privacy is None else dict(privacy), transcript_sha256)
-        r = self._put(request, delta)
+        """:meth:`push` of the record these fields make."""
+        return self.push(cmd.PushDelta(model, fog, seq, dict(base_clocks), participants,
+                                       None if privacy is None else dict(privacy), transcript_sha256), delta)
+
+    def push(self, push: cmd.PushDelta, delta: pa.Table) -> PushResult:
+        """Send ``delta`` with its record ``push`` (the fog's outbox stores that record beside the delta)."""
+        r = self._put(push, delta)
         return PushResult(int(r["version"]), dict(r["staleness"]), float(r["weight"]), float(r["update_norm"]))
 
     def head(self, model: str) -> dict[str, Any]:

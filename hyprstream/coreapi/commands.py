@@ -54,7 +54,11 @@ class RegisterModel:
 
 @dataclass(frozen=True)
 class PushDelta:
-    """do_put: merge the layer-wise delta that follows, computed from ``base_clocks``."""
+    """do_put: merge the layer-wise delta that follows, computed from ``base_clocks``.
+
+    It is a push's one typed record, from the fog's outbox (which stores it beside the delta) through
+    :meth:`CoreClient.push <hyprstream.coreapi.client.CoreClient.push>` and the server to the repository,
+    which writes :func:`claims` of it into the version's lineage entry and its audit entry."""
 
     model: str
     fog: str
@@ -131,6 +135,14 @@ _BY_NAME: dict[str, type] = {c.__dataclass_fields__["command"].default: c
                                        ReadAudit, AuditHead, IssueToken, RevokeToken)}
 _JTI = re.compile(r"[0-9a-f]{1,64}\Z")
 MAX_REASON_CHARS = 200
+
+
+def claims(push: PushDelta) -> dict[str, Any]:
+    """What ``push`` claims besides its delta, as core records it (lineage entry, audit entry, refusals)."""
+    return {"fog": push.fog, "seq": push.seq, "participants": push.participants,
+            "base_clocks": clocks_to_json(push.base_clocks),
+            "privacy": None if push.privacy is None else {str(k): float(v) for k, v in push.privacy.items()},
+            "transcript_sha256": push.transcript_sha256}
 
 
 def encode(cmd: Command) -> bytes:

@@ -62,14 +62,6 @@ class PushResult:
     update_norm: float
 
 
-@dataclass(frozen=True)
-class PushRecord:
-    """What a push claims beyond its delta: recorded in the lineage and the audit entry."""
-
-    privacy: Mapping[str, float] | None = None  # e.g. {"epsilon": 0.5, "delta": 1e-6}
-    transcript_sha256: str | None = None  # hash of the secure-aggregation transcript
-
-
 def quote(value: Any) -> str:
     """``repr(value)`` cut to 64 characters: a refusal names what it got without echoing megabytes."""
     text = repr(value)
@@ -82,4 +74,4 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-__all__ = ["NAME", "ModelSettings", "PushRecord", "PushResult", "Snapshot", "VersionInfo", "check_name", "quote"]
+__all__ = ["NAME", "ModelSettings", "PushResult", "Snapshot", "VersionInfo", "check_name", "quote"]

@@ -18,6 +18,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from hyprstream.coreapi.client import CoreClient
+from hyprstream.coreapi.commands import PushDelta
 from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import TransportError, ValidationError
 from hyprstream.fog.aggregate import Aggregation, Rule, UpdateMatrix, UpdateSum, updates_for
@@ -272,9 +273,9 @@ class FogAggregator:
         committed, or None (the reason appended to ``reasons``). While core is unreachable the push waits
         in the outbox and the fog's local model is ``base`` with it applied."""
         version = None
-        push = Push(self.next_seq() if seq is None else seq, self.model, self.name,
-                    lt.to_table(delta, layer=_layer_lookup(base.table)),
-                    {layer: base.clocks[layer] for layer in layers}, participants, privacy, transcript_sha256)
+        record = PushDelta(self.model, self.name, self.next_seq() if seq is None else seq,
+                           {layer: base.clocks[layer] for layer in layers}, participants, privacy, transcript_sha256)
+        push = Push(record, lt.to_table(delta, layer=_layer_lookup(base.table)))
         self.outbox.put(push)  # durable before it is sent
         for delivery in self.deliver():
             if delivery.push.seq == push.seq and delivery.result is not None:
@@ -321,8 +322,8 @@ def _project(snapshot: Snapshot, push: Push) -> Snapshot:
         weights[name] = (weights[name] + d).astype(weights[name].dtype, copy=False)
     layer = _layer_lookup(snapshot.table)
     clocks = dict(snapshot.clocks)
-    for name in push.base_clocks:
-        clocks[name] = clocks[name].increment(push.fog)
+    for name in push.record.base_clocks:
+        clocks[name] = clocks[name].increment(push.record.fog)
     return Snapshot(snapshot.model, snapshot.version, lt.to_table(weights, layer=layer), clocks)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from hyprstream.coreapi.client import CoreClient
-from hyprstream.durable import write_atomic
+from hyprstream.coreapi.commands import SCHEMA, PushDelta, decode, encode, load_json
 from hyprstream.coreapi.records import PushResult
-from hyprstream.vector_clock import VectorClock, clocks_from_json, clocks_to_json
-from hyprstream.errors import Refusal, TransportError, UpdateRejected
+from hyprstream.durable import write_atomic
+from hyprstream.errors import Refusal, TransportError, UpdateRejected, ValidationError
 
 log = logging.getLogger("hyprstream.fog")
 
@@ -30,14 +30,16 @@ _META = b"hyprstream.push"
 
 @dataclass(frozen=True)
 class Push:
-    seq: int
-    model: str
-    fog: str
+    """One push: its typed record (model, fog, sequence number, base clocks, participants and, from a secure
+    round, the privacy spend and transcript hash: the ``push_delta`` command core receives and records)
+    and its delta."""
+
+    record: PushDelta
     delta: pa.Table
-    base_clocks: dict[str, VectorClock]
-    participants: int
-    privacy: dict[str, float] | None = None  # client-level DP spend of a secure round, for core's audit
-    transcript_sha256: str | None = None  # a secure round's transcript hash, for core's audit
+
+    @property
+    def seq(self) -> int:
+        return self.record.seq
 
 
 class Outcome(Enum):
@@ -76,10 +78,7 @@ class Outbox:
         if push.seq in self._pending:
             raise ValueError(f"push {push.seq} is already in the outbox")
         if self.directory is not None:
-            meta = json.dumps({"seq": push.seq, "model": push.model, "fog": push.fog,
-                               "base_clocks": clocks_to_json(push.base_clocks),
-                               "participants": push.participants, "privacy": push.privacy,
-                               "transcript_sha256": push.transcript_sha256}).encode()
+            meta = encode(push.record)
             table = push.delta.replace_schema_metadata({**(push.delta.schema.metadata or {}), _META: meta})
 
             def write(fh) -> None:
@@ -103,15 +102,13 @@ class Outbox:
         done: list[Delivery] = []
         for push in self.pending():
             try:
-                result = core.push_delta(push.model, push.delta, fog=push.fog, seq=push.seq,
-                                         base_clocks=push.base_clocks, participants=push.participants,
-                                         privacy=push.privacy, transcript_sha256=push.transcript_sha256)
+                result = core.push(push.record, push.delta)
                 done.append(Delivery(push, Outcome.COMMITTED, result))
             except UpdateRejected as exc:
                 replay = exc.code is Refusal.REPLAY
                 outcome = Outcome.ALREADY_APPLIED if replay else Outcome.REFUSED
                 if not replay:
-                    log.warning("core refused push %d of fog %s: %s", push.seq, push.fog, exc)
+                    log.warning("core refused push %d of fog %s: %s", push.seq, push.record.fog, exc)
                 done.append(Delivery(push, outcome, reason=str(exc)))
             except TransportError as exc:
                 log.warning("core unreachable, %d push(es) kept in the outbox: %s", len(self), exc)
@@ -121,9 +118,17 @@ class Outbox:
 
 
 def _read(path: Path) -> Push:
-    with pa.memory_map(str(path)) as src:
-        table = pa.ipc.open_file(src).read_all()
-    meta = json.loads(table.schema.metadata[_META])
-    table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != _META} or None)
-    return Push(meta["seq"], meta["model"], meta["fog"], table, clocks_from_json(meta["base_clocks"]),
-                meta["participants"], meta.get("privacy"), meta.get("transcript_sha256"))
+    """A push written by :meth:`Outbox.put`, its record checked as core checks a command; ValidationError
+    naming the file when it is damaged or not a push."""
+    try:
+        with pa.memory_map(str(path)) as src:
+            table = pa.ipc.open_file(src).read_all()
+        metadata = table.schema.metadata or {}
+        body = load_json(metadata[_META], "push record")
+        if isinstance(body, dict) and "schema" not in body:  # written before the record had the command's form
+            body = {**body, "schema": SCHEMA, "command": "push_delta"}
+        record = decode(json.dumps(body).encode(), expect=(PushDelta,))
+    except (pa.ArrowException, KeyError, ValidationError) as exc:
+        raise ValidationError(f"outbox file {path} is not a readable push: {exc}") from None
+    table = table.replace_schema_metadata({k: v for k, v in metadata.items() if k != _META} or None)
+    return Push(record, table)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hyprstream.core import signing
 from hyprstream.core.audit import AuditError, AuditLog, head_path, iter_entries, verify_file
 from hyprstream.consistency import ConsistencyMode, ConsistencyPolicy
-from hyprstream.core.repository import ModelRepository, ModelSettings, PushRecord, update_digest
+from hyprstream.core.repository import ModelRepository, ModelSettings, update_digest
 from hyprstream.core.storage import ArrowFsStorage, LocalStorage, open_storage
 from hyprstream.vector_clock import VectorClock
 from hyprstream.errors import UpdateRejected
@@ -48,7 +48,7 @@ def test_commit_writes_version_then_audit_entry(tmp_path):
     repo, alog = open_repo(tmp_path)
     repo.register("m", to_table(W0), EVENTUAL, actor="admin")
     r = repo.push_delta("m", bias(0.5), fog="fog-a", seq=1, base_clocks={"fc1": VectorClock()}, participants=3,
-                        actor="fog-a", record=PushRecord({"epsilon": 0.25, "delta": 1e-6}, "ab" * 32))
+                        actor="fog-a", privacy={"epsilon": 0.25, "delta": 1e-6}, transcript_sha256="ab" * 32)
     alog.close()
     entries = list(iter_entries(tmp_path / "audit.jsonl"))
     assert [e.action for e in entries] == ["audit.create", "model.register", "model.push"]

@@ -9,6 +9,7 @@ from hyprstream.core.repository import ModelRepository
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.vector_clock import VectorClock
 from hyprstream.fog.aggregator import _project
+from hyprstream.coreapi.commands import PushDelta
 from hyprstream.fog.outbox import Outbox, Outcome, Push
 from hyprstream.store import to_arrays, to_table
 
@@ -26,7 +27,7 @@ def start(root):
 
 
 def push(seq, value, clocks):
-    return Push(seq, "m", "fog-a", to_table({"fc.weight": np.full((2, 2), value, np.float32)}), clocks, 3)
+    return Push(PushDelta("m", "fog-a", seq, clocks, 3), to_table({"fc.weight": np.full((2, 2), value, np.float32)}))
 
 
 def test_buffered_pushes_survive_restart_and_apply_once(tmp_path):
@@ -90,11 +91,11 @@ def test_a_secure_rounds_push_keeps_its_privacy_record_across_restarts(tmp_path)
             admin.register_model("m", to_table(W0))
             snap = admin.get_weights("m")
         privacy = {"epsilon": 1.25, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 1.0, "clip": 1.0}
-        Outbox(tmp_path / "outbox").put(Push(7, "m", "fog-a", to_table({"fc.weight": np.ones((2, 2), np.float32)}),
-                                             {"fc": snap.clocks["fc"]}, 3, privacy, "ab" * 32))
+        record = PushDelta("m", "fog-a", 7, {"fc": snap.clocks["fc"]}, 3, privacy, "ab" * 32)
+        Outbox(tmp_path / "outbox").put(Push(record, to_table({"fc.weight": np.ones((2, 2), np.float32)})))
         reopened = Outbox(tmp_path / "outbox")  # the fog restarted before core could be reached
         [p] = reopened.pending()
-        assert p.privacy == privacy and p.transcript_sha256 == "ab" * 32
+        assert p.record == record  # the same typed record, from the outbox's file
         with CoreClient(location, "fog", timeout_s=5) as client:
             [d] = reopened.flush(client)
         assert d.outcome is Outcome.COMMITTED and d.result.version == 1
@@ -105,3 +106,36 @@ def test_a_secure_rounds_push_keeps_its_privacy_record_across_restarts(tmp_path)
     assert [e.outcome for e in pushes] == ["ok"], [(e.action, e.outcome) for e in pushes]
     [entry] = pushes
     assert entry.details["privacy"] == privacy and entry.details["transcript_sha256"] == "ab" * 32
+
+
+@pytest.mark.unit
+def test_an_outbox_file_is_read_back_as_core_reads_a_command_and_a_damaged_one_is_named(tmp_path):
+    """An outbox file written before the record took the command's form still reads; one whose record was
+    tampered with (a negative participant count, a sequence number that is not an integer) is refused with
+    its path, not sent to core."""
+    import json
+
+    import pyarrow as pa
+
+    from hyprstream.errors import ValidationError
+    from hyprstream.fog.outbox import _META
+
+    box = Outbox(tmp_path / "outbox")
+    box.put(push(5, 1.0, {"fc": VectorClock.of({"fog-a": 2})}))
+    [path] = sorted((tmp_path / "outbox").glob("push-*.arrow"))
+
+    def rewrite(meta: dict) -> None:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        table = table.replace_schema_metadata({_META: json.dumps(meta).encode()})
+        with pa.OSFile(str(path), "wb") as fh, pa.ipc.new_file(fh, table.schema) as writer:
+            writer.write_table(table)
+
+    legacy = {"seq": 5, "model": "m", "fog": "fog-a", "base_clocks": {"fc": {"fog-a": 2}}, "participants": 3,
+              "privacy": None, "transcript_sha256": None}
+    rewrite(legacy)
+    [p] = Outbox(tmp_path / "outbox").pending()
+    assert p.record == PushDelta("m", "fog-a", 5, {"fc": VectorClock.of({"fog-a": 2})}, 3)
+    for damaged in ({**legacy, "participants": -1}, {**legacy, "seq": "5"}, {**legacy, "fog": "../x"}):
+        rewrite(damaged)
+        with pytest.raises(ValidationError, match=f"outbox file {path}"):
+            Outbox(tmp_path / "outbox")

@@ -79,9 +79,11 @@ class RecordingCoreClient(CoreClient):
         super().__init__(location, token)
         self.pushes: list[dict] = []
 
-    def push_delta(self, model, delta, **kw) -> PushResult:
-        result = super().push_delta(model, delta, **kw)
-        self.pushes.append({"model": model, "delta": lt.to_arrays(delta), **kw, "version": result.version})
+    def push(self, push, delta) -> PushResult:
+        result = super().push(push, delta)
+        fields = {k: getattr(push, k) for k in ("model", "fog", "seq", "base_clocks", "participants", "privacy",
+                                                "transcript_sha256")}
+        self.pushes.append({**fields, "delta": lt.to_arrays(delta), "version": result.version})
         return result
 
 
