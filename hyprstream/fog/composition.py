@@ -162,15 +162,14 @@ NO_DP, DPSGD = Dp.NONE, Dp.DPSGD
 # In order: the first rule that matches a cell decides. A rule that a config can ask for comes after
 # every rule that parsing reports first ([privacy] is checked before the config as a whole).
 RULES: tuple[Rule, ...] = (
-    Rule("mean only", when(aggregation=ROBUST),
-         "experiments have no aggregation setting: the simulator's fogs take the weighted mean", at=(Where.SIM,)),
     Rule("no telemetry selection", when(participants=SELECTED),
          "the simulator has no telemetry selection: each step asks every agent that is online and not in the "
          "minimal strategy", at=(Where.SIM,)),
     Rule("client DP needs SecAgg+", when(dp=CLIENT_DP, aggregation=(MEAN, ROBUST)), CLIENT_DP_NEEDS_SECAGG,
          fog_key="privacy.client_dp", sim_key="privacy.client_dp"),
     Rule("buffered takes the mean", when(schedule=BUFFERED, aggregation=ROBUST),
-         "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'", fog_key="rounds.aggregation"),
+         "buffered rounds use the staleness-weighted mean: use aggregation = 'mean'", fog_key="rounds.aggregation",
+         sim_key="training.aggregation"),
     Rule("buffered client DP", when(schedule=BUFFERED, dp=CLIENT_DP), BUFFERED_CLIENT_DP,
          fog_key="rounds.mode", sim_key="training.mode"),
     Rule("buffered does not select", when(schedule=BUFFERED, participants=SELECTED),
@@ -195,7 +194,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
     Family("secure buffered cohorts", Where.FOG,
            when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD), participants=ALL)),
-    Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL)),
+    Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
+                                         participants=ALL)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL)),
     Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=MEAN, dp=(NO_DP, DPSGD), participants=ALL,
                                        devices=FULL)),

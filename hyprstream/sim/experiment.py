@@ -76,6 +76,9 @@ class TrainingSection:
     lr: float = setting(0.005, gt=0.0, lt=10.0)
     min_replies: int = setting(1, ge=1, doc="a fog pushes only with at least this many usable updates")
     update_encoding: UpdateEncoding = setting(UpdateEncoding.FP32, doc="how agents encode their deltas")
+    aggregation: str = setting("mean", doc="the fogs' rule: mean (FedAvg), trimmed_mean or median (robust, "
+                               "coordinate-wise), or an installed rule (as the fog's rounds.aggregation)")
+    trim_fraction: float = setting(0.1, ge=0.0, lt=0.5, doc="trimmed_mean: share dropped at each end")
     mode: TrainingMode = setting(TrainingMode.SYNC, doc="sync rounds, or buffered asynchronous ([buffered])")
 
 
@@ -142,17 +145,28 @@ class Experiment(Checked):
         from hyprstream.fog.composition import Aggregate, Cell, dp_values
         from hyprstream.fog.config import RoundMode
 
-        aggregation = Aggregate.SECAGG if self.privacy.secagg is not None else Aggregate.MEAN
+        aggregation = Aggregate.SECAGG if self.privacy.secagg is not None else \
+            Aggregate.MEAN if self.training.aggregation == "mean" else Aggregate.ROBUST
         encoding = Encoding(self.training.update_encoding.value)
         return tuple(Cell(RoundMode(self.training.mode.value), aggregation, dp, encoding=encoding)
                      for dp in dp_values(self.privacy, devices=True))
 
     def check(self):
-        from hyprstream.fog.composition import Where, refusals
+        from hyprstream.errors import ValidationError
+        from hyprstream.fog.aggregate import resolve_rule
+        from hyprstream.fog.composition import ROBUST_WITH_SECAGG, Where, refusals
         from hyprstream.learning.task import task_names
 
         if self.task.name not in task_names():
             yield "task.name", f"unknown task {self.task.name!r} (known: {', '.join(task_names())})"
+        try:
+            resolve_rule(self.training.aggregation)
+        except ValidationError as exc:
+            yield "training.aggregation", str(exc)
+            return
+        if self.training.aggregation != "mean" and self.privacy.secagg is not None:
+            yield "training.aggregation", ROBUST_WITH_SECAGG
+            return
         yield from refusals(self.cells(), Where.SIM)
         if self.training.min_replies > self.fleet.agents_per_fog:
             yield "training.min_replies", "is larger than fleet.agents_per_fog"

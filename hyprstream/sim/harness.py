@@ -25,6 +25,7 @@ from hyprstream.coreapi.client import CoreClient
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.server import CoreFlightServer
 from hyprstream.errors import ConfigError, HyprstreamError
+from hyprstream.fog.aggregate import resolve_rule
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.fog.engine import Lane, open_ledger, round_runner, run_sync
@@ -239,6 +240,7 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     plan = RoundPlan(task=exp.task.name, layers=exp.training.layers, local_steps=exp.training.local_steps,
                      batch_size=exp.training.batch_size, lr=exp.training.lr,
                      min_replies=exp.training.min_replies, timeout_s=exp.runtime.round_timeout_s,
+                     aggregation=resolve_rule(exp.training.aggregation), trim_fraction=exp.training.trim_fraction,
                      **_encoding(exp))
     failure: list[BaseException] = []
     score = prep.score
