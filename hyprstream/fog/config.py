@@ -136,10 +136,11 @@ class RoundSettings(Checked):
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """Prometheus ``/metrics`` and ``/healthz``; off when ``port`` is 0."""
+    """Prometheus ``/metrics``, ``/healthz`` and ``/readyz``: on by default at 127.0.0.1:9466; off when ``port``
+    is 0 (a second fog on one host sets a port of its own)."""
 
     host: str = setting("127.0.0.1")
-    port: int = setting(0, ge=0, le=65535)
+    port: int = setting(9466, ge=0, le=65535, doc="9466 by default; 0 turns the endpoint off")
     token_file: str = setting("", doc="bearer token scrapers must send (recommended off loopback)", file=read_token)
     stale_after_s: float = setting(600.0, gt=0.0, doc="/healthz fails when no round finished for this long")
 

@@ -202,6 +202,7 @@ class Fog:
     name: str
     port: int
     dir: Path
+    metrics_port: int = field(default_factory=lambda: free_port())  # two fogs share this host: one port each
     service: Service | None = None
     agents: dict[str, Service] = field(default_factory=dict)
 
@@ -340,6 +341,8 @@ min_replies = {min_replies}
 timeout_s = {timeout_s}
 max_rounds = 0
 pause_s = 1.0
+[metrics]
+port = {fog.metrics_port}
 {extra}""")
         fog.service = self._start(name, [sys.executable, "-m", "hyprstream.cli", "fog", "run", "--config",
                                          str(fog.dir / "fog.toml")], fog.dir / "fog.log")

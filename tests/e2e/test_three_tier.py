@@ -181,6 +181,10 @@ def test_three_tiers_train_with_tls_auth_and_telemetry(federation):
     assert 'hyprstream_core_pushes_total{code="",fog="fog-b",model="digits-model",outcome="ok"}' in metrics
     with urllib.request.urlopen(f"http://127.0.0.1:{dep.metrics_port}/healthz", timeout=10) as health:
         assert health.status == 200 and health.read().startswith(b"ok: serving on grpc+tls://")
+    for fog in dep.fogs.values():  # each fog's endpoint, on by default (on a port of its own: two share a host)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{fog.metrics_port}/metrics", timeout=10).read().decode()
+        pushes = [line for line in text.splitlines() if line.startswith(f'hyprstream_fog_pushes_total{{fog="{fog.name}"}}')]
+        assert pushes and float(pushes[0].split()[-1]) >= 1, text[:2000]
 
 
 def test_agent_killed_mid_round_and_fog_cut_from_core(federation):

@@ -78,3 +78,17 @@ def test_client_level_privacy_gauges_appear_only_with_client_dp():
     assert "# TYPE hyprstream_fog_privacy_epsilon gauge" in text
     metrics.record_privacy(7.08, 10.0, 1e-5)
     assert metrics.privacy() == {"epsilon": 7.08, "epsilon_budget": 10.0, "delta": 1e-5}
+
+
+@pytest.mark.unit
+def test_the_endpoint_is_on_by_default_on_loopback_and_port_0_turns_it_off(tmp_path):
+    from hyprstream.fog.config import load_fog_config
+
+    (tmp_path / "t").write_text("token\n")
+    base = (f'kind = "fog"\nname = "f"\n[core]\nlocation = "grpc://127.0.0.1:1"\ntoken_file = "{tmp_path / "t"}"\n'
+            'model = "m"\n')
+    (tmp_path / "a.toml").write_text(base)
+    (tmp_path / "b.toml").write_text(base + "[metrics]\nport = 0\n")
+    default = load_fog_config(tmp_path / "a.toml").metrics
+    assert (default.host, default.port) == ("127.0.0.1", 9466)
+    assert load_fog_config(tmp_path / "b.toml").metrics.port == 0
