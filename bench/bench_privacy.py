@@ -90,7 +90,7 @@ class StubCore:
     def head(self, model):
         return {}  # the model's head: core sets no max_update_norm here
 
-    def push_delta(self, model, delta, **kw):
+    def push(self, record, delta):
         from hyprstream.core.repository import PushResult
         from hyprstream.store import layer_table as lt
 
