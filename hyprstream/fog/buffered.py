@@ -61,7 +61,7 @@ from flwr.app import Message
 from hyprstream.consistency import staleness_weight
 from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.fog.aggregate import UpdateSum
+from hyprstream.fog.aggregate import UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.aggregator import FogAggregator, FogRound, _shapes
 from hyprstream.protocol import ReplyStatus, TrainReply
 from hyprstream.store import layer_table as lt
@@ -239,11 +239,12 @@ class BufferedFog:
             self._reset_buffer()
 
     def _reset_buffer(self) -> None:
-        self._matrices: dict[str, UpdateSum] = {}
-        if self._snapshot is not None:
+        self._matrices: dict[str, UpdateMatrix | UpdateSum] = {}
+        if self._snapshot is not None:  # a running sum for the mean, rows for a robust or installed rule
             layers = self.fog.plan.layers or tuple(lt.layers_in(self._snapshot.table))
-            self._matrices = {layer: UpdateSum(_shapes(lt.select_layers(self._snapshot.table, [layer])),
-                                               capacity=self.buffer_k) for layer in layers}
+            self._matrices = {layer: updates_for(self.fog.plan.aggregation,
+                                                 _shapes(lt.select_layers(self._snapshot.table, [layer])),
+                                                 capacity=self.buffer_k) for layer in layers}
         self._contributors: list[int] = []
         self._staleness: list[int] = []
         self._weights: list[float] = []
@@ -374,10 +375,16 @@ class BufferedFog:
         base = self._snapshot
         ready = [layer for layer, m in self._matrices.items() if m.count]
         delta: dict[str, np.ndarray] = {}
-        for layer in ready:
-            delta.update(self._matrices[layer].mean())
         reasons = list(self._reasons)
-        version = self.fog.push(base, delta, ready, len(self._contributors), reasons)
+        plan = self.fog.plan
+        try:  # the staleness-weighted mean, or the plan's robust rule over the buffer's rows
+            for layer in ready:
+                delta.update(self._matrices[layer].aggregate(plan.aggregation, plan.trim_fraction))
+        except ValidationError as exc:  # an installed rule that failed or returned a wrong or non-finite value
+            log.error("fog %s: aggregation failed, nothing pushed: %s", self.fog.name, exc)
+            reasons.append(f"aggregation: {exc}")
+            delta, ready = {}, []
+        version = self.fog.push(base, delta, ready, len(self._contributors), reasons) if delta else None
         losses = self._losses
         loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
         return self._pushed(base, version, tuple(ready), delta, reasons, loss, tuple(self._contributors))

@@ -106,7 +106,7 @@ class RoundSettings(Checked):
     aggregation: str = setting("mean", doc="mean (FedAvg), trimmed_mean or median (robust, coordinate-wise), or "
                                "an installed rule: an entry point of group hyprstream.aggregators or "
                                "package.module:attribute (robust and installed rules: not with secure "
-                               "aggregation or buffered rounds)")
+                               "aggregation)")
     trim_fraction: float = setting(0.1, ge=0.0, lt=0.5, doc="trimmed_mean: share dropped at each end")
     update_encoding: Encoding = setting(Encoding.FP32, doc="how agents send their deltas: fp32, or int8 (per "
                                         "tensor, stochastic rounding: about 4x less uplink; with secure "

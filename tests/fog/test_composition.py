@@ -95,6 +95,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/fog/test_fog_privacy_rounds.py::test_buffered_rounds_with_secure_aggregation_push_cohort_means",
     ),
     "fog: buffered": (
+        "tests/fog/test_composition.py::test_a_buffered_fog_takes_a_robust_rule_over_each_buffer",
         "tests/fog/test_buffered.py::test_pushes_every_k_updates_with_staleness_weighted_mean",
         "tests/fog/test_buffered.py::test_run_fog_in_buffered_mode_pushes_every_k_updates",
         "tests/fog/test_composition.py::test_a_buffered_fog_averages_each_group_over_the_agents_that_trained_it",
@@ -126,6 +127,8 @@ TESTS: dict[str, tuple[str, ...]] = {
         "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
     ),
     "sim: buffered": (
+        # the simulator's buffered fogs run the same BufferedFog with the experiment's training.aggregation
+        "tests/fog/test_composition.py::test_a_buffered_fog_takes_a_robust_rule_over_each_buffer",
         "tests/sim/test_buffered_sim.py::test_buffered_run_writes_metrics",
         "tests/sim/test_buffered_sim.py::test_job_duration_by_hand",
         "tests/fog/test_composition.py::test_a_buffered_fog_asks_for_and_decodes_int8_updates",
@@ -384,6 +387,27 @@ def test_a_buffered_fog_averages_each_group_over_the_agents_that_trained_it(site
     assert push.contributors == (1, 2, 3) and push.layers == ("fc2", "head") and push.version == 1
     assert moved["fc2.weight"] == pytest.approx((10 * 0.1 + 30 * 0.2) / 40, abs=1e-6)
     assert moved["head.weight"] == pytest.approx((10 * 0.1 + 30 * 0.2 + 20 * 0.6) / 60, abs=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_a_buffered_fog_takes_a_robust_rule_over_each_buffer(site, rule):
+    """buffered + robust: each buffer's rows combined by the plan's rule (unweighted, as in a sync round), so
+    one far-off update moves the push no more than the rule allows; a failing installed rule costs the push."""
+    from hyprstream.fog.aggregate import Aggregation, resolve_rule
+    from hyprstream.fog.buffered import BufferedFog
+
+    nodes = {1: {"value": 0.001, "examples": 1}, 2: {"value": 0.002, "examples": 50},
+             3: {"value": 0.003, "examples": 1}, 4: {"value": 5.0, "examples": 1}}  # agent 4: far off
+    fog, core = _fog(site, nodes, layers=("head",), aggregation=resolve_rule(rule), trim_fraction=0.25)
+    with core:
+        base = fog.pull()
+        (push,) = run_buffered([BufferedFog(fog, buffer_k=4, max_staleness=0, concurrency=4)], max_pushes=1)
+        moved = _moved(core, base)
+    assert push.contributors == (1, 2, 3, 4) and push.version == 1
+    # median of (0.001, 0.002, 0.003, 5.0): 0.0025; trimmed by one at each end: the same two in the middle
+    assert moved["head.weight"] == pytest.approx(0.0025, abs=1e-6)
+    assert fog.plan.aggregation is not Aggregation.MEAN
 
 
 @pytest.mark.integration
