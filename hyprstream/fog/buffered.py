@@ -147,7 +147,7 @@ class _Job:
 class BufferedFog:
     def __init__(self, fog: FogAggregator, *, buffer_k: int, max_staleness: int, concurrency: int | None = None,
                  duration: Callable[[int, Dispatch], float] | None = None, poll_s: float = 0.05,
-                 secure=None) -> None:
+                 secure=None, choose: Callable[[tuple[int, ...], int, int], Sequence[int]] | None = None) -> None:
         if not isinstance(buffer_k, int) or buffer_k < 1:
             raise ValidationError(f"buffer_k must be an integer >= 1, got {buffer_k!r}")
         if not isinstance(max_staleness, int) or max_staleness < 0:
@@ -161,7 +161,12 @@ class BufferedFog:
         if secure is not None and buffer_k < secure.secagg.min_clients:
             raise ValidationError(f"buffer_k {buffer_k} is below the {secure.secagg.min_clients} clients a secure "
                                   "sum needs ([privacy.secagg] min_clients)")
+        if choose is not None and duration is not None:
+            raise ValidationError("a telemetry selection chooses in real time, not on a virtual clock")
         self.fog = fog
+        # telemetry selection: choose(idle agents, free slots, call number) -> the agents to send a job now
+        self.choose = choose
+        self._choices = 0
         self.secure = secure  # a SecureFogAggregator around ``fog``: each buffer is one secure cohort round
         self.buffer_k = buffer_k
         self.max_staleness = max_staleness
@@ -205,7 +210,8 @@ class BufferedFog:
         or ``stop`` is set; returns the pushes this made (at most one with a virtual clock)."""
         self._start()
         self._fill()
-        self._check_busy()
+        if not self._await_work(stop):
+            return []
         if self.duration is not None:
             self._now, _, message_id = heapq.heappop(self._events)
             job = self._jobs[message_id]
@@ -221,9 +227,27 @@ class BufferedFog:
             # a fixed order (by dispatch), not arrival order, so that float sums are reproducible
             for mid in sorted([*got, *expired], key=lambda m: self._jobs[m].dispatch.index):
                 pushes.extend(self._finish(self._jobs[mid], got.get(mid)))
-            if not pushes:
-                self._check_busy()
+            if not pushes and not self._await_work(stop):
+                break
         return pushes
+
+    def _await_work(self, stop: threading.Event | None) -> bool:
+        """Until an agent is training: with a telemetry selection, idle agents none of which is eligible now
+        are offered again every ``poll_s`` (telemetry changes); False when ``stop`` is set meanwhile. Without
+        one (or with no idle agent left), no agent training means nothing can fill the buffer: an error."""
+        warned = False
+        while not self._jobs:
+            if self.choose is None or not self._idle:
+                self._check_busy()
+            if stop is not None and stop.is_set():
+                return False
+            if not warned:
+                log.warning("fog %s: none of the %d idle agent(s) is eligible now; asking again", self.fog.name,
+                            len(self._idle))
+                warned = True
+            time.sleep(self.poll_s)
+            self._fill()
+        return True
 
     def _check_busy(self) -> None:
         if not self._jobs:
@@ -256,9 +280,20 @@ class BufferedFog:
         self._uplink: dict[int, int] = {}
 
     def _fill(self) -> None:
-        """Send requests to idle agents until ``concurrency`` are training."""
-        while len(self._jobs) < self.concurrency and self._idle:
-            self._dispatch(self._idle.popleft())
+        """Send requests to idle agents until ``concurrency`` are training (with a telemetry selection, to the
+        idle agents it chooses; the others stay idle and are offered again)."""
+        slots = self.concurrency - len(self._jobs)
+        if slots <= 0 or not self._idle:
+            return
+        if self.choose is None:
+            for _ in range(min(slots, len(self._idle))):
+                self._dispatch(self._idle.popleft())
+            return
+        self._choices += 1
+        idle = tuple(self._idle)
+        for node in [n for n in dict.fromkeys(self.choose(idle, slots, self._choices)) if n in idle][:slots]:
+            self._idle.remove(node)
+            self._dispatch(node)
 
     def _dispatch(self, node: int) -> None:
         assert self._snapshot is not None

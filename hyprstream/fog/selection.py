@@ -223,11 +223,12 @@ class RoundSelector:
         self.warmup_s = warmup_s
         self.last: Selection | None = None
 
-    def choose(self, agents: Mapping[int, DeviceInfo], round_no: int) -> tuple[int, ...]:
-        """The node IDs to train in round ``round_no`` (seeded by it); records them as participants.
-        The first time, waits up to ``warmup_s`` until the view has telemetry of every agent."""
+    def choose(self, agents: Mapping[int, DeviceInfo], round_no: int, count: int | None = None) -> tuple[int, ...]:
+        """The node IDs to train in round ``round_no`` (seeded by it): at most ``count`` (default: the
+        selector's); records them as participants. The first time, waits up to ``warmup_s`` until the view
+        has telemetry of every agent."""
         self._warm_up(agents)
-        self.last = select_agents(agents, self.fleet.devices(), count=self.count,
+        self.last = select_agents(agents, self.fleet.devices(), count=self.count if count is None else count,
                                   participation=self.participation.counts(), now=self.clock(), seed=round_no,
                                   rules=self.rules)
         self.participation.record([agents[n].device_id for n in self.last.chosen])

@@ -253,12 +253,19 @@ def _buffered_rounds(lane: Lane, cfg: FogConfig, metrics: FogMetrics, stop: thre
 
     from hyprstream.fog.buffered import BufferedFog
 
-    r, fog = cfg.rounds, lane.fog
+    r, fog, selector = cfg.rounds, lane.fog, lane.selector
     fog.plan = round_plan(cfg, r.layers)
     options = {} if poll_s is None else {"poll_s": poll_s}
+    concurrency = r.concurrency or len(fog.node_ids)
+    choose = None
+    if selector is not None:  # every free slot goes to an eligible agent the fleet view chooses
+        concurrency = selector.count or concurrency  # fleet.clients_per_round > 0: that many train at once
+
+        def choose(idle: tuple[int, ...], slots: int, call: int) -> tuple[int, ...]:
+            return selector.choose({n: lane.devices[n] for n in idle if n in lane.devices}, call, count=slots)
     buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
-                           concurrency=min(r.concurrency or len(fog.node_ids), len(fog.node_ids)),
-                           secure=lane.runner if lane.runner is not fog else None, **options)
+                           concurrency=min(concurrency, len(fog.node_ids)),
+                           secure=lane.runner if lane.runner is not fog else None, choose=choose, **options)
     done: list[FogRound] = []
 
     def record(push) -> None:

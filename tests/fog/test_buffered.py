@@ -131,6 +131,27 @@ def test_real_time_mode_pushes_every_k_updates(site):
     assert head["version"] == 3
 
 
+def test_a_selection_decides_which_idle_agents_get_a_job_and_the_fog_waits_for_an_eligible_one(site):
+    """buffered + telemetry selection: only the agents ``choose`` picks are sent a job (agent 2 never is);
+    while it picks none, the fog offers its idle agents again instead of failing."""
+    agents = Agents()
+    fog, core = make_fog(site, agents, [1, 2, 3])
+    offered = []
+
+    def choose(idle, slots, call):
+        offered.append((idle, slots))
+        return () if call <= 3 else tuple(n for n in idle if n != 2)  # nobody eligible at first
+
+    with core:
+        buffered = BufferedFog(fog, buffer_k=2, max_staleness=5, concurrency=2, choose=choose, poll_s=0.01)
+        pushes = run_buffered([buffered], max_pushes=3)
+    assert [p.version for p in pushes] == [1, 2, 3]
+    assert all(2 not in p.contributors for p in pushes) and all(p.participants == 2 for p in pushes)
+    assert len(offered) > 3 and offered[0] == ((1, 2, 3), 2)  # asked again while none was chosen
+    with pytest.raises(ValidationError, match="virtual clock"):
+        BufferedFog(fog, buffer_k=2, max_staleness=5, choose=choose, duration=lambda node, d: 1.0)
+
+
 def test_async_commits_more_versions_per_simulated_second_than_sync_with_a_straggler(site):
     agents = Agents()
     nodes = [1, 2, 3, 4]

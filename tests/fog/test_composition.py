@@ -95,6 +95,9 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/fog/test_fog_privacy_rounds.py::test_buffered_rounds_with_secure_aggregation_push_cohort_means",
     ),
     "fog: buffered": (
+        "tests/fog/test_buffered.py::"
+        "test_a_selection_decides_which_idle_agents_get_a_job_and_the_fog_waits_for_an_eligible_one",
+        "tests/fog/test_fleet.py::test_a_buffered_fog_sends_jobs_only_to_the_agents_its_fleet_view_chooses",
         "tests/fog/test_composition.py::test_a_buffered_fog_takes_a_robust_rule_over_each_buffer",
         "tests/fog/test_buffered.py::test_pushes_every_k_updates_with_staleness_weighted_mean",
         "tests/fog/test_buffered.py::test_run_fog_in_buffered_mode_pushes_every_k_updates",

@@ -270,6 +270,19 @@ def test_fog_rounds_choose_from_the_fleet_view_and_serve_offload(broker, site):
         client.infer("digits", [row])
 
 
+def test_a_buffered_fog_sends_jobs_only_to_the_agents_its_fleet_view_chooses(broker, site):
+    """``mode = "buffered"`` with ``clients_per_round``: that many agents train at once, chosen by the fleet
+    view's rules as they come free; the minimal one is never sent a job."""
+    from hyprstream.agent.profile import Strategy
+
+    devices = {"device-1": Strategy.FULL, "device-2": Strategy.MINIMAL, "device-3": Strategy.FULL}
+    config = ('[rounds]\nlayers = ["head"]\nlocal_steps = 2\nmin_agents = 3\nmax_rounds = 3\n'
+              'mode = "buffered"\nbuffer_k = 2\nmax_staleness = 4\n')
+    rounds = run_fleet_fog(broker, site, devices, config, 2)
+    assert [r.version for r in rounds] == [1, 2, 3]
+    assert all(2 not in r.contributors and r.participants == 2 for r in rounds), [r.contributors for r in rounds]
+
+
 def test_with_client_dp_the_fleet_weights_a_poisson_sample_instead_of_choosing(broker, site):
     """``clients_per_round > 0`` with ``[privacy.client_dp]``: no top-M choice; each eligible agent takes part
     with probability q times its own telemetry score (the minimal one never), every round is charged at q,
