@@ -22,6 +22,7 @@ from hyprstream.errors import ConfigError
 __all__ = ["add_parser"]
 
 DEFAULT_STORE = Path("/var/lib/hyprstream/agent/store")
+DEFAULT_PORT = 9467  # the record API with /metrics, /healthz, /readyz on 127.0.0.1, unless --socket or --no-listen
 MQTT_PASSWORD_ENV = "HYPRSTREAM_MQTT_PASSWORD"
 
 
@@ -67,7 +68,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--task", default="digits", help="task plugin (default: %(default)s)")
     r.add_argument("--watch", type=Path, action="append", default=[], metavar="DIR",
                    help="take record files dropped into DIR (repeatable)")
-    r.add_argument("--listen", type=int, metavar="PORT", help="HTTP record endpoint on 127.0.0.1:PORT")
+    r.add_argument("--listen", type=int, metavar="PORT",
+                   help=f"HTTP record endpoint with /metrics and /healthz on 127.0.0.1:PORT (default: {DEFAULT_PORT} "
+                        "unless --socket is given; 0: any free port)")
+    r.add_argument("--no-listen", action="store_true", help="no HTTP endpoint on loopback")
     r.add_argument("--socket", type=Path, metavar="PATH", help="HTTP record endpoint on a Unix socket")
     r.add_argument("--subscribe", action="append", default=[], metavar="TOPIC",
                    help="take JSON records from an MQTT topic on --mqtt (repeatable)")
@@ -123,13 +127,18 @@ def build_config(args: argparse.Namespace):
         raise ConfigError("--offload-token and --offload-ca need --offload", source="--offload")
     if args.listen is not None and not 0 <= args.listen < 65536:
         raise ConfigError(f"must be a port in 0..65535, got {args.listen}", source="--listen")
+    if args.no_listen and args.listen is not None:
+        raise ConfigError("--listen and --no-listen exclude each other", source="--no-listen")
+    listen = args.listen
+    if listen is None and args.socket is None and not args.no_listen:
+        listen = DEFAULT_PORT
     store = args.store
     state = args.state or store.with_name(store.name + ".state")
     key = load_key(args.store_key) if profile.store.encrypt_at_rest else None
     return AgentConfig(
         profile_path=args.config, profile=profile, fleet=args.fleet, device_id=args.device_id or default_device_id(),
         store_dir=store, state_dir=state, task=args.task, fog=fog, mqtt=mqtt, offload=offload,
-        ingest=IngestConfig(tuple(args.watch), args.listen, args.socket, tuple(args.subscribe)), store_key=key)
+        ingest=IngestConfig(tuple(args.watch), listen, args.socket, tuple(args.subscribe)), store_key=key)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

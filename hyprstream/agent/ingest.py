@@ -321,7 +321,8 @@ class HttpSource(_ServedSource):
         try:
             server = server_cls((host, port), _Handler)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", source="--listen") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} (another agent on this host: give "
+                              "each its own --listen PORT, or --no-listen)", source="--listen") from None
         server.token = token
         self.port = server.server_address[1]
         super().__init__(server, f"http://{host}:{self.port}", sink, health, metrics, check)

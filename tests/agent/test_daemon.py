@@ -77,10 +77,16 @@ def decoded(sub: Subscriber):
 def test_real_agent_telemetry_then_sigkill_leaves_offline(tmp_path, broker):
     jsonschema = pytest.importorskip("jsonschema")
     sub = Subscriber(broker.host, broker.port, "hyprstream/v1/plant-7/pi-01/#")
-    proc = start_agent(tmp_path, broker)
+    proc = start_agent(tmp_path, broker)  # no --listen: the endpoint is on by default, on loopback
     try:
         assert sub.wait_for(lambda m: sum(t.endswith("/telemetry") for t, _, _ in m) >= 3, 60), \
             (tmp_path / "agent.log").read_text()
+        from hyprstream.agent.cli import DEFAULT_PORT
+
+        req = urllib.request.Request(f"http://127.0.0.1:{DEFAULT_PORT}/metrics",
+                                     headers=_auth(tmp_path / "store.state"))
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200 and b"hyprstream_agent_" in resp.read()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert sub.wait_for(lambda m: json.loads(m[-1][1]).get("state") == "offline", 20)
@@ -438,3 +444,30 @@ def test_the_executor_polls_fast_while_tasks_come_and_backs_off_when_idle():
         interval = next_poll(interval, got, 0.2, 1.0)
         waits.append(interval)
     assert waits == [0.4, 0.8, 1.0, 1.0, 0.2, 0.4]
+
+
+@pytest.mark.unit
+def test_the_record_endpoint_is_on_by_default_on_loopback(tmp_path):
+    """``agent run`` without --listen or --socket serves the record API with /metrics and /healthz on
+    127.0.0.1:9467; --socket takes its place, --no-listen turns it off, and asking for both is refused."""
+    import argparse
+
+    from hyprstream.agent import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    key = tmp_path / "store.key"
+    key.write_bytes(os.urandom(32))
+    base = ["agent", "run", "--config", str(fast_profile(tmp_path)), "--store", str(tmp_path / "store"),
+            "--store-key", str(key)]
+
+    def listen(*extra: str):
+        return cli.build_config(parser.parse_args([*base, *extra])).ingest
+
+    assert listen().listen_port == cli.DEFAULT_PORT == 9467
+    assert listen("--listen", "8123").listen_port == 8123
+    on_socket = listen("--socket", str(tmp_path / "agent.sock"))
+    assert on_socket.listen_port is None and on_socket.socket is not None
+    assert listen("--no-listen").listen_port is None
+    with pytest.raises(ConfigError, match="exclude each other"):
+        listen("--listen", "8123", "--no-listen")

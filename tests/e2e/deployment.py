@@ -388,7 +388,7 @@ port = {fog.metrics_port}
                "--device-id", device, "--task", "digits", "--watch", str(d / "inbox"),
                "--fog", f"127.0.0.1:{fog.port}", "--fog-ca", str(d / "fog-ca.pem"), "--fog-auth-key",
                str(d / "node.key"), "--mqtt", f"127.0.0.1:{self.mqtt_port}", "--mqtt-ca", str(d / "mqtt-ca.pem"),
-               "--mqtt-user", device]
+               "--mqtt-user", device, "--listen", str(free_port())]  # several agents on one host: a port each
         env = {**ENV, "HYPRSTREAM_MQTT_PASSWORD": self.mqtt_passwords[device], "HYPRSTREAM_TORCH_THREADS": "1"}
         agent = self._start(device, cmd, d / "agent.log", env=env)
         fog.agents[device] = agent
