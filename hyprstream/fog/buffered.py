@@ -442,16 +442,20 @@ class BufferedFog:
         for node, nbytes in result.uplink.items():
             self._uplink[node] = self._uplink.get(node, 0) + nbytes
         self._idle.extend(self._contributors)  # every agent of the cohort is free again, dropped or not
+        # contributors: the cohort, in the order its agents finished; participants: the survivors summed
         return self._pushed(base, result.version, result.layers if result.version is not None else (),
-                            result.delta, [*self._reasons, *result.reasons], float("nan"), result.contributors)
+                            result.delta, [*self._reasons, *result.reasons], float("nan"),
+                            tuple(self._contributors), participants=len(result.contributors))
 
     def _pushed(self, base: Snapshot, version: int | None, layers: tuple[str, ...], delta: dict[str, np.ndarray],
-                reasons: list[str], loss: float, contributors: tuple[int, ...]) -> BufferedPush:
+                reasons: list[str], loss: float, contributors: tuple[int, ...],
+                participants: int | None = None) -> BufferedPush:
         """Record a push, pull the new version and start an empty buffer."""
         counts = self._counts
         record = BufferedPush(
             fog=self.fog.name, index=len(self.pushes) + 1, base_version=base.version, version=version,
-            layers=layers, participants=len(contributors), contributors=contributors,
+            layers=layers, participants=len(contributors) if participants is None else participants,
+            contributors=contributors,
             staleness=tuple(self._staleness), weights=tuple(self._weights),
             dispatches=tuple(self._buffered), declined=counts["declined"],
             refused=counts["refused"], failed=counts["failed"], bytes_up=counts["bytes_up"],

@@ -34,7 +34,8 @@ from hyprstream.fog.composition import (
 )
 from hyprstream.fog.config import RoundMode
 from hyprstream.fog.engine import run_buffered
-from hyprstream.privacy.secagg_messages import SECAGG_ACTION
+from hyprstream.privacy import secagg_messages as wire
+from hyprstream.privacy.secagg_messages import SECAGG_ACTION, Stage
 from hyprstream.privacy.secagg_mod import make_secagg_mod
 from hyprstream.protocol import ReplyStatus, TrainReply, TrainRequest
 from hyprstream.store.layer_table import layer_of
@@ -519,6 +520,42 @@ def test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_we
     expected = (0.004 * 2 ** -0.5 + 0.001) / (2 ** -0.5 + 1.0)
     assert moved[1]["head.weight"] == pytest.approx(expected, abs=1e-6)
     assert first.train_loss != first.train_loss  # NaN: no loss leaves the devices either
+
+
+@pytest.mark.integration
+def test_a_secure_cohort_that_cannot_finish_pushes_nothing_and_the_buffered_fog_goes_on(site):
+    """A cohort whose secure round aborts (an agent silent at its setup leaves one survivor, fewer than
+    min_clients) releases nothing; its agents are free again and the next cohort commits."""
+    from hyprstream.fog.buffered import BufferedFog
+    from hyprstream.fog.loopback import LoopbackGrid
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.config import SecAggConfig
+    from hyprstream.privacy.noise import SeededRandom
+
+    nodes = {1: {"value": 0.001, "examples": 1}, 2: {"value": 0.003, "examples": 1},
+             3: {"value": 0.5, "examples": 1}}
+    silent = {"left": 1}  # agent 3 drops the first setup it is sent
+
+    def drop(node, msg) -> bool:
+        if node == 3 and silent["left"] and wire.header(msg.content).stage is Stage.SETUP:
+            silent["left"] -= 1
+            return True
+        return False
+
+    fog, core = _fog(site, nodes, secure_app, layers=("head",))
+    fog.grid = LoopbackGrid(secure_app, list(nodes), node_config=nodes.__getitem__, drop=drop)
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0, stage_timeout_s=2.0), source=SeededRandom(0))
+    durations = {1: 1.0, 2: 2.0, 3: 1.5}
+    with core:
+        base = fog.pull()
+        buffered = BufferedFog(fog, buffer_k=2, max_staleness=3, concurrency=3, secure=secure,
+                               duration=lambda node, dispatch: durations[node])
+        aborted, committed = run_buffered([buffered], max_pushes=2)
+        moved = _moved(core, base)
+    assert (aborted.contributors, aborted.version) == ((1, 3), None)
+    assert any("abort" in r or "not released" in r for r in aborted.reasons), aborted.reasons
+    assert committed.version == 1 and set(committed.contributors) == {1, 2}, committed.reasons
+    assert moved["head.weight"] == pytest.approx((0.001 + 0.003) / 2, abs=1e-6)
 
 
 def _moved_between(base, after) -> dict[str, float]:
