@@ -7,7 +7,7 @@ and, for distributed noise, noise their own deltas); a device profile may hold `
 
     [privacy.secagg]
     clip = 1.0                 # L2 bound of one client's delta (and client-level DP's sensitivity)
-    field_bits = 32            # 32 or 64; the grid is sized from clip and the round's client count
+    field_bits = 32            # 16, 32 or 64; the grid is sized from clip and the round's client count
     threshold_fraction = 0.5   # Shamir threshold t = floor(fraction * degree) + 1: >= 0.5, a strict majority
     expected_dropout = 0.1     # sizes the neighbour graph's degree (unless degree > 0)
     degree = 0
