@@ -32,11 +32,14 @@ def _exp(**sections) -> Experiment:
 
 
 @pytest.mark.unit
-def test_buffered_mode_refuses_secure_aggregation():
-    with pytest.raises(ConfigError, match=r"training.mode: secure aggregation \(\[privacy.secagg\].* needs synchronous"):
-        _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}})
-    # the same section is fine in sync mode
-    parse(Experiment, {"name": "t", "privacy": {"secagg": {"clip": 50.0, "min_clients": 2}}})
+def test_buffered_mode_takes_secure_aggregation_and_refuses_client_level_dp():
+    # secure buffered cohorts: each buffer is one secure round among the agents that filled it
+    assert _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}}).privacy.secagg is not None
+    with pytest.raises(ConfigError, match=r"training.mode: client-level DP .* not a sample"):
+        _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}, "client_dp": {"noise_multiplier": 1.0}})
+    # the same sections are fine in sync mode
+    parse(Experiment, {"name": "t", "privacy": {"secagg": {"clip": 50.0, "min_clients": 2},
+                                                "client_dp": {"noise_multiplier": 1.0}}})
 
 
 @pytest.mark.unit
