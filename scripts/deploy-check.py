@@ -50,6 +50,7 @@ def environment() -> dict[str, str]:
             "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
             "CORE_HOST": "127.0.0.1", "FOG1_HOST": "127.0.0.1", "BROKER_HOST": "127.0.0.1",
             "CORE_PORT": str(free_port()), "FOG1_PORT": str(free_port()), "BROKER_PORT": str(free_port()),
+            "AGENT_PORT": str(free_port()),
             "BROKER_USER": getpass.getuser()}
 
 
