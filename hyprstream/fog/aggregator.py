@@ -140,6 +140,17 @@ class FogAggregator:
                 hook(delivery)
         return deliveries
 
+    def train_request(self, base: Snapshot, layers: tuple[str, ...], round_no: int, agent: int,
+                      weights: dict[str, np.ndarray], *, encoded: bool = True) -> TrainRequest:
+        """The plan's train request in round ``round_no`` to the agent at index ``agent`` of :attr:`node_ids`
+        (its seed: :func:`train_seed` of the fog's seed, the round and that index); ``encoded=False``: fp32
+        deltas whatever the plan's encoding (a secure round quantizes them itself)."""
+        p = self.plan
+        return TrainRequest(model=self.model, model_version=base.version, task=p.task, layers=layers,
+                            local_steps=p.local_steps, batch_size=p.batch_size, lr=p.lr,
+                            seed=train_seed(self.seed, round_no, agent), weights=weights,
+                            update_encoding=p.update_encoding if encoded else "fp32")
+
     def start_round(self, round_no: int, base: Snapshot | None = None,
                     nodes: Sequence[int] | None = None) -> PendingRound:
         """Send train requests to ``nodes`` (default: all of this fog's agents)."""
@@ -157,13 +168,7 @@ class FogAggregator:
         # all the messages (as Flower's own strategies share one ArrayRecord) instead of once per agent.
         shared = None
         for node in nodes:
-            i = index[node]
-            request = TrainRequest(
-                model=self.model, model_version=base.version, task=self.plan.task, layers=layers,
-                local_steps=self.plan.local_steps, batch_size=self.plan.batch_size, lr=self.plan.lr,
-                seed=train_seed(self.seed, round_no, i), weights=weights,
-                update_encoding=self.plan.update_encoding,
-            )
+            request = self.train_request(base, layers, round_no, index[node], weights)
             if shared is None:
                 content = request.to_content()
                 shared, payload = content["weights"], request.payload_bytes()

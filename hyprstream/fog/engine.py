@@ -109,7 +109,8 @@ class Lane:
         self._sampling = None
         if self.selector is None:
             return nodes
-        devices = {n: d for n, d in self.devices.items() if n in set(nodes)}
+        wanted = set(nodes)
+        devices = {n: d for n, d in self.devices.items() if n in wanted}
         dp = self.client_dp
         if dp is not None and self.selector.count > 0:
             self._sampling = self.selector.rates(devices, dp.client_sampling_rate)

@@ -46,7 +46,6 @@ from hyprstream.privacy.noise import RandomSource, SecureRandom
 from hyprstream.privacy.quantize import Quantizer
 from hyprstream.privacy.secagg import SecAggServer, SecAggSum, new_round_id, plan_graph
 from hyprstream.privacy.secagg_messages import Stage, Status
-from hyprstream.protocol import TrainRequest, train_seed
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.privacy")
@@ -211,10 +210,7 @@ class SecureFogAggregator:
         index = {node: i for i, node in enumerate(fog.node_ids)}
         messages = []
         for i, node in enumerate(nodes, start=1):
-            request = TrainRequest(
-                model=fog.model, model_version=base.version, task=fog.plan.task, layers=pending.layers,
-                local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
-                seed=train_seed(fog.seed, round_no, index[node]), weights=weights)
+            request = fog.train_request(base, pending.layers, round_no, index[node], weights, encoded=False)
             pending.bytes_down += request.payload_bytes()
             setup = wire.Setup(pending.round_id, i, pending.server.neighbours(i), pending.server.threshold,
                                pending.spec)
@@ -250,10 +246,8 @@ class SecureFogAggregator:
         fog = self.fog
         self._known((node,))
         layers = fog.plan.layers or tuple(lt.layers_in(base.table))
-        request = TrainRequest(
-            model=fog.model, model_version=base.version, task=fog.plan.task, layers=layers,
-            local_steps=fog.plan.local_steps, batch_size=fog.plan.batch_size, lr=fog.plan.lr,
-            seed=train_seed(fog.seed, index, fog.node_ids.index(node)), weights=lt.to_arrays(base.table))
+        request = fog.train_request(base, layers, index, fog.node_ids.index(node), lt.to_arrays(base.table),
+                                    encoded=False)
         hold_id = new_round_id()
         message = Message(wire.hold_content(request.to_content(), hold_id), dst_node_id=node,
                           message_type=wire.SECAGG_MESSAGE_TYPE, group_id=f"{fog.name}/dispatch-{index}")
