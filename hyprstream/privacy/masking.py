@@ -82,6 +82,12 @@ def derive(secret: bytes, purpose: bytes, context: bytes) -> bytes:
     return hkdf_sha256(secret, PROTOCOL + b"|" + purpose + b"|" + context)
 
 
+def derive_each(secret: bytes, purposes: tuple[bytes, ...], context: bytes) -> tuple[bytes, ...]:
+    """:func:`derive` of one ``secret`` for each of ``purposes`` (the same keys), extracting once."""
+    prk = hmac.digest(_HKDF_SALT, secret, "sha256")
+    return tuple(hmac.digest(prk, PROTOCOL + b"|" + p + b"|" + context + b"\x01", "sha256") for p in purposes)
+
+
 def agree(private: X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
     """A 32-byte key shared by the two ends, bound to ``purpose`` and ``context``."""
     return derive(exchange(private, peer_public), purpose, context)

@@ -197,10 +197,13 @@ def _advert_digest(round_id: bytes, index: int, enc_key: bytes, mask_key: bytes,
                           + commitment).digest()
 
 
-def _survivors_tag(key: bytes, round_id: bytes, index: int, survivors: Sequence[int]) -> bytes:
-    """Client ``index``'s MAC of the survivor set under one pair's confirmation key."""
-    data = masking.PROTOCOL + b"|survivors|" + round_id + _idx(index) + struct.pack(f">{len(survivors)}I", *survivors)
-    return hmac.digest(key, data, "sha256")
+def _survivors_bytes(survivors: Sequence[int]) -> bytes:
+    return struct.pack(f">{len(survivors)}I", *survivors)
+
+
+def _survivors_tag(key: bytes, round_id: bytes, index: int, survivors: bytes) -> bytes:
+    """Client ``index``'s MAC of the survivor set (:func:`_survivors_bytes`) under one pair's confirmation key."""
+    return hmac.digest(key, masking.PROTOCOL + b"|survivors|" + round_id + _idx(index) + survivors, "sha256")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,8 +297,8 @@ class SecAggClient:
             # the pair's secret: new each round (ephemeral c keys), known to u and v alone (static identities)
             secret = masking.exchange(enc, adv.enc_key) + self.identity.agree(identities[v], known)
             context = _pair_context(self.round_id, self.index, v)
-            self._channels[v] = masking.derive(secret, masking.SHARE_PURPOSE, context)
-            self._confirm[v] = masking.derive(secret, masking.CONFIRM_PURPOSE, context)
+            self._channels[v], self._confirm[v] = masking.derive_each(
+                secret, (masking.SHARE_PURPOSE, masking.CONFIRM_PURPOSE), context)
             self._peer_digests[v] = _advert_digest(self.round_id, v, adv.enc_key, adv.mask_key, adv.commitment)
             plain = _idx(self.index) + _idx(v) + b_shares[v] + s_shares[v]
             sealed[v] = masking.seal(self._channels[v], plain, _associated(self.round_id, self.index, v) + own)
@@ -353,8 +356,9 @@ class SecAggClient:
             self._refuse(f"the survivor set keeps fewer than {self.threshold} of my neighbours")
         self._survivors = u3
         self.stage = "confirmed"
-        return {v: _survivors_tag(self._confirm[v], self.round_id, self.index, u3)
-                for v in self._masked_with if v in set(u3)}
+        packed, alive = _survivors_bytes(u3), set(u3)
+        return {v: _survivors_tag(self._confirm[v], self.round_id, self.index, packed)
+                for v in self._masked_with if v in alive}
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Shares of survivors' self-mask seeds and dropped neighbours' mask keys, as the confirmed survivor set
@@ -362,12 +366,12 @@ class SecAggClient:
         self._expect("confirmed")
         self.stage = "done"  # one unmask request per round, answered or refused
         valid = 0
-        u3 = set(self._survivors)
+        u3, packed = set(self._survivors), _survivors_bytes(self._survivors)
         for v in sorted(request.tags):
             key = self._confirm.get(v)
             if key is None or v not in u3:
                 self._refuse(f"unmask request carries a confirmation of client {v}, not a surviving neighbour")
-            if hmac.compare_digest(bytes(request.tags[v]), _survivors_tag(key, self.round_id, v, self._survivors)):
+            if hmac.compare_digest(bytes(request.tags[v]), _survivors_tag(key, self.round_id, v, packed)):
                 valid += 1
         if valid < self.threshold:
             self._refuse(f"{valid} valid neighbour confirmation(s) of the survivor set I confirmed, "

@@ -502,3 +502,19 @@ def test_inputs_outside_the_layout_are_refused() -> None:
         encode({"v": np.zeros(4)}, 1, spec, SeededRandom(0))
     with pytest.raises(ValidationError, match="NaN"):
         encode({"w": np.array([0, 0, np.nan, 0])}, 1, spec, SeededRandom(0))
+
+
+def test_derive_each_gives_each_purposes_hkdf_key() -> None:
+    """The channel and confirmation keys come from one extract: the same keys as one HKDF per purpose."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    rng = np.random.default_rng(2)
+    purposes = (masking.SHARE_PURPOSE, masking.CONFIRM_PURPOSE, masking.MASK_PURPOSE)
+    for _ in range(10):
+        secret, ctx = bytes(rng.integers(0, 256, 64, dtype=np.uint8)), bytes(rng.integers(0, 256, 24, dtype=np.uint8))
+        keys = masking.derive_each(secret, purposes, ctx)
+        assert len(set(keys)) == len(purposes)
+        for p, key in zip(purposes, keys, strict=True):
+            info = masking.PROTOCOL + b"|" + p + b"|" + ctx
+            assert key == HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
