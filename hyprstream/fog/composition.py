@@ -162,13 +162,13 @@ NO_DP, DPSGD = Dp.NONE, Dp.DPSGD
 # In order: the first rule that matches a cell decides. A rule that a config can ask for comes after
 # every rule that parsing reports first ([privacy] is checked before the config as a whole).
 RULES: tuple[Rule, ...] = (
-    Rule("no telemetry selection", when(participants=SELECTED),
-         "the simulator has no telemetry selection: each step asks every agent that is online and not in the "
-         "minimal strategy", at=(Where.SIM,)),
     Rule("client DP needs SecAgg+", when(dp=CLIENT_DP, aggregation=(MEAN, ROBUST)), CLIENT_DP_NEEDS_SECAGG,
          fog_key="privacy.client_dp", sim_key="privacy.client_dp"),
     Rule("buffered client DP", when(schedule=BUFFERED, dp=CLIENT_DP), BUFFERED_CLIENT_DP,
          fog_key="rounds.mode", sim_key="training.mode"),
+    Rule("buffered simulates no telemetry", when(schedule=BUFFERED, participants=SELECTED),
+         "the simulator's buffered mode models no device state (battery, strategy) for telemetry to report: "
+         "every agent trains in full, as soon as it is free", at=(Where.SIM,), sim_key="fleet.clients_per_round"),
     Rule("buffered simulates full devices", when(schedule=BUFFERED, devices=HYBRID),
          "the simulator's buffered mode does not model device strategies: every agent trains in full",
          at=(Where.SIM,)),
@@ -189,7 +189,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("secure buffered cohorts", Where.FOG, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
                                          participants=ALL)),
+    Family("sync steps over a telemetry choice", Where.SIM,
+           when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD), participants=SELECTED)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL)),
+    Family("secure steps over a telemetry choice", Where.SIM,
+           when(schedule=SYNC, aggregation=SECAGG, participants=SELECTED)),
     Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
                                        participants=ALL,
                                        devices=FULL)),

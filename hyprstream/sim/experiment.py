@@ -11,6 +11,7 @@ from types import MappingProxyType
 from hyprstream.config import Checked, load, read_toml, setting
 from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.errors import ConfigError
+from hyprstream.fog.selection import SelectionRules, SelectionWeights
 from hyprstream.privacy.config import PrivacyConfig
 
 
@@ -48,8 +49,20 @@ class FleetSection(Checked):
     agents_per_fog: int = setting(5, ge=1, le=10000)
     # device profiles (firmware-configs/<name>.toml) and the share of agents that has each
     profiles: Mapping[str, float] = setting(MappingProxyType({"x86-gateway": 1.0}))
+    # telemetry-driven selection, as a deployed fog's [fleet] (hyprstream.sim.fleet.SimulatedFleetView)
+    clients_per_round: int = setting(0, ge=0, doc="agents each fog chooses per step by the selection rules on the "
+                                     "simulated telemetry; 0: every online agent not in minimal")
+    min_battery_percent: float = setting(20.0, ge=0.0, le=100.0, doc="with clients_per_round: a device on battery "
+                                         "below this is not chosen")
+    fairness_window: int = setting(10, ge=1, doc="steps over which participation is counted")
+    weights: SelectionWeights = field(default_factory=SelectionWeights)
+
+    def rules(self) -> SelectionRules:
+        return SelectionRules(self.weights, min_battery_percent=self.min_battery_percent)
 
     def check(self):
+        if self.clients_per_round > self.agents_per_fog:
+            yield "clients_per_round", f"{self.clients_per_round} is larger than agents_per_fog ({self.agents_per_fog})"
         if not self.profiles:
             yield "profiles", "name at least one device profile"
         for name, share in self.profiles.items():
@@ -140,15 +153,16 @@ class Experiment(Checked):
     def cells(self):
         """The feature combinations (:mod:`hyprstream.fog.composition`) this experiment asks for: for agents
         in the ``full`` strategy (a simulated device's strategy follows its battery, at run time) and every
-        agent asked (the simulator has no telemetry selection); one cell per DP mechanism configured."""
+        agent asked unless ``fleet.clients_per_round`` chooses; one cell per DP mechanism configured."""
         from hyprstream.codec import Encoding
-        from hyprstream.fog.composition import Aggregate, Cell, dp_values
+        from hyprstream.fog.composition import Aggregate, Cell, Participants, dp_values
         from hyprstream.fog.config import RoundMode
 
         aggregation = Aggregate.SECAGG if self.privacy.secagg is not None else \
             Aggregate.MEAN if self.training.aggregation == "mean" else Aggregate.ROBUST
         encoding = Encoding(self.training.update_encoding.value)
-        return tuple(Cell(RoundMode(self.training.mode.value), aggregation, dp, encoding=encoding)
+        participants = Participants.SELECTED if self.fleet.clients_per_round else Participants.ALL
+        return tuple(Cell(RoundMode(self.training.mode.value), aggregation, dp, participants, encoding=encoding)
                      for dp in dp_values(self.privacy, devices=True))
 
     def check(self):
@@ -168,6 +182,9 @@ class Experiment(Checked):
             yield "training.aggregation", ROBUST_WITH_SECAGG
             return
         yield from refusals(self.cells(), Where.SIM)
+        secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round
+        if secagg is not None and 0 < chosen < secagg.min_clients:
+            yield "fleet.clients_per_round", f"is below privacy.secagg.min_clients ({secagg.min_clients})"
         if self.training.min_replies > self.fleet.agents_per_fog:
             yield "training.min_replies", "is larger than fleet.agents_per_fog"
         if self.training.mode is TrainingMode.BUFFERED:
@@ -202,7 +219,7 @@ def reduced(exp: Experiment) -> Experiment:
     return replace(
         exp,
         description=f"{exp.description.rstrip()}\n\n{note}" if exp.description.strip() else note,
-        fleet=replace(exp.fleet, agents_per_fog=agents),
+        fleet=replace(exp.fleet, agents_per_fog=agents, clients_per_round=min(exp.fleet.clients_per_round, agents)),
         training=replace(exp.training, global_steps=steps, local_steps=local,
                          min_replies=min(exp.training.min_replies, agents)),
         pretrain=replace(exp.pretrain, steps=min(exp.pretrain.steps, 20)),

@@ -11,6 +11,13 @@ that passes); CPU, memory and temperature read as an idle device's, so a mains-p
 in ``full``. A device in ``minimal`` is not asked to train; one in ``hybrid`` trains the last
 ``max_layer_groups_hybrid`` of the layer groups it is asked for (the experiment's local steps and
 batch size apply in every strategy).
+
+With ``fleet.clients_per_round`` above 0 each fog chooses its agents as a deployed fog does, by
+:class:`~hyprstream.fog.selection.RoundSelector` over a fleet view; :class:`SimulatedFleetView` is that
+view, the telemetry each device would send at the start of a step: its state (online or offline), its
+strategy, and its battery, on the simulated clock (every record fresh). An idle device's CPU and memory
+read 0 %, as above; the record does not carry the DP-SGD budget (a device whose budget is spent declines
+the request itself).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from hyprstream.agent.policy import AdaptivePolicy
 from hyprstream.agent.profile import DeviceProfile, Strategy, load_profile
 from hyprstream.errors import ConfigError
 from hyprstream.fog.aggregator import FogRound
+from hyprstream.fog.fleet import DeviceView
+from hyprstream.telemetry.records import (DeviceState, ExecutionProvider, ModelState, ModelVariant, PrivacyState,
+                                          StrategyState, Telemetry)
 from hyprstream.sim import clock
 from hyprstream.sim.clock import Link
 
@@ -147,6 +157,21 @@ class VirtualFleet:
             write_bytes_atomic(strategy_file(devices / device_name(i)), data.encode(), sync=False)
             self._told[i] = strategy
 
+    def telemetry(self, i: int, plan: StepPlan, *, device_id: str, fleet: str, task: str, privacy: PrivacyState,
+                  seq: int, now: float) -> Telemetry:
+        """The telemetry record device ``i`` would send at simulated time ``now`` of step ``plan``."""
+        battery = None if np.isnan(plan.battery[i]) else float(plan.battery[i])
+        strategy, policy = plan.strategies[i], self._policies[i]
+        return Telemetry(
+            fleet=fleet, device_id=device_id, device_class=self.names[i], session="simulated", seq=seq, time=now,
+            uptime_s=now,
+            resources=ResourceSample(time=now, cpu_percent=0.0, memory_percent=0.0, memory_used_mb=0.0,
+                                     disk_percent=0.0, battery_percent=battery,
+                                     on_ac_power=None if battery is None else False),
+            strategy=StrategyState(strategy, policy.since, policy.last.reason if policy.last else "initial",
+                                   strategy is not Strategy.MINIMAL, ExecutionProvider.CPU, ModelVariant.FP32),
+            model=ModelState(task, None), privacy=privacy)
+
     def agent_seconds(self, r: FogRound, device_of: Mapping[int, int], *, base_params: int,
                       trained_params: int | None = None) -> dict[int, float]:
         """Virtual seconds each contributor of ``r`` worked (download, train, upload), by device index."""
@@ -181,3 +206,45 @@ class VirtualFleet:
         sim = self.profiles[device].simulation
         return clock.agent_round_s(Link(sim.uplink_mbps, sim.downlink_mbps, sim.latency_ms),
                                    sim.compute_speed_factor, down_bytes=down_bytes, up_bytes=up_bytes, flops=flops)
+
+
+class SimulatedFleetView:
+    """The fleet view of simulated devices (a :class:`~hyprstream.fog.fleet.FleetView` to selection): each
+    device's telemetry at the start of the current step (:meth:`update`), by device ID.
+
+    ``device_ids``: device index -> the agent's device ID (what ``query.device`` answered); ``dpsgd``: the
+    experiment's ``[privacy.dpsgd]``, whose budget (else the profile's) the records name."""
+
+    FLEET = "simulation"
+
+    def __init__(self, fleet: VirtualFleet, device_ids: Mapping[int, str], *, task: str, dpsgd=None) -> None:
+        self.fleet = fleet
+        self.device_ids = dict(device_ids)
+        self.task = task
+        self.privacy = {i: _privacy_state(fleet.profiles[i], dpsgd) for i in self.device_ids}
+        self.now = 0.0
+        self._views: dict[str, DeviceView] = {}
+        self._seq = 0
+
+    def update(self, plan: StepPlan, sim_s: float) -> None:
+        """The records of step ``plan`` at simulated time ``sim_s`` (also the selector's clock)."""
+        self.now, self._seq = sim_s, self._seq + 1
+        self._views = {device_id: self._view(i, device_id, plan) for i, device_id in self.device_ids.items()}
+
+    def _view(self, i: int, device_id: str, plan: StepPlan) -> DeviceView:
+        state = DeviceState.ONLINE if plan.online[i] else DeviceState.OFFLINE
+        record = self.fleet.telemetry(i, plan, device_id=device_id, fleet=self.FLEET, task=self.task,
+                                      privacy=self.privacy[i], seq=self._seq, now=self.now)
+        return DeviceView(device_id, state, "simulated", record, self.now, self.now)
+
+    def devices(self) -> dict[str, DeviceView]:
+        return dict(self._views)
+
+
+def _privacy_state(profile: DeviceProfile, dpsgd) -> PrivacyState:
+    """The budget a simulated device's telemetry names: ``[privacy.dpsgd]``'s, else its profile's."""
+    eps, delta = profile.training.privacy_epsilon, profile.training.privacy_delta
+    if dpsgd is not None:
+        budget = dpsgd.budget(eps, delta)
+        eps, delta = budget.epsilon, budget.delta
+    return PrivacyState(False, eps, delta)

@@ -31,7 +31,8 @@ from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.fog.engine import Lane, open_ledger, round_runner, run_sync
 from hyprstream.sim import partition
 from hyprstream.sim.experiment import Experiment, PartitionScheme, TrainingMode
-from hyprstream.sim.fleet import VirtualFleet
+from hyprstream.fog.selection import RoundSelector
+from hyprstream.sim.fleet import SimulatedFleetView, VirtualFleet
 from hyprstream.sim.metrics import MetricsLog, Row
 from hyprstream.sim.pretrain import initial_state, record
 from hyprstream.store import Store
@@ -199,6 +200,21 @@ def _lane(exp: Experiment, fog: FogAggregator, out: Path, j: int) -> Lane:
     return Lane(round_runner(fog, secagg, exp.privacy.client_dp, ledger=ledger, source=source))
 
 
+def _select(exp: Experiment, lanes: list[Lane], fleet: VirtualFleet, devices, device_of) -> SimulatedFleetView | None:
+    """With ``fleet.clients_per_round``, every fog chooses its agents as a deployed fog does (its own
+    :class:`RoundSelector` over the simulated telemetry, on the simulated clock); the view to update at
+    each step, None without selection."""
+    if not exp.fleet.clients_per_round:
+        return None
+    view = SimulatedFleetView(fleet, {device_of[n]: devices[n].device_id for n in device_of}, task=exp.task.name,
+                              dpsgd=exp.privacy.dpsgd)
+    for lane in lanes:
+        lane.selector = RoundSelector(view, exp.fleet.rules(), count=exp.fleet.clients_per_round,
+                                      window=exp.fleet.fairness_window, clock=lambda: view.now)
+        lane.devices = {n: devices[n] for n in lane.fog.node_ids}
+    return view
+
+
 def _fog_extra(lane: Lane, r: FogRound) -> dict:
     """Per-round figures beyond ``FogRound``: client-level epsilon and bytes pushed to core."""
     epsilon = None
@@ -260,6 +276,7 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                                               CoreClient(location, fog_tokens[name]), model_name, plan,
                                               seed=exp.seed + j), out, j)
                      for j, name in enumerate(fog_names)]
+            view = _select(exp, lanes, fleet, devices, device_of)
             if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
                 from hyprstream.sim.buffered import run_buffered
 
@@ -273,6 +290,8 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                 # the simulated fleet of this step: who is online, in which strategy, with what battery
                 fleet_now = fleet.plan_step(step, clock["sim_s"])
                 fleet.write_strategies(out / "devices", fleet_now)
+                if view is not None:
+                    view.update(fleet_now, clock["sim_s"])
                 metrics.add_fleet(fleet_now, fleet.names)
                 clock["durations"], clock["busy"] = [], {}
                 return [[n for n in lane.fog.node_ids if fleet_now.trains(device_of[n])] for lane in lanes]

@@ -115,6 +115,17 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-int8]",
         "tests/agent/test_train.py::test_simulated_devices_train_with_the_experiments_dpsgd",
     ),
+    "sim: sync steps over a telemetry choice": (
+        "tests/sim/test_sim_selection.py::test_the_simulated_view_reports_each_devices_state_and_the_selector_follows_it",
+        "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fleet-selection]",
+        # what the choice narrows runs as in "sim: sync steps"; robust rules and DP-SGD act per update
+        "tests/sim/test_robust_sim.py::test_a_median_step_takes_other_deltas_than_the_mean_from_the_same_start",
+        "tests/agent/test_train.py::test_simulated_devices_train_with_the_experiments_dpsgd",
+    ),
+    "sim: secure steps over a telemetry choice": (
+        "tests/sim/test_sim_selection.py::test_secure_steps_with_client_dp_sample_at_each_devices_telemetry_rate",
+        "tests/fog/test_composition.py::test_a_secure_round_over_the_agents_a_selection_chose",
+    ),
     "sim: secure steps": (
         "tests/fog/test_composition.py::test_an_int8_secure_round_sums_in_a_16_bit_field_with_half_the_masked_uplink",
         "tests/sim/test_experiments.py::test_shipped_experiment_runs_reduced[fashion-mnist-secagg]",
