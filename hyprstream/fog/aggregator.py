@@ -81,6 +81,22 @@ class FogRound:
     uplink: dict[int, int] = field(default_factory=dict)  # payload bytes received, per agent
 
 
+@dataclass
+class Gathered:
+    """A round's checked replies (:meth:`FogAggregator.gather`): one matrix per requested layer group, and
+    what was left out and why."""
+
+    matrices: dict[str, UpdateMatrix | UpdateSum]
+    declined: int = 0
+    refused: int = 0
+    failed: int = 0
+    bytes_up: int = 0
+    losses: list[tuple[float, int]] = field(default_factory=list)  # (train loss, examples) per contributor
+    reasons: list[str] = field(default_factory=list)
+    contributors: list[int] = field(default_factory=list)
+    uplink: dict[int, int] = field(default_factory=dict)
+
+
 class FogAggregator:
     def __init__(self, name: str, grid: Grid, node_ids: Sequence[int], core: CoreClient, model: str,
                  plan: RoundPlan, *, seed: int = 0, outbox: Outbox | None = None, poll_s: float = 0.05) -> None:
@@ -207,68 +223,80 @@ class FogAggregator:
         return (f"agent(s) {', '.join(map(str, silent))} did not answer within {self.plan.timeout_s:g} s "
                 f"(raise rounds.timeout_s; in a simulation, [runtime] round_timeout_s)")
 
-    def finish_round(self, pending: PendingRound) -> FogRound:
+    def gather(self, pending: PendingRound, *, clip: float | None = None) -> Gathered:
+        """Collect and check ``pending``'s replies (status, version, layers, names, shapes, finiteness, the
+        norm bound) into one matrix per requested layer group, in the fog's agent order. ``clip``: each
+        accepted delta is scaled to L2 norm at most ``clip`` over all its layer groups and counts with
+        weight 1 (client-level DP), instead of its ``num_examples``."""
         order = {node: i for i, node in enumerate(self.node_ids)}
         # Aggregate in a fixed order (not arrival order) so that float sums are reproducible.
-        replies = sorted(self.collect(pending), key=lambda m: order.get(m.metadata.src_node_id, len(order)))
-        base = pending.base
-        trained = lt.select_layers(base.table, pending.layers)
+        replies = sorted(self.collect(pending) if pending.message_ids else [],
+                         key=lambda m: order.get(m.metadata.src_node_id, len(order)))
+        trained = lt.select_layers(pending.base.table, pending.layers)
         # One matrix per layer group: an agent may train only some of the requested groups (a device in
         # its hybrid strategy does, and says which in reply.layers); each group is averaged over the
         # agents that trained it.
-        matrices = {layer: updates_for(self.plan.aggregation, _shapes(lt.select_layers(trained, [layer])),
-                                       capacity=max(1, len(pending.nodes))) for layer in pending.layers}
-        declined = refused = 0
-        failed = len(pending.message_ids) - len(replies)
-        bytes_up = 0
-        losses: list[tuple[float, int]] = []
-        reasons: list[str] = [self.silence(pending, replies)] if failed else []
-        contributors: list[int] = []
-        uplink: dict[int, int] = {}
+        rule = Aggregation.MEAN if clip is not None else self.plan.aggregation
+        g = Gathered({layer: updates_for(rule, _shapes(lt.select_layers(trained, [layer])),
+                                         capacity=max(1, len(pending.nodes))) for layer in pending.layers})
+        g.failed = len(pending.message_ids) - len(replies)
+        if g.failed:
+            g.reasons.append(self.silence(pending, replies))
         for msg in replies:
             if msg.has_error():
-                failed += 1
-                reasons.append(f"error: {msg.error.reason}")
+                g.failed += 1
+                g.reasons.append(f"error: {msg.error.reason}")
                 continue
             try:
                 reply = TrainReply.from_content(msg.content)
-                bytes_up += reply.payload_bytes()
-                uplink[msg.metadata.src_node_id] = reply.payload_bytes()
+                g.bytes_up += reply.payload_bytes()
+                g.uplink[msg.metadata.src_node_id] = reply.payload_bytes()
                 if reply.status is ReplyStatus.DECLINED:
-                    declined += 1
-                    reasons.append(f"declined: {reply.reason}")
+                    g.declined += 1
+                    g.reasons.append(f"declined: {reply.reason}")
                     continue
-                if reply.model_version != base.version:
-                    raise ValidationError(f"reply for version {reply.model_version}, expected {base.version}")
-                self._add(matrices, reply)
-                losses.append((reply.train_loss, reply.num_examples))
-                contributors.append(msg.metadata.src_node_id)
+                if reply.model_version != pending.base.version:
+                    raise ValidationError(f"reply for version {reply.model_version}, expected {pending.base.version}")
+                self._add(g.matrices, reply, clip=clip)
+                g.losses.append((reply.train_loss, reply.num_examples))
+                g.contributors.append(msg.metadata.src_node_id)
             except ValidationError as exc:
-                refused += 1
-                reasons.append(f"refused: {exc}")
+                g.refused += 1
+                g.reasons.append(f"refused: {exc}")
                 log.warning("fog %s round %d: refused an update: %s", self.name, pending.round, exc)
+        return g
+
+    def finish_round(self, pending: PendingRound) -> FogRound:
+        g = self.gather(pending)
+        reasons: list[str] = []
         version = None
         delta: dict[str, np.ndarray] = {}
-        ready = [layer for layer, m in matrices.items() if m.count >= max(1, self.plan.min_replies)]
+        ready = [layer for layer, m in g.matrices.items() if m.count >= max(1, self.plan.min_replies)]
         try:
             for layer in ready:
-                delta.update(matrices[layer].aggregate(self.plan.aggregation, self.plan.trim_fraction))
+                delta.update(g.matrices[layer].aggregate(self.plan.aggregation, self.plan.trim_fraction))
         except ValidationError as exc:  # an installed rule that failed or returned a wrong or non-finite value
             log.error("fog %s round %d: aggregation failed, nothing pushed: %s", self.name, pending.round, exc)
             reasons.append(f"aggregation: {exc}")
             delta = {}
         if delta:
-            version = self.push(base, delta, ready, len(contributors), reasons)
+            version = self.push(pending.base, delta, ready, len(g.contributors), reasons)
         elif not ready:
             log.warning("fog %s round %d: %d usable update(s), fewer than %d: nothing pushed",
-                        self.name, pending.round, len(contributors), self.plan.min_replies)
+                        self.name, pending.round, len(g.contributors), self.plan.min_replies)
+        return self.outcome(pending, g, version, delta, reasons)
+
+    def outcome(self, pending: PendingRound, g: Gathered, version: int | None, delta: dict[str, np.ndarray],
+                reasons: Sequence[str]) -> FogRound:
+        """The ``FogRound`` of ``pending``: what :meth:`gather` found, and what was pushed."""
+        losses = g.losses
         loss = (sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))) if losses else float("nan")
         return FogRound(
-            fog=self.name, round=pending.round, base_version=base.version, version=version,
-            layers=pending.layers, participants=len(contributors), declined=declined, refused=refused,
-            failed=failed, bytes_up=bytes_up, bytes_down=pending.bytes_down, train_loss=loss,
-            seconds=time.monotonic() - pending.started, delta=delta, reasons=tuple(reasons),
-            nodes=pending.nodes, contributors=tuple(contributors), uplink=uplink,
+            fog=self.name, round=pending.round, base_version=pending.base.version, version=version,
+            layers=pending.layers, participants=len(g.contributors), declined=g.declined, refused=g.refused,
+            failed=g.failed, bytes_up=g.bytes_up, bytes_down=pending.bytes_down, train_loss=loss,
+            seconds=time.monotonic() - pending.started, delta=delta, reasons=(*g.reasons, *reasons),
+            nodes=pending.nodes, contributors=tuple(g.contributors), uplink=g.uplink,
         )
 
     def push(self, base: Snapshot, delta: dict[str, np.ndarray], layers: Sequence[str], participants: int,
@@ -293,10 +321,11 @@ class FogAggregator:
         return version
 
     def _add(self, matrices: dict[str, UpdateMatrix | UpdateSum], reply: TrainReply,
-             weight: float | None = None) -> None:
+             weight: float | None = None, *, clip: float | None = None) -> None:
         """Check a whole reply (layers, names, shapes, finiteness, the norm bound over all its layers),
         then store each of its layer groups with ``weight`` (default: its ``num_examples``); a refused
-        reply leaves every matrix unchanged."""
+        reply leaves every matrix unchanged. ``clip``: scaled to L2 norm at most ``clip`` over all its
+        layers, with weight 1."""
         layers = list(reply.layers)
         if not layers or len(set(layers)) != len(layers) or not set(layers) <= set(matrices):
             raise ValidationError(f"reply trained layers {layers}, the request asked for {sorted(matrices)}")
@@ -312,6 +341,13 @@ class FogAggregator:
         bound = self.plan.max_update_norm
         if bound is not None and not np.sqrt(sq) <= bound:
             raise ValidationError(f"update norm {np.sqrt(sq):.4g} exceeds the bound {bound:.4g}")
+        if clip is not None:
+            # a relative margin of 1e-6 keeps the clipped norm below ``clip`` after float32 rounding
+            scale = min(1.0, clip / (float(np.sqrt(sq)) * (1.0 + 1e-6))) if sq > 0 else 1.0
+            if scale < 1.0:
+                checked = {layer: {n: v * np.float32(scale) for n, v in part.items()}
+                           for layer, part in checked.items()}
+            weight = 1.0
         for layer in layers:
             matrices[layer].store(checked[layer], reply.num_examples if weight is None else weight)
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from hyprstream.codec import Encoding
 from hyprstream.fog.config import RoundMode
 from hyprstream.privacy.client_dp import NoisePlacement
-from hyprstream.privacy.config import BUFFERED_CLIENT_DP, CLIENT_DP_NEEDS_SECAGG, PrivacyConfig
+from hyprstream.fog.dp import CLIENT_DP_NEEDS_THE_MEAN
+from hyprstream.privacy.config import BUFFERED_CLIENT_DP, CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, PrivacyConfig
 from hyprstream.telemetry.records import Strategy
 
 
@@ -162,8 +163,11 @@ NO_DP, DPSGD = Dp.NONE, Dp.DPSGD
 # In order: the first rule that matches a cell decides. A rule that a config can ask for comes after
 # every rule that parsing reports first ([privacy] is checked before the config as a whole).
 RULES: tuple[Rule, ...] = (
-    Rule("client DP needs SecAgg+", when(dp=CLIENT_DP, aggregation=(MEAN, ROBUST)), CLIENT_DP_NEEDS_SECAGG,
-         fog_key="privacy.client_dp", sim_key="privacy.client_dp"),
+    Rule("distributed noise needs SecAgg+", when(dp=Dp.DISTRIBUTED, aggregation=(MEAN, ROBUST)),
+         CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, fog_key="privacy.client_dp.placement",
+         sim_key="privacy.client_dp.placement"),
+    Rule("client DP needs the mean", when(dp=Dp.CENTRAL, aggregation=ROBUST), CLIENT_DP_NEEDS_THE_MEAN,
+         fog_key="rounds.aggregation", sim_key="training.aggregation"),
     Rule("buffered client DP", when(schedule=BUFFERED, dp=CLIENT_DP), BUFFERED_CLIENT_DP,
          fog_key="rounds.mode", sim_key="training.mode"),
     Rule("buffered simulates no telemetry", when(schedule=BUFFERED, participants=SELECTED),
@@ -183,6 +187,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("hybrid devices in secure rounds", Where.FOG,
            when(schedule=SYNC, aggregation=SECAGG, dp=(NO_DP, DPSGD), devices=HYBRID)),
     Family("client-level DP", Where.FOG, when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=ALL)),
+    Family("client-level DP, the fog clipping and noising a plain round", Where.FOG,
+           when(schedule=SYNC, aggregation=MEAN, dp=Dp.CENTRAL)),
     Family("client-level DP over a telemetry-weighted sample", Where.FOG,
            when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=SELECTED)),
     Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
@@ -191,6 +197,7 @@ FAMILIES: tuple[Family, ...] = (
                                          participants=ALL)),
     Family("sync steps over a telemetry choice", Where.SIM,
            when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD), participants=SELECTED)),
+    Family("client-level DP on plain steps", Where.SIM, when(schedule=SYNC, aggregation=MEAN, dp=Dp.CENTRAL)),
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL)),
     Family("secure steps over a telemetry choice", Where.SIM,
            when(schedule=SYNC, aggregation=SECAGG, participants=SELECTED)),

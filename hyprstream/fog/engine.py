@@ -9,15 +9,16 @@ stage                  where it is done
 =====================  =====================================================================================
 select                 :meth:`Lane.choose`: the agents that may train (the caller's candidates; with a
                        ``[fleet]`` view, :class:`~hyprstream.fog.selection.RoundSelector`'s rules)
-sample                 client-level DP's Poisson sample (:meth:`SecureFogAggregator._sample
-                       <hyprstream.fog.secure.SecureFogAggregator>`, at the selection's rates)
+sample                 client-level DP's Poisson sample (:meth:`ClientDpRounds.sample
+                       <hyprstream.fog.dp.ClientDpRounds.sample>`, at the selection's rates)
 request                ``start_round`` of the lane's runner: one train request per agent, the same weights
 collect and check      ``finish_round`` (sync) or :meth:`BufferedFog.step <hyprstream.fog.buffered.BufferedFog.step>`:
                        every reply checked by :meth:`FogAggregator.check_reply
                        <hyprstream.fog.aggregator.FogAggregator>` (status, version, layers, names, shapes,
                        finiteness, norm bound) or by the SecAgg+ stages
 aggregate              plain or robust (:mod:`hyprstream.fog.aggregate`), or secure (SecAgg+)
-noise                  client-level DP on the secure sum (:class:`~hyprstream.privacy.client_dp.ClientDP`)
+noise                  client-level DP on the secure sum or the fog's clipped sum
+                       (:class:`~hyprstream.privacy.client_dp.ClientDP`)
 push                   :meth:`FogAggregator.push <hyprstream.fog.aggregator.FogAggregator.push>`, through
                        the durable outbox, with one sequence number per push
 =====================  =====================================================================================
@@ -45,27 +46,30 @@ from pathlib import Path
 from hyprstream.errors import ValidationError
 from hyprstream.fog.aggregator import FogAggregator, FogRound
 from hyprstream.fog.buffered import BufferedFog, BufferedPush
+from hyprstream.fog.dp import PrivateFogAggregator
 from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.fog.selection import RoundSelector, Sampling
-from hyprstream.privacy.config import CLIENT_DP_NEEDS_SECAGG, ClientDpConfig, SecAggConfig
+from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
 from hyprstream.privacy.ledger import PrivacyLedger
 from hyprstream.privacy.noise import RandomSource
 from hyprstream.store import Store
 
 log = logging.getLogger("hyprstream.fog")
 
-Runner = FogAggregator | SecureFogAggregator
+Runner = FogAggregator | SecureFogAggregator | PrivateFogAggregator
 
 
 def round_runner(fog: FogAggregator, secagg: SecAggConfig | None, client_dp: ClientDpConfig | None = None, *,
                  ledger: PrivacyLedger | None = None, source: RandomSource | None = None,
                  poll_s: float | None = None) -> Runner:
-    """What runs ``fog``'s rounds: the fog itself, or, with secure aggregation configured, the fog wrapped in
-    SecAgg+ (and client-level DP with ``client_dp``, charged to ``ledger``; in memory without one). ``source``:
-    the protocol's randomness (default: the operating system's; seeded only in simulations)."""
+    """What runs ``fog``'s rounds: the fog itself; with secure aggregation configured, the fog wrapped in
+    SecAgg+ (and client-level DP with ``client_dp``); with client-level DP alone, plain rounds whose clipped
+    sum the fog noises (:class:`~hyprstream.fog.dp.PrivateFogAggregator`). The spend is charged to
+    ``ledger`` (in memory without one). ``source``: the randomness of the protocol and the noise (default:
+    the operating system's; seeded only in simulations)."""
     if secagg is None:
         if client_dp is not None:
-            raise ValidationError(CLIENT_DP_NEEDS_SECAGG)
+            return PrivateFogAggregator(fog, client_dp, ledger=ledger, source=source)
         return fog
     options = {} if poll_s is None else {"poll_s": poll_s}
     return SecureFogAggregator(fog, secagg, client_dp, ledger=ledger, source=source, **options)
@@ -95,11 +99,11 @@ class Lane:
 
     @property
     def fog(self) -> FogAggregator:
-        return self.runner.fog if isinstance(self.runner, SecureFogAggregator) else self.runner
+        return self.runner if isinstance(self.runner, FogAggregator) else self.runner.fog
 
     @property
     def client_dp(self) -> ClientDpConfig | None:
-        return self.runner.client_dp if isinstance(self.runner, SecureFogAggregator) else None
+        return None if isinstance(self.runner, FogAggregator) else self.runner.client_dp
 
     def choose(self, round_no: int, candidates: Sequence[int] | None) -> tuple[int, ...]:
         """Select: the agents asked to train in round ``round_no``, out of ``candidates`` (None: all the fog's
@@ -133,7 +137,7 @@ class Lane:
 
     def spent(self) -> float | None:
         """Client-level epsilon the model has spent (None without client-level DP)."""
-        return self.runner.spent() if isinstance(self.runner, SecureFogAggregator) else None
+        return None if isinstance(self.runner, FogAggregator) else self.runner.spent()
 
 
 # prepare(round) -> each lane's candidate agents (None: all of the lane's agents), or None to stop

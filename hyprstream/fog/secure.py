@@ -33,15 +33,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.dp import ClientDpRounds
 from hyprstream.fog.selection import Sampling
 from hyprstream.privacy import secagg_messages as wire
-from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
 from hyprstream.privacy.clipping import Layout
 from hyprstream.privacy.config import BUFFERED_CLIENT_DP, ClientDpConfig, SecAggConfig, Weighting
 from hyprstream.privacy.contribution import InputSpec, decode, group_means
 from hyprstream.privacy.errors import PrivacyViolation, SecAggAborted
-from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
+from hyprstream.privacy.ledger import Entry, PrivacyLedger
 from hyprstream.privacy.noise import RandomSource, SecureRandom
 from hyprstream.privacy.quantize import Quantizer
 from hyprstream.privacy.secagg import SecAggServer, SecAggSum, new_round_id, plan_graph
@@ -102,16 +102,9 @@ class SecureFogAggregator:
         self.poll_s = poll_s
         self.clock = clock
         self.last: SecureRoundInfo | None = None
-        # without a ledger, client-level spend is still accounted and enforced, in memory only
-        self._memory = PldAccountant() if client_dp is not None and ledger is None else None
-        # ledger entries of released rounds whose push core has not answered yet: push seq -> entry seq
-        self._unbound: dict[int, int] = {}
-        self._bound: dict[int, Entry] = {}  # bound while their push was being sent (read back by _push)
-        self._sending: int | None = None  # the seq _push is sending now
-        if ledger is not None:
-            fog.on_delivery(self._bind)
-        if self._memory is not None:
-            log.warning("fog %s: client-level DP without a privacy ledger: the spend is not durable", fog.name)
+        # client-level DP's sample, budget, charge and privacy record (over the secure sum)
+        self.dp_rounds = (ClientDpRounds(fog, client_dp, secagg.clip, ledger=ledger, source=self.source)
+                          if client_dp is not None else None)
 
     # the wrapped fog's identity
     name = property(lambda self: self.fog.name)
@@ -137,60 +130,18 @@ class SecureFogAggregator:
     def _dp(self, expected: float) -> ClientDP | None:
         """Client-level DP of a round whose mean divides by ``expected`` (the expected number of participants,
         fixed before the sample is drawn), None without client-level DP."""
-        c = self.client_dp
-        if c is None:
-            return None
-        return ClientDP(clip=self.secagg.clip, noise_multiplier=c.noise_multiplier, placement=c.placement,
-                        min_clients=c.min_clients, denominator=max(1.0, expected))
+        return None if self.dp_rounds is None else self.dp_rounds.dp(expected)
 
     def _sample(self, nodes: tuple[int, ...], sampling: Sampling | None) -> tuple[tuple[int, ...], float]:
-        """Client-level DP's Poisson sample of ``nodes`` and the mean's denominator: each agent with rate q
-        (``client_sampling_rate``) over the fog's agents, or with its own rate from a telemetry selection
-        (``sampling``: every rate at most q, the rate charged)."""
-        c = self.client_dp
-        if c is None:
+        """Client-level DP's Poisson sample of ``nodes`` and the mean's denominator
+        (:meth:`ClientDpRounds.sample <hyprstream.fog.dp.ClientDpRounds.sample>`); without it every node."""
+        if self.dp_rounds is None:
             return nodes, float(len(nodes))
-        q = c.client_sampling_rate
-        if sampling is None:
-            rates, expected = dict.fromkeys(nodes, q), q * len(self.fog.node_ids)
-            if q >= 1:
-                return nodes, expected
-        else:
-            rates, expected = sampling.rates, sampling.expected
-            over = {n: p for n, p in rates.items() if not 0 <= p <= q}
-            if over:
-                raise PrivacyViolation(f"inclusion rates above the charged rate {q}: {over}")
-        draws = self.source.uniform(len(nodes))
-        return tuple(n for n, u in zip(nodes, draws, strict=True) if u < rates.get(n, 0.0)), expected
-
-    def _event(self) -> GaussianEvent:
-        c = self.client_dp
-        assert c is not None
-        return GaussianEvent(c.noise_multiplier, c.client_sampling_rate, 1)
-
-    def _check_budget(self, what: str) -> float:
-        """The model's epsilon after one more round; raises BudgetExceeded when over the budget."""
-        assert self.client_dp is not None
-        budget = self.client_dp.budget
-        if self.ledger is not None:
-            return self.ledger.check(Scope.MODEL, self.model, self._event(), budget, what)
-        assert self._memory is not None
-        spent, would_be = self._memory.epsilon(budget.delta), self._memory.epsilon_if(self._event(), budget.delta)
-        check_budget(spent, would_be, budget, what)
-        return would_be
+        return self.dp_rounds.sample(nodes, sampling)
 
     def spent(self) -> float | None:
         """The model's client-level epsilon so far at the budget's delta (None without client-level DP)."""
-        if self.client_dp is None:
-            return None
-        if self.ledger is not None:
-            return self.ledger.spent(Scope.MODEL, self.model, self.client_dp.delta)
-        assert self._memory is not None
-        return self._memory.epsilon(self.client_dp.delta)
-
-    def _mechanism(self) -> str:
-        assert self.client_dp is not None
-        return f"client-gaussian-{self.client_dp.placement.value}"
+        return None if self.dp_rounds is None else self.dp_rounds.spent()
 
     # ------------------------------------------------------------------------------------ round
     def start_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
@@ -283,8 +234,8 @@ class SecureFogAggregator:
                                      expected=expected)
         dp = self._dp(expected)
         try:
-            if self.client_dp is not None:
-                self._check_budget(f"round {round_no} of {fog.model}")
+            if self.dp_rounds is not None:
+                self.dp_rounds.check_budget(f"round {round_no} of {fog.model}")
             if len(nodes) < self.secagg.min_clients:
                 raise SecAggAborted(f"{len(nodes)} agent(s) selected, at least {self.secagg.min_clients} needed")
             trained = lt.select_layers(base.table, layers)
@@ -486,15 +437,7 @@ class SecureFogAggregator:
         if dp is not None:
             mean = dp.release(dec.total, n, self.source)
             # charged before the release leaves the fog: a crash from here on can only over-count
-            if self.ledger is not None:
-                entry = self.ledger.charge(
-                    Scope.MODEL, self.model,
-                    Charge(self._event(), model=self.model, base_version=pending.base.version,
-                           round=pending.group_id, mechanism=self._mechanism(), unit="device"),
-                    self.client_dp.budget)
-            else:
-                self._check_budget(f"round {pending.round} of {self.model}")
-                self._memory.compose(self._event())
+            entry = self.dp_rounds.charge(pending.round, pending.base.version, pending.group_id)
         elif spec.carries_weights:
             mean, kept = group_means(dec, spec)
             if not kept:
@@ -509,41 +452,15 @@ class SecureFogAggregator:
     def _push(self, pending: PendingSecureRound, delta: dict[str, np.ndarray], participants: int,
               entry: Entry | None, transcript: str, reasons: list[str]) -> tuple[int | None, Entry | None]:
         """Push the released mean through the fog's durable outbox (while core is unreachable it waits
-        there, and the fog trains on with it applied locally); the ledger entry is bound to the version
-        core commits, whenever that happens."""
-        privacy = None
-        if self.client_dp is not None:
-            spent = entry.epsilon if entry is not None else self._memory.epsilon(self.client_dp.delta)
-            # the realised count is not released (core gets 0), only the fixed denominator of the mean
-            privacy = {"epsilon": spent, "delta": self.client_dp.delta,
-                       "noise_multiplier": self.client_dp.noise_multiplier,
-                       "sample_rate": self.client_dp.client_sampling_rate, "clip": self.secagg.clip,
-                       "expected_participants": self._dp(pending.expected).denominator}
-            participants = 0
-        seq = self.fog.next_seq()
-        if entry is not None and self.ledger is not None:
-            self._unbound[seq] = entry.seq
-        self._sending = seq
-        try:
-            spec = pending.spec
-            layers = tuple(layer for g, layer in enumerate(pending.layers)
-                           if not spec.groups or any(spec.group_of(name) == g for name in delta))
-            version = self.fog.push(pending.base, delta, layers, participants, reasons, privacy=privacy,
-                                    transcript_sha256=transcript, seq=seq)
-        finally:
-            self._sending = None
-        return version, self._bound.pop(seq, entry)
-
-    def _bind(self, delivery) -> None:
-        """Bind the ledger entry of a delivered push to the version core made of it. A push core refused,
-        or one it had applied already (its answer was lost), stays charged and unbound: the ledger may
-        over-count, never under-count."""
-        entry_seq = self._unbound.pop(delivery.push.seq, None)
-        if entry_seq is None or delivery.result is None or self.ledger is None:
-            return
-        bound = self.ledger.bind(entry_seq, delivery.result.version)
-        if delivery.push.seq == self._sending:
-            self._bound[delivery.push.seq] = bound
+        there, and the fog trains on with it applied locally); with client-level DP the privacy record goes
+        with it and the ledger entry is bound to the version core commits, whenever that happens."""
+        spec = pending.spec
+        layers = tuple(layer for g, layer in enumerate(pending.layers)
+                       if not spec.groups or any(spec.group_of(name) == g for name in delta))
+        if self.dp_rounds is not None:
+            return self.dp_rounds.push(pending.base, delta, layers, pending.expected, entry, reasons,
+                                       transcript=transcript)
+        return self.fog.push(pending.base, delta, layers, participants, reasons, transcript_sha256=transcript), None
 
 
 def _payload_bytes(content: RecordDict) -> int:

@@ -146,7 +146,7 @@ def private_rounds(fog: FogAggregator, privacy: PrivacyConfig, state_dir: Path |
     ledger is the store ``state_dir/privacy``, open until ``resources`` close (in memory without a state
     directory)."""
     ledger = None
-    if privacy.secagg is not None and privacy.client_dp is not None and state_dir is not None:
+    if privacy.client_dp is not None and state_dir is not None:
         ledger = open_ledger(state_dir / "privacy")
         resources.callback(ledger.store.close)
     return round_runner(fog, privacy.secagg, privacy.client_dp, ledger=ledger, poll_s=poll_s)

@@ -93,6 +93,8 @@ class ClientDpConfig(Checked):
     epsilon_budget: float = setting(math.inf, gt=0, doc="the model's client-level epsilon budget at delta")
     delta: float = setting(1e-5, gt=0, lt=1)
     min_clients: int = setting(2, ge=1, doc="distributed: fewest inputs the noise is split over")
+    clip: float | None = setting(None, gt=0, doc="without [privacy.secagg]: the L2 bound the fog clips each agent's "
+                                 "delta to (with it, [privacy.secagg] clip applies)")
 
     @property
     def budget(self) -> Budget:
@@ -145,10 +147,14 @@ class FloorConfig(Checked):
                 yield key, "needs secure_aggregation = true (a plain round has no such parameter to hold it to)"
 
 
-CLIENT_DP_NEEDS_SECAGG = ("client-level DP needs [privacy.secagg]: clients clip (and, distributed, noise) their "
-                          "own deltas, and the fog must never see one unmasked")
-"""Why ``[privacy.client_dp]`` is refused without ``[privacy.secagg]`` (also a rule of
+CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG = ("distributed noise is added by the clients inside SecAgg+ (the fog never sees an "
+                                     "un-noised sum): it needs [privacy.secagg]; without it use placement = "
+                                     "\"central\"")
+"""Why ``placement = "distributed"`` is refused without ``[privacy.secagg]`` (also a rule of
 :mod:`hyprstream.fog.composition`)."""
+
+CLIENT_DP_NEEDS_CLIP = ("client-level DP without [privacy.secagg] needs privacy.client_dp.clip: the L2 bound the "
+                        "fog clips each agent's delta to")
 
 BUFFERED_CLIENT_DP = ("client-level DP accounts each round as a Poisson sample of the fog's agents; a buffered "
                       "cohort is whichever agents finished first, which is not a sample: use synchronous rounds")
@@ -165,7 +171,14 @@ class PrivacyConfig(Checked):
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.client_dp is not None and self.secagg is None:
-            yield "client_dp", CLIENT_DP_NEEDS_SECAGG
+            if self.client_dp.placement is NoisePlacement.DISTRIBUTED:
+                yield "client_dp.placement", CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG
+            elif self.client_dp.clip is None:
+                yield "client_dp.clip", CLIENT_DP_NEEDS_CLIP
+        if self.client_dp is not None and self.secagg is not None and self.client_dp.clip is not None \
+                and self.client_dp.clip != self.secagg.clip:
+            yield "client_dp.clip", (f"with [privacy.secagg] the clients clip to its clip ({self.secagg.clip:g}); "
+                                     "leave client_dp.clip unset or equal")
         if (self.client_dp is not None and self.secagg is not None
                 and self.secagg.weighting is Weighting.EXAMPLES):
             yield "secagg.weighting", "client-level DP needs uniform weighting (a client's weight is sensitive too)"
@@ -182,5 +195,5 @@ def parse_privacy(data: dict, *, source: str | None = None) -> PrivacyConfig:
     return parse(PrivacyConfig, data.get("privacy", {}), source=source, key="privacy")
 
 
-__all__ = ["CLIENT_DP_NEEDS_SECAGG", "ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig",
+__all__ = ["BUFFERED_CLIENT_DP", "CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG", "CLIENT_DP_NEEDS_CLIP", "ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig",
            "Weighting", "parse_privacy"]

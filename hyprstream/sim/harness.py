@@ -184,19 +184,19 @@ def _lane(exp: Experiment, fog: FogAggregator, out: Path, j: int) -> Lane:
     """Fog ``j``'s lane of the round engine: its rounds secure (and with client-level DP) when the
     experiment configures it, with seeded randomness (a simulation must be reproducible; a deployed fog
     never seeds it)."""
-    secagg, ledger, source = exp.privacy.secagg, None, None
+    from hyprstream.privacy.noise import SeededRandom
+
+    secagg, ledger = exp.privacy.secagg, None
+    source = SeededRandom(exp.seed * 7919 + j) if secagg is not None or exp.privacy.client_dp is not None else None
     if secagg is not None:
         from dataclasses import replace
-
-        from hyprstream.privacy.noise import SeededRandom
 
         # The simulated agents share one pool of Ray workers, so one fog's later stages queue behind the other
         # fogs' training: a wall-clock stage timeout would drop clients depending on the machine's load. Every
         # stage gets at least the round's timeout (results must not depend on load).
         secagg = replace(secagg, stage_timeout_s=max(secagg.stage_timeout_s, exp.runtime.round_timeout_s))
-        source = SeededRandom(exp.seed * 7919 + j)
-        if exp.privacy.client_dp is not None:
-            ledger = open_ledger(out / "fogs" / fog.name / "privacy")
+    if exp.privacy.client_dp is not None:
+        ledger = open_ledger(out / "fogs" / fog.name / "privacy")
     return Lane(round_runner(fog, secagg, exp.privacy.client_dp, ledger=ledger, source=source))
 
 

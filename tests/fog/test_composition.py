@@ -83,6 +83,18 @@ TESTS: dict[str, tuple[str, ...]] = {
          "test_fog_runs_round_robin_rounds_over_supernodes_with_secure_aggregation_and_client_dp"),
         "tests/fog/test_composition.py::test_a_hybrid_device_takes_part_in_a_client_level_dp_round",
     ),
+    "fog: client-level DP, the fog clipping and noising a plain round": (
+        # each delta clipped over the groups it trained (a hybrid device's others count as zeros), the seeded
+        # noise, the fixed denominator, the epsilon against dp-accounting
+        "tests/privacy/test_client_dp_plain.py::"
+        "test_a_plain_round_releases_the_clipped_sum_plus_noise_over_the_fixed_denominator",
+        "tests/privacy/test_client_dp_plain.py::test_adding_or_removing_one_agent_moves_the_clipped_sum_by_at_most_the_clip",
+        "tests/privacy/test_client_dp_plain.py::test_the_budget_stops_plain_private_rounds",
+        # a telemetry sample's rates and denominator: the same ClientDpRounds as a secure round's
+        "tests/fog/test_fog_privacy_selection.py::"
+        "test_a_client_dp_round_samples_at_the_telemetry_rates_and_divides_by_their_sum",
+        "tests/sim/test_int8_round.py::test_int8_round",  # int8 replies decode to float deltas before the clip
+    ),
     "fog: client-level DP over a telemetry-weighted sample": (
         "tests/fog/test_fleet.py::test_with_client_dp_the_fleet_weights_a_poisson_sample_instead_of_choosing",
         "tests/fog/test_fog_privacy_selection.py::"
@@ -125,6 +137,11 @@ TESTS: dict[str, tuple[str, ...]] = {
     "sim: secure steps over a telemetry choice": (
         "tests/sim/test_sim_selection.py::test_secure_steps_with_client_dp_sample_at_each_devices_telemetry_rate",
         "tests/fog/test_composition.py::test_a_secure_round_over_the_agents_a_selection_chose",
+    ),
+    "sim: client-level DP on plain steps": (
+        "tests/sim/test_sim_client_dp.py::test_plain_steps_with_client_dp_release_noise_calibrated_to_the_fogs_clip",
+        "tests/privacy/test_client_dp_plain.py::"
+        "test_a_plain_round_releases_the_clipped_sum_plus_noise_over_the_fixed_denominator",
     ),
     "sim: secure steps": (
         "tests/fog/test_composition.py::test_an_int8_secure_round_sums_in_a_16_bit_field_with_half_the_masked_uplink",
@@ -185,7 +202,13 @@ def test_what_the_fog_and_the_simulator_run():
     assert "device strategies" in conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), sim)
     for where in Where:
         assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.CENTRAL, devices=Strategy.HYBRID), where) is None
-        assert "[privacy.secagg]" in conflict(Cell(dp=Dp.CENTRAL), where)
+        # client-level DP on a plain round: the fog clips each delta and adds the noise; distributed noise
+        # lives inside SecAgg+, and a robust rule's sensitivity is not the clip bound
+        assert conflict(Cell(dp=Dp.CENTRAL), where) is None
+        assert conflict(Cell(dp=Dp.CENTRAL, participants=Participants.SELECTED, devices=Strategy.HYBRID,
+                             encoding=Encoding.INT8), where) is None
+        assert "[privacy.secagg]" in conflict(Cell(dp=Dp.DISTRIBUTED), where)
+        assert "calibrated to the mean" in conflict(Cell(aggregation=Aggregate.ROBUST, dp=Dp.CENTRAL), where)
 
 
 @pytest.mark.unit
@@ -251,6 +274,8 @@ def _privacy(cell: Cell) -> list[str]:
     lines = ["[privacy.secagg]", "clip = 1.0"] if cell.aggregation is Aggregate.SECAGG else []
     if cell.dp in CLIENT_DP:
         lines += ["[privacy.client_dp]", "noise_multiplier = 1.0", f'placement = "{cell.dp.value}"']
+        if cell.aggregation is not Aggregate.SECAGG:  # the fog clips each delta itself
+            lines.append("clip = 1.0")
     return lines
 
 

@@ -15,7 +15,9 @@ from hyprstream.errors import ValidationError
 from hyprstream.fog.aggregator import FogAggregator, RoundPlan
 from hyprstream.fog.engine import Lane, round_runner, run_buffered, run_sync
 from hyprstream.fog.loopback import LoopbackGrid
+from hyprstream.fog.dp import PrivateFogAggregator
 from hyprstream.fog.secure import SecureFogAggregator
+from hyprstream.privacy.client_dp import NoisePlacement
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
 
 from test_buffered import Agents
@@ -102,8 +104,12 @@ def test_round_runner_is_the_one_place_that_decides_secure_rounds(two_fogs):
     secure = round_runner(fog, SecAggConfig(clip=1.0), ClientDpConfig(noise_multiplier=1.0))
     assert isinstance(secure, SecureFogAggregator) and secure.fog is fog and secure.client_dp is not None
     assert Lane(secure).fog is fog
-    with pytest.raises(ValidationError, match="needs \\[privacy.secagg\\]"):
+    private = round_runner(fog, None, ClientDpConfig(noise_multiplier=1.0, clip=1.0))
+    assert isinstance(private, PrivateFogAggregator) and Lane(private).fog is fog and Lane(private).client_dp
+    with pytest.raises(ValidationError, match="needs privacy.client_dp.clip"):
         round_runner(fog, None, ClientDpConfig(noise_multiplier=1.0))
+    with pytest.raises(ValidationError, match="needs \\[privacy.secagg\\]"):
+        round_runner(fog, None, ClientDpConfig(noise_multiplier=1.0, clip=1.0, placement=NoisePlacement.DISTRIBUTED))
     with pytest.raises(ValidationError, match="max_pushes"):
         run_buffered([], max_pushes=0)
 
@@ -130,5 +136,6 @@ def test_only_the_engine_drives_rounds():
     # run_round of the two runners: start_round + finish_round of a single round; a secure buffered fog's
     # aggregate stage: one SecAgg+ round over the cohort that filled the buffer
     assert {rel: [m for m, _ in calls] for rel, calls in outside.items()} == {
-        "fog/aggregator.py": ["finish_round"], "fog/secure.py": ["finish_round"], "fog/buffered.py": ["finish_round"]}
+        "fog/aggregator.py": ["finish_round"], "fog/secure.py": ["finish_round"], "fog/dp.py": ["finish_round"],
+        "fog/buffered.py": ["finish_round"]}
     assert _calls(PACKAGE / "fog" / "engine.py", "finish_round") and _calls(PACKAGE / "fog" / "engine.py", "step")

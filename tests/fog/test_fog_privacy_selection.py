@@ -109,24 +109,24 @@ def test_telemetry_rates_are_each_devices_own_and_never_above_the_charged_rate(f
 
 
 def test_a_client_dp_round_samples_at_the_telemetry_rates_and_divides_by_their_sum(tmp_path):
-    """The secure aggregator draws the sample at the given rates (each at most q, the rate charged) and the
-    released mean divides by the fixed expected count the rates give, never by who answered."""
-    from hyprstream.fog.secure import SecureFogAggregator
+    """A client-level DP round (secure, or plain with the fog's noise: the same bookkeeping) draws the sample at
+    the given rates (each at most q, the rate charged) and the released mean divides by the fixed expected count
+    the rates give, never by who answered."""
+    from hyprstream.fog.dp import ClientDpRounds
     from hyprstream.fog.selection import Sampling
-    from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
+    from hyprstream.privacy.config import ClientDpConfig
     from hyprstream.privacy.errors import PrivacyViolation
     from hyprstream.privacy.noise import SeededRandom
 
-    class Fog:  # what the sampling reads of the wrapped fog
-        node_ids = [1, 2, 3, 4]
+    class Fog:  # what the sampling reads of the fog
+        name, model, node_ids = "fog-a", "digits", [1, 2, 3, 4]
 
-    secure = SecureFogAggregator.__new__(SecureFogAggregator)
-    secure.fog, secure.client_dp, secure.source = Fog(), ClientDpConfig(noise_multiplier=1.0,
-                                                                         client_sampling_rate=0.5), SeededRandom(3)
+    secure = ClientDpRounds(Fog(), ClientDpConfig(noise_multiplier=1.0, client_sampling_rate=0.5), 1.0,
+                            source=SeededRandom(3))
     rates = {1: 0.5, 2: 0.25, 3: 0.0, 4: 0.1}
     taken = {n: 0 for n in rates}
     for _ in range(4000):
-        nodes, expected = secure._sample((1, 2, 3, 4), Sampling(rates, 0.85, {3: "offline"}))
+        nodes, expected = secure.sample((1, 2, 3, 4), Sampling(rates, 0.85, {3: "offline"}))
         assert expected == 0.85
         for n in nodes:
             taken[n] += 1
@@ -134,7 +134,6 @@ def test_a_client_dp_round_samples_at_the_telemetry_rates_and_divides_by_their_s
         assert abs(taken[n] / 4000 - p) < 0.03, (n, taken[n])
     assert taken[3] == 0
     with pytest.raises(PrivacyViolation, match="above the charged rate"):
-        secure._sample((1,), Sampling({1: 0.6}, 0.6, {}))
-    secure.secagg = SecAggConfig(clip=1.0)
-    assert secure._dp(0.85).denominator == 1.0  # never below one expected participant
-    assert secure._dp(2.5).denominator == 2.5
+        secure.sample((1,), Sampling({1: 0.6}, 0.6, {}))
+    assert secure.dp(0.85).denominator == 1.0  # never below one expected participant
+    assert secure.dp(2.5).denominator == 2.5

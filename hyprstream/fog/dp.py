@@ -1,0 +1,286 @@
+"""Client-level DP at the fog: the bookkeeping every private round shares, and plain rounds with central noise.
+
+:class:`ClientDpRounds` is what a client-level DP round needs around its aggregate, whichever way the sum
+was formed: the Poisson sample (at ``client_sampling_rate``, or at each agent's telemetry rate), the
+model's budget checked before anything is drawn, the charge to the privacy ledger before the release
+leaves the fog, the privacy record that travels with the push (the fixed denominator, never the realised
+count), and the binding of the ledger entry to the version core commits. :class:`SecureFogAggregator
+<hyprstream.fog.secure.SecureFogAggregator>` uses it over the SecAgg+ sum; :class:`PrivateFogAggregator`
+over a plain round's sum.
+
+:class:`PrivateFogAggregator` is DP-FedAvg with a trusted fog (McMahan et al. 2018; Flower's
+``DifferentialPrivacyServerSideFixedClipping``): the fog receives each agent's delta, clips it to L2 norm
+C over all its layer groups, sums the clipped deltas (a group an agent did not train counts as zeros),
+adds N(0, (z C)^2 I) and divides by the fixed expected count D. Adding or removing one agent moves the
+un-noised sum by at most C, so the released mean is the subsampled Gaussian mechanism the ledger charges.
+The adversary is core and everything downstream: the fog sees each clipped update (with SecAgg+ it sees
+only the sum; docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.aggregator import FogAggregator, FogRound, PendingRound
+from hyprstream.fog.selection import Sampling
+from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
+from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
+from hyprstream.fog.aggregate import Aggregation
+from hyprstream.privacy.config import CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, CLIENT_DP_NEEDS_CLIP, ClientDpConfig
+from hyprstream.privacy.errors import PrivacyViolation
+from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
+from hyprstream.privacy.noise import RandomSource, SecureRandom
+from hyprstream.store import layer_table as lt
+
+log = logging.getLogger("hyprstream.privacy")
+
+CLIENT_DP_NEEDS_THE_MEAN = ("client-level DP is calibrated to the mean: a robust rule's output can move by more than "
+                            "the clip bound when one agent is added or removed (a median jumps to another order "
+                            "statistic in every coordinate): use aggregation = \"mean\"")
+"""Why client-level DP is refused with a robust rule (a rule of :mod:`hyprstream.fog.composition`)."""
+
+
+class ClientDpRounds:
+    """The client-level DP bookkeeping of one fog's rounds (see the module docstring). ``clip``: the L2
+    bound of one agent's contribution; ``ledger``: the model's privacy ledger (without one the spend is
+    accounted and enforced in memory only)."""
+
+    def __init__(self, fog: FogAggregator, config: ClientDpConfig, clip: float, *,
+                 ledger: PrivacyLedger | None = None, source: RandomSource | None = None) -> None:
+        self.fog = fog
+        self.config = config
+        self.clip = clip
+        self.ledger = ledger
+        self.source = source or SecureRandom()
+        self._memory = PldAccountant() if ledger is None else None
+        # ledger entries of released rounds whose push core has not answered yet: push seq -> entry seq
+        self._unbound: dict[int, int] = {}
+        self._bound: dict[int, Entry] = {}  # bound while their push was being sent (read back by push)
+        self._sending: int | None = None  # the seq push is sending now
+        if ledger is not None:
+            fog.on_delivery(self._bind)
+        else:
+            log.warning("fog %s: client-level DP without a privacy ledger: the spend is not durable", fog.name)
+
+    @property
+    def model(self) -> str:
+        return self.fog.model
+
+    def dp(self, expected: float) -> ClientDP:
+        """The mechanism of a round whose mean divides by ``expected`` (the expected number of participants,
+        fixed before the sample is drawn; never below one)."""
+        c = self.config
+        return ClientDP(clip=self.clip, noise_multiplier=c.noise_multiplier, placement=c.placement,
+                        min_clients=c.min_clients, denominator=max(1.0, expected))
+
+    def sample(self, nodes: tuple[int, ...], sampling: Sampling | None) -> tuple[tuple[int, ...], float]:
+        """The Poisson sample of ``nodes`` and the mean's denominator: each agent with rate q
+        (``client_sampling_rate``) over the fog's agents, or with its own rate from a telemetry selection
+        (``sampling``: every rate at most q, the rate charged)."""
+        q = self.config.client_sampling_rate
+        if sampling is None:
+            rates, expected = dict.fromkeys(nodes, q), q * len(self.fog.node_ids)
+            if q >= 1:
+                return nodes, expected
+        else:
+            rates, expected = sampling.rates, sampling.expected
+            over = {n: p for n, p in rates.items() if not 0 <= p <= q}
+            if over:
+                raise PrivacyViolation(f"inclusion rates above the charged rate {q}: {over}")
+        draws = self.source.uniform(len(nodes))
+        return tuple(n for n, u in zip(nodes, draws, strict=True) if u < rates.get(n, 0.0)), expected
+
+    def event(self) -> GaussianEvent:
+        c = self.config
+        return GaussianEvent(c.noise_multiplier, c.client_sampling_rate, 1)
+
+    def check_budget(self, what: str) -> float:
+        """The model's epsilon after one more round; raises BudgetExceeded when over the budget."""
+        budget = self.config.budget
+        if self.ledger is not None:
+            return self.ledger.check(Scope.MODEL, self.model, self.event(), budget, what)
+        spent, would_be = self._memory.epsilon(budget.delta), self._memory.epsilon_if(self.event(), budget.delta)
+        check_budget(spent, would_be, budget, what)
+        return would_be
+
+    def spent(self) -> float:
+        """The model's client-level epsilon so far at the budget's delta."""
+        if self.ledger is not None:
+            return self.ledger.spent(Scope.MODEL, self.model, self.config.delta)
+        return self._memory.epsilon(self.config.delta)
+
+    def mechanism(self) -> str:
+        return f"client-gaussian-{self.config.placement.value}"
+
+    def charge(self, round_no: int, base_version: int, group_id: str) -> Entry | None:
+        """Charge one round, before its release leaves the fog (a crash from here on can only over-count)."""
+        if self.ledger is not None:
+            return self.ledger.charge(
+                Scope.MODEL, self.model,
+                Charge(self.event(), model=self.model, base_version=base_version, round=group_id,
+                       mechanism=self.mechanism(), unit="device"),
+                self.config.budget)
+        self.check_budget(f"round {round_no} of {self.model}")
+        self._memory.compose(self.event())
+        return None
+
+    def push(self, base, delta: dict[str, np.ndarray], layers: Sequence[str], expected: float, entry: Entry | None,
+             reasons: list[str], *, transcript: str | None = None) -> tuple[int | None, Entry | None]:
+        """Push a released mean through the fog's durable outbox with its privacy record (the realised count
+        is not released: core gets 0 participants and the fixed denominator); the ledger entry is bound to
+        the version core commits, whenever that happens."""
+        c = self.config
+        spent = entry.epsilon if entry is not None else self._memory.epsilon(c.delta)
+        privacy = {"epsilon": spent, "delta": c.delta, "noise_multiplier": c.noise_multiplier,
+                   "sample_rate": c.client_sampling_rate, "clip": self.clip,
+                   "expected_participants": self.dp(expected).denominator}
+        seq = self.fog.next_seq()
+        if entry is not None:
+            self._unbound[seq] = entry.seq
+        self._sending = seq
+        try:
+            version = self.fog.push(base, delta, layers, 0, reasons, privacy=privacy, transcript_sha256=transcript,
+                                    seq=seq)
+        finally:
+            self._sending = None
+        return version, self._bound.pop(seq, entry)
+
+    def _bind(self, delivery) -> None:
+        """Bind the ledger entry of a delivered push to the version core made of it. A push core refused,
+        or one it had applied already (its answer was lost), stays charged and unbound: the ledger may
+        over-count, never under-count."""
+        entry_seq = self._unbound.pop(delivery.push.seq, None)
+        if entry_seq is None or delivery.result is None or self.ledger is None:
+            return
+        bound = self.ledger.bind(entry_seq, delivery.result.version)
+        if delivery.push.seq == self._sending:
+            self._bound[delivery.push.seq] = bound
+
+
+@dataclass
+class PendingDpRound:
+    inner: PendingRound
+    expected: float  # the mean's fixed denominator
+    aborted: str = ""  # why the round did not start
+
+    # what the round engine's callers read of a pending round
+    base = property(lambda self: self.inner.base)
+    round = property(lambda self: self.inner.round)
+    layers = property(lambda self: self.inner.layers)
+    nodes = property(lambda self: self.inner.nodes)
+
+
+@dataclass(frozen=True)
+class DpRoundInfo:
+    """What a private plain round adds to its ``FogRound``: the ledger entry it charged (None: in memory)."""
+
+    privacy: Entry | None
+
+
+class PrivateFogAggregator:
+    """A :class:`FogAggregator` whose rounds release a client-level DP mean with central noise (see the
+    module docstring); the same interface as the fog (``start_round`` / ``finish_round`` / ``run_round``)."""
+
+    def __init__(self, fog: FogAggregator, client_dp: ClientDpConfig, *, ledger: PrivacyLedger | None = None,
+                 source: RandomSource | None = None) -> None:
+        if client_dp.placement is NoisePlacement.DISTRIBUTED:
+            raise ValidationError(CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG)
+        if client_dp.clip is None:
+            raise ValidationError(CLIENT_DP_NEEDS_CLIP)
+        if fog.plan.aggregation is not Aggregation.MEAN:
+            raise ValidationError(CLIENT_DP_NEEDS_THE_MEAN)
+        self.fog = fog
+        self.client_dp = client_dp
+        self.rounds = ClientDpRounds(fog, client_dp, client_dp.clip, ledger=ledger, source=source)
+        self.last: DpRoundInfo | None = None
+
+    # the wrapped fog's identity
+    name = property(lambda self: self.fog.name)
+    node_ids = property(lambda self: self.fog.node_ids)
+    grid = property(lambda self: self.fog.grid)
+    core = property(lambda self: self.fog.core)
+    model = property(lambda self: self.fog.model)
+    plan = property(lambda self: self.fog.plan)
+
+    def pull(self):
+        return self.fog.pull()
+
+    def spent(self) -> float:
+        return self.rounds.spent()
+
+    def start_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
+                    sampling: Sampling | None = None) -> PendingDpRound:
+        """Sample (at ``client_sampling_rate``, or at a telemetry ``sampling``'s rates), check the budget and
+        core's norm bound against the noise, then send the train requests of round ``round_no``."""
+        fog = self.fog
+        base = base if base is not None else fog.pull()
+        nodes = tuple(fog.node_ids if nodes is None else nodes)
+        unknown = set(nodes) - set(fog.node_ids)
+        if unknown:
+            raise ValidationError(f"fog {fog.name!r} has no agents {sorted(unknown)}")
+        sampled, expected = self.rounds.sample(nodes, sampling)
+        aborted = ""
+        try:
+            what = f"round {round_no} of {fog.model}"
+            self.rounds.check_budget(what)
+            layers = fog.plan.layers or tuple(lt.layers_in(base.table))
+            dim = sum(int(np.prod(s)) for s in lt.select_layers(base.table, layers).column("shape").to_pylist())
+            self.rounds.dp(expected).check_bound(fog.core_bound, dim, what)
+        except PrivacyViolation as exc:  # BudgetExceeded among them
+            aborted, sampled = str(exc), ()
+            log.warning("fog %s round %d: private round not started: %s", fog.name, round_no, exc)
+        return PendingDpRound(fog.start_round(round_no, base, sampled), expected, aborted)
+
+    def finish_round(self, pending: PendingDpRound) -> FogRound:
+        """Collect and check the replies, clip each to C, sum, noise, divide by D, charge, push."""
+        fog, inner = self.fog, pending.inner
+        self.last = None
+        if pending.aborted:
+            return fog.outcome(inner, fog.gather(inner), None, {}, [f"private round not started: {pending.aborted}"])
+        gathered = fog.gather(inner, clip=self.rounds.clip)
+        reasons: list[str] = []
+        version, delta = None, {}
+        if len(gathered.contributors) < max(1, fog.plan.min_replies):
+            reasons.append(f"{len(gathered.contributors)} usable update(s), fewer than {fog.plan.min_replies}: "
+                           "nothing released")
+        else:
+            try:
+                delta = self._release(pending, gathered)
+                entry = self.rounds.charge(inner.round, inner.base.version, f"{fog.name}/round-{inner.round}")
+                version, entry = self.rounds.push(inner.base, delta, inner.layers, pending.expected, entry, reasons)
+                self.last = DpRoundInfo(entry)
+            except HyprstreamError as exc:  # BudgetExceeded: spent since the round started
+                reasons.append(f"not released: {exc}")
+                log.warning("fog %s round %d: not released: %s", fog.name, inner.round, exc)
+                delta = {}
+        return fog.outcome(inner, gathered, version, delta, reasons)
+
+    def run_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
+                  sampling: Sampling | None = None) -> FogRound:
+        return self.finish_round(self.start_round(round_no, base, nodes, sampling))
+
+    def _release(self, pending: PendingDpRound, gathered) -> dict[str, np.ndarray]:
+        """(sum of the clipped deltas + N(0, (zC)^2 I)) / D over every requested parameter; a layer group no
+        contributor trained sums to zero (its release is noise alone)."""
+        shapes, sums = {}, []
+        for layer in pending.inner.layers:
+            updates = gathered.matrices[layer]
+            count = updates.total_weight  # every clipped delta counts with weight 1
+            mean = updates.mean() if count else {}
+            for name, shape in updates.shapes.items():
+                shapes[name] = tuple(shape)
+                sums.append(mean[name].astype(np.float64).ravel() * count if count else
+                            np.zeros(int(np.prod(shape)), dtype=np.float64))
+        total = np.concatenate(sums) if sums else np.zeros(0, dtype=np.float64)
+        released = self.rounds.dp(pending.expected).release(total, len(gathered.contributors), self.rounds.source)
+        out, at = {}, 0
+        for name, shape in shapes.items():
+            size = int(np.prod(shape))
+            out[name] = released[at:at + size].astype(np.float32).reshape(shape)
+            at += size
+        return out
