@@ -356,6 +356,22 @@ class FogAggregator:
         return self.finish_round(self.start_round(round_no, base, nodes))
 
 
+class WrappedFog:
+    """A round runner around a :class:`FogAggregator` (``self.fog``): the fog's identity, and its pull."""
+
+    fog: FogAggregator
+
+    name = property(lambda self: self.fog.name)
+    node_ids = property(lambda self: self.fog.node_ids)
+    grid = property(lambda self: self.fog.grid)
+    core = property(lambda self: self.fog.core)
+    model = property(lambda self: self.fog.model)
+    plan = property(lambda self: self.fog.plan)
+
+    def pull(self) -> Snapshot:
+        return self.fog.pull()
+
+
 def _project(snapshot: Snapshot, push: Push) -> Snapshot:
     """``snapshot`` with ``push`` applied as core would apply a current push (weight 1)."""
     weights = lt.to_arrays(snapshot.table, copy=True)

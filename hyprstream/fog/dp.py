@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.fog.aggregator import FogAggregator, FogRound, PendingRound
+from hyprstream.fog.aggregator import FogAggregator, FogRound, PendingRound, WrappedFog
 from hyprstream.fog.selection import Sampling
 from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
@@ -182,7 +182,7 @@ class DpRoundInfo:
     privacy: Entry | None
 
 
-class PrivateFogAggregator:
+class PrivateFogAggregator(WrappedFog):
     """A :class:`FogAggregator` whose rounds release a client-level DP mean with central noise (see the
     module docstring); the same interface as the fog (``start_round`` / ``finish_round`` / ``run_round``)."""
 
@@ -198,17 +198,6 @@ class PrivateFogAggregator:
         self.client_dp = client_dp
         self.rounds = ClientDpRounds(fog, client_dp, client_dp.clip, ledger=ledger, source=source)
         self.last: DpRoundInfo | None = None
-
-    # the wrapped fog's identity
-    name = property(lambda self: self.fog.name)
-    node_ids = property(lambda self: self.fog.node_ids)
-    grid = property(lambda self: self.fog.grid)
-    core = property(lambda self: self.fog.core)
-    model = property(lambda self: self.fog.model)
-    plan = property(lambda self: self.fog.plan)
-
-    def pull(self):
-        return self.fog.pull()
 
     def spent(self) -> float:
         return self.rounds.spent()

@@ -33,6 +33,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.aggregator import WrappedFog
 from hyprstream.fog.dp import ClientDpRounds
 from hyprstream.fog.selection import Sampling
 from hyprstream.privacy import secagg_messages as wire
@@ -86,7 +87,7 @@ class SecureRoundInfo:
     stage_seconds: Mapping[str, float]
 
 
-class SecureFogAggregator:
+class SecureFogAggregator(WrappedFog):
     """A :class:`FogAggregator` whose rounds aggregate securely (and, configured, with client-level DP)."""
 
     def __init__(self, fog, secagg: SecAggConfig, client_dp: ClientDpConfig | None = None, *,
@@ -105,17 +106,6 @@ class SecureFogAggregator:
         # client-level DP's sample, budget, charge and privacy record (over the secure sum)
         self.dp_rounds = (ClientDpRounds(fog, client_dp, secagg.clip, ledger=ledger, source=self.source)
                           if client_dp is not None else None)
-
-    # the wrapped fog's identity
-    name = property(lambda self: self.fog.name)
-    node_ids = property(lambda self: self.fog.node_ids)
-    grid = property(lambda self: self.fog.grid)
-    core = property(lambda self: self.fog.core)
-    model = property(lambda self: self.fog.model)
-    plan = property(lambda self: self.fog.plan)
-
-    def pull(self):
-        return self.fog.pull()
 
     @property
     def field_bits(self) -> int:
