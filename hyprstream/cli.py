@@ -92,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment on Flower's simulation engine with a real core Flight "
                                    "server and fog loops in this process. Writes metrics.parquet, report.md "
                                    "and plots into --out. 'hyprstream simulate compare RUN_A RUN_B' puts two "
-                                   "finished runs side by side.",
+                                   "finished runs side by side. 'hyprstream simulate trace FILE' writes a synthetic availability "
+                                   "trace ([fleet] availability_trace) as Parquet or CSV.",
                        usage="hyprstream simulate [EXPERIMENT] [options]\n"
-                             "       hyprstream simulate compare RUN_A RUN_B [--out DIR]")
+                             "       hyprstream simulate compare RUN_A RUN_B [--out DIR]\n"
+                             "       hyprstream simulate trace FILE --devices N [--duration-s S] "
+                             "[--mean-online-s S] [--mean-offline-s S] [--seed N]")
     p.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT,
                    help="experiment TOML file, or the name of one in simulations/ (default: %(default)s)")
     p.add_argument("runs", nargs="*", metavar="RUN", help=argparse.SUPPRESS)
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the experiment as a baseline instead: 'flat' is Flower's FedAvg over the same "
                         "agents, data, model and seed, every layer in fp32, no fogs and no core; 'central' "
                         "trains the same model on all the agents' data in one place")
+    trace = p.add_argument_group("simulate trace FILE (a synthetic availability trace)")
+    trace.add_argument("--devices", type=int, default=None, help="devices in the trace (the fleet's agents)")
+    trace.add_argument("--duration-s", type=float, default=86400.0, help="simulated seconds covered (default 1 day)")
+    trace.add_argument("--mean-online-s", type=float, default=3600.0, help="mean online session (default 1 h)")
+    trace.add_argument("--mean-offline-s", type=float, default=1800.0, help="mean offline gap (default 30 min)")
+    trace.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_simulate)
     return parser
 
@@ -187,6 +196,24 @@ def resolve_experiment(name: str) -> Path:
     raise ConfigError(f"experiment {name!r} not found (looked for {', '.join(map(str, candidates))})")
 
 
+def _write_trace(args: argparse.Namespace) -> int:
+    from hyprstream.sim import traces
+
+    if len(args.runs) != 1 or args.devices is None:
+        raise ConfigError("usage: hyprstream simulate trace FILE --devices N", source="simulate trace")
+    try:
+        table = traces.synthetic(args.devices, args.duration_s, mean_online_s=args.mean_online_s,
+                                 mean_offline_s=args.mean_offline_s, seed=args.seed)
+        path = traces.write(table, Path(args.runs[0]))
+    except ValueError as exc:
+        raise ConfigError(str(exc), source="simulate trace") from None
+    trace = traces.AvailabilityTrace.from_table(table, args.devices, period_s=args.duration_s)
+    share = trace.fraction_online()
+    print(f"wrote {path}: {table.num_rows} online intervals of {args.devices} devices over {args.duration_s:g} s; "
+          f"online {share.mean():.1%} of the time on average ({share.min():.1%} to {share.max():.1%})")
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -199,6 +226,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError("usage: hyprstream simulate compare RUN_A RUN_B", source="simulate compare")
         print(compare_runs(Path(args.runs[0]), Path(args.runs[1]), out=args.out))
         return 0
+    if args.experiment == "trace":
+        return _write_trace(args)
     if args.runs:
         raise ConfigError(f"unexpected arguments {args.runs}", source="simulate")
     path = resolve_experiment(args.experiment)

@@ -13,6 +13,7 @@ from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.errors import ConfigError
 from hyprstream.fog.selection import SelectionRules, SelectionWeights
 from hyprstream.privacy.config import PrivacyConfig
+from hyprstream.sim.traces import check_file as check_trace
 
 
 class PartitionScheme(enum.Enum):
@@ -56,6 +57,12 @@ class FleetSection(Checked):
                                          "below this is not chosen")
     fairness_window: int = setting(10, ge=1, doc="steps over which participation is counted")
     weights: SelectionWeights = field(default_factory=SelectionWeights)
+    # device availability from a trace of online intervals (hyprstream.sim.traces) instead of the profiles'
+    availability_trace: str = setting("", file=check_trace, doc="a Parquet, Arrow or CSV file of (device, start_s, "
+                                      "end_s) online intervals on the simulated clock; empty: each profile's "
+                                      "availability, drawn per step")
+    availability_period_s: float = setting(0.0, ge=0.0, doc="the trace repeats with this period; 0: its latest "
+                                           "end_s")
 
     def rules(self) -> SelectionRules:
         return SelectionRules(self.weights, min_battery_percent=self.min_battery_percent)
@@ -189,6 +196,8 @@ class Experiment(Checked):
             yield "training.min_replies", "is larger than fleet.agents_per_fog"
         if self.training.mode is TrainingMode.BUFFERED:
             yield from self._check_buffered()
+        if self.fleet.availability_trace:
+            yield from self._check_trace()
         from hyprstream.sim.fleet import resolve_profile
 
         for name in self.fleet.profiles:
@@ -196,6 +205,19 @@ class Experiment(Checked):
                 resolve_profile(name)
             except ConfigError as exc:
                 yield f"fleet.profiles.{name}", exc.reason
+
+    def _check_trace(self):
+        from hyprstream.sim.traces import AvailabilityTrace
+
+        if self.training.mode is TrainingMode.BUFFERED:
+            yield "fleet.availability_trace", ("the buffered mode models no device availability (every agent stays "
+                                               "online): use training.mode = \"sync\"")
+            return
+        try:
+            AvailabilityTrace.load(self.fleet.availability_trace, self.num_agents,
+                                   period_s=self.fleet.availability_period_s)
+        except ConfigError as exc:
+            yield "fleet.availability_trace", f"{exc.source}: {exc.reason}"
 
     def _check_buffered(self):
         for key in ("buffer_k", "concurrency"):

@@ -39,6 +39,7 @@ from hyprstream.telemetry.records import (DeviceState, ExecutionProvider, ModelS
                                           StrategyState, Telemetry)
 from hyprstream.sim import clock
 from hyprstream.sim.clock import Link
+from hyprstream.sim.traces import AvailabilityTrace
 
 PROFILE_DIR = "firmware-configs"
 
@@ -98,8 +99,11 @@ class VirtualFleet:
     virtual time of their rounds."""
 
     def __init__(self, profiles: list[DeviceProfile], *, seed: int, local_samples: int,
-                 fog_core: Link, names: list[str] | None = None) -> None:
+                 fog_core: Link, names: list[str] | None = None, trace: AvailabilityTrace | None = None) -> None:
+        if trace is not None and trace.devices != len(profiles):
+            raise ValueError(f"the availability trace covers {trace.devices} devices, the fleet has {len(profiles)}")
         self.profiles = profiles
+        self.trace = trace  # availability from a trace (hyprstream.sim.traces); None: the profiles' availability
         self.names = names if names is not None else [p.device_class for p in profiles]
         self.seed = seed
         self.local_samples = local_samples
@@ -118,16 +122,26 @@ class VirtualFleet:
         by_name = load_profiles(sorted(exp.fleet.profiles))
         names = assign_profiles(exp.num_agents, exp.fleet.profiles, np.random.default_rng([exp.seed, 0xF1EE7]))
         link = Link(exp.network.fog_core_mbps, exp.network.fog_core_mbps, exp.network.fog_core_latency_ms)
+        trace = None
+        if exp.fleet.availability_trace:
+            # a reduced run (--quick) of a larger fleet keeps the trace of its first devices
+            trace = AvailabilityTrace.load(exp.fleet.availability_trace, exp.num_agents,
+                                           period_s=exp.fleet.availability_period_s, first=True)
         return cls([by_name[n] for n in names], seed=exp.seed,
-                   local_samples=exp.training.local_steps * exp.training.batch_size, fog_core=link, names=names)
+                   local_samples=exp.training.local_steps * exp.training.batch_size, fog_core=link, names=names,
+                   trace=trace)
 
-    def online(self, step: int) -> np.ndarray:
+    def online(self, step: int, sim_s: float = 0.0) -> np.ndarray:
+        """Which devices are online in ``step``, starting at simulated time ``sim_s``: by the trace when the
+        fleet has one, else independent draws with each profile's availability."""
+        if self.trace is not None:
+            return self.trace.online(sim_s)
         return online(self.availability, self.seed, step)
 
     def plan_step(self, step: int, sim_s: float) -> StepPlan:
         """Which devices are online in ``step`` and their strategies: each online device's policy observes
         its readings at simulated time ``sim_s`` (an offline device observes nothing and keeps its state)."""
-        up = self.online(step)
+        up = self.online(step, sim_s)
         for i in np.flatnonzero(up):
             battery = None if np.isnan(self.battery[i]) else float(self.battery[i])
             self._policies[i].observe(ResourceSample(
