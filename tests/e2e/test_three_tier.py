@@ -10,7 +10,9 @@ One deployment serves the module, in two steps:
    a reader token) above the initial one, telemetry from every device, the broker refusing strangers.
 2. Failures: an agent of fog-a SIGKILLed in the middle of a round, and fog-b cut from core (the
    forwarder closed, then reopened): rounds go on, fog-b's buffered pushes reach core after the link is
-   back, and every push is applied exactly once (checked against the audit log, which verifies).
+   back, and every push is applied exactly once (checked against the audit log, which verifies). The
+   federation runs on until core has committed at least 30 versions, each scored on core's validation
+   rows, and none falls more than 0.05 below the best before it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.mqtt, pytes
 FOGS = {"fog-a": ["a-1", "a-2", "a-3"], "fog-b": ["b-1", "b-2", "b-3"]}
 DEVICES = [d for ds in FOGS.values() for d in ds]
 WAIT_S = 480.0
+VERSIONS = 30  # the second test runs the federation until core has committed at least this many versions
+MARGIN = 0.05  # ... and no version's held-out accuracy falls more than this below the best before it
 # Secure aggregation of the agents' deltas and client-level DP at fog-b; the noise is small enough (std
 # 0.01 * clip of the sum) that the model still improves.
 PRIVACY = """
@@ -226,7 +230,7 @@ def test_agent_killed_mid_round_and_fog_cut_from_core(federation):
         a_after = [v for v in fogs.get("fog-a", []) if v["version"] > killed_at]
         b_seqs = {v["seq"] for v in fogs.get("fog-b", [])}
         return (buffered <= b_seqs and any(v["seq"] > max(buffered) for v in fogs.get("fog-b", []))
-                and any(v["participants"] == 3 for v in a_after[1:]))
+                and any(v["participants"] == 3 for v in a_after[1:]) and len(vs) - 1 >= VERSIONS)
 
     wait_for_versions(dep, done)
     stop_edge(dep)
@@ -252,10 +256,13 @@ def test_agent_killed_mid_round_and_fog_cut_from_core(federation):
         assert p["privacy"]["noise_multiplier"] == 0.01 and p["privacy"]["clip"] == 5.0, p["privacy"]
         assert p["privacy"]["epsilon"] > 0 and len(p["transcript_sha256"]) == 64
         assert p["participants"] == 0 and p["privacy"]["expected_participants"] >= 2, p
-    # every version scored; with mixing 1/2 (two fogs) the model holds: no version 0.05 below the best
+    # every version scored; with mixing 1/N (two fogs: 1/2) the model holds over at least VERSIONS versions: no
+    # version falls more than MARGIN below the best before it (core's guard, mode "warn", flags none either)
     accuracy = [v["accuracy"] for v in versions]
     print("accuracy per version:", [round(a, 3) for a in accuracy])
-    assert all(a is not None for a in accuracy) and max(accuracy) - accuracy[-1] <= 0.05, accuracy
+    assert len(versions) - 1 >= VERSIONS and all(a is not None for a in accuracy)
+    drops = [max(accuracy[:i + 1]) - a for i, a in enumerate(accuracy)]
+    assert max(drops) <= MARGIN, list(zip(accuracy, drops))
     assert not [e for e in dep.audit_entries() if e.details.get("regression")]
     verify = dep.audit_verify()
     assert verify.returncode == 0 and "ok:" in verify.stdout, verify.stdout + verify.stderr
