@@ -135,6 +135,8 @@ class RuntimeSection:
     client_cpus: float = setting(1.0, gt=0.0, le=64.0, doc="Ray CPUs per simulated agent")
     torch_threads: int = setting(1, ge=1, le=64)
     round_timeout_s: float = setting(300.0, gt=0.0)
+    ray_address: str = setting("", doc="host:port of an existing Ray cluster's head to run the simulated agents on "
+                               "(RAY_ADDRESS too); empty: a Ray instance of this process on this host")
 
 
 @dataclass(frozen=True)

@@ -144,15 +144,18 @@ def prepare_run(exp: Experiment, out: Path) -> Prepared:
 
 def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[BaseException]) -> None:
     """Run ``server_app`` and ``client_app`` on Flower's simulation engine with ``exp.num_agents`` agents;
-    re-raises the first exception the ServerApp recorded in ``failure``."""
+    re-raises the first exception the ServerApp recorded in ``failure``.
+
+    On an existing Ray cluster (``[runtime] ray_address``, else ``RAY_ADDRESS``) this process connects to it
+    first, handing every worker the environment the agents need (where their stores are, torch threads,
+    Flower's settings, this interpreter's import path); Flower's engine then runs its actors on that
+    connection, spread over the cluster's nodes. The device stores under ``out`` must be at the same path
+    on every node (a shared file system)."""
     from flwr.simulation import run_simulation
 
-    if os.environ.get("RAY_ADDRESS"):
-        # ray.init() would join that cluster, whose workers inherit neither this process's environment
-        # (where the agents find their stores) nor, on other hosts, its local paths.
-        raise HyprstreamError("hyprstream simulate runs its own Ray instance on this host; unset RAY_ADDRESS "
-                              f"(set to {os.environ['RAY_ADDRESS']!r}) to run it")
-
+    address = exp.runtime.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_reachable(address)
     backend_config = {
         "client_resources": {"num_cpus": exp.runtime.client_cpus, "num_gpus": 0.0},
         "init_args": {
@@ -165,16 +168,56 @@ def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[B
 
     configure_simulation(devices, exp.privacy.dpsgd)  # agents train with DP-SGD when it is configured
     # Ray's workers inherit the environment of the process that starts Ray (Flower sets runtime_env
-    # itself, so it cannot carry these).
-    os.environ.update({SIM_DEVICES_ENV: str(devices.resolve()), THREADS_ENV: str(exp.runtime.torch_threads)})
+    # itself, so it cannot carry these); a cluster's workers get them through this connection's runtime_env.
+    env = {SIM_DEVICES_ENV: str(devices.resolve()), THREADS_ENV: str(exp.runtime.torch_threads)}
+    os.environ.update(env)
+    connected = _connect(address, env) if address else False
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,
                        backend_config=backend_config)
     except SystemExit as exc:  # Flower exits the process on some errors; keep control here
         if not failure:
             raise HyprstreamError(f"Flower's simulation engine stopped (exit code {exc.code})") from None
+    finally:
+        if connected:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # this connection only: the cluster keeps running
     if failure:
         raise failure[0]
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse, at once and by name, a cluster address that is not ``host:port`` or where nobody listens
+    (Ray itself would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        raise HyprstreamError(f"the Ray cluster address must be the head's host:port (GCS), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise HyprstreamError(f"cannot reach the Ray cluster at {address} ([runtime] ray_address or RAY_ADDRESS): "
+                              f"{exc.strerror or exc}") from None
+
+
+def _connect(address: str, env: dict[str, str]) -> bool:
+    """Connect this process to the Ray cluster at ``address``, every worker with ``env``, Flower's settings and
+    this interpreter's import path (so that the agents import this very package)."""
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    paths = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"env_vars": {**FLOWER_ENV, **env, "PYTHONPATH": paths}})
+    log.info("connected to the Ray cluster at %s: %d node(s), %g CPU(s)", address,
+             sum(1 for n in ray.nodes() if n.get("Alive")), ray.cluster_resources().get("CPU", 0.0))
+    return True
 
 
 StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint | None], None]

@@ -126,14 +126,3 @@ def test_central_reference(tmp_path):
     _, untrained = evaluate(task, model, task.from_table(task.to_table(test)))
     assert g[-1]["accuracy"] == pytest.approx(result.final_accuracy)
     assert result.final_accuracy > untrained + 0.3
-
-
-def test_simulate_refuses_an_external_ray_cluster(tmp_path, monkeypatch):
-    from hyprstream.errors import HyprstreamError
-    from hyprstream.sim.harness import simulate
-
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    exp = load_experiment(ROOT / "simulations" / "quickstart.toml")
-    with pytest.raises(HyprstreamError, match="unset RAY_ADDRESS"):
-        simulate(exp, tmp_path, None, None, [])
-    assert not (tmp_path / "devices").exists()  # refused before anything was set up
