@@ -93,7 +93,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         # a telemetry sample's rates and denominator: the same ClientDpRounds as a secure round's
         "tests/fog/test_fog_privacy_selection.py::"
         "test_a_client_dp_round_samples_at_the_telemetry_rates_and_divides_by_their_sum",
-        "tests/sim/test_int8_round.py::test_int8_round",  # int8 replies decode to float deltas before the clip
+        "tests/privacy/test_client_dp_plain.py::test_int8_replies_are_clipped_as_the_fog_decodes_them",
     ),
     "fog: client-level DP over a telemetry-weighted sample": (
         "tests/fog/test_fleet.py::test_with_client_dp_the_fleet_weights_a_poisson_sample_instead_of_choosing",

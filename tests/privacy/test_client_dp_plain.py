@@ -124,6 +124,41 @@ def test_a_plain_round_releases_the_clipped_sum_plus_noise_over_the_fixed_denomi
     assert audited["privacy"]["epsilon"] == record["epsilon"] and audited["participants"] == 0
 
 
+def test_int8_replies_are_clipped_as_the_fog_decodes_them(tmp_path, core):
+    """With int8 updates the fog clips what it decodes (each tensor's int8 values times its scale): the release
+    is the sum of the decoded, clipped deltas plus the noise, over D."""
+    from dataclasses import replace
+
+    clip = 0.05
+    private, store_of = _fog(tmp_path, core, 3, ClientDpConfig(noise_multiplier=1.0, clip=clip))
+    private.fog.plan = replace(PLAN, update_encoding="int8")
+    base = private.pull()
+    assert private.run_round(1).version == 1
+    index = {node: i for i, node in enumerate(private.node_ids)}
+    names = lt.select_layers(base.table, PLAN.layers).column("name").to_pylist()
+    total: dict[str, np.ndarray] = {}
+    for node, store in store_of.items():
+        request = TrainRequest("digits", base.version, "digits", PLAN.layers, PLAN.local_steps, PLAN.batch_size,
+                               PLAN.lr, train_seed(0, 1, index[node]), lt.to_arrays(base.table),
+                               update_encoding="int8")
+        sent = handle_train(request, store, plan=_plan_for(store, request))
+        decoded = TrainReply.from_content(sent.to_content()).delta  # what travels, as the fog reads it
+        assert any(not np.array_equal(decoded[n], sent.delta[n]) for n in decoded)  # int8 is lossy
+        norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in decoded.values()))
+        scale = min(1.0, clip / (norm * (1 + 1e-6)))
+        for name, value in decoded.items():
+            total[name] = total.get(name, 0.0) + value.astype(np.float64) * scale
+    shapes = {n: a.shape for n, a in lt.to_arrays(base.table).items() if n in names}
+    noise = gaussian(SeededRandom(7), sum(int(np.prod(s)) for s in shapes.values()), clip)
+    at = 0
+    for name in names:
+        size = int(np.prod(shapes[name]))
+        part = total.get(name, np.zeros(shapes[name]))
+        np.testing.assert_allclose(core.pushes[0]["delta"][name].ravel(), (part.ravel() + noise[at:at + size]) / 3.0,
+                                   rtol=1e-5, atol=1e-7)
+        at += size
+
+
 def test_the_budget_stops_plain_private_rounds(tmp_path, core):
     dp = ClientDpConfig(noise_multiplier=1.0, clip=0.5, epsilon_budget=8.0)
     private, _ = _fog(tmp_path, core, 3, dp)
