@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment on Flower's simulation engine with a real core Flight "
                                    "server and fog loops in this process. Writes metrics.parquet, report.md "
                                    "and plots into --out. 'hyprstream simulate compare RUN_A RUN_B' puts two "
-                                   "finished runs side by side. 'hyprstream simulate trace FILE' writes a synthetic availability "
-                                   "trace ([fleet] availability_trace) as Parquet or CSV.",
+                                   "finished runs side by side. 'hyprstream simulate trace FILE' writes a "
+                                   "synthetic availability trace ([fleet] availability_trace) as Parquet or CSV.",
                        usage="hyprstream simulate [EXPERIMENT] [options]\n"
                              "       hyprstream simulate compare RUN_A RUN_B [--out DIR]\n"
                              "       hyprstream simulate trace FILE --devices N [--duration-s S] "

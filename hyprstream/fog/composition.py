@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from hyprstream.codec import Encoding
 from hyprstream.fog.config import RoundMode
 from hyprstream.privacy.client_dp import NoisePlacement
-from hyprstream.fog.dp import CLIENT_DP_NEEDS_THE_MEAN
-from hyprstream.privacy.config import BUFFERED_CLIENT_DP, CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, PrivacyConfig
+from hyprstream.privacy.config import (BUFFERED_CLIENT_DP, CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, CLIENT_DP_NEEDS_THE_MEAN,
+                                       PrivacyConfig)
 from hyprstream.telemetry.records import Strategy
 
 

@@ -26,24 +26,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.fog.aggregator import FogAggregator, FogRound, PendingRound, WrappedFog
+from hyprstream.fog.aggregate import Aggregation
+from hyprstream.fog.aggregator import FogAggregator, FogRound, Gathered, PendingRound, WrappedFog
 from hyprstream.fog.selection import Sampling
 from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
 from hyprstream.privacy.client_dp import ClientDP, NoisePlacement
-from hyprstream.fog.aggregate import Aggregation
-from hyprstream.privacy.config import CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, CLIENT_DP_NEEDS_CLIP, ClientDpConfig
+from hyprstream.privacy.clipping import Layout
+from hyprstream.privacy.config import (CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, CLIENT_DP_NEEDS_CLIP,
+                                       CLIENT_DP_NEEDS_THE_MEAN, ClientDpConfig)
 from hyprstream.privacy.errors import PrivacyViolation
 from hyprstream.privacy.ledger import Charge, Entry, PrivacyLedger, Scope, check_budget
 from hyprstream.privacy.noise import RandomSource, SecureRandom
 from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.privacy")
-
-CLIENT_DP_NEEDS_THE_MEAN = ("client-level DP is calibrated to the mean: a robust rule's output can move by more than "
-                            "the clip bound when one agent is added or removed (a median jumps to another order "
-                            "statistic in every coordinate): use aggregation = \"mean\"")
-"""Why client-level DP is refused with a robust rule (a rule of :mod:`hyprstream.fog.composition`)."""
-
 
 class ClientDpRounds:
     """The client-level DP bookkeeping of one fog's rounds (see the module docstring). ``clip``: the L2
@@ -234,42 +230,34 @@ class PrivateFogAggregator(WrappedFog):
         gathered = fog.gather(inner, clip=self.rounds.clip)
         reasons: list[str] = []
         version, delta = None, {}
-        if len(gathered.contributors) < max(1, fog.plan.min_replies):
-            reasons.append(f"{len(gathered.contributors)} usable update(s), fewer than {fog.plan.min_replies}: "
-                           "nothing released")
-        else:
-            try:
-                delta = self._release(pending, gathered)
-                entry = self.rounds.charge(inner.round, inner.base.version, f"{fog.name}/round-{inner.round}")
-                version, entry = self.rounds.push(inner.base, delta, inner.layers, pending.expected, entry, reasons)
-                self.last = DpRoundInfo(entry)
-            except HyprstreamError as exc:  # BudgetExceeded: spent since the round started
-                reasons.append(f"not released: {exc}")
-                log.warning("fog %s round %d: not released: %s", fog.name, inner.round, exc)
-                delta = {}
+        # A started round releases whatever arrived, however few (none: the noise alone, over the same D):
+        # releasing only above a count would make the release itself depend on who took part, unaccounted.
+        try:
+            delta = self._release(pending, gathered)
+            entry = self.rounds.charge(inner.round, inner.base.version, f"{fog.name}/round-{inner.round}")
+            version, entry = self.rounds.push(inner.base, delta, inner.layers, pending.expected, entry, reasons)
+            self.last = DpRoundInfo(entry)
+        except HyprstreamError as exc:  # BudgetExceeded: spent since the round started
+            reasons.append(f"not released: {exc}")
+            log.warning("fog %s round %d: not released: %s", fog.name, inner.round, exc)
+            delta = {}
         return fog.outcome(inner, gathered, version, delta, reasons)
 
     def run_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
                   sampling: Sampling | None = None) -> FogRound:
         return self.finish_round(self.start_round(round_no, base, nodes, sampling))
 
-    def _release(self, pending: PendingDpRound, gathered) -> dict[str, np.ndarray]:
-        """(sum of the clipped deltas + N(0, (zC)^2 I)) / D over every requested parameter; a layer group no
-        contributor trained sums to zero (its release is noise alone)."""
-        shapes, sums = {}, []
+    def _release(self, pending: PendingDpRound, gathered: Gathered) -> dict[str, np.ndarray]:
+        """(sum of the clipped deltas + N(0, (zC)^2 I)) / D over every requested parameter, in the layout's
+        (sorted) order; a layer group no contributor trained sums to zero (its release is noise alone)."""
+        sums: dict[str, np.ndarray] = {}
         for layer in pending.inner.layers:
             updates = gathered.matrices[layer]
             count = updates.total_weight  # every clipped delta counts with weight 1
             mean = updates.mean() if count else {}
             for name, shape in updates.shapes.items():
-                shapes[name] = tuple(shape)
-                sums.append(mean[name].astype(np.float64).ravel() * count if count else
-                            np.zeros(int(np.prod(shape)), dtype=np.float64))
-        total = np.concatenate(sums) if sums else np.zeros(0, dtype=np.float64)
-        released = self.rounds.dp(pending.expected).release(total, len(gathered.contributors), self.rounds.source)
-        out, at = {}, 0
-        for name, shape in shapes.items():
-            size = int(np.prod(shape))
-            out[name] = released[at:at + size].astype(np.float32).reshape(shape)
-            at += size
-        return out
+                sums[name] = mean[name].astype(np.float64) * count if count else np.zeros(shape)
+        layout = Layout.of({name: value.shape for name, value in sums.items()})
+        released = self.rounds.dp(pending.expected).release(layout.flatten(sums), len(gathered.contributors),
+                                                            self.rounds.source)
+        return layout.unflatten(released, np.float32)

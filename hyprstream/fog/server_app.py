@@ -30,6 +30,7 @@ from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.fog.engine import Lane, Runner, open_ledger, round_runner, run_buffered, run_sync
 from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
+from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.privacy.config import PrivacyConfig
 from hyprstream.runtime import log_formatter
 
@@ -265,7 +266,8 @@ def _buffered_rounds(lane: Lane, cfg: FogConfig, metrics: FogMetrics, stop: thre
             return selector.choose({n: lane.devices[n] for n in idle if n in lane.devices}, call, count=slots)
     buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
                            concurrency=min(concurrency, len(fog.node_ids)),
-                           secure=lane.runner if lane.runner is not fog else None, choose=choose, **options)
+                           secure=lane.runner if isinstance(lane.runner, SecureFogAggregator) else None, choose=choose,
+                           **options)
     done: list[FogRound] = []
 
     def record(push) -> None:

@@ -153,6 +153,11 @@ CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG = ("distributed noise is added by the clients
 """Why ``placement = "distributed"`` is refused without ``[privacy.secagg]`` (also a rule of
 :mod:`hyprstream.fog.composition`)."""
 
+CLIENT_DP_NEEDS_THE_MEAN = ("client-level DP is calibrated to the mean: a robust rule's output can move by more than "
+                            "the clip bound when one agent is added or removed (a median jumps to another order "
+                            "statistic in every coordinate): use aggregation = \"mean\"")
+"""Why client-level DP is refused with a robust rule (a rule of :mod:`hyprstream.fog.composition`)."""
+
 CLIENT_DP_NEEDS_CLIP = ("client-level DP without [privacy.secagg] needs privacy.client_dp.clip: the L2 bound the "
                         "fog clips each agent's delta to")
 
@@ -195,5 +200,6 @@ def parse_privacy(data: dict, *, source: str | None = None) -> PrivacyConfig:
     return parse(PrivacyConfig, data.get("privacy", {}), source=source, key="privacy")
 
 
-__all__ = ["BUFFERED_CLIENT_DP", "CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG", "CLIENT_DP_NEEDS_CLIP", "ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig",
+__all__ = ["BUFFERED_CLIENT_DP", "CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG", "CLIENT_DP_NEEDS_CLIP",
+           "CLIENT_DP_NEEDS_THE_MEAN", "ClientDpConfig", "DpSgdConfig", "FloorConfig", "PrivacyConfig", "SecAggConfig",
            "Weighting", "parse_privacy"]

@@ -13,7 +13,6 @@ from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.errors import ConfigError
 from hyprstream.fog.selection import SelectionRules, SelectionWeights
 from hyprstream.privacy.config import PrivacyConfig
-from hyprstream.sim.traces import check_file as check_trace
 
 
 class PartitionScheme(enum.Enum):
@@ -58,7 +57,7 @@ class FleetSection(Checked):
     fairness_window: int = setting(10, ge=1, doc="steps over which participation is counted")
     weights: SelectionWeights = field(default_factory=SelectionWeights)
     # device availability from a trace of online intervals (hyprstream.sim.traces) instead of the profiles'
-    availability_trace: str = setting("", file=check_trace, doc="a Parquet, Arrow or CSV file of (device, start_s, "
+    availability_trace: str = setting("", doc="a Parquet, Arrow or CSV file of (device, start_s, "
                                       "end_s) online intervals on the simulated clock; empty: each profile's "
                                       "availability, drawn per step")
     availability_period_s: float = setting(0.0, ge=0.0, doc="the trace repeats with this period; 0: its latest "

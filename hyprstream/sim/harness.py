@@ -171,7 +171,8 @@ def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[B
     # itself, so it cannot carry these); a cluster's workers get them through this connection's runtime_env.
     env = {SIM_DEVICES_ENV: str(devices.resolve()), THREADS_ENV: str(exp.runtime.torch_threads)}
     os.environ.update(env)
-    connected = _connect(address, env) if address else False
+    if address:
+        _connect(address, env)
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,
                        backend_config=backend_config)
@@ -179,7 +180,7 @@ def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[B
         if not failure:
             raise HyprstreamError(f"Flower's simulation engine stopped (exit code {exc.code})") from None
     finally:
-        if connected:
+        if address:
             import ray
 
             if ray.is_initialized():
@@ -203,7 +204,7 @@ def _check_reachable(address: str) -> None:
                               f"{exc.strerror or exc}") from None
 
 
-def _connect(address: str, env: dict[str, str]) -> bool:
+def _connect(address: str, env: dict[str, str]) -> None:
     """Connect this process to the Ray cluster at ``address``, every worker with ``env``, Flower's settings and
     this interpreter's import path (so that the agents import this very package)."""
     import sys
@@ -217,7 +218,6 @@ def _connect(address: str, env: dict[str, str]) -> bool:
              runtime_env={"env_vars": {**FLOWER_ENV, **env, "PYTHONPATH": paths}})
     log.info("connected to the Ray cluster at %s: %d node(s), %g CPU(s)", address,
              sum(1 for n in ray.nodes() if n.get("Alive")), ray.cluster_resources().get("CPU", 0.0))
-    return True
 
 
 StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint | None], None]

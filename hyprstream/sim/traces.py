@@ -10,7 +10,7 @@ as in FedScale's client-behaviour traces (per-client active and inactive periods
 is never online. The trace repeats with the period ``[fleet] availability_period_s`` (0: the latest
 ``end_s`` in the file), so a run longer than the trace keeps the same pattern. :func:`synthetic` writes one:
 alternating online and offline sessions of exponential lengths per device, each device with its own
-mean session length drawn around the given means, and a seeded random phase.
+mean session lengths drawn around the given means, seeded.
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ class AvailabilityTrace:
     period_s: float
 
     @classmethod
-    def from_table(cls, table: pa.Table, devices: int | None, *, period_s: float = 0.0, source: str | None = None
-                   ) -> AvailabilityTrace:
-        """Checked: the three columns, finite times, 0 <= start < end, device indices in ``[0, devices)``
-        (None: as many devices as the largest index names)."""
+    def from_table(cls, table: pa.Table, devices: int, *, period_s: float = 0.0, first: bool = False,
+                   source: str | None = None) -> AvailabilityTrace:
+        """Checked: the three columns, finite times, 0 <= start < end, device indices in ``[0, devices)``.
+        ``first``: the rows of devices from ``devices`` on are left out instead of refused (a reduced run of a
+        larger fleet's experiment keeps its first devices' rows)."""
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             raise ConfigError(f"the trace has no column(s) {missing} (it needs {list(COLUMNS)})", source=source)
@@ -77,8 +78,9 @@ class AvailabilityTrace:
             row = int(np.flatnonzero(bad)[0])
             raise ConfigError(f"row {row}: an interval needs finite 0 <= start_s < end_s, got "
                               f"[{start[row]}, {end[row]})", source=source)
-        if devices is None:
-            devices = int(device.max()) + 1 if len(device) else 0
+        if first:
+            kept = device < devices
+            device, start, end = device[kept], start[kept], end[kept]
         out_of_range = (device < 0) | (device >= devices)
         if out_of_range.any():
             row = int(np.flatnonzero(out_of_range)[0])
@@ -101,17 +103,8 @@ class AvailabilityTrace:
 
     @classmethod
     def load(cls, path: str | Path, devices: int, *, period_s: float = 0.0, first: bool = False) -> AvailabilityTrace:
-        """The trace at ``path`` for ``devices`` devices; ``first``: keep only the rows of devices below
-        ``devices`` (a reduced run of a larger fleet's experiment) instead of refusing the others."""
-        table = read_table(path)
-        if first and "device" in table.column_names:
-            import pyarrow.compute as pc
-
-            try:
-                table = table.filter(pc.less(table.column("device"), devices))
-            except pa.ArrowException:
-                pass  # from_table names what is wrong with the column
-        return cls.from_table(table, devices, period_s=period_s, source=str(path))
+        """The trace at ``path`` for ``devices`` devices (:meth:`from_table`)."""
+        return cls.from_table(read_table(path), devices, period_s=period_s, first=first, source=str(path))
 
     @property
     def devices(self) -> int:
@@ -151,8 +144,9 @@ def synthetic(devices: int, duration_s: float, *, mean_online_s: float, mean_off
               spread: float = 0.5) -> pa.Table:
     """A trace of ``devices`` over ``[0, duration_s)``: each device alternates online and offline sessions of
     exponential lengths with its own means (the given means times a log-normal factor of sigma ``spread``,
-    so devices differ), starting online with probability ``mean_online / (mean_online + mean_offline)`` at
-    a random point of its first session. Seeded: the same arguments give the same table."""
+    so devices differ), online at 0 with probability ``mean_online / (mean_online + mean_offline)``: the
+    process' stationary state (sessions are memoryless, so what is left of the first one is exponential
+    too). Seeded: the same arguments give the same table."""
     if devices < 1 or not duration_s > 0 or not mean_online_s > 0 or not mean_offline_s > 0 or spread < 0:
         raise ValueError("need devices >= 1, duration_s > 0, mean_online_s > 0, mean_offline_s > 0, spread >= 0")
     rng = np.random.default_rng([seed, 0x7ACE])
@@ -161,12 +155,12 @@ def synthetic(devices: int, duration_s: float, *, mean_online_s: float, mean_off
         on_mean = mean_online_s * rng.lognormal(0.0, spread)
         off_mean = mean_offline_s * rng.lognormal(0.0, spread)
         online = rng.random() < on_mean / (on_mean + off_mean)
-        t = -rng.random() * rng.exponential(on_mean if online else off_mean)  # inside the first session
+        t = 0.0
         while t < duration_s:
             length = rng.exponential(on_mean if online else off_mean)
-            if online and t + length > 0:
+            if online and length > 0:
                 rows_d.append(d)
-                rows_s.append(max(0.0, t))
+                rows_s.append(t)
                 rows_e.append(min(duration_s, t + length))
             t += length
             online = not online
@@ -189,10 +183,4 @@ def write(table: pa.Table, path: str | Path) -> Path:
     return p
 
 
-def check_file(path: str) -> None:
-    """A config's trace file: readable, with the columns and valid intervals (its devices are checked against
-    the fleet's by the experiment)."""
-    AvailabilityTrace.from_table(read_table(path), None, source=path)
-
-
-__all__ = ["COLUMNS", "AvailabilityTrace", "check_file", "read_table", "synthetic", "write"]
+__all__ = ["COLUMNS", "AvailabilityTrace", "read_table", "synthetic", "write"]

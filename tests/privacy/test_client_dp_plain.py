@@ -110,7 +110,7 @@ def test_a_plain_round_releases_the_clipped_sum_plus_noise_over_the_fixed_denomi
     at = 0
     pushed = core.pushes[0]["delta"]
     assert set(pushed) == set(names)  # the hybrid-skipped group is released too (zeros plus noise)
-    for name in names:  # the layout's order: the request's groups in order, each group's names as stored
+    for name in sorted(names):  # the noise vector runs over the parameters by name
         size = int(np.prod(shapes[name]))
         expected = (total[name].ravel() + noise[at:at + size]) / 4.0
         np.testing.assert_allclose(pushed[name].ravel(), expected, rtol=1e-5, atol=1e-7)
@@ -151,12 +151,29 @@ def test_int8_replies_are_clipped_as_the_fog_decodes_them(tmp_path, core):
     shapes = {n: a.shape for n, a in lt.to_arrays(base.table).items() if n in names}
     noise = gaussian(SeededRandom(7), sum(int(np.prod(s)) for s in shapes.values()), clip)
     at = 0
-    for name in names:
+    for name in sorted(names):
         size = int(np.prod(shapes[name]))
         part = total.get(name, np.zeros(shapes[name]))
         np.testing.assert_allclose(core.pushes[0]["delta"][name].ravel(), (part.ravel() + noise[at:at + size]) / 3.0,
                                    rtol=1e-5, atol=1e-7)
         at += size
+
+
+def test_a_started_round_releases_even_when_nobody_took_part(tmp_path, core):
+    """Whether a round releases must not depend on who took part: a round none of whose agents is sampled (or
+    answers) releases the noise alone over the same D, and is charged like any other."""
+    dp = ClientDpConfig(noise_multiplier=1.0, clip=0.5)
+    private, _ = _fog(tmp_path, core, 3, dp, seed=11)
+    base = private.pull()
+    result = private.run_round(1, nodes=())
+    assert result.version == 1 and result.participants == 0 and result.nodes == ()
+    names = sorted(lt.select_layers(base.table, PLAN.layers).column("name").to_pylist())
+    shapes = {n: a.shape for n, a in lt.to_arrays(base.table).items() if n in names}
+    noise = gaussian(SeededRandom(11), sum(int(np.prod(s)) for s in shapes.values()), 0.5)
+    pushed = np.concatenate([core.pushes[0]["delta"][n].ravel() for n in names])
+    np.testing.assert_allclose(pushed, noise / 3.0, rtol=1e-5, atol=1e-7)  # D = q n = 3
+    pld, rdp = _accountant_epsilon(1.0, 1.0, 1, dp.delta)
+    assert pld * 0.999 <= core.pushes[0]["privacy"]["epsilon"] <= rdp * 1.001
 
 
 def test_the_budget_stops_plain_private_rounds(tmp_path, core):

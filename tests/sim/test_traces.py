@@ -110,8 +110,9 @@ def test_the_cli_writes_a_trace_an_experiment_takes(tmp_path, capsys):
     exp_path.write_text(base.replace("[fleet]", f'[fleet]\navailability_trace = "{path}"', 1))
     exp = load_experiment(exp_path)
     assert exp.fleet.availability_trace == str(path)
-    for extra, expected in {f'availability_trace = "{tmp_path / "nope.parquet"}"': "file not found",
-                            f'availability_trace = "{path}"\nagents_per_fog = 4': "device 8 is not one of the fleet's 8 devices"}.items():
+    cases = {f'availability_trace = "{tmp_path / "nope.parquet"}"': "file not found",
+             f'availability_trace = "{path}"\nagents_per_fog = 4': "device 8 is not one of the fleet's 8 devices"}
+    for extra, expected in cases.items():
         exp_path.write_text(base.replace("agents_per_fog = 5", "").replace("[fleet]", f"[fleet]\n{extra}", 1))
         with pytest.raises(ConfigError, match=expected):
             load_experiment(exp_path)
