@@ -27,7 +27,10 @@ the agent's job; :class:`Dispatch` says what was sent) the fog dispatches each r
 once, keeps an event queue of simulated completion times, and handles completions in that order:
 when the earliest completion is agent i's, it waits for i's real reply (leaving others' replies on
 the grid). Each push records its simulated time, so a run is deterministic and nothing sleeps. Ties
-go to the earlier dispatch.
+go to the earlier dispatch. A ``choose`` (selection) works on the virtual clock too, reading the
+simulated devices' state at :attr:`BufferedFog.now`; when no agent is training and it chooses none of
+the idle ones, simulated time moves on by ``retry_s`` and they are offered again (an error once that
+has lasted ``max_wait_s``).
 
 API: the round engine's buffered scheduler drives it, for the fog's ServerApp (one fog, real time) and
 the simulation harness (several fogs on one simulated clock)::
@@ -147,7 +150,8 @@ class _Job:
 class BufferedFog:
     def __init__(self, fog: FogAggregator, *, buffer_k: int, max_staleness: int, concurrency: int | None = None,
                  duration: Callable[[int, Dispatch], float] | None = None, poll_s: float = 0.05,
-                 secure=None, choose: Callable[[tuple[int, ...], int, int], Sequence[int]] | None = None) -> None:
+                 secure=None, choose: Callable[[tuple[int, ...], int, int], Sequence[int]] | None = None,
+                 retry_s: float = 60.0, max_wait_s: float = 30 * 86400.0) -> None:
         if not isinstance(buffer_k, int) or buffer_k < 1:
             raise ValidationError(f"buffer_k must be an integer >= 1, got {buffer_k!r}")
         if not isinstance(max_staleness, int) or max_staleness < 0:
@@ -161,8 +165,8 @@ class BufferedFog:
         if secure is not None and buffer_k < secure.secagg.min_clients:
             raise ValidationError(f"buffer_k {buffer_k} is below the {secure.secagg.min_clients} clients a secure "
                                   "sum needs ([privacy.secagg] min_clients)")
-        if choose is not None and duration is not None:
-            raise ValidationError("a telemetry selection chooses in real time, not on a virtual clock")
+        if not 0 < retry_s <= max_wait_s:
+            raise ValidationError(f"need 0 < retry_s <= max_wait_s, got {retry_s} and {max_wait_s}")
         self.fog = fog
         # telemetry selection: choose(idle agents, free slots, call number) -> the agents to send a job now
         self.choose = choose
@@ -173,6 +177,9 @@ class BufferedFog:
         self.concurrency = concurrency
         self.duration = duration
         self.poll_s = poll_s
+        self.retry_s = retry_s  # virtual clock: simulated seconds between offers when no agent is eligible
+        self.max_wait_s = max_wait_s  # ... and how long that may last before the fog gives up
+        self._waited = 0.0
         self.pushes: list[BufferedPush] = []
         self._snapshot: Snapshot | None = None
         self._idle: deque[int] = deque(fog.node_ids)
@@ -197,8 +204,10 @@ class BufferedFog:
         """Simulated time of the earliest pending completion (``now`` before anything was dispatched)."""
         self._start()
         self._fill()
-        if self.duration is None or not self._events:
+        if self.duration is None:
             return self.now
+        if not self._events:  # none eligible now: the idle agents are offered again a little later
+            return self.now + self.retry_s if self.choose is not None and self._idle else self.now
         return self._events[0][0]
 
     @property
@@ -210,6 +219,9 @@ class BufferedFog:
         or ``stop`` is set; returns the pushes this made (at most one with a virtual clock)."""
         self._start()
         self._fill()
+        if self.duration is not None and not self._jobs and self.choose is not None and self._idle:
+            self._wait_virtually()
+            return []
         if not self._await_work(stop):
             return []
         if self.duration is not None:
@@ -248,6 +260,15 @@ class BufferedFog:
             time.sleep(self.poll_s)
             self._fill()
         return True
+
+    def _wait_virtually(self) -> None:
+        """Virtual clock, no agent training and none of the idle ones eligible: simulated time passes by
+        ``retry_s`` (batteries charge, devices come online); an error after ``max_wait_s`` in a row."""
+        self._waited += self.retry_s
+        if self._waited > self.max_wait_s:
+            raise HyprstreamError(f"fog {self.fog.name}: none of its {len(self._idle)} idle agent(s) was eligible for "
+                                  f"{self.max_wait_s:g} simulated seconds: nothing can fill the buffer")
+        self._now += self.retry_s
 
     def _check_busy(self) -> None:
         if not self._jobs:
@@ -294,6 +315,7 @@ class BufferedFog:
         for node in [n for n in dict.fromkeys(self.choose(idle, slots, self._choices)) if n in idle][:slots]:
             self._idle.remove(node)
             self._dispatch(node)
+            self._waited = 0.0
 
     def _dispatch(self, node: int) -> None:
         assert self._snapshot is not None

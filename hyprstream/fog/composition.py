@@ -170,12 +170,6 @@ RULES: tuple[Rule, ...] = (
          fog_key="rounds.aggregation", sim_key="training.aggregation"),
     Rule("buffered client DP", when(schedule=BUFFERED, dp=CLIENT_DP), BUFFERED_CLIENT_DP,
          fog_key="rounds.mode", sim_key="training.mode"),
-    Rule("buffered simulates no telemetry", when(schedule=BUFFERED, participants=SELECTED),
-         "the simulator's buffered mode models no device state (battery, strategy) for telemetry to report: "
-         "every agent trains in full, as soon as it is free", at=(Where.SIM,), sim_key="fleet.clients_per_round"),
-    Rule("buffered simulates full devices", when(schedule=BUFFERED, devices=HYBRID),
-         "the simulator's buffered mode does not model device strategies: every agent trains in full",
-         at=(Where.SIM,)),
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -201,11 +195,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL)),
     Family("secure steps over a telemetry choice", Where.SIM,
            when(schedule=SYNC, aggregation=SECAGG, participants=SELECTED)),
-    Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
-                                       participants=ALL,
-                                       devices=FULL)),
-    Family("secure buffered cohorts", Where.SIM, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD),
-                                                      participants=ALL, devices=FULL)),
+    Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
+    Family("secure buffered cohorts", Where.SIM, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
 )
 
 

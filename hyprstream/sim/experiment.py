@@ -210,10 +210,6 @@ class Experiment(Checked):
     def _check_trace(self):
         from hyprstream.sim.traces import AvailabilityTrace
 
-        if self.training.mode is TrainingMode.BUFFERED:
-            yield "fleet.availability_trace", ("the buffered mode models no device availability (every agent stays "
-                                               "online): use training.mode = \"sync\"")
-            return
         try:
             AvailabilityTrace.load(self.fleet.availability_trace, self.num_agents,
                                    period_s=self.fleet.availability_period_s)

@@ -18,6 +18,11 @@ view, the telemetry each device would send at the start of a step: its state (on
 strategy, and its battery, on the simulated clock (every record fresh). An idle device's CPU and memory
 read 0 %, as above; the record does not carry the DP-SGD budget (a device whose budget is spent declines
 the request itself).
+
+The buffered mode has no steps: a device's state is brought to the simulated instant its fog offers it a
+job (:meth:`VirtualFleet.observe_at`: online by the trace, else a draw with its availability fixed per
+device and instant; the battery charged for the time passed and drained for the jobs it finished,
+:meth:`VirtualFleet.worked`; its policy observing that battery when it is online).
 """
 
 from __future__ import annotations
@@ -116,6 +121,11 @@ class VirtualFleet:
         self._drain = np.array([p.simulation.battery_drain_percent_per_s for p in profiles])
         self._charge = np.array([p.simulation.battery_charge_percent_per_s for p in profiles])
         self._told: dict[int, Strategy] = {}  # the strategy file each device was last given
+        # the buffered mode's continuous clock: when each battery level was last brought up to date, the
+        # jobs (start, seconds) each device took since, and whether it was online when last offered a job
+        self._battery_s = np.zeros(len(profiles))
+        self._work: list[list[tuple[float, float]]] = [[] for _ in profiles]
+        self._up = np.ones(len(profiles), dtype=bool)
 
     @classmethod
     def build(cls, exp) -> VirtualFleet:
@@ -143,10 +153,7 @@ class VirtualFleet:
         its readings at simulated time ``sim_s`` (an offline device observes nothing and keeps its state)."""
         up = self.online(step, sim_s)
         for i in np.flatnonzero(up):
-            battery = None if np.isnan(self.battery[i]) else float(self.battery[i])
-            self._policies[i].observe(ResourceSample(
-                time=sim_s, cpu_percent=0.0, memory_percent=0.0, memory_used_mb=0.0, disk_percent=0.0,
-                battery_percent=battery, on_ac_power=None if battery is None else False))
+            self._observe(int(i), sim_s)
         return StepPlan(step, up, tuple(p.strategy for p in self._policies), self.battery.copy())
 
     def finish_step(self, busy_s: Mapping[int, float], step_s: float) -> None:
@@ -157,19 +164,76 @@ class VirtualFleet:
                 self.battery[device] = max(0.0, self.battery[device] - self._drain[device] * seconds)
         self.battery = np.minimum(self.battery + self._charge * step_s, 100.0)  # NaN (mains) stays NaN
 
+    # -- the buffered mode: each device's state at the simulated instant its fog offers it a job
+
+    def online_at(self, device: int, sim_s: float) -> bool:
+        """Whether ``device`` is online at simulated time ``sim_s`` (buffered mode): by the trace when the fleet
+        has one, else a draw with its profile's availability, fixed per device and instant (the same answer
+        however often the instant is asked about; a later offer draws anew, as each sync step does)."""
+        if self.trace is not None:
+            return self.trace.online_device(device, sim_s)
+        instant = int(np.float64(sim_s).view(np.uint64))
+        return bool(np.random.default_rng([self.seed, device, instant, 0x0FFE]).random() < self.availability[device])
+
+    def observe_at(self, device: int, sim_s: float) -> bool:
+        """Bring ``device`` to simulated time ``sim_s`` (buffered mode): its battery charged for the time passed
+        and drained for the jobs it finished by then; when it is online, its policy observes its readings
+        (:meth:`plan_step`'s). Returns whether it is online; its strategy is :meth:`strategy`."""
+        self._settle(device, sim_s)
+        up = self.online_at(device, sim_s)
+        self._up[device] = up
+        if up:
+            self._observe(device, sim_s)
+        return up
+
+    def strategy(self, device: int) -> Strategy:
+        return self._policies[device].strategy
+
+    def worked(self, device: int, start_s: float, seconds: float) -> None:
+        """``device`` takes a job of ``seconds`` from ``start_s`` (buffered mode): its battery drains for it."""
+        self._work[device].append((float(start_s), float(seconds)))
+
+    def snapshot(self, step: int) -> StepPlan:
+        """The fleet as last observed (buffered mode): who was online when last offered a job, the strategies
+        and batteries now."""
+        return StepPlan(step, self._up.copy(), tuple(p.strategy for p in self._policies), self.battery.copy())
+
+    def _settle(self, device: int, sim_s: float) -> None:
+        last = self._battery_s[device]
+        if sim_s <= last:
+            return
+        self._battery_s[device] = sim_s
+        done = [job for job in self._work[device] if job[0] + job[1] <= sim_s]
+        self._work[device] = [job for job in self._work[device] if job[0] + job[1] > sim_s]
+        if np.isnan(self.battery[device]):
+            return
+        level = self.battery[device] + self._charge[device] * (sim_s - last)
+        level -= self._drain[device] * sum(seconds for _, seconds in done)
+        self.battery[device] = min(100.0, max(0.0, level))
+
+    def _observe(self, device: int, sim_s: float) -> None:
+        battery = None if np.isnan(self.battery[device]) else float(self.battery[device])
+        self._policies[device].observe(ResourceSample(
+            time=sim_s, cpu_percent=0.0, memory_percent=0.0, memory_used_mb=0.0, disk_percent=0.0,
+            battery_percent=battery, on_ac_power=None if battery is None else False))
+
     def write_strategies(self, devices: Path, plan: StepPlan) -> None:
         """Tell each simulated agent its strategy (:func:`~hyprstream.agent.client_app.strategy_file`, read by
         the agent's ClientApp), writing only the files of devices whose strategy changed."""
+        for i, strategy in enumerate(plan.strategies):
+            self.write_strategy(devices, i, strategy)
+
+    def write_strategy(self, devices: Path, device: int, strategy: Strategy) -> None:
+        """Tell one simulated agent its strategy (:meth:`write_strategies`), when it changed."""
         from hyprstream.agent.client_app import SIM_STRATEGY_SCHEMA, device_name, strategy_file
         from hyprstream.durable import write_bytes_atomic
 
-        for i, strategy in enumerate(plan.strategies):
-            if self._told.get(i) is strategy:
-                continue
-            data = json.dumps({"schema": SIM_STRATEGY_SCHEMA, "strategy": strategy.value,
-                               "max_layer_groups_hybrid": self.profiles[i].training.max_layer_groups_hybrid})
-            write_bytes_atomic(strategy_file(devices / device_name(i)), data.encode(), sync=False)
-            self._told[i] = strategy
+        if self._told.get(device) is strategy:
+            return
+        data = json.dumps({"schema": SIM_STRATEGY_SCHEMA, "strategy": strategy.value,
+                           "max_layer_groups_hybrid": self.profiles[device].training.max_layer_groups_hybrid})
+        write_bytes_atomic(strategy_file(devices / device_name(device)), data.encode(), sync=False)
+        self._told[device] = strategy
 
     def telemetry(self, i: int, plan: StepPlan, *, device_id: str, fleet: str, task: str, privacy: PrivacyState,
                   seq: int, now: float) -> Telemetry:

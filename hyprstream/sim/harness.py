@@ -323,8 +323,8 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
             if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
                 from hyprstream.sim.buffered import run_buffered
 
-                run_buffered(exp, [lane.runner for lane in lanes], fleet=fleet, device_of=device_of, admin=admin,
-                             model=model_name, metrics=metrics, score=score, started=started,
+                run_buffered(exp, lanes, fleet=fleet, device_of=device_of, devices=out / "devices", view=view,
+                             admin=admin, model=model_name, metrics=metrics, score=score, started=started,
                              on_step=on_step and (lambda s, rounds, row: on_step(s, rounds, row, endpoint)))
                 return
             clock = {"sim_s": 0.0, "durations": [], "busy": {}}

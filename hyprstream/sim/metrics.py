@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -122,9 +123,14 @@ class MetricsLog:
 
     def add_participation(self, r: FogRound, device_of: Mapping[int, int]) -> None:
         contributed = set(r.contributors)
+        times = Counter(r.nodes)  # a buffered push may hold two updates of one agent: a row each, its bytes shared
+        seen: Counter = Counter()
         for node in r.nodes:
+            share, extra = divmod(r.uplink.get(node, 0), times[node])
             self.participation.append({"round": r.round, "fog": r.fog, "device": device_of[node],
-                                       "contributed": node in contributed, "bytes_up": r.uplink.get(node, 0)})
+                                       "contributed": node in contributed,
+                                       "bytes_up": share + (extra if not seen[node] else 0)})
+            seen[node] += 1
 
     def add_fleet(self, plan, profiles: list[str]) -> None:
         """The fleet at the start of a step (a :class:`~hyprstream.sim.fleet.StepPlan`)."""

@@ -112,12 +112,14 @@ class AvailabilityTrace:
 
     def online(self, sim_s: float) -> np.ndarray:
         """Which devices are online at simulated time ``sim_s`` (the trace repeated every period)."""
+        return np.array([self.online_device(d, sim_s) for d in range(self.devices)], dtype=bool)
+
+    def online_device(self, device: int, sim_s: float) -> bool:
+        """Whether ``device`` is online at simulated time ``sim_s``."""
         t = float(sim_s) % self.period_s if self.period_s > 0 else float(sim_s)
-        out = np.zeros(self.devices, dtype=bool)
-        for d, (s, e) in enumerate(zip(self.starts, self.ends, strict=True)):
-            i = int(np.searchsorted(s, t, side="right")) - 1
-            out[d] = i >= 0 and t < e[i]
-        return out
+        s, e = self.starts[device], self.ends[device]
+        i = int(np.searchsorted(s, t, side="right")) - 1
+        return bool(i >= 0 and t < e[i])
 
     def fraction_online(self) -> np.ndarray:
         """Each device's share of the period spent online."""

@@ -148,8 +148,35 @@ def test_a_selection_decides_which_idle_agents_get_a_job_and_the_fog_waits_for_a
     assert [p.version for p in pushes] == [1, 2, 3]
     assert all(2 not in p.contributors for p in pushes) and all(p.participants == 2 for p in pushes)
     assert len(offered) > 3 and offered[0] == ((1, 2, 3), 2)  # asked again while none was chosen
-    with pytest.raises(ValidationError, match="virtual clock"):
-        BufferedFog(fog, buffer_k=2, max_staleness=5, choose=choose, duration=lambda node, d: 1.0)
+
+
+def test_on_a_virtual_clock_a_selection_waits_in_simulated_time_and_gives_up_after_max_wait(site):
+    """Virtual clock: while the selection picks none of the idle agents and none trains, simulated time moves
+    on by ``retry_s`` (nothing sleeps) and they are offered again at the new instant; agent 1 is eligible from
+    t = 150 s, agent 2 never. A fog whose agents never become eligible fails after ``max_wait_s``."""
+    agents = Agents()
+    fog, core = make_fog(site, agents, [1, 2])
+    instants = []
+
+    def choose_at(buffered):
+        def choose(idle, slots, call):
+            instants.append(buffered.now)
+            return tuple(n for n in idle if n == 1 and buffered.now >= 150.0)
+        return choose
+
+    with core:
+        buffered = BufferedFog(fog, buffer_k=1, max_staleness=5, duration=lambda node, d: 2.0, retry_s=60.0)
+        buffered.choose = choose_at(buffered)
+        pushes = run_buffered([buffered], max_pushes=2)
+        assert [p.contributors for p in pushes] == [(1,), (1,)]
+        assert [p.sim_time for p in pushes] == [182.0, 184.0]  # offered at 0, 60, 120, 180: sent at 180
+        assert sorted(set(instants))[:4] == [0.0, 60.0, 120.0, 180.0]
+        never = BufferedFog(fog, buffer_k=1, max_staleness=5, duration=lambda node, d: 2.0, retry_s=60.0,
+                            max_wait_s=600.0, choose=lambda idle, slots, call: ())
+        with pytest.raises(HyprstreamError, match="none of its 2 idle agent.s. was eligible for 600 simulated"):
+            run_buffered([never], max_pushes=1)
+    with pytest.raises(ValidationError, match="retry_s"):
+        BufferedFog(fog, buffer_k=1, max_staleness=5, retry_s=0.0)
 
 
 def test_async_commits_more_versions_per_simulated_second_than_sync_with_a_straggler(site):

@@ -154,9 +154,13 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/sim/test_strategies.py::test_a_simulated_agent_serves_requests_as_its_strategy_allows",
     ),
     "sim: secure buffered cohorts": (
-        # the simulator's buffered fogs are the same BufferedFog around the same SecureFogAggregator
+        # the simulator's buffered fogs are the same BufferedFog around the same SecureFogAggregator, offering
+        # jobs by the devices' state and the telemetry choice as in the plain buffered mode
         "tests/fog/test_composition.py::"
         "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
+        "tests/sim/test_buffered_sim.py::test_buffered_run_offers_jobs_by_each_devices_state_and_a_telemetry_choice",
+        "tests/fog/test_buffered.py::"
+        "test_on_a_virtual_clock_a_selection_waits_in_simulated_time_and_gives_up_after_max_wait",
     ),
     "sim: buffered": (
         # the simulator's buffered fogs run the same BufferedFog with the experiment's training.aggregation
@@ -165,6 +169,12 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/sim/test_buffered_sim.py::test_job_duration_by_hand",
         "tests/fog/test_composition.py::test_a_buffered_fog_asks_for_and_decodes_int8_updates",
         "tests/sim/test_buffered_sim.py::test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_step",
+        # devices with state (trace, batteries, hybrid and minimal strategies) and a telemetry choice
+        "tests/sim/test_buffered_sim.py::test_buffered_run_offers_jobs_by_each_devices_state_and_a_telemetry_choice",
+        "tests/sim/test_strategies.py::"
+        "test_on_the_buffered_clock_a_battery_charges_with_time_drains_with_work_and_sets_the_strategy",
+        "tests/fog/test_buffered.py::"
+        "test_on_a_virtual_clock_a_selection_waits_in_simulated_time_and_gives_up_after_max_wait",
     ),
 }
 
@@ -198,8 +208,11 @@ def test_what_the_fog_and_the_simulator_run():
         for dp in (Dp.NONE, Dp.CENTRAL, Dp.DISTRIBUTED):  # int8 + SecAgg+: a 16-bit field
             assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=dp, encoding=Encoding.INT8), where) is None
     assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.DISTRIBUTED), sim) is None
-    assert conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), fog) is None
-    assert "device strategies" in conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), sim)
+    for where in Where:  # the simulator's buffered mode models the devices' state too
+        assert conflict(Cell(RoundMode.BUFFERED, devices=Strategy.HYBRID), where) is None
+        assert conflict(Cell(RoundMode.BUFFERED, aggregation=Aggregate.SECAGG, participants=Participants.SELECTED,
+                             devices=Strategy.HYBRID), where) is None
+    assert set(all_cells()) == {c for c in all_cells() if (conflict(c, fog) is None) == (conflict(c, sim) is None)}
     for where in Where:
         assert conflict(Cell(aggregation=Aggregate.SECAGG, dp=Dp.CENTRAL, devices=Strategy.HYBRID), where) is None
         # client-level DP on a plain round: the fog clips each delta and adds the noise; distributed noise

@@ -95,13 +95,30 @@ def small_dpsgd() -> Experiment:
     return dataclasses.replace(exp, name="small-async-dpsgd", privacy=dataclasses.replace(exp.privacy, dpsgd=dpsgd))
 
 
+def small_fleet(trace: Path) -> Experiment:
+    """The buffered run over a fleet with state: battery hubs (seed 23: devices 1 and 4 start at 72 and 50 %,
+    hybrid; 2 and 3 at 98 and 90 %, full; 5 at 23 %, minimal), device 0 never online by ``trace``, each fog
+    choosing 2 agents by telemetry; the push budget, not a simulated time, ends the run (a hub's job takes
+    seconds over its link)."""
+    from hyprstream.sim import traces
+
+    exp = small("buffered")
+    rows = [(d, 0.0, 1e6) for d in range(1, exp.num_agents)]
+    traces.write(traces.pa.table({"device": [r[0] for r in rows], "start_s": [r[1] for r in rows],
+                                  "end_s": [r[2] for r in rows]}), trace)
+    fleet = dataclasses.replace(exp.fleet, profiles=MappingProxyType({"battery-sensor-hub": 1.0}),
+                                clients_per_round=2, availability_trace=str(trace))
+    return dataclasses.replace(exp, name="small-async-fleet", seed=23, fleet=fleet,
+                               buffered=dataclasses.replace(exp.buffered, sim_seconds=None))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {}
     for name, mode in (("sync", "sync"), ("async", "buffered"), ("async-again", "buffered"),
-                       ("async-dpsgd", "dpsgd")):
+                       ("async-dpsgd", "dpsgd"), ("async-fleet", "fleet")):
         path = tmp_path_factory.mktemp(name)
-        exp = small_dpsgd() if mode == "dpsgd" else small(mode)
+        exp = small_dpsgd() if mode == "dpsgd" else small_fleet(path / "trace.csv") if mode == "fleet" else small(mode)
         result = harness.run(exp, path)
         write_report(exp, result.metrics, path, final_accuracy=result.final_accuracy,
                      final_version=result.final_version)
@@ -211,3 +228,43 @@ def test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_s
     shown = [r["device_epsilon"] for r in rows]
     assert all(e is not None for e in shown) and shown == sorted(shown)
     assert shown[-1] == pytest.approx(max(c["epsilon"] for c in charges))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_buffered_run_offers_jobs_by_each_devices_state_and_a_telemetry_choice(runs):
+    """Buffered mode with device state: the device the trace never has online and the hub in minimal are
+    never sent a job; the hubs in hybrid train only their last layer group (their uplink is that group's
+    bytes, by hand); each fog's telemetry choice keeps its two eligible agents busy; the fleet table
+    records each step's state."""
+    from hyprstream.codec import Encoding, encoded_nbytes
+    from hyprstream.learning.task import get_task
+
+    exp, path, result = runs["async-fleet"]
+    part = pq.read_table(path / "participation.parquet").to_pylist()
+    fleet = pq.read_table(path / "fleet.parquet").to_pylist()
+    assert result.final_version >= 2
+    took_part = Counter(p["device"] for p in part if p["contributed"])
+    assert set(took_part) == {1, 2, 3, 4}  # not 0 (never online) nor 5 (minimal)
+    assert fleet and all(not r["online"] for r in fleet if r["device"] == 0)
+    assert {r["strategy"] for r in fleet if r["device"] in (1, 4)} == {"hybrid"}
+    assert {r["strategy"] for r in fleet if r["device"] in (2, 3)} == {"full"}
+    assert {r["strategy"] for r in fleet if r["device"] == 5} == {"minimal"}
+    model = get_task(exp.task.name).build_model(seed=0)
+    layer_of = get_task(exp.task.name).layer_of
+    groups = list(dict.fromkeys(layer_of(n) for n, _ in model.named_parameters()))
+    last = groups[-1:]  # the hub's max_layer_groups_hybrid = 1
+    enc = Encoding(exp.training.update_encoding.value)
+    hybrid_bytes = sum(encoded_nbytes(tuple(t.shape), enc) for n, t in model.named_parameters() if layer_of(n) in last)
+    full_bytes = sum(encoded_nbytes(tuple(t.shape), enc) for n, t in model.named_parameters())
+    per_job = {1: hybrid_bytes, 4: hybrid_bytes, 2: full_bytes, 3: full_bytes}
+    jobs = 0
+    for p in part:  # a row per update (a device may send two into one buffer), with that update's bytes
+        if p["contributed"]:
+            assert p["bytes_up"] == per_job[p["device"]], p
+            jobs += 1
+    assert hybrid_bytes < full_bytes
+    # the push budget of the sync run's updates, each push of buffer_k of them
+    rows = [r for r in _rows(path) if r["kind"] == "fog_round"]
+    assert len(rows) == push_budget(exp) and all(r["participants"] == exp.buffered.buffer_k for r in rows)
+    assert jobs == push_budget(exp) * exp.buffered.buffer_k

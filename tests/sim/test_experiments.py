@@ -471,7 +471,7 @@ def claim_stragglers_sync(run: Run, runs: Runs) -> None:
     buffered run reaches this run's step-1 accuracy (0.5444) over 3x sooner (0.0252 against 0.1170 s; `hyprstream
     simulate compare`'s time to accuracy).
 
-    Not shown at reduced size: the buffered run reaching this run's *final* accuracy sooner (7.3x at full size,
+    Not shown at reduced size: the buffered run reaching this run's *final* accuracy sooner (9.7x at full size,
     docs/architecture.md) needs the full run's `sim_seconds = 0.3` budget; reduced, the buffered run gets only this
     run's update count and ends below it (0.7267 against 0.7911). Floor 0.70."""
     from hyprstream.sim import clock

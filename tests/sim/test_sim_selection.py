@@ -58,22 +58,22 @@ def test_the_simulated_view_reports_each_devices_state_and_the_selector_follows_
 
 
 @pytest.mark.unit
-def test_clients_per_round_is_checked_against_the_fog_and_refused_in_buffered_mode(tmp_path):
+def test_clients_per_round_is_checked_against_the_fog(tmp_path):
     base = resolve_experiment("quickstart").read_text()
     cases = {
         "clients_per_round = 9": "larger than agents_per_fog",
-        'clients_per_round = 2\n[buffered]\nbuffer_k = 2': "buffered mode models no device state",
         "clients_per_round = 1\n[privacy.secagg]\nclip = 1.0\nmin_clients = 2": "below privacy.secagg.min_clients",
     }
+    path = tmp_path / "exp.toml"
     for extra, expected in cases.items():
         head, *rest = extra.split("\n")
-        text = base.replace("[fleet]", "[fleet]\n" + head, 1)
-        if "buffer_k" in extra:
-            text = text.replace("[training]", '[training]\nmode = "buffered"', 1)
-        path = tmp_path / "exp.toml"
-        path.write_text(text + "\n".join(rest) + "\n")
+        path.write_text(base.replace("[fleet]", "[fleet]\n" + head, 1) + "\n".join(rest) + "\n")
         with pytest.raises(ConfigError, match=expected):
             load_experiment(path)
+    # the buffered mode chooses too (each free slot, from the devices' state at that simulated instant)
+    path.write_text(base.replace("[fleet]", "[fleet]\nclients_per_round = 2", 1)
+                    .replace("[training]", '[training]\nmode = "buffered"', 1) + "[buffered]\nbuffer_k = 2\n")
+    assert load_experiment(path).fleet.clients_per_round == 2
     exp = load_experiment(resolve_experiment("quickstart"))
     assert {c.participants.value for c in exp.cells()} == {"all"}
     chosen = dataclasses.replace(exp, fleet=dataclasses.replace(exp.fleet, clients_per_round=2))

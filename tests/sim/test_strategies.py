@@ -106,3 +106,39 @@ def test_a_damaged_strategy_file_is_a_clear_error(tmp_path, content):
     with pytest.raises(ConfigError) as err:
         simulated_plan(request(), store)
     assert str(strategy_file(store)) in str(err.value)
+
+
+def test_on_the_buffered_clock_a_battery_charges_with_time_drains_with_work_and_sets_the_strategy():
+    """Buffered mode (VirtualFleet.observe_at): the hub's pack, by hand. The profile charges 0.0004 %/s and
+    drains 0.002 %/s while working; the policy goes minimal below 40 % and hybrid above 45 %."""
+    fleet = fleet_of([HUB, "rpi4"])
+    hub = fleet.profiles[0].simulation
+    charge, drain = hub.battery_charge_percent_per_s, hub.battery_drain_percent_per_s
+    fleet.battery[0] = 50.0
+    assert fleet.observe_at(0, 0.0) and fleet.strategy(0) is Strategy.HYBRID
+    fleet.worked(0, 0.0, 3000.0)  # a job from t = 0 to 3000 s
+    assert fleet.observe_at(0, 1000.0) and fleet.battery[0] == pytest.approx(50.0 + 1000 * charge)  # not done yet
+    fleet.observe_at(0, 4000.0)  # done by now: drained for its 3000 s, charged for all 4000
+    assert fleet.battery[0] == pytest.approx(50.0 + 4000 * charge - 3000 * drain)  # 45.6 %
+    fleet.worked(0, 4000.0, 2000.0)
+    fleet.observe_at(0, 6000.0)  # 42.4 %: still hybrid (minimal below 40)
+    assert fleet.battery[0] == pytest.approx(50.0 + 6000 * charge - 5000 * drain)
+    fleet.worked(0, 6000.0, 3000.0)
+    fleet.observe_at(0, 9000.0)  # 37.6 %: minimal
+    assert fleet.battery[0] == pytest.approx(50.0 + 9000 * charge - 8000 * drain) and fleet.strategy(0) is Strategy.MINIMAL
+    fleet.observe_at(0, 8000.0)  # an earlier instant changes nothing
+    assert fleet.battery[0] == pytest.approx(37.6)
+    assert fleet.observe_at(1, 9000.0) and np.isnan(fleet.battery[1]) and fleet.strategy(1) is Strategy.FULL
+    snap = fleet.snapshot(4)
+    assert snap.step == 4 and snap.strategies == (Strategy.MINIMAL, Strategy.FULL) and snap.battery[0] == pytest.approx(37.6)
+
+
+def test_on_the_buffered_clock_availability_is_drawn_per_device_and_instant():
+    fleet = fleet_of([HUB] * 400, always_online=False)  # availability 0.7
+    instants = [float(t) for t in range(50)]
+    up = np.array([[fleet.online_at(d, t) for t in instants] for d in range(400)])
+    assert abs(up.mean() - fleet.availability[0]) < 0.02
+    assert np.array_equal(up[:, 7], [fleet.online_at(d, 7.0) for d in range(400)])  # the same instant, the same answer
+    assert 0.2 < np.mean(up[:, 7] != up[:, 8]) < 0.6  # independent per instant: 2 * 0.7 * 0.3 = 0.42 differ
+    fleet.availability[:] = 0.0
+    assert not any(fleet.observe_at(d, 1.0) for d in range(5)) and not fleet.snapshot(1).online[:5].any()
