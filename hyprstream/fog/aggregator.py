@@ -325,7 +325,7 @@ class FogAggregator:
         """Check a whole reply (layers, names, shapes, finiteness, the norm bound over all its layers),
         then store each of its layer groups with ``weight`` (default: its ``num_examples``); a refused
         reply leaves every matrix unchanged. ``clip``: scaled to L2 norm at most ``clip`` over all its
-        layers, with weight 1."""
+        layers, with ``weight`` (default 1)."""
         layers = list(reply.layers)
         if not layers or len(set(layers)) != len(layers) or not set(layers) <= set(matrices):
             raise ValidationError(f"reply trained layers {layers}, the request asked for {sorted(matrices)}")
@@ -347,7 +347,7 @@ class FogAggregator:
             if scale < 1.0:
                 checked = {layer: {n: v * np.float32(scale) for n, v in part.items()}
                            for layer, part in checked.items()}
-            weight = 1.0
+            weight = 1.0 if weight is None else weight
         for layer in layers:
             matrices[layer].store(checked[layer], reply.num_examples if weight is None else weight)
 

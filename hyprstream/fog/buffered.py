@@ -64,6 +64,7 @@ from flwr.app import Message
 from hyprstream.consistency import staleness_weight
 from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.privacy.errors import PrivacyViolation
 from hyprstream.fog.aggregate import UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.aggregator import FogAggregator, FogRound, _shapes
 from hyprstream.protocol import ReplyStatus, TrainReply
@@ -151,7 +152,7 @@ class BufferedFog:
     def __init__(self, fog: FogAggregator, *, buffer_k: int, max_staleness: int, concurrency: int | None = None,
                  duration: Callable[[int, Dispatch], float] | None = None, poll_s: float = 0.05,
                  secure=None, choose: Callable[[tuple[int, ...], int, int], Sequence[int]] | None = None,
-                 retry_s: float = 60.0, max_wait_s: float = 30 * 86400.0) -> None:
+                 retry_s: float = 60.0, max_wait_s: float = 30 * 86400.0, private=None) -> None:
         if not isinstance(buffer_k, int) or buffer_k < 1:
             raise ValidationError(f"buffer_k must be an integer >= 1, got {buffer_k!r}")
         if not isinstance(max_staleness, int) or max_staleness < 0:
@@ -167,11 +168,17 @@ class BufferedFog:
                                   "sum needs ([privacy.secagg] min_clients)")
         if not 0 < retry_s <= max_wait_s:
             raise ValidationError(f"need 0 < retry_s <= max_wait_s, got {retry_s} and {max_wait_s}")
+        if private is not None:
+            _check_private(fog, private, secure, buffer_k)
         self.fog = fog
         # telemetry selection: choose(idle agents, free slots, call number) -> the agents to send a job now
         self.choose = choose
         self._choices = 0
         self.secure = secure  # a SecureFogAggregator around ``fog``: each buffer is one secure cohort round
+        # client-level DP (central): each push clipped, noised and charged (hyprstream.fog.dp.ClientDpRounds)
+        self.private = private
+        self.finished = ""  # why the fog stopped pushing (the privacy budget spent), "" while it goes on
+        self._parked: list[int] = []  # private: agents whose update is in the buffer, asked again after the push
         self.buffer_k = buffer_k
         self.max_staleness = max_staleness
         self.concurrency = concurrency
@@ -203,6 +210,8 @@ class BufferedFog:
     def next_time(self) -> float:
         """Simulated time of the earliest pending completion (``now`` before anything was dispatched)."""
         self._start()
+        if self.finished:
+            return math.inf
         self._fill()
         if self.duration is None:
             return self.now
@@ -216,8 +225,11 @@ class BufferedFog:
 
     def step(self, stop: threading.Event | None = None) -> list[BufferedPush]:
         """Handle the next completion (virtual clock) or, in real time, replies until a push was made
-        or ``stop`` is set; returns the pushes this made (at most one with a virtual clock)."""
+        or ``stop`` is set; returns the pushes this made (at most one with a virtual clock; none once
+        :attr:`finished`)."""
         self._start()
+        if self.finished:
+            return []
         self._fill()
         if self.duration is not None and not self._jobs and self.choose is not None and self._idle:
             self._wait_virtually()
@@ -273,6 +285,11 @@ class BufferedFog:
     def _check_busy(self) -> None:
         if not self._jobs:
             assert self._snapshot is not None
+            if self._parked:
+                raise HyprstreamError(
+                    f"fog {self.fog.name}: with client-level DP a push takes one update per agent, and only "
+                    f"{len(self._parked)} agent(s) could fill this buffer of {self.buffer_k} (the others declined "
+                    "or failed): lower buffer_k")
             raise HyprstreamError(f"fog {self.fog.name}: every agent declined or failed since version "
                                   f"{self._snapshot.version}: nothing to aggregate")
 
@@ -282,6 +299,22 @@ class BufferedFog:
             self._snapshot = self.fog.pull()
             self._t0 = self._since = time.monotonic()
             self._reset_buffer()
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Private: whether the next push fits the model's budget and core's norm bound; if not, the fog is
+        :attr:`finished` (nothing more is dispatched or released)."""
+        if self.private is None or self._snapshot is None:
+            return
+        what = f"push {len(self.pushes) + 1} of {self.fog.model}"
+        try:
+            self.private.check_budget(what)
+            layers = self.fog.plan.layers or tuple(lt.layers_in(self._snapshot.table))
+            dim = sum(int(np.prod(s)) for s in lt.select_layers(self._snapshot.table, layers).column("shape").to_pylist())
+            self.private.dp(float(self.buffer_k)).check_bound(self.fog.core_bound, dim, what)
+        except PrivacyViolation as exc:  # BudgetExceeded among them
+            self.finished = str(exc)
+            log.warning("fog %s: buffered rounds stop: %s", self.fog.name, exc)
 
     def _reset_buffer(self) -> None:
         self._matrices: dict[str, UpdateMatrix | UpdateSum] = {}
@@ -378,11 +411,14 @@ class BufferedFog:
                 counts["refused"] += 1
                 self._reasons.append(f"refused: {exc}")
                 log.warning("fog %s: refused an update of agent %d: %s", self.fog.name, node, exc)
-        if not (usable and self.secure is not None):  # a secure cohort's agents wait for its round
+        if usable and self.private is not None:  # one update per agent in a private buffer
+            self._parked.append(node)
+        elif not (usable and self.secure is not None):  # a secure cohort's agents wait for its round
             (self._idle if usable else self._resting).append(node)
         pushes = []
         if len(self._contributors) >= self.buffer_k:
-            pushes.append(self._push() if self.secure is None else self._push_cohort())
+            pushes.append(self._push_cohort() if self.secure is not None else
+                          self._push_private() if self.private is not None else self._push())
         self._fill()
         return pushes
 
@@ -419,8 +455,12 @@ class BufferedFog:
         if reply.model_version != dispatch.version:
             raise ValidationError(f"reply for version {reply.model_version}, expected {dispatch.version}")
         staleness = self._staleness_of(dispatch)
-        weight = buffered_weight(reply.num_examples, staleness)
-        self.fog._add(self._matrices, reply, weight=weight)
+        if self.private is not None:  # clipped to C, its weight the public discount alone (at most 1)
+            weight = staleness_weight(staleness, STALENESS_EXPONENT)
+            self.fog._add(self._matrices, reply, weight=weight, clip=self.private.clip)
+        else:
+            weight = buffered_weight(reply.num_examples, staleness)
+            self.fog._add(self._matrices, reply, weight=weight)
         self._contributors.append(dispatch.node)
         self._staleness.append(staleness)
         self._weights.append(weight)
@@ -445,6 +485,31 @@ class BufferedFog:
         losses = self._losses
         loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
         return self._pushed(base, version, tuple(ready), delta, reasons, loss, tuple(self._contributors))
+
+    def _push_private(self) -> BufferedPush:
+        """Client-level DP: (the sum of the buffer's clipped, discounted updates + N(0, (2zC)^2 I)) / buffer_k over
+        every requested layer group, charged to the ledger before it leaves (a replace-one Gaussian release,
+        :class:`~hyprstream.fog.dp.ClientDpRounds`); core gets 0 participants and the fixed denominator."""
+        from hyprstream.fog.dp import noised_mean
+
+        assert self._snapshot is not None and self.private is not None
+        base, private = self._snapshot, self.private
+        layers = self.fog.plan.layers or tuple(lt.layers_in(base.table))
+        reasons = list(self._reasons)
+        version, delta = None, {}
+        try:
+            delta = noised_mean(private, self._matrices, layers, float(self.buffer_k), len(self._contributors))
+            index = len(self.pushes) + 1
+            entry = private.charge(index, base.version, f"{self.fog.name}/push-{index}")
+            version, _ = private.push(base, delta, layers, float(self.buffer_k), entry, reasons)
+        except HyprstreamError as exc:  # BudgetExceeded: spent by another fog of the model meanwhile
+            reasons.append(f"not released: {exc}")
+            log.warning("fog %s: buffered push not released: %s", self.fog.name, exc)
+            delta = {}
+        losses = self._losses
+        loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses)) if losses else float("nan")
+        return self._pushed(base, version, tuple(layers) if delta else (), delta, reasons, loss,
+                            tuple(self._contributors))
 
     def _push_cohort(self) -> BufferedPush:
         """Secure: one SecAgg+ round among the buffered agents, each encoding the delta it holds times its
@@ -489,10 +554,30 @@ class BufferedFog:
         log.info("fog %s: buffered push %d of %d update(s) (staleness max %d), version %s", self.fog.name,
                  record.index, record.participants, record.max_staleness, version)
         self._snapshot = self.fog.pull()
+        self._idle.extend(self._parked)  # private: the buffer's agents, free for the next one
         self._idle.extend(self._resting)  # agents that declined or failed are asked again on the new version
-        self._resting = []
+        self._parked, self._resting = [], []
         self._reset_buffer()
+        self._check_budget()
         return record
+
+
+def _check_private(fog: FogAggregator, private, secure, buffer_k: int) -> None:
+    """A buffered fog's client-level DP: central noise on a mean of plain (not secure) updates, accounted as
+    replace-one pushes, with enough agents to fill a buffer one update each."""
+    from hyprstream.fog.aggregate import Aggregation
+    from hyprstream.privacy.config import BUFFERED_CLIENT_DP, CLIENT_DP_NEEDS_THE_MEAN
+
+    if secure is not None:
+        raise ValidationError(BUFFERED_CLIENT_DP)
+    if fog.plan.aggregation is not Aggregation.MEAN:
+        raise ValidationError(CLIENT_DP_NEEDS_THE_MEAN)
+    if not private.replace_one:
+        raise ValidationError("a buffered fog's pushes are accounted as replace-one releases: "
+                              "ClientDpRounds(..., replace_one=True)")
+    if buffer_k > len(fog.node_ids):
+        raise ValidationError(f"with client-level DP a push takes one update per agent: buffer_k {buffer_k} is "
+                              f"more than the fog's {len(fog.node_ids)} agents")
 
 
 def async_versions_per_second(pushes: Sequence[BufferedPush]) -> float:

@@ -168,8 +168,8 @@ RULES: tuple[Rule, ...] = (
          sim_key="privacy.client_dp.placement"),
     Rule("client DP needs the mean", when(dp=Dp.CENTRAL, aggregation=ROBUST), CLIENT_DP_NEEDS_THE_MEAN,
          fog_key="rounds.aggregation", sim_key="training.aggregation"),
-    Rule("buffered client DP", when(schedule=BUFFERED, dp=CLIENT_DP), BUFFERED_CLIENT_DP,
-         fog_key="rounds.mode", sim_key="training.mode"),
+    Rule("client DP over secure buffered cohorts", when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP),
+         BUFFERED_CLIENT_DP, fog_key="rounds.mode", sim_key="training.mode"),
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -187,6 +187,8 @@ FAMILIES: tuple[Family, ...] = (
            when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=SELECTED)),
     Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
     Family("secure buffered cohorts", Where.FOG, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
+    Family("buffered client-level DP, each push clipped and noised by the fog", Where.FOG,
+           when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
                                          participants=ALL)),
     Family("sync steps over a telemetry choice", Where.SIM,
@@ -197,6 +199,8 @@ FAMILIES: tuple[Family, ...] = (
            when(schedule=SYNC, aggregation=SECAGG, participants=SELECTED)),
     Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
     Family("secure buffered cohorts", Where.SIM, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
+    Family("buffered client-level DP, each push clipped and noised by the fog", Where.SIM,
+           when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
 )
 
 

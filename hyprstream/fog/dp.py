@@ -6,7 +6,8 @@ model's budget checked before anything is drawn, the charge to the privacy ledge
 leaves the fog, the privacy record that travels with the push (the fixed denominator, never the realised
 count), and the binding of the ledger entry to the version core commits. :class:`SecureFogAggregator
 <hyprstream.fog.secure.SecureFogAggregator>` uses it over the SecAgg+ sum; :class:`PrivateFogAggregator`
-over a plain round's sum.
+over a plain round's sum; a buffered fog (:class:`~hyprstream.fog.buffered.BufferedFog` with ``private``)
+over each push's sum, accounted as a replace-one release (``ClientDpRounds(replace_one=True)``).
 
 :class:`PrivateFogAggregator` is DP-FedAvg with a trusted fog (McMahan et al. 2018; Flower's
 ``DifferentialPrivacyServerSideFixedClipping``): the fog receives each agent's delta, clips it to L2 norm
@@ -20,13 +21,13 @@ only the sum; docs/privacy.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.fog.aggregate import Aggregation
+from hyprstream.fog.aggregate import Aggregation, UpdateMatrix, UpdateSum
 from hyprstream.fog.aggregator import FogAggregator, FogRound, Gathered, PendingRound, WrappedFog
 from hyprstream.fog.selection import Sampling
 from hyprstream.privacy.accountant import GaussianEvent, PldAccountant
@@ -44,13 +45,20 @@ log = logging.getLogger("hyprstream.privacy")
 class ClientDpRounds:
     """The client-level DP bookkeeping of one fog's rounds (see the module docstring). ``clip``: the L2
     bound of one agent's contribution; ``ledger``: the model's privacy ledger (without one the spend is
-    accounted and enforced in memory only)."""
+    accounted and enforced in memory only).
+
+    ``replace_one``: the releases are a buffered fog's pushes (:class:`~hyprstream.fog.buffered.BufferedFog`),
+    each the sum of a fixed number of updates, at most one per agent: one agent's data replaced moves the sum
+    by at most 2C, nothing is sampled, so each push is charged as the Gaussian mechanism at rate 1 and its
+    noise is z times that sensitivity (N(0, (2zC)^2))."""
 
     def __init__(self, fog: FogAggregator, config: ClientDpConfig, clip: float, *,
-                 ledger: PrivacyLedger | None = None, source: RandomSource | None = None) -> None:
+                 ledger: PrivacyLedger | None = None, source: RandomSource | None = None,
+                 replace_one: bool = False) -> None:
         self.fog = fog
         self.config = config
         self.clip = clip
+        self.replace_one = replace_one
         self.ledger = ledger
         self.source = source or SecureRandom()
         self._memory = PldAccountant() if ledger is None else None
@@ -67,11 +75,21 @@ class ClientDpRounds:
     def model(self) -> str:
         return self.fog.model
 
+    @property
+    def sensitivity(self) -> float:
+        """How far one agent moves the sum: C (added or removed), 2C (its update replaced; ``replace_one``)."""
+        return 2.0 * self.clip if self.replace_one else self.clip
+
+    @property
+    def rate(self) -> float:
+        """The sampling rate charged: ``client_sampling_rate``, or 1 for pushes (nothing is sampled)."""
+        return 1.0 if self.replace_one else self.config.client_sampling_rate
+
     def dp(self, expected: float) -> ClientDP:
         """The mechanism of a round whose mean divides by ``expected`` (the expected number of participants,
         fixed before the sample is drawn; never below one)."""
         c = self.config
-        return ClientDP(clip=self.clip, noise_multiplier=c.noise_multiplier, placement=c.placement,
+        return ClientDP(clip=self.sensitivity, noise_multiplier=c.noise_multiplier, placement=c.placement,
                         min_clients=c.min_clients, denominator=max(1.0, expected))
 
     def sample(self, nodes: tuple[int, ...], sampling: Sampling | None) -> tuple[tuple[int, ...], float]:
@@ -92,8 +110,7 @@ class ClientDpRounds:
         return tuple(n for n, u in zip(nodes, draws, strict=True) if u < rates.get(n, 0.0)), expected
 
     def event(self) -> GaussianEvent:
-        c = self.config
-        return GaussianEvent(c.noise_multiplier, c.client_sampling_rate, 1)
+        return GaussianEvent(self.config.noise_multiplier, self.rate, 1)
 
     def check_budget(self, what: str) -> float:
         """The model's epsilon after one more round; raises BudgetExceeded when over the budget."""
@@ -111,7 +128,7 @@ class ClientDpRounds:
         return self._memory.epsilon(self.config.delta)
 
     def mechanism(self) -> str:
-        return f"client-gaussian-{self.config.placement.value}"
+        return f"client-gaussian-{self.config.placement.value}" + ("-replace-one" if self.replace_one else "")
 
     def charge(self, round_no: int, base_version: int, group_id: str) -> Entry | None:
         """Charge one round, before its release leaves the fog (a crash from here on can only over-count)."""
@@ -133,7 +150,7 @@ class ClientDpRounds:
         c = self.config
         spent = entry.epsilon if entry is not None else self._memory.epsilon(c.delta)
         privacy = {"epsilon": spent, "delta": c.delta, "noise_multiplier": c.noise_multiplier,
-                   "sample_rate": c.client_sampling_rate, "clip": self.clip,
+                   "sample_rate": self.rate, "clip": self.clip, "sensitivity": self.sensitivity,
                    "expected_participants": self.dp(expected).denominator}
         seq = self.fog.next_seq()
         if entry is not None:
@@ -248,16 +265,22 @@ class PrivateFogAggregator(WrappedFog):
         return self.finish_round(self.start_round(round_no, base, nodes, sampling))
 
     def _release(self, pending: PendingDpRound, gathered: Gathered) -> dict[str, np.ndarray]:
-        """(sum of the clipped deltas + N(0, (zC)^2 I)) / D over every requested parameter, in the layout's
-        (sorted) order; a layer group no contributor trained sums to zero (its release is noise alone)."""
-        sums: dict[str, np.ndarray] = {}
-        for layer in pending.inner.layers:
-            updates = gathered.matrices[layer]
-            count = updates.total_weight  # every clipped delta counts with weight 1
-            mean = updates.mean() if count else {}
-            for name, shape in updates.shapes.items():
-                sums[name] = mean[name].astype(np.float64) * count if count else np.zeros(shape)
-        layout = Layout.of({name: value.shape for name, value in sums.items()})
-        released = self.rounds.dp(pending.expected).release(layout.flatten(sums), len(gathered.contributors),
-                                                            self.rounds.source)
-        return layout.unflatten(released, np.float32)
+        return noised_mean(self.rounds, gathered.matrices, pending.inner.layers, pending.expected,
+                           len(gathered.contributors))
+
+
+def noised_mean(rounds: ClientDpRounds, matrices: Mapping[str, UpdateMatrix | UpdateSum], layers: Sequence[str],
+                expected: float, inputs: int) -> dict[str, np.ndarray]:
+    """(the weighted sum of the clipped deltas in ``matrices`` + N(0, (z S)^2 I)) / D over every parameter of
+    ``layers``, S the rounds' sensitivity and D ``expected``, in the layout's (sorted) order; a layer group no
+    contributor trained sums to zero (its release is noise alone)."""
+    sums: dict[str, np.ndarray] = {}
+    for layer in layers:
+        updates = matrices[layer]
+        total = updates.total_weight  # each clipped delta counts with its weight (1, or a staleness weight)
+        mean = updates.mean() if updates.count else {}
+        for name, shape in updates.shapes.items():
+            sums[name] = mean[name].astype(np.float64) * total if updates.count else np.zeros(shape)
+    layout = Layout.of({name: value.shape for name, value in sums.items()})
+    released = rounds.dp(expected).release(layout.flatten(sums), inputs, rounds.source)
+    return layout.unflatten(released, np.float32)

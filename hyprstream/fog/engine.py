@@ -38,6 +38,7 @@ Which runner a fog's rounds go through (plain, or secure with client-level DP) i
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from pathlib import Path
 from hyprstream.errors import ValidationError
 from hyprstream.fog.aggregator import FogAggregator, FogRound
 from hyprstream.fog.buffered import BufferedFog, BufferedPush
-from hyprstream.fog.dp import PrivateFogAggregator
+from hyprstream.fog.dp import ClientDpRounds, PrivateFogAggregator
 from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.fog.selection import RoundSelector, Sampling
 from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
@@ -73,6 +74,15 @@ def round_runner(fog: FogAggregator, secagg: SecAggConfig | None, client_dp: Cli
         return fog
     options = {} if poll_s is None else {"poll_s": poll_s}
     return SecureFogAggregator(fog, secagg, client_dp, ledger=ledger, source=source, **options)
+
+
+def buffered_privacy(runner: Runner) -> ClientDpRounds | None:
+    """What a buffered fog over ``runner``'s fog releases with client-level DP: the private runner's bookkeeping,
+    its pushes accounted as replace-one releases (:class:`~hyprstream.fog.dp.ClientDpRounds`); None without it."""
+    if not isinstance(runner, PrivateFogAggregator):
+        return None
+    runner.rounds.replace_one = True
+    return runner.rounds
 
 
 def open_ledger(path: Path) -> PrivacyLedger:
@@ -193,7 +203,8 @@ def run_buffered(fogs: Sequence[BufferedFog], *, max_pushes: int, sim_until: flo
                  stop: threading.Event | None = None,
                  on_push: Callable[[BufferedPush], None] | None = None) -> list[BufferedPush]:
     """Buffered (FedBuff) operation of ``fogs`` until ``max_pushes`` pushes were made over all of them, the
-    simulated time passes ``sim_until`` or ``stop`` is set; returns the pushes in the order they were made.
+    simulated time passes ``sim_until``, ``stop`` is set or every fog has :attr:`~BufferedFog.finished` (its
+    client-level DP budget spent); returns the pushes in the order they were made.
 
     The fog whose next completion is earliest is stepped (ties: the earlier fog in ``fogs``), so with a
     virtual clock pushes reach core in simulated-time order; ``on_push`` sees each push as it is made."""
@@ -202,6 +213,9 @@ def run_buffered(fogs: Sequence[BufferedFog], *, max_pushes: int, sim_until: flo
     done: list[BufferedPush] = []
     while len(done) < max_pushes and not (stop is not None and stop.is_set()):
         fog = min(fogs, key=lambda b: b.next_time)  # min keeps the first of equal times
+        if fog.next_time == math.inf:  # every fog finished (client-level DP: the budget is spent)
+            log.warning("buffered rounds end: %s", "; ".join(f"{b.fog.name}: {b.finished}" for b in fogs))
+            break
         if sim_until is not None and fog.next_time > sim_until:
             break
         for push in fog.step(stop):
@@ -211,4 +225,4 @@ def run_buffered(fogs: Sequence[BufferedFog], *, max_pushes: int, sim_until: flo
     return done
 
 
-__all__ = ["Lane", "Runner", "open_ledger", "round_runner", "run_buffered", "run_sync"]
+__all__ = ["Lane", "Runner", "buffered_privacy", "open_ledger", "round_runner", "run_buffered", "run_sync"]

@@ -27,7 +27,7 @@ from hyprstream.errors import HyprstreamError
 from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.config import FogConfig, LayerSchedule, RoundMode, load_fog_config, read_token
 from hyprstream.fog.discovery import discover, wait_for_nodes
-from hyprstream.fog.engine import Lane, Runner, open_ledger, round_runner, run_buffered, run_sync
+from hyprstream.fog.engine import Lane, Runner, buffered_privacy, open_ledger, round_runner, run_buffered, run_sync
 from hyprstream.fog.metrics import FogMetrics, MetricsServer
 from hyprstream.fog.outbox import Outbox
 from hyprstream.fog.secure import SecureFogAggregator
@@ -267,7 +267,7 @@ def _buffered_rounds(lane: Lane, cfg: FogConfig, metrics: FogMetrics, stop: thre
     buffered = BufferedFog(fog, buffer_k=r.buffer_k, max_staleness=r.max_staleness,
                            concurrency=min(concurrency, len(fog.node_ids)),
                            secure=lane.runner if isinstance(lane.runner, SecureFogAggregator) else None, choose=choose,
-                           **options)
+                           private=buffered_privacy(lane.runner), **options)
     done: list[FogRound] = []
 
     def record(push) -> None:

@@ -153,9 +153,11 @@ def run_buffered(exp: Experiment, lanes: Sequence[Lane], *, fleet: VirtualFleet,
                           len(lane.fog.node_ids))
         # a secure runner: every buffer is one SecAgg+ round among the agents that filled it
         b = BufferedFog(lane.fog, buffer_k=cfg.buffer_k, max_staleness=cfg.max_staleness, concurrency=concurrency,
-                        duration=duration, secure=runner if isinstance(runner, SecureFogAggregator) else None)
+                        duration=duration, secure=runner if isinstance(runner, SecureFogAggregator) else None,
+                        private=engine.buffered_privacy(runner))
         b.choose = offers(fleet, lane, device_of, devices, view, lambda b=b: b.now)
         buffered.append(b)
+    privacy = {b.fog.name: b.private for b in buffered if b.private is not None}
     state = {"step": 1, "rounds": [], "master": None, "acc": float("nan"), "loss": float("nan"), "sim_s": 0.0}
 
     def on_push(push: BufferedPush) -> None:
@@ -165,8 +167,9 @@ def run_buffered(exp: Experiment, lanes: Sequence[Lane], *, fleet: VirtualFleet,
         state["master"] = master = admin.get_weights(model)
         state["loss"], state["acc"] = loss, acc = score(lt.to_arrays(master.table))
         pushed = sum(int(d.nbytes) for d in r.delta.values()) if r.version is not None else 0
+        private = privacy.get(push.fog)  # client-level DP: the model's epsilon after this push
         metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started, sim_s=state["sim_s"],
-                              bytes_core=pushed)
+                              bytes_core=pushed, client_epsilon=private.spent() if private is not None else None)
         metrics.add_participation(r, device_of)
         if not rounds:
             metrics.base_versions[step] = push.base_version

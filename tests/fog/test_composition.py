@@ -107,6 +107,26 @@ TESTS: dict[str, tuple[str, ...]] = {
         "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
         "tests/fog/test_fog_privacy_rounds.py::test_buffered_rounds_with_secure_aggregation_push_cohort_means",
     ),
+    "fog: buffered client-level DP, each push clipped and noised by the fog": (
+        "tests/privacy/test_client_dp_buffered.py::"
+        "test_each_push_releases_the_clipped_discounted_sum_plus_noise_over_buffer_k",
+        "tests/privacy/test_client_dp_buffered.py::test_the_budget_finishes_a_private_buffered_fog",
+        "tests/privacy/test_client_dp_buffered.py::"
+        "test_replacing_one_agents_update_moves_the_discounted_sum_by_at_most_twice_the_clip",
+        "tests/fog/test_fog_privacy_rounds.py::"
+        "test_buffered_rounds_with_client_level_dp_noise_each_push_and_stop_at_the_budget",
+        # hybrid devices' skipped groups count as zeros and int8 replies are clipped as decoded, as in plain
+        # private rounds (the same FogAggregator._add and noised_mean)
+        "tests/privacy/test_client_dp_plain.py::test_int8_replies_are_clipped_as_the_fog_decodes_them",
+        "tests/fog/test_buffered.py::"
+        "test_a_selection_decides_which_idle_agents_get_a_job_and_the_fog_waits_for_an_eligible_one",
+    ),
+    "sim: buffered client-level DP, each push clipped and noised by the fog": (
+        "tests/sim/test_buffered_sim.py::test_buffered_run_with_client_dp_charges_each_push_as_a_gaussian_release",
+        "tests/privacy/test_client_dp_buffered.py::"
+        "test_each_push_releases_the_clipped_discounted_sum_plus_noise_over_buffer_k",
+        "tests/sim/test_buffered_sim.py::test_buffered_run_offers_jobs_by_each_devices_state_and_a_telemetry_choice",
+    ),
     "fog: buffered": (
         "tests/fog/test_buffered.py::"
         "test_a_selection_decides_which_idle_agents_get_a_job_and_the_fog_waits_for_an_eligible_one",
@@ -355,10 +375,11 @@ def test_dp_sgd_and_client_dp_together_are_checked_each(tmp_path, capsys):
     assert validate(sync, capsys)[0] == 0
     buffered = tmp_path / "buffered.toml"
     buffered.write_text(sync.read_text().replace('mode = "sync"', 'mode = "buffered"'))
-    # DP-SGD with secure buffered cohorts runs; client-level DP's cell in buffered mode does not
+    # DP-SGD with secure buffered cohorts runs; client-level DP over secure cohorts does not
     assert conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.DPSGD), Where.SIM) is None
     reason = conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.CENTRAL), Where.SIM)
-    assert "not a sample" in reason
+    assert "secure buffered cohort" in reason
+    assert conflict(Cell(RoundMode.BUFFERED, Aggregate.MEAN, Dp.CENTRAL), Where.SIM) is None  # plain pushes
     assert validate(buffered, capsys)[1:] == ([], [f"invalid {buffered}: training.mode: {reason}"])
 
 

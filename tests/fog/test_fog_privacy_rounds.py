@@ -20,7 +20,7 @@ from hyprstream.store import Store
 pytestmark = pytest.mark.integration
 
 
-def fog_config(tmp_path, location, *, max_rounds, mode="sync", client_dp=True, extra=""):
+def fog_config(tmp_path, location, *, max_rounds, mode="sync", client_dp=True, extra="", secagg=True):
     (tmp_path / "fog.token").write_text("fog-token\n")
     path = tmp_path / "fog.toml"
     path.write_text(f"""
@@ -40,14 +40,14 @@ timeout_s = 30
 max_rounds = {max_rounds}
 mode = "{mode}"
 {extra}
-[privacy.secagg]
+""" + ("""[privacy.secagg]
 clip = 0.5
 stage_timeout_s = 5.0
-""" + ("""[privacy.client_dp]
+""" if secagg else "") + ("""[privacy.client_dp]
 noise_multiplier = 1.0
 epsilon_budget = 8.0
 delta = 1e-5
-""" if client_dp else ""))
+""" + ("" if secagg else "clip = 0.5\n") if client_dp else ""))
     return load_fog_config(path)
 
 
@@ -103,10 +103,30 @@ def test_private_rounds_follow_the_fleet_and_the_budget_survives_a_restart(core,
     assert len([e for e in iter_entries(audit_path) if e.action == "model.push"]) == 2
 
 
-def test_buffered_rounds_refuse_client_level_dp(core, tmp_path):  # noqa: F811
+def test_secure_buffered_cohorts_refuse_client_level_dp(core, tmp_path):  # noqa: F811
     location, _ = core
-    with pytest.raises(ConfigError, match="rounds.mode.*not a sample"):  # never the private settings dropped
+    with pytest.raises(ConfigError, match="rounds.mode: a secure buffered cohort"):  # never the settings dropped
         fog_config(tmp_path, location, max_rounds=1, mode="buffered")
+
+
+def test_buffered_rounds_with_client_level_dp_noise_each_push_and_stop_at_the_budget(core, tmp_path):  # noqa: F811
+    """``run_fog`` in buffered mode with [privacy.client_dp] and no SecAgg+: each push of two updates (one per
+    agent) is clipped and noised by the fog and charged to its durable ledger as one replace-one Gaussian
+    release at rate 1; the budget (8) fits two pushes (4.38, 6.57; a third would be 8.39), then the fog stops."""
+    location, _ = core
+    cfg = fog_config(tmp_path, location, max_rounds=5, mode="buffered", secagg=False,
+                     extra="buffer_k = 2\nmax_staleness = 4")
+    stores = devices(tmp_path, 3)
+    grid = LoopbackGrid(agent_app, list(stores), node_config=lambda n: {"store-dir": str(stores[n])})
+    rounds = run_fog(grid, cfg, state_dir=tmp_path / "state", metrics=FogMetrics("fog-west"))
+    assert [r.version for r in rounds] == [1, 2], [r.reasons for r in rounds]
+    assert all(len(set(r.contributors)) == 2 for r in rounds)
+    with Store.open(tmp_path / "state" / "privacy", readonly=True) as store:
+        entries = PrivacyLedger(store).entries(Scope.MODEL, "digits-model")
+    assert [e.charge.mechanism for e in entries] == ["client-gaussian-central-replace-one"] * 2
+    assert [e.charge.version for e in entries] == [1, 2] and [e.charge.unit for e in entries] == ["device"] * 2
+    expected = [epsilon([GaussianEvent(1.0, 1.0, 1)] * n, 1e-5) for n in (1, 2)]
+    assert [e.epsilon for e in entries] == pytest.approx(expected)
 
 
 def test_buffered_rounds_with_secure_aggregation_push_cohort_means(core, tmp_path):  # noqa: F811

@@ -32,11 +32,13 @@ def _exp(**sections) -> Experiment:
 
 
 @pytest.mark.unit
-def test_buffered_mode_takes_secure_aggregation_and_refuses_client_level_dp():
+def test_buffered_mode_takes_secure_aggregation_and_client_level_dp_on_plain_pushes():
     # secure buffered cohorts: each buffer is one secure round among the agents that filled it
     assert _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}}).privacy.secagg is not None
-    with pytest.raises(ConfigError, match=r"training.mode: client-level DP .* not a sample"):
+    with pytest.raises(ConfigError, match=r"training.mode: a secure buffered cohort releases its mean"):
         _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}, "client_dp": {"noise_multiplier": 1.0}})
+    # plain buffered pushes take client-level DP: the fog clips and noises each one
+    assert _exp(privacy={"client_dp": {"noise_multiplier": 1.0, "clip": 1.0}}).privacy.client_dp is not None
     # the same sections are fine in sync mode
     parse(Experiment, {"name": "t", "privacy": {"secagg": {"clip": 50.0, "min_clients": 2},
                                                 "client_dp": {"noise_multiplier": 1.0}}})
@@ -86,13 +88,18 @@ def small(mode: str) -> Experiment:
         buffered=dataclasses.replace(exp.buffered, buffer_k=2, sim_seconds=0.12))
 
 
+CLIENT_DP = {"noise_multiplier": 0.5, "clip": 0.05}
+
+
 def small_dpsgd() -> Experiment:
-    """The buffered run with DP-SGD on every device (seeded noise, a budget no device reaches here)."""
-    from hyprstream.privacy.config import DpSgdConfig
+    """The buffered run with DP-SGD on every device (seeded noise, a budget no device reaches here) and
+    client-level DP at each fog (each push clipped and noised, central placement)."""
+    from hyprstream.privacy.config import ClientDpConfig, DpSgdConfig
 
     exp = small("buffered")
     dpsgd = DpSgdConfig(noise_multiplier=1.0, max_grad_norm=1.0, epsilon_budget=50.0, delta=1e-5, secure=False)
-    return dataclasses.replace(exp, name="small-async-dpsgd", privacy=dataclasses.replace(exp.privacy, dpsgd=dpsgd))
+    privacy = dataclasses.replace(exp.privacy, dpsgd=dpsgd, client_dp=ClientDpConfig(**CLIENT_DP))
+    return dataclasses.replace(exp, name="small-async-dpsgd", privacy=privacy)
 
 
 def small_fleet(trace: Path) -> Experiment:
@@ -228,6 +235,35 @@ def test_buffered_run_with_dpsgd_charges_every_trained_update_and_reports_each_s
     shown = [r["device_epsilon"] for r in rows]
     assert all(e is not None for e in shown) and shown == sorted(shown)
     assert shown[-1] == pytest.approx(max(c["epsilon"] for c in charges))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_buffered_run_with_client_dp_charges_each_push_as_a_gaussian_release(runs):
+    """Client-level DP in buffered mode: every push core committed carries the fixed denominator buffer_k, rate
+    1, sensitivity 2C and 0 participants, and each fog's epsilon after its i-th push lies between dp-accounting's
+    PLD and RDP values of i Gaussian mechanisms at multiplier z (each fog keeps its own ledger)."""
+    import json
+
+    import dp_accounting
+
+    exp, path, _ = runs["async-dpsgd"]
+    z, clip, delta = CLIENT_DP["noise_multiplier"], CLIENT_DP["clip"], exp.privacy.client_dp.delta
+    versions = json.loads((path / "core" / "digits-model" / "manifest.json").read_text())["versions"][1:]
+    assert versions and all(v["participants"] == 0 for v in versions)
+    for v in versions:
+        record = v["privacy"]
+        assert record["sample_rate"] == 1.0 and record["sensitivity"] == 2 * clip
+        assert record["expected_participants"] == exp.buffered.buffer_k and record["noise_multiplier"] == z
+    pushes = [r for r in _rows(path) if r["kind"] == "fog_round"]
+    assert {r["fog"] for r in pushes} == {"fog-0", "fog-1"}
+    for fog in ("fog-0", "fog-1"):
+        mine = [r for r in pushes if r["fog"] == fog]
+        for i, row in enumerate(mine, start=1):
+            event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), i)
+            pld = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(delta)
+            rdp = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
+            assert pld * 0.999 <= row["client_epsilon"] <= rdp * 1.001, (fog, i)
 
 
 @pytest.mark.integration
