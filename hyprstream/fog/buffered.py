@@ -18,6 +18,13 @@ one version ago still counts 71 %, from three versions ago 50 %, so stragglers c
 letting an old model pull the current one back. Staleness counts every version core committed in
 between, including other fogs' versions.
 
+Client-level DP (``private``: the fog's :class:`~hyprstream.fog.dp.ClientDpRounds`, replace-one). Each
+update is clipped to C and weighted by ``1 / sqrt(1 + s)`` alone (its ``num_examples`` is not used); a
+push takes at most one update per agent (an agent whose update is buffered is asked again after the
+push) and releases (sum + N(0, (2zC)^2)) / ``buffer_k``, charged before it leaves. Before every push the
+budget and core's norm bound are checked; when the next push would not fit, the fog is
+:attr:`BufferedFog.finished` and dispatches nothing more.
+
 Agents that decline, fail (an error reply) or stay silent past the plan's ``timeout_s`` rest until
 the fog's next push, then are asked again. When every agent rests and none is training, nothing can
 fill the buffer: :meth:`BufferedFog.step` raises :class:`~hyprstream.errors.HyprstreamError`.
