@@ -278,10 +278,14 @@ def _buffered_rounds(lane: Lane, cfg: FogConfig, metrics: FogMetrics, stop: thre
                         "participants": push.participants})
         done.append(result)
         metrics.record(result, len(fog.outbox), fog.last_staleness)
+        _record_privacy(metrics, lane)
         if on_round is not None:
             on_round(result)
 
+    _record_privacy(metrics, lane)  # a restarted fog reports its ledger at once
     run_buffered([buffered], max_pushes=r.max_rounds or sys.maxsize, stop=stop, on_push=record)
+    if buffered.finished:
+        log.warning("fog %s: buffered rounds end: %s", cfg.name, buffered.finished)
     return done
 
 

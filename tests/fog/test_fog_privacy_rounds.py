@@ -118,7 +118,8 @@ def test_buffered_rounds_with_client_level_dp_noise_each_push_and_stop_at_the_bu
                      extra="buffer_k = 2\nmax_staleness = 4")
     stores = devices(tmp_path, 3)
     grid = LoopbackGrid(agent_app, list(stores), node_config=lambda n: {"store-dir": str(stores[n])})
-    rounds = run_fog(grid, cfg, state_dir=tmp_path / "state", metrics=FogMetrics("fog-west"))
+    metrics = FogMetrics("fog-west")
+    rounds = run_fog(grid, cfg, state_dir=tmp_path / "state", metrics=metrics)
     assert [r.version for r in rounds] == [1, 2], [r.reasons for r in rounds]
     assert all(len(set(r.contributors)) == 2 for r in rounds)
     with Store.open(tmp_path / "state" / "privacy", readonly=True) as store:
@@ -127,6 +128,7 @@ def test_buffered_rounds_with_client_level_dp_noise_each_push_and_stop_at_the_bu
     assert [e.charge.version for e in entries] == [1, 2] and [e.charge.unit for e in entries] == ["device"] * 2
     expected = [epsilon([GaussianEvent(1.0, 1.0, 1)] * n, 1e-5) for n in (1, 2)]
     assert [e.epsilon for e in entries] == pytest.approx(expected)
+    assert metrics.privacy()["epsilon"] == pytest.approx(expected[1])  # the fog's gauge
 
 
 def test_buffered_rounds_with_secure_aggregation_push_cohort_means(core, tmp_path):  # noqa: F811
