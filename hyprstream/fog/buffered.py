@@ -21,7 +21,9 @@ between, including other fogs' versions.
 Client-level DP (``private``: the fog's :class:`~hyprstream.fog.dp.ClientDpRounds`, replace-one). Each
 update is clipped to C and weighted by ``1 / sqrt(1 + s)`` alone (its ``num_examples`` is not used); a
 push takes at most one update per agent (an agent whose update is buffered is asked again after the
-push) and releases (sum + N(0, (2zC)^2)) / ``buffer_k``, charged before it leaves. Before every push the
+push) and releases (sum + N(0, (2zC)^2)) / ``buffer_k``, charged before it leaves. A refused update
+(non-finite, over the norm bound) keeps its place in the buffer as zeros, so that who fills a buffer
+does not depend on what any update holds. Before every push the
 budget and core's norm bound are checked; when the next push would not fit, the fog is
 :attr:`BufferedFog.finished` and dispatches nothing more.
 
@@ -418,6 +420,11 @@ class BufferedFog:
                 counts["refused"] += 1
                 self._reasons.append(f"refused: {exc}")
                 log.warning("fog %s: refused an update of agent %d: %s", self.fog.name, node, exc)
+                if self.private is not None:
+                    # Its slot counts, as zeros: who fills a private buffer, and so every later push, must
+                    # not depend on what an update holds (non-finite values, a norm over the bound).
+                    self._count_slot(job.dispatch)
+                    usable = True
         if usable and self.private is not None:  # one update per agent in a private buffer
             self._parked.append(node)
         elif not (usable and self.secure is not None):  # a secure cohort's agents wait for its round
@@ -473,6 +480,14 @@ class BufferedFog:
         self._weights.append(weight)
         self._buffered.append(dispatch.index)
         self._losses.append((reply.train_loss, reply.num_examples))
+
+    def _count_slot(self, dispatch: Dispatch) -> None:
+        """Private: a refused update's place in the buffer, contributing zeros (its staleness as it was)."""
+        assert self._snapshot is not None
+        self._contributors.append(dispatch.node)
+        self._staleness.append(max(0, self._snapshot.version - dispatch.version))
+        self._weights.append(0.0)
+        self._buffered.append(dispatch.index)
 
     def _push(self) -> BufferedPush:
         assert self._snapshot is not None

@@ -40,9 +40,10 @@ SECONDS = {101: 1.0, 102: 1.7, 103: 4.1}  # simulated seconds of each agent's jo
 class Agents:
     """The agent's real train handler, each reply kept by the request's seed; ``failing`` agents raise."""
 
-    def __init__(self, failing=()) -> None:
+    def __init__(self, failing=(), poisoned=()) -> None:
         self.replies: dict[int, TrainReply] = {}
         self.failing = set(failing)
+        self.poisoned = set(poisoned)  # these send a delta of NaN
         self.app = ClientApp()
 
         @self.app.train("layerwise")
@@ -51,6 +52,10 @@ class Agents:
                 raise RuntimeError("device fault")
             request = TrainRequest.from_content(msg.content)
             reply = handle_train(request, Path(context.node_config["store-dir"]))
+            if context.node_id in self.poisoned:
+                from dataclasses import replace
+
+                reply = replace(reply, delta={n: np.full_like(v, np.nan) for n, v in reply.delta.items()})
             self.replies[request.seed] = reply
             return Message(reply.to_content(), reply_to=msg)
 
@@ -133,6 +138,35 @@ def test_each_push_releases_the_clipped_discounted_sum_plus_noise_over_buffer_k(
     assert all(e.charge.event.sample_rate == 1.0 and e.charge.event.noise_multiplier == z for e in entries)
     assert [e.charge.version for e in entries] == [1, 2, 3, 4]  # each bound to the version core committed
     ledger.store.close()
+
+
+def test_a_refused_update_keeps_its_place_in_a_private_buffer_as_zeros(tmp_path, core):
+    """Agent 101 sends NaN: it is refused (a reason says so) but its slot counts, as zeros, so that which agents
+    fill a buffer does not depend on what an update holds; each push that has it releases the other update's
+    clipped, discounted value plus the noise, over buffer_k = 2."""
+    clip, z = 0.05, 1.0
+    agents = Agents(poisoned={101})
+    fog = _fog(tmp_path, core, ClientDpConfig(noise_multiplier=z, clip=clip), agents)
+    pushes = run_buffered([fog], max_pushes=2)
+    assert [p.version for p in pushes] == [1, 2]
+    assert all(101 in p.contributors for p in pushes) and all(p.refused >= 1 for p in pushes)
+    assert any("refused" in r and "NaN or Inf" in r for p in pushes for r in p.reasons)
+    base = lt.to_arrays(fog._snapshot.table)
+    names = sorted(lt.select_layers(fog._snapshot.table, PLAN.layers).column("name").to_pylist())
+    source = SeededRandom(7)
+    for push, sent in zip(pushes, core.pushes, strict=True):
+        (other,) = [i for i, n in enumerate(push.contributors) if n != 101]
+        node, dispatch, staleness = push.contributors[other], push.dispatches[other], push.staleness[other]
+        reply = agents.replies[fog.fog.seed * 1_000_003 + dispatch * 1009 + fog.fog.node_ids.index(node)]
+        norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in reply.delta.values()))
+        scale = min(1.0, clip / (norm * (1 + 1e-6))) / math.sqrt(1 + staleness)
+        noise = gaussian(source, sum(base[n].size for n in names), z * 2 * clip)
+        at = 0
+        for name in names:
+            n = base[name].size
+            expected = (reply.delta[name].astype(np.float64).ravel() * scale + noise[at:at + n]) / 2.0
+            np.testing.assert_allclose(sent["delta"][name].ravel(), expected, rtol=1e-5, atol=1e-7)
+            at += n
 
 
 def test_the_budget_finishes_a_private_buffered_fog(tmp_path, core):
