@@ -111,6 +111,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/privacy/test_client_dp_buffered.py::"
         "test_each_push_releases_the_clipped_discounted_sum_plus_noise_over_buffer_k",
         "tests/privacy/test_client_dp_buffered.py::test_the_budget_finishes_a_private_buffered_fog",
+        "tests/privacy/test_client_dp_buffered.py::test_a_refused_update_keeps_its_place_in_a_private_buffer_as_zeros",
         "tests/privacy/test_client_dp_buffered.py::"
         "test_replacing_one_agents_update_moves_the_discounted_sum_by_at_most_twice_the_clip",
         "tests/fog/test_fog_privacy_rounds.py::"
