@@ -262,9 +262,13 @@ def _client_dp_lines(exp: Experiment, rows: list, baseline: str | None) -> list[
     if baseline is not None or dp is None or not spent:
         return []
     budget = f"budget {dp.epsilon_budget:g}" if math.isfinite(dp.epsilon_budget) else "no budget"
+    clip = exp.privacy.secagg.clip if exp.privacy.secagg is not None else dp.clip
+    if exp.training.mode.value == "buffered":  # each push a replace-one Gaussian release (docs/privacy.md)
+        how = f"each push charged at rate 1 with sensitivity 2 x clip {clip:g}"
+    else:
+        how = f"sampling rate {dp.client_sampling_rate:g}, clip {clip:g}"
     return [f"- **Model's client-level epsilon: {spent[-1]:.3f}** at delta {dp.delta:g} ({budget}; noise "
-            f"multiplier {dp.noise_multiplier:g}, sampling rate {dp.client_sampling_rate:g}, clip "
-            f"{exp.privacy.secagg.clip:g}); per step in the `client eps` column"]
+            f"multiplier {dp.noise_multiplier:g}, {how}); per step in the `client eps` column"]
 
 
 def _buffered_lines(exp: Experiment, baseline: str | None) -> list[str]:

@@ -264,6 +264,7 @@ def test_buffered_run_with_client_dp_charges_each_push_as_a_gaussian_release(run
             pld = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(delta)
             rdp = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
             assert pld * 0.999 <= row["client_epsilon"] <= rdp * 1.001, (fog, i)
+    assert f"each push charged at rate 1 with sensitivity 2 x clip {clip:g}" in (path / "report.md").read_text()
 
 
 @pytest.mark.integration

@@ -50,3 +50,9 @@ def test_plain_steps_with_client_dp_release_noise_calibrated_to_the_fogs_clip(tm
         noise = dp.noise_multiplier * clip * math.sqrt(size) / expected
         spread = 5 * dp.noise_multiplier * clip / (expected * math.sqrt(2))
         assert abs(norm - noise) <= clip * len(r.contributors) / expected + spread, (norm, noise)
+    # the report names the fog's clip (there is no [privacy.secagg] to take it from)
+    from hyprstream.sim.report import write_report
+
+    report = write_report(exp, result.metrics, tmp_path / "run", final_accuracy=result.final_accuracy,
+                          final_version=result.final_version).read_text()
+    assert f"sampling rate {dp.client_sampling_rate:g}, clip {clip:g}" in report
