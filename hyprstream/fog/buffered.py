@@ -23,7 +23,8 @@ update is clipped to C and weighted by ``1 / sqrt(1 + s)`` alone (its ``num_exam
 push takes at most one update per agent (an agent whose update is buffered is asked again after the
 push) and releases (sum + N(0, (2zC)^2)) / ``buffer_k``, charged before it leaves. A refused update
 (non-finite, over the norm bound) keeps its place in the buffer as zeros, so that who fills a buffer
-does not depend on what any update holds. Before every push the
+does not depend on what any update holds. With ``secure`` too, ``private`` is the secure runner's
+``dp_rounds``: each cohort's sum is released over ``buffer_k`` by the runner. Before every push the
 budget and core's norm bound are checked; when the next push would not fit, the fog is
 :attr:`BufferedFog.finished` and dispatches nothing more.
 
@@ -177,7 +178,7 @@ class BufferedFog:
                                   "sum needs ([privacy.secagg] min_clients)")
         if not 0 < retry_s <= max_wait_s:
             raise ValidationError(f"need 0 < retry_s <= max_wait_s, got {retry_s} and {max_wait_s}")
-        if private is not None:
+        if private is not None or (secure is not None and secure.dp_rounds is not None):
             _check_private(fog, private, secure, buffer_k)
         self.fog = fog
         # telemetry selection: choose(idle agents, free slots, call number) -> the agents to send a job now
@@ -425,9 +426,11 @@ class BufferedFog:
                     # not depend on what an update holds (non-finite values, a norm over the bound).
                     self._count_slot(job.dispatch)
                     usable = True
-        if usable and self.private is not None:  # one update per agent in a private buffer
+        if usable and self.secure is not None:
+            pass  # a secure cohort's agents wait for its round (so each is in it once)
+        elif usable and self.private is not None:  # one update per agent in a private buffer
             self._parked.append(node)
-        elif not (usable and self.secure is not None):  # a secure cohort's agents wait for its round
+        else:
             (self._idle if usable else self._resting).append(node)
         pushes = []
         if len(self._contributors) >= self.buffer_k:
@@ -438,6 +441,8 @@ class BufferedFog:
 
     def _held(self, job: _Job, msg: Message) -> bool:
         """Secure: whether the agent trained and holds the delta of ``job`` (then it joins the next cohort)."""
+        from hyprstream.fog.secure import HoldRefused
+
         counts, node = self._counts, job.dispatch.node
         try:
             reason = self.secure.held_reply(msg, job.hold_id)
@@ -455,6 +460,13 @@ class BufferedFog:
             counts["refused"] += 1
             self._reasons.append(f"refused: {exc}")
             log.warning("fog %s: refused a reply of agent %d: %s", self.fog.name, node, exc)
+            if self.private is not None and isinstance(exc, HoldRefused):
+                # Its place in the cohort counts (holding nothing, it drops out of the sum: zeros), so that
+                # who fills a private cohort does not depend on what the agent's training produced.
+                self._count_slot(job.dispatch)
+                self._weights[-1] = buffered_weight(1, self._staleness[-1])
+                self._holds.append(job.hold_id)
+                return True
         return False
 
     def _staleness_of(self, dispatch: Dispatch) -> int:
@@ -585,13 +597,13 @@ class BufferedFog:
 
 
 def _check_private(fog: FogAggregator, private, secure, buffer_k: int) -> None:
-    """A buffered fog's client-level DP: central noise on a mean of plain (not secure) updates, accounted as
-    replace-one pushes, with enough agents to fill a buffer one update each."""
+    """A buffered fog's client-level DP: noise on a mean of plain updates (or the secure runner's own, over each
+    cohort), accounted as replace-one pushes, with enough agents to fill a buffer one update each."""
     from hyprstream.fog.aggregate import Aggregation
-    from hyprstream.privacy.config import BUFFERED_CLIENT_DP, CLIENT_DP_NEEDS_THE_MEAN
+    from hyprstream.privacy.config import CLIENT_DP_NEEDS_THE_MEAN
 
-    if secure is not None:
-        raise ValidationError(BUFFERED_CLIENT_DP)
+    if secure is not None and private is not secure.dp_rounds:
+        raise ValidationError("a secure buffered fog's client-level DP is its secure runner's (dp_rounds)")
     if fog.plan.aggregation is not Aggregation.MEAN:
         raise ValidationError(CLIENT_DP_NEEDS_THE_MEAN)
     if not private.replace_one:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from hyprstream.codec import Encoding
 from hyprstream.fog.config import RoundMode
 from hyprstream.privacy.client_dp import NoisePlacement
-from hyprstream.privacy.config import (BUFFERED_CLIENT_DP, CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, CLIENT_DP_NEEDS_THE_MEAN,
+from hyprstream.privacy.config import (CLIENT_DP_DISTRIBUTED_NEEDS_SECAGG, CLIENT_DP_NEEDS_THE_MEAN,
                                        PrivacyConfig)
 from hyprstream.telemetry.records import Strategy
 
@@ -168,8 +168,6 @@ RULES: tuple[Rule, ...] = (
          sim_key="privacy.client_dp.placement"),
     Rule("client DP needs the mean", when(dp=Dp.CENTRAL, aggregation=ROBUST), CLIENT_DP_NEEDS_THE_MEAN,
          fog_key="rounds.aggregation", sim_key="training.aggregation"),
-    Rule("client DP over secure buffered cohorts", when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP),
-         BUFFERED_CLIENT_DP, fog_key="rounds.mode", sim_key="training.mode"),
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -189,6 +187,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("secure buffered cohorts", Where.FOG, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
     Family("buffered client-level DP, each push clipped and noised by the fog", Where.FOG,
            when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
+    Family("client-level DP over secure buffered cohorts", Where.FOG,
+           when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP)),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
                                          participants=ALL)),
     Family("sync steps over a telemetry choice", Where.SIM,
@@ -201,6 +201,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("secure buffered cohorts", Where.SIM, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
     Family("buffered client-level DP, each push clipped and noised by the fog", Where.SIM,
            when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
+    Family("client-level DP over secure buffered cohorts", Where.SIM,
+           when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP)),
 )
 
 

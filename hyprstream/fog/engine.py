@@ -77,12 +77,14 @@ def round_runner(fog: FogAggregator, secagg: SecAggConfig | None, client_dp: Cli
 
 
 def buffered_privacy(runner: Runner) -> ClientDpRounds | None:
-    """What a buffered fog over ``runner``'s fog releases with client-level DP: the private runner's bookkeeping,
-    its pushes accounted as replace-one releases (:class:`~hyprstream.fog.dp.ClientDpRounds`); None without it."""
-    if not isinstance(runner, PrivateFogAggregator):
-        return None
-    runner.rounds.replace_one = True
-    return runner.rounds
+    """What a buffered fog over ``runner``'s fog releases with client-level DP: the private (or secure) runner's
+    bookkeeping, its pushes accounted as replace-one releases (:class:`~hyprstream.fog.dp.ClientDpRounds`);
+    None without client-level DP."""
+    rounds = runner.rounds if isinstance(runner, PrivateFogAggregator) else \
+        runner.dp_rounds if isinstance(runner, SecureFogAggregator) else None
+    if rounds is not None:
+        rounds.replace_one = True
+    return rounds
 
 
 def open_ledger(path: Path) -> PrivacyLedger:

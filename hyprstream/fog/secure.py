@@ -87,6 +87,10 @@ class SecureRoundInfo:
     stage_seconds: Mapping[str, float]
 
 
+class HoldRefused(ValidationError):
+    """An agent refused a buffered dispatch (its training failed: it holds no delta)."""
+
+
 class SecureFogAggregator(WrappedFog):
     """A :class:`FogAggregator` whose rounds aggregate securely (and, configured, with client-level DP)."""
 
@@ -163,8 +167,11 @@ class SecureFogAggregator(WrappedFog):
         """A buffered fog's secure round over the agents that trained and hold a delta: ``held`` maps each
         agent to its hold id (:meth:`start_hold`) and the public weight of its input (its staleness weight, in
         (0, 1]); the released mean divides by the survivors' sum of weights. No train request is sent: each
-        agent encodes the delta it holds. ``base``: the version the mean is pushed onto."""
-        if self.client_dp is not None:
+        agent encodes the delta it holds. ``base``: the version the mean is pushed onto. With client-level DP the
+        cohort's sum (each input clipped and times its weight) is released over the fixed denominator
+        ``len(held)``, noised, and charged as a replace-one release (the rounds' ``replace_one`` must be set:
+        :func:`hyprstream.fog.engine.buffered_privacy`)."""
+        if self.dp_rounds is not None and not self.dp_rounds.replace_one:
             raise ValidationError(BUFFERED_CLIENT_DP)
         nodes = tuple(held)
         self._known(nodes)
@@ -207,7 +214,7 @@ class SecureFogAggregator(WrappedFog):
         if h.status is Status.DECLINED:
             return f"declined: {h.reason}"
         if h.status is Status.REFUSED:
-            raise ValidationError(f"client refused the hold: {h.reason}")
+            raise HoldRefused(f"client refused the hold: {h.reason}")
         return None
 
     def _known(self, nodes: Sequence[int]) -> None:

@@ -161,10 +161,10 @@ CLIENT_DP_NEEDS_THE_MEAN = ("client-level DP is calibrated to the mean: a robust
 CLIENT_DP_NEEDS_CLIP = ("client-level DP without [privacy.secagg] needs privacy.client_dp.clip: the L2 bound the "
                         "fog clips each agent's delta to")
 
-BUFFERED_CLIENT_DP = ("a secure buffered cohort releases its mean over the survivors' sum of weights, so its size "
-                      "is in the release, and client-level DP is not charged per cohort: use plain buffered rounds "
-                      "(the fog clips and noises each push, placement = \"central\") or synchronous secure rounds")
-"""Why client-level DP is refused over secure buffered cohorts (a rule of :mod:`hyprstream.fog.composition`)."""
+BUFFERED_CLIENT_DP = ("a buffered cohort's client-level DP release is accounted as one device's update replaced "
+                      "(sensitivity 2C, rate 1): its rounds must be set up for it (hyprstream.fog.engine."
+                      "buffered_privacy)")
+"""Why a secure runner refuses a buffered cohort whose client-level DP is accounted as sampled rounds."""
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,19 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/fog/test_buffered.py::"
         "test_a_selection_decides_which_idle_agents_get_a_job_and_the_fog_waits_for_an_eligible_one",
     ),
+    "fog: client-level DP over secure buffered cohorts": (
+        "tests/fog/test_composition.py::test_secure_buffered_cohorts_release_client_level_dp_over_a_fixed_denominator",
+        "tests/fog/test_composition.py::"
+        "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
+        "tests/privacy/test_client_dp_buffered.py::"
+        "test_replacing_one_agents_update_moves_the_discounted_sum_by_at_most_twice_the_clip",
+    ),
+    "sim: client-level DP over secure buffered cohorts": (
+        # the simulator's buffered fogs are the same BufferedFog around the same SecureFogAggregator, its rounds
+        # set up by the same hyprstream.fog.engine.buffered_privacy
+        "tests/fog/test_composition.py::test_secure_buffered_cohorts_release_client_level_dp_over_a_fixed_denominator",
+        "tests/sim/test_buffered_sim.py::test_buffered_run_with_client_dp_charges_each_push_as_a_gaussian_release",
+    ),
     "sim: buffered client-level DP, each push clipped and noised by the fog": (
         "tests/sim/test_buffered_sim.py::test_buffered_run_with_client_dp_charges_each_push_as_a_gaussian_release",
         "tests/privacy/test_client_dp_buffered.py::"
@@ -591,6 +604,62 @@ def test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_we
     expected = (0.004 * 2 ** -0.5 + 0.001) / (2 ** -0.5 + 1.0)
     assert moved[1]["head.weight"] == pytest.approx(expected, abs=1e-6)
     assert first.train_loss != first.train_loss  # NaN: no loss leaves the devices either
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_secure_buffered_cohorts_release_client_level_dp_over_a_fixed_denominator(site, placement):
+    """buffered + SecAgg+ + client-level DP: each cohort of K = 2 is one secure round whose sum (each input
+    clipped, times its public staleness weight) gets N(0, (2zC)^2) per coordinate -- added by the fog after
+    unmasking (central) or by the two clients inside the protocol (distributed) -- and is divided by K, not by
+    the survivors' weights. Checked by hand: the release times K minus the weighted sum of the agents' known
+    inputs is noise of mean 0 and std 2zC over the 650 coordinates; each push is charged as one Gaussian
+    mechanism at rate 1 (dp-accounting's PLD to RDP), and core gets 0 participants."""
+    import math
+
+    import dp_accounting
+
+    from hyprstream.fog.buffered import BufferedFog
+    from hyprstream.fog.engine import buffered_privacy
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.config import ClientDpConfig, SecAggConfig
+    from hyprstream.privacy.noise import SeededRandom
+    from hyprstream.store import to_arrays
+
+    z, clip = 0.5, 1.0
+    nodes = {1: {"value": 0.001, "examples": 5}, 2: {"value": 0.002, "examples": 7},
+             3: {"value": 0.004, "examples": 9}}
+    fog, core = _fog(site, nodes, secure_app, layers=("head",))
+    dp = ClientDpConfig(noise_multiplier=z, placement=placement, min_clients=2)
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=clip), dp, source=SeededRandom(0))
+    durations = {1: 1.0, 2: 1.3, 3: 1.7}
+    with core:
+        versions = [fog.pull()]
+        buffered = BufferedFog(fog, buffer_k=2, max_staleness=3, secure=secure, private=buffered_privacy(secure),
+                               duration=lambda node, dispatch: durations[node])
+        pushes = []
+        for push in run_buffered([buffered], max_pushes=3):
+            pushes.append(push)
+            versions.append(core.get_weights("m", version=push.version))
+        lineage = {v["version"]: v for v in core.list_versions("m")}
+    assert [p.version for p in pushes] == [1, 2, 3]
+    for i, push in enumerate(pushes):
+        assert len(set(push.contributors)) == 2 and push.participants == 2
+        before, after = to_arrays(versions[i].table), to_arrays(versions[i + 1].table)
+        signal = sum(w * nodes[n]["value"] for n, w in zip(push.contributors, push.weights, strict=True))
+        noise = (after["head.weight"].astype(np.float64) - before["head.weight"]).ravel() * 2 - signal
+        noise = np.concatenate([noise, (after["head.bias"].astype(np.float64) - before["head.bias"]) * 2 - signal])
+        assert noise.size == 650
+        assert abs(noise.mean()) < 5 * 2 * z * clip / math.sqrt(650)
+        assert noise.std() == pytest.approx(2 * z * clip, rel=0.15)
+    for version in (1, 2, 3):
+        record = lineage[version]["privacy"]
+        event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), version)
+        pld = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(dp.delta)
+        rdp = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(dp.delta)
+        assert pld * 0.999 <= record["epsilon"] <= rdp * 1.001
+        assert record["sample_rate"] == 1.0 and record["sensitivity"] == 2 * clip
+        assert record["expected_participants"] == 2.0 and lineage[version]["participants"] == 0
 
 
 @pytest.mark.integration
