@@ -124,6 +124,8 @@ TESTS: dict[str, tuple[str, ...]] = {
     ),
     "fog: client-level DP over secure buffered cohorts": (
         "tests/fog/test_composition.py::test_secure_buffered_cohorts_release_client_level_dp_over_a_fixed_denominator",
+        "tests/fog/test_fog_privacy_rounds.py::"
+        "test_secure_buffered_cohorts_with_client_level_dp_stop_at_the_budget",
         "tests/fog/test_composition.py::"
         "test_a_buffered_fog_aggregates_each_cohort_securely_with_public_staleness_weights",
         "tests/privacy/test_client_dp_buffered.py::"
@@ -389,12 +391,14 @@ def test_dp_sgd_and_client_dp_together_are_checked_each(tmp_path, capsys):
     assert validate(sync, capsys)[0] == 0
     buffered = tmp_path / "buffered.toml"
     buffered.write_text(sync.read_text().replace('mode = "sync"', 'mode = "buffered"'))
-    # DP-SGD with secure buffered cohorts runs; client-level DP over secure cohorts does not
-    assert conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.DPSGD), Where.SIM) is None
-    reason = conflict(Cell(RoundMode.BUFFERED, Aggregate.SECAGG, Dp.CENTRAL), Where.SIM)
-    assert "secure buffered cohort" in reason
-    assert conflict(Cell(RoundMode.BUFFERED, Aggregate.MEAN, Dp.CENTRAL), Where.SIM) is None  # plain pushes
-    assert validate(buffered, capsys)[1:] == ([], [f"invalid {buffered}: training.mode: {reason}"])
+    # DP-SGD with secure buffered cohorts runs, and so does client-level DP over them (and over plain pushes)
+    for aggregation in (Aggregate.SECAGG, Aggregate.MEAN):
+        assert conflict(Cell(RoundMode.BUFFERED, aggregation, Dp.DPSGD), Where.SIM) is None
+        assert conflict(Cell(RoundMode.BUFFERED, aggregation, Dp.CENTRAL), Where.SIM) is None
+    assert validate(buffered, capsys)[0] == 0
+    # what stays refused is the mathematics: distributed noise outside SecAgg+, client-level DP on a robust rule
+    assert "[privacy.secagg]" in conflict(Cell(RoundMode.BUFFERED, Aggregate.MEAN, Dp.DISTRIBUTED), Where.SIM)
+    assert "calibrated to the mean" in conflict(Cell(RoundMode.BUFFERED, Aggregate.ROBUST, Dp.CENTRAL), Where.SIM)
 
 
 # ------------------------------------------------------------------------------------ covering rounds

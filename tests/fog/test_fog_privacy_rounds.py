@@ -8,7 +8,6 @@ from test_fog_privacy_deploy import core  # noqa: F401 - the core fixture (serve
 from hyprstream.agent.client_app import app as agent_app
 from hyprstream.learning.task import Dataset, get_task
 from hyprstream.core.audit import iter_entries
-from hyprstream.errors import ConfigError
 from hyprstream.fog.config import load_fog_config
 from hyprstream.fog.loopback import LoopbackGrid
 from hyprstream.fog.metrics import FogMetrics
@@ -103,10 +102,21 @@ def test_private_rounds_follow_the_fleet_and_the_budget_survives_a_restart(core,
     assert len([e for e in iter_entries(audit_path) if e.action == "model.push"]) == 2
 
 
-def test_secure_buffered_cohorts_refuse_client_level_dp(core, tmp_path):  # noqa: F811
+def test_secure_buffered_cohorts_with_client_level_dp_stop_at_the_budget(core, tmp_path):  # noqa: F811
+    """``run_fog`` in buffered mode with [privacy.secagg] and [privacy.client_dp]: every cohort of two is a
+    secure round whose sum the fog noises over the fixed denominator, charged to the durable ledger as one
+    replace-one Gaussian release; the budget (8) fits two (4.38, 6.57), then the fog stops."""
     location, _ = core
-    with pytest.raises(ConfigError, match="rounds.mode: a secure buffered cohort"):  # never the settings dropped
-        fog_config(tmp_path, location, max_rounds=1, mode="buffered")
+    cfg = fog_config(tmp_path, location, max_rounds=5, mode="buffered", extra="buffer_k = 2\nmax_staleness = 4")
+    stores = devices(tmp_path, 3)
+    grid = LoopbackGrid(agent_app, list(stores), node_config=lambda n: {"store-dir": str(stores[n])})
+    rounds = run_fog(grid, cfg, state_dir=tmp_path / "state", metrics=FogMetrics("fog-west"))
+    assert [r.version for r in rounds] == [1, 2], [r.reasons for r in rounds]
+    with Store.open(tmp_path / "state" / "privacy", readonly=True) as store:
+        entries = PrivacyLedger(store).entries(Scope.MODEL, "digits-model")
+    assert [e.charge.mechanism for e in entries] == ["client-gaussian-central-replace-one"] * 2
+    expected = [epsilon([GaussianEvent(1.0, 1.0, 1)] * n, 1e-5) for n in (1, 2)]
+    assert [e.epsilon for e in entries] == pytest.approx(expected)
 
 
 def test_buffered_rounds_with_client_level_dp_noise_each_push_and_stop_at_the_budget(core, tmp_path):  # noqa: F811
