@@ -170,6 +170,15 @@ RULES: tuple[Rule, ...] = (
          fog_key="rounds.aggregation", sim_key="training.aggregation"),
 )
 
+# buffered operation runs the same at the deployed fog and in the simulator (the same BufferedFog)
+_BUFFERED = (
+    ("buffered", when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
+    ("secure buffered cohorts", when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
+    ("buffered client-level DP, each push clipped and noised by the fog",
+     when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
+    ("client-level DP over secure buffered cohorts", when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP)),
+)
+
 FAMILIES: tuple[Family, ...] = (
     Family("plain rounds", Where.FOG, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
                                            devices=FULL)),
@@ -183,12 +192,7 @@ FAMILIES: tuple[Family, ...] = (
            when(schedule=SYNC, aggregation=MEAN, dp=Dp.CENTRAL)),
     Family("client-level DP over a telemetry-weighted sample", Where.FOG,
            when(schedule=SYNC, aggregation=SECAGG, dp=CLIENT_DP, participants=SELECTED)),
-    Family("buffered", Where.FOG, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
-    Family("secure buffered cohorts", Where.FOG, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
-    Family("buffered client-level DP, each push clipped and noised by the fog", Where.FOG,
-           when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
-    Family("client-level DP over secure buffered cohorts", Where.FOG,
-           when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP)),
+    *(Family(name, Where.FOG, pattern) for name, pattern in _BUFFERED),
     Family("sync steps", Where.SIM, when(schedule=SYNC, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD),
                                          participants=ALL)),
     Family("sync steps over a telemetry choice", Where.SIM,
@@ -197,12 +201,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("secure steps", Where.SIM, when(schedule=SYNC, aggregation=SECAGG, participants=ALL)),
     Family("secure steps over a telemetry choice", Where.SIM,
            when(schedule=SYNC, aggregation=SECAGG, participants=SELECTED)),
-    Family("buffered", Where.SIM, when(schedule=BUFFERED, aggregation=(MEAN, ROBUST), dp=(NO_DP, DPSGD))),
-    Family("secure buffered cohorts", Where.SIM, when(schedule=BUFFERED, aggregation=SECAGG, dp=(NO_DP, DPSGD))),
-    Family("buffered client-level DP, each push clipped and noised by the fog", Where.SIM,
-           when(schedule=BUFFERED, aggregation=MEAN, dp=Dp.CENTRAL)),
-    Family("client-level DP over secure buffered cohorts", Where.SIM,
-           when(schedule=BUFFERED, aggregation=SECAGG, dp=CLIENT_DP)),
+    *(Family(name, Where.SIM, pattern) for name, pattern in _BUFFERED),
 )
 
 
