@@ -600,6 +600,7 @@ def _check_private(fog: FogAggregator, private, secure, buffer_k: int) -> None:
     """A buffered fog's client-level DP: noise on a mean of plain updates (or the secure runner's own, over each
     cohort), accounted as replace-one pushes, with enough agents to fill a buffer one update each."""
     from hyprstream.fog.aggregate import Aggregation
+    from hyprstream.privacy.client_dp import NoisePlacement
     from hyprstream.privacy.config import CLIENT_DP_NEEDS_THE_MEAN
 
     if secure is not None and private is not secure.dp_rounds:
@@ -612,6 +613,10 @@ def _check_private(fog: FogAggregator, private, secure, buffer_k: int) -> None:
     if buffer_k > len(fog.node_ids):
         raise ValidationError(f"with client-level DP a push takes one update per agent: buffer_k {buffer_k} is "
                               f"more than the fog's {len(fog.node_ids)} agents")
+    distributed = NoisePlacement(private.config.placement) is NoisePlacement.DISTRIBUTED
+    if secure is not None and distributed and private.config.min_clients > buffer_k:
+        raise ValidationError(f"distributed noise is split over client_dp.min_clients = {private.config.min_clients} "
+                              f"inputs, more than a cohort of buffer_k {buffer_k} holds: no cohort could be released")
 
 
 def async_versions_per_second(pushes: Sequence[BufferedPush]) -> float:

@@ -217,10 +217,17 @@ class Experiment(Checked):
             yield "fleet.availability_trace", f"{exc.source}: {exc.reason}"
 
     def _check_buffered(self):
+        from hyprstream.privacy.client_dp import NoisePlacement
+
         for key in ("buffer_k", "concurrency"):
             value = getattr(self.buffered, key)
             if value is not None and value > self.fleet.agents_per_fog:
                 yield f"buffered.{key}", f"{value} is larger than fleet.agents_per_fog ({self.fleet.agents_per_fog})"
+        dp = self.privacy.client_dp
+        if dp is not None and NoisePlacement(dp.placement) is NoisePlacement.DISTRIBUTED \
+                and dp.min_clients > self.buffered.buffer_k:
+            yield "buffered.buffer_k", (f"{self.buffered.buffer_k} is below privacy.client_dp.min_clients "
+                                        f"({dp.min_clients}): a cohort could never carry the distributed noise")
 
 
 def reduced(exp: Experiment) -> Experiment:

@@ -201,6 +201,17 @@ def test_a_private_buffered_fog_refuses_what_it_cannot_account(tmp_path, core):
     fog.plan = replace(PLAN, aggregation=Aggregation.MEDIAN)
     with pytest.raises(ValidationError, match="calibrated to the mean"):
         BufferedFog(fog, buffer_k=2, max_staleness=1, private=rounds)
+    # a secure cohort of 2 cannot carry noise split over 3 clients
+    from hyprstream.fog.secure import SecureFogAggregator
+    from hyprstream.privacy.client_dp import NoisePlacement
+    from hyprstream.privacy.config import SecAggConfig
+
+    fog.plan = PLAN
+    secure = SecureFogAggregator(fog, SecAggConfig(clip=1.0), ClientDpConfig(
+        noise_multiplier=1.0, placement=NoisePlacement.DISTRIBUTED, min_clients=3))
+    with pytest.raises(ValidationError, match="min_clients = 3 inputs, more than a cohort of buffer_k 2"):
+        BufferedFog(fog, buffer_k=2, max_staleness=1, secure=secure, private=buffered_privacy(secure))
+    assert BufferedFog(fog, buffer_k=3, max_staleness=1, secure=secure, private=buffered_privacy(secure))
 
 
 def test_a_buffer_the_remaining_agents_cannot_fill_is_named(tmp_path, core):

@@ -32,13 +32,20 @@ def _exp(**sections) -> Experiment:
 
 
 @pytest.mark.unit
-def test_buffered_mode_takes_secure_aggregation_and_client_level_dp_on_plain_pushes():
-    # secure buffered cohorts: each buffer is one secure round among the agents that filled it
+def test_buffered_mode_takes_secure_aggregation_and_client_level_dp():
+    # secure buffered cohorts: each buffer is one secure round among the agents that filled it, and with
+    # client-level DP its sum is released over the fixed buffer_k
     assert _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}}).privacy.secagg is not None
-    with pytest.raises(ConfigError, match=r"training.mode: a secure buffered cohort releases its mean"):
-        _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2}, "client_dp": {"noise_multiplier": 1.0}})
+    assert _exp(privacy={"secagg": {"clip": 50.0, "min_clients": 2},
+                         "client_dp": {"noise_multiplier": 1.0}}).privacy.client_dp is not None
     # plain buffered pushes take client-level DP: the fog clips and noises each one
     assert _exp(privacy={"client_dp": {"noise_multiplier": 1.0, "clip": 1.0}}).privacy.client_dp is not None
+    # secure cohorts too, with distributed noise when a cohort holds the inputs the noise is split over
+    secure = {"secagg": {"clip": 1.0, "min_clients": 2}, "client_dp": {"noise_multiplier": 1.0,
+                                                                       "placement": "distributed", "min_clients": 3}}
+    assert _exp(privacy=secure, buffered={"buffer_k": 3}).privacy.client_dp.min_clients == 3
+    with pytest.raises(ConfigError, match=r"buffered.buffer_k: 2 is below privacy.client_dp.min_clients \(3\)"):
+        _exp(privacy=secure, buffered={"buffer_k": 2})
     # the same sections are fine in sync mode
     parse(Experiment, {"name": "t", "privacy": {"secagg": {"clip": 50.0, "min_clients": 2},
                                                 "client_dp": {"noise_multiplier": 1.0}}})
