@@ -74,9 +74,9 @@ from flwr.app import Message
 from hyprstream.consistency import staleness_weight
 from hyprstream.coreapi.records import Snapshot
 from hyprstream.errors import HyprstreamError, ValidationError
-from hyprstream.privacy.errors import PrivacyViolation
 from hyprstream.fog.aggregate import UpdateMatrix, UpdateSum, updates_for
 from hyprstream.fog.aggregator import FogAggregator, FogRound, _shapes
+from hyprstream.privacy.errors import PrivacyViolation
 from hyprstream.protocol import ReplyStatus, TrainReply
 from hyprstream.store import layer_table as lt
 
