@@ -316,12 +316,10 @@ class BufferedFog:
         :attr:`finished` (nothing more is dispatched or released)."""
         if self.private is None or self._snapshot is None:
             return
-        what = f"push {len(self.pushes) + 1} of {self.fog.model}"
+        base = self._snapshot
         try:
-            self.private.check_budget(what)
-            layers = self.fog.plan.layers or tuple(lt.layers_in(self._snapshot.table))
-            dim = sum(int(np.prod(s)) for s in lt.select_layers(self._snapshot.table, layers).column("shape").to_pylist())
-            self.private.dp(float(self.buffer_k)).check_bound(self.fog.core_bound, dim, what)
+            self.private.check_next(base, self.fog.plan.layers or tuple(lt.layers_in(base.table)),
+                                    float(self.buffer_k), f"push {len(self.pushes) + 1} of {self.fog.model}")
         except PrivacyViolation as exc:  # BudgetExceeded among them
             self.finished = str(exc)
             log.warning("fog %s: buffered rounds stop: %s", self.fog.name, exc)
@@ -426,11 +424,11 @@ class BufferedFog:
                     # not depend on what an update holds (non-finite values, a norm over the bound).
                     self._count_slot(job.dispatch)
                     usable = True
-        if usable and self.secure is not None:
-            pass  # a secure cohort's agents wait for its round (so each is in it once)
-        elif usable and self.private is not None:  # one update per agent in a private buffer
+        # A secure cohort's agents wait for its round (so each is in it once); a private buffer takes one update
+        # per agent: its agents wait for the push.
+        if usable and self.secure is None and self.private is not None:
             self._parked.append(node)
-        else:
+        elif not (usable and self.secure is not None):
             (self._idle if usable else self._resting).append(node)
         pushes = []
         if len(self._contributors) >= self.buffer_k:
@@ -463,8 +461,7 @@ class BufferedFog:
             if self.private is not None and isinstance(exc, HoldRefused):
                 # Its place in the cohort counts (holding nothing, it drops out of the sum: zeros), so that
                 # who fills a private cohort does not depend on what the agent's training produced.
-                self._count_slot(job.dispatch)
-                self._weights[-1] = buffered_weight(1, self._staleness[-1])
+                self._count_slot(job.dispatch, public_weight=True)
                 self._holds.append(job.hold_id)
                 return True
         return False
@@ -493,12 +490,15 @@ class BufferedFog:
         self._buffered.append(dispatch.index)
         self._losses.append((reply.train_loss, reply.num_examples))
 
-    def _count_slot(self, dispatch: Dispatch) -> None:
-        """Private: a refused update's place in the buffer, contributing zeros (its staleness as it was)."""
+    def _count_slot(self, dispatch: Dispatch, *, public_weight: bool = False) -> None:
+        """Private: a refused update's place in the buffer, contributing zeros (its staleness as it was). A
+        secure cohort's member keeps its public staleness weight (the protocol takes positive weights); its
+        input is missing, so it adds zeros all the same."""
         assert self._snapshot is not None
+        staleness = max(0, self._snapshot.version - dispatch.version)
         self._contributors.append(dispatch.node)
-        self._staleness.append(max(0, self._snapshot.version - dispatch.version))
-        self._weights.append(0.0)
+        self._staleness.append(staleness)
+        self._weights.append(buffered_weight(1, staleness) if public_weight else 0.0)
         self._buffered.append(dispatch.index)
 
     def _push(self) -> BufferedPush:

@@ -121,6 +121,14 @@ class ClientDpRounds:
         check_budget(spent, would_be, budget, what)
         return would_be
 
+    def check_next(self, base, layers: Sequence[str], expected: float, what: str) -> None:
+        """Refuse (``PrivacyViolation``, ``BudgetExceeded`` among them) a release that the budget cannot pay for
+        or that core's norm bound would refuse (its noise over ``layers`` of ``base``, divided by ``expected``),
+        before anything is drawn or charged."""
+        self.check_budget(what)
+        dim = sum(int(np.prod(s)) for s in lt.select_layers(base.table, layers).column("shape").to_pylist())
+        self.dp(expected).check_bound(self.fog.core_bound, dim, what)
+
     def spent(self) -> float:
         """The model's client-level epsilon so far at the budget's delta."""
         if self.ledger is not None:
@@ -228,11 +236,8 @@ class PrivateFogAggregator(WrappedFog):
         sampled, expected = self.rounds.sample(nodes, sampling)
         aborted = ""
         try:
-            what = f"round {round_no} of {fog.model}"
-            self.rounds.check_budget(what)
-            layers = fog.plan.layers or tuple(lt.layers_in(base.table))
-            dim = sum(int(np.prod(s)) for s in lt.select_layers(base.table, layers).column("shape").to_pylist())
-            self.rounds.dp(expected).check_bound(fog.core_bound, dim, what)
+            self.rounds.check_next(base, fog.plan.layers or tuple(lt.layers_in(base.table)), expected,
+                                   f"round {round_no} of {fog.model}")
         except PrivacyViolation as exc:  # BudgetExceeded among them
             aborted, sampled = str(exc), ()
             log.warning("fog %s round %d: private round not started: %s", fog.name, round_no, exc)
