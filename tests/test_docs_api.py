@@ -51,4 +51,6 @@ def test_api_examples_run(tmp_path, monkeypatch, capsys):
     assert "missing credentials: send 'authorization: Bearer <token>'" in out
     assert "True True False" in out
     assert "token revoked (jti " in out
+    assert "[(0, None, 0, 0.0), (1, 'fog-a', 5, 0.5)]" in out  # SQL through the ADBC driver
+    assert "[{'action': 'access.refused', 'n': " in out
     assert verify_file(tmp_path / "audit.jsonl", audit_key.public_key()).ok

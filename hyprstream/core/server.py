@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from hyprstream import __version__
 from hyprstream.config import parse
 from hyprstream.coreapi import commands as cmd
 from hyprstream.core.audit import AuditError, Outcome, iter_entries
@@ -27,6 +28,7 @@ from hyprstream.consistency import ConsistencyPolicy
 from hyprstream.core.ratelimit import RateLimiter, RateLimitPolicy
 from hyprstream.core.repository import ModelRepository, ModelSettings
 from hyprstream.core.signing import Ed25519PrivateKey, fingerprint
+from hyprstream.core import sql
 from hyprstream.vector_clock import clocks_to_json
 from hyprstream.errors import ConfigError, HyprstreamError, UpdateRejected, ValidationError
 from hyprstream.store import layer_table as lt
@@ -49,6 +51,13 @@ ACTION_PERMISSIONS = {"head": (Permission.READ, "model.head", "core"),
                       "issue_token": (Permission.ISSUE_TOKEN, "token.issue", "core"),
                       "revoke_token": (Permission.REVOKE_TOKEN, "token.revoke", "core")}
 ACTION_COMMANDS = (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken, cmd.RevokeToken)
+# Flight SQL actions core does not serve: its SQL endpoint is read-only, one query at a time
+SQL_REFUSED = ("CreatePreparedSubstraitPlan", "BeginTransaction", "BeginSavepoint", "EndTransaction", "EndSavepoint",
+               "CancelQuery", "CancelFlightInfo")
+SQL_ACTIONS = ("CreatePreparedStatement", "ClosePreparedStatement", "CloseSession")
+# Flight SQL catalog commands core answers (the ticket is the command itself)
+SQL_CATALOG = ("CommandGetSqlInfo", "CommandGetCatalogs", "CommandGetDbSchemas", "CommandGetTables",
+               "CommandGetTableTypes")
 AUDIT_LINES_SCHEMA = pa.schema([pa.field("seq", pa.int64(), nullable=False),
                                 pa.field("line", pa.string(), nullable=False)])
 
@@ -80,12 +89,14 @@ class CoreFlightServer(flight.FlightServerBase):
     :class:`Authenticator` (signed tokens, static tokens or both). ``rate_limit`` bounds each
     identity's request rate; ``token_key`` enables the ``issue_token`` action. Other keyword
     arguments go to ``FlightServerBase`` (``tls_certificates``, ``verify_client``, ``root_certificates``).
+    The same server answers Flight SQL queries over the federation's history (:mod:`hyprstream.core.sql`),
+    bounded by ``sql_limits``; ``sql_sources.metrics`` names the registry whose samples the ``metrics`` table holds.
     """
 
     def __init__(self, repository: ModelRepository, tokens: TokenRegistry | Authenticator,
                  location: str = "grpc://127.0.0.1:0", *, rate_limit: RateLimitPolicy | None = None,
                  token_key: Ed25519PrivateKey | None = None, clock: Callable[[], float] = time.time,
-                 **kwargs) -> None:
+                 sql_limits: sql.Limits = sql.Limits(), **kwargs) -> None:
         self.repository = repository
         self.audit = repository.audit
         self.authenticator = tokens if isinstance(tokens, Authenticator) else Authenticator(tokens, clock=clock)
@@ -100,6 +111,10 @@ class CoreFlightServer(flight.FlightServerBase):
         self.auth = BearerAuthFactory(self.authenticator, limiter=limiter, audit=self.audit)
         super().__init__(location, middleware={"auth": self.auth}, **kwargs)
         self._thread: threading.Thread | None = None
+        self.sql_sources = sql.Sources(repository, self.audit)
+        self.sql_limits = sql_limits
+        self._sql_results = sql.Handles(sql_limits, "results", once=True)
+        self._sql_prepared = sql.Handles(sql_limits, "prepared queries", once=False)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -204,6 +219,8 @@ class CoreFlightServer(flight.FlightServerBase):
     @_served
     def do_get(self, context, ticket):
         self._authorize(context, (Permission.READ, Permission.AUDIT_READ), "do_get", "core")
+        if sql.is_flight_sql(ticket.ticket):
+            return flight.RecordBatchStream(self._sql_ticket(context, ticket.ticket))
         request = self._decode(context, ticket.ticket, (cmd.GetWeights, cmd.ReadAudit), "do_get")
         if isinstance(request, cmd.ReadAudit):
             principal = self._authorize(context, Permission.AUDIT_READ, "audit.read", "audit")
@@ -269,6 +286,11 @@ class CoreFlightServer(flight.FlightServerBase):
 
     @_served
     def do_action(self, context, action):
+        if action.type in SQL_REFUSED:
+            raise self._invalid(context, f"core's SQL endpoint is read-only, without transactions: {action.type} "
+                                f"is not served", request="do_action")
+        if action.type in SQL_ACTIONS:
+            return self._sql_action(context, action)
         if action.type not in ACTIONS:
             raise self._invalid(context, f"unknown action {cmd.quote(action.type)} (known: {', '.join(ACTIONS)})",
                                 request="do_action")
@@ -300,12 +322,132 @@ class CoreFlightServer(flight.FlightServerBase):
 
     @_served
     def get_flight_info(self, context, descriptor):
-        raise self._invalid(context, "core does not serve get_flight_info (see docs/api.md)",
+        if descriptor.descriptor_type == flight.DescriptorType.CMD and sql.is_flight_sql(descriptor.command):
+            return self._sql_flight_info(context, descriptor)
+        raise self._invalid(context, "core serves get_flight_info for Flight SQL commands only (see docs/api.md)",
                             request="get_flight_info")
 
     @_served
     def do_exchange(self, context, descriptor, reader, writer):
         raise self._invalid(context, "core does not serve do_exchange (see docs/api.md)", request="do_exchange")
+
+    # --- Flight SQL ------------------------------------------------------------------------------
+
+    def _sql_command(self, context, raw: bytes, request: str) -> tuple[str, dict]:
+        try:
+            return sql.unpack_any(raw)
+        except ValidationError as exc:
+            raise self._invalid(context, str(exc), "sql.query", "sql", request=request) from None
+
+    def _sql_text(self, context, fields: dict, number: int) -> str | None:
+        try:
+            return sql.text_field(fields, number)
+        except ValidationError as exc:
+            raise self._invalid(context, str(exc), "sql.query", "sql") from None
+
+    def _sql_visible(self, principal: Principal) -> list[str]:
+        """The tables ``principal`` may query: audit with the audit permission, the others with read."""
+        return [name for name in sql.TABLES if principal.may(Permission.AUDIT_READ if name == sql.AUDIT_TABLE
+                                                              else Permission.READ)]
+
+    def _sql_flight_info(self, context, descriptor) -> flight.FlightInfo:
+        principal = self._authorize(context, (Permission.READ, Permission.AUDIT_READ), "sql.query", "sql")
+        message, fields = self._sql_command(context, descriptor.command, "get_flight_info")
+        if message in ("CommandStatementQuery", "CommandPreparedStatementQuery"):
+            if message == "CommandPreparedStatementQuery":
+                query = self._sql_take(context, self._sql_prepared, principal, fields)
+            else:
+                query = self._sql_text(context, fields, 1)
+            table = self._sql_query(context, principal, query)
+            ticket = sql.pack_any("TicketStatementQuery", [(1, self._sql_results.put(principal.identity, table))])
+        elif message in SQL_CATALOG:
+            table = self._sql_catalog(context, principal, message, fields)
+            ticket = descriptor.command
+        else:
+            raise self._invalid(context, f"Flight SQL command {message} is not served (core answers queries and "
+                                f"{', '.join(SQL_CATALOG)})", "sql.query", "sql", request="get_flight_info")
+        endpoint = flight.FlightEndpoint(ticket, [])
+        return flight.FlightInfo(table.schema, descriptor, [endpoint], table.num_rows, table.nbytes)
+
+    def _sql_take(self, context, handles: sql.Handles, principal: Principal, fields: dict):
+        handle = fields.get(1, [b""])[-1]
+        try:
+            return handles.take(principal.identity, handle if isinstance(handle, bytes) else b"")
+        except ValidationError as exc:
+            raise self._invalid(context, str(exc), "sql.query", "sql") from None
+
+    def _sql_action(self, context, action) -> list[flight.Result]:
+        """Prepared queries (the ADBC driver prepares every query) and the end of a session."""
+        principal = self._authorize(context, (Permission.READ, Permission.AUDIT_READ), "sql.query", "sql")
+        if action.type == "CloseSession":
+            return [flight.Result(sql.encode([(1, 1)]))]  # CloseSessionResult: CLOSED (sessions hold nothing)
+        message, fields = self._sql_command(context, action.body.to_pybytes() if action.body else b"", "do_action")
+        if action.type == "ClosePreparedStatement":
+            handle = fields.get(1, [b""])[-1]
+            self._sql_prepared.close(principal.identity, handle if isinstance(handle, bytes) else b"")
+            return []
+        query = self._sql_text(context, fields, 1)
+        if message != "ActionCreatePreparedStatementRequest" or not query:
+            raise self._invalid(context, "CreatePreparedStatement needs an ActionCreatePreparedStatementRequest "
+                                "with a query", "sql.query", "sql", request="do_action")
+        if fields.get(2):
+            raise self._invalid(context, "core's SQL endpoint has no transactions", "sql.query", "sql")
+        try:
+            sql.check_statement(query)
+            handle = self._sql_prepared.put(principal.identity, query)
+        except ValidationError as exc:
+            raise self._invalid(context, str(exc), "sql.query", "sql", query_sha256=sql.query_digest(query)) from None
+        return [flight.Result(sql.pack_any("ActionCreatePreparedStatementResult", [(1, handle)]))]
+
+    def _sql_query(self, context, principal: Principal, query: str | None) -> pa.Table:
+        if not query:
+            raise self._invalid(context, "CommandStatementQuery without a query", "sql.query", "sql")
+        digest = sql.query_digest(query)
+        visible = self._sql_visible(principal)
+        named: list[str] = []
+
+        def build(names: set[str]) -> dict[str, pa.Table]:
+            hidden = sorted(names - set(visible))
+            if hidden:
+                reason = (f"role {principal.role.value!r} of {principal.identity!r} may not read table "
+                          f"{', '.join(hidden)}")
+                self._audit(principal, "access.refused", "sql", Outcome.REFUSED, reason=reason, request="sql.query",
+                            query_sha256=digest)
+                raise flight.FlightUnauthorizedError(reason)
+            named.extend(sorted(names))
+            return {name: self.sql_sources.build(name) for name in names}
+
+        try:
+            table = sql.execute(query, visible, build, self.sql_limits)
+        except ValidationError as exc:
+            raise self._invalid(context, str(exc), "sql.query", "sql", query_sha256=digest) from None
+        self._audit(principal, "sql.query", "sql", query_sha256=digest, chars=len(query), tables=named,
+                    rows=table.num_rows)
+        return table
+
+    def _sql_catalog(self, context, principal: Principal, message: str, fields: dict) -> pa.Table:
+        try:
+            if message == "CommandGetSqlInfo":
+                return sql.sql_info(sql.uint_list(fields, 1), __version__)
+            if message == "CommandGetCatalogs":
+                return sql.catalogs()
+            if message == "CommandGetDbSchemas":
+                return sql.db_schemas(fields)
+            if message == "CommandGetTableTypes":
+                return sql.table_types()
+            return sql.tables_listing(self._sql_visible(principal), fields)
+        except ValidationError as exc:
+            raise self._invalid(context, str(exc), "sql.query", "sql", request=message) from None
+
+    def _sql_ticket(self, context, raw: bytes) -> pa.Table:
+        principal = principal_of(context)
+        message, fields = self._sql_command(context, raw, "do_get")
+        if message == "TicketStatementQuery":
+            return self._sql_take(context, self._sql_results, principal, fields)
+        if message in SQL_CATALOG:
+            return self._sql_catalog(context, principal, message, fields)
+        raise self._invalid(context, f"Flight SQL ticket {message} is not served", "sql.query", "sql",
+                            request="do_get")
 
     def _issue_token(self, context, request: cmd.IssueToken) -> dict:
         from hyprstream.core import tokens

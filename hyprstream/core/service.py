@@ -99,6 +99,7 @@ class CoreService:
         self.metrics = self.endpoint = None
         if config.metrics.listen:
             self.metrics = CoreMetrics(self.repository, self.audit)
+            self.server.sql_sources.metrics = self.metrics.registry.collect
             token = read_token(config.metrics.token_file) if config.metrics.token_file else None
             try:
                 self.endpoint = MetricsEndpoint(self.metrics.registry, *split_listen(config.metrics.listen),

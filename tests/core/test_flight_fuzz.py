@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hyprstream.core import signing, tokens
+from hyprstream.core import signing, sql, tokens
 from hyprstream.core.audit import AuditLog, parse_entry
 from hyprstream.core.auth import Authenticator, Role
 from hyprstream.coreapi.client import CoreClient
@@ -128,8 +128,18 @@ def encode(body):
     return json.dumps(body).encode()  # NaN and Infinity come out as JSON's non-standard literals
 
 
+flight_sql_commands = st.builds(  # core's other wire form: Flight SQL messages inside a protobuf Any
+    sql.pack_any,
+    st.sampled_from(["CommandStatementQuery", "CommandPreparedStatementQuery", "TicketStatementQuery",
+                     "CommandGetTables", "CommandGetSqlInfo", "CommandGetDbSchemas", "CommandStatementUpdate",
+                     "ActionCreatePreparedStatementRequest", "NoSuchCommand"]),
+    st.lists(st.tuples(st.integers(1, 6), st.one_of(
+        st.binary(max_size=24), st.integers(0, 2**64 - 1),
+        st.sampled_from(["SELECT 1", "SELECT * FROM audit", "SELECT count(*) FROM versions", "DROP TABLE versions",
+                         "SELECT * FROM read_csv('/etc/passwd')", "SELECT 1; SELECT 2", "%", ""]))), max_size=4))
 raw_commands = st.one_of(
     bodies.map(encode),
+    flight_sql_commands,
     st.binary(max_size=64),
     st.integers(1, 50_000).map(lambda n: b"[" * n),
     st.integers(1, 50_000).map(lambda n: b'{"a":' * n),
