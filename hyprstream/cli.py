@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hyprstream.agent.cli import add_parser as add_agent_parser
     from hyprstream.core.cli import add_parser as add_core_parser
+    from hyprstream.dashboard.cli import add_parser as add_dashboard_parser
     from hyprstream.fog.cli import add_parser as add_fog_parser
     from hyprstream.store.cli import add_parser as add_store_parser
 
     add_agent_parser(sub)
     add_core_parser(sub)
+    add_dashboard_parser(sub)
     add_fog_parser(sub)
     add_store_parser(sub)
 

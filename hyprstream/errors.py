@@ -83,6 +83,10 @@ class AuthError(HyprstreamError):
     """Missing, invalid or insufficient credentials."""
 
 
+class AccessDenied(AuthError):
+    """Valid credentials whose role may not do what was asked."""
+
+
 class StoreError(HyprstreamError):
     """The local Arrow store cannot serve the request."""
 

@@ -36,7 +36,7 @@ from hyprstream.runtime import executable
 
 MODEL = "digits-model"
 STATE = "poc.json"
-ORDER = ("agent", "fog", "core", "broker")  # the order --stop stops them in
+ORDER = ("dashboard", "agent", "fog", "core", "broker")  # the order --stop stops them in
 # a device that trains whenever asked: the agents share this host's cores with core and the fogs, so a real
 # device's thresholds (firmware-configs/) would keep most of them out of rounds
 PROFILE = """\
@@ -217,8 +217,21 @@ class Poc:
         self._broker(devices)
         for f in range(self.fogs):
             self._fog(f"fog-{f + 1}", devices[f * self.agents:(f + 1) * self.agents], shard0=f * self.agents)
+        self._dashboard()
         self._save()
         return self.endpoints
+
+    def _dashboard(self) -> None:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "hyprstream.cli", "dashboard", "--core", self.location, "--ca",
+               str(self.root / "core/pki/ca.pem"), "--audit-key", str(self.root / "core/pki/audit-signing.pub"),
+               "--mqtt", f"127.0.0.1:{self.mqtt_port}", "--mqtt-ca", str(self.root / "broker/pki/ca.pem"),
+               "--mqtt-user", "monitor", "--fleet", "poc", "--listen", f"127.0.0.1:{port}"]
+        self._start("dashboard", "dashboard", cmd, self.root / "dashboard.log",
+                    env={**self.env, "HYPRSTREAM_MQTT_PASSWORD": self.passwords["monitor"]}, ready="serving on",
+                    timeout_s=60)
+        self.endpoints.update(dashboard=f"http://127.0.0.1:{port}/",
+                              auditor_token=str(self._token("auditor", "auditor", self.root / "auditor.token")))
 
     def _core(self) -> None:
         from hyprstream.learning.task import get_task
@@ -389,6 +402,8 @@ def summary(root: Path, endpoints: dict) -> str:
             for device, agent in fog["agents"].items():
                 lines.append(f"    {device:<13} record API {agent['api']}/v1/records, /metrics (token {agent['token']})")
     lines += ["", "Watch it train:",
+              f"  open {endpoints['dashboard']}#token=$(cat {endpoints['reader_token']})   (devices, versions, "
+              f"clocks; the audit log with #token=$(cat {endpoints['auditor_token']}))",
               f"  hyprstream core versions {MODEL} {core}",
               f"  curl -s {endpoints['core_metrics']} | grep hyprstream_core_model",
               f"  hyprstream core pull {MODEL} {core} --out model.arrow",

@@ -24,11 +24,13 @@ setup() {
         "$VENV/bin/python" -m pip install -q -e ".[dev,onnx,dp,mqtt,text]"
         touch "$stamp"
     fi
-    # System packages: mosquitto (the MQTT tests start their own broker on loopback) and the
+    # System packages: mosquitto (the MQTT tests start their own broker on loopback), Chromium (the
+    # dashboard tests load the page in it, headless) and the
     # Fashion-MNIST files (Debian's dataset-fashion-mnist).
     if [ -e /usr/sbin/mosquitto ]; then export PATH="$PATH:/usr/sbin"; fi
     local missing=()
     command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the dashboard tests load the page in it
     [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -35,7 +35,7 @@ FLOORS: dict[str, int] = {
     # beside them: the local deployment, which runs the tiers as processes and imports none of them
     "poc": 6,
     # floor 5: what drives the tiers
-    "sim": 7, "cli": 7,
+    "sim": 7, "dashboard": 7, "cli": 7,
 }
 # floor 1's modules build on each other in this order (a module imports only earlier ones)
 FLOOR_ONE_ORDER = ("errors", "observe", "plugins", "runtime", "_extras", "config", "codec", "durable", "vector_clock", "consistency", "protocol",
@@ -67,7 +67,7 @@ def _allowed(own: str, target: str) -> bool:
         return True
     if FLOORS[own] == FLOORS[target] == 1:
         return FLOOR_ONE_ORDER.index(target) < FLOOR_ONE_ORDER.index(own)
-    return own == "cli" and target == "sim"  # the command line drives the simulator
+    return own == "cli" and target in ("sim", "dashboard")  # the command line drives the simulator and the dashboard
 
 
 def crossings() -> dict[tuple[str, str], list[int]]:

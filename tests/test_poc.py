@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from browser import CHROMIUM, Page, dom, screenshot
 from hyprstream import poc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.mqtt, pytest.mark.timeout(900),
@@ -41,7 +42,7 @@ def test_deploy_poc_stands_up_a_federation_that_trains_and_stops_it(tmp_path):
         assert "Watch it train:" in up.stdout and "hyprstream deploy poc --stop" in up.stdout
         state = json.loads((root / poc.STATE).read_text())
         kinds = sorted(p["kind"] for p in state["processes"])
-        assert kinds == ["agent", "agent", "broker", "core", "fog"]
+        assert kinds == ["agent", "agent", "broker", "core", "dashboard", "fog"]
         ends = state["endpoints"]
         watch = ["--core", ends["core"], "--ca", ends["ca"], "--token-file", ends["reader_token"]]
 
@@ -64,14 +65,35 @@ def test_deploy_poc_stands_up_a_federation_that_trains_and_stops_it(tmp_path):
         for agent in fog["agents"].values():
             assert "hyprstream_agent_records_ingested_total" in get(agent["api"] + "/metrics", agent["token"])[1]
             assert get(agent["api"] + "/healthz", agent["token"]) == (200, "ok\n")
+        # the dashboard, as its operator opens it: in a real browser, its numbers those of core's API
+        reader = Path(ends["reader_token"]).read_text().strip()
+        deadline, view = time.monotonic() + 120, {}
+        while time.monotonic() < deadline:  # until both agents' telemetry arrived
+            view = json.loads(get(ends["dashboard"] + "api/state", ends["reader_token"])[1])
+            if len(view["fleets"][0]["devices"]) == 2:
+                break
+            time.sleep(2)
+        assert [d["device_id"] for d in view["fleets"][0]["devices"]] == ["device-1-1", "device-1-2"], view
+        if CHROMIUM is not None:
+            page = Page(dom(f"{ends['dashboard']}#token={reader}"))
+            screenshot(f"{ends['dashboard']}#token={reader}", tmp_path / "poc-dashboard.png")
+            lineage = json.loads(hyprstream("core", "versions", poc.MODEL, *watch, "--format", "json").stdout)
+            shown = page.rows_with("data-version")
+            for v in lineage[-15:]:
+                if str(v["version"]) in shown:  # the page may be a version behind the listing
+                    assert float(shown[str(v["version"])]["accuracy"]) == v["accuracy"]
+                    assert int(shown[str(v["version"])]["participants"]) == v["participants"]
+            assert set(page.rows_with("data-device")) == {"device-1-1", "device-1-2"}
+            auditor = Path(ends["auditor_token"]).read_text().strip()
+            assert Page(dom(f"{ends['dashboard']}#token={auditor}")).ids["audit-verified"]["data-ok"] == "true"
         pids = [p["pid"] for p in state["processes"]]
         family = [c.pid for pid in pids for c in psutil.Process(pid).children(recursive=True)]
         assert family  # the fog's SuperLink and ServerApp, the agents' SuperNodes and executors
     finally:
         stopped = hyprstream("deploy", "poc", "--stop", "--dir", root)
     assert stopped.returncode == 0, stopped.stderr
-    assert stopped.stdout.startswith("hyprstream poc: stopped 5 process(es): device-1-1, device-1-2, fog-1, core, "
-                                     "mosquitto")
+    assert stopped.stdout.startswith("hyprstream poc: stopped 6 process(es): dashboard, device-1-1, device-1-2, "
+                                     "fog-1, core, mosquitto")
     assert not [pid for pid in pids + family if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not (root / poc.STATE).exists()

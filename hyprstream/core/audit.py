@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,83 +238,118 @@ def _entry_signature_ok(entry: AuditEntry, key: signing.Ed25519PublicKey) -> boo
     return signing.verify(key, sig, _ENTRY_DOMAIN + digest)
 
 
-def verify_bytes(data: bytes, head: bytes | None, key: signing.Ed25519PublicKey | None = None, *,
-                 check_signatures: bool = True) -> Verification:
-    """Check a whole log (its bytes) against its head checkpoint (bytes, or None when there is none).
+class ChainCheck:
+    """Checks a log's entries as they come, a whole log at once or the lines added since the last call
+    (:meth:`feed`): order, canonical bytes, the hash chain, each signature. :meth:`against` then checks
+    what was fed against a head checkpoint. A failure of the chain is final; a head that does not match
+    yet (its seq is past what was fed) is not.
 
     With ``key`` None, signatures are checked against the key that entry 1 records (which proves the
     log is self-consistent, not who wrote it: pass the core's public key for that).
     """
-    complete, _, torn = data.rpartition(b"\n")
-    lines = complete.split(b"\n") if complete else []
-    checkpoint: Checkpoint | None = None
-    head_problem = ""
-    if head is None:
-        head_problem = "no head checkpoint: a removed tail could not be detected"
-    else:
-        try:
-            checkpoint = parse_checkpoint(head)
-        except ValueError as exc:
-            head_problem = str(exc)
-    pub = key
-    key_source = "given" if key is not None else "log"
-    prev_hash, last = GENESIS, 0
-    hash_at_head: str | None = None
 
-    def bad(seq: int, reason: str) -> Verification:
-        return Verification(False, last, seq, reason, checkpoint.seq if checkpoint else None,
-                            signing.fingerprint(pub) if pub else None, key_source)
+    def __init__(self, key: signing.Ed25519PublicKey | None = None, *, check_signatures: bool = True) -> None:
+        self.pub = key
+        self.key_source = "given" if key is not None else "log"
+        self.check_signatures = check_signatures
+        self.prev_hash, self.last = GENESIS, 0
+        self.hashes: dict[int, str] = {}
+        self.failed: Verification | None = None
+        self.head_seq: int | None = None  # reported with a failure
 
-    for raw in lines:
-        expected = last + 1
+    def _bad(self, seq: int, reason: str) -> Verification:
+        return Verification(False, self.last, seq, reason, self.head_seq,
+                            signing.fingerprint(self.pub) if self.pub else None, self.key_source)
+
+    def feed(self, lines: Iterable[bytes]) -> Verification | None:
+        """Check the next complete lines (without their newline); the chain's failure, or None."""
+        if self.failed is not None:
+            return self.failed
+        for raw in lines:
+            self.failed = self._entry(raw)
+            if self.failed is not None:
+                return self.failed
+        return None
+
+    def _entry(self, raw: bytes) -> Verification | None:
+        expected = self.last + 1
         try:
             entry = parse_entry(raw)
         except ValueError as exc:
-            return bad(expected, f"unreadable entry: {exc}")
+            return self._bad(expected, f"unreadable entry: {exc}")
         if entry.seq != expected:
-            return bad(expected, f"entry out of order or missing (found seq {entry.seq} in its place)")
+            return self._bad(expected, f"entry out of order or missing (found seq {entry.seq} in its place)")
         try:
             if canonical({**entry.body(), "hash": entry.hash, "sig": entry.sig}) != raw:
-                return bad(expected, "bytes differ from the entry's canonical form (the line was edited)")
+                return self._bad(expected, "bytes differ from the entry's canonical form (the line was edited)")
         except ValueError:
-            return bad(expected, "entry holds a non-finite number")
-        if entry.prev != prev_hash:
-            return bad(expected, "chain broken: 'prev' is not the hash of the entry before")
+            return self._bad(expected, "entry holds a non-finite number")
+        if entry.prev != self.prev_hash:
+            return self._bad(expected, "chain broken: 'prev' is not the hash of the entry before")
         if entry_hash(entry.body()) != entry.hash:
-            return bad(expected, "hash mismatch: the entry's content was changed")
+            return self._bad(expected, "hash mismatch: the entry's content was changed")
         if expected == 1:
             if entry.action != "audit.create" or not isinstance(entry.details.get("public_key"), str):
-                return bad(1, "entry 1 is not the audit.create entry naming the signing key")
+                return self._bad(1, "entry 1 is not the audit.create entry naming the signing key")
             try:
                 log_key = signing.public_key_from_text(entry.details["public_key"])
             except ValueError as exc:
-                return bad(1, str(exc))
-            if pub is None:
-                pub = log_key
-            elif signing.public_key_text(pub) != entry.details["public_key"]:
-                return bad(1, f"log was created with key {signing.fingerprint(log_key)}, "
-                              f"not the given key {signing.fingerprint(pub)}")
-        if check_signatures and not _entry_signature_ok(entry, pub):
-            return bad(expected, "bad signature")
-        if checkpoint is not None and entry.seq == checkpoint.seq:
-            hash_at_head = entry.hash
-        prev_hash, last = entry.hash, expected
-    if torn:
-        return bad(last + 1, "incomplete last line (a torn write or a cut)")
-    if last == 0:
-        return bad(1, "the log is empty")
-    if checkpoint is None:
-        return bad(last + 1, head_problem) if head is not None else Verification(
-            False, last, None, head_problem, None, signing.fingerprint(pub), key_source)
-    if not checkpoint_valid(checkpoint, pub):
-        return bad(checkpoint.seq if 1 <= checkpoint.seq <= last else last + 1,
-                   "head checkpoint signature is not valid for the log's key")
-    if checkpoint.seq > last:
-        return bad(last + 1, f"missing: the signed head checkpoint records seq {checkpoint.seq}, "
-                             f"the log ends at {last}")
-    if checkpoint.seq >= 1 and hash_at_head != checkpoint.hash:
-        return bad(checkpoint.seq, "entry differs from the signed head checkpoint")
-    return Verification(True, last, None, "", checkpoint.seq, signing.fingerprint(pub), key_source)
+                return self._bad(1, str(exc))
+            if self.pub is None:
+                self.pub = log_key
+            elif signing.public_key_text(self.pub) != entry.details["public_key"]:
+                return self._bad(1, f"log was created with key {signing.fingerprint(log_key)}, "
+                                    f"not the given key {signing.fingerprint(self.pub)}")
+        if self.check_signatures and not _entry_signature_ok(entry, self.pub):
+            return self._bad(expected, "bad signature")
+        self.hashes[expected] = entry.hash
+        self.prev_hash, self.last = entry.hash, expected
+        return None
+
+    def expect_head(self, head: bytes | None) -> tuple[Checkpoint | None, str]:
+        """The head checkpoint (None when missing or unreadable) and the problem with it; failures report its seq."""
+        if head is None:
+            return None, "no head checkpoint: a removed tail could not be detected"
+        try:
+            checkpoint = parse_checkpoint(head)
+        except ValueError as exc:
+            return None, str(exc)
+        self.head_seq = checkpoint.seq
+        return checkpoint, ""
+
+    def against(self, head: bytes | None, *, torn: bool = False) -> Verification:
+        """The verdict on what was fed so far, against ``head`` (bytes of the head checkpoint, or None)."""
+        checkpoint, head_problem = self.expect_head(head)
+        if self.failed is not None:
+            return self.failed
+        if torn:
+            return self._bad(self.last + 1, "incomplete last line (a torn write or a cut)")
+        if self.last == 0:
+            return self._bad(1, "the log is empty")
+        if checkpoint is None:
+            return self._bad(self.last + 1, head_problem) if head is not None else Verification(
+                False, self.last, None, head_problem, None, signing.fingerprint(self.pub), self.key_source)
+        if not checkpoint_valid(checkpoint, self.pub):
+            return self._bad(checkpoint.seq if 1 <= checkpoint.seq <= self.last else self.last + 1,
+                             "head checkpoint signature is not valid for the log's key")
+        if checkpoint.seq > self.last:
+            return self._bad(self.last + 1, f"missing: the signed head checkpoint records seq {checkpoint.seq}, "
+                                            f"the log ends at {self.last}")
+        if checkpoint.seq >= 1 and self.hashes.get(checkpoint.seq) != checkpoint.hash:
+            return self._bad(checkpoint.seq, "entry differs from the signed head checkpoint")
+        return Verification(True, self.last, None, "", checkpoint.seq, signing.fingerprint(self.pub),
+                            self.key_source)
+
+
+def verify_bytes(data: bytes, head: bytes | None, key: signing.Ed25519PublicKey | None = None, *,
+                 check_signatures: bool = True) -> Verification:
+    """Check a whole log (its bytes) against its head checkpoint (bytes, or None when there is none);
+    see :class:`ChainCheck`."""
+    complete, _, torn = data.rpartition(b"\n")
+    check = ChainCheck(key, check_signatures=check_signatures)
+    check.expect_head(head)
+    check.feed(complete.split(b"\n") if complete else [])
+    return check.against(head, torn=bool(torn))
 
 
 def head_path(path: str | os.PathLike[str]) -> Path:

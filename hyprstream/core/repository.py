@@ -162,6 +162,7 @@ class ModelRepository:
                     update_norm=v.get("update_norm", 0.0), fog=v.get("fog"), seq=v.get("seq"),
                     clocks=m["clocks"][str(v["version"])], update_sha256=v.get("update_sha256"),
                     privacy=v.get("privacy"), accuracy=v.get("accuracy"), loss=v.get("loss"),
+                    update_bytes=v.get("update_bytes"),
                 )
                 for v in m["versions"]
             ]
@@ -318,7 +319,7 @@ class ModelRepository:
             manifest["versions"].append({
                 "version": new_version, "parent": head, "created": time.time(), "actor": actor or fog,
                 "layers": touched, "staleness": plan.staleness, "weight": plan.weight, "update_norm": norm,
-                "update_sha256": digest, **recorded, **_scored(score),
+                "update_sha256": digest, "update_bytes": lt.nbytes(delta), **recorded, **_scored(score),
             })
             manifest["layer_files"][str(new_version)] = files
             manifest["clocks"][str(new_version)] = clocks

@@ -158,7 +158,7 @@ TABLES: dict[str, pa.Schema] = {
                            ("participants", pa.int64()), ("layers", pa.list_(pa.string())),
                            ("weight", pa.float64()), ("update_norm", pa.float64()), ("accuracy", pa.float64()),
                            ("loss", pa.float64()), ("epsilon", pa.float64()), ("delta", pa.float64()),
-                           ("update_sha256", pa.string())]),
+                           ("update_sha256", pa.string()), ("update_bytes", pa.int64())]),
     "layer_clocks": pa.schema([("model", pa.string()), ("version", pa.int64()), ("layer", pa.string()),
                                ("node", pa.string()), ("counter", pa.int64()), ("staleness", pa.int64())]),
     "fogs": pa.schema([("fog", pa.string()), ("model", pa.string()), ("pushes", pa.int64()),
@@ -214,7 +214,8 @@ class Sources:
                              "actor": v.actor, "fog": v.fog, "seq": v.seq, "participants": v.participants,
                              "layers": list(v.layers), "weight": v.weight, "update_norm": v.update_norm,
                              "accuracy": v.accuracy, "loss": v.loss, "epsilon": privacy.get("epsilon"),
-                             "delta": privacy.get("delta"), "update_sha256": v.update_sha256})
+                             "delta": privacy.get("delta"), "update_sha256": v.update_sha256,
+                             "update_bytes": v.update_bytes})
         return rows
 
     def _layer_clocks(self) -> list[dict]:

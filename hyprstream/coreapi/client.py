@@ -13,7 +13,8 @@ from hyprstream.coreapi import commands as cmd
 from hyprstream.coreapi.records import ModelSettings, PushResult, Snapshot
 from hyprstream.config import to_dict
 from hyprstream.vector_clock import VectorClock, clocks_from_json
-from hyprstream.errors import AuthError, HyprstreamError, Refusal, TransportError, UpdateRejected, ValidationError
+from hyprstream.errors import (AccessDenied, AuthError, HyprstreamError, Refusal, TransportError, UpdateRejected,
+                               ValidationError)
 
 
 class CoreClient:
@@ -120,7 +121,9 @@ class _translated:
         if exc is None or isinstance(exc, HyprstreamError):
             return False
         message = _server_message(exc)
-        if isinstance(exc, (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError)):
+        if isinstance(exc, flight.FlightUnauthorizedError):
+            raise AccessDenied(message) from None
+        if isinstance(exc, flight.FlightUnauthenticatedError):
             raise AuthError(message) from None
         if isinstance(exc, flight.FlightUnavailableError):
             if message.startswith("rate limit exceeded"):

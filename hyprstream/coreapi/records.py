@@ -42,6 +42,7 @@ class VersionInfo:
     privacy: Mapping[str, float] | None = None  # the privacy the push's round spent (e.g. epsilon, delta), if any
     accuracy: float | None = None  # on core's validation rows, when the model has an evaluation
     loss: float | None = None
+    update_bytes: int | None = None  # payload bytes of the pushed delta (None for version 0)
 
 
 @dataclass(frozen=True)

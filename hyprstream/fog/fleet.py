@@ -107,6 +107,11 @@ class FleetView:
             return self._malformed
 
     @property
+    def subscribed(self) -> bool:
+        """Whether the view is connected and subscribed to its fleet's topics."""
+        return self._subscribed.is_set()
+
+    @property
     def accepted(self) -> int:
         with self._lock:
             return self._accepted
