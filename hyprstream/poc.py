@@ -63,6 +63,7 @@ max_local_steps = 100
 batch_size_full = 32
 batch_size_hybrid = 32
 max_layer_groups_hybrid = 3
+holdout_share = 0.2
 [store]
 max_mb = 1000
 [telemetry]
@@ -304,6 +305,7 @@ min_replies = {min(2, len(devices))}
 timeout_s = 300.0
 max_rounds = 0
 pause_s = 1.0
+evaluate = true
 [metrics]
 port = {metrics}
 """)

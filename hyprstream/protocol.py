@@ -46,6 +46,9 @@ DEVICE_QUERY_TYPE = "query.device"
 DEVICE_INFO_SCHEMA = "hyprstream.device-info/2"
 TRAIN_REQUEST_SCHEMA = "hyprstream.train/1"
 TRAIN_REPLY_SCHEMA = "hyprstream.train-reply/1"
+EVALUATE_MESSAGE_TYPE = "evaluate.heldout"
+EVALUATE_REQUEST_SCHEMA = "hyprstream.evaluate/1"
+EVALUATE_REPLY_SCHEMA = "hyprstream.evaluate-reply/1"
 INFER_SCHEMA = "hyprstream.infer/1"  # the answers of a fog's inference offload endpoint (hyprstream.fog.offload)
 
 
@@ -181,6 +184,61 @@ class TrainReply:
         if self.encoding is Encoding.FP32:
             return sum(int(np.asarray(a).nbytes) for a in self.delta.values())
         return sum(encoded_nbytes(np.shape(a), self.encoding) for a in self.delta.values())
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """Evaluate ``weights`` (a global version) on the device's held-out split."""
+
+    model: str
+    model_version: int
+    task: str
+    weights: Mapping[str, np.ndarray] = field(repr=False)
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({"weights": arrays_to_record(self.weights), "config": ConfigRecord({
+            "schema": EVALUATE_REQUEST_SCHEMA, "model": self.model, "model_version": self.model_version,
+            "task": self.task})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvaluateRequest:
+        cfg = _config(content, EVALUATE_REQUEST_SCHEMA)
+        return cls(_get(cfg, "model", str), _get(cfg, "model_version", int), _get(cfg, "task", str),
+                   record_to_arrays(_record(content, "weights", ArrayRecord)))
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """The mean loss and accuracy of a version on the device's held-out split, and that split's size as a
+    :func:`data_bucket` (never the count); or ``declined`` with the reason."""
+
+    status: ReplyStatus
+    model_version: int
+    loss: float = 0.0
+    accuracy: float = 0.0
+    data_bucket: int = 0
+    reason: str = ""
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({"config": ConfigRecord({
+            "schema": EVALUATE_REPLY_SCHEMA, "status": self.status.value, "model_version": self.model_version,
+            "loss": float(self.loss), "accuracy": float(self.accuracy), "data_bucket": self.data_bucket,
+            "reason": self.reason})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvaluateReply:
+        cfg = _config(content, EVALUATE_REPLY_SCHEMA)
+        status = _get(cfg, "status", str)
+        if status not in {s.value for s in ReplyStatus}:
+            raise ValidationError(f"evaluate reply: unknown status {status!r}")
+        loss, accuracy = float(_get(cfg, "loss", float)), float(_get(cfg, "accuracy", float))
+        bucket = _get(cfg, "data_bucket", int)
+        if status == ReplyStatus.OK.value and not (math.isfinite(loss) and loss >= 0 and 0 <= accuracy <= 1
+                                                   and 1 <= bucket <= 64):
+            raise ValidationError("evaluate reply: loss must be finite and >= 0, accuracy in [0, 1] and the "
+                                  "data bucket in 1..64")
+        return cls(ReplyStatus(status), _get(cfg, "model_version", int), loss, accuracy, bucket,
+                   str(cfg.get("reason", "")))
 
 
 def data_bucket(rows: int) -> int:

@@ -81,6 +81,9 @@ class Federation:
                 clocks = {k: VectorClock.of(c) for k, c in admin.head("digits")["clocks"].items()}
                 admin.push_delta("digits", to_table(delta, layer=TASK.layer_of), fog=fog, seq=i // 2 + 1,
                                  base_clocks={k: clocks[k] for k in layers}, participants=2 + i)
+            # two fogs' federated evaluations of version 2: together 0.76 over their 4 devices
+            admin.report_evaluation("digits", 2, fog="fog-b", loss=0.5, accuracy=0.81, devices=3)
+            admin.report_evaluation("digits", 2, fog="fog-a", loss=0.7, accuracy=0.61, devices=1)
         helpers = fleet_telemetry()
         self.fleet = FleetView("plant-7")
         devices = [helpers.telemetry("hub-1", battery=15.0, ac=False, strategy=Strategy.HYBRID),
@@ -127,6 +130,7 @@ def test_the_readers_page_shows_versions_layers_and_devices_as_core_and_the_flee
         assert row["bytes"] == ("" if v["update_bytes"] is None else str(v["update_bytes"]))
         assert row["layers"] == ",".join(v["layers"]) and float(row["created"]) == v["created"]
     assert all(v["update_bytes"] > 0 for v in lineage[1:])  # what a push carried, in the lineage
+    assert float(shown["2"]["federated"]) == pytest.approx(0.76) and shown["3"]["federated"] == ""
     layers = page.rows_with("data-layer")
     assert {k: json.loads(r["clock"]) for k, r in layers.items()} == head["clocks"]
     assert layers["fc1"]["last_changed"] == "4" and layers["head"]["last_changed"] == "6"

@@ -57,6 +57,13 @@ def test_deploy_poc_stands_up_a_federation_that_trains_and_stops_it(tmp_path):
             time.sleep(3)
         assert len(lineage) >= 2, (lineage, (root / "fog-1/state/fog.log").read_text()[-2000:])
         assert lineage[1]["fog"] == "fog-1" and lineage[1]["accuracy"] is not None
+        # ... and scored on the agents' held-out data (federated evaluation), recorded in its lineage entry
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not lineage[1].get("federated"):
+            time.sleep(3)
+            lineage = json.loads(hyprstream("core", "versions", poc.MODEL, *watch, "--format", "json").stdout)
+        assert lineage[1]["federated"]["fog-1"]["devices"] == 2, (root / "fog-1/state/fog.log").read_text()[-2000:]
+        assert 0.0 <= lineage[1]["federated"]["fog-1"]["accuracy"] <= 1.0
         # every tier's metrics and health
         assert "hyprstream_core_model_version" in get(ends["core_metrics"])[1]
         assert get(ends["core_metrics"].replace("/metrics", "/healthz"))[0] == 200

@@ -42,7 +42,8 @@ from hyprstream.privacy.floor import plain_round_shortfall, secure_round_shortfa
 from hyprstream.privacy.ledger import Budget
 from hyprstream.privacy.secagg_messages import SECAGG_ACTION, Stage, Status
 from hyprstream.privacy.secagg_mod import secagg_mod
-from hyprstream.protocol import DeviceInfo, ReplyStatus, TrainReply, TrainRequest, data_bucket
+from hyprstream.protocol import (DeviceInfo, EvaluateReply, EvaluateRequest, ReplyStatus, TrainReply, TrainRequest,
+                                 data_bucket)
 
 log = logging.getLogger("hyprstream.agent")
 
@@ -299,6 +300,69 @@ def agent_state_dir(context: Context) -> Path | None:
     return Path(str(value)) if value else None
 
 
+HOLDOUT_SALT = "holdout.salt"  # in the agent's state directory: keys which examples are held out
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """The device's held-out split: ``share`` of its examples, chosen by a keyed hash of each (``salt``)."""
+
+    share: float
+    salt: bytes
+
+
+HOLDOUT_SHARE_KEY = "holdout-share"  # node config of a SuperNode without the agent daemon (and tests)
+
+
+def device_holdout(context: Context) -> Holdout | None:
+    """The device's held-out split: ``training.holdout_share`` of the agent daemon's profile (or the node
+    config's ``holdout-share`` where no daemon runs); None with a share of 0. The salt is made once per
+    device and kept beside its state (``<state-dir>/holdout.salt``, else ``<store>.holdout.salt``; mode 0600)."""
+    state_dir = agent_state_dir(context)
+    if state_dir is not None:
+        from hyprstream.agent.handoff import read_policy
+        from hyprstream.agent.profile import load_profile
+
+        policy = read_policy(state_dir)
+        share = load_profile(policy.profile).training.holdout_share if policy is not None else 0.0
+        path = state_dir / HOLDOUT_SALT
+    else:
+        try:
+            share = float(context.node_config.get(HOLDOUT_SHARE_KEY, 0.0))
+        except (TypeError, ValueError):
+            raise ConfigError("must be a number", key=HOLDOUT_SHARE_KEY) from None
+        if not 0.0 <= share <= 0.5:
+            raise ConfigError(f"must be in [0, 0.5], got {share}", key=HOLDOUT_SHARE_KEY)
+        store = store_dir(context)
+        path = store.with_name(store.name + "." + HOLDOUT_SALT)
+    if share <= 0:
+        return None
+    try:  # made once: O_EXCL, so two processes never make two salts
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+    salt = path.read_bytes()
+    if len(salt) != 32:
+        raise HyprstreamError(f"{path}: a held-out salt must be 32 bytes (remove it to make a new one, which "
+                              f"moves examples between the splits)")
+    return Holdout(share, salt)
+
+
+def local_data(store_path: Path, task, holdout: Holdout | None):
+    """The task's examples in the store as (training, held out); nothing is held out without ``holdout``."""
+    from hyprstream.learning.task import holdout as split
+    from hyprstream.store import Store, load_key
+
+    with Store.open(store_path, readonly=True, key=load_key()) as store:
+        data = task.from_table(store.read(task.table))
+    return split(data, holdout.share if holdout is not None else 0.0, holdout.salt if holdout is not None else b"")
+
+
 def plan_request(request: TrainRequest, state_dir: Path, *, now: float | None = None,
                  privacy: PrivateTraining | None = None, num_examples: int = 0):
     """The :class:`~hyprstream.agent.policy.TrainPlan` for ``request`` under the daemon's current strategy;
@@ -338,6 +402,7 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
         privacy = private_training(context, store)
         state = agent_state_dir(context)
         plan = None
+        holdout = device_holdout(context)
         if state is not None:
             from hyprstream.agent.handoff import save_model
             from hyprstream.learning.task import get_task
@@ -347,7 +412,7 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
             save_model(state, task.name, request.model_version, request.weights, layer_of=task.layer_of,
                        key=load_key())
             plan = plan_request(request, state, privacy=privacy,
-                                num_examples=_num_examples(store, task) if privacy is not None else 0)
+                                num_examples=len(local_data(store, task, holdout)[0]) if privacy is not None else 0)
         elif os.environ.get(SIM_DEVICES_ENV) and "store-dir" not in context.node_config:
             plan = simulated_plan(request, store)
         if plan is not None:
@@ -355,7 +420,7 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
                 raise HyprstreamError(plan.reason)
             log.info("train request for %s: %s", list(request.layers), plan.reason,
                      extra={"model": request.model, "model_version": request.model_version})
-        return handle_train(request, store, plan=plan, privacy=privacy, round=round)
+        return handle_train(request, store, plan=plan, privacy=privacy, round=round, holdout=holdout)
     except BudgetExceeded as exc:  # the trainer's own check as it charges: its epsilons stay here
         log.warning("declined train request: %s", exc)
         return _declined(content, BUDGET_DECLINE)
@@ -383,35 +448,27 @@ def query_device(msg: Message, context: Context) -> Message:
     return Message(DeviceInfo(device_id, data_bucket(rows)).to_content(), reply_to=msg)
 
 
-def _num_examples(store_path: Path, task) -> int:
-    from hyprstream.store import Store, load_key
-
-    with Store.open(store_path, readonly=True, key=load_key()) as store:
-        return store.num_rows(task.table) if task.table in store.tables() else 0
-
-
 def handle_train(request: TrainRequest, store_path: Path, plan=None, *, privacy: PrivateTraining | None = None,
-                 round: str = "") -> TrainReply:
+                 round: str = "", holdout: Holdout | None = None) -> TrainReply:
     """Train the requested layers on the local store's data; pure of Flower (used by tests directly).
 
     ``plan`` (a :class:`~hyprstream.agent.policy.TrainPlan`) narrows the request: its layers, steps,
     batch size, device and time limit; the reply names the layers actually trained. With ``privacy``
     the round trains with DP-SGD, charged to the device's ledger first (``round`` names it there;
     default: the model version); over the budget it raises
-    :class:`~hyprstream.privacy.errors.BudgetExceeded` and trains nothing.
+    :class:`~hyprstream.privacy.errors.BudgetExceeded` and trains nothing. With ``holdout`` the held-out
+    examples are left out (they are the device's evaluation split).
     """
     import torch
 
     from hyprstream.learning.task import get_task
     from hyprstream.learning.trainer import load_weights, train_layers
-    from hyprstream.store import Store, load_key
 
     threads = os.environ.get(THREADS_ENV)
     if threads:
         torch.set_num_threads(int(threads))
     task = get_task(request.task)
-    with Store.open(store_path, readonly=True, key=load_key()) as store:
-        data = task.from_table(store.read(task.table))
+    data, _ = local_data(store_path, task, holdout)
     model = task.build_model(seed=0)
     load_weights(model, request.weights)
     layers, steps, batch, device, limit = request.layers, request.local_steps, request.batch_size, "cpu", None
@@ -432,3 +489,38 @@ def handle_train(request: TrainRequest, store_path: Path, plan=None, *, privacy:
                       epsilon=float(spend.epsilon) if spend is not None else None,
                       delta_dp=float(spend.delta) if spend is not None else None,
                       encoding=request.update_encoding, encoding_seed=request.seed)
+
+
+@app.evaluate("heldout")
+def evaluate_heldout(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the version the fog sends, on this device's held-out split (mean loss and
+    accuracy, the split's size as a data bucket). Only a device with a held-out split answers."""
+    try:
+        reply = answer_evaluate(msg.content, store_dir(context), device_holdout(context))
+    except HyprstreamError as exc:
+        reply = EvaluateReply(ReplyStatus.DECLINED, -1, reason=str(exc))
+    return Message(reply.to_content(), reply_to=msg)
+
+
+def answer_evaluate(content: RecordDict, store_path: Path, holdout: Holdout | None) -> EvaluateReply:
+    """The reply to an evaluation request (never a crash: ``declined`` with the reason)."""
+    version = -1
+    try:
+        request = EvaluateRequest.from_content(content)
+        version = request.model_version
+        if holdout is None:
+            raise HyprstreamError("this device holds no examples out of training (training.holdout_share = 0)")
+        from hyprstream.learning.task import get_task
+        from hyprstream.learning.trainer import evaluate, load_weights
+
+        task = get_task(request.task)
+        _, held = local_data(store_path, task, holdout)
+        if len(held) == 0:
+            raise HyprstreamError("the held-out split is empty (too little data yet)")
+        model = task.build_model(seed=0)
+        load_weights(model, request.weights)
+        loss, accuracy = evaluate(task, model, held)
+        return EvaluateReply(ReplyStatus.OK, version, loss, accuracy, data_bucket(len(held)))
+    except HyprstreamError as exc:
+        log.info("declined evaluation request: %s", exc)
+        return EvaluateReply(ReplyStatus.DECLINED, version, reason=str(exc))

@@ -161,6 +161,9 @@ class TrainingCaps(Checked):
     max_layer_groups_hybrid: int = setting(1, ge=1, le=64)
     allow_gpu: bool = setting(False, doc="train on the GPU (needs resources.accelerator)")
     max_train_s_per_round: float = setting(300.0, gt=0, le=86_400)
+    holdout_share: float = setting(0.0, ge=0.0, le=0.5, doc="share of the local examples never trained on, for "
+                                   "federated evaluation of each global version (0: none; evaluation requests "
+                                   "are then declined)")
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.batch_size_hybrid > self.batch_size_full:

@@ -187,6 +187,7 @@ def _core_client(args: argparse.Namespace):
 def version_rows(versions: list[dict]) -> list[dict]:
     """One flat row per version for ``core versions``: the lineage fields a person compares."""
     from hyprstream.core.audit import format_time
+    from hyprstream.coreapi.records import federated_score
 
     rows = []
     for v in versions:
@@ -197,7 +198,8 @@ def version_rows(versions: list[dict]) -> list[dict]:
                      "staleness": max(v.get("staleness", {}).values(), default=0),
                      "update_norm": f"{v['update_norm']:.4g}",
                      "epsilon": f"{privacy['epsilon']:.4g}" if "epsilon" in privacy else "-",
-                     "accuracy": f"{v['accuracy']:.4f}" if v.get("accuracy") is not None else "-"})
+                     "accuracy": f"{v['accuracy']:.4f}" if v.get("accuracy") is not None else "-",
+                     "federated": f"{fed['accuracy']:.4f}" if (fed := federated_score(v.get("federated"))) else "-"})
     return rows
 
 

@@ -39,8 +39,15 @@ class _Models(Collector):
         accuracy = GaugeMetricFamily("hyprstream_core_model_accuracy_ratio", "Accuracy of each model's current "
                                      "version on core's validation rows (models with an evaluation).",
                                      labels=["model"])
+        federated = GaugeMetricFamily("hyprstream_core_model_federated_accuracy_ratio", "Accuracy of each model's "
+                                      "newest version that fogs scored on their agents' held-out data.",
+                                      labels=["model"])
         for model in self.repository.models():
-            last = self.repository.versions(model)[-1]
+            versions = self.repository.versions(model)
+            last = versions[-1]
+            scored = next((v.federated_score for v in reversed(versions) if v.federated), None)
+            if scored is not None:
+                federated.add_metric([model], scored["accuracy"])
             version.add_metric([model], last.version)
             committed.add_metric([model], last.created)
             if last.accuracy is not None:
@@ -48,6 +55,7 @@ class _Models(Collector):
         yield version
         yield committed
         yield accuracy
+        yield federated
 
 
 class CoreMetrics:

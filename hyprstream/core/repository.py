@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from hyprstream.config import parse, to_dict
-from hyprstream.coreapi.commands import PushDelta, claims
+from hyprstream.coreapi.commands import PushDelta, ReportEvaluation, claims
 from hyprstream.coreapi.records import (
     NAME,
     ModelSettings,
@@ -162,10 +162,27 @@ class ModelRepository:
                     update_norm=v.get("update_norm", 0.0), fog=v.get("fog"), seq=v.get("seq"),
                     clocks=m["clocks"][str(v["version"])], update_sha256=v.get("update_sha256"),
                     privacy=v.get("privacy"), accuracy=v.get("accuracy"), loss=v.get("loss"),
-                    update_bytes=v.get("update_bytes"),
+                    update_bytes=v.get("update_bytes"), federated=v.get("federated"),
                 )
                 for v in m["versions"]
             ]
+
+    def record_evaluation(self, report: ReportEvaluation, *, actor: str | None = None) -> None:
+        """Keep a fog's federated evaluation of a version in that version's lineage entry (``federated``,
+        by fog; a fog's later report of the same version replaces its earlier one), audited as
+        ``model.evaluation``."""
+        model = report.model
+        with self._lock:
+            m = self._manifest(model)
+            manifest = json.loads(json.dumps(m))
+            entry = next((v for v in manifest["versions"] if v["version"] == report.version), None)
+            if entry is None or report.version < 1:
+                raise ValidationError(f"model {model!r} has no version {report.version} to evaluate")
+            score = {"loss": report.loss, "accuracy": report.accuracy, "devices": report.devices}
+            entry.setdefault("federated", {})[report.fog] = score
+            self._write_manifest(model, manifest)
+            self._commit_audit(model, m, actor or report.fog, "model.evaluation",
+                               {"version": report.version, "fog": report.fog, **score})
 
     def get(self, model: str, version: int | None = None, layers: Iterable[str] | None = None) -> Snapshot:
         with self._lock:

@@ -42,6 +42,8 @@ ACTIONS = {
     "audit_head": "The signed head checkpoint of the audit log (role auditor or admin).",
     "issue_token": "Issue a signed, expiring token (role admin; needs the core's token key).",
     "revoke_token": "Refuse a signed token (by its jti) from now on, also after a restart (role admin).",
+    "report_evaluation": "A fog's federated evaluation of a version on its agents' held-out data (role fog, "
+                         "as itself; admin).",
 }
 # what each action needs, checked before its body is decoded: (permission, audit action, audit subject)
 ACTION_PERMISSIONS = {"head": (Permission.READ, "model.head", "core"),
@@ -49,8 +51,10 @@ ACTION_PERMISSIONS = {"head": (Permission.READ, "model.head", "core"),
                       "list_models": (Permission.READ, "model.list_models", "core"),
                       "audit_head": (Permission.AUDIT_READ, "audit.read", "audit"),
                       "issue_token": (Permission.ISSUE_TOKEN, "token.issue", "core"),
-                      "revoke_token": (Permission.REVOKE_TOKEN, "token.revoke", "core")}
-ACTION_COMMANDS = (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken, cmd.RevokeToken)
+                      "revoke_token": (Permission.REVOKE_TOKEN, "token.revoke", "core"),
+                      "report_evaluation": (Permission.PUSH, "model.evaluation", "core")}
+ACTION_COMMANDS = (cmd.Head, cmd.ListVersions, cmd.ListModels, cmd.AuditHead, cmd.IssueToken, cmd.RevokeToken,
+                   cmd.ReportEvaluation)
 # Flight SQL actions core does not serve: its SQL endpoint is read-only, one query at a time
 SQL_REFUSED = ("CreatePreparedSubstraitPlan", "BeginTransaction", "BeginSavepoint", "EndTransaction", "EndSavepoint",
                "CancelQuery", "CancelFlightInfo")
@@ -307,6 +311,8 @@ class CoreFlightServer(flight.FlightServerBase):
             out = self._issue_token(context, request)
         elif isinstance(request, cmd.RevokeToken):
             out = self._revoke_token(context, request)
+        elif isinstance(request, cmd.ReportEvaluation):
+            out = self._report_evaluation(context, request)
         elif isinstance(request, cmd.Head):
             out = self._call(context, "model.head", f"model/{request.model}", self.repository.head, request.model)
         elif isinstance(request, cmd.ListVersions):
@@ -470,6 +476,18 @@ class CoreFlightServer(flight.FlightServerBase):
         return {"token": token, **claims.to_json()}
 
 
+    def _report_evaluation(self, context, request: cmd.ReportEvaluation) -> dict:
+        subject = f"model/{request.model}"
+        principal = principal_of(context)
+        if request.fog != principal.identity and principal.role is not Role.ADMIN:
+            reason = f"identity {principal.identity!r} may not report as fog {request.fog!r}"
+            self._audit(principal, "access.refused", subject, Outcome.REFUSED, reason=reason,
+                        request="model.evaluation")
+            raise flight.FlightUnauthorizedError(reason)
+        self._call(context, "model.evaluation", subject, self.repository.record_evaluation, request,
+                   actor=principal.identity, details={"version": request.version, "fog": request.fog})
+        return {"model": request.model, "version": request.version, "recorded": True}
+
     def _revoke_token(self, context, request: cmd.RevokeToken) -> dict:
         """In force at once, and recorded in the audit log, which core reads its revocations from at start."""
         principal = principal_of(context)
@@ -486,4 +504,5 @@ def _version_json(v) -> dict:
     out["staleness"] = dict(v.staleness)
     out["clocks"] = {k: dict(c) for k, c in v.clocks.items()}
     out["privacy"] = None if v.privacy is None else dict(v.privacy)
+    out["federated"] = None if v.federated is None else {f: dict(s) for f, s in v.federated.items()}
     return out

@@ -158,7 +158,9 @@ TABLES: dict[str, pa.Schema] = {
                            ("participants", pa.int64()), ("layers", pa.list_(pa.string())),
                            ("weight", pa.float64()), ("update_norm", pa.float64()), ("accuracy", pa.float64()),
                            ("loss", pa.float64()), ("epsilon", pa.float64()), ("delta", pa.float64()),
-                           ("update_sha256", pa.string()), ("update_bytes", pa.int64())]),
+                           ("update_sha256", pa.string()), ("update_bytes", pa.int64()),
+                           ("federated_accuracy", pa.float64()), ("federated_loss", pa.float64()),
+                           ("federated_devices", pa.int64())]),
     "layer_clocks": pa.schema([("model", pa.string()), ("version", pa.int64()), ("layer", pa.string()),
                                ("node", pa.string()), ("counter", pa.int64()), ("staleness", pa.int64())]),
     "fogs": pa.schema([("fog", pa.string()), ("model", pa.string()), ("pushes", pa.int64()),
@@ -174,6 +176,13 @@ AUDIT_TABLE = "audit"
 
 def _seconds(t: float | None) -> int | None:
     return None if t is None else int(round(t * 1e6))
+
+
+def _federated(score: Mapping[str, float] | None) -> dict[str, float | int | None]:
+    if score is None:
+        return {"federated_accuracy": None, "federated_loss": None, "federated_devices": None}
+    return {"federated_accuracy": score["accuracy"], "federated_loss": score["loss"],
+            "federated_devices": int(score["devices"])}
 
 
 @dataclass
@@ -215,7 +224,7 @@ class Sources:
                              "layers": list(v.layers), "weight": v.weight, "update_norm": v.update_norm,
                              "accuracy": v.accuracy, "loss": v.loss, "epsilon": privacy.get("epsilon"),
                              "delta": privacy.get("delta"), "update_sha256": v.update_sha256,
-                             "update_bytes": v.update_bytes})
+                             "update_bytes": v.update_bytes, **_federated(v.federated_score)})
         return rows
 
     def _layer_clocks(self) -> list[dict]:

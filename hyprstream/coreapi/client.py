@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
@@ -83,6 +84,12 @@ class CoreClient:
         with _translated():
             table = self._client.do_get(ticket, self._options).read_all()
         return [line.encode() for line in table.column("line").to_pylist()]
+
+    def report_evaluation(self, model: str, version: int, *, fog: str, loss: float, accuracy: float,
+                          devices: int) -> dict[str, Any]:
+        """Record a fog's federated evaluation of ``version`` in its lineage entry (role fog, as itself)."""
+        request = cmd.ReportEvaluation(model, version, fog, float(loss), float(accuracy), int(devices))
+        return self._action("report_evaluation", {k: v for k, v in asdict(request).items() if k != "command"})
 
     def issue_token(self, sub: str, role: str, ttl_s: int) -> dict[str, Any]:
         """A signed token for ``sub`` (role admin); the answer has ``token`` and its claims."""

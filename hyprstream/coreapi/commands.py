@@ -128,11 +128,25 @@ class RevokeToken:
     command: str = field(default="revoke_token", init=False)
 
 
+@dataclass(frozen=True)
+class ReportEvaluation:
+    """do_action ``report_evaluation``: a fog's federated evaluation of ``version`` on its agents' held-out
+    splits: the mean over the ``devices`` that answered of their mean loss and accuracy."""
+
+    model: str
+    version: int
+    fog: str
+    loss: float
+    accuracy: float
+    devices: int
+    command: str = field(default="report_evaluation", init=False)
+
+
 Command = (GetWeights | RegisterModel | PushDelta | Head | ListVersions | ListModels | ReadAudit | AuditHead
-           | IssueToken | RevokeToken)
+           | IssueToken | RevokeToken | ReportEvaluation)
 _BY_NAME: dict[str, type] = {c.__dataclass_fields__["command"].default: c
                              for c in (GetWeights, RegisterModel, PushDelta, Head, ListVersions, ListModels,
-                                       ReadAudit, AuditHead, IssueToken, RevokeToken)}
+                                       ReadAudit, AuditHead, IssueToken, RevokeToken, ReportEvaluation)}
 _JTI = re.compile(r"[0-9a-f]{1,64}\Z")
 MAX_REASON_CHARS = 200
 
@@ -286,6 +300,14 @@ def _build(cls: type, body: Mapping[str, Any]) -> Command:
         if (since is not None and since < 1) or (limit is not None and limit < 1):
             raise ValidationError("fields 'since_seq' and 'limit' must be >= 1")
         return ReadAudit(1 if since is None else since, limit)
+    if cls is ReportEvaluation:
+        version, devices = _require(body, "version", int), _require(body, "devices", int)
+        loss, accuracy = float(_require(body, "loss", (int, float))), float(_require(body, "accuracy", (int, float)))
+        if version < 1 or devices < 1 or not 0.0 <= loss < float("inf") or not 0.0 <= accuracy <= 1.0:
+            raise ValidationError("report_evaluation needs 'version' >= 1, 'devices' >= 1, a finite 'loss' >= 0 "
+                                  "and 'accuracy' in [0, 1]")
+        return ReportEvaluation(_model(body), version, check_name("fog", _require(body, "fog", str)), loss, accuracy,
+                                devices)
     if cls is IssueToken:
         ttl = _require(body, "ttl_s", int)
         if ttl < 1:  # the upper bound is tokens.MAX_TTL_S, checked where tokens are issued

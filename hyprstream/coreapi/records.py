@@ -43,6 +43,22 @@ class VersionInfo:
     accuracy: float | None = None  # on core's validation rows, when the model has an evaluation
     loss: float | None = None
     update_bytes: int | None = None  # payload bytes of the pushed delta (None for version 0)
+    # federated evaluation on the agents' held-out splits, by fog: {"loss", "accuracy", "devices"}
+    federated: Mapping[str, Mapping[str, float]] | None = None
+
+    @property
+    def federated_score(self) -> dict[str, float] | None:
+        return federated_score(self.federated)
+
+
+def federated_score(federated: Mapping[str, Mapping[str, float]] | None) -> dict[str, float] | None:
+    """A version's federated evaluations (by fog) together: loss and accuracy averaged over all the devices
+    that scored it; None when no fog reported one."""
+    if not federated:
+        return None
+    n = sum(s["devices"] for s in federated.values())
+    return {"loss": sum(s["loss"] * s["devices"] for s in federated.values()) / n,
+            "accuracy": sum(s["accuracy"] * s["devices"] for s in federated.values()) / n, "devices": n}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from hyprstream.core import signing, tokens
 from hyprstream.core.audit import ChainCheck, parse_entry
 from hyprstream.core.auth import Role
 from hyprstream.coreapi.client import CoreClient
+from hyprstream.coreapi.records import federated_score
 from hyprstream.errors import AccessDenied, AuthError, ConfigError, HyprstreamError
 from hyprstream.fog.fleet import FleetView
 
@@ -116,6 +117,7 @@ class Dashboard:
                            "staleness": (last.get("staleness") or {}).get(layer)})
         rows = [{"version": v["version"], "created": v["created"], "fog": v["fog"], "participants": v["participants"],
                  "accuracy": v.get("accuracy"), "loss": v.get("loss"), "bytes": v.get("update_bytes"),
+                 "federated": (federated_score(v.get("federated")) or {}).get("accuracy"),
                  "epsilon": (v.get("privacy") or {}).get("epsilon"), "update_norm": v["update_norm"],
                  "layers": v["layers"]} for v in versions[-VERSIONS_SHOWN:]]
         scored = [v["accuracy"] for v in versions if v.get("accuracy") is not None]

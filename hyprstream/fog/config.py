@@ -102,6 +102,8 @@ class RoundSettings(Checked):
     timeout_s: float = setting(120.0, gt=0.0, doc="a round's deadline: late agents are dropped")
     max_rounds: int = setting(0, ge=0, doc="stop after this many rounds; 0: run until stopped")
     pause_s: float = setting(0.0, ge=0.0, doc="wait between rounds")
+    evaluate: bool = setting(False, doc="after each committed push, score that version on the agents' held-out "
+                             "data (agents with training.holdout_share > 0) and report it to core")
     max_update_norm: float | None = setting(None, gt=0.0)
     aggregation: str = setting("mean", doc="mean (FedAvg), trimmed_mean or median (robust, coordinate-wise), or "
                                "an installed rule: an entry point of group hyprstream.aggregators or "
@@ -262,6 +264,10 @@ class FogConfig(Checked):
         if self.privacy.dpsgd is not None:
             yield "privacy.dpsgd", ("sample-level DP-SGD runs on the devices: put [privacy.dpsgd] in each device's "
                                     "profile (docs/agent.md); a fog has nothing to apply it to")
+        if self.rounds.evaluate and (self.privacy.secagg is not None or self.privacy.client_dp is not None):
+            yield "rounds.evaluate", ("federated evaluation shows the fog each agent's scores and core their plain "
+                                      "mean, which secure aggregation and client-level DP exist to hide: score "
+                                      "versions at core instead ([evaluation.<model>] in core.toml)")
         secagg, chosen = self.privacy.secagg, self.fleet.clients_per_round
         if secagg is not None and self.fleet.enabled and 0 < chosen < secagg.min_clients:
             yield "fleet.clients_per_round", f"is below privacy.secagg.min_clients ({secagg.min_clients})"

@@ -35,6 +35,13 @@ _HELP = {
                                                "(versions committed on its layers since its base)."),
     "hyprstream_fog_last_progress_timestamp_seconds": ("gauge", "Unix time of the last finished round."),
 }
+# with federated evaluation only (``rounds.evaluate``)
+_EVALUATION_HELP = {
+    "hyprstream_fog_evaluated_version": ("gauge", "The last version scored on the agents' held-out data."),
+    "hyprstream_fog_evaluation_accuracy_ratio": ("gauge", "Its accuracy, averaged over the agents that answered."),
+    "hyprstream_fog_evaluation_loss": ("gauge", "Its loss, averaged over the agents that answered."),
+    "hyprstream_fog_evaluation_devices": ("gauge", "Agents whose held-out data scored it."),
+}
 # with client-level DP only (``[privacy.client_dp]``): absent from /metrics otherwise
 _PRIVACY_HELP = {
     "hyprstream_fog_privacy_epsilon": ("gauge", "Client-level epsilon the model has spent at this fog (at delta)."),
@@ -52,6 +59,13 @@ class FogMetrics:
         self._values: dict[str, float] = {name: 0.0 for name in _HELP}
         self._values["hyprstream_fog_last_progress_timestamp_seconds"] = time.time()
         self._privacy: dict[str, float] = {}
+        self._evaluation: dict[str, float] = {}
+
+    def record_evaluation(self, version: int, loss: float, accuracy: float, devices: int) -> None:
+        with self._lock:
+            self._evaluation = {"hyprstream_fog_evaluated_version": version,
+                                "hyprstream_fog_evaluation_accuracy_ratio": accuracy,
+                                "hyprstream_fog_evaluation_loss": loss, "hyprstream_fog_evaluation_devices": devices}
 
     def record_privacy(self, epsilon: float, budget: float, delta: float) -> None:
         """The model's client-level spend after the last round (``budget`` may be infinite)."""
@@ -86,12 +100,12 @@ class FogMetrics:
 
     def snapshot(self) -> Mapping[str, float]:
         with self._lock:
-            return {**self._values, **self._privacy}
+            return {**self._values, **self._privacy, **self._evaluation}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """The values as metric families (``prometheus_client``'s Collector protocol), labelled with the fog."""
         for name, value in self.snapshot().items():
-            kind, text = _HELP.get(name) or _PRIVACY_HELP[name]
+            kind, text = _HELP.get(name) or _PRIVACY_HELP.get(name) or _EVALUATION_HELP[name]
             if kind == "counter":  # prometheus_client writes the _total suffix itself
                 family = CounterMetricFamily(name.removesuffix("_total"), text, labels=["fog"])
             else:

@@ -187,6 +187,7 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
         return [None]
 
     def record(_: int, __, result: FogRound) -> None:
+        _evaluate(grid, fog, core, cfg, metrics, result.version, poll_s)
         log.info("fog %s round %d: %d/%d agents, version %s%s", cfg.name, result.round, result.participants,
                  len(fog.node_ids), result.version, f" ({result.reasons[0]})" if result.reasons else "",
                  extra={"fog": cfg.name, "round": result.round, "model": cfg.core.model,
@@ -198,6 +199,20 @@ def _rounds(grid, cfg, core, metrics, state_dir, stop, on_round, resources, poll
 
     return run_sync([lane], rounds=r.max_rounds, prepare=prepare, on_round=record, stop=stop, pause_s=r.pause_s,
                     idle_wait_s=max(r.pause_s, 1.0))
+
+
+def _evaluate(grid, fog: FogAggregator, core: CoreClient, cfg: FogConfig, metrics: FogMetrics,
+              version: int | None, poll_s: float | None) -> None:
+    """With ``rounds.evaluate``: score a version this fog's push made on its agents' held-out data."""
+    if not cfg.rounds.evaluate or version is None:
+        return
+    from hyprstream.fog.evaluation import evaluate_version
+
+    score = evaluate_version(grid, fog.node_ids, core, fog=cfg.name, model=cfg.core.model, task=cfg.rounds.task,
+                             version=version, timeout_s=cfg.rounds.timeout_s,
+                             **({} if poll_s is None else {"poll_s": poll_s}))
+    if score is not None:
+        metrics.record_evaluation(score.version, score.loss, score.accuracy, score.devices)
 
 
 def _ordered(devices) -> list[int]:
@@ -272,6 +287,7 @@ def _buffered_rounds(lane: Lane, cfg: FogConfig, metrics: FogMetrics, stop: thre
 
     def record(push) -> None:
         result = push.as_round()
+        _evaluate(lane.fog.grid, fog, lane.fog.core, cfg, metrics, push.version, poll_s)
         log.info("fog %s push %d: %d update(s), staleness max %d, version %s", cfg.name, push.index,
                  push.participants, push.max_staleness, push.version,
                  extra={"fog": cfg.name, "round": push.index, "model": cfg.core.model, "model_version": push.version,

@@ -41,6 +41,26 @@ class Dataset:
         return len(self.y)
 
 
+def holdout(data: Dataset, share: float, salt: bytes) -> tuple[Dataset, Dataset]:
+    """``data`` split into (training, held out): an example is held out when a keyed hash of its content
+    (features and label, keyed by ``salt``) falls below ``share``. The split depends on each example alone,
+    not on its position, so it stays put as the store grows, compacts or ages rows out: an example held
+    out once is never trained on later. ``share`` 0: nothing is held out."""
+    if not 0.0 <= share < 1.0:
+        raise ValidationError(f"a held-out share must be in [0, 1), got {share!r}")
+    if share == 0.0 or len(data) == 0:
+        return data, Dataset(data.x[:0], data.y[:0])
+    import hashlib
+
+    x = np.ascontiguousarray(data.x)
+    y = np.ascontiguousarray(data.y)
+    cut = int(share * 2**64)
+    held = np.fromiter((int.from_bytes(hashlib.blake2b(x[i].tobytes() + y[i].tobytes(), digest_size=8,
+                                                       key=salt[:64]).digest(), "big") < cut
+                        for i in range(len(y))), dtype=bool, count=len(y))
+    return Dataset(x[~held], y[~held]), Dataset(x[held], y[held])
+
+
 class Task(abc.ABC):
     """A learning task. Subclasses are stateless; models are built fresh from a seed."""
 

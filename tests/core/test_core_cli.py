@@ -348,6 +348,7 @@ def test_core_versions_and_pull_with_the_deployments_credentials(tmp_path, capsy
             fog.push_delta("m", to_table(delta, layer=task.layer_of), fog="fog-a", seq=2,
                            base_clocks={"head": VectorClock.of({"fog-a": 1})}, participants=0,
                            privacy={"epsilon": 1.25, "delta": 1e-5})
+            fog.report_evaluation("m", 1, fog="fog-a", loss=0.4, accuracy=0.8125, devices=2)
         reader = tmp_path / "reader.token"
         reader.write_text(dep.token("dashboard", Role.READER) + "\n")
         client = ["--core", core.location, "--ca", str(ca), "--token-file", str(reader)]
@@ -355,9 +356,10 @@ def test_core_versions_and_pull_with_the_deployments_credentials(tmp_path, capsy
         assert main(["core", "versions", "m", *client]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].split() == ["version", "created", "fog", "seq", "layers", "participants", "weight",
-                                    "staleness", "update_norm", "epsilon", "accuracy"]
+                                    "staleness", "update_norm", "epsilon", "accuracy", "federated"]
         assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
-        assert lines[2].split()[2:6] == ["fog-a", "1", "head", "3"] and lines[3].split()[-2:] == ["1.25", "-"]
+        assert lines[2].split()[2:6] == ["fog-a", "1", "head", "3"] and lines[3].split()[-3:] == ["1.25", "-", "-"]
+        assert lines[2].split()[-1] == "0.8125"  # the fog's federated evaluation of version 1
         monkeypatch.setenv("HYPRSTREAM_TOKEN", reader.read_text().strip())  # the environment instead of a file
         assert main(["core", "versions", "m", "--core", core.location, "--ca", str(ca), "--format", "json"]) == 0
         lineage = json.loads(capsys.readouterr().out)

@@ -36,11 +36,13 @@ function denied(what, reason) { return el("div", {class: "denied"}, `${what}: no
 
 // ------------------------------------------------------------------------------------------- charts
 
-function chart(title, versions, values, opts) {
+function chart(title, versions, series, opts) {
+  // series: [{values, color, name}], one line (or bars) each over the versions
   const W = 460, H = 220, L = 58, R = 12, T = 12, B = 32;
   const box = el("div", {class: "chart"}, el("h3", {}, title));
   const s = svg("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title});
-  const pts = versions.map((v, i) => [v, values[i]]).filter((p) => p[1] !== null && p[1] !== undefined);
+  const lines = series.map((sr) => ({...sr, pts: versions.map((v, i) => [v, sr.values[i]]).filter((p) => p[1] !== null && p[1] !== undefined)}));
+  const pts = lines.flatMap((l) => l.pts);
   if (!pts.length) { box.append(el("div", {class: "legend"}, "no data yet")); return box; }
   const x0 = Math.min(...versions), x1 = Math.max(...versions, x0 + 1);
   let y0 = opts.min !== undefined ? opts.min : Math.min(0, ...pts.map((p) => p[1]));
@@ -61,14 +63,25 @@ function chart(title, versions, values, opts) {
   }
   s.append(svg("line", {x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis"}));
   s.append(svg("text", {x: W - R, y: H - 2, "text-anchor": "end"}, "version"));
-  if (opts.bars) {
-    const w = Math.max(2, Math.min(24, ((W - L - R) / Math.max(1, x1 - x0 + 1)) * 0.7));
-    for (const [v, y] of pts) s.append(svg("rect", {x: X(v) - w / 2, y: Y(y), width: w, height: Math.max(0, Y(y0) - Y(y)), fill: opts.color, "data-version": v}));
-  } else {
-    s.append(svg("polyline", {points: pts.map(([v, y]) => `${X(v)},${Y(y)}`).join(" "), class: "line", stroke: opts.color}));
-    for (const [v, y] of pts) s.append(svg("circle", {cx: X(v), cy: Y(y), r: 3, fill: opts.color, "data-version": v}));
+  for (const l of lines) {
+    if (opts.bars) {
+      const w = Math.max(2, Math.min(24, ((W - L - R) / Math.max(1, x1 - x0 + 1)) * 0.7));
+      for (const [v, y] of l.pts) s.append(svg("rect", {x: X(v) - w / 2, y: Y(y), width: w, height: Math.max(0, Y(y0) - Y(y)), fill: l.color, "data-version": v}));
+    } else {
+      s.append(svg("polyline", {points: l.pts.map(([v, y]) => `${X(v)},${Y(y)}`).join(" "), class: "line", stroke: l.color}));
+      for (const [v, y] of l.pts) s.append(svg("circle", {cx: X(v), cy: Y(y), r: 3, fill: l.color, "data-version": v}));
+    }
   }
   box.append(s);
+  if (lines.length > 1) {
+    const legend = el("div", {class: "legend"});
+    for (const l of lines) {
+      const swatch = el("span");
+      swatch.style.background = l.color;
+      legend.append(swatch, l.name);
+    }
+    box.append(legend);
+  }
   return box;
 }
 
@@ -102,9 +115,12 @@ function model(m) {
   const box = el("div", {"data-model": m.model});
   box.append(el("h2", {}, `Model ${m.model}`));
   box.append(el("div", {class: "charts"},
-    chart("Accuracy on core's validation rows", vs, m.versions.map((v) => v.accuracy), {color: "#2f5fd0", label: (v) => v.toFixed(2)}),
-    chart("Participants per version", vs, m.versions.map((v) => (v.fog === null ? null : v.participants)), {bars: true, min: 0, integer: true, color: "#8a4fd0", label: (v) => v.toFixed(0)}),
-    chart("Update bytes per version", vs, m.versions.map((v) => v.bytes), {bars: true, min: 0, color: "#0f8a8a", label: (v) => fmt.bytes(Math.round(v))})));
+    chart("Accuracy per version", vs, [
+      {values: m.versions.map((v) => v.accuracy), color: "#2f5fd0", name: "core's validation rows"},
+      {values: m.versions.map((v) => v.federated), color: "#d0672f", name: "agents' held-out data (federated)"}],
+      {label: (v) => v.toFixed(2)}),
+    chart("Participants per version", vs, [{values: m.versions.map((v) => (v.fog === null ? null : v.participants)), color: "#8a4fd0"}], {bars: true, min: 0, integer: true, label: (v) => v.toFixed(0)}),
+    chart("Update bytes per version", vs, [{values: m.versions.map((v) => v.bytes), color: "#0f8a8a"}], {bars: true, min: 0, label: (v) => fmt.bytes(Math.round(v))})));
   box.append(el("h3", {}, "Layers: vector clocks and staleness"));
   box.append(table(["layer", "clock (fog: updates)", "last changed in version", "versions since", "staleness of that push"],
     m.layers.map((l) => el("tr", {"data-layer": l.layer},
@@ -115,7 +131,7 @@ function model(m) {
       cell("staleness", l.staleness, l.staleness ?? "–", "num")))));
   box.append(el("h3", {}, "Versions (newest first)"));
   const recent = m.versions.slice(-15).reverse();
-  box.append(table(["version", "committed", "fog", "participants", "accuracy", "loss", "update bytes", "epsilon", "layers"],
+  box.append(table(["version", "committed", "fog", "participants", "accuracy", "loss", "federated accuracy", "update bytes", "epsilon", "layers"],
     recent.map((v) => el("tr", {"data-version": v.version},
       cell("version", v.version, v.version, "num"),
       cell("created", v.created, fmt.time(v.created)),
@@ -123,6 +139,7 @@ function model(m) {
       cell("participants", v.participants, v.participants, "num"),
       cell("accuracy", v.accuracy, fmt.acc(v.accuracy), "num"),
       cell("loss", v.loss, v.loss === null || v.loss === undefined ? "–" : v.loss.toFixed(4), "num"),
+      cell("federated", v.federated, fmt.acc(v.federated), "num"),
       cell("bytes", v.bytes, fmt.bytes(v.bytes), "num"),
       cell("epsilon", v.epsilon, fmt.eps(v.epsilon), "num"),
       cell("layers", v.layers.join(","), v.layers.join(", "))))));
