@@ -61,6 +61,27 @@ def split_listen(listen: str, *, key: str = "listen") -> tuple[str, int]:
     return host, int(port)
 
 
+class ServerThread:
+    """An ``http.server`` server served in a daemon thread: :meth:`start`, and :meth:`stop` that shuts it down,
+    closes its socket and joins the thread."""
+
+    def __init__(self, server, name: str) -> None:
+        self.server = server
+        self.name = name
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.server.serve_forever, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._thread is not None:
+            self.server.shutdown()
+            self._thread.join(timeout_s)
+            self._thread = None
+        self.server.server_close()
+
+
 class MetricsEndpoint:
     """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: any free one) in a daemon thread."""
 
@@ -91,7 +112,7 @@ class MetricsEndpoint:
                 raise bind_error(host, port, exc) from None
             raise TransportError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._serving = ServerThread(self._server, "hyprstream-metrics")
 
     @property
     def address(self) -> str:
@@ -99,15 +120,11 @@ class MetricsEndpoint:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def start(self) -> MetricsEndpoint:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hyprstream-metrics", daemon=True)
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._serving.stop(timeout_s=5)
 
 
 __all__ = ["Check", "MetricsEndpoint", "answer", "send", "split_listen"]

@@ -21,6 +21,7 @@ from hyprstream.coreapi.client import CoreClient
 from hyprstream.coreapi.records import federated_score
 from hyprstream.errors import AccessDenied, AuthError, ConfigError, HyprstreamError
 from hyprstream.fog.fleet import FleetView
+from hyprstream.observe import ServerThread
 
 log = logging.getLogger("hyprstream.dashboard")
 
@@ -175,22 +176,18 @@ class DashboardServer:
             self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
             self.scheme = "https"
         self.address = f"{host}:{self.httpd.server_address[1]}"
-        self._thread: threading.Thread | None = None
+        self._serving = ServerThread(self.httpd, "hyprstream-dashboard")
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.address}/"
 
     def start(self) -> DashboardServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="hyprstream-dashboard", daemon=True)
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._serving.stop()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self

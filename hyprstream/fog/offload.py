@@ -41,6 +41,7 @@ import numpy as np
 
 from hyprstream.protocol import INFER_SCHEMA
 from hyprstream.coreapi.client import CoreClient
+from hyprstream.observe import ServerThread
 from hyprstream.errors import ConfigError, HyprstreamError, ValidationError
 from hyprstream.store import layer_table as lt
 
@@ -150,7 +151,7 @@ class OffloadServer:
                                   key="offload.tls_certfile") from None
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.host, self.port = self._server.server_address[:2]
-        self._thread: threading.Thread | None = None
+        self._serving = ServerThread(self._server, "hyprstream-offload")
         self.on_stop = None  # called once by stop() (offload_server closes its core client there)
 
     def _count(self, name: str) -> None:
@@ -167,17 +168,12 @@ class OffloadServer:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}{INFER_PATH}"
 
     def start(self) -> OffloadServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hyprstream-offload", daemon=True)
-        self._thread.start()
+        self._serving.start()
         log.info("offload endpoint on %s", self.url)
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(10)
-            self._thread = None
-        self._server.server_close()
+        self._serving.stop()
         if self.on_stop is not None:
             self.on_stop()
             self.on_stop = None
