@@ -496,6 +496,10 @@ def evaluate_heldout(msg: Message, context: Context) -> Message:
     """Federated evaluation: the version the fog sends, on this device's held-out split (mean loss and
     accuracy, the split's size as a data bucket). Only a device with a held-out split answers."""
     try:
+        floor = device_floor(context)
+        if floor is not None and floor.secure_aggregation:  # a plain reply shows the fog this device's scores
+            raise HyprstreamError("the device's privacy floor requires secure aggregation: it answers no plain "
+                                  "evaluation request")
         reply = answer_evaluate(msg.content, store_dir(context), device_holdout(context))
     except HyprstreamError as exc:
         reply = EvaluateReply(ReplyStatus.DECLINED, -1, reason=str(exc))

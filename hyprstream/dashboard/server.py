@@ -235,6 +235,9 @@ class DashboardServer:
                 except HyprstreamError as exc:
                     log.warning("state for the page failed: %s", exc)
                     self._json(502, {"error": f"core: {exc}"})
+                except Exception:  # noqa: BLE001 - the page gets an answer, the log the traceback
+                    log.exception("state for the page failed")
+                    self._json(500, {"error": "the dashboard failed to read the state (its log has the details)"})
 
         return Handler
 

@@ -28,7 +28,8 @@ from hyprstream.privacy.clipping import Layout
 from hyprstream.privacy.contribution import InputSpec
 from hyprstream.privacy.quantize import Quantizer
 from hyprstream.privacy.secagg_messages import Setup, Stage, Status
-from hyprstream.protocol import ReplyStatus, TrainReply, TrainRequest
+from hyprstream.protocol import (EVALUATE_MESSAGE_TYPE, EvaluateReply, EvaluateRequest, ReplyStatus, TrainReply,
+                                 TrainRequest)
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,14 @@ def test_a_plain_request_to_a_device_that_requires_secure_aggregation_is_decline
     reply = TrainReply.from_content(ask(device, request().to_content(), "train.layerwise"))
     assert reply.status is ReplyStatus.DECLINED and reply.delta == {}
     assert "requires secure aggregation" in reply.reason and "privacy.floor.secure_aggregation" in reply.reason
+
+
+def test_a_device_that_requires_secure_aggregation_answers_no_plain_evaluation(device):
+    """Federated evaluation sends each device's scores to the fog in the clear: below this floor."""
+    req = request()
+    content = EvaluateRequest(req.model, req.model_version, req.task, req.weights).to_content()
+    reply = EvaluateReply.from_content(ask(device, content, EVALUATE_MESSAGE_TYPE))
+    assert reply.status is ReplyStatus.DECLINED and "requires secure aggregation" in reply.reason
 
 
 def test_a_secure_round_at_the_floor_is_answered(device):
