@@ -248,6 +248,10 @@ class CoreFlightServer(flight.FlightServerBase):
 
     @_served
     def do_put(self, context, descriptor, reader, writer):
+        if descriptor.descriptor_type == flight.DescriptorType.CMD and sql.is_flight_sql(descriptor.command):
+            # refused whoever asks; the message tells a SQL client why (nothing of the command is read)
+            raise self._invalid(context, "core's SQL endpoint is read-only and binds no parameters: put the values "
+                                "in the query", "sql.query", "sql", request="do_put")
         self._authorize(context, (Permission.PUSH, Permission.REGISTER), "do_put", "core")
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise self._invalid(context, "do_put needs a command descriptor (FlightDescriptor.for_command)",

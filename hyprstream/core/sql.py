@@ -372,11 +372,14 @@ class Handles:
     def take(self, identity: str, handle: bytes) -> object:
         with self._lock:
             held = self._held.get(handle)
-            if held is None or held[1] <= self._clock() or held[0] != identity:
+            now = self._clock()
+            if held is None or held[1] <= now or held[0] != identity:
                 raise ValidationError(f"unknown or expired handle (of {self.what}: each is used by the identity "
-                                      f"that made it, within {self.limits.pending_s:g} s)")
+                                      f"that made it, within {self.limits.pending_s:g} s of its last use)")
             if self.once:
                 del self._held[handle]
+            else:
+                self._held[handle] = (identity, now + self.limits.pending_s, held[2])
         return held[2]
 
     def close(self, identity: str, handle: bytes) -> None:

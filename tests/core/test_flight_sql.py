@@ -218,6 +218,14 @@ def test_results_are_read_once_and_only_by_who_asked(fed):
         "ActionClosePreparedStatementRequest", [(1, handle)])), reader))
     with pytest.raises(flight.FlightServerError, match="unknown or expired handle"):
         client.get_flight_info(run, reader)
+    with pytest.raises(flight.FlightServerError, match="binds no parameters"):
+        prepared = list(client.do_action(flight.Action("CreatePreparedStatement", sql.pack_any(
+            "ActionCreatePreparedStatementRequest", [(1, "SELECT ? AS x")])), reader))
+        bind = flight.FlightDescriptor.for_command(sql.pack_any("CommandPreparedStatementQuery", [
+            (1, sql.unpack_any(prepared[0].body.to_pybytes())[1][1][0])]))
+        writer, _ = client.do_put(bind, pa.schema([("x", pa.int64())]), reader)
+        writer.write_table(pa.table({"x": [1]}))
+        writer.close()
     with pytest.raises(flight.FlightServerError, match="without transactions: BeginTransaction"):
         list(client.do_action(flight.Action("BeginTransaction", b""), reader))
 
@@ -242,6 +250,30 @@ def test_crafted_flight_sql_commands_are_refused_as_invalid_arguments(fed, raw):
 
 
 # --- the query engine's bounds, and the protobuf codec ----------------------------------------------------
+
+@pytest.mark.unit
+def test_held_handles_expire_unused_are_bounded_per_identity_and_results_are_read_once():
+    now = [0.0]
+    limits = sql.Limits(pending=2, pending_s=300.0)
+    prepared = sql.Handles(limits, "prepared queries", once=False, clock=lambda: now[0])
+    h = prepared.put("a", "SELECT 1")
+    for _ in range(3):  # each use keeps it another 300 s
+        now[0] += 200
+        assert prepared.take("a", h) == "SELECT 1"
+    now[0] += 301
+    with pytest.raises(ValidationError, match="unknown or expired"):
+        prepared.take("a", h)
+    prepared.put("a", "q1"), prepared.put("a", "q2"), prepared.put("b", "q3")  # b has its own two
+    with pytest.raises(ValidationError, match="2 prepared queries are held for 'a'"):
+        prepared.put("a", "q4")
+    results = sql.Handles(limits, "results", once=True, clock=lambda: now[0])
+    r = results.put("a", "rows")
+    with pytest.raises(ValidationError):
+        results.take("b", r)
+    assert results.take("a", r) == "rows"
+    with pytest.raises(ValidationError):
+        results.take("a", r)
+
 
 @pytest.mark.unit
 def test_a_query_past_its_time_or_row_limit_is_stopped_with_a_reason():
