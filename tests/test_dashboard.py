@@ -193,6 +193,14 @@ def test_the_data_endpoint_wants_a_token_core_accepts_and_the_page_sends_safe_he
     with urllib.request.urlopen(fed.dashboard.url, timeout=30) as r:
         html = r.read().decode()
     assert "<script>" not in html and '<script src="app.js"' in html  # no inline script: the CSP holds
+    dead = DashboardServer(Dashboard("grpc://127.0.0.1:1", timeout_s=5)).start()  # core unreachable
+    try:
+        request = urllib.request.Request(dead.url + "api/state", headers={"Authorization": f"Bearer {forged}"})
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(request, timeout=30)
+        assert answered.value.code == 502 and "core unreachable" in json.loads(answered.value.read())["error"]
+    finally:
+        dead.stop()
     with pytest.raises(ConfigError, match="only over HTTPS"):
         DashboardServer(Dashboard(fed.location), "0.0.0.0")
 

@@ -85,6 +85,11 @@ def test_held_out_examples_never_train_and_a_device_without_a_split_declines(tmp
     assert trained.num_examples == len(train)  # what trains is the training split
     reply = answer_evaluate(request.to_content(), store, None)
     assert reply.status is ReplyStatus.DECLINED and "holdout_share = 0" in reply.reason
+    for weights, task, reason in (({"fc1.weight": np.zeros((3, 3), np.float32)}, "digits", "do not fit the model"),
+                                  ({}, "digits", "do not fit the model"), ({}, "no-such-task", "unknown task")):
+        crafted = EvaluateRequest("digits-model", 3, task, weights).to_content()  # a fog sending nonsense
+        refused = answer_evaluate(crafted, store, split)
+        assert refused.status is ReplyStatus.DECLINED and reason in refused.reason
     reply = answer_evaluate(request.to_content(), store, split)
     assert reply.status is ReplyStatus.OK and reply.model_version == 3 and 0 <= reply.accuracy <= 1
     assert reply.data_bucket == len(held).bit_length()  # the split's size to a factor of two, not its count
