@@ -30,7 +30,7 @@ import math
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,14 +248,17 @@ class ChainCheck:
     log is self-consistent, not who wrote it: pass the core's public key for that).
     """
 
-    def __init__(self, key: signing.Ed25519PublicKey | None = None, *, check_signatures: bool = True) -> None:
+    def __init__(self, key: signing.Ed25519PublicKey | None = None, *, check_signatures: bool = True,
+                 window: int = 4096) -> None:
         self.pub = key
         self.key_source = "given" if key is not None else "log"
         self.check_signatures = check_signatures
         self.prev_hash, self.last = GENESIS, 0
+        self.window = window  # the hashes of the last this many entries are kept, and the expected head's
         self.hashes: dict[int, str] = {}
+        self._recent: deque[int] = deque()
         self.failed: Verification | None = None
-        self.head_seq: int | None = None  # reported with a failure
+        self.head_seq: int | None = None  # the expected head's seq: its hash is kept; reported with a failure
 
     def _bad(self, seq: int, reason: str) -> Verification:
         return Verification(False, self.last, seq, reason, self.head_seq,
@@ -303,11 +306,17 @@ class ChainCheck:
         if self.check_signatures and not _entry_signature_ok(entry, self.pub):
             return self._bad(expected, "bad signature")
         self.hashes[expected] = entry.hash
+        self._recent.append(expected)
+        if len(self._recent) > self.window:  # memory stays bounded however long the log
+            old = self._recent.popleft()
+            if old != self.head_seq:
+                del self.hashes[old]
         self.prev_hash, self.last = entry.hash, expected
         return None
 
     def expect_head(self, head: bytes | None) -> tuple[Checkpoint | None, str]:
-        """The head checkpoint (None when missing or unreadable) and the problem with it; failures report its seq."""
+        """The head checkpoint (None when missing or unreadable) and the problem with it. Given before the
+        entries are fed, the hash of the entry it names is kept whatever its age; failures report its seq."""
         if head is None:
             return None, "no head checkpoint: a removed tail could not be detected"
         try:
@@ -335,7 +344,10 @@ class ChainCheck:
         if checkpoint.seq > self.last:
             return self._bad(self.last + 1, f"missing: the signed head checkpoint records seq {checkpoint.seq}, "
                                             f"the log ends at {self.last}")
-        if checkpoint.seq >= 1 and self.hashes.get(checkpoint.seq) != checkpoint.hash:
+        if checkpoint.seq >= 1 and checkpoint.seq not in self.hashes:
+            return self._bad(checkpoint.seq, f"the signed head checkpoint names entry {checkpoint.seq}, older than the "
+                                             f"last {self.window} checked: give the head before the entries")
+        if checkpoint.seq >= 1 and self.hashes[checkpoint.seq] != checkpoint.hash:
             return self._bad(checkpoint.seq, "entry differs from the signed head checkpoint")
         return Verification(True, self.last, None, "", checkpoint.seq, signing.fingerprint(self.pub),
                             self.key_source)

@@ -49,7 +49,8 @@ class _AuditFollower:
 
     def refresh(self, client: CoreClient) -> dict[str, Any]:
         with self.lock:
-            head = client.audit_head()
+            head = json.dumps(client.audit_head()).encode()
+            self.check.expect_head(head)  # its entry's hash is kept while the entries are checked
             while True:
                 lines = client.read_audit(self.next_seq, AUDIT_PAGE)
                 self.check.feed(lines)
@@ -63,7 +64,7 @@ class _AuditFollower:
                 self.next_seq += len(lines)
                 if len(lines) < AUDIT_PAGE:
                     break
-            verdict = self.check.against(json.dumps(head).encode())
+            verdict = self.check.against(head)
             return {"verified": verdict.ok, "reason": verdict.message(), "last_seq": verdict.last_seq,
                     "head_seq": verdict.head_seq, "key": verdict.key_fingerprint, "key_source": verdict.key_source,
                     "tail": list(reversed(self.tail))}

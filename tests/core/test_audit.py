@@ -310,3 +310,35 @@ def test_strict_base64_decodes_only_what_it_would_write(text, urlsafe):
     except ValueError:
         return
     assert signing.b64encode(raw, urlsafe=urlsafe) == text
+
+
+def test_an_incremental_check_keeps_bounded_memory_and_the_expected_heads_entry(tmp_path):
+    """ChainCheck fed a log in pieces with a window of 3 hashes: the head given before the entries verifies
+    whatever its age, memory stays at the window, a tampered entry fails for good."""
+    from hyprstream.core.audit import ChainCheck
+
+    log = AuditLog(tmp_path / "audit.jsonl", KEY)
+    for i in range(12):
+        log.append("fog-a", "model.push", "model/m", details={"i": i})
+        if i == 1:
+            old_head = (tmp_path / "audit.jsonl.head").read_bytes()  # a genuine head of an earlier moment
+    log.close()
+    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    head = (tmp_path / "audit.jsonl.head").read_bytes()
+    check = ChainCheck(KEY.public_key(), window=3)
+    check.expect_head(head)
+    for start in range(0, len(lines), 5):
+        assert check.feed(lines[start:start + 5]) is None
+    verdict = check.against(head)
+    assert verdict.ok and verdict.last_seq == len(lines) and len(check.hashes) <= 4
+    late = ChainCheck(KEY.public_key(), window=3)  # an old head not given first: named, not mistaken for tampering
+    late.feed(lines)
+    assert "older than the last 3 checked" in late.against(old_head).reason
+    early = ChainCheck(KEY.public_key(), window=3)  # the same old head given first: it verifies
+    early.expect_head(old_head)
+    early.feed(lines)
+    assert early.against(old_head).ok
+    tampered = ChainCheck(KEY.public_key(), window=3)
+    bad = lines[4].replace(b'"i":3', b'"i":4')
+    assert tampered.feed(lines[:4] + [bad]) is not None and not tampered.against(head).ok
+    assert not tampered.against(head).ok  # a broken chain stays broken
