@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,23 @@ def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
 def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Create ``path`` with mode 0644 (never replacing a file), write ``data`` and fsync it."""
     _write_new(path, data, 0o644)
+
+
+def create_once(path: str | os.PathLike[str], make: Callable[[], bytes]) -> bytes:
+    """The content of the private file ``path``, made on first use from ``make()``: written whole to a
+    temporary file and linked into place, so that processes racing to make it agree on one content and no
+    reader ever sees it partly written."""
+    p = Path(path)
+    if not p.exists():
+        tmp = p.with_name(f"{p.name}{TMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+        write_private_file(tmp, make())
+        try:
+            with contextlib.suppress(FileExistsError):  # another process linked its own first: that one holds
+                os.link(tmp, p)
+            fsync_dir(p.parent)
+        finally:
+            tmp.unlink()
+    return p.read_bytes()
 
 
 def _write_new(path: str | os.PathLike[str], data: bytes, mode: int) -> None:

@@ -223,3 +223,14 @@ def test_a_tampered_audit_log_does_not_verify(fed):
     assert Dashboard(fed.location, audit_key=AUDIT_KEY.public_key()).state(auditor)["audit"]["verified"]
     with pytest.raises(AuthError):
         Dashboard(fed.location).state(token("x", Role.AUDITOR) + "x")
+
+
+def test_the_command_line_refuses_incomplete_settings_with_the_reason(capsys):
+    from hyprstream.cli import main
+
+    assert main(["dashboard", "--core", "grpc://127.0.0.1:1", "--fleet", "plant-7"]) == 2
+    assert "--fleet needs --mqtt" in capsys.readouterr().err
+    assert main(["dashboard", "--core", "grpc://127.0.0.1:1", "--tls-cert", "x.pem"]) == 2
+    assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    assert main(["dashboard", "--core", "grpc://127.0.0.1:1", "--listen", "0.0.0.0:0"]) == 2
+    assert "only over HTTPS" in capsys.readouterr().err

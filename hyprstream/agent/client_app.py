@@ -337,16 +337,9 @@ def device_holdout(context: Context) -> Holdout | None:
         path = store.with_name(store.name + "." + HOLDOUT_SALT)
     if share <= 0:
         return None
-    try:  # made once: O_EXCL, so two processes never make two salts
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-    salt = path.read_bytes()
+    from hyprstream.durable import create_once
+
+    salt = create_once(path, lambda: os.urandom(32))
     if len(salt) != 32:
         raise HyprstreamError(f"{path}: a held-out salt must be 32 bytes (remove it to make a new one, which "
                               f"moves examples between the splits)")

@@ -174,7 +174,8 @@ TABLES: dict[str, pa.Schema] = {
 AUDIT_TABLE = "audit"
 
 
-def _seconds(t: float | None) -> int | None:
+def _micros(t: float | None) -> int | None:
+    """Unix seconds as the microseconds of a ``timestamp("us")`` column."""
     return None if t is None else int(round(t * 1e6))
 
 
@@ -194,32 +195,23 @@ class Sources:
     metrics: Callable[[], Iterable] | None = None  # a prometheus_client registry's ``collect``
 
     def build(self, name: str) -> pa.Table:
-        rows = getattr(self, f"_{name}")()
-        schema = TABLES[name]
-        if name in ("models", "versions", "fogs"):
-            for row in rows:
-                for key in ("committed", "created", "last_push"):
-                    if key in row:
-                        row[key] = _seconds(row[key])
-        if name == "audit":
-            for row in rows:
-                row["time"] = _seconds(row["time"])
-        return pa.Table.from_pylist(rows, schema=schema)
+        return pa.Table.from_pylist(getattr(self, f"_{name}")(), schema=TABLES[name])
 
     def _versions_of_all(self):
         for model in self.repository.models():
             yield model, self.repository.versions(model)
 
     def _models(self) -> list[dict]:
-        return [{"model": m, "version": v[-1].version, "committed": v[-1].created, "layers": len(v[-1].clocks),
-                 "accuracy": v[-1].accuracy, "loss": v[-1].loss} for m, v in self._versions_of_all()]
+        return [{"model": m, "version": v[-1].version, "committed": _micros(v[-1].created),
+                 "layers": len(v[-1].clocks), "accuracy": v[-1].accuracy, "loss": v[-1].loss}
+                for m, v in self._versions_of_all()]
 
     def _versions(self) -> list[dict]:
         rows = []
         for model, versions in self._versions_of_all():
             for v in versions:
                 privacy = v.privacy or {}
-                rows.append({"model": model, "version": v.version, "parent": v.parent, "created": v.created,
+                rows.append({"model": model, "version": v.version, "parent": v.parent, "created": _micros(v.created),
                              "actor": v.actor, "fog": v.fog, "seq": v.seq, "participants": v.participants,
                              "layers": list(v.layers), "weight": v.weight, "update_norm": v.update_norm,
                              "accuracy": v.accuracy, "loss": v.loss, "epsilon": privacy.get("epsilon"),
@@ -241,13 +233,13 @@ class Sources:
                     continue
                 row = per.setdefault((v.fog, model), {"fog": v.fog, "model": model, "pushes": 0, "participants": 0})
                 row.update(pushes=row["pushes"] + 1, participants=row["participants"] + v.participants,
-                           last_seq=v.seq, last_version=v.version, last_push=v.created)
+                           last_seq=v.seq, last_version=v.version, last_push=_micros(v.created))
         return [per[k] for k in sorted(per)]
 
     def _audit(self) -> list[dict]:
         if self.audit is None:
             return []
-        return [{"seq": e.seq, "time": e.timestamp.timestamp(), "actor": e.actor, "action": e.action,
+        return [{"seq": e.seq, "time": _micros(e.timestamp.timestamp()), "actor": e.actor, "action": e.action,
                  "subject": e.subject, "outcome": e.outcome, "details": json.dumps(e.details, sort_keys=True)}
                 for e in iter_entries(self.audit.path)]
 

@@ -74,9 +74,9 @@ class Dashboard:
     """What the page shows, read with the viewer's token: core's models and lineage, the fleets' devices,
     the audit log."""
 
-    def __init__(self, core: str, *, fleets: Sequence[FleetView] = (), audit_key: signing.Ed25519PublicKey | None = None,
-                 client_kwargs: Mapping[str, Any] | None = None, timeout_s: float = 20.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, core: str, *, fleets: Sequence[FleetView] = (),
+                 audit_key: signing.Ed25519PublicKey | None = None, client_kwargs: Mapping[str, Any] | None = None,
+                 timeout_s: float = 20.0, clock: Callable[[], float] = time.time) -> None:
         self.core = core
         self.fleets = list(fleets)
         self.client_kwargs = dict(client_kwargs or {})

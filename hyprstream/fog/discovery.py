@@ -37,7 +37,7 @@ def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool =
     messages = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY_TYPE) for n in node_ids]
     found: dict[int, DeviceInfo] = {}
     replies = (grid.send_and_receive(messages, timeout=timeout_s) if poll_s is None
-               else _send_and_receive(grid, messages, timeout_s, poll_s))
+               else send_and_receive(grid, messages, timeout_s, poll_s))
     for reply in replies:
         node = reply.metadata.src_node_id
         try:
@@ -60,8 +60,9 @@ def discover(grid, node_ids: list[int], *, timeout_s: float, require_all: bool =
     return found
 
 
-def _send_and_receive(grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
-    """``grid.send_and_receive`` that asks for replies every ``poll_s`` seconds."""
+def send_and_receive(grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
+    """``grid.send_and_receive`` that asks for replies every ``poll_s`` seconds (the replies that came within
+    ``timeout_s``)."""
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout_s
     replies: list[Message] = []

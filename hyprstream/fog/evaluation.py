@@ -11,7 +11,6 @@ reports the result to core (``report_evaluation``), which keeps it in the versio
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from flwr.serverapp import Grid
 
 from hyprstream.coreapi.client import CoreClient
 from hyprstream.errors import HyprstreamError, ValidationError
+from hyprstream.fog.discovery import send_and_receive
 from hyprstream.protocol import EVALUATE_MESSAGE_TYPE, EvaluateReply, EvaluateRequest, ReplyStatus
 from hyprstream.store import layer_table as lt
 
@@ -45,15 +45,7 @@ def evaluate_version(grid: Grid, nodes: Sequence[int], core: CoreClient, *, fog:
     content = EvaluateRequest(model, version, task, weights).to_content()
     messages = [Message(content, dst_node_id=node, message_type=EVALUATE_MESSAGE_TYPE,
                         group_id=f"{fog}/evaluate-v{version}") for node in nodes]
-    waiting = set(grid.push_messages(messages)) if messages else set()
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while waiting and time.monotonic() < deadline:
-        got = list(grid.pull_messages(waiting))
-        replies.extend(got)
-        waiting -= {m.metadata.reply_to_message_id for m in got}
-        if waiting:
-            time.sleep(poll_s)
+    replies = send_and_receive(grid, messages, timeout_s, poll_s)
     scores, declined = [], 0
     for message in replies:
         try:
@@ -70,12 +62,13 @@ def evaluate_version(grid: Grid, nodes: Sequence[int], core: CoreClient, *, fog:
             scores.append(reply)
         else:
             declined += 1
+    silent = len(nodes) - len(replies)
     if not scores:
         log.warning("fog %s: version %d not evaluated: no agent answered with a score (%d declined, %d silent; "
-                    "agents evaluate with training.holdout_share > 0)", fog, version, declined, len(waiting))
+                    "agents evaluate with training.holdout_share > 0)", fog, version, declined, silent)
         return None
     score = FederatedScore(version, sum(r.loss for r in scores) / len(scores),
-                           sum(r.accuracy for r in scores) / len(scores), len(scores), declined, len(waiting))
+                           sum(r.accuracy for r in scores) / len(scores), len(scores), declined, silent)
     try:
         core.report_evaluation(model, version, fog=fog, loss=score.loss, accuracy=score.accuracy,
                                devices=score.devices)

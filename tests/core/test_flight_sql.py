@@ -6,6 +6,7 @@ protobuf."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -306,8 +307,6 @@ def test_protobuf_fields_round_trip(fields):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64))
 def test_any_bytes_decode_to_fields_or_a_validation_error(raw):
-    try:
+    with contextlib.suppress(ValidationError):  # anything else fails the test
         sql.decode(raw)
         sql.unpack_any(raw)
-    except ValidationError:
-        pass

@@ -130,3 +130,28 @@ evaluate = true
     with pytest.raises(ConfigError, match="rounds.evaluate.*which secure aggregation and client-level DP exist to "
                                           "hide"):
         load_fog_config(tmp_path / "fog.toml")
+
+
+@pytest.mark.unit
+def test_the_salt_is_made_once_whole_even_when_first_uses_race(tmp_path):
+    """Eight threads make the device's salt at once, each with its own bytes: all read the same 32 bytes,
+    the file is private, and no temporary file is left."""
+    import os
+    import threading
+
+    from hyprstream.durable import create_once
+
+    path, seen, start = tmp_path / HOLDOUT_SALT, [], threading.Barrier(8)
+
+    def first_use() -> None:
+        start.wait()
+        seen.append(create_once(path, lambda: os.urandom(32)))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8 and len(set(seen)) == 1 and len(seen[0]) == 32
+    assert path.stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == [HOLDOUT_SALT]
+    assert create_once(path, lambda: b"other") == seen[0]  # made once: later uses read it
