@@ -2,7 +2,7 @@
 
 Every stage is a message of type ``train.secagg`` (:data:`SECAGG_MESSAGE_TYPE`). Its content holds a
 ``ConfigRecord`` under ``"secagg"`` with one bytes entry, ``"msg"``: a 40-byte header -- the schema
-``hyprstream.secagg/6`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
+``hyprstream.secagg/7`` and a newline (20 bytes), the stage (1 byte), the status (1 byte), two zero
 bytes, the round id (16 bytes) -- and then the stage's fields packed in a compact binary layout
 (below); a reply that is not ``ok`` (``declined`` / ``refused``) carries its reason (UTF-8) there
 instead. One entry per message whatever the neighbourhood size: per-neighbour keys, ciphertexts and
@@ -70,7 +70,7 @@ from hyprstream.privacy.secagg import (
 
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"
-SCHEMA = "hyprstream.secagg/6"
+SCHEMA = "hyprstream.secagg/7"
 RECORD = "secagg"
 FIELD = "msg"
 KEY_BYTES = 32  # X25519 public keys and SHA-256 commitments

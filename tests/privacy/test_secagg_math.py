@@ -148,6 +148,24 @@ def test_mask_expansion_is_a_deterministic_keystream() -> None:
     assert masking.expand_mask(seed, 500, np.uint64).tobytes() == a.tobytes()
 
 
+@pytest.mark.parametrize("start", [bytes(range(16, 32)), b"\xff" * 16])  # the second wraps the counter
+def test_mask_is_aes128_of_counter_blocks(start) -> None:
+    """The mask PRG against its definition, built from the block cipher alone: block i of the keystream is
+    AES-128 (key: the seed's first 16 bytes) of the seed's last 16 bytes plus i, modulo 2**128, big-endian."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = bytes(range(100, 116)) + start
+    blocks = 40
+    ecb = Cipher(algorithms.AES(seed[:16]), modes.ECB()).encryptor()
+    counter = int.from_bytes(seed[16:], "big")
+    stream = b"".join(ecb.update(((counter + i) % 2 ** 128).to_bytes(16, "big")) for i in range(blocks))
+    want = np.frombuffer(stream, dtype=np.uint32)
+    np.testing.assert_array_equal(masking.expand_mask(seed, 4 * blocks, np.uint32), want)
+    acc = np.zeros(4 * blocks, np.uint32)
+    masking.MaskStream(4 * blocks, np.uint32).add(acc, seed)
+    np.testing.assert_array_equal(acc, want)
+
+
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
 def test_mask_stream_adds_and_subtracts_the_expanded_masks(dtype) -> None:
     rng = np.random.default_rng(0)
