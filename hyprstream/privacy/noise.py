@@ -70,20 +70,8 @@ class SecureRandom:
         return self._enc.update(bytes(n))
 
     def uniform(self, n: int) -> np.ndarray:
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        if self._used + 8 * n > self._REKEY_BYTES:
-            self._rekey()
-        self._used += 8 * n
-        # the keystream straight into the words (update_into wants one block of room more), then the top
-        # 53 bits of each as a float in place: no temporaries of the size of the draw
-        words = np.empty(n + 2, dtype=np.uint64)
-        self._enc.update_into(memoryview(np.zeros(n, dtype=np.uint64)).cast("B"), memoryview(words).cast("B"))
-        words = words[:n]
-        np.right_shift(words, np.uint64(11), out=words)
-        out = words.astype(np.float64)
-        out *= _TWO_POW_M53
-        return out
+        words = np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64)
+        return (words >> np.uint64(11)).astype(np.float64) * _TWO_POW_M53
 
 
 class SeededRandom:

@@ -536,3 +536,17 @@ def test_derive_each_gives_each_purposes_hkdf_key() -> None:
         for p, key in zip(purposes, keys, strict=True):
             info = masking.PROTOCOL + b"|" + p + b"|" + ctx
             assert key == HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def test_a_message_of_the_previous_mask_prg_is_refused_not_summed() -> None:
+    """Format 6 expanded masks with AES-256: a fog and a client of different versions would unmask with
+    different masks and release a wrong sum, so a format-6 message is refused by name."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from hyprstream.privacy import secagg_messages as wire
+
+    current = wire.reply_status(wire.Stage.SHARE, bytes(16), wire.Status.OK, "")
+    assert wire.header(current).stage is wire.Stage.SHARE
+    raw = current[wire.RECORD][wire.FIELD].replace(b"hyprstream.secagg/7", b"hyprstream.secagg/6", 1)
+    with pytest.raises(ValidationError, match="not a hyprstream.secagg/7 message"):
+        wire.header(RecordDict({wire.RECORD: ConfigRecord({wire.FIELD: raw})}))
