@@ -49,6 +49,11 @@ log = logging.getLogger("hyprstream.agent")
 
 SIM_DEVICES_ENV = "HYPRSTREAM_SIM_DEVICES"
 THREADS_ENV = "HYPRSTREAM_TORCH_THREADS"
+# the same two settings in the run's config (``context.run_config``), as ``hyprstream simulate`` submits them
+# with ``flwr run``: how agents on another node of a Ray cluster, whose environment is not the simulator's,
+# learn them
+SIM_DEVICES_KEY = "hyprstream-sim-devices"
+THREADS_KEY = "hyprstream-torch-threads"
 SIM_PRIVACY_FILE = "privacy.json"  # the experiment's DP-SGD settings, under $HYPRSTREAM_SIM_DEVICES
 SIM_PRIVACY_SCHEMA = "hyprstream.sim-privacy/1"
 SIM_STRATEGY_SCHEMA = "hyprstream.sim-strategy/1"  # a simulated device's strategy (hyprstream.sim.fleet)
@@ -84,11 +89,18 @@ def resolve_app(ref: str) -> ClientApp:
 app = ModuleClientApp(f"{__name__}:app")
 
 
+def simulation_root(context) -> str | None:
+    """Where a simulation keeps its devices' stores (the run config's, else ``$HYPRSTREAM_SIM_DEVICES``);
+    None outside a simulation."""
+    run_config = getattr(context, "run_config", None) or {}
+    return str(run_config.get(SIM_DEVICES_KEY) or "") or os.environ.get(SIM_DEVICES_ENV) or None
+
+
 def store_dir(context: Context) -> Path:
     cfg = context.node_config
     if "store-dir" in cfg:
         return Path(str(cfg["store-dir"]))
-    root = os.environ.get(SIM_DEVICES_ENV)
+    root = simulation_root(context)
     if root and "partition-id" in cfg:
         return Path(root) / device_name(int(cfg["partition-id"]))
     raise HyprstreamError("node config names no 'store-dir' (and this is not a simulation)")
@@ -99,6 +111,11 @@ def device_name(index: int) -> str:
 
 
 def train(msg: Message, context: Context) -> Message:
+    threads = (context.run_config or {}).get(THREADS_KEY)
+    if threads:  # a simulated agent: the experiment's torch threads
+        import torch
+
+        torch.set_num_threads(int(threads))
     return Message(answer_train(msg.content, context, round=msg.metadata.group_id).to_content(), reply_to=msg)
 
 
@@ -254,7 +271,7 @@ def private_training(context: Context, store: Path) -> PrivateTraining | None:
         if settings is None:
             return None
         return PrivateTraining(settings, profile.privacy.ledger_dir(store), device_id)
-    root = os.environ.get(SIM_DEVICES_ENV)
+    root = simulation_root(context)
     if root and "store-dir" not in cfg:
         settings = simulation_dpsgd(Path(root))
         return PrivateTraining(settings, ledger_dir_for(store), device_id) if settings is not None else None
@@ -406,7 +423,7 @@ def answer_train(content: RecordDict, context: Context, *, round: str = "") -> T
                        key=load_key())
             plan = plan_request(request, state, privacy=privacy,
                                 num_examples=len(local_data(store, task, holdout)[0]) if privacy is not None else 0)
-        elif os.environ.get(SIM_DEVICES_ENV) and "store-dir" not in context.node_config:
+        elif simulation_root(context) and "store-dir" not in context.node_config:
             plan = simulated_plan(request, store)
         if plan is not None:
             if not plan.accept:

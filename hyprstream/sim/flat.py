@@ -111,106 +111,103 @@ def flat_fedavg(*, seed_of: Callable[[int, int], int], online_of: Callable[[int]
 
 def run_flat(exp, out: Path, *, on_step=None):
     """Run ``exp`` as the flat FedAvg baseline and write its artefacts into ``out``."""
-    from flwr.serverapp import ServerApp
-
-    from hyprstream.learning.task import get_task
-    from hyprstream.fog.aggregator import FogRound
-    from hyprstream.fog.discovery import discover, wait_for_nodes
-    from hyprstream.sim.harness import SimulationResult, prepare_run, simulate
-    from hyprstream.sim.metrics import MetricsLog
+    from hyprstream.sim.harness import start_runtime
 
     started = time.monotonic()
+    with start_runtime(exp, out, f"{__name__}:app") as runtime:  # Flower's side starts while this one is prepared
+        return _run_flat(exp, out, runtime, started, on_step)
+
+
+def _run_flat(exp, out: Path, runtime, started: float, on_step):
+    from hyprstream.fog.aggregator import FogRound
+    from hyprstream.fog.discovery import discover, wait_for_nodes
+    from hyprstream.learning.task import get_task
+    from hyprstream.sim.harness import SimulationResult, prepare_run
+    from hyprstream.sim.metrics import MetricsLog
+
     prep = prepare_run(exp, out)
     task = get_task(exp.task.name)
     initial = prep.initial  # the same start as the hierarchical run (hyprstream.sim.pretrain)
     layers = tuple(task.layer_groups(prep.model))  # the baseline trains every layer group
     metrics = MetricsLog()
     state: dict = {"sim_s": 0.0, "weights": initial}
-    failure: list[BaseException] = []
     per_fog = exp.fleet.agents_per_fog
 
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context) -> None:
+    def main(grid) -> None:
         logging.getLogger("flwr").setLevel(max(logging.WARNING, logging.getLogger("flwr").level))
-        try:
-            node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
-            devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
-            node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
-            device_of = {node: i for i, node in enumerate(node_ids)}
-            n_params = sum(a.size for a in initial.values())
-            pending: dict[int, FogRound] = {}
+        node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
+        devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
+        node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
+        device_of = {node: i for i, node in enumerate(node_ids)}
+        n_params = sum(a.size for a in initial.values())
+        pending: dict[int, FogRound] = {}
 
-            def seed_of(rnd: int, node: int) -> int:
-                # the seed the hierarchical run gives this device (its fog's seed and its index there)
-                d = device_of[node]
-                return train_seed(exp.seed + d // per_fog, rnd, d % per_fog)
+        def seed_of(rnd: int, node: int) -> int:
+            # the seed the hierarchical run gives this device (its fog's seed and its index there)
+            d = device_of[node]
+            return train_seed(exp.seed + d // per_fog, rnd, d % per_fog)
 
-            def online_of(rnd: int) -> set[int]:
-                # the hierarchical run's fleet model: online and not in the minimal strategy (FedAvg has
-                # no partial updates, so a device in hybrid trains the whole model here)
-                plan = prep.fleet.plan_step(rnd, state["sim_s"])
-                metrics.add_fleet(plan, prep.fleet.names)
-                return {n for n in node_ids if plan.trains(device_of[n])}
+        def online_of(rnd: int) -> set[int]:
+            # the hierarchical run's fleet model: online and not in the minimal strategy (FedAvg has
+            # no partial updates, so a device in hybrid trains the whole model here)
+            plan = prep.fleet.plan_step(rnd, state["sim_s"])
+            metrics.add_fleet(plan, prep.fleet.names)
+            return {n for n in node_ids if plan.trains(device_of[n])}
 
-            def on_replies(rnd: int, sent: list[Message], replies: list[Message]) -> None:
-                uplink, losses, contributors = {}, [], []
-                failed = 0
-                for m in replies:
-                    if m.has_error():
-                        failed += 1
-                        continue
-                    node = m.metadata.src_node_id
-                    uplink[node] = payload_bytes(m.content["arrays"])
-                    mr = m.content["metrics"]
-                    losses.append((float(mr["train_loss"]), int(mr["num-examples"])))
-                    contributors.append(node)
-                failed += len(sent) - len(replies)
-                down = sum(payload_bytes(m.content["arrays"]) for m in sent)
-                n = sum(k for _, k in losses)
-                pending[rnd] = FogRound(
-                    fog=FLAT, round=rnd, base_version=rnd - 1, version=rnd if contributors else None, layers=layers,
-                    participants=len(contributors), declined=0, refused=0, failed=failed,
-                    bytes_up=sum(uplink.values()), bytes_down=down,
-                    train_loss=sum(v * k for v, k in losses) / n if n else float("nan"), seconds=0.0,
-                    nodes=tuple(m.metadata.dst_node_id for m in sent), contributors=tuple(contributors),
-                    uplink=uplink)
+        def on_replies(rnd: int, sent: list[Message], replies: list[Message]) -> None:
+            uplink, losses, contributors = {}, [], []
+            failed = 0
+            for m in replies:
+                if m.has_error():
+                    failed += 1
+                    continue
+                node = m.metadata.src_node_id
+                uplink[node] = payload_bytes(m.content["arrays"])
+                mr = m.content["metrics"]
+                losses.append((float(mr["train_loss"]), int(mr["num-examples"])))
+                contributors.append(node)
+            failed += len(sent) - len(replies)
+            down = sum(payload_bytes(m.content["arrays"]) for m in sent)
+            n = sum(k for _, k in losses)
+            pending[rnd] = FogRound(
+                fog=FLAT, round=rnd, base_version=rnd - 1, version=rnd if contributors else None, layers=layers,
+                participants=len(contributors), declined=0, refused=0, failed=failed,
+                bytes_up=sum(uplink.values()), bytes_down=down,
+                train_loss=sum(v * k for v, k in losses) / n if n else float("nan"), seconds=0.0,
+                nodes=tuple(m.metadata.dst_node_id for m in sent), contributors=tuple(contributors),
+                uplink=uplink)
 
-            def evaluate_fn(rnd: int, arrays: ArrayRecord):
-                if rnd == 0:
-                    return None
-                weights = record_to_arrays(arrays)
-                state["weights"] = weights
-                loss, acc = prep.score(weights)
-                r = pending.pop(rnd)
-                agents = prep.fleet.agent_seconds(r, device_of, base_params=n_params, trained_params=n_params)
-                seconds = prep.fleet.round_seconds(r, device_of, base_params=n_params, trained_params=n_params,
-                                                   push_to_core=False, agents=agents)
-                state["sim_s"] += seconds
-                prep.fleet.finish_step(agents, seconds)
-                wall = time.monotonic() - started
-                metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=wall, sim_s=state["sim_s"])
-                metrics.add_participation(r, device_of)
-                row = metrics.add_global(rnd, rnd, accuracy=acc, loss=loss, rounds=[r], wall_s=wall,
-                                         sim_s=state["sim_s"], fog=FLAT)
-                if on_step is not None:
-                    on_step(rnd, [r], row, None)
-                return MetricRecord({"accuracy": acc, "loss": loss})
+        def evaluate_fn(rnd: int, arrays: ArrayRecord):
+            if rnd == 0:
+                return None
+            weights = record_to_arrays(arrays)
+            state["weights"] = weights
+            loss, acc = prep.score(weights)
+            r = pending.pop(rnd)
+            agents = prep.fleet.agent_seconds(r, device_of, base_params=n_params, trained_params=n_params)
+            seconds = prep.fleet.round_seconds(r, device_of, base_params=n_params, trained_params=n_params,
+                                               push_to_core=False, agents=agents)
+            state["sim_s"] += seconds
+            prep.fleet.finish_step(agents, seconds)
+            wall = time.monotonic() - started
+            metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=wall, sim_s=state["sim_s"])
+            metrics.add_participation(r, device_of)
+            row = metrics.add_global(rnd, rnd, accuracy=acc, loss=loss, rounds=[r], wall_s=wall,
+                                     sim_s=state["sim_s"], fog=FLAT)
+            if on_step is not None:
+                on_step(rnd, [r], row, None)
+            return MetricRecord({"accuracy": acc, "loss": loss})
 
-            strategy = flat_fedavg(seed_of=seed_of, online_of=online_of, device_of=device_of,
-                                   on_replies=on_replies, min_nodes=exp.num_agents)
-            train_config = ConfigRecord({"model": f"{exp.task.name}-model", "task": exp.task.name,
-                                         "layers": list(layers), "local-steps": exp.training.local_steps,
-                                         "batch-size": exp.training.batch_size, "lr": exp.training.lr, "seed": 0})
-            strategy.start(grid, arrays_to_record(initial), num_rounds=exp.training.global_steps,
-                           timeout=exp.runtime.round_timeout_s, train_config=train_config,
-                           evaluate_fn=evaluate_fn)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            failure.append(exc)
-            raise
+        strategy = flat_fedavg(seed_of=seed_of, online_of=online_of, device_of=device_of,
+                               on_replies=on_replies, min_nodes=exp.num_agents)
+        train_config = ConfigRecord({"model": f"{exp.task.name}-model", "task": exp.task.name,
+                                     "layers": list(layers), "local-steps": exp.training.local_steps,
+                                     "batch-size": exp.training.batch_size, "lr": exp.training.lr, "seed": 0})
+        strategy.start(grid, arrays_to_record(initial), num_rounds=exp.training.global_steps,
+                       timeout=exp.runtime.round_timeout_s, train_config=train_config,
+                       evaluate_fn=evaluate_fn)
 
-    simulate(exp, out, server_app, app, failure)
+    runtime.run(main)
     if len(metrics.global_rows()) != exp.training.global_steps:
         raise HyprstreamError(f"the flat baseline finished {len(metrics.global_rows())} of "
                               f"{exp.training.global_steps} rounds")

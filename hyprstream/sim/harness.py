@@ -1,8 +1,9 @@
 """Runs an experiment: device stores, a real core Flight server, fog loops and Flower's simulation engine.
 
-Core and the fogs run in this process (the fogs inside the Flower ServerApp, all sharing its grid);
-agents are the real ClientApp running in Flower's Ray-backed simulation engine, each reading its own
-device store. Everything between tiers goes through the real interfaces: Flight to core, Flower
+Core and the fogs run in this process, all sharing one grid: the grid of the run that ``flwr run``
+submits to a SuperLink of the run's own, relayed here by the ServerApp Flower's runtime runs
+(:mod:`hyprstream.sim.relay`); agents are the real ClientApp running in Flower's Ray-backed simulation
+engine, each reading its own device store. Everything between tiers goes through the real interfaces: Flight to core, Flower
 messages to agents.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyprstream.agent.client_app import SIM_DEVICES_ENV, THREADS_ENV, device_name
+from hyprstream.agent.client_app import SIM_DEVICES_ENV, SIM_DEVICES_KEY, THREADS_ENV, THREADS_KEY, device_name
 from hyprstream.learning.task import Dataset, Task, get_task
 from hyprstream.learning.trainer import evaluate, load_weights
 from hyprstream.core.auth import Principal, Role, TokenRegistry, new_token
@@ -142,51 +143,53 @@ def prepare_run(exp: Experiment, out: Path) -> Prepared:
     return Prepared(task, test, sizes, VirtualFleet.build(exp), task.build_model(seed=exp.seed), start.weights)
 
 
-def simulate(exp: Experiment, out: Path, server_app, client_app, failure: list[BaseException]) -> None:
-    """Run ``server_app`` and ``client_app`` on Flower's simulation engine with ``exp.num_agents`` agents;
-    re-raises the first exception the ServerApp recorded in ``failure``.
+def start_runtime(exp: Experiment, out: Path, client_app: str):
+    """Flower's simulation runtime for ``exp``: ``exp.num_agents`` agents, each the ClientApp ``client_app``
+    (a ``module:attribute`` reference), through the API Flower supports: ``flwr run`` against a SuperLink
+    of this run's own (:class:`hyprstream.sim.relay.FlowerRuntime`; it starts in the background while the
+    caller prepares the run, and its ``run(main)`` hands ``main`` the grid). A runtime that fails names
+    itself and the tail of its log.
 
-    On an existing Ray cluster (``[runtime] ray_address``, else ``RAY_ADDRESS``) this process connects to it
-    first, handing every worker the environment the agents need (where their stores are, torch threads,
-    Flower's settings, this interpreter's import path); Flower's engine then runs its actors on that
-    connection, spread over the cluster's nodes. The device stores under ``out`` must be at the same path
-    on every node (a shared file system)."""
-    from flwr.simulation import run_simulation
+    On an existing Ray cluster (``[runtime] ray_address``, else ``RAY_ADDRESS``) Flower's runtime connects to
+    it and spreads the agents over the cluster's nodes; they learn where their stores are from the run's
+    config, so the device stores under ``out`` must be at the same path on every node (a shared file system).
+    A cluster nobody answers at, or a setting the runtime cannot take, is refused before anything starts."""
+    from hyprstream.agent.client_app import configure_simulation
+    from hyprstream.sim.relay import FlowerRuntime
 
     address = exp.runtime.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         _check_reachable(address)
-    backend_config = {
-        "client_resources": {"num_cpus": exp.runtime.client_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-        },
-    }
-    devices = out / "devices"
-    from hyprstream.agent.client_app import configure_simulation
-
+    client_cpus, ray_cpus = actor_cpus(exp.runtime.client_cpus, cluster=bool(address))
+    devices = (out / "devices").resolve()
     configure_simulation(devices, exp.privacy.dpsgd)  # agents train with DP-SGD when it is configured
-    # Ray's workers inherit the environment of the process that starts Ray (Flower sets runtime_env
-    # itself, so it cannot carry these); a cluster's workers get them through this connection's runtime_env.
-    env = {SIM_DEVICES_ENV: str(devices.resolve()), THREADS_ENV: str(exp.runtime.torch_threads)}
-    os.environ.update(env)
+    env = {**FLOWER_ENV, SIM_DEVICES_ENV: str(devices), THREADS_ENV: str(exp.runtime.torch_threads)}
     if address:
-        _connect(address, env)
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_agents,
-                       backend_config=backend_config)
-    except SystemExit as exc:  # Flower exits the process on some errors; keep control here
-        if not failure:
-            raise HyprstreamError(f"Flower's simulation engine stopped (exit code {exc.code})") from None
-    finally:
-        if address:
-            import ray
+        env["RAY_ADDRESS"] = address
+    run_config = {SIM_DEVICES_KEY: str(devices), THREADS_KEY: exp.runtime.torch_threads}
+    return FlowerRuntime(work=out / "flower", client_app=client_app, num_supernodes=exp.num_agents,
+                         client_cpus=client_cpus, ray_cpus=ray_cpus, run_config=run_config, env=env,
+                         start_timeout_s=max(180.0, exp.runtime.round_timeout_s))
 
-            if ray.is_initialized():
-                ray.shutdown()  # this connection only: the cluster keeps running
-    if failure:
-        raise failure[0]
+
+def simulate(exp: Experiment, out: Path, main: Callable[[object], None], client_app: str) -> None:
+    """``main(grid)`` on :func:`start_runtime` ``(exp, out, client_app)``, stopped after."""
+    with start_runtime(exp, out, client_app) as runtime:
+        runtime.run(main)
+
+
+def actor_cpus(client_cpus: float, *, cluster: bool) -> tuple[int, int | None]:
+    """``[runtime] client_cpus`` as Flower's simulation runtime takes it: whole CPUs per agent actor, and the
+    CPUs the local Ray instance announces (None: all it finds). Flower reserves whole CPUs per actor, so a
+    fraction (``0.5``: two agents per core) becomes one CPU per actor on a Ray instance that announces the
+    host's usable cores / ``client_cpus``; a cluster's resources are its own, so there it must be whole."""
+    if client_cpus == int(client_cpus):
+        return int(client_cpus), None
+    if cluster:
+        raise ConfigError(f"must be a whole number of CPUs on a Ray cluster (Flower reserves whole CPUs per agent), "
+                          f"got {client_cpus:g}", key="runtime.client_cpus")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1, max(1, round(usable / client_cpus))
 
 
 def _check_reachable(address: str) -> None:
@@ -204,22 +207,7 @@ def _check_reachable(address: str) -> None:
                               f"{exc.strerror or exc}") from None
 
 
-def _connect(address: str, env: dict[str, str]) -> None:
-    """Connect this process to the Ray cluster at ``address``, every worker with ``env``, Flower's settings and
-    this interpreter's import path (so that the agents import this very package)."""
-    import sys
-
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    paths = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env={"env_vars": {**FLOWER_ENV, **env, "PYTHONPATH": paths}})
-    log.info("connected to the Ray cluster at %s: %d node(s), %g CPU(s)", address,
-             sum(1 for n in ray.nodes() if n.get("Alive")), ray.cluster_resources().get("CPU", 0.0))
-
-
+AGENT_APP = "hyprstream.agent.client_app:app"  # the ClientApp every simulated agent runs
 StepCallback = Callable[[int, list[FogRound], Row, CoreEndpoint | None], None]
 
 
@@ -270,11 +258,15 @@ def _fog_extra(lane: Lane, r: FogRound) -> dict:
 
 def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> SimulationResult:
     """Run ``exp`` and write its artefacts into ``out``."""
-    from flwr.serverapp import ServerApp
-
-    from hyprstream.agent.client_app import app as client_app
-
     started = time.monotonic()
+    runtime = start_runtime(exp, out, AGENT_APP)  # Flower's side starts while this side is prepared
+    try:
+        return _run(exp, out, runtime, started, on_step)
+    finally:
+        runtime.close()
+
+
+def _run(exp: Experiment, out: Path, runtime, started: float, on_step: StepCallback | None) -> SimulationResult:
     prep = prepare_run(exp, out)
     task, fleet = prep.task, prep.fleet
 
@@ -301,80 +293,72 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                      min_replies=exp.training.min_replies, timeout_s=exp.runtime.round_timeout_s,
                      aggregation=resolve_rule(exp.training.aggregation), trim_fraction=exp.training.trim_fraction,
                      **_encoding(exp))
-    failure: list[BaseException] = []
     score = prep.score
 
-    server_app = ServerApp()
+    def main(grid) -> None:
+        node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
+        # Flower's node IDs are random: order agents by device so that runs are reproducible.
+        devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
+        node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
+        device_of = {node: i for i, node in enumerate(node_ids)}
+        per_fog = exp.fleet.agents_per_fog
+        lanes = [_lane(exp, FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
+                                          CoreClient(location, fog_tokens[name]), model_name, plan,
+                                          seed=exp.seed + j), out, j)
+                 for j, name in enumerate(fog_names)]
+        view = _select(exp, lanes, fleet, devices, device_of)
+        if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
+            from hyprstream.sim.buffered import run_buffered
 
-    @server_app.main()
-    def main(grid, context) -> None:
-        try:
-            node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
-            # Flower's node IDs are random: order agents by device so that runs are reproducible.
-            devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
-            node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
-            device_of = {node: i for i, node in enumerate(node_ids)}
-            per_fog = exp.fleet.agents_per_fog
-            lanes = [_lane(exp, FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
-                                              CoreClient(location, fog_tokens[name]), model_name, plan,
-                                              seed=exp.seed + j), out, j)
-                     for j, name in enumerate(fog_names)]
-            view = _select(exp, lanes, fleet, devices, device_of)
-            if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
-                from hyprstream.sim.buffered import run_buffered
+            run_buffered(exp, lanes, fleet=fleet, device_of=device_of, devices=out / "devices", view=view,
+                         admin=admin, model=model_name, metrics=metrics, score=score, started=started,
+                         on_step=on_step and (lambda s, rounds, row: on_step(s, rounds, row, endpoint)))
+            return
+        clock = {"sim_s": 0.0, "durations": [], "busy": {}}
 
-                run_buffered(exp, lanes, fleet=fleet, device_of=device_of, devices=out / "devices", view=view,
-                             admin=admin, model=model_name, metrics=metrics, score=score, started=started,
-                             on_step=on_step and (lambda s, rounds, row: on_step(s, rounds, row, endpoint)))
-                return
-            clock = {"sim_s": 0.0, "durations": [], "busy": {}}
+        def prepare(step: int) -> list[list[int]]:
+            # the simulated fleet of this step: who is online, in which strategy, with what battery
+            fleet_now = fleet.plan_step(step, clock["sim_s"])
+            fleet.write_strategies(out / "devices", fleet_now)
+            if view is not None:
+                view.update(fleet_now, clock["sim_s"])
+            metrics.add_fleet(fleet_now, fleet.names)
+            clock["durations"], clock["busy"] = [], {}
+            return [[n for n in lane.fog.node_ids if fleet_now.trains(device_of[n])] for lane in lanes]
 
-            def prepare(step: int) -> list[list[int]]:
-                # the simulated fleet of this step: who is online, in which strategy, with what battery
-                fleet_now = fleet.plan_step(step, clock["sim_s"])
-                fleet.write_strategies(out / "devices", fleet_now)
-                if view is not None:
-                    view.update(fleet_now, clock["sim_s"])
-                metrics.add_fleet(fleet_now, fleet.names)
-                clock["durations"], clock["busy"] = [], {}
-                return [[n for n in lane.fog.node_ids if fleet_now.trains(device_of[n])] for lane in lanes]
+        def on_round(j: int, pending, r: FogRound) -> None:
+            # the fog's own round, scored on its base plus its delta; its simulated duration
+            base = lt.to_arrays(pending.base.table, copy=True)
+            for name, d in r.delta.items():
+                base[name] = base[name] + d
+            loss, acc = score(base)
+            n_params = sum(a.size for a in base.values())
+            agents = fleet.agent_seconds(r, device_of, base_params=n_params)
+            clock["busy"].update(agents)
+            seconds = fleet.round_seconds(r, device_of, base_params=n_params, agents=agents)
+            clock["durations"].append(seconds)
+            metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
+                                  sim_s=clock["sim_s"] + seconds, **_fog_extra(lanes[j], r))
+            metrics.add_participation(r, device_of)
 
-            def on_round(j: int, pending, r: FogRound) -> None:
-                # the fog's own round, scored on its base plus its delta; its simulated duration
-                base = lt.to_arrays(pending.base.table, copy=True)
-                for name, d in r.delta.items():
-                    base[name] = base[name] + d
-                loss, acc = score(base)
-                n_params = sum(a.size for a in base.values())
-                agents = fleet.agent_seconds(r, device_of, base_params=n_params)
-                clock["busy"].update(agents)
-                seconds = fleet.round_seconds(r, device_of, base_params=n_params, agents=agents)
-                clock["durations"].append(seconds)
-                metrics.add_fog_round(r, accuracy=acc, loss=loss, wall_s=time.monotonic() - started,
-                                      sim_s=clock["sim_s"] + seconds, **_fog_extra(lanes[j], r))
-                metrics.add_participation(r, device_of)
+        def on_global(step: int, rounds: list[FogRound]) -> None:
+            longest = max(clock["durations"], default=0.0)
+            clock["sim_s"] += longest
+            fleet.finish_step(clock["busy"], longest)
+            current = admin.get_weights(model_name)
+            metrics.base_versions[step] = rounds[0].base_version
+            loss, acc = score(lt.to_arrays(current.table))
+            row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
+                                     wall_s=time.monotonic() - started, sim_s=clock["sim_s"])
+            if on_step is not None:
+                on_step(step, rounds, row, endpoint)
 
-            def on_global(step: int, rounds: list[FogRound]) -> None:
-                longest = max(clock["durations"], default=0.0)
-                clock["sim_s"] += longest
-                fleet.finish_step(clock["busy"], longest)
-                current = admin.get_weights(model_name)
-                metrics.base_versions[step] = rounds[0].base_version
-                loss, acc = score(lt.to_arrays(current.table))
-                row = metrics.add_global(step, current.version, accuracy=acc, loss=loss, rounds=rounds,
-                                         wall_s=time.monotonic() - started, sim_s=clock["sim_s"])
-                if on_step is not None:
-                    on_step(step, rounds, row, endpoint)
-
-            # every fog's round of a step starts from the version current at the step's start (they run
-            # concurrently on the shared grid)
-            run_sync(lanes, rounds=exp.training.global_steps, prepare=prepare, on_round=on_round, on_step=on_global)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
-            failure.append(exc)
-            raise
+        # every fog's round of a step starts from the version current at the step's start (they run
+        # concurrently on the shared grid)
+        run_sync(lanes, rounds=exp.training.global_steps, prepare=prepare, on_round=on_round, on_step=on_global)
 
     try:
-        simulate(exp, out, server_app, client_app, failure)
+        runtime.run(main)
         final = admin.get_weights(model_name)
         final_weights = lt.to_arrays(final.table, copy=True)
         _, accuracy = score(final_weights)

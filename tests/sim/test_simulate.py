@@ -119,6 +119,9 @@ def test_cli_quick_run_report_and_compare(quickstart, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "final accuracy" in proc.stdout
+    # on the API Flower supports (flwr run on a SuperLink of the run's own): no deprecation banner
+    assert "DEPRECATED" not in proc.stdout + proc.stderr and "deprecated" not in proc.stdout + proc.stderr
+    assert (quick / "flower" / "flower-app" / "pyproject.toml").is_file()
     rows = pq.read_table(quick / "metrics.parquet").to_pylist()
     assert [r["round"] for r in rows if r["kind"] == "global"] == [1, 2]
     assert max(r["participants"] for r in rows if r["kind"] == "fog_round") <= 3
