@@ -111,20 +111,14 @@ def flat_fedavg(*, seed_of: Callable[[int, int], int], online_of: Callable[[int]
 
 def run_flat(exp, out: Path, *, on_step=None):
     """Run ``exp`` as the flat FedAvg baseline and write its artefacts into ``out``."""
-    from hyprstream.sim.harness import start_runtime
-
-    started = time.monotonic()
-    with start_runtime(exp, out, f"{__name__}:app") as runtime:  # Flower's side starts while this one is prepared
-        return _run_flat(exp, out, runtime, started, on_step)
-
-
-def _run_flat(exp, out: Path, runtime, started: float, on_step):
     from hyprstream.fog.aggregator import FogRound
     from hyprstream.fog.discovery import discover, wait_for_nodes
     from hyprstream.learning.task import get_task
-    from hyprstream.sim.harness import SimulationResult, prepare_run
+    from hyprstream.sim.harness import SimulationResult, check_runtime, prepare_run, simulate
     from hyprstream.sim.metrics import MetricsLog
 
+    started = time.monotonic()
+    check_runtime(exp)  # what Flower's runtime would refuse, refused before anything is prepared
     prep = prepare_run(exp, out)
     task = get_task(exp.task.name)
     initial = prep.initial  # the same start as the hierarchical run (hyprstream.sim.pretrain)
@@ -207,7 +201,7 @@ def _run_flat(exp, out: Path, runtime, started: float, on_step):
                        timeout=exp.runtime.round_timeout_s, train_config=train_config,
                        evaluate_fn=evaluate_fn)
 
-    runtime.run(main)
+    simulate(exp, out, main, f"{__name__}:app")
     if len(metrics.global_rows()) != exp.training.global_steps:
         raise HyprstreamError(f"the flat baseline finished {len(metrics.global_rows())} of "
                               f"{exp.training.global_steps} rounds")

@@ -290,9 +290,9 @@ class _ProcessTree:
         while not self._done.wait(every_s):
             self.snapshot()
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0, *, graceful: bool = True) -> None:
         """SIGTERM every process seen that still runs (the same process: psutil checks its start time), then
-        SIGKILL the ones left after ``timeout_s``."""
+        SIGKILL the ones left after ``timeout_s``; not ``graceful``: SIGKILL at once."""
         import psutil
 
         self._done.set()
@@ -301,25 +301,46 @@ class _ProcessTree:
         procs = [p for p in self.seen.values() if p.is_running()]
         for p in procs:
             try:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        alive = _until_dead(procs, timeout_s)
         for p in alive:
             try:
                 p.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(alive, timeout=5)
+        _until_dead(alive, 5.0)
+
+
+def _until_dead(procs, timeout_s: float) -> list:
+    """Wait until each of ``procs`` has exited (a zombie has: only its parent's reaping is left, which for
+    a process re-parented to PID 1 happens when PID 1 gets to it); the ones still alive after ``timeout_s``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while alive:
+        still = []
+        for p in alive:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    still.append(p)
+            except psutil.Error:
+                continue
+        alive = still
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return alive
 
 
 class FlowerRuntime:
     """A Flower simulation of ``num_supernodes`` ClientApps (``client_app``, a ``module:attribute``) on a
     SuperLink of its own, submitted with ``flwr run``; :meth:`run` then runs ``main(grid)`` in this process.
 
-    It starts at once and in the background (the SuperLink, the submission, Flower's runtime and its Ray
-    instance), so that a caller prepares its side meanwhile; the ClientApps run only when the caller's
-    ``main`` sends them messages. Each ClientApp reserves ``client_cpus`` of Ray's CPUs; ``ray_cpus`` is
+    It starts at once (the SuperLink, then in a thread the submission; Flower's runtime and its Ray instance
+    follow), and :meth:`run` waits for the relay; the ClientApps run only when ``main`` sends them messages. Each ClientApp reserves ``client_cpus`` of Ray's CPUs; ``ray_cpus`` is
     how many the runtime's own Ray instance announces (None: the host's; not used on a cluster, given by
     ``RAY_ADDRESS`` in ``env``). ``work`` holds the Flower App, the private ``FLWR_HOME`` and the
     SuperLink's output (``flower.log``); ``run_config`` is what the ClientApps see as
@@ -422,14 +443,17 @@ class FlowerRuntime:
             return
         self._closed = True
         self._listener.close()
+        ended = False
         if self._grid is not None:
             if self._done_at is None:
                 self._grid.done()
                 self._done_at = time.monotonic()
-            _wait_for_run_end(self._superlink, timeout_s=60, local_ray=self._local_ray)
+            ended = _wait_for_run_end(self._superlink, timeout_s=60, local_ray=self._local_ray)
             log.debug("run ended %.1f s after done", time.monotonic() - self._done_at)
         t0 = time.monotonic()
-        self._tree.stop()
+        # once the run has ended (its Ray instance shut down), what is left holds nothing of it: the
+        # SuperLink's in-memory state, Flower's bookkeeping, actors on their way out; else stop politely
+        self._tree.stop(graceful=not ended)
         self._superlink.wait()
         self._submitter.join(timeout=130)  # its `flwr run` ends with the SuperLink
         self._logfile.close()
@@ -526,17 +550,17 @@ def _wait_listening(port: int, *, until: float, alive: Callable[[], bool]) -> No
 RAY_PROCESSES = ("raylet", "gcs_server")  # a local Ray instance's own processes (its workers are their children)
 
 
-def _wait_for_run_end(superlink: subprocess.Popen, timeout_s: float, *, local_ray: bool) -> None:
-    """Until the SuperLink's runtime (``flwr-simulation``) has ended the run, or ``timeout_s``. With a local Ray
-    instance, until that instance has shut down: what the runtime does after it is its own bookkeeping
-    (telemetry off, nothing of the run's left), which the stop that follows cuts short."""
+def _wait_for_run_end(superlink: subprocess.Popen, timeout_s: float, *, local_ray: bool) -> bool:
+    """Until the SuperLink's runtime (``flwr-simulation``) has ended the run: True; False after ``timeout_s``.
+    With a local Ray instance, until that instance has shut down: what the runtime does after it is its own
+    bookkeeping (telemetry off, nothing of the run's left), which the stop that follows cuts short."""
     import psutil
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         runtimes = _runtimes(superlink.pid)
         if not runtimes:
-            return
+            return True
         if local_ray:
             names = set()
             for pid in runtimes:
@@ -545,8 +569,9 @@ def _wait_for_run_end(superlink: subprocess.Popen, timeout_s: float, *, local_ra
                 except psutil.Error:
                     continue
             if not names & set(RAY_PROCESSES):
-                return
+                return True
         time.sleep(0.05)
+    return False
 
 
 def _tail(path: Path, lines: int = 20) -> str:
