@@ -112,10 +112,12 @@ def device_name(index: int) -> str:
 
 def train(msg: Message, context: Context) -> Message:
     threads = (context.run_config or {}).get(THREADS_KEY)
-    if threads:  # a simulated agent: the experiment's torch threads
+    # a simulated agent only (a device's store is in its node config, and whoever submits a run does not
+    # size a device's threads): the experiment's torch threads, as the simulator checked them
+    if threads and "store-dir" not in context.node_config and isinstance(threads, int) and 1 <= threads <= 64:
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
     return Message(answer_train(msg.content, context, round=msg.metadata.group_id).to_content(), reply_to=msg)
 
 
