@@ -181,3 +181,34 @@ def test_client_cpus_become_whole_cpus_per_agent_actor():
     with pytest.raises(ConfigError, match="whole number of CPUs on a Ray cluster") as err:
         actor_cpus(0.5, cluster=True)
     assert err.value.key == "runtime.client_cpus"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("node_config, threads, applied", [
+    ({"partition-id": 0}, 3, True),  # a simulated agent: the experiment's threads
+    ({"store-dir": "/var/lib/dev", "partition-id": 0}, 3, False),  # a device: not the run submitter's to size
+    ({"partition-id": 0}, 1000, False),  # out of the experiment's range
+    ({"partition-id": 0}, "3", False),  # not a whole number
+])
+def test_only_a_simulated_agent_takes_its_torch_threads_from_the_run_config(monkeypatch, node_config, threads,
+                                                                               applied):
+    import torch
+    from flwr.app import Context
+
+    from hyprstream.agent import client_app
+    from hyprstream.protocol import ReplyStatus, TrainReply
+
+    from hyprstream.fog.loopback import _ensure_task_identity
+
+    _ensure_task_identity()  # Flower's Message constructor reads it (its runtimes set it)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(client_app, "answer_train", lambda content, context, round: TrainReply(
+        ReplyStatus.DECLINED, 0, (), {}, reason="stub"))
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                  run_config={client_app.THREADS_KEY: threads})
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train.layerwise")
+    try:
+        client_app.train(msg, ctx)
+        assert torch.get_num_threads() == (threads if applied else before)
+    finally:
+        torch.set_num_threads(before)
