@@ -11,7 +11,8 @@ library and its thread count in the machine line.
   Python, numpy and BLAS, as a dict and as the one line that goes into ``bench/RESULTS.md``.
 * :func:`base_parser` -- the ``--quick`` / ``--repeats`` / ``--warmup`` flags every benchmark takes.
 * :func:`header` -- prints date, command and machine line before the figures.
-* :func:`emit` -- prints the run's result as one ``RESULT {json}`` line, for scripts and CI.
+* :func:`emit` -- prints the run's result as one ``RESULT {json}`` line, for scripts and CI;
+  :func:`finish` records and prints the peak RSS first.
 """
 
 from __future__ import annotations
@@ -197,6 +198,14 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     return obj
+
+
+def finish(result: dict[str, Any]) -> int:
+    """Records and prints the process's peak RSS, then :func:`emit`; a benchmark's ``main`` returns this."""
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(f"\npeak RSS: {result['peak_rss_bytes'] / 1e6:.0f} MB")
+    emit(result)
+    return 0
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import base_parser, emit, header, peak_rss_bytes  # noqa: E402
+from _common import base_parser, finish, header  # noqa: E402
 
 
 def fleet(task, count: int, seed: int):
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = count / secs
         print(f"{'train_devices, one pass':44s} {count:9,d} {secs:9.2f} {rate:11.1f}   {rate / base_rate:6.1f}x the baseline's rate")
         result["batched"].append({"devices": count, "seconds": secs, "speedup": rate / base_rate})
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    print(f"\npeak RSS: {result['peak_rss_bytes'] / 1e6:.0f} MB")
-    emit(result)
-    return 0
+    return finish(result)
 
 
 if __name__ == "__main__":

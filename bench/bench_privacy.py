@@ -64,7 +64,7 @@ from collections import defaultdict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Case, base_parser, emit, header, machine_info, measure_interleaved, peak_rss_bytes  # noqa: E402
+from _common import Case, base_parser, finish, header, machine_info, measure_interleaved  # noqa: E402
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -427,10 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             result["secagg"] = bench_secagg(k, n, repeats, args.warmup, args.seed, args.workers, not args.skip_flower)
     if not args.skip_dpsgd:
         result["dpsgd"] = bench_dpsgd(steps, repeats * 2 if not args.quick else repeats, args.warmup, args.device)
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    print(f"\npeak RSS: {result['peak_rss_bytes'] / 1e6:.0f} MB")
-    emit(result)
-    return 0
+    return finish(result)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,13 @@ class _Job(NamedTuple):
     wire: bytes
 
 
-def _decode(wire: bytes) -> Message:
+def encode_message(msg: Message) -> bytes:
+    """``msg`` as the wire bytes a SuperLink carries (Flower's protobuf encoding)."""
+    return message_to_proto(msg).SerializeToString()
+
+
+def decode_message(wire: bytes) -> Message:
+    """The message of :func:`encode_message`'s bytes."""
     proto = ProtoMessage()
     proto.ParseFromString(wire)
     return message_from_proto(proto)
@@ -44,7 +50,7 @@ def _decode(wire: bytes) -> Message:
 
 def _run_client(client_app, context: Context, wire: bytes) -> tuple[bytes, float]:
     """One node's answer to one message, as a SuperNode gives it: decode, run the ClientApp, encode the reply."""
-    received = _decode(wire)
+    received = decode_message(wire)
     t0 = time.perf_counter()
     try:
         reply = client_app(received, context)
@@ -52,10 +58,31 @@ def _run_client(client_app, context: Context, wire: bytes) -> tuple[bytes, float
         reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=received)
     seconds = time.perf_counter() - t0
     reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-    return message_to_proto(reply).SerializeToString(), seconds
+    return encode_message(reply), seconds
 
 
-class LoopbackGrid(Grid):
+class ProxyGrid(Grid):
+    """What a ``Grid`` that carries messages for a run held elsewhere needs beyond its three calls: the run it
+    is set to, messages made as Flower makes them, no node records."""
+
+    _run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_nodes(self):
+        return []
+
+
+class LoopbackGrid(ProxyGrid):
     def __init__(self, client_app, node_ids: Sequence[int], *,
                  node_config: Callable[[int], dict] | None = None,
                  drop: Callable[[int, Message], bool] | None = None) -> None:
@@ -68,26 +95,11 @@ class LoopbackGrid(Grid):
         self.bytes_down = 0
         self.bytes_up = 0
         self.seconds: list[tuple[int, str, float]] = []  # (node, message type, seconds in the ClientApp)
-        self._run = None
         _ensure_task_identity()
 
     # -- Grid interface
-    def set_run(self, run) -> None:  # pragma: no cover - not used in process
-        self._run = run
-
-    @property
-    def run(self):  # pragma: no cover
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
-
-    def get_nodes(self):  # pragma: no cover
-        return []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = []
@@ -96,7 +108,7 @@ class LoopbackGrid(Grid):
             for msg in messages:
                 msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
                 msg.metadata.__dict__["_run_id"] = 1
-                wire = message_to_proto(msg).SerializeToString()
+                wire = encode_message(msg)
                 self.bytes_down += len(wire)
                 ids.append(msg.metadata.message_id)
                 node = msg.metadata.dst_node_id
@@ -106,7 +118,7 @@ class LoopbackGrid(Grid):
         for job, back, seconds in self._answer(jobs()):
             self.seconds.append((job.node, job.message_type, seconds))
             self.bytes_up += len(back)
-            self._replies[job.message_id] = _decode(back)
+            self._replies[job.message_id] = decode_message(back)
         return ids
 
     def _answer(self, jobs: Iterable[_Job]) -> Iterator[tuple[_Job, bytes, float]]:
@@ -244,4 +256,4 @@ def _ensure_task_identity() -> None:
         TaskIdentity.node_id = 0
 
 
-__all__ = ["LoopbackGrid", "ProcessLoopbackGrid"]
+__all__ = ["LoopbackGrid", "ProcessLoopbackGrid", "ProxyGrid", "decode_message", "encode_message"]

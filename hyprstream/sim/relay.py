@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -38,12 +39,12 @@ from multiprocessing.connection import (
 )
 from pathlib import Path
 
-from flwr.app import Message, RecordDict
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.app import Message
 from flwr.serverapp import Grid, ServerApp
 
 from hyprstream.errors import HyprstreamError
+from hyprstream.fog.discovery import send_and_receive
+from hyprstream.fog.loopback import ProxyGrid, decode_message, encode_message
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "
 CONNECTION = "hyprstream-sim"  # the SuperLink connection's name in the private FLWR_HOME
 POLL_S = 0.05  # how often send_and_receive asks for replies
 HANDSHAKE_S = 10  # seconds a connecting peer has to prove the key
-
-
-def _encode(msg: Message) -> bytes:
-    return message_to_proto(msg).SerializeToString()
-
-
-def _decode(wire: bytes) -> Message:
-    proto = ProtoMessage()
-    proto.ParseFromString(wire)
-    return message_from_proto(proto)
 
 
 # ------------------------------------------------------------------------------------ the relay (Flower's side)
@@ -100,9 +91,9 @@ def serve(conn: Connection, grid: Grid) -> None:
             if op == "node_ids":
                 result = list(grid.get_node_ids())
             elif op == "push":
-                result = list(grid.push_messages([_decode(w) for w in arg]))
+                result = list(grid.push_messages([decode_message(w) for w in arg]))
             elif op == "pull":
-                result = [_encode(m) for m in grid.pull_messages(arg)]
+                result = [encode_message(m) for m in grid.pull_messages(arg)]
             else:
                 raise HyprstreamError(f"unknown relay call {op!r}")
         except Exception as exc:  # noqa: BLE001 - the caller re-raises it
@@ -112,13 +103,12 @@ def serve(conn: Connection, grid: Grid) -> None:
 
 
 # ------------------------------------------------------------------------------- the grid (the calling side)
-class RelayGrid(Grid):
+class RelayGrid(ProxyGrid):
     """A Flower ``Grid`` whose calls the relay ServerApp answers on Flower's grid; safe from several threads."""
 
     def __init__(self, conn: Connection, on_lost: Callable[[], str] | None = None) -> None:
         self._conn = conn
         self._lock = threading.Lock()
-        self._run = None
         self._on_lost = on_lost  # what to say when the runtime goes away (its log's tail)
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -145,45 +135,21 @@ class RelayGrid(Grid):
             raise HyprstreamError(f"Flower's grid refused {op}: {result}")
         return result
 
-    def set_run(self, run) -> None:
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
     def get_node_ids(self) -> Iterable[int]:
         return self._call("node_ids")
 
-    def get_nodes(self):
-        return []
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        ids = self._call("push", [_encode(m) for m in messages])
+        ids = self._call("push", [encode_message(m) for m in messages])
         for msg, mid in zip(messages, ids):  # as Flower's grids do: the caller's message learns its ID
             msg.metadata.__dict__["_message_id"] = mid
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [_decode(w) for w in self._call("pull", list(message_ids))]
+        return [decode_message(w) for w in self._call("pull", list(message_ids))]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            for reply in self.pull_messages(sorted(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(POLL_S)
-        return replies
+        return send_and_receive(self, list(messages), math.inf if timeout is None else timeout, POLL_S)
 
     def done(self) -> None:
         """Tell the relay the run is over (its ServerApp returns, and Flower's runtime ends the run)."""
@@ -213,10 +179,8 @@ def write_app(app_dir: Path, client_app: str, config: dict[str, str | int | floa
     """The Flower App that ``flwr run`` submits: the relay ServerApp, ``client_app`` (a ``module:attribute``
     reference) and ``config`` as the run config its ClientApps see."""
     app_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-             "[project]", 'name = "hyprstream-sim"', 'version = "1.0.0"', 'description = "A Hyprstream simulation"',
-             'license = "Apache-2.0"', "dependencies = []", "", "[tool.hatch.build.targets.wheel]",
-             'packages = ["."]', "", "[tool.flwr.app]", 'publisher = "hyprstream"', "",
+    lines = ["[project]", 'name = "hyprstream-sim"', 'version = "1.0.0"', 'description = "A Hyprstream simulation"',
+             'license = "Apache-2.0"', "dependencies = []", "", "[tool.flwr.app]", 'publisher = "hyprstream"', "",
              "[tool.flwr.app.components]", f'serverapp = "{__name__}:server_app"', f'clientapp = "{client_app}"', "",
              "[tool.flwr.app.config]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in sorted(config.items())]
@@ -284,7 +248,7 @@ class _ProcessTree:
             for p in self.root.children(recursive=True):
                 self.seen.setdefault(p.pid, p)
         except psutil.Error:
-            pass
+            pass  # the SuperLink itself is gone: what was seen stays known
 
     def _watch(self, every_s: float) -> None:
         while not self._done.wait(every_s):
@@ -303,13 +267,13 @@ class _ProcessTree:
             try:
                 p.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
             except psutil.Error:
-                pass
+                pass  # exited meanwhile
         alive = _until_dead(procs, timeout_s)
         for p in alive:
             try:
                 p.kill()
             except psutil.Error:
-                pass
+                pass  # exited meanwhile
         _until_dead(alive, 5.0)
 
 
@@ -373,7 +337,14 @@ class FlowerRuntime:
              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
             env=child_env, stdout=self._logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
-        self._tree = _ProcessTree(self._superlink.pid)  # every process the SuperLink starts, seen while it lasts
+        try:
+            self._tree = _ProcessTree(self._superlink.pid)  # every process the SuperLink starts, seen while it lasts
+        except Exception:
+            self._superlink.kill()  # the SuperLink exited at once or cannot be watched: leave nothing behind
+            self._superlink.wait()
+            self._logfile.close()
+            self._listener.close()
+            raise
         federation = [f"num-supernodes={num_supernodes}", f"client-resources-num-cpus={client_cpus}",
                       "client-resources-num-gpus=0.0", "init-args-logging-level='ERROR'", "init-args-log-to-driver=false"]
         if ray_cpus is not None:
@@ -533,7 +504,7 @@ def _runtimes(pid: int) -> list[int]:
             except psutil.Error:
                 continue
     except psutil.Error:
-        pass
+        pass  # the SuperLink is gone, and its runtime with it
     return found
 
 

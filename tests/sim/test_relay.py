@@ -9,6 +9,7 @@ import threading
 import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Client
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -196,9 +197,8 @@ def test_only_a_simulated_agent_takes_its_torch_threads_from_the_run_config(monk
     from flwr.app import Context
 
     from hyprstream.agent import client_app
-    from hyprstream.protocol import ReplyStatus, TrainReply
-
     from hyprstream.fog.loopback import _ensure_task_identity
+    from hyprstream.protocol import ReplyStatus, TrainReply
 
     _ensure_task_identity()  # Flower's Message constructor reads it (its runtimes set it)
     before = torch.get_num_threads()
@@ -212,3 +212,27 @@ def test_only_a_simulated_agent_takes_its_torch_threads_from_the_run_config(monk
         assert torch.get_num_threads() == (threads if applied else before)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.unit
+def test_a_run_config_cannot_move_a_devices_store(monkeypatch, tmp_path):
+    """The run config names the simulation's store root for simulated agents only: a device keeps the store
+    its node config names, whatever a submitted run says."""
+    from flwr.app import Context
+
+    from hyprstream.agent.client_app import (
+        SIM_DEVICES_ENV,
+        SIM_DEVICES_KEY,
+        simulation_root,
+        store_dir,
+    )
+
+    monkeypatch.delenv(SIM_DEVICES_ENV, raising=False)
+    evil = {SIM_DEVICES_KEY: str(tmp_path / "elsewhere")}
+    device = Context(run_id=1, node_id=1, node_config={"store-dir": "/var/lib/dev", "partition-id": 0},
+                     state=RecordDict(), run_config=evil)
+    assert store_dir(device) == Path("/var/lib/dev")
+    simulated = Context(run_id=1, node_id=2, node_config={"partition-id": 3}, state=RecordDict(), run_config=evil)
+    assert store_dir(simulated) == tmp_path / "elsewhere" / "device-0003"
+    plain = Context(run_id=1, node_id=3, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
+    assert simulation_root(plain) is None
