@@ -292,7 +292,6 @@ def simulated_plan(request: TrainRequest, store: Path):
     ``minimal`` declines; ``hybrid`` trains the last ``max_layer_groups_hybrid`` requested layer groups
     (as :func:`~hyprstream.agent.policy.plan_training` does on a device); the request's steps and batch
     size apply in every strategy."""
-    from hyprstream.agent.policy import TrainPlan
     from hyprstream.agent.profile import Strategy
 
     path = strategy_file(store)
@@ -306,6 +305,15 @@ def simulated_plan(request: TrainRequest, store: Path):
         raise ConfigError(f"invalid simulated strategy: {exc}", source=str(path)) from None
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         raise ConfigError(f"must be an integer >= 1, got {keep!r}", source=str(path), key="max_layer_groups_hybrid")
+    return strategy_plan(request, strategy, keep)
+
+
+def strategy_plan(request: TrainRequest, strategy, keep: int):
+    """What a simulated device in ``strategy`` (``keep``: its profile's ``max_layer_groups_hybrid``) does with
+    ``request`` (:func:`simulated_plan`; the batched engine, :mod:`hyprstream.sim.batched`, plans by it too)."""
+    from hyprstream.agent.policy import TrainPlan
+    from hyprstream.agent.profile import Strategy
+
     if strategy is Strategy.MINIMAL:
         return TrainPlan(False, "strategy minimal: inference only, training deferred")
     layers = tuple(request.layers) if strategy is Strategy.FULL else tuple(request.layers[-keep:])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyprstream.errors import ValidationError
+from hyprstream.fog.aggregator import FogAggregator
 from hyprstream.learning.task import Dataset, Task
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_layers uses it
@@ -133,4 +134,289 @@ def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Datas
     return delta, (total / steps).cpu().numpy()
 
 
-__all__ = ["BatchedResult", "batch_indices", "train_devices"]
+
+
+# -- the batched engine: the devices of a run as one trainer, under the project's own fogs ---------------------
+
+
+@dataclass
+class TrainedRows:
+    """Devices of one job that trained the same layer groups: their deltas as the fog receives them (decoded
+    from int8 when the job asked for it), one ``(k, *shape)`` array per parameter, in the model's order."""
+
+    positions: np.ndarray  # the devices' positions in their job's nodes
+    layers: tuple[str, ...]
+    delta: dict[str, np.ndarray]
+    loss: np.ndarray
+    num_examples: np.ndarray
+    bytes_up: np.ndarray  # each device's reply payload (the delta as it travels)
+
+
+@dataclass
+class JobResult:
+    rows: list[TrainedRows]
+    declined: dict[int, str]  # position in the job's nodes -> the reason the device gave
+
+
+@dataclass
+class Job:
+    """One fog's train request to ``nodes`` (device indices), each with its seed."""
+
+    weights: Mapping[str, np.ndarray]
+    version: int
+    task: str
+    layers: tuple[str, ...]
+    steps: int
+    batch_size: int
+    lr: float
+    encoding: str
+    nodes: tuple[int, ...]
+    seeds: tuple[int, ...]
+    result: JobResult | None = None
+
+
+class BatchedDevices:
+    """The simulated devices of a run, trained together: fogs :meth:`submit` their rounds' requests, and the
+    first :meth:`result` asked for trains every request submitted so far in as few vmapped passes as their
+    settings allow (the fogs of a synchronous step share the base version, so one pass serves them all).
+
+    Each device does what the agent's ClientApp does with a request: it plans by its simulated strategy
+    (:func:`~hyprstream.agent.client_app.strategy_plan`: ``minimal`` declines, ``hybrid`` trains the last
+    layer groups), trains as :func:`~hyprstream.learning.trainer.train_layers` on its own rows of
+    ``data`` with the request's seed, and encodes its delta as its reply would (int8 with the same
+    stochastic rounding, :class:`~hyprstream.protocol.TrainReply`)."""
+
+    def __init__(self, task: Task, data, *, device: str = "cpu", chunk: int = 4096) -> None:
+        self.task = task
+        self.data = data  # hyprstream.sim.devices.FleetData
+        self.device = device
+        self.chunk = chunk
+        self.strategies: Sequence | None = None  # each device's Strategy this step (None: every device full)
+        self.hybrid_keep: Sequence[int] | None = None  # each device's max_layer_groups_hybrid
+        self._pending: list[Job] = []
+        self.passes = 0  # vmapped training calls made (for reports and tests)
+
+    def submit(self, job: Job) -> Job:
+        if job.task != self.task.name:
+            raise ValidationError(f"request for task {job.task!r}; the simulated devices hold {self.task.name!r}")
+        self._pending.append(job)
+        return job
+
+    def result(self, job: Job) -> JobResult:
+        if job.result is None:
+            self.train_pending()
+        if job.result is None:
+            raise ValidationError("a job that was never submitted has no result")
+        return job.result
+
+    def train_pending(self) -> None:
+        from hyprstream.agent.client_app import strategy_plan
+        from hyprstream.protocol import TrainRequest
+
+        jobs, self._pending = self._pending, []
+        # (job index, position, device, seed) per layer set, per shared training settings
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        reps: dict[tuple, Job] = {}
+        for j, job in enumerate(jobs):
+            job.result = JobResult([], {})
+            request = TrainRequest(model="", model_version=job.version, task=job.task, layers=job.layers,
+                                   local_steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=0, weights={})
+            for pos, node in enumerate(job.nodes):
+                if self.data.sizes[node] == 0:
+                    job.result.declined[pos] = "no local training data"
+                    continue
+                layers = job.layers
+                if self.strategies is not None:
+                    plan = strategy_plan(request, self.strategies[node], int(self.hybrid_keep[node]))
+                    if not plan.accept:
+                        job.result.declined[pos] = plan.reason
+                        continue
+                    layers = tuple(plan.layers)
+                key = (self._weights_key(job, reps), layers, job.steps, job.batch_size, job.lr)
+                groups.setdefault(key, []).append((j, pos))
+        for (_, layers, steps, batch, lr), members in groups.items():
+            self._train_group(jobs, members, layers, steps=steps, batch=batch, lr=lr)
+
+    @staticmethod
+    def _weights_key(job: Job, reps: dict) -> int:
+        """Jobs on equal weights share a key (the fogs of a step pull the same version)."""
+        for key, other in reps.items():
+            if other.version == job.version and other.weights.keys() == job.weights.keys() and all(
+                    np.array_equal(other.weights[n], job.weights[n]) for n in job.weights):
+                return key
+        reps[len(reps)] = job
+        return len(reps) - 1
+
+    def _train_group(self, jobs: list[Job], members: list[tuple[int, int]], layers: tuple[str, ...], *,
+                     steps: int, batch: int, lr: float) -> None:
+        first = jobs[members[0][0]]
+        nodes = [jobs[j].nodes[pos] for j, pos in members]
+        seeds = [jobs[j].seeds[pos] for j, pos in members]
+        datasets = [self.data.dataset(n) for n in nodes]
+        out = train_devices(self.task, first.weights, layers, datasets, steps=steps, batch_size=batch, lr=lr,
+                            seeds=seeds, device=self.device, chunk=self.chunk)
+        self.passes += 1
+        names = _model_order(self.task, first.weights, out.delta)
+        where = np.array([j for j, _ in members])
+        for j in dict.fromkeys(where.tolist()):
+            job, mine = jobs[j], np.flatnonzero(where == j)
+            positions = np.array([members[i][1] for i in mine], dtype=np.int64)
+            delta = {n: out.delta[n][mine] for n in names}
+            loss, examples = out.loss[mine], out.num_examples[mine]
+            if job.encoding == "int8":
+                delta, bad = int8_roundtrip(delta, [job.seeds[p] for p in positions])
+                for i in np.flatnonzero(bad):
+                    job.result.declined[int(positions[i])] = "cannot encode a tensor with NaN or infinite values"
+                keep = ~bad
+                positions, loss, examples = positions[keep], loss[keep], examples[keep]
+                delta = {n: d[keep] for n, d in delta.items()}
+                nbytes = sum(int(np.prod(d.shape[1:])) + 4 for d in delta.values())
+            else:
+                nbytes = sum(int(np.prod(d.shape[1:])) * d.itemsize for d in delta.values())
+            if len(positions):
+                job.result.rows.append(TrainedRows(positions, layers, delta, loss, examples,
+                                                   np.full(len(positions), nbytes, dtype=np.int64)))
+
+
+def _model_order(task: Task, weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> list[str]:
+    """The trained parameters in the model's order (the order an agent's reply lists, and encodes, them)."""
+    return [n for n in weights if n in delta] + sorted(n for n in delta if n not in weights)
+
+
+def int8_roundtrip(delta: Mapping[str, np.ndarray], seeds: Sequence[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Row ``i`` of every ``delta`` matrix encoded to int8 as device ``i``'s reply encodes it (the generator
+    seeded ``[seeds[i], 0x18]``, one draw per value in parameter order, :func:`hyprstream.codec.encode_int8`)
+    and decoded as the fog decodes it; and which rows could not be encoded (NaN or infinite values)."""
+    from hyprstream.codec import INT8_MAX, decode_int8, encode_int8
+
+    k = len(seeds)
+    flat = {n: np.asarray(d, dtype=np.float32).reshape(k, -1) for n, d in delta.items()}
+    bad = np.zeros(k, dtype=bool)
+    scales = {}
+    for name, m in flat.items():
+        bad |= ~np.isfinite(m).all(axis=1)
+        peak = np.abs(np.where(np.isfinite(m), m, 0)).max(axis=1, initial=0.0).astype(np.float64)
+        scale = (peak / INT8_MAX).astype(np.float32)
+        up = (scale.astype(np.float64) * INT8_MAX < peak) & (peak > 0)  # int8_scale's rounding up
+        scale[up] = np.nextafter(scale[up], np.float32(np.inf))
+        scales[name] = scale
+    # a tensor of zeros encodes without drawing: a row with one takes the codec's own path
+    odd = ~bad & np.any([s == 0 for s in scales.values()], axis=0) if scales else np.zeros(k, dtype=bool)
+    fast = ~bad & ~odd
+    sizes = [m.shape[1] for m in flat.values()]
+    # each device's uniforms: one generator per device, all of its draws in one call (the same stream as
+    # one call per tensor)
+    uniforms = np.zeros((k, sum(sizes)))
+    for i in np.flatnonzero(fast):
+        uniforms[i] = np.random.default_rng([int(seeds[i]), 0x18]).random(uniforms.shape[1])
+    out, at = {}, 0
+    for (name, m), size in zip(flat.items(), sizes, strict=True):
+        u, scale = uniforms[:, at:at + size], scales[name]
+        at += size
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = m.astype(np.float64) / scale.astype(np.float64)[:, None]
+        low = np.floor(y)
+        q = np.clip(low + (u < (y - low)), -INT8_MAX, INT8_MAX)
+        q[~fast] = 0
+        out[name] = q.astype(np.int8).astype(np.float32) * scale[:, None]
+    for i in np.flatnonzero(odd):
+        rng = np.random.default_rng([int(seeds[i]), 0x18])
+        for name, m in flat.items():
+            out[name][i] = decode_int8(*encode_int8(m[i], rng))
+    return {n: out[n].reshape(np.shape(delta[n])) for n in flat}, bad
+
+
+class BatchedFog(FogAggregator):
+    """A fog whose agents are :class:`BatchedDevices`: the project's :class:`~hyprstream.fog.aggregator.FogAggregator`
+    (its pull from core, seeds, aggregation rules, push through the outbox, and under
+    :class:`~hyprstream.fog.dp.PrivateFogAggregator` client-level DP), its requests handed to the devices
+    instead of sent as Flower messages, and its replies checked as matrices: each device's delta is refused
+    for NaN or Inf or a norm over the plan's bound, clipped when client-level DP asks, and kept with its
+    weight, as :meth:`FogAggregator.gather` does reply by reply."""
+
+    def __init__(self, name: str, devices: BatchedDevices, node_ids: Sequence[int], core, model: str, plan, *,
+                 seed: int = 0, outbox=None) -> None:
+        super().__init__(name, None, node_ids, core, model, plan, seed=seed, outbox=outbox)
+        self.devices = devices
+        self._jobs: dict[int, tuple[object, Job]] = {}
+
+    def start_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None):
+        import time
+
+        from hyprstream.fog.aggregator import PendingRound
+        from hyprstream.protocol import train_seed
+        from hyprstream.store import layer_table as lt
+
+        base = base if base is not None else self.pull()
+        nodes = tuple(self.node_ids if nodes is None else nodes)
+        unknown = set(nodes) - set(self.node_ids)
+        if unknown:
+            raise ValidationError(f"fog {self.name!r} has no agents {sorted(unknown)}")
+        weights = lt.to_arrays(base.table)
+        layers = self.plan.layers or tuple(lt.layers_in(base.table))
+        index = {node: i for i, node in enumerate(self.node_ids)}
+        request = self.train_request(base, layers, round_no, 0, weights)
+        p = self.plan
+        job = self.devices.submit(Job(weights, base.version, p.task, tuple(layers), p.local_steps, p.batch_size, p.lr,
+                                      request.update_encoding.value, nodes,
+                                      tuple(train_seed(self.seed, round_no, index[n]) for n in nodes)))
+        pending = PendingRound(round_no, base, tuple(layers), set(), nodes, request.payload_bytes() * len(nodes),
+                               time.monotonic())
+        self._jobs[id(pending)] = (pending, job)
+        return pending
+
+    def gather(self, pending, *, clip: float | None = None):
+        from hyprstream.fog.aggregate import Aggregation, updates_for
+        from hyprstream.fog.aggregator import Gathered, _shapes
+        from hyprstream.store import layer_table as lt
+
+        held = self._jobs.pop(id(pending), None)
+        if held is None or held[0] is not pending:
+            raise ValidationError(f"fog {self.name!r}: round {pending.round} was not started here")
+        result = self.devices.result(held[1])
+        trained = lt.select_layers(pending.base.table, pending.layers)
+        rule = Aggregation.MEAN if clip is not None else self.plan.aggregation
+        g = Gathered({layer: updates_for(rule, _shapes(lt.select_layers(trained, [layer])),
+                                         capacity=max(1, len(pending.nodes))) for layer in pending.layers})
+        nodes, bound = pending.nodes, self.plan.max_update_norm
+        for pos, reason in sorted(result.declined.items()):
+            g.declined += 1
+            g.reasons.append(f"declined: {reason}")
+            g.uplink[nodes[pos]] = 0
+        kept: list[tuple[int, float, int]] = []  # (position, train loss, examples) of each contributor
+        for rows in result.rows:
+            k = len(rows.positions)
+            flat = {n: d.reshape(k, -1) for n, d in rows.delta.items()}
+            g.bytes_up += int(rows.bytes_up.sum())
+            g.uplink.update(zip((nodes[p] for p in rows.positions), rows.bytes_up.tolist()))
+            with np.errstate(over="ignore", invalid="ignore"):
+                sq = sum((m.astype(np.float64) ** 2).sum(axis=1) for m in flat.values())
+                finite = np.all([np.isfinite(m).all(axis=1) for m in flat.values()], axis=0)
+                norm = np.sqrt(sq)
+            ok = finite & (norm <= bound) if bound is not None else finite.copy()
+            for i in np.flatnonzero(~ok):
+                g.refused += 1
+                g.reasons.append("refused: update contains NaN or Inf" if not finite[i] else
+                                 f"refused: update norm {norm[i]:.4g} exceeds the bound {bound:.4g}")
+            if not ok.any():
+                continue
+            weights = rows.num_examples[ok].astype(np.float64)
+            if clip is not None:
+                # a relative margin of 1e-6 keeps the clipped norm below ``clip`` after float32 rounding
+                with np.errstate(divide="ignore"):
+                    scale = np.where(norm[ok] > 0, np.minimum(1.0, clip / (norm[ok] * (1.0 + 1e-6))), 1.0)
+                flat = {n: m[ok] * scale.astype(np.float32)[:, None] for n, m in flat.items()}
+                weights = np.ones_like(weights)
+            else:
+                flat = {n: m[ok] for n, m in flat.items()}
+            for layer in rows.layers:
+                g.matrices[layer].store_rows({n: flat[n] for n in g.matrices[layer].shapes}, weights)
+            kept.extend(zip(rows.positions[ok].tolist(), rows.loss[ok].tolist(), rows.num_examples[ok].tolist()))
+        for pos, loss, examples in sorted(kept):
+            g.losses.append((loss, examples))
+            g.contributors.append(nodes[pos])
+        return g
+
+
+__all__ = ["BatchedDevices", "BatchedFog", "BatchedResult", "Job", "JobResult", "TrainedRows", "batch_indices", "int8_roundtrip",
+           "train_devices"]

@@ -19,6 +19,12 @@ class PartitionScheme(enum.Enum):
     IID = "iid"
     DIRICHLET = "dirichlet"  # label skew: each class split across devices by Dirichlet(alpha)
     NATURAL = "natural"  # one source of the data set per device (sensor: one mote per device)
+    SAMPLED = "sampled"  # each device draws its share from passes over the data: fleets larger than the data set
+
+
+class Engine(enum.Enum):
+    FLOWER = "flower"  # every device the agent's real ClientApp, on Flower's simulation runtime
+    BATCHED = "batched"  # the devices' local training in one vmapped pass (hyprstream.sim.batched)
 
 
 class UpdateEncoding(enum.Enum):
@@ -41,6 +47,12 @@ class PartitionSection(Checked):
     scheme: PartitionScheme = setting(PartitionScheme.DIRICHLET)
     alpha: float = setting(0.5, gt=0.0, le=1000.0, doc="Dirichlet concentration: smaller is more skewed")
     min_samples: int = setting(10, ge=1, doc="every device gets at least this many samples")
+    max_samples: int = setting(0, ge=0, doc="sampled: each device draws between min_samples and max_samples "
+                               "(uniformly; 0: exactly min_samples)")
+
+    def check(self):
+        if self.max_samples and self.max_samples < self.min_samples:
+            yield "max_samples", f"{self.max_samples} is below min_samples ({self.min_samples})"
 
 
 @dataclass(frozen=True)
@@ -130,12 +142,22 @@ class CoreSection:
 
 
 @dataclass(frozen=True)
-class RuntimeSection:
+class RuntimeSection(Checked):
     client_cpus: float = setting(1.0, gt=0.0, le=64.0, doc="Ray CPUs per simulated agent")
     torch_threads: int = setting(1, ge=1, le=64)
     round_timeout_s: float = setting(300.0, gt=0.0)
     ray_address: str = setting("", doc="host:port of an existing Ray cluster's head to run the simulated agents on "
                                "(RAY_ADDRESS too); empty: a Ray instance of this process on this host")
+    engine: Engine = setting(Engine.FLOWER, doc="flower: every device runs the agent's ClientApp on Flower's "
+                             "simulation runtime; batched: the devices' local training in one vmapped pass, "
+                             "everything above them as in a deployment (docs/simulation.md)")
+    device: str = setting("auto", doc="batched engine: the torch device of the training pass (cpu, cuda, "
+                          "cuda:N; auto: cuda when torch sees one, else cpu)")
+    batch_devices: int = setting(4096, ge=1, le=10_000_000, doc="batched engine: devices per vmapped pass")
+
+    def check(self):
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            yield "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}"
 
 
 @dataclass(frozen=True)
@@ -199,6 +221,11 @@ class Experiment(Checked):
             yield from self._check_buffered()
         if self.fleet.availability_trace:
             yield from self._check_trace()
+        if self.runtime.engine is Engine.BATCHED:
+            yield from self._check_batched()
+        elif self.partition.scheme is PartitionScheme.SAMPLED and self.num_agents > 10_000:
+            yield "partition.scheme", (f"{self.num_agents} agents are more than the flower engine runs (one "
+                                       "store and one ClientApp each): use [runtime] engine = \"batched\"")
         from hyprstream.sim.fleet import resolve_profile
 
         for name in self.fleet.profiles:
@@ -206,6 +233,18 @@ class Experiment(Checked):
                 resolve_profile(name)
             except ConfigError as exc:
                 yield f"fleet.profiles.{name}", exc.reason
+
+    def _check_batched(self):
+        """What the batched engine does not run (yet): it is refused by name, never run as something else."""
+        why = "the batched engine does not run it: use [runtime] engine = \"flower\""
+        if self.training.mode is TrainingMode.BUFFERED:
+            yield "training.mode", f"buffered: {why}"
+        if self.privacy.secagg is not None:
+            yield "privacy.secagg", why
+        if self.privacy.dpsgd is not None:
+            yield "privacy.dpsgd", why
+        if self.runtime.ray_address:
+            yield "runtime.ray_address", "the batched engine runs in this process, on its own device"
 
     def _check_trace(self):
         from hyprstream.sim.traces import AvailabilityTrace

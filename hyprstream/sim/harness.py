@@ -31,7 +31,8 @@ from hyprstream.fog.aggregator import FogAggregator, FogRound, RoundPlan
 from hyprstream.fog.discovery import discover, wait_for_nodes
 from hyprstream.fog.engine import Lane, open_ledger, round_runner, run_sync
 from hyprstream.sim import partition
-from hyprstream.sim.experiment import Experiment, PartitionScheme, TrainingMode
+from hyprstream.sim.devices import FleetData
+from hyprstream.sim.experiment import Engine, Experiment, PartitionScheme, TrainingMode
 from hyprstream.fog.selection import RoundSelector
 from hyprstream.sim.fleet import SimulatedFleetView, VirtualFleet
 from hyprstream.sim.metrics import MetricsLog, Row
@@ -41,6 +42,7 @@ from hyprstream.store import layer_table as lt
 
 log = logging.getLogger("hyprstream.sim")
 
+DEVICE_TABLE = "devices.arrow"  # the batched engine's devices (hyprstream.sim.devices)
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
@@ -99,6 +101,9 @@ def split(exp: Experiment, task: Task, train: Dataset) -> list[np.ndarray]:
                               f"but the fleet has {exp.num_agents} agents (fogs x agents_per_fog)",
                               key="partition.scheme")
         return [np.flatnonzero(groups == s) for s in sources]
+    if exp.partition.scheme is PartitionScheme.SAMPLED:
+        return partition.sampled(len(train), exp.num_agents, exp.partition.min_samples,
+                                 exp.partition.max_samples or exp.partition.min_samples, rng)
     return partition.dirichlet(train.y, exp.num_agents, exp.partition.alpha, rng,
                                min_samples=exp.partition.min_samples)
 
@@ -123,6 +128,7 @@ class Prepared:
     fleet: VirtualFleet
     model: object  # a torch module of the task, for evaluation
     initial: dict[str, np.ndarray]  # the shared model's starting weights (hyprstream.sim.pretrain)
+    data: FleetData | None = None  # the batched engine's devices (one table); None: a store per device
 
     def score(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
         """Held-out (loss, accuracy) of ``weights``."""
@@ -138,9 +144,18 @@ def prepare_run(exp: Experiment, out: Path) -> Prepared:
     test = task.from_table(task.to_table(test))  # evaluate on exactly what a device would decode
     start = initial_state(exp, task, train, test)
     record(start, out)
-    sizes = prepare_devices(exp, task, start.train, out / "devices")
-    log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
-    return Prepared(task, test, sizes, VirtualFleet.build(exp), task.build_model(seed=exp.seed), start.weights)
+    data = None
+    if exp.runtime.engine is Engine.BATCHED:
+        # one table partitioned by device, read back as the devices will train on it
+        path = out / DEVICE_TABLE
+        FleetData.from_parts(start.train, split(exp, task, start.train)).save(task, path)
+        data = FleetData.load(task, path, exp.num_agents)
+        sizes = data.sizes.tolist()
+        log.info("prepared the table of %d devices (%d to %d samples)", len(sizes), min(sizes), max(sizes))
+    else:
+        sizes = prepare_devices(exp, task, start.train, out / "devices")
+        log.info("prepared %d device stores (%d to %d samples)", len(sizes), min(sizes), max(sizes))
+    return Prepared(task, test, sizes, VirtualFleet.build(exp), task.build_model(seed=exp.seed), start.weights, data)
 
 
 def start_runtime(exp: Experiment, out: Path, client_app: str):
@@ -293,16 +308,12 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
                      **_encoding(exp))
     score = prep.score
 
-    def main(grid) -> None:
-        node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
-        # Flower's node IDs are random: order agents by device so that runs are reproducible.
-        devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
-        node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
+    def run_lanes(node_ids: list[int], devices: dict, make_fog, tell) -> None:
+        """The run's fogs over ``node_ids`` (ordered by device): ``make_fog(j, name, nodes)`` makes fog ``j``;
+        ``tell(plan)`` gives the agents their strategies of a step."""
         device_of = {node: i for i, node in enumerate(node_ids)}
         per_fog = exp.fleet.agents_per_fog
-        lanes = [_lane(exp, FogAggregator(name, grid, node_ids[j * per_fog:(j + 1) * per_fog],
-                                          CoreClient(location, fog_tokens[name]), model_name, plan,
-                                          seed=exp.seed + j), out, j)
+        lanes = [_lane(exp, make_fog(j, name, node_ids[j * per_fog:(j + 1) * per_fog]), out, j)
                  for j, name in enumerate(fog_names)]
         view = _select(exp, lanes, fleet, devices, device_of)
         if exp.training.mode.value == "buffered":  # FedBuff fogs on one simulated clock instead of steps
@@ -317,7 +328,7 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
         def prepare(step: int) -> list[list[int]]:
             # the simulated fleet of this step: who is online, in which strategy, with what battery
             fleet_now = fleet.plan_step(step, clock["sim_s"])
-            fleet.write_strategies(out / "devices", fleet_now)
+            tell(fleet_now)
             if view is not None:
                 view.update(fleet_now, clock["sim_s"])
             metrics.add_fleet(fleet_now, fleet.names)
@@ -355,10 +366,40 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
         # concurrently on the shared grid)
         run_sync(lanes, rounds=exp.training.global_steps, prepare=prepare, on_round=on_round, on_step=on_global)
 
+    def main(grid) -> None:
+        node_ids = wait_for_nodes(grid, exp.num_agents, timeout_s=exp.runtime.round_timeout_s)
+        # Flower's node IDs are random: order agents by device so that runs are reproducible.
+        devices = discover(grid, node_ids, timeout_s=exp.runtime.round_timeout_s)
+        node_ids = sorted(node_ids, key=lambda n: devices[n].device_id)
+        run_lanes(node_ids, devices,
+                  lambda j, name, nodes: FogAggregator(name, grid, nodes, CoreClient(location, fog_tokens[name]),
+                                                       model_name, plan, seed=exp.seed + j),
+                  lambda fleet_now: fleet.write_strategies(out / "devices", fleet_now))
+
+    def main_batched() -> None:
+        from hyprstream.protocol import DeviceInfo, data_bucket
+        from hyprstream.sim.batched import BatchedDevices, BatchedFog
+
+        engine = BatchedDevices(task, prep.data, device=batched_device(exp.runtime.device),
+                                chunk=exp.runtime.batch_devices)
+        engine.hybrid_keep = [p.training.max_layer_groups_hybrid for p in fleet.profiles]
+        # a device is its index: node i is device i (the order the Flower engine sorts its agents into)
+        devices = {i: DeviceInfo(device_name(i), data_bucket(int(n))) for i, n in enumerate(prep.sizes)}
+
+        def tell(fleet_now) -> None:
+            engine.strategies = fleet_now.strategies
+
+        run_lanes(list(range(exp.num_agents)), devices,
+                  lambda j, name, nodes: BatchedFog(name, engine, nodes, CoreClient(location, fog_tokens[name]),
+                                                    model_name, plan, seed=exp.seed + j), tell)
+
     try:
         # Flower's side starts once this side is prepared: started alongside, the two competed for the cores
         # (a reduced fashion-mnist-noniid run: 30.7 s against 28.4 s started after, on 2 cores)
-        simulate(exp, out, main, AGENT_APP)
+        if exp.runtime.engine is Engine.BATCHED:
+            main_batched()
+        else:
+            simulate(exp, out, main, AGENT_APP)
         final = admin.get_weights(model_name)
         final_weights = lt.to_arrays(final.table, copy=True)
         _, accuracy = score(final_weights)
@@ -369,6 +410,18 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
     metrics.read_device_privacy(out / "devices", step_of=metrics.step_of_version if buffered else metrics.step_of_base)
     metrics.write_run(out)
     return SimulationResult(out, metrics, final.version, accuracy, final_weights)
+
+
+def batched_device(setting: str) -> str:
+    """``[runtime] device`` as torch takes it: ``auto`` is CUDA when torch sees a GPU, else the CPU; a CUDA
+    device torch cannot see is refused by name."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}: torch sees no CUDA device here (use cpu or auto)", key="runtime.device")
+    return setting
 
 
 def _encoding(exp: Experiment) -> dict:

@@ -37,3 +37,19 @@ def dirichlet(labels: np.ndarray, n_parts: int, alpha: float, rng: np.random.Gen
             return out
     raise ValidationError(f"no Dirichlet(alpha={alpha}) split gave every part >= {min_samples} samples "
                           f"in {max_tries} draws: raise alpha or lower min_samples")
+
+
+def sampled(n_samples: int, n_parts: int, min_size: int, max_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shares for a fleet larger than the data set: each part takes between ``min_size`` and ``max_size``
+    samples (uniformly) from consecutive passes over the data, each pass a fresh permutation, so that every
+    sample is used as evenly as the sizes allow and a part repeats a sample only where its share spans two
+    passes. Parts overlap across devices (the data set is smaller than the fleet's)."""
+    if n_parts < 1 or not 1 <= min_size <= max_size:
+        raise ValidationError(f"cannot draw {n_parts} parts of {min_size} to {max_size} samples")
+    if max_size > n_samples:
+        raise ValidationError(f"a part of up to {max_size} samples cannot be drawn from {n_samples}")
+    sizes = rng.integers(min_size, max_size + 1, n_parts) if max_size > min_size else np.full(n_parts, min_size)
+    total = int(sizes.sum())
+    passes = -(-total // n_samples)
+    stream = np.concatenate([rng.permutation(n_samples) for _ in range(passes)])[:total]
+    return np.split(stream, np.cumsum(sizes)[:-1])
