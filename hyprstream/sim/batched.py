@@ -13,7 +13,7 @@ than as one Python object per device. ``tests/sim/test_batched.py`` checks the e
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -156,6 +156,7 @@ class TrainedRows:
 class JobResult:
     rows: list[TrainedRows]
     declined: dict[int, str]  # position in the job's nodes -> the reason the device gave
+    failed: dict[int, str] = field(default_factory=dict)  # position -> the error its ClientApp would raise
 
 
 @dataclass
@@ -265,8 +266,8 @@ class BatchedDevices:
             loss, examples = out.loss[mine], out.num_examples[mine]
             if job.encoding == "int8":
                 delta, bad = int8_roundtrip(delta, [job.seeds[p] for p in positions])
-                for i in np.flatnonzero(bad):
-                    job.result.declined[int(positions[i])] = "cannot encode a tensor with NaN or infinite values"
+                for i in np.flatnonzero(bad):  # the agent's reply fails to encode: its ClientApp raises
+                    job.result.failed[int(positions[i])] = "cannot encode a tensor with NaN or infinite values"
                 keep = ~bad
                 positions, loss, examples = positions[keep], loss[keep], examples[keep]
                 delta = {n: d[keep] for n, d in delta.items()}
@@ -383,6 +384,9 @@ class BatchedFog(FogAggregator):
             g.declined += 1
             g.reasons.append(f"declined: {reason}")
             g.uplink[nodes[pos]] = 0
+        for pos, reason in sorted(result.failed.items()):
+            g.failed += 1
+            g.reasons.append(f"error: {reason}")
         kept: list[tuple[int, float, int]] = []  # (position, train loss, examples) of each contributor
         for rows in result.rows:
             k = len(rows.positions)
