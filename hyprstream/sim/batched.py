@@ -80,14 +80,97 @@ def train_devices(task: Task, weights: Mapping[str, np.ndarray], layers: Sequenc
                          np.array([len(d) for d in datasets]))
 
 
+ROW_MIXING = ("BatchNorm", "InstanceNorm", "GroupNorm", "Dropout", "AlphaDropout")  # batch statistics or randomness
+
+
+@dataclass
+class FrozenSplit:
+    """A model cut where training starts: ``prefix(x)`` computes, with no trained parameter, the values the
+    trained part reads (``boundary``, one per example), and ``suffix(*boundary)`` the model's output from them."""
+
+    prefix: object  # torch.fx.GraphModule: x -> tuple of boundary values
+    suffix: object  # torch.fx.GraphModule: *boundary -> the model's output
+
+
+def split_frozen(model, trained: Sequence[str], sample) -> FrozenSplit | None:
+    """Where the trained parameters are the model's last layers, the part below them is the same function
+    at every step of every device: :func:`train_devices` computes it once per example instead of once per
+    example per step. None when the model cannot be cut so (it does not trace with ``torch.fx``, holds a
+    layer whose output depends on the rest of the batch or on chance, the trained part reads the input
+    itself, or the prefix fails the check that each example's values do not depend on the others in its
+    batch, made on ``sample``)."""
+    import torch
+    import torch.fx as fx
+
+    if any(type(m).__name__.startswith(ROW_MIXING) for m in model.modules()):
+        return None
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 -- a model fx cannot trace trains without the cut
+        return None
+    trained = set(trained)
+    nodes = list(gm.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+
+    def holds_trained(target: str) -> bool:
+        return any(name == target or name.startswith(target + ".") for name in trained) if target else bool(trained)
+
+    dynamic, from_input = set(), {inputs[0]}
+    for n in nodes:
+        args = n.all_input_nodes
+        if (n.op in ("call_module", "get_attr") and holds_trained(str(n.target))) or any(a in dynamic for a in args):
+            dynamic.add(n)
+        elif any(a in from_input for a in args):
+            from_input.add(n)
+    output = next(n for n in nodes if n.op == "output")
+    boundary = [n for n in nodes if n in from_input and n not in dynamic and any(u in dynamic for u in n.users)]
+    if not boundary or inputs[0] in boundary or not any(a in dynamic for a in output.all_input_nodes):
+        return None
+
+    prefix_graph, env = fx.Graph(), {}
+    needed = set()
+
+    def need(n) -> None:
+        if n not in needed:
+            needed.add(n)
+            for a in n.all_input_nodes:
+                need(a)
+
+    for b in boundary:
+        need(b)
+    for n in nodes:
+        if n in needed:
+            env[n] = prefix_graph.node_copy(n, lambda a: env[a])
+    prefix_graph.output(tuple(env[b] for b in boundary))
+    suffix_graph, env = fx.Graph(), {}
+    for i, b in enumerate(boundary):
+        env[b] = suffix_graph.placeholder(f"boundary_{i}")
+    for n in nodes:
+        if n in env or n.op == "placeholder":
+            continue
+        if n in dynamic or n is output or (n not in from_input and any(u in dynamic for u in n.users)):
+            env[n] = suffix_graph.node_copy(n, lambda a: env[a])
+    cut = FrozenSplit(fx.GraphModule(gm, prefix_graph), fx.GraphModule(gm, suffix_graph))
+    # each example's boundary values must not depend on the other examples of its batch
+    with torch.no_grad():
+        rows = sample[: min(4, len(sample))]
+        together = cut.prefix(rows)
+        for i in range(len(rows)):
+            alone = cut.prefix(rows[i:i + 1])
+            for t, a in zip(together, alone, strict=True):
+                if t.shape[0] != len(rows) or not torch.allclose(t[i:i + 1], a, rtol=1e-4, atol=1e-5):
+                    return None
+    return cut
+
+
 def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Dataset], seeds: Sequence[int], *,
                  steps: int, batch_size: int, lr: float, device: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     import torch
-    from torch.func import functional_call, grad_and_value, vmap
+    from torch.func import functional_call, vmap
 
     count = len(datasets)
-    fixed = {n: t.detach() for n, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
-             if n not in trained}
     start = {n: p.detach() for n, p in model.named_parameters() if n in trained}
     params = {n: p.unsqueeze(0).repeat(count, *([1] * p.dim())).clone() for n, p in start.items()}
     exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -99,37 +182,78 @@ def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Datas
     offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), dtype=torch.long)
     x_all = torch.as_tensor(np.concatenate([d.x for d in datasets]), device=device)
     y_all = torch.as_tensor(np.concatenate([d.y for d in datasets]), device=device)
+    cut = split_frozen(model, trained, x_all)
+    net = model
+    if cut is not None:  # the frozen layers' output once per example, not once per example and step
+        with torch.no_grad():
+            parts = [cut.prefix(x_all[lo:lo + 65536]) for lo in range(0, len(x_all), 65536)]
+        inputs = tuple(torch.cat(p) for p in zip(*parts, strict=True))
+        net = cut.suffix
+    else:
+        inputs = (x_all,)
+    fixed = {n: t.detach() for n, t in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()
+             if n not in trained}
     width = min(batch_size, max(sizes))
-    rows = torch.zeros((steps, count, width), dtype=torch.long)
-    mask = torch.zeros((count, width), dtype=x_all.dtype)
-    for i, (n, seed) in enumerate(zip(sizes, seeds)):
-        idx = batch_indices(n, steps, batch_size, seed)
-        rows[:, i, :idx.shape[1]] = idx + offsets[i]
-        mask[i, :idx.shape[1]] = 1.0
+    rows = torch.zeros((count, steps, width), dtype=torch.long)
+    full = [i for i, n in enumerate(sizes) if min(batch_size, n) == width]  # the usual case: one stack
+    if full:
+        rows[full] = torch.stack([batch_indices(sizes[i], steps, batch_size, seeds[i]) for i in full])
+    for i, n in enumerate(sizes):
+        if min(batch_size, n) < width:  # a device with fewer examples than a batch: its batch is shorter
+            rows[i, :, :n] = batch_indices(n, steps, batch_size, seeds[i])
+    widths = torch.as_tensor([min(batch_size, n) for n in sizes])
+    mask = (torch.arange(width).unsqueeze(0) < widths.unsqueeze(1)).to(torch.float32)
+    rows = (rows + offsets.view(count, 1, 1)).transpose(0, 1).contiguous()  # (steps, devices, width)
     rows, mask = rows.to(device), mask.to(device)
-    weight = None if task.class_weights is None else torch.tensor(task.class_weights, dtype=x_all.dtype,
+    weight = None if task.class_weights is None else torch.tensor(task.class_weights, dtype=torch.float32,
                                                                    device=device)
 
-    def loss_of(p, x, y, m):
-        out = functional_call(model, {**fixed, **p}, (x,))
-        each = torch.nn.functional.cross_entropy(out, y, reduction="none")
-        w = m if weight is None else m * weight[y]
-        return (each * w).sum() / w.sum()  # the weighted mean of CrossEntropyLoss over the real rows
+    def forward(p, *x):
+        return functional_call(net, {**fixed, **p}, x)
 
-    step_fn = vmap(grad_and_value(loss_of))
+    # The forward pass vmapped over devices; the loss and its gradient at the logits over every row at once
+    # (CrossEntropyLoss: softmax minus the label's one-hot, times the row's share of its device's weighted
+    # mean); one backward pass from the logits: each device's parameters are its own leaves, so each gets its
+    # own gradient. Buffers are made once and reused: on the CPU, fresh large tensors cost more in page
+    # faults than the arithmetic on them.
+    batched_forward = vmap(forward)
+    per_row = (count, width)
+    xs = tuple(torch.empty((count * width, *t.shape[1:]), dtype=t.dtype, device=device) for t in inputs)
+    y = torch.empty(count * width, dtype=y_all.dtype, device=device)
+    shares = torch.empty(per_row, device=device)
+    denom = {n: torch.empty_like(p) for n, p in params.items()}
     beta1, beta2 = ADAM_BETAS
     total = torch.zeros(count, dtype=torch.float64, device=device)
-    for t in range(1, steps + 1):
-        idx = rows[t - 1]
-        grads, loss = step_fn(params, x_all[idx], y_all[idx], mask)
-        total += loss.detach().to(torch.float64)
-        bc1, bc2_sqrt = 1 - beta1 ** t, (1 - beta2 ** t) ** 0.5
+    for step in range(1, steps + 1):
+        flat = rows[step - 1].view(-1)
+        for buf, t in zip(xs, inputs, strict=True):
+            torch.index_select(t, 0, flat, out=buf)
+        torch.index_select(y_all, 0, flat, out=y)
+        labels = y.view(*per_row, 1)
+        for p in params.values():
+            p.requires_grad_(True)
+        out = batched_forward(params, *(b.view(*per_row, *b.shape[1:]) for b in xs))
+        with torch.no_grad():
+            logits = out.detach()
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = torch.sub(logits, top).exp_()
+            sums = probs.sum(dim=-1, keepdim=True)
+            each = sums.log().add_(top).squeeze_(-1).sub_(logits.gather(-1, labels).squeeze_(-1))  # -log p(label)
+            torch.mul(mask, weight[y].view(per_row), out=shares) if weight is not None else shares.copy_(mask)
+            shares.div_(shares.sum(dim=1, keepdim=True))
+            loss = (each * shares).sum(dim=1)  # each device's (weighted) mean loss
+            grad_out = probs.div_(sums).scatter_add_(-1, labels, torch.full_like(logits[..., :1], -1.0))
+            grad_out.mul_(shares.unsqueeze(-1))
+        grads = dict(zip(params, torch.autograd.grad(out, list(params.values()), grad_out), strict=True))
+        total += loss.to(torch.float64)
+        bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
         with torch.no_grad():
             for n, g in grads.items():  # torch.optim.Adam's update (single-tensor form), every device at once
+                params[n].requires_grad_(False)
                 exp_avg[n].lerp_(g, 1 - beta1)
                 exp_avg_sq[n].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (exp_avg_sq[n].sqrt() / bc2_sqrt).add_(ADAM_EPS)
-                params[n].addcdiv_(exp_avg[n], denom, value=-lr / bc1)
+                torch.sqrt(exp_avg_sq[n], out=denom[n]).div_(bc2_sqrt).add_(ADAM_EPS)
+                params[n].addcdiv_(exp_avg[n], denom[n], value=-lr / bc1)
     delta = {n: (params[n] - start[n].unsqueeze(0)).cpu().numpy() for n in trained}
     return delta, (total / steps).cpu().numpy()
 
