@@ -23,8 +23,10 @@ def plot_accuracy(metrics: MetricsLog, path: Path) -> None:
     for j, fog in enumerate(fogs):  # each fog's points shifted a little sideways, so none hides another
         rows = [r for r in metrics.rows if r.fog == fog]
         shift = (j - (len(fogs) - 1) / 2) * min(0.08, 0.4 / max(1, len(fogs)))
+        # a legend entry per fog up to ten; a large fleet's fogs share one
+        label = f"{fog} (after its round)" if len(fogs) <= 10 else ("each fog (after its round)" if j == 0 else None)
         ax1.plot([r.round + shift for r in rows], [r.accuracy for r in rows], "x--", alpha=0.7, markersize=5,
-                 linewidth=1, label=f"{fog} (after its round)")
+                 linewidth=1, label=label)
     ax1.plot([r.round for r in g], [r.accuracy for r in g], "o-", label="global (core)", linewidth=2, zorder=3,
              markerfacecolor="none")
     _integer_steps(ax1)

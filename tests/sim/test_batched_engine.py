@@ -345,3 +345,33 @@ def test_what_the_batched_engine_does_not_run_is_refused_by_name(tmp_path):
                              "partition": {"scheme": "sampled"}, "runtime": {"engine": "batched"}})
     assert exp.num_agents == 15000
     assert replace(exp.runtime, device="cpu").device == "cpu"
+
+
+def test_the_frozen_cut_is_made_only_where_it_is_the_same_function():
+    import torch
+    from torch import nn
+
+    from hyprstream.sim.batched import split_frozen
+
+    task = get_task("digits")
+    model = task.build_model(seed=0)
+    x = torch.randn(6, 64)
+    cut = split_frozen(model, ["head.weight", "head.bias"], x)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.suffix(*cut.prefix(x)), model(x))
+    assert split_frozen(model, ["fc1.weight", "head.weight"], x) is None  # the trained part reads the input
+
+    class Mixing(nn.Module):  # the frozen part centres each batch: an example's value depends on the others
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.head(h - h.mean(dim=0))
+
+    assert split_frozen(Mixing(), ["head.weight", "head.bias"], torch.randn(5, 4)) is None
+    with_dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    assert split_frozen(with_dropout, ["2.weight", "2.bias"], torch.randn(5, 4)) is None
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert split_frozen(plain, ["2.weight", "2.bias"], torch.randn(5, 4)) is not None
