@@ -68,11 +68,14 @@ def train_devices(task: Task, weights: Mapping[str, np.ndarray], layers: Sequenc
         raise ValidationError(f"unknown layer group(s) {unknown} (model has {sorted(known)})")
     model.to(device).train()
     trained = sorted(params_of(task, model, layers))
+    import torch
+
+    cut = split_frozen(model, trained, torch.as_tensor(np.concatenate([d.x[:2] for d in datasets[:2]]), device=device))
     deltas: dict[str, list[np.ndarray]] = {name: [] for name in trained}
     losses: list[np.ndarray] = []
     for lo in range(0, len(datasets), chunk):
         part = _train_chunk(task, model, trained, datasets[lo:lo + chunk], seeds[lo:lo + chunk], steps=steps,
-                            batch_size=batch_size, lr=lr, device=device)
+                            batch_size=batch_size, lr=lr, device=device, cut=cut)
         for name in trained:
             deltas[name].append(part[0][name])
         losses.append(part[1])
@@ -166,7 +169,8 @@ def split_frozen(model, trained: Sequence[str], sample) -> FrozenSplit | None:
 
 
 def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Dataset], seeds: Sequence[int], *,
-                 steps: int, batch_size: int, lr: float, device: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                 steps: int, batch_size: int, lr: float, device: str,
+                 cut: FrozenSplit | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     import torch
     from torch.func import functional_call, vmap
 
@@ -182,7 +186,6 @@ def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Datas
     offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), dtype=torch.long)
     x_all = torch.as_tensor(np.concatenate([d.x for d in datasets]), device=device)
     y_all = torch.as_tensor(np.concatenate([d.y for d in datasets]), device=device)
-    cut = split_frozen(model, trained, x_all)
     net = model
     if cut is not None:  # the frozen layers' output once per example, not once per example and step
         with torch.no_grad():
@@ -339,27 +342,32 @@ class BatchedDevices:
         from hyprstream.protocol import TrainRequest
 
         jobs, self._pending = self._pending, []
-        # (job index, position, device, seed) per layer set, per shared training settings
+        sizes = self.data.sizes
+        # (job index, position) per layer set, per shared training settings
         groups: dict[tuple, list[tuple[int, int]]] = {}
-        reps: dict[tuple, Job] = {}
+        reps: dict[int, Job] = {}
         for j, job in enumerate(jobs):
             job.result = JobResult([], {})
             request = TrainRequest(model="", model_version=job.version, task=job.task, layers=job.layers,
                                    local_steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=0, weights={})
+            same = (self._weights_key(job, reps), job.steps, job.batch_size, job.lr)
+            plans: dict[tuple, object] = {}  # one plan per (strategy, hybrid layer count): devices share them
             for pos, node in enumerate(job.nodes):
-                if self.data.sizes[node] == 0:
+                if sizes[node] == 0:
                     job.result.declined[pos] = "no local training data"
                     continue
                 layers = job.layers
                 if self.strategies is not None:
-                    plan = strategy_plan(request, self.strategies[node], int(self.hybrid_keep[node]))
+                    mode = (self.strategies[node], int(self.hybrid_keep[node]))
+                    plan = plans.get(mode)
+                    if plan is None:
+                        plan = plans[mode] = strategy_plan(request, *mode)
                     if not plan.accept:
                         job.result.declined[pos] = plan.reason
                         continue
                     layers = tuple(plan.layers)
-                key = (self._weights_key(job, reps), layers, job.steps, job.batch_size, job.lr)
-                groups.setdefault(key, []).append((j, pos))
-        for (_, layers, steps, batch, lr), members in groups.items():
+                groups.setdefault((same, layers), []).append((j, pos))
+        for ((_, steps, batch, lr), layers), members in groups.items():
             self._train_group(jobs, members, layers, steps=steps, batch=batch, lr=lr)
 
     @staticmethod

@@ -40,7 +40,13 @@ class FleetData:
 
     @property
     def sizes(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Each device's number of examples (computed once)."""
+        sizes = self.__dict__.get("_sizes")
+        if sizes is None:
+            sizes = np.diff(self.offsets)
+            sizes.flags.writeable = False
+            object.__setattr__(self, "_sizes", sizes)
+        return sizes
 
     def dataset(self, device: int) -> Dataset:
         lo, hi = int(self.offsets[device]), int(self.offsets[device + 1])
