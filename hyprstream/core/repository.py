@@ -174,12 +174,14 @@ class ModelRepository:
         model = report.model
         with self._lock:
             m = self._manifest(model)
-            manifest = json.loads(json.dumps(m))
-            entry = next((v for v in manifest["versions"] if v["version"] == report.version), None)
-            if entry is None or report.version < 1:
+            at = next((i for i, v in enumerate(m["versions"]) if v["version"] == report.version), None)
+            if at is None or report.version < 1:
                 raise ValidationError(f"model {model!r} has no version {report.version} to evaluate")
             score = {"loss": report.loss, "accuracy": report.accuracy, "devices": report.devices}
+            # the changed entry is a new object (entries of a written manifest are never changed in place)
+            entry = json.loads(json.dumps(m["versions"][at]))
             entry.setdefault("federated", {})[report.fog] = score
+            manifest = {**m, "versions": [*m["versions"][:at], entry, *m["versions"][at + 1:]]}
             self._write_manifest(model, manifest)
             self._commit_audit(model, m, actor or report.fog, "model.evaluation",
                                {"version": report.version, "fog": report.fog, **score})
@@ -331,16 +333,20 @@ class ModelRepository:
             files.update(self._write_layers(model, new_version, tables))
             for layer in touched:
                 clocks[layer] = plan.new_clocks[layer].as_dict()
-            manifest = json.loads(json.dumps(m))
             recorded = {**claims(push), "base_clocks": base_json}  # the base clocks of the layers it changed
-            manifest["versions"].append({
+            entry = {
                 "version": new_version, "parent": head, "created": time.time(), "actor": actor or fog,
                 "layers": touched, "staleness": plan.staleness, "weight": plan.weight, "update_norm": norm,
                 "update_sha256": digest, "update_bytes": lt.nbytes(delta), **recorded, **_scored(score),
-            })
-            manifest["layer_files"][str(new_version)] = files
-            manifest["clocks"][str(new_version)] = clocks
-            manifest["fog_seq"][fog] = seq
+            }
+            # The new manifest shares the old one's entries (a committed entry is never changed in place) and
+            # holds the new ones as JSON gives them back: copying the whole lineage on every commit made a
+            # commit's cost grow with the number of versions times the number of fogs in each clock.
+            new = json.loads(json.dumps({"entry": entry, "files": files, "clocks": clocks}))
+            manifest = {**m, "versions": [*m["versions"], new["entry"]],
+                        "layer_files": {**m["layer_files"], str(new_version): new["files"]},
+                        "clocks": {**m["clocks"], str(new_version): new["clocks"]},
+                        "fog_seq": {**m["fog_seq"], fog: seq}}
             self._write_manifest(model, manifest)
             details = {
                 "version": new_version, "parent": head, "layers": touched,
@@ -432,7 +438,7 @@ class ModelRepository:
         return files
 
     def _write_manifest(self, model: str, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=1).encode()
+        data = json.dumps(manifest, separators=(",", ":")).encode()  # compact: json's C encoder
         self.storage.write_atomic(f"{model}/manifest.json", lambda fh: fh.write(data))
         self._manifests[model] = manifest
 
