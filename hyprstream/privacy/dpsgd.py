@@ -318,26 +318,35 @@ class DpSgdTrainer:
     def train(self, task: Task, net, layers: Sequence[str], data: Dataset, *, steps: int, batch_size: int, lr: float,
               seed: int, model: str, base_version: int, round: str, device: str = "cpu",
               max_seconds: float | None = None) -> PrivateTrainResult:
-        from hyprstream.store import Store
-
         known = set(task.layer_groups(net))
         if not layers or any(layer not in known for layer in layers):
             raise ValidationError(f"unknown layer group(s) in {list(layers)} (model has {sorted(known)})")
-        event = self.settings.event(len(data), batch_size, steps, group=task.examples_per_record)
+        entry = self.charge(task, len(data), batch_size=batch_size, steps=steps, model=model,
+                            base_version=base_version, round=round)
+        result = dp_train_layers(task, net, layers, data, steps=steps, batch_size=batch_size, lr=lr,
+                                 settings=self.settings, generator=_generator(self.settings, seed), device=device,
+                                 max_seconds=max_seconds)
+        return PrivateTrainResult(result.delta, result.loss, result.steps, result.num_examples, privacy=entry)
+
+
+    def charge(self, task: Task, num_examples: int, *, batch_size: int, steps: int, model: str, base_version: int,
+               round: str) -> Entry:
+        """Charge one round's event (``steps`` Poisson-sampled steps at ``batch_size`` of ``num_examples``) to the
+        device's ledger before it trains; raises :class:`~hyprstream.privacy.errors.BudgetExceeded` when the
+        budget cannot pay for it (nothing charged)."""
+        from hyprstream.store import Store
+
+        event = self.settings.event(num_examples, batch_size, steps, group=task.examples_per_record)
         budget = self.settings.budget
         floor = epsilon_floor(event, budget.delta)
         if floor > budget.epsilon:
             check_budget(self.spent(), floor, budget, f"this round (per {task.privacy_unit})")
         with self._lock, Store.open(self.ledger_dir, create=True) as store:
-            entry = PrivacyLedger(store).charge(
+            return PrivacyLedger(store).charge(
                 Scope.DEVICE, self.device_id,
                 Charge(event, model=model, base_version=base_version, round=round, mechanism=MECHANISM,
                        unit=task.privacy_unit),
                 self.settings.budget)
-        result = dp_train_layers(task, net, layers, data, steps=steps, batch_size=batch_size, lr=lr,
-                                 settings=self.settings, generator=_generator(self.settings, seed), device=device,
-                                 max_seconds=max_seconds)
-        return PrivateTrainResult(result.delta, result.loss, result.steps, result.num_examples, privacy=entry)
 
 
 def ledger_dir_for(store_dir: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -47,9 +48,14 @@ def batch_indices(n: int, steps: int, batch_size: int, seed: int):
 
 def train_devices(task: Task, weights: Mapping[str, np.ndarray], layers: Sequence[str], datasets: Sequence[Dataset],
                   *, steps: int, batch_size: int, lr: float, seeds: Sequence[int], device: str = "cpu",
-                  chunk: int = 4096) -> BatchedResult:
+                  chunk: int = 4096, private=None) -> BatchedResult:
     """Train ``layers`` of the task's model, starting from ``weights``, on each of ``datasets`` (one per
-    device, with ``seeds[i]`` for device ``i``) for ``steps`` steps; ``chunk`` devices at a time."""
+    device, with ``seeds[i]`` for device ``i``) for ``steps`` steps; ``chunk`` devices at a time.
+
+    With ``private`` (:class:`~hyprstream.privacy.dpsgd.DpSgd`, ``secure`` false) each device trains as
+    :func:`~hyprstream.privacy.dpsgd.dp_train_layers` trains it with the generator seeded by its seed: its
+    own Poisson samples and noise, every example's gradient clipped, the noised sum divided by its
+    expected batch size (the caller charges each device's ledger first)."""
 
     from hyprstream.learning.trainer import load_weights, params_of
 
@@ -74,8 +80,9 @@ def train_devices(task: Task, weights: Mapping[str, np.ndarray], layers: Sequenc
     deltas: dict[str, list[np.ndarray]] = {name: [] for name in trained}
     losses: list[np.ndarray] = []
     for lo in range(0, len(datasets), chunk):
-        part = _train_chunk(task, model, trained, datasets[lo:lo + chunk], seeds[lo:lo + chunk], steps=steps,
-                            batch_size=batch_size, lr=lr, device=device, cut=cut)
+        run = _train_chunk if private is None else partial(_private_chunk, settings=private)
+        part = run(task, model, trained, datasets[lo:lo + chunk], seeds[lo:lo + chunk], steps=steps,
+                   batch_size=batch_size, lr=lr, device=device, cut=cut)
         for name in trained:
             deltas[name].append(part[0][name])
         losses.append(part[1])
@@ -168,26 +175,23 @@ def split_frozen(model, trained: Sequence[str], sample) -> FrozenSplit | None:
     return cut
 
 
-def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Dataset], seeds: Sequence[int], *,
-                 steps: int, batch_size: int, lr: float, device: str,
-                 cut: FrozenSplit | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _chunk_state(model, trained: list[str], datasets: Sequence[Dataset], device: str, cut: FrozenSplit | None):
+    """What a chunk's training starts from: the trained parameters (their start, per-device copies and Adam's
+    state), the network it runs (the model, or its part above the frozen cut) with its fixed tensors, every
+    device's rows in one tensor per input (the frozen cut's output when there is one: once per example, not
+    once per example and step), labels, sizes and each device's first row."""
     import torch
-    from torch.func import functional_call, vmap
 
     count = len(datasets)
     start = {n: p.detach() for n, p in model.named_parameters() if n in trained}
     params = {n: p.unsqueeze(0).repeat(count, *([1] * p.dim())).clone() for n, p in start.items()}
-    exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
-    exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-
-    # every device's rows in one tensor; each step gathers each device's batch from it (padded to the
-    # largest batch, the padding masked out of the loss)
+    adam = tuple({n: torch.zeros_like(p) for n, p in params.items()} for _ in range(3))  # moments, denominator
     sizes = [len(d) for d in datasets]
     offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), dtype=torch.long)
     x_all = torch.as_tensor(np.concatenate([d.x for d in datasets]), device=device)
     y_all = torch.as_tensor(np.concatenate([d.y for d in datasets]), device=device)
     net = model
-    if cut is not None:  # the frozen layers' output once per example, not once per example and step
+    if cut is not None:
         with torch.no_grad():
             parts = [cut.prefix(x_all[lo:lo + 65536]) for lo in range(0, len(x_all), 65536)]
         inputs = tuple(torch.cat(p) for p in zip(*parts, strict=True))
@@ -196,6 +200,96 @@ def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Datas
         inputs = (x_all,)
     fixed = {n: t.detach() for n, t in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()
              if n not in trained}
+    return start, params, adam, net, fixed, inputs, y_all, sizes, offsets
+
+
+def _adam(params, grads, exp_avg, exp_avg_sq, denom, *, step: int, lr: float) -> None:
+    """torch.optim.Adam's update (its single-tensor form, torch's default betas and eps), every device at once."""
+    import torch
+
+    beta1, beta2 = ADAM_BETAS
+    bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+    with torch.no_grad():
+        for n, g in grads.items():
+            exp_avg[n].lerp_(g, 1 - beta1)
+            exp_avg_sq[n].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            torch.sqrt(exp_avg_sq[n], out=denom[n]).div_(bc2_sqrt).add_(ADAM_EPS)
+            params[n].addcdiv_(exp_avg[n], denom[n], value=-lr / bc1)
+
+
+def _private_chunk(task: Task, model, trained: list[str], datasets: Sequence[Dataset], seeds: Sequence[int], *,
+                   steps: int, batch_size: int, lr: float, device: str, cut: FrozenSplit | None,
+                   settings) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """DP-SGD (DP-Adam) of every device of a chunk, as :func:`~hyprstream.privacy.dpsgd.dp_train_layers`
+    trains one: per device a CPU generator seeded with its seed draws the noise generator's seed, then each
+    step's Poisson sample (rate batch / n); each sampled example's gradient (of its own, class-weighted
+    loss) is clipped to ``max_grad_norm`` (Opacus' factor ``min(1, C / (||g|| + 1e-6))``), the clipped sum
+    gets the device's noise (``N(0, (z C)^2)`` per parameter, Opacus' draw) and is divided by the expected
+    batch size; an empty sample is a noise-only step."""
+    import torch
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from hyprstream.privacy.dpsgd import noise_generator
+
+    if settings.secure:
+        raise ValidationError("the batched engine runs seeded DP-SGD only (a simulation's)")
+    count = len(datasets)
+    start, params, (exp_avg, exp_avg_sq, denom), net, fixed, inputs, y_all, sizes, offsets = \
+        _chunk_state(model, trained, datasets, device, cut)
+    gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    noise = [noise_generator(g, device) for g in gens]  # drawn first, as dp_train_layers does
+    rates = [min(1.0, batch_size / n) for n in sizes]
+    expected = torch.tensor([max(1, round(r * n)) for r, n in zip(rates, sizes)], dtype=torch.float32, device=device)
+    clip, std = settings.max_grad_norm, settings.noise_multiplier * settings.max_grad_norm
+    weight = None if task.class_weights is None else torch.tensor(task.class_weights, dtype=torch.float32,
+                                                                   device=device)
+
+    def example_loss(p, y, *x):  # one example's own loss (its class weight included)
+        out = functional_call(net, {**fixed, **p}, tuple(t.unsqueeze(0) for t in x))
+        return torch.nn.functional.cross_entropy(out, y.unsqueeze(0), weight=weight, reduction="none")[0]
+
+    k = len(inputs)
+    per_example = vmap(vmap(grad_and_value(example_loss), in_dims=(None, 0, *[0] * k)), in_dims=(0, 0, *[0] * k))
+    total = torch.zeros(count, dtype=torch.float64, device=device)
+    nonempty = torch.zeros(count, dtype=torch.float64, device=device)
+    for step in range(1, steps + 1):
+        chosen = [torch.nonzero(torch.rand(n, generator=g) < r).flatten() for n, g, r in zip(sizes, gens, rates)]
+        counts = torch.tensor([len(c) for c in chosen], dtype=torch.float32)
+        width = max(1, int(counts.max()))
+        idx = torch.zeros((count, width), dtype=torch.long)
+        for i, c in enumerate(chosen):
+            idx[i, :len(c)] = c + offsets[i]
+        mask = (torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)).to(torch.float32).to(device)
+        idx = idx.to(device)
+        grads, losses = per_example(params, y_all[idx], *(t[idx] for t in inputs))
+        with torch.no_grad():
+            sq = sum(g.flatten(2).pow(2).sum(dim=-1) for g in grads.values())
+            factor = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0) * mask
+            noised = {}
+            for n in params:  # the model's order: the order each device draws its noise in
+                summed = torch.einsum("dw,dw...->d...", factor, grads[n])
+                draw = torch.stack([torch.normal(0.0, std, size=tuple(summed.shape[1:]), generator=gen,
+                                                 device=device) for gen in noise])
+                noised[n] = (summed + draw) / expected.view(-1, *([1] * (summed.dim() - 1)))
+            counts = counts.to(device)
+            some = counts > 0
+            total += torch.where(some, (losses * mask).sum(dim=1) / counts.clamp(min=1), 0).to(torch.float64)
+            nonempty += some.to(torch.float64)
+        _adam(params, noised, exp_avg, exp_avg_sq, denom, step=step, lr=lr)
+    delta = {n: (params[n] - start[n].unsqueeze(0)).cpu().numpy() for n in trained}
+    mean = torch.where(nonempty > 0, total / nonempty.clamp(min=1), float("nan"))
+    return delta, mean.cpu().numpy()
+
+
+def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Dataset], seeds: Sequence[int], *,
+                 steps: int, batch_size: int, lr: float, device: str,
+                 cut: FrozenSplit | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    import torch
+    from torch.func import functional_call, vmap
+
+    count = len(datasets)
+    start, params, (exp_avg, exp_avg_sq, denom), net, fixed, inputs, y_all, sizes, offsets = \
+        _chunk_state(model, trained, datasets, device, cut)
     width = min(batch_size, max(sizes))
     rows = torch.zeros((count, steps, width), dtype=torch.long)
     full = [i for i, n in enumerate(sizes) if min(batch_size, n) == width]  # the usual case: one stack
@@ -224,8 +318,6 @@ def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Datas
     xs = tuple(torch.empty((count * width, *t.shape[1:]), dtype=t.dtype, device=device) for t in inputs)
     y = torch.empty(count * width, dtype=y_all.dtype, device=device)
     shares = torch.empty(per_row, device=device)
-    denom = {n: torch.empty_like(p) for n, p in params.items()}
-    beta1, beta2 = ADAM_BETAS
     total = torch.zeros(count, dtype=torch.float64, device=device)
     for step in range(1, steps + 1):
         flat = rows[step - 1].view(-1)
@@ -249,14 +341,9 @@ def _train_chunk(task: Task, model, trained: list[str], datasets: Sequence[Datas
             grad_out.mul_(shares.unsqueeze(-1))
         grads = dict(zip(params, torch.autograd.grad(out, list(params.values()), grad_out), strict=True))
         total += loss.to(torch.float64)
-        bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
-        with torch.no_grad():
-            for n, g in grads.items():  # torch.optim.Adam's update (single-tensor form), every device at once
-                params[n].requires_grad_(False)
-                exp_avg[n].lerp_(g, 1 - beta1)
-                exp_avg_sq[n].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                torch.sqrt(exp_avg_sq[n], out=denom[n]).div_(bc2_sqrt).add_(ADAM_EPS)
-                params[n].addcdiv_(exp_avg[n], denom[n], value=-lr / bc1)
+        for p in params.values():
+            p.requires_grad_(False)
+        _adam(params, grads, exp_avg, exp_avg_sq, denom, step=step, lr=lr)
     delta = {n: (params[n] - start[n].unsqueeze(0)).cpu().numpy() for n in trained}
     return delta, (total / steps).cpu().numpy()
 
@@ -300,6 +387,8 @@ class Job:
     encoding: str
     nodes: tuple[int, ...]
     seeds: tuple[int, ...]
+    model: str = ""
+    group: str = ""  # the round's name (a Flower message's group ID): what a device's privacy ledger calls it
     result: JobResult | None = None
 
 
@@ -321,6 +410,10 @@ class BatchedDevices:
         self.chunk = chunk
         self.strategies: Sequence | None = None  # each device's Strategy this step (None: every device full)
         self.hybrid_keep: Sequence[int] | None = None  # each device's max_layer_groups_hybrid
+        # DP-SGD (hyprstream.privacy.dpsgd.DpSgd, seeded) and where each device keeps its privacy ledger (a store
+        # per device, <ledgers>/<device name>.privacy, as a simulated agent keeps it beside its store)
+        self.dpsgd = None
+        self.ledgers = None
         self._pending: list[Job] = []
         self.passes = 0  # vmapped training calls made (for reports and tests)
 
@@ -366,9 +459,34 @@ class BatchedDevices:
                         job.result.declined[pos] = plan.reason
                         continue
                     layers = tuple(plan.layers)
+                if self.dpsgd is not None:
+                    refused = self._charge(job, node)
+                    if refused:
+                        job.result.declined[pos] = refused
+                        continue
                 groups.setdefault((same, layers), []).append((j, pos))
         for ((_, steps, batch, lr), layers), members in groups.items():
             self._train_group(jobs, members, layers, steps=steps, batch=batch, lr=lr)
+
+    def _charge(self, job: Job, node: int) -> str | None:
+        """Charge device ``node``'s ledger for ``job``'s round before it trains, as its ClientApp does; the reason
+        it declines when its budget cannot pay (None: charged)."""
+        from hyprstream.agent.client_app import BUDGET_DECLINE, device_name
+        from hyprstream.errors import HyprstreamError
+        from hyprstream.privacy.dpsgd import DpSgdTrainer, ledger_dir_for
+        from hyprstream.privacy.errors import BudgetExceeded
+
+        name = device_name(node)
+        trainer = DpSgdTrainer(self.dpsgd, ledger_dir_for(self.ledgers / name), name)
+        try:
+            trainer.charge(self.task, int(self.data.sizes[node]), batch_size=job.batch_size, steps=job.steps,
+                           model=job.model, base_version=job.version,
+                           round=job.group or f"{job.model}/v{job.version}")
+        except BudgetExceeded:
+            return BUDGET_DECLINE
+        except HyprstreamError as exc:
+            return str(exc)
+        return None
 
     @staticmethod
     def _weights_key(job: Job, reps: dict) -> int:
@@ -387,7 +505,7 @@ class BatchedDevices:
         seeds = [jobs[j].seeds[pos] for j, pos in members]
         datasets = [self.data.dataset(n) for n in nodes]
         out = train_devices(self.task, first.weights, layers, datasets, steps=steps, batch_size=batch, lr=lr,
-                            seeds=seeds, device=self.device, chunk=self.chunk)
+                            seeds=seeds, device=self.device, chunk=self.chunk, private=self.dpsgd)
         self.passes += 1
         names = _model_order(self.task, first.weights, out.delta)
         where = np.array([j for j, _ in members])
@@ -492,7 +610,8 @@ class BatchedFog(FogAggregator):
         p = self.plan
         job = self.devices.submit(Job(weights, base.version, p.task, tuple(layers), p.local_steps, p.batch_size, p.lr,
                                       request.update_encoding.value, nodes,
-                                      tuple(train_seed(self.seed, round_no, index[n]) for n in nodes)))
+                                      tuple(train_seed(self.seed, round_no, index[n]) for n in nodes),
+                                      model=self.model, group=f"{self.name}/round-{round_no}"))
         pending = PendingRound(round_no, base, tuple(layers), set(), nodes, request.payload_bytes() * len(nodes),
                                time.monotonic())
         self._jobs[id(pending)] = (pending, job)

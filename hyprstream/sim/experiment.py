@@ -241,8 +241,6 @@ class Experiment(Checked):
             yield "training.mode", f"buffered: {why}"
         if self.privacy.secagg is not None:
             yield "privacy.secagg", why
-        if self.privacy.dpsgd is not None:
-            yield "privacy.dpsgd", why
         if self.runtime.ray_address:
             yield "runtime.ray_address", "the batched engine runs in this process, on its own device"
 

@@ -383,6 +383,11 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
         engine = BatchedDevices(task, prep.data, device=batched_device(exp.runtime.device),
                                 chunk=exp.runtime.batch_devices)
         engine.hybrid_keep = [p.training.max_layer_groups_hybrid for p in fleet.profiles]
+        if exp.privacy.dpsgd is not None:  # DP-SGD as simulated agents run it: the same settings, a ledger each
+            from hyprstream.agent.client_app import configure_simulation, simulation_dpsgd
+
+            configure_simulation(out / "devices", exp.privacy.dpsgd)
+            engine.dpsgd, engine.ledgers = simulation_dpsgd(out / "devices"), out / "devices"
         # a device is its index: node i is device i (the order the Flower engine sorts its agents into)
         devices = {i: DeviceInfo(device_name(i), data_bucket(int(n))) for i, n in enumerate(prep.sizes)}
 

@@ -375,3 +375,56 @@ def test_the_frozen_cut_is_made_only_where_it_is_the_same_function():
     assert split_frozen(with_dropout, ["2.weight", "2.bias"], torch.randn(5, 4)) is None
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert split_frozen(plain, ["2.weight", "2.bias"], torch.randn(5, 4)) is not None
+
+
+# -- DP-SGD: each device's Poisson samples, clipping, noise and ledger, as its ClientApp's -----------------
+
+
+@pytest.mark.parametrize("name, layers", [("digits", ("head",)), ("digits", ("fc2", "head")),
+                                          ("digits-cnn", ("conv2", "fc", "head"))])  # conv: Opacus' clipping
+def test_private_devices_answer_as_the_client_app(tmp_path, name, layers):
+    from hyprstream.agent.client_app import PrivateTraining
+    from hyprstream.privacy.dpsgd import DpSgd, ledger_dir_for
+    from hyprstream.privacy.ledger import Budget, PrivacyLedger, Scope
+
+    task = get_task(name)
+    weights = model_weights(task.build_model(seed=2))
+    raw = fleet_of(task, [30, 9, 41])
+    stores = write_stores(task, raw, tmp_path / "real")
+    settings = DpSgd(1.1, 0.5, Budget(50.0, 1e-5), secure=False)
+    engine = BatchedDevices(task, decoded(task, raw), chunk=2)
+    engine.dpsgd, engine.ledgers = settings, tmp_path / "batched"
+    seeds = (7, 8, 9)
+    job = engine.submit(Job(weights, 3, name, layers, 6, 8, 0.01, "fp32", (0, 1, 2), seeds, model="m",
+                            group="fog-0/round-1"))
+    rows = engine.result(job).rows[0]
+    for i, (store, seed) in enumerate(zip(stores, seeds)):
+        request = TrainRequest("m", 3, name, layers, 6, 8, 0.01, seed, weights)
+        private = PrivateTraining(settings, ledger_dir_for(store), f"device-{i}")
+        reply = handle_train(request, store, privacy=private, round="fog-0/round-1")
+        assert rows.loss[i] == pytest.approx(reply.train_loss, rel=1e-4)
+        for param, theirs in reply.delta.items():
+            assert_trained_alike(rows.delta[param][i], theirs, step=1e-3 * 0.01 * 6, what=f"{name} {param} {i}")
+        # the same charge in the same ledger format: one entry per device, its event and round
+        with Store.open(ledger_dir_for(tmp_path / "batched" / f"device-{i:04d}"), readonly=True) as mine, \
+                Store.open(ledger_dir_for(store), readonly=True) as theirs:
+            a = PrivacyLedger(mine).entries(Scope.DEVICE)
+            b = PrivacyLedger(theirs).entries(Scope.DEVICE)
+            assert [(e.charge.event, e.charge.round, e.epsilon) for e in a] == \
+                [(e.charge.event, e.charge.round, e.epsilon) for e in b]
+
+
+def test_a_device_over_its_budget_declines_and_trains_nothing(tmp_path):
+    from hyprstream.agent.client_app import BUDGET_DECLINE
+    from hyprstream.privacy.dpsgd import DpSgd
+    from hyprstream.privacy.ledger import Budget
+
+    task = get_task("digits")
+    weights = model_weights(task.build_model(seed=0))
+    engine = BatchedDevices(task, decoded(task, fleet_of(task, [8, 200])))
+    # one round of 40 steps at rate 1 (8 examples, batch 8) costs far more than 5; at rate 0.04 it does not
+    engine.dpsgd, engine.ledgers = DpSgd(1.0, 1.0, Budget(5.0, 1e-5), secure=False), tmp_path
+    result = engine.result(engine.submit(Job(weights, 0, "digits", ("head",), 40, 8, 0.01, "fp32", (0, 1), (1, 2),
+                                             model="m", group="g")))
+    assert result.declined == {0: BUDGET_DECLINE}
+    assert [list(r.positions) for r in result.rows] == [[1]]

@@ -1,7 +1,6 @@
 """The default experiment end to end: Flower's simulation engine, a real core Flight server, real stores."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.flight as flight
