@@ -20,6 +20,7 @@ import numpy as np
 
 from hyprstream.errors import ValidationError
 from hyprstream.fog.aggregator import FogAggregator
+from hyprstream.fog.secure import SecureFogAggregator
 from hyprstream.learning.task import Dataset, Task
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_layers uses it
@@ -673,5 +674,104 @@ class BatchedFog(FogAggregator):
         return g
 
 
-__all__ = ["BatchedDevices", "BatchedFog", "BatchedResult", "Job", "JobResult", "TrainedRows", "batch_indices", "int8_roundtrip",
+class BatchedSecureFog(SecureFogAggregator):
+    """Secure rounds of a :class:`BatchedFog` that compute what the SecAgg+ protocol outputs, not its
+    exchange: the round is planned by :class:`~hyprstream.fog.secure.SecureFogAggregator` itself (client-level
+    DP's sample and budget, the quantizer and layout, the neighbour graph and threshold), every asked device
+    trains, and each device that answers encodes its delta as its secure-aggregation middleware would
+    (:func:`~hyprstream.privacy.contribution.encode`: clipped, quantized with stochastic rounding, with its
+    distributed noise; the randomness seeded from its request, as a simulation's middleware seeds it); the
+    fog gets the sum of those field vectors modulo the field, over the devices the protocol's graph keeps
+    (a device whose live neighbours fall below the threshold is dropped; fewer than the round's minimum
+    aborts it), and releases it as a secure round does (client-level DP's noise and charge included).
+    No keys, masks or shares are made: the transcript hash covers no public keys, and the uplink counted
+    is each survivor's field vector."""
+
+    def __init__(self, fog, secagg, client_dp=None, *, ledger=None, source=None) -> None:
+        super().__init__(fog, secagg, client_dp, ledger=ledger, source=source)
+        self._jobs: dict[int, tuple[object, Job]] = {}
+
+    def start_round(self, round_no: int, base=None, nodes=None, sampling=None):
+        from hyprstream.protocol import train_seed
+        from hyprstream.store import layer_table as lt
+
+        fog = self.fog
+        base = base if base is not None else fog.pull()
+        nodes = tuple(fog.node_ids if nodes is None else nodes)
+        self._known(nodes)
+        nodes, expected = self._sample(nodes, sampling)
+        pending = self._plan(round_no, base, nodes, expected)
+        if pending.aborted:
+            return pending
+        weights = lt.to_arrays(base.table)
+        index = {node: i for i, node in enumerate(fog.node_ids)}
+        request = fog.train_request(base, pending.layers, round_no, 0, weights, encoded=False)
+        pending.bytes_down = request.payload_bytes() * len(nodes)
+        p = fog.plan
+        job = fog.devices.submit(Job(weights, base.version, p.task, tuple(pending.layers), p.local_steps,
+                                     p.batch_size, p.lr, "fp32", nodes,
+                                     tuple(train_seed(fog.seed, round_no, index[n]) for n in nodes),
+                                     model=fog.model, group=pending.group_id))
+        self._jobs[id(pending)] = (pending, job)
+        return pending
+
+    def _run_stages(self, pending, counts, reasons, uplink, seconds):
+        import time
+
+        from hyprstream.privacy.contribution import encode
+        from hyprstream.privacy.errors import SecAggAborted
+        from hyprstream.privacy.noise import SeededRandom
+        from hyprstream.privacy.quantize import field_add
+        from hyprstream.privacy.secagg import SecAggSum
+        from hyprstream.protocol import train_seed
+
+        t0 = time.monotonic()
+        held = self._jobs.pop(id(pending), None)
+        if held is None or held[0] is not pending:
+            raise ValidationError(f"fog {self.fog.name!r}: round {pending.round} was not started here")
+        job = held[1]
+        result = self.fog.devices.result(job)
+        spec, server = pending.spec, pending.server
+        for _, reason in sorted(result.declined.items()):
+            counts["declined"] += 1
+            reasons.append(f"declined: {reason}")
+        for _, reason in sorted(result.failed.items()):
+            counts["failed"] += 1
+            reasons.append(f"error: {reason}")
+        vectors: dict[int, np.ndarray] = {}  # protocol index (position + 1) -> its field vector
+        asked = tuple(pending.layers)
+        for rows in result.rows:
+            trained = None
+            if rows.layers != asked:  # a device in its hybrid strategy: zeros and weight 0 for the rest
+                if spec.n_groups != len(asked):
+                    for _ in rows.positions:
+                        counts["declined"] += 1
+                        reasons.append(f"declined: this round sums the layer groups {list(asked)} as one; "
+                                       f"this device trained {list(rows.layers)}")
+                    continue
+                trained = [asked.index(layer) for layer in rows.layers]
+            for k, pos in enumerate(rows.positions.tolist()):
+                index = pos + 1
+                source = SeededRandom(train_seed(job.seeds[pos], 0, index))
+                delta = {n: d[k] for n, d in rows.delta.items()}
+                try:
+                    vectors[index] = encode(delta, int(rows.num_examples[k]), spec, source, trained).vector
+                except ValidationError as exc:  # the middleware refuses the setup stage
+                    counts["refused"] += 1
+                    reasons.append(f"refused: client refused the setup stage: {exc}")
+        survivors = server._prune(set(vectors))  # the protocol's dropout: too few live neighbours, too few left
+        if not survivors:
+            raise SecAggAborted("secure aggregation: no masked inputs")
+        total = None
+        for i in sorted(survivors):
+            if total is None:
+                total = vectors[i].copy()
+            else:
+                field_add(total, vectors[i])
+            uplink[pending.nodes[i - 1]] = int(vectors[i].nbytes)
+        seconds["batched"] = time.monotonic() - t0
+        return SecAggSum(total, tuple(sorted(survivors)), (), ())
+
+
+__all__ = ["BatchedDevices", "BatchedFog", "BatchedResult", "BatchedSecureFog", "Job", "JobResult", "TrainedRows", "batch_indices", "int8_roundtrip",
            "train_devices"]

@@ -239,8 +239,6 @@ class Experiment(Checked):
         why = "the batched engine does not run it: use [runtime] engine = \"flower\""
         if self.training.mode is TrainingMode.BUFFERED:
             yield "training.mode", f"buffered: {why}"
-        if self.privacy.secagg is not None:
-            yield "privacy.secagg", why
         if self.runtime.ray_address:
             yield "runtime.ray_address", "the batched engine runs in this process, on its own device"
 

@@ -248,6 +248,10 @@ def _lane(exp: Experiment, fog: FogAggregator, out: Path, j: int) -> Lane:
         secagg = replace(secagg, stage_timeout_s=max(secagg.stage_timeout_s, exp.runtime.round_timeout_s))
     if exp.privacy.client_dp is not None:
         ledger = open_ledger(out / "fogs" / fog.name / "privacy")
+    from hyprstream.sim.batched import BatchedFog, BatchedSecureFog
+
+    if secagg is not None and isinstance(fog, BatchedFog):  # the protocol's output, computed (docs/architecture.md)
+        return Lane(BatchedSecureFog(fog, secagg, exp.privacy.client_dp, ledger=ledger, source=source))
     return Lane(round_runner(fog, secagg, exp.privacy.client_dp, ledger=ledger, source=source))
 
 

@@ -329,7 +329,6 @@ def test_what_the_batched_engine_does_not_run_is_refused_by_name(tmp_path):
 
     base = {"name": "x", "runtime": {"engine": "batched"}}
     cases = {
-        "privacy.secagg": {"privacy": {"secagg": {"clip": 1.0}}},
         "training.mode": {"training": {"mode": "buffered"}},
         "runtime.ray_address": {"runtime": {"engine": "batched", "ray_address": "127.0.0.1:1"}},
         "runtime.device": {"runtime": {"engine": "batched", "device": "tpu"}},
@@ -428,3 +427,72 @@ def test_a_device_over_its_budget_declines_and_trains_nothing(tmp_path):
                                              model="m", group="g")))
     assert result.declined == {0: BUDGET_DECLINE}
     assert [list(r.positions) for r in result.rows] == [[1]]
+
+
+# -- secure aggregation: the protocol's output, computed ------------------------------------------------------
+
+
+def secure_fog(task, raw, *, secagg, strategies=None):
+    from hyprstream.privacy.noise import SeededRandom
+    from hyprstream.sim.batched import BatchedSecureFog
+
+    engine = BatchedDevices(task, decoded(task, raw))
+    if strategies is not None:
+        engine.strategies, engine.hybrid_keep = strategies, [1] * len(strategies)
+    plan = RoundPlan(task=task.name, layers=("fc2", "head"), local_steps=5, batch_size=8, lr=0.01)
+    fog = BatchedFog("fog-a", engine, list(range(len(raw))), None, "m", plan, seed=4)
+    return BatchedSecureFog(fog, secagg, source=SeededRandom(0))
+
+
+def test_a_batched_secure_round_releases_the_mean_of_the_clipped_quantized_inputs(tmp_path):
+    from hyprstream.privacy.config import SecAggConfig
+    from hyprstream.privacy.contribution import encode
+    from hyprstream.privacy.noise import SeededRandom
+    from hyprstream.protocol import train_seed
+
+    task = get_task("digits")
+    raw = fleet_of(task, [30, 25, 40, 12])
+    secure = secure_fog(task, raw, secagg=SecAggConfig(clip=0.05, min_clients=2))
+    base = snapshot_of(task, model_weights(task.build_model(seed=1)))
+    pending = secure.start_round(1, base)
+    counts = {"declined": 0, "refused": 0, "failed": 0, "silent": 0}
+    uplink: dict = {}
+    result = secure._run_stages(pending, counts, [], uplink, {})
+    delta, _, transcript = secure._release(pending, result)
+    assert result.survivors == (1, 2, 3, 4) and not any(counts.values()) and len(transcript) == 64
+    assert set(uplink) == {0, 1, 2, 3} and set(uplink.values()) == {pending.spec.dim * pending.spec.quantizer.dtype.itemsize}
+    # the reference: each device's ClientApp training, encoded by hand as its middleware encodes it, summed
+    spec, stores = pending.spec, write_stores(task, raw, tmp_path)
+    total = np.zeros(spec.dim, dtype=np.int64)
+    for pos, store in enumerate(stores, start=1):
+        seed = train_seed(4, 1, pos - 1)
+        reply = handle_train(TrainRequest("m", base.version, "digits", ("fc2", "head"), 5, 8, 0.01, seed,
+                                          lt.to_arrays(base.table)), store)
+        enc = encode(reply.delta, reply.num_examples, spec, SeededRandom(train_seed(seed, 0, pos)))
+        total += spec.quantizer.decode_sum(enc.vector, 1)
+    want = spec.layout.unflatten(spec.quantizer.dequantize(total[:spec.layout.size]) / 4, np.float32)
+    # the field's levels (here ~1e-9) are finer than float32 training agrees to: float tolerance, not a level
+    for name, value in want.items():
+        np.testing.assert_allclose(delta[name], value, rtol=1e-4, atol=1e-8, err_msg=name)
+
+
+def test_a_batched_secure_round_drops_and_aborts_as_the_protocol_does():
+    from hyprstream.privacy.config import SecAggConfig
+
+    task = get_task("digits")
+    raw = fleet_of(task, [20] * 5)
+    # two devices in minimal: three inputs, fewer than min_clients = 4: nothing released, the reason named
+    secure = secure_fog(task, raw, secagg=SecAggConfig(clip=0.5, min_clients=4),
+                        strategies=(Strategy.FULL, Strategy.MINIMAL, Strategy.FULL, Strategy.MINIMAL, Strategy.FULL))
+    base = snapshot_of(task, model_weights(task.build_model(seed=1)))
+    round_ = secure.finish_round(secure.start_round(1, base, nodes=[0, 1, 2, 3, 4]))
+    assert round_.version is None and round_.declined == 2 and round_.participants == 0
+    assert any("aborted" in r and "at least 4 needed" in r for r in round_.reasons), round_.reasons
+    # a hybrid device trains the head only: its input carries zeros and a zero weight for fc2, as its
+    # middleware encodes it, and counts
+    secure = secure_fog(task, raw, secagg=SecAggConfig(clip=0.5, min_clients=2),
+                        strategies=(Strategy.HYBRID,) + (Strategy.FULL,) * 4)
+    pending = secure.start_round(1, base)
+    counts = {"declined": 0, "refused": 0, "failed": 0, "silent": 0}
+    result = secure._run_stages(pending, counts, [], {}, {})
+    assert pending.spec.n_groups == 2 and result.survivors == (1, 2, 3, 4, 5) and not any(counts.values())
