@@ -15,7 +15,10 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
 
 # MiniLM's export and quantization are the smoke run's longest part; its ONNX path is tested on its own
 # (tests/agent/test_tasks.py::test_text_model_on_onnx_runtime)
-EXTRA = {"bench_agent.py": ["--no-text"]}
+EXTRA = {"bench_agent.py": ["--no-text"],
+         # the engines mode (the batched engine against the Flower engine) is bench_sim's only coverage; its
+         # default mode's two cases are the harness and flat runs tests/sim/test_flat.py runs
+         "bench_sim.py": ["--engines", "--rounds", "2"]}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -310,7 +310,8 @@ class UpdateSum(_Updates):
         self._relative = 0.0  # sum_i w_i / scale
         self._total = 0.0
 
-    def _keep(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
+    def _raise_scale(self, weight: float) -> None:
+        """Keep ``scale`` the largest weight so far: a larger one rescales the sums once (a factor in (0, 1))."""
         if weight > self._scale:
             if self._relative:
                 factor = self._scale / weight
@@ -318,6 +319,9 @@ class UpdateSum(_Updates):
                     acc *= self.dtype.type(factor)
                 self._relative *= factor
             self._scale = weight
+
+    def _keep(self, checked: Mapping[str, np.ndarray], weight: float) -> None:
+        self._raise_scale(weight)
         coef = weight / self._scale if weight else 0.0
         if coef:
             for name, flat in checked.items():
@@ -327,14 +331,7 @@ class UpdateSum(_Updates):
 
     def _keep_rows(self, rows: Mapping[str, np.ndarray], weights: np.ndarray) -> None:
         # the running sum's invariant (coefficients w / scale in [0, 1]), the rows summed as one matrix product
-        top = float(weights.max())
-        if top > self._scale:
-            if self._relative:
-                factor = self._scale / top
-                for acc in self._sums.values():
-                    acc *= self.dtype.type(factor)
-                self._relative *= factor
-            self._scale = top
+        self._raise_scale(float(weights.max()))
         if self._scale > 0:
             coef = (weights / self._scale).astype(self.dtype)
             for name, m in rows.items():

@@ -170,13 +170,7 @@ class FogAggregator:
     def start_round(self, round_no: int, base: Snapshot | None = None,
                     nodes: Sequence[int] | None = None) -> PendingRound:
         """Send train requests to ``nodes`` (default: all of this fog's agents)."""
-        base = base if base is not None else self.pull()
-        nodes = tuple(self.node_ids if nodes is None else nodes)
-        unknown = set(nodes) - set(self.node_ids)
-        if unknown:
-            raise ValidationError(f"fog {self.name!r} has no agents {sorted(unknown)}")
-        weights = lt.to_arrays(base.table)
-        layers = self.plan.layers or tuple(lt.layers_in(base.table))
+        base, nodes, weights, layers = self.round_inputs(base, nodes)
         messages = []
         bytes_down = 0
         index = {node: i for i, node in enumerate(self.node_ids)}
@@ -198,6 +192,17 @@ class FogAggregator:
         log.info("fog %s round %d: sent layers %s of version %d to %d agents",
                  self.name, round_no, list(layers), base.version, len(ids))
         return PendingRound(round_no, base, layers, ids, nodes, bytes_down, time.monotonic())
+
+    def round_inputs(self, base: Snapshot | None, nodes: Sequence[int] | None
+                     ) -> tuple[Snapshot, tuple[int, ...], dict[str, np.ndarray], tuple[str, ...]]:
+        """A round's base (pulled when None), its agents (default: all; an agent not this fog's is refused), the
+        base's weights and the layer groups the round trains."""
+        base = base if base is not None else self.pull()
+        nodes = tuple(self.node_ids if nodes is None else nodes)
+        unknown = set(nodes) - set(self.node_ids)
+        if unknown:
+            raise ValidationError(f"fog {self.name!r} has no agents {sorted(unknown)}")
+        return base, nodes, lt.to_arrays(base.table), tuple(self.plan.layers or lt.layers_in(base.table))
 
     def collect(self, pending: PendingRound, poll_s: float | None = None) -> list[Message]:
         """Replies for ``pending`` until all have arrived or the round's timeout passes (asking the grid every

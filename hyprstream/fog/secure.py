@@ -144,13 +144,10 @@ class SecureFogAggregator(WrappedFog):
         they are Poisson-sampled first, at ``client_sampling_rate`` or at the rates of a telemetry
         ``sampling`` (:func:`~hyprstream.fog.selection.inclusion_rates`, ``nodes`` then its agents)."""
         fog = self.fog
-        base = base if base is not None else fog.pull()
-        nodes = tuple(fog.node_ids if nodes is None else nodes)
-        self._known(nodes)
-        nodes, expected = self._sample(nodes, sampling)
-        pending = self._plan(round_no, base, nodes, expected)
+        pending = self.plan_round(round_no, base, nodes, sampling)
         if pending.aborted:
             return pending
+        base, nodes = pending.base, pending.nodes
         weights = lt.to_arrays(base.table)
         index = {node: i for i, node in enumerate(fog.node_ids)}
         messages = []
@@ -162,6 +159,16 @@ class SecureFogAggregator(WrappedFog):
             messages.append(Message(wire.setup_content(request.to_content(), setup), dst_node_id=node,
                                     message_type=wire.SECAGG_MESSAGE_TYPE, group_id=pending.group_id))
         return self._send(pending, messages)
+
+    def plan_round(self, round_no: int, base=None, nodes: Sequence[int] | None = None,
+                   sampling: Sampling | None = None) -> PendingSecureRound:
+        """Round ``round_no`` planned, nothing sent: its base (pulled when None), its agents after client-level
+        DP's sample, the encoding and the protocol's server (``aborted`` says why it cannot start)."""
+        base = base if base is not None else self.fog.pull()
+        nodes = tuple(self.fog.node_ids if nodes is None else nodes)
+        self._known(nodes)
+        nodes, expected = self._sample(nodes, sampling)
+        return self._plan(round_no, base, nodes, expected)
 
     def start_cohort(self, round_no: int, base, held: Mapping[int, tuple[bytes, float]]) -> PendingSecureRound:
         """A buffered fog's secure round over the agents that trained and hold a delta: ``held`` maps each

@@ -555,6 +555,12 @@ class SecAggServer:
     def neighbours(self, i: int) -> tuple[int, ...]:
         return self.graph[i]
 
+    def survivors(self, alive: set[int]) -> set[int]:
+        """Who the round keeps when only ``alive`` answer: clients with fewer than t live neighbours dropped until
+        none is left with too few; SecAggAborted below ``min_survivors`` (the batched simulator computes the
+        protocol's output with it)."""
+        return self._prune(alive)
+
     def _prune(self, alive: set[int]) -> set[int]:
         """Drop clients with fewer than t live neighbours until none is left with too few."""
         alive = set(alive)

@@ -596,27 +596,27 @@ class BatchedFog(FogAggregator):
         import time
 
         from hyprstream.fog.aggregator import PendingRound
-        from hyprstream.protocol import train_seed
-        from hyprstream.store import layer_table as lt
 
-        base = base if base is not None else self.pull()
-        nodes = tuple(self.node_ids if nodes is None else nodes)
-        unknown = set(nodes) - set(self.node_ids)
-        if unknown:
-            raise ValidationError(f"fog {self.name!r} has no agents {sorted(unknown)}")
-        weights = lt.to_arrays(base.table)
-        layers = self.plan.layers or tuple(lt.layers_in(base.table))
-        index = {node: i for i, node in enumerate(self.node_ids)}
+        base, nodes, weights, layers = self.round_inputs(base, nodes)
         request = self.train_request(base, layers, round_no, 0, weights)
-        p = self.plan
-        job = self.devices.submit(Job(weights, base.version, p.task, tuple(layers), p.local_steps, p.batch_size, p.lr,
-                                      request.update_encoding.value, nodes,
-                                      tuple(train_seed(self.seed, round_no, index[n]) for n in nodes),
-                                      model=self.model, group=f"{self.name}/round-{round_no}"))
-        pending = PendingRound(round_no, base, tuple(layers), set(), nodes, request.payload_bytes() * len(nodes),
+        job = self.submit(round_no, base, nodes, weights, layers, request.update_encoding.value,
+                          f"{self.name}/round-{round_no}")
+        pending = PendingRound(round_no, base, layers, set(), nodes, request.payload_bytes() * len(nodes),
                                time.monotonic())
         self._jobs[id(pending)] = (pending, job)
         return pending
+
+    def submit(self, round_no: int, base, nodes: Sequence[int], weights, layers: Sequence[str], encoding: str,
+               group: str) -> Job:
+        """Hand round ``round_no``'s train request to ``nodes`` to the devices: the plan's settings, each agent's
+        seed (:func:`~hyprstream.protocol.train_seed` of its index, as a sent request carries it)."""
+        from hyprstream.protocol import train_seed
+
+        p, index = self.plan, {node: i for i, node in enumerate(self.node_ids)}
+        return self.devices.submit(Job(weights, base.version, p.task, tuple(layers), p.local_steps, p.batch_size,
+                                       p.lr, encoding, tuple(nodes),
+                                       tuple(train_seed(self.seed, round_no, index[n]) for n in nodes),
+                                       model=self.model, group=group))
 
     def gather(self, pending, *, clip: float | None = None):
         from hyprstream.fog.aggregate import Aggregation, updates_for
@@ -692,26 +692,16 @@ class BatchedSecureFog(SecureFogAggregator):
         self._jobs: dict[int, tuple[object, Job]] = {}
 
     def start_round(self, round_no: int, base=None, nodes=None, sampling=None):
-        from hyprstream.protocol import train_seed
         from hyprstream.store import layer_table as lt
 
         fog = self.fog
-        base = base if base is not None else fog.pull()
-        nodes = tuple(fog.node_ids if nodes is None else nodes)
-        self._known(nodes)
-        nodes, expected = self._sample(nodes, sampling)
-        pending = self._plan(round_no, base, nodes, expected)
+        pending = self.plan_round(round_no, base, nodes, sampling)
         if pending.aborted:
             return pending
-        weights = lt.to_arrays(base.table)
-        index = {node: i for i, node in enumerate(fog.node_ids)}
-        request = fog.train_request(base, pending.layers, round_no, 0, weights, encoded=False)
-        pending.bytes_down = request.payload_bytes() * len(nodes)
-        p = fog.plan
-        job = fog.devices.submit(Job(weights, base.version, p.task, tuple(pending.layers), p.local_steps,
-                                     p.batch_size, p.lr, "fp32", nodes,
-                                     tuple(train_seed(fog.seed, round_no, index[n]) for n in nodes),
-                                     model=fog.model, group=pending.group_id))
+        weights = lt.to_arrays(pending.base.table)
+        request = fog.train_request(pending.base, pending.layers, round_no, 0, weights, encoded=False)
+        pending.bytes_down = request.payload_bytes() * len(pending.nodes)
+        job = fog.submit(round_no, pending.base, pending.nodes, weights, pending.layers, "fp32", pending.group_id)
         self._jobs[id(pending)] = (pending, job)
         return pending
 
@@ -759,7 +749,7 @@ class BatchedSecureFog(SecureFogAggregator):
                 except ValidationError as exc:  # the middleware refuses the setup stage
                     counts["refused"] += 1
                     reasons.append(f"refused: client refused the setup stage: {exc}")
-        survivors = server._prune(set(vectors))  # the protocol's dropout: too few live neighbours, too few left
+        survivors = server.survivors(set(vectors))  # the protocol's dropout: too few live neighbours, too few left
         if not survivors:
             raise SecAggAborted("secure aggregation: no masked inputs")
         total = None

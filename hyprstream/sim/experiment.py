@@ -266,21 +266,23 @@ class Experiment(Checked):
 
 
 def reduced(exp: Experiment) -> Experiment:
-    """The same experiment at smoke-test size (CI): few steps, few agents, short local training."""
+    """The same experiment at smoke-test size (CI): few steps, few agents and at most 10 fogs, short local training."""
     from dataclasses import replace
 
     # a natural partition has one device per data source: its fleet size is fixed
     natural = exp.partition.scheme is PartitionScheme.NATURAL
     agents = exp.fleet.agents_per_fog if natural else min(exp.fleet.agents_per_fog, 3)
+    fogs = exp.fleet.fogs if natural else min(exp.fleet.fogs, 10)
     steps, local = min(exp.training.global_steps, 2), min(exp.training.local_steps, 10)
-    note = (f"Reduced run (`--quick`): {exp.fleet.fogs} fog(s) x {agents} agent(s), {steps} global step(s) of "
+    note = (f"Reduced run (`--quick`): {fogs} fog(s) x {agents} agent(s), {steps} global step(s) of "
             f"{local} local step(s); the description above is of the full experiment "
             f"({exp.fleet.fogs} x {exp.fleet.agents_per_fog}, {exp.training.global_steps} x "
             f"{exp.training.local_steps}).")
     return replace(
         exp,
         description=f"{exp.description.rstrip()}\n\n{note}" if exp.description.strip() else note,
-        fleet=replace(exp.fleet, agents_per_fog=agents, clients_per_round=min(exp.fleet.clients_per_round, agents)),
+        fleet=replace(exp.fleet, fogs=fogs, agents_per_fog=agents,
+                      clients_per_round=min(exp.fleet.clients_per_round, agents)),
         training=replace(exp.training, global_steps=steps, local_steps=local,
                          min_replies=min(exp.training.min_replies, agents)),
         pretrain=replace(exp.pretrain, steps=min(exp.pretrain.steps, 20)),

@@ -104,7 +104,7 @@ class Manifest:
             "next_segment_id": self.next_segment_id,
             "tables": {name: t.to_dict() for name, t in self.tables.items()},
         }
-        return json.dumps(doc, indent=1).encode()
+        return json.dumps(doc, separators=(",", ":")).encode()  # compact: json's C encoder (written per commit)
 
     @classmethod
     def from_json(cls, data: bytes, *, source: str) -> Manifest:

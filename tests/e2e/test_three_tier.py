@@ -141,7 +141,7 @@ def federation(tmp_path_factory):
         start_core_and_broker(dep)
         forwarder = Forwarder(("127.0.0.1", dep.core_port))
         start_fogs(dep, {"fog-b": f"grpc+tls://127.0.0.1:{forwarder.port}"},
-                   fog_args={"fog-a": {"min_agents": 2, "timeout_s": 150.0}, "fog-b": {"extra": PRIVACY}})
+                   fog_args={"fog-a": {"min_agents": 2, "timeout_s": 90.0}, "fog-b": {"extra": PRIVACY}})
         monitor, code = dep.mqtt_connect("monitor", dep.mqtt_passwords["monitor"], on_message)
         assert code == 0
         monitor.subscribe("hyprstream/v1/e2e/+/telemetry", qos=1)
