@@ -153,7 +153,8 @@ class RuntimeSection(Checked):
                              "everything above them as in a deployment (docs/simulation.md)")
     device: str = setting("auto", doc="batched engine: the torch device of the training pass (cpu, cuda, "
                           "cuda:N; auto: cuda when torch sees one, else cpu)")
-    batch_devices: int = setting(4096, ge=1, le=10_000_000, doc="batched engine: devices per vmapped pass")
+    batch_devices: int = setting(0, ge=0, le=10_000_000, doc="batched engine: devices per vmapped pass (0: 4,096 "
+                                 "on the CPU, where smaller passes stay in cache; 100,000 on a GPU)")
 
     def check(self):
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):

@@ -384,8 +384,9 @@ def run(exp: Experiment, out: Path, *, on_step: StepCallback | None = None) -> S
         from hyprstream.protocol import DeviceInfo, data_bucket
         from hyprstream.sim.batched import BatchedDevices, BatchedFog
 
-        engine = BatchedDevices(task, prep.data, device=batched_device(exp.runtime.device),
-                                chunk=exp.runtime.batch_devices)
+        device = batched_device(exp.runtime.device)
+        engine = BatchedDevices(task, prep.data, device=device,
+                                chunk=exp.runtime.batch_devices or (100_000 if device.startswith("cuda") else 4096))
         engine.hybrid_keep = [p.training.max_layer_groups_hybrid for p in fleet.profiles]
         if exp.privacy.dpsgd is not None:  # DP-SGD as simulated agents run it: the same settings, a ledger each
             from hyprstream.agent.client_app import configure_simulation, simulation_dpsgd
